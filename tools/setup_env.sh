@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates the main virtual environment at .venv/ (Python 3.11, CPU torch 2.13.0, megatron-core 0.16.1).
+# torch is installed first and pinned so that no range in pyproject.toml pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+VENV=.venv
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --upgrade pip
+"$VENV/bin/pip" install --quiet "torch==2.13.0" "megatron-core==0.16.1"
+"$VENV/bin/pip" install --quiet -e ".[test]"
+touch "$VENV/.installed"
