@@ -1,0 +1,81 @@
+"""Prompts: the first stage of the data path.
+
+A prompt file is JSON Lines, one record per line: {"prompt": str, "answer": str, ...}. Extra fields
+(level, source) are kept. The student sees the prompt as the user turn of the tokenizer's chat
+template; the teacher sees the conciseness instruction, a blank line, then the same prompt (the
+paper prepends the instruction to the user prompt).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read: names the file and line."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+    answer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_prompts(path: str | Path) -> list[PromptRecord]:
+    """Read a JSON Lines prompt file; a bad line raises PromptFileError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PromptFileError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(row, dict):
+                raise PromptFileError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            for key in ("prompt", "answer"):
+                if not isinstance(row.get(key), str):
+                    got = "missing" if key not in row else type(row[key]).__name__
+                    raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string, got {got}")
+            extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+            records.append(PromptRecord(row["prompt"], row["answer"], extra))
+    if not records:
+        raise PromptFileError(f"{path}: no prompts")
+    return records
+
+
+def write_prompts(path: str | Path, records: list[PromptRecord]) -> None:
+    """Write records as JSON Lines atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps({"prompt": record.prompt, "answer": record.answer, **record.extra}) + "\n")
+    tmp.replace(path)
+
+
+def user_message(prompt: str, instruction: str | None = None) -> str:
+    """The user turn: the prompt, with the teacher's instruction prepended when given."""
+    return prompt if not instruction else f"{instruction}\n\n{prompt}"
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, instruction: str | None = None) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending where the model's response begins."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_message(prompt, instruction)}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    return list(ids)

@@ -1,0 +1,34 @@
+"""Run a worker script under torchrun from a test: every multi-process test goes through here."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(worker: str, nproc: int, *args: str, timeout_s: float = 600) -> str:
+    """Launch tests/workers/<worker> on `nproc` local CPU processes; returns combined output.
+
+    Fails the test with the workers' output when any rank exits non-zero or the run times out.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        str(WORKERS / worker), *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{worker} failed (exit {proc.returncode}):\n{output[-6000:]}"
+    return output
