@@ -1,0 +1,77 @@
+"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe.
+
+Input errors (recipe, prompts, parallel layout) are checked before any process group starts or any
+file is written, and reported as one line naming the problem, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from opsdc_megatron.config import ConfigError, RunConfig, load_config
+from opsdc_megatron.prompts import PromptFileError
+
+INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
+"""What a bad recipe, model folder or prompt file raises during preflight."""
+
+
+def preflight(config: RunConfig) -> None:
+    """Everything that can be checked without a process group: model config vs layout, prompts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
+    from opsdc_megatron.prompts import load_prompts
+    from opsdc_megatron.train.prompt_stream import PromptStream
+
+    hf_path = Path(config.model.hf_path)
+    if not (hf_path / "config.json").is_file():
+        raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
+    transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
+    if config.data.eval_prompts:
+        load_prompts(config.data.eval_prompts)
+
+
+def train_command(recipe: str, overrides: list[str]) -> None:
+    under_launcher = "LOCAL_RANK" in os.environ
+    try:
+        config = load_config(recipe, overrides)
+        if not under_launcher:
+            preflight(config)
+    except INPUT_ERRORS as error:
+        print(f"opsdc train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if under_launcher or config.world_size == 1:
+        from opsdc_megatron.train.loop import run
+
+        run(config)
+        return
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torchrun([f"--nproc-per-node={config.world_size}", "--standalone", "-m", "opsdc_megatron.cli", "train", recipe, *overrides])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="opsdc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="build the toy base model, run OPSDC at TP=2 on CPU, compare before/after")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--cache", default=None, help="where the toy base model is cached (default: ~/.cache/opsdc-megatron)")
+    train = commands.add_parser("train", help="run OPSDC from a recipe")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from opsdc_megatron.demo import run_demo
+
+        run_demo(Path(args.out), Path(args.cache) if args.cache else None)
+    else:
+        train_command(args.recipe, args.overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Typed run configuration: one dataclass per concern, loaded from YAML with key=value overrides.
+
+Precedence: command-line overrides > recipe YAML > the defaults below. Unknown keys and wrongly
+typed values are errors naming the full key (OmegaConf structured configs); the config is never
+changed at run time. Sizes say their unit (prompts, tokens) and scope (global, per micro-batch).
+Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PAPER_INSTRUCTION_V1 = (
+    "Solve the following math problem concisely and correctly. Be direct — avoid unnecessary "
+    "elaboration, redundant steps, or restating the problem. Focus only on the key reasoning steps "
+    "needed to reach the answer.\n\nThe last line of your response should be of the form Answer: "
+    "$Answer (without quotes) where $Answer is the answer to the problem."
+)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the file, line or key."""
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = MISSING
+    """Hugging Face model folder (config.json, safetensors, tokenizer) the student starts from."""
+    params_dtype: str = "bf16"
+    """Training dtype of the student and teacher: bf16 or fp32."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    """Processes = tensor x pipeline x data; `opsdc train` starts that many locally when not under torchrun."""
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = MISSING
+    """JSON Lines file of {"prompt", "answer"} records used for rollouts."""
+    eval_prompts: Optional[str] = None
+    """Held-out prompts evaluated during training to keep the best checkpoint."""
+    max_prompt_tokens: int = 1024
+    """Longest chat-formatted prompt, in tokens, teacher instruction included; longer is an error."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """hf: in-process transformers generation fed with the trainer's weights."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    max_response_tokens: int = 8192
+    generation_batch_prompts: int = 64
+    """Prompts per generate call on each rank (bounds rollout memory)."""
+
+
+@dataclass
+class DistillConfig:
+    instruction: str = PAPER_INSTRUCTION_V1
+    """Conciseness instruction prepended to the teacher's prompt."""
+    teacher_refresh_every: int = 50
+    """Optimizer steps between hard copies of the student into the teacher; 0 keeps it frozen."""
+    divergence: str = "reverse_kl"
+    """reverse_kl (the method) or forward_kl (an ablation that collapses in the paper)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_prompts: int = 32
+    """Prompts per optimizer step across all data-parallel ranks (one rollout each)."""
+    micro_batch_prompts: int = 2
+    """Sequences per forward/backward on one data-parallel rank."""
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on data.eval_prompts every N optimizer steps (and before training); 0 = never."""
+    max_prompts: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_response_tokens: int = 8192
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_steps: int = 50
+    """0 saves only at the end of the run."""
+    keep_last: int = 2
+    resume: bool = True
+    """Continue from out_dir/checkpoints/latest when it exists."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def world_size(self) -> int:
+        p = self.parallel
+        return p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the recipe, then `key=value` overrides (dotted keys, YAML values)."""
+    source = "defaults"
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if path is not None:
+            source = str(path)
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        for override in overrides:
+            source = f"override '{override}'"
+            if "=" not in override:
+                raise ConfigError(f"{source}: expected key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"{source}: {message}" + (f" (key: {key})" if key else "")) from None
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no model or process group; raises ConfigError naming the key."""
+    p, t = config.parallel, config.train
+    for key, value in (
+        ("parallel.tensor_parallel_size", p.tensor_parallel_size),
+        ("parallel.pipeline_parallel_size", p.pipeline_parallel_size),
+        ("parallel.data_parallel_size", p.data_parallel_size),
+        ("train.global_batch_prompts", t.global_batch_prompts),
+        ("train.micro_batch_prompts", t.micro_batch_prompts),
+        ("train.steps", t.steps),
+        ("rollout.max_response_tokens", config.rollout.max_response_tokens),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if p.pipeline_parallel_size != 1:
+        raise ConfigError(f"parallel.pipeline_parallel_size: only 1 is supported so far, got {p.pipeline_parallel_size}")
+    if t.global_batch_prompts % p.data_parallel_size:
+        raise ConfigError(
+            f"train.global_batch_prompts ({t.global_batch_prompts}) must divide evenly over "
+            f"parallel.data_parallel_size ({p.data_parallel_size})"
+        )
+    per_rank = t.global_batch_prompts // p.data_parallel_size
+    if per_rank % t.micro_batch_prompts:
+        raise ConfigError(
+            f"train.micro_batch_prompts ({t.micro_batch_prompts}) must divide the prompts per "
+            f"data-parallel rank ({per_rank} = global_batch_prompts / data_parallel_size)"
+        )
+    if config.model.params_dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")
+    if config.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine: only 'hf' is available, got {config.rollout.engine!r}")
+    if config.distill.divergence not in ("reverse_kl", "forward_kl"):
+        raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
+    if config.distill.teacher_refresh_every < 0:
+        raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
+    if config.eval.every_steps and not config.data.eval_prompts:
+        raise ConfigError("eval.every_steps is set but data.eval_prompts is not")
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

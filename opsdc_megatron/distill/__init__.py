@@ -1,0 +1,1 @@
+"""Teacher/student scoring: aligned sequences, the teacher snapshot, the per-micro-batch divergence."""

@@ -1,0 +1,38 @@
+"""The teacher: a snapshot of the student, sharded like it, hard-copied every M optimizer steps.
+
+M = `distill.teacher_refresh_every` (paper default 50; 0 = frozen at the initial weights). M = 1 is
+the live teacher that collapses in the paper. Copies are local: teacher and student parameters are
+the same shards on the same rank, so a refresh needs no communication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TeacherSnapshot:
+    def __init__(self, model: torch.nn.Module, refresh_every: int) -> None:
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.refresh_every = refresh_every
+        self.age_steps = 0
+        """Optimizer steps since the last copy (saved in checkpoints so resume keeps the cadence)."""
+
+    @torch.no_grad()
+    def copy_from(self, student: torch.nn.Module) -> None:
+        teacher_params = dict(self.model.named_parameters())
+        student_params = dict(student.named_parameters())
+        if teacher_params.keys() != student_params.keys():
+            raise ValueError("teacher and student are not the same architecture")
+        for name, parameter in teacher_params.items():
+            parameter.copy_(student_params[name])
+        self.age_steps = 0
+
+    def after_optimizer_step(self, student: torch.nn.Module) -> bool:
+        """Ages the snapshot by one step and refreshes it when due; returns whether it did."""
+        self.age_steps += 1
+        if self.refresh_every and self.age_steps >= self.refresh_every:
+            self.copy_from(student)
+            return True
+        return False

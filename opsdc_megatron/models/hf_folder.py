@@ -1,0 +1,38 @@
+"""Writing a Hugging Face model folder atomically: weights, config, generation config, tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path) -> Path:
+    """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically."""
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in COPIED_FILES:
+        if (source_dir / name).exists():
+            shutil.copy2(source_dir / name, tmp / name)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

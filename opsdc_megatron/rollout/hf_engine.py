@@ -1,0 +1,88 @@
+"""In-process rollout engine on Hugging Face transformers' `generate`, fed with the trainer's weights.
+
+The embedded default for CPU runs and tests: no server, the same sampling the paper uses
+(temperature, top-p, top-k with no hidden defaults), left-padded batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+
+from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+
+
+class HFRolloutEngine(RolloutEngine):
+    def __init__(
+        self,
+        hf_config: PretrainedConfig | str,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+        dtype: torch.dtype = torch.float32,
+        batch_prompts: int = 64,
+    ) -> None:
+        config = AutoConfig.from_pretrained(hf_config) if isinstance(hf_config, str) else hf_config
+        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_token_id = pad_token_id
+        self.batch_prompts = batch_prompts
+        self._version = -1
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32, batch_prompts: int = 64) -> "HFRolloutEngine":
+        """An engine serving the weights of a Hugging Face folder (version 0)."""
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+        import glob
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype, batch_prompts)
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(glob.glob(f"{model_dir}/*.safetensors")):
+            state.update(load_file(shard))
+        engine.update_weights(state, version=0)
+        return engine
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @torch.no_grad()
+    def update_weights(self, hf_state_dict: dict[str, torch.Tensor], version: int) -> None:
+        result = self.model.load_state_dict(hf_state_dict, strict=False)
+        missing = set(result.missing_keys) - ({"lm_head.weight"} if self.tied else set())
+        if missing or result.unexpected_keys:
+            raise KeyError(f"weight push does not match the model: missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}")
+        if self.tied:
+            self.model.tie_weights()
+        self._version = version
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
+        generation = GenerationConfig(
+            do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature if sampling.temperature > 0 else None,
+            top_p=sampling.top_p if sampling.temperature > 0 else None,
+            top_k=sampling.top_k if sampling.temperature > 0 else None,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        rollouts: list[Rollout] = []
+        for start in range(0, len(prompt_ids), self.batch_prompts):
+            batch = prompt_ids[start : start + self.batch_prompts]
+            width = max(len(p) for p in batch)
+            input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in batch])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
+            for row, tokens in enumerate(output[:, width:].tolist()):
+                response, reason = [], "length"
+                for token in tokens:
+                    response.append(token)
+                    if token in self.stop_token_ids:
+                        reason = "stop"
+                        break
+                rollouts.append(Rollout(start + row, response, reason, self._version))
+        return rollouts

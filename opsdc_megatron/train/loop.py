@@ -1,0 +1,128 @@
+"""The OPSDC loop (On-Policy Self-Distillation for reasoning Compression, arXiv 2603.05433).
+
+    prompts -> rollouts -> teacher/student scoring -> reverse KL -> optimizer step -> weight push -> checkpoint
+
+The student samples one response per prompt from its current weights; the teacher is a snapshot of
+the student refreshed every M steps, conditioned on a conciseness instruction; the loss is the exact
+full-vocabulary reverse KL on the student's tokens. No rewards and no reference answers are used for
+training (answers only score the logged accuracy).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from transformers import AutoConfig, AutoTokenizer
+
+from opsdc_megatron.config import RunConfig, to_yaml
+from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+from opsdc_megatron.distill.forward import make_forward_step
+from opsdc_megatron.distill.teacher import TeacherSnapshot
+from opsdc_megatron.eval.evaluate import evaluate
+from opsdc_megatron.eval.scoring import score
+from opsdc_megatron.models.hf_folder import save_hf_folder
+from opsdc_megatron.models.qwen3.model import build_gpt_model
+from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
+from opsdc_megatron.parallel import destroy_distributed, init_distributed
+from opsdc_megatron.prompts import load_prompts
+from opsdc_megatron.rollout.engine import SamplingParams, generate_across_ranks
+from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
+from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opsdc_megatron.train.metrics import MetricsLog
+from opsdc_megatron.train.prompt_stream import PromptStream
+from opsdc_megatron.train.step import optimizer_step, wrap_for_training
+
+EVAL_SEED = 20_260_303
+
+
+def run(config: RunConfig) -> None:
+    """Entry point on every rank (torchrun or a single process)."""
+    p = config.parallel
+    init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, seed=config.train.seed)
+    try:
+        train(config)
+    finally:
+        destroy_distributed()
+
+
+def train(config: RunConfig) -> None:
+    out = Path(config.out_dir)
+    rank0 = dist.get_rank() == 0
+    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    prompts = PromptStream(load_prompts(config.data.train_prompts), tokenizer, config)
+    eval_records = load_prompts(config.data.eval_prompts)[: config.eval.max_prompts] if config.eval.every_steps else []
+
+    hf_config = AutoConfig.from_pretrained(config.model.hf_path)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.model.params_dtype]
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    student = build_gpt_model(hf_config, tp, pp, params_dtype=dtype)
+    load_hf_weights(student, config.model.hf_path)
+    ddp, optimizer = wrap_for_training(student, config.train)
+    teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype), config.distill.teacher_refresh_every)
+    teacher.copy_from(student)
+    forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size)
+    engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype, config.rollout.generation_batch_prompts)
+
+    checkpoints = out / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
+    state = {"step": 0, "teacher_age_steps": 0, "best": None}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, ddp, optimizer, teacher)
+    elif rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"])
+    engine.update_weights(export_hf_state_dict(student), version=state["step"])
+
+    rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
+    eval_sampling = SamplingParams(config.eval.temperature, config.eval.top_p, config.eval.top_k, config.eval.max_response_tokens)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    per_dp_rank = config.train.global_batch_prompts // dp_size
+
+    def run_eval(step: int) -> None:
+        result = evaluate(engine, tokenizer, eval_records, eval_sampling, EVAL_SEED)
+        log.write({"step": step, "kind": "eval", **result.as_dict()})
+        best = state["best"]
+        if step > 0 and (best is None or (result.accuracy, -result.mean_tokens) > (best["accuracy"], -best["mean_tokens"])):
+            state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens}
+            weights = export_hf_state_dict(student)
+            if rank0:
+                save_hf_folder(weights, config.model.hf_path, out / "best_hf")
+
+    if config.eval.every_steps and state["step"] == 0:
+        run_eval(0)
+    for step in range(state["step"] + 1, config.train.steps + 1):
+        started = time.perf_counter()
+        batch = prompts.batch(step)  # 1. prompts
+        rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step))  # 2. rollouts
+        rollout_s = time.perf_counter() - started
+        mine = range(dp_rank * per_dp_rank, (dp_rank + 1) * per_dp_rank)
+        sequences = [ScoredSequence(batch[i].student_ids, batch[i].teacher_ids, rollouts[i].response_ids) for i in mine]
+        micro_batches = make_micro_batches(sequences, config.train.micro_batch_prompts, tokenizer.pad_token_id)
+        result = optimizer_step(ddp, optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
+        refreshed = teacher.after_optimizer_step(student)
+        engine.update_weights(export_hf_state_dict(student), version=step)  # 6. weight push
+        state.update(step=step, teacher_age_steps=teacher.age_steps)
+        elapsed = time.perf_counter() - started
+        lengths = [len(r.response_ids) for r in rollouts]
+        texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+        log.write({
+            "step": step, "kind": "train", "loss": result.loss, "mean_kl": result.mean_kl, "grad_norm": result.grad_norm,
+            "mean_response_tokens": sum(lengths) / len(lengths),
+            "rollout_accuracy": sum(score(t, b.record.answer) for t, b in zip(texts, batch)) / len(batch),
+            "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            "response_tokens_per_s": sum(lengths) / elapsed, "rollout_s": rollout_s, "step_s": elapsed,
+            "teacher_refreshed": refreshed, "teacher_age_steps": teacher.age_steps,
+        })
+        if config.eval.every_steps and step % config.eval.every_steps == 0:
+            run_eval(step)
+        if step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
+            save_checkpoint(checkpoints, step, ddp, optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+    final_weights = export_hf_state_dict(student)
+    if rank0:
+        save_hf_folder(final_weights, config.model.hf_path, out / "final_hf")
+    log.close()

@@ -1,0 +1,59 @@
+"""The order in which training prompts are used: a fresh permutation every epoch, seeded.
+
+Prompts are tokenized once at start-up (student and teacher forms), so a prompt that is too long
+is reported before anything is trained or written. Batch k is a pure function of (seed, k), which
+makes resume exact without saving a data-loader state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from opsdc_megatron.config import RunConfig
+from opsdc_megatron.prompts import PromptRecord, encode_prompt
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit data.max_prompt_tokens; names its position in the file."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    record: PromptRecord
+    student_ids: list[int]
+    teacher_ids: list[int]
+
+
+class PromptStream:
+    def __init__(self, records: list[PromptRecord], tokenizer: PreTrainedTokenizerBase, config: RunConfig) -> None:
+        limit = config.data.max_prompt_tokens
+        self.prompts = []
+        for number, record in enumerate(records, start=1):
+            student = encode_prompt(tokenizer, record.prompt)
+            teacher = encode_prompt(tokenizer, record.prompt, config.distill.instruction)
+            if len(teacher) > limit:
+                raise PromptTooLongError(
+                    f"{config.data.train_prompts}: prompt {number} is {len(teacher)} tokens with the teacher's "
+                    f"instruction ({len(student)} without), more than data.max_prompt_tokens = {limit}"
+                )
+            self.prompts.append(EncodedPrompt(record, student, teacher))
+        self.seed = config.train.seed
+        self.global_batch_prompts = config.train.global_batch_prompts
+
+    @lru_cache(maxsize=2)
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.prompts), generator=generator).tolist()
+
+    def batch(self, step: int) -> list[EncodedPrompt]:
+        """The global batch of optimizer step `step` (1-based)."""
+        first = (step - 1) * self.global_batch_prompts
+        positions = (divmod(i, len(self.prompts)) for i in range(first, first + self.global_batch_prompts))
+        return [self.prompts[self._epoch_order(epoch)[index]] for epoch, index in positions]
+
+    def rollout_seed(self, step: int) -> int:
+        return self.seed * 1_000_003 + step
