@@ -64,7 +64,7 @@ class RolloutConfig:
     """0 disables top-k."""
     max_response_tokens: int = 8192
     generation_batch_prompts: int = 64
-    """Prompts per generate call on each rank (bounds rollout memory)."""
+    """Prompts per generate call (a block); blocks are dealt to ranks, each seeded on its own."""
 
 
 @dataclass
@@ -148,19 +148,31 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _recipe_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The recipe and the recipes it extends (`base: other.yaml`, relative to it), base first."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' recipes form a cycle")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(path, data)]
+    return _recipe_chain(path.parent / str(base), seen + (path.resolve(),)) + [(path, data)]
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then the recipe, then `key=value` overrides (dotted keys, YAML values)."""
+    """Defaults, then the recipe (after the recipes it extends), then `key=value` overrides."""
     source = "defaults"
     try:
         merged = OmegaConf.structured(RunConfig)
-        if path is not None:
-            source = str(path)
-            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        for recipe, data in _recipe_chain(Path(path)) if path is not None else []:
+            source = str(recipe)
+            merged = OmegaConf.merge(merged, data)
         for override in overrides:
             source = f"override '{override}'"
             if "=" not in override:
                 raise ConfigError(f"{source}: expected key=value")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        source = f"{path or 'config'} with overrides" if overrides else str(path or "config")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)

@@ -24,7 +24,7 @@ from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.toy.base_model import ensure_base_model
-from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
+from opsdc_megatron.toy.task import toy_prompts
 from opsdc_megatron.train.metrics import read_metrics
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy_cpu.yaml"
@@ -37,7 +37,7 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opsdc-megatron"
 
 
-def evaluate_folder(model_dir: Path, records, max_new_tokens: int) -> dict[str, EvalResult]:
+def evaluate_folder(model_dir: Path, records, instruction: str, max_new_tokens: int, block_prompts: int) -> dict[str, EvalResult]:
     """Plain and instructed accuracy/length of a Hugging Face folder at temperature 1."""
     engine = HFRolloutEngine.from_pretrained(str(model_dir))
     sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
@@ -45,8 +45,8 @@ def evaluate_folder(model_dir: Path, records, max_new_tokens: int) -> dict[str, 
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return {
-        "plain": evaluate(engine, tokenizer, records, sampling, TEST_SEED),
-        "instructed": evaluate(engine, tokenizer, records, sampling, TEST_SEED, instruction=TOY_INSTRUCTION),
+        "plain": evaluate(engine, tokenizer, records, sampling, TEST_SEED, block_prompts),
+        "instructed": evaluate(engine, tokenizer, records, sampling, TEST_SEED, block_prompts, instruction),
     }
 
 
@@ -105,9 +105,9 @@ def run_demo(out: Path, cache: Path | None = None) -> dict:
     from opsdc_megatron.config import load_config
 
     recipe = load_config(RECIPE, [f"out_dir={out / 'train'}", f"model.hf_path={base}"])
-    max_new = recipe.eval.max_response_tokens
+    evaluation = (recipe.distill.instruction, recipe.eval.max_response_tokens, recipe.rollout.generation_batch_prompts)
     console.rule("3. evaluate the base model")
-    before = evaluate_folder(base, test, max_new)
+    before = evaluate_folder(base, test, *evaluation)
 
     console.rule("4. OPSDC with megatron-core, TP=2, 2 CPU processes")
     overrides = [
@@ -120,7 +120,7 @@ def run_demo(out: Path, cache: Path | None = None) -> dict:
     best = out / "train" / "best_hf"
     if not best.exists():
         best = out / "train" / "final_hf"
-    after = evaluate_folder(best, test, max_new)
+    after = evaluate_folder(best, test, *evaluation)
     summary = {
         "before": {k: {"accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "n": r.n} for k, r in before.items()},
         "after": {k: {"accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "n": r.n} for k, r in after.items()},

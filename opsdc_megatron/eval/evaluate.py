@@ -29,6 +29,7 @@ def evaluate(
     records: list[PromptRecord],
     sampling: SamplingParams,
     seed: int,
+    block_prompts: int,
     instruction: str | None = None,
 ) -> EvalResult:
     """One sampled response per record, scored dual-path; `instruction` evaluates instructed prompts.
@@ -36,7 +37,7 @@ def evaluate(
     Under torch.distributed the prompts are shared across ranks and every rank gets the result.
     """
     prompt_ids = [encode_prompt(tokenizer, r.prompt, instruction) for r in records]
-    rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed)
+    rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed, block_prompts)
     correct = tokens = truncated = 0
     for record, rollout in zip(records, rollouts):
         text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)

@@ -50,21 +50,25 @@ class RolloutEngine(ABC):
 
 
 def generate_across_ranks(
-    engine: RolloutEngine, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int
+    engine: RolloutEngine, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int, block_prompts: int
 ) -> list[Rollout]:
-    """Every rank samples a strided share of the prompts, then all ranks receive all rollouts.
+    """Prompts in fixed blocks, blocks dealt round-robin to ranks, all rollouts gathered on every rank.
 
-    On CPU this keeps every core busy; each rank seeds its share with (seed, rank) so the result
-    depends only on the seed and the world size.
+    Each block is sampled with its own seed (seed, block index), so the rollouts depend only on the
+    seed and the block size, not on how many ranks share the work: a run at TP=2 samples exactly
+    what the same run at TP=1 samples. On CPU this keeps every process busy.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return engine.generate(prompt_ids, sampling, seed)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = list(range(rank, len(prompt_ids), world))
-    local = engine.generate([prompt_ids[i] for i in mine], sampling, seed * world + rank)
-    local = [Rollout(mine[r.prompt_index], r.response_ids, r.finish_reason, r.weight_version) for r in local]
-    gathered: list[list[Rollout]] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, local)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    local: list[Rollout] = []
+    for block in range(rank, -(-len(prompt_ids) // block_prompts), world):
+        first = block * block_prompts
+        part = engine.generate(prompt_ids[first : first + block_prompts], sampling, seed * 1_000_003 + block)
+        local += [Rollout(first + r.prompt_index, r.response_ids, r.finish_reason, r.weight_version) for r in part]
+    gathered: list[list[Rollout]] = [local]
+    if world > 1:
+        gathered = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, local)
     rollouts = sorted((r for part in gathered for r in part), key=lambda r: r.prompt_index)
-    assert [r.prompt_index for r in rollouts] == list(range(len(prompt_ids))), "a prompt was lost or duplicated"
+    if [r.prompt_index for r in rollouts] != list(range(len(prompt_ids))):
+        raise RuntimeError("rollout bookkeeping error: a prompt was lost or answered twice")
     return rollouts

@@ -19,25 +19,23 @@ class HFRolloutEngine(RolloutEngine):
         stop_token_ids: list[int],
         pad_token_id: int,
         dtype: torch.dtype = torch.float32,
-        batch_prompts: int = 64,
     ) -> None:
         config = AutoConfig.from_pretrained(hf_config) if isinstance(hf_config, str) else hf_config
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
-        self.batch_prompts = batch_prompts
         self._version = -1
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32, batch_prompts: int = 64) -> "HFRolloutEngine":
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32) -> "HFRolloutEngine":
         """An engine serving the weights of a Hugging Face folder (version 0)."""
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
         import glob
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype, batch_prompts)
+        engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(glob.glob(f"{model_dir}/*.safetensors")):
             state.update(load_file(shard))
@@ -60,6 +58,7 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
+        """One left-padded batch: the caller bounds its size (generate_across_ranks' blocks)."""
         generation = GenerationConfig(
             do_sample=sampling.temperature > 0,
             temperature=sampling.temperature if sampling.temperature > 0 else None,
@@ -70,19 +69,17 @@ class HFRolloutEngine(RolloutEngine):
             pad_token_id=self.pad_token_id,
         )
         torch.manual_seed(seed)
-        rollouts: list[Rollout] = []
-        for start in range(0, len(prompt_ids), self.batch_prompts):
-            batch = prompt_ids[start : start + self.batch_prompts]
-            width = max(len(p) for p in batch)
-            input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in batch])
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
-            for row, tokens in enumerate(output[:, width:].tolist()):
-                response, reason = [], "length"
-                for token in tokens:
-                    response.append(token)
-                    if token in self.stop_token_ids:
-                        reason = "stop"
-                        break
-                rollouts.append(Rollout(start + row, response, reason, self._version))
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
+        rollouts = []
+        for row, tokens in enumerate(output[:, width:].tolist()):
+            response, reason = [], "length"
+            for token in tokens:
+                response.append(token)
+                if token in self.stop_token_ids:
+                    reason = "stop"
+                    break
+            rollouts.append(Rollout(row, response, reason, self._version))
         return rollouts

@@ -65,7 +65,8 @@ def train(config: RunConfig) -> None:
     teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype), config.distill.teacher_refresh_every)
     teacher.copy_from(student)
     forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size)
-    engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype, config.rollout.generation_batch_prompts)
+    engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
+    block = config.rollout.generation_batch_prompts
 
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
@@ -84,7 +85,7 @@ def train(config: RunConfig) -> None:
     per_dp_rank = config.train.global_batch_prompts // dp_size
 
     def run_eval(step: int) -> None:
-        result = evaluate(engine, tokenizer, eval_records, eval_sampling, EVAL_SEED)
+        result = evaluate(engine, tokenizer, eval_records, eval_sampling, EVAL_SEED, block)
         log.write({"step": step, "kind": "eval", **result.as_dict()})
         best = state["best"]
         if step > 0 and (best is None or (result.accuracy, -result.mean_tokens) > (best["accuracy"], -best["mean_tokens"])):
@@ -98,7 +99,7 @@ def train(config: RunConfig) -> None:
     for step in range(state["step"] + 1, config.train.steps + 1):
         started = time.perf_counter()
         batch = prompts.batch(step)  # 1. prompts
-        rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step))  # 2. rollouts
+        rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
         rollout_s = time.perf_counter() - started
         mine = range(dp_rank * per_dp_rank, (dp_rank + 1) * per_dp_rank)
         sequences = [ScoredSequence(batch[i].student_ids, batch[i].teacher_ids, rollouts[i].response_ids) for i in mine]
