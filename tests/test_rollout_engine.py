@@ -1,0 +1,69 @@
+"""The in-process transformers engine: pure temperature sampling, weight pushes, stop handling."""
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from opsdc_megatron.rollout.engine import SamplingParams, generate_across_ranks
+from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    return config, Qwen3ForCausalLM(config).state_dict()
+
+
+def engine_for(tiny, stop):
+    config, weights = tiny
+    engine = HFRolloutEngine(config, stop_token_ids=stop, pad_token_id=0)
+    engine.update_weights(weights, version=3)
+    return engine
+
+
+def test_no_hidden_top_k(tiny):
+    """transformers defaults to top_k=50; top_k=0 must sample the full softmax."""
+    engine = engine_for(tiny, stop=[1])
+    rollouts = engine.generate([[5, 6, 7]] * 256, SamplingParams(1.0, 1.0, 0, 1), seed=0)
+    assert len({r.response_ids[0] for r in rollouts}) > 100
+    capped = engine.generate([[5, 6, 7]] * 256, SamplingParams(1.0, 1.0, 20, 1), seed=0)
+    assert len({r.response_ids[0] for r in capped}) <= 20
+
+
+def test_stop_tokens_and_lengths(tiny):
+    stop = list(range(20))
+    engine = engine_for(tiny, stop)
+    rollouts = generate_across_ranks(engine, [[5, 6], [7, 8, 9], [10]] * 5, SamplingParams(max_new_tokens=6), seed=1, block_prompts=4)
+    assert [r.prompt_index for r in rollouts] == list(range(15))
+    for r in rollouts:
+        assert r.weight_version == 3
+        assert all(t >= 20 for t in r.response_ids[:-1])
+        if r.finish_reason == "stop":
+            assert r.response_ids[-1] in stop
+        else:
+            assert r.finish_reason == "length" and len(r.response_ids) == 6 and r.response_ids[-1] >= 20
+    assert {r.finish_reason for r in rollouts} == {"stop", "length"}
+
+
+def test_same_seed_same_rollouts_and_weight_push_changes_them(tiny):
+    engine = engine_for(tiny, stop=[1])
+    sampling = SamplingParams(max_new_tokens=8)
+    first = engine.generate([[5, 6, 7]] * 8, sampling, seed=4)
+    assert engine.generate([[5, 6, 7]] * 8, sampling, seed=4) == first
+    config, weights = tiny
+    shifted = {k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}
+    engine.update_weights(shifted, version=4)
+    second = engine.generate([[5, 6, 7]] * 8, sampling, seed=4)
+    assert [r.response_ids for r in second] != [r.response_ids for r in first]
+    assert all(r.weight_version == 4 for r in second)
+
+
+def test_push_with_wrong_names_is_refused(tiny):
+    engine = engine_for(tiny, stop=[1])
+    config, weights = tiny
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        engine.update_weights({k: v for k, v in weights.items() if k != "model.norm.weight"}, version=5)
