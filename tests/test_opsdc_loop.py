@@ -1,0 +1,88 @@
+"""The whole OPSDC loop through `opsdc train`, on a tiny random Qwen3 with the toy tokenizer.
+
+TP=2 (2 gloo processes) against TP=1; exact resume; the teacher refresh cadence; eval and the best
+checkpoint. Each run is a real megatron-core job started by the CLI (torchrun for TP=2).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from opsdc_megatron.prompts import write_prompts
+from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
+from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+from opsdc_megatron.train.metrics import read_metrics
+
+pytestmark = pytest.mark.parallel
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_prompts(root / "train.jsonl", toy_prompts(0, 64, "train"))
+    write_prompts(root / "eval.jsonl", toy_prompts(0, 8, "heldout"))
+    return root
+
+
+def train(setup, out, *overrides):
+    args = [
+        f"out_dir={out}", f"model.hf_path={setup / 'model'}", f"data.train_prompts={setup / 'train.jsonl'}",
+        f"data.eval_prompts={setup / 'eval.jsonl'}", f"distill.instruction={TOY_INSTRUCTION}",
+        "rollout.max_response_tokens=24", "rollout.generation_batch_prompts=4", "eval.max_response_tokens=24",
+        "eval.every_steps=2", "eval.max_prompts=8", "train.global_batch_prompts=8", "train.micro_batch_prompts=2",
+        "train.lr=1e-3", "distill.teacher_refresh_every=2", "checkpoint.save_every_steps=2", *overrides,
+    ]
+    proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def tp2_run(setup):
+    return train(setup, setup / "tp2", "train.steps=3", "parallel.tensor_parallel_size=2")
+
+
+def test_tp2_matches_tp1(setup, tp2_run):
+    tp1 = train(setup, setup / "tp1", "train.steps=3", "parallel.tensor_parallel_size=1")
+    for step in (1, 2, 3):
+        assert tp1[step]["mean_response_tokens"] == tp2_run[step]["mean_response_tokens"], "rollouts differ"
+        assert tp1[step]["loss"] == pytest.approx(tp2_run[step]["loss"], rel=1e-4)
+        assert tp1[step]["grad_norm"] == pytest.approx(tp2_run[step]["grad_norm"], rel=1e-4)
+    assert tp2_run[1]["loss"] > 0, "same weights, but the teacher's prompt carries the instruction"
+    assert tp2_run[3]["loss"] != tp2_run[1]["loss"]
+
+
+def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):
+    assert [tp2_run[s]["teacher_refreshed"] for s in (1, 2, 3)] == [False, True, False]
+    assert [tp2_run[s]["teacher_age_steps"] for s in (1, 2, 3)] == [1, 0, 1]
+    out = setup / "tp2"
+    evals = [m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2] and all(e["n"] == 8 for e in evals)
+    assert (out / "best_hf" / "model.safetensors").exists() and (out / "final_hf" / "config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out / "final_hf")
+    assert (out / "checkpoints" / "latest").read_text() == "step_000003"
+    assert json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
+    out = setup / "resumed"
+    first = train(setup, out, "train.steps=2", "parallel.tensor_parallel_size=2")
+    assert first[2]["loss"] == tp2_run[2]["loss"]
+    resumed = train(setup, out, "train.steps=3", "parallel.tensor_parallel_size=2")
+    assert sorted(resumed) == [1, 2, 3]
+    for key in ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "teacher_age_steps"):
+        assert resumed[3][key] == tp2_run[3][key], key
