@@ -1,0 +1,234 @@
+"""The exact full-vocabulary reverse (and forward) KL against a float64 reference.
+
+Single-process tests cover TP=1 (tp_group=None); one torchrun launch of tests/workers/kl_worker.py
+covers TP=2 over gloo. Errors are measured as max |x - ref| / max |ref| over the whole tensor
+(see kl_worker.rel_err): per-element relative error is meaningless for near-zero gradient entries.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opsdc_megatron.loss import vocab_parallel_forward_kl, vocab_parallel_reverse_kl
+from tests.launch import torchrun
+from tests.workers.kl_worker import BF16_GRAD_RTOL, DIRECTIONS, DONE_MARKER, FP32_RTOL, reference_kl, rel_err
+
+INF = float("inf")
+
+
+def _logits(shape: tuple[int, ...], seed: int, scale: float = 3.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def _value_and_grad(
+    direction: str, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    student = student.detach().clone().requires_grad_(True)
+    kl = DIRECTIONS[direction](student, teacher)
+    (kl * (torch.ones_like(kl) if weight is None else weight)).sum().backward()
+    return kl.detach(), student.grad
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("shape", [(2, 3, 101), (17, 257), (2, 2, 3, 51), (1001,), (3, 8191)])
+def test_fp32_matches_float64_reference(direction: str, shape: tuple[int, ...]) -> None:
+    student, teacher = _logits(shape, 1), _logits(shape, 2)
+    weight = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(3))
+    kl, grad = _value_and_grad(direction, student, teacher, weight)
+    ref_kl, ref_grad = reference_kl(student, teacher, direction, weight)
+    assert kl.shape == torch.Size(shape[:-1]) and kl.dtype == torch.float32
+    assert grad.dtype == torch.float32
+    assert rel_err(kl, ref_kl) <= FP32_RTOL
+    assert rel_err(grad, ref_grad) <= FP32_RTOL
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_bf16_inputs_are_computed_in_fp32(direction: str) -> None:
+    """Against the float64 reference of the bf16 values: fp32 tolerance for values; the returned
+    bf16 gradient carries bf16 rounding (<= 2**-9 relative per element), so 2**-8 for grads."""
+    shape = (2, 7, 129)
+    student, teacher = _logits(shape, 4, dtype=torch.bfloat16), _logits(shape, 5, dtype=torch.bfloat16)
+    kl, grad = _value_and_grad(direction, student, teacher)
+    ref_kl, ref_grad = reference_kl(student, teacher, direction)
+    assert kl.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert rel_err(kl, ref_kl) <= FP32_RTOL
+    assert rel_err(grad, ref_grad) <= BF16_GRAD_RTOL
+
+
+@pytest.mark.kl
+def test_mixed_dtypes() -> None:
+    """A bf16 student against an fp32 teacher (or the reverse) is computed in fp32."""
+    student, teacher = _logits((4, 65), 6, dtype=torch.bfloat16), _logits((4, 65), 7)
+    kl, grad = _value_and_grad("reverse", student, teacher)
+    ref_kl, ref_grad = reference_kl(student, teacher, "reverse")
+    assert grad.dtype == torch.bfloat16
+    assert rel_err(kl, ref_kl) <= FP32_RTOL and rel_err(grad, ref_grad) <= BF16_GRAD_RTOL
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_masked_tokens_get_zero_grad(direction: str) -> None:
+    """The paper's per-micro-batch mean over response tokens: masked positions get exactly 0."""
+    student, teacher = _logits((2, 6, 33), 8), _logits((2, 6, 33), 9)
+    mask = torch.ones(2, 6)
+    mask[0, 3:] = 0
+    mask[1, 0] = 0
+    for masked_mean in (
+        lambda kl: (kl * mask).sum() / mask.sum(),
+        lambda kl: torch.where(mask.bool(), kl, 0.0).sum() / mask.sum(),  # as in distill/forward.py
+    ):
+        leaf = student.clone().requires_grad_(True)
+        masked_mean(DIRECTIONS[direction](leaf, teacher)).backward()
+        assert (leaf.grad[mask == 0] == 0).all()
+        assert (leaf.grad[mask == 1].abs().sum(-1) > 0).all()
+        _, ref_grad = reference_kl(student, teacher, direction, mask / mask.sum())
+        assert rel_err(leaf.grad, ref_grad) <= FP32_RTOL
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_magnitude_1e4_is_finite_and_non_negative(direction: str) -> None:
+    shape = (6, 4, 97)
+    saturated = _logits(shape, 10, scale=1e4)
+    offset = 1e4 + _logits(shape, 11)  # magnitude 1e4, but a spread-out softmax
+    cases = [
+        (saturated, _logits(shape, 12, scale=1e4)),
+        (saturated, saturated + _logits(shape, 13, scale=1.0)),
+        (offset, -1e4 + _logits(shape, 14)),
+        (offset, offset + _logits(shape, 15, scale=0.01)),  # true KL ~1e-4 and below
+        (-saturated, -saturated),
+    ]
+    for student, teacher in cases:
+        kl, grad = _value_and_grad(direction, student, teacher)
+        assert torch.isfinite(kl).all() and (kl >= 0).all()
+        assert torch.isfinite(grad).all()
+        ref_kl, ref_grad = reference_kl(student, teacher, direction)
+        assert torch.allclose(kl.double(), ref_kl, rtol=FP32_RTOL, atol=1e-6)
+        assert (grad.double() - ref_grad).abs().max() <= 1e-6
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("where", ["end", "interleaved"])
+def test_vocab_padding_columns(direction: str, where: str) -> None:
+    """-inf columns in both inputs: the KL of the real vocabulary, exactly-zero padding grads."""
+    real = _logits((3, 5, 40), 16), _logits((3, 5, 40), 17)
+    padded_vocab = 48
+    columns = torch.arange(40) if where == "end" else torch.arange(40) * 48 // 40
+    is_padding = torch.ones(padded_vocab, dtype=torch.bool)
+    is_padding[columns] = False
+    student, teacher = (torch.full((3, 5, padded_vocab), -INF) for _ in range(2))
+    student[..., columns], teacher[..., columns] = real
+    kl, grad = _value_and_grad(direction, student, teacher)
+    ref_kl, ref_grad = reference_kl(*real, direction)
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    assert (grad[..., is_padding] == 0).all()
+    assert rel_err(kl, ref_kl) <= FP32_RTOL
+    assert rel_err(grad[..., ~is_padding], ref_grad) <= FP32_RTOL
+
+
+def _masked_reference(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reverse KL and its gradient where the student alone has -inf columns (0 log 0 = 0)."""
+    s = student.double().requires_grad_(True)
+    log_ps, log_pt = torch.log_softmax(s, -1), torch.log_softmax(teacher.double(), -1)
+    support = torch.isfinite(student)
+    kl = (log_ps.exp() * torch.where(support, log_ps - log_pt, 0.0)).sum(-1)
+    (grad,) = torch.autograd.grad(kl.sum(), s)
+    return kl.detach(), grad
+
+
+@pytest.mark.kl
+def test_zero_probability_on_one_side() -> None:
+    """p_s = 0 < p_t contributes 0 to the reverse KL; p_s > 0 = p_t makes it +inf (and the
+    forward KL the other way round)."""
+    student, teacher = _logits((4, 30), 18), _logits((4, 30), 19)
+    student[:, :3] = -INF
+    kl, grad = _value_and_grad("reverse", student, teacher)
+    ref_kl, ref_grad = _masked_reference(student, teacher)
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    assert (grad[:, :3] == 0).all()
+    assert rel_err(kl, ref_kl) <= FP32_RTOL and rel_err(grad, ref_grad) <= FP32_RTOL
+    assert (vocab_parallel_forward_kl(student, teacher) == INF).all()
+    assert (vocab_parallel_reverse_kl(teacher, student) == INF).all()
+    assert torch.isfinite(vocab_parallel_forward_kl(teacher, student)).all()
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_degenerate_row_does_not_touch_other_rows(direction: str) -> None:
+    """A row that is all -inf is the caller's business, but the finite rows stay exact."""
+    student, teacher = _logits((5, 31), 20), _logits((5, 31), 21)
+    student[2], teacher[2] = -INF, -INF
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    kl, grad = _value_and_grad(direction, student, teacher, mask)
+    keep = mask.bool()
+    ref_kl, ref_grad = reference_kl(student[keep], teacher[keep], direction)
+    assert torch.isfinite(kl[keep]).all() and torch.isfinite(grad[keep]).all()
+    assert rel_err(kl[keep], ref_kl) <= FP32_RTOL and rel_err(grad[keep], ref_grad) <= FP32_RTOL
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_teacher_gets_no_grad(direction: str) -> None:
+    student = _logits((3, 4, 19), 22).requires_grad_(True)
+    teacher = _logits((3, 4, 19), 23).requires_grad_(True)
+    DIRECTIONS[direction](student, teacher).sum().backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not DIRECTIONS[direction](student, teacher).requires_grad
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_identical_inputs_give_exact_zero(direction: str) -> None:
+    logits = _logits((4, 3, 77), 24)
+    kl, grad = _value_and_grad(direction, logits, logits.clone())
+    assert (kl == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_are_not_modified(dtype: torch.dtype) -> None:
+    """fp32 inputs are used without a copy, so the in-place work must never touch them."""
+    student, teacher = _logits((3, 50), 25, dtype=dtype), _logits((3, 50), 26, dtype=dtype)
+    student_copy, teacher_copy = student.clone(), teacher.clone()
+    student.requires_grad_(True)
+    for fn in DIRECTIONS.values():
+        fn(student, teacher).sum().backward()
+    assert torch.equal(student.detach(), student_copy) and torch.equal(teacher, teacher_copy)
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_gradcheck_float64(direction: str) -> None:
+    """float64 inputs are computed in float64, so finite differences check the hand-written
+    backward (including a -inf padding column) directly."""
+    student = _logits((3, 7), 27, dtype=torch.float64)
+    teacher = _logits((3, 7), 28, dtype=torch.float64)
+    student[:, -1], teacher[:, -1] = -INF, -INF
+    student.requires_grad_(True)
+    assert DIRECTIONS[direction](student, teacher).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda s: DIRECTIONS[direction](s, teacher), (student,), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.kl
+def test_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        vocab_parallel_reverse_kl(torch.zeros(2, 5), torch.zeros(2, 6))
+    with pytest.raises(TypeError, match="floating point"):
+        vocab_parallel_forward_kl(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long))
+
+
+@pytest.mark.kl
+def test_tensor_parallel_2_matches_reference() -> None:
+    """TP=2 over gloo, WORLD as tp_group, vocabulary split in two (unequal for odd V): values,
+    gradient shards, bf16, padding (incl. an all-padding shard), masks, 1e4 logits, no teacher
+    grad, exact zero for identical inputs, and a size-1 group. One launch for all of them."""
+    output = torchrun("kl_worker.py", 2)
+    assert DONE_MARKER in output, output[-4000:]
+    assert output.count("KLCHECK tp=2") >= 20, output[-4000:]
