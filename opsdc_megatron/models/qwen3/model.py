@@ -1,0 +1,207 @@
+"""Qwen3 as a megatron-core GPTModel: the model provider for training and scoring.
+
+Built from a Hugging Face Qwen3 ``config.json`` with megatron-core's non-Transformer-Engine "local"
+layer spec, so it runs wherever megatron-core imports (CPU machines included). What Qwen3 is, in
+megatron's terms:
+
+* pre-norm decoder with RMSNorm (HF ``rms_norm_eps``), no biases anywhere;
+* grouped-query attention (``num_query_groups`` = HF ``num_key_value_heads``) with an explicit
+  ``head_dim`` (``kv_channels``; Qwen3's is not hidden_size / heads), RMSNorm on queries and keys
+  per head before RoPE (``qk_layernorm``), RoPE base ``rope_theta``, non-interleaved halves;
+* SwiGLU MLP (``gated_linear_unit`` with SiLU);
+* input embedding and output layer tied when ``tie_word_embeddings`` (the small Qwen3 sizes).
+
+The vocabulary is padded to a multiple of the tensor-parallel size so every rank holds an equal
+logits shard; `padding_vocab_slice` tells a rank which of its logits columns are that padding.
+Dropout is 0, as in Qwen3's released configs and OPSDC training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from transformers import PretrainedConfig, Qwen3Config
+
+ARCHITECTURE = "Qwen3ForCausalLM"
+
+HFConfigLike = str | os.PathLike | dict | PretrainedConfig
+"""A Hugging Face model folder, its config.json, the parsed json, or a transformers config."""
+
+
+def load_hf_config(hf_config: HFConfigLike) -> PretrainedConfig:
+    """Read and check a Qwen3 config from any `HFConfigLike`.
+
+    Raises:
+        ValueError: the config is not a Qwen3ForCausalLM one.
+    """
+    if isinstance(hf_config, PretrainedConfig):
+        _check_architecture(hf_config.to_dict())
+        return hf_config
+    if isinstance(hf_config, (str, os.PathLike)):
+        path = Path(hf_config)
+        hf_config = json.loads((path / "config.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+    _check_architecture(hf_config)
+    return Qwen3Config.from_dict(hf_config)
+
+
+def _check_architecture(config: dict[str, Any]) -> None:
+    architectures = config.get("architectures")
+    if architectures:
+        if list(architectures) != [ARCHITECTURE]:
+            raise ValueError(
+                f"architectures: expected [{ARCHITECTURE!r}], got {architectures!r}; "
+                f"only Qwen3 dense models are supported"
+            )
+    elif config.get("model_type") != "qwen3":
+        raise ValueError(
+            f"model_type: expected 'qwen3' (config has no 'architectures'), got {config.get('model_type')!r}"
+        )
+
+
+def _rope_theta(config: PretrainedConfig) -> float:
+    """RoPE base; only plain RoPE (no YaRN or other scaling) is mapped to megatron here."""
+    params = getattr(config, "rope_parameters", None)  # transformers >= 5
+    if params is None:  # transformers 4.x
+        params = dict(getattr(config, "rope_scaling", None) or {}, rope_theta=config.rope_theta)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_parameters.rope_type: expected 'default', got {rope_type!r}")
+    return float(params["rope_theta"])
+
+
+def _require_divisible(field: str, value: int, divisor_name: str, divisor: int) -> None:
+    if value % divisor != 0:
+        raise ValueError(
+            f"{field}: expected a multiple of {divisor_name} = {divisor}, got {value}"
+        )
+
+
+def transformer_config_from_hf(
+    hf_config: HFConfigLike,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+) -> TransformerConfig:
+    """The megatron TransformerConfig equivalent to a Qwen3 Hugging Face config.
+
+    Raises:
+        ValueError: a field the parallel sizes do not divide, or a non-Qwen3 / unsupported config.
+    """
+    config = load_hf_config(hf_config)
+    _require_divisible("num_attention_heads", config.num_attention_heads, "tensor_parallel_size", tensor_parallel_size)
+    _require_divisible("num_key_value_heads", config.num_key_value_heads, "tensor_parallel_size", tensor_parallel_size)
+    _require_divisible("num_attention_heads", config.num_attention_heads, "num_key_value_heads", config.num_key_value_heads)
+    _require_divisible("intermediate_size", config.intermediate_size, "tensor_parallel_size", tensor_parallel_size)
+    _require_divisible("num_hidden_layers", config.num_hidden_layers, "pipeline_parallel_size", pipeline_parallel_size)
+    if config.hidden_act != "silu":
+        raise ValueError(f"hidden_act: expected 'silu', got {config.hidden_act!r}")
+    if getattr(config, "attention_bias", False):
+        raise ValueError("attention_bias: expected false, got true")
+    if getattr(config, "use_sliding_window", False):
+        raise ValueError("use_sliding_window: expected false, got true")
+    _rope_theta(config)  # rejects RoPE scaling here, where a TransformerConfig is made
+    if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"params_dtype: expected float32, bfloat16 or float16, got {params_dtype}")
+
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        kv_channels=config.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=config.initializer_range,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        # Fusions that need apex, Transformer Engine or custom CUDA kernels, none of which the
+        # local spec can rely on; the unfused paths compute the same function.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    """Vocabulary rows of the embedding and output layer: rounded up to a multiple of the TP size."""
+    return -(-vocab_size // tensor_parallel_size) * tensor_parallel_size
+
+
+def padding_vocab_slice(
+    vocab_size: int,
+    tensor_parallel_size: int | None = None,
+    tensor_parallel_rank: int | None = None,
+) -> slice:
+    """Columns of this TP rank's logits shard that are vocabulary padding (maybe an empty slice).
+
+    Use it as ``logits[..., padding_vocab_slice(hf_vocab_size)] = float("-inf")`` before a softmax
+    over the vocabulary. Rank and size default to megatron's tensor-parallel group.
+    """
+    if tensor_parallel_size is None:
+        tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tensor_parallel_rank is None:
+        tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = padded_vocab_size(vocab_size, tensor_parallel_size) // tensor_parallel_size
+    first_padding = vocab_size - tensor_parallel_rank * shard
+    return slice(min(max(first_padding, 0), shard), shard)
+
+
+def build_gpt_model(
+    hf_config: HFConfigLike,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:
+    """This rank's megatron GPTModel for a Qwen3 config (weights randomly initialised).
+
+    Needs megatron's parallel groups (`opsdc_megatron.parallel.init_distributed`). Forward without
+    labels returns [batch, sequence, padded_vocab / TP] logits; load weights with
+    `state_dict_adapter.load_hf_weights`. The model carries ``hf_vocab_size`` (the unpadded
+    vocabulary) so the state-dict adapter can strip the padding again.
+    """
+    config = load_hf_config(hf_config)
+    transformer_config = transformer_config_from_hf(config, tensor_parallel_size, pipeline_parallel_size, params_dtype)
+    model = GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+        vocab_size=padded_vocab_size(config.vocab_size, tensor_parallel_size),
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=_rope_theta(config),
+    )
+    model.hf_vocab_size = config.vocab_size
+    return model

@@ -1,0 +1,286 @@
+"""Qwen3 weights between Hugging Face names/shapes and megatron-core's tensor-parallel shards.
+
+The one name map for this architecture: loading a Hugging Face checkpoint into training, exporting
+the trained weights every step to the rollout engine, and (later) checkpoint conversion and the
+SGLang weight push all go through `NAME_MAP`.
+
+Each megatron parameter is made of one or more Hugging Face tensors and laid out over the TP ranks
+in one of five ways (`Layout`):
+
+* ``replicated``: the same tensor on every rank (norms);
+* ``vocab``: rows split over ranks after padding the vocabulary to `padded_vocab_size`
+  (the padding rows are zero on load and stripped on export);
+* ``row``: columns split over ranks (row-parallel ``linear_proj``, ``linear_fc2``);
+* ``qkv``: the fused ``linear_qkv`` of a column-parallel layer. megatron stores it per query
+  group, ``[q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...]``, and each TP rank
+  holds a contiguous run of whole groups;
+* ``gate_up``: the fused SwiGLU ``linear_fc1``. Each TP rank holds ``[gate shard; up shard]``, so
+  the full tensor is not a plain split of ``[gate; up]``.
+
+Pipeline parallelism is not mapped yet (layer numbering and the embedding/output stages): both
+entry points raise a ValueError when the pipeline-parallel size is above 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from safetensors import safe_open
+
+Layout = Literal["replicated", "vocab", "row", "qkv", "gate_up"]
+
+# megatron-core name -> (layout over TP ranks, Hugging Face names fused into it, in fused order).
+# "{i}" is the decoder layer index. `output_layer.weight` exists only with untied embeddings.
+NAME_MAP: dict[str, tuple[Layout, tuple[str, ...]]] = {
+    "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
+    "decoder.layers.{i}.input_layernorm.weight": ("replicated", ("model.layers.{i}.input_layernorm.weight",)),
+    "decoder.layers.{i}.self_attention.linear_qkv.weight": (
+        "qkv",
+        (
+            "model.layers.{i}.self_attn.q_proj.weight",
+            "model.layers.{i}.self_attn.k_proj.weight",
+            "model.layers.{i}.self_attn.v_proj.weight",
+        ),
+    ),
+    "decoder.layers.{i}.self_attention.q_layernorm.weight": ("replicated", ("model.layers.{i}.self_attn.q_norm.weight",)),
+    "decoder.layers.{i}.self_attention.k_layernorm.weight": ("replicated", ("model.layers.{i}.self_attn.k_norm.weight",)),
+    "decoder.layers.{i}.self_attention.linear_proj.weight": ("row", ("model.layers.{i}.self_attn.o_proj.weight",)),
+    "decoder.layers.{i}.pre_mlp_layernorm.weight": ("replicated", ("model.layers.{i}.post_attention_layernorm.weight",)),
+    "decoder.layers.{i}.mlp.linear_fc1.weight": (
+        "gate_up",
+        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ),
+    "decoder.layers.{i}.mlp.linear_fc2.weight": ("row", ("model.layers.{i}.mlp.down_proj.weight",)),
+    "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
+    "output_layer.weight": ("vocab", ("lm_head.weight",)),
+}
+
+# Hugging Face tensors that carry no weights of their own: non-persistent RoPE tables some older
+# checkpoints saved, and lm_head when embeddings are tied (transformers also ignores it then).
+_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+_TIED_LM_HEAD = "lm_head.weight"
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+HFSource = str | Path | Mapping[str, torch.Tensor]
+"""A Hugging Face model folder (safetensors, single or sharded) or an HF-named state dict."""
+
+
+class _Geometry:
+    """The sizes the fused layouts need, read from the model (megatron config + HF vocabulary)."""
+
+    def __init__(self, model: GPTModel) -> None:
+        config = model.config
+        self.hf_vocab_size: int = _hf_vocab_size(model)
+        self.query_groups: int = config.num_query_groups
+        self.heads_per_group: int = config.num_attention_heads // config.num_query_groups
+        self.head_dim: int = config.kv_channels
+        self.tp_size: int = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank: int = parallel_state.get_tensor_model_parallel_rank()
+
+
+def _hf_vocab_size(model: GPTModel) -> int:
+    vocab_size = getattr(model, "hf_vocab_size", None)
+    if vocab_size is None:
+        raise ValueError(
+            "model has no hf_vocab_size: build it with opsdc_megatron.models.qwen3.model.build_gpt_model"
+        )
+    return vocab_size
+
+
+def _unwrap(model: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside megatron wrappers (DistributedDataParallel, Float16Module)."""
+    inner = model
+    while not isinstance(inner, GPTModel):
+        if not hasattr(inner, "module"):
+            raise TypeError(f"expected a megatron GPTModel (or a wrapper of one), got {type(model).__name__}")
+        inner = inner.module
+    return inner
+
+
+def _require_single_stage(what: str) -> None:
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp_size > 1:
+        raise ValueError(
+            f"{what} supports pipeline_parallel_size 1 only, got {pp_size}: the Qwen3 state-dict "
+            f"adapter does not map pipeline stages yet"
+        )
+
+
+def _named_entries(model: GPTModel) -> list[tuple[torch.nn.Parameter, Layout, tuple[str, ...]]]:
+    """(parameter, layout, HF names) for every parameter of the model, via NAME_MAP."""
+    entries = []
+    for name, param in model.named_parameters():
+        match = _LAYER.match(name)
+        template = _LAYER.sub("decoder.layers.{i}.", name) if match else name
+        if template not in NAME_MAP:
+            raise ValueError(f"megatron parameter {name!r} has no Hugging Face mapping in NAME_MAP")
+        layout, hf_templates = NAME_MAP[template]
+        layer = match.group(1) if match else ""
+        entries.append((param, layout, tuple(t.format(i=layer) for t in hf_templates)))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout conversions: full Hugging Face tensors <-> one TP rank's shard.
+
+
+def _to_shard(layout: Layout, hf: list[torch.Tensor], geo: _Geometry) -> torch.Tensor:
+    """This TP rank's shard of a megatron parameter, from the full Hugging Face tensors."""
+    rank, size = geo.tp_rank, geo.tp_size
+    if layout == "replicated":
+        return hf[0]
+    if layout == "row":
+        return hf[0].chunk(size, dim=1)[rank]
+    if layout == "vocab":
+        shard_rows = -(-geo.hf_vocab_size // size)
+        shard = hf[0].new_zeros((shard_rows, *hf[0].shape[1:]))
+        rows = hf[0][rank * shard_rows : (rank + 1) * shard_rows]
+        shard[: rows.shape[0]] = rows
+        return shard
+    if layout == "gate_up":
+        return torch.cat([hf[0].chunk(size, dim=0)[rank], hf[1].chunk(size, dim=0)[rank]], dim=0)
+    if layout == "qkv":
+        q, k, v = hf
+        hidden = q.shape[-1]
+        groups = geo.query_groups
+        fused = torch.cat(
+            [
+                q.view(groups, geo.heads_per_group * geo.head_dim, hidden),
+                k.view(groups, geo.head_dim, hidden),
+                v.view(groups, geo.head_dim, hidden),
+            ],
+            dim=1,
+        )
+        return fused.chunk(size, dim=0)[rank].reshape(-1, hidden)
+    raise AssertionError(f"unknown layout {layout!r}")
+
+
+def _from_shards(layout: Layout, shards: list[torch.Tensor], geo: _Geometry) -> list[torch.Tensor]:
+    """The full Hugging Face tensors of a megatron parameter, from all TP ranks' shards in order.
+
+    Every returned tensor owns fresh, contiguous memory (safe to save or keep across steps).
+    """
+    if layout == "replicated":
+        return [shards[0].clone()]
+    if layout == "row":
+        return [torch.cat(shards, dim=1)]
+    if layout == "vocab":
+        full = torch.cat(shards, dim=0)
+        return [full if full.shape[0] == geo.hf_vocab_size else full[: geo.hf_vocab_size].clone()]
+    if layout == "gate_up":
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return [torch.cat([gate for gate, _ in halves], dim=0), torch.cat([up for _, up in halves], dim=0)]
+    if layout == "qkv":
+        fused = torch.cat(shards, dim=0)
+        hidden = fused.shape[-1]
+        q_rows = geo.heads_per_group * geo.head_dim
+        grouped = fused.view(geo.query_groups, q_rows + 2 * geo.head_dim, hidden)
+        q, k, v = grouped.split([q_rows, geo.head_dim, geo.head_dim], dim=1)
+        return [part.clone(memory_format=torch.contiguous_format).view(-1, hidden) for part in (q, k, v)]
+    raise AssertionError(f"unknown layout {layout!r}")
+
+
+def _expected_hf_shapes(layout: Layout, param: torch.Tensor, geo: _Geometry) -> list[torch.Size]:
+    """Full HF shapes implied by this rank's parameter: the export conversion run on meta tensors."""
+    meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+    return [t.shape for t in _from_shards(layout, [meta] * geo.tp_size, geo)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading Hugging Face tensors.
+
+
+def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """(name -> shape for every tensor in the source, a reader of one tensor by name)."""
+    if isinstance(source, Mapping):
+        return {name: tuple(t.shape) for name, t in source.items()}, source.__getitem__
+    folder = Path(source)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+        weight_map = {}
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    handles = {file: stack.enter_context(safe_open(folder / file, framework="pt", device="cpu")) for file in files}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, handle in handles.items():
+        for name in handle.keys():
+            shapes[name] = tuple(handle.get_slice(name).get_shape())
+            weight_map.setdefault(name, file)
+    return shapes, lambda name: handles[weight_map[name]].get_tensor(name)
+
+
+def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> None:
+    """Copy Hugging Face Qwen3 weights into this rank's shards of `model` (in place).
+
+    Checks every name and shape before writing anything. Tensors are cast to the parameters' dtype.
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped tensors (all listed), or PP > 1.
+    """
+    _require_single_stage("load_hf_weights")
+    gpt = _unwrap(model)
+    geo = _Geometry(gpt)
+    entries = _named_entries(gpt)
+    with ExitStack() as stack:
+        shapes, read = _open_source(hf_dir_or_state_dict, stack)
+        missing, misshaped, used = [], [], set()
+        for param, layout, hf_names in entries:
+            for hf_name, expected in zip(hf_names, _expected_hf_shapes(layout, param, geo)):
+                used.add(hf_name)
+                if hf_name not in shapes:
+                    missing.append(hf_name)
+                elif shapes[hf_name] != tuple(expected):
+                    misshaped.append(f"{hf_name}: expected {tuple(expected)}, got {shapes[hf_name]}")
+        ignorable = {_TIED_LM_HEAD} if gpt.share_embeddings_and_output_weights else set()
+        unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not _IGNORED_HF.match(n))
+        if missing or misshaped or unexpected:
+            problems = [("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)]
+            raise ValueError(
+                "Hugging Face weights do not match the Qwen3 megatron model:\n"
+                + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
+            )
+        with torch.no_grad():
+            for param, layout, hf_names in entries:
+                param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
+
+
+def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full Hugging Face-named Qwen3 state dict, identical on every rank.
+
+    TP shards are all-gathered over the tensor-parallel group (one collective per sharded
+    parameter, none for replicated ones) and the vocabulary padding is stripped. Tensors are
+    detached copies on the parameters' device and dtype; ``lm_head.weight`` is present only with
+    untied embeddings.
+
+    Raises:
+        ValueError: PP > 1.
+    """
+    _require_single_stage("export_hf_state_dict")
+    gpt = _unwrap(model)
+    geo = _Geometry(gpt)
+    group = parallel_state.get_tensor_model_parallel_group()
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for param, layout, hf_names in _named_entries(gpt):
+            local = param.detach()
+            if layout == "replicated" or geo.tp_size == 1:
+                shards = [local]
+            else:
+                shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
+                dist.all_gather(shards, local, group=group)
+            state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+    return state
