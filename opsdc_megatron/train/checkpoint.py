@@ -22,8 +22,12 @@ LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 
 
+TEACHER_PREFIX = "teacher."
+"""Keeps the teacher's tensors apart from the student's in one checkpoint."""
+
+
 def _sharded_state_dict(ddp, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
-    state = {"model": ddp.sharded_state_dict(), "teacher": teacher.model.sharded_state_dict(prefix="teacher.")}
+    state = {"model": ddp.module.sharded_state_dict(), "teacher": teacher.model.sharded_state_dict(prefix=TEACHER_PREFIX)}
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
     return state
 
@@ -70,8 +74,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(path: Path, ddp, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
     loaded = dist_checkpointing.load(_sharded_state_dict(ddp, optimizer, teacher, is_loading=True), str(path))
-    ddp.load_state_dict(loaded["model"])
-    teacher.model.load_state_dict(loaded["teacher"])
+    ddp.module.load_state_dict(loaded["model"])
+    teacher.model.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in loaded["teacher"].items()})
     optimizer.load_state_dict(loaded["optimizer"])
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher.age_steps = trainer_state["teacher_age_steps"]
