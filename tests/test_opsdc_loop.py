@@ -86,3 +86,29 @@ def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
     assert sorted(resumed) == [1, 2, 3]
     for key in ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "teacher_age_steps"):
         assert resumed[3][key] == tp2_run[3][key], key
+
+
+def run_cli(setup, out, *overrides):
+    args = [f"out_dir={out}", f"model.hf_path={setup / 'model'}", f"data.train_prompts={setup / 'train.jsonl'}",
+            f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides]
+    return subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tensor_parallel_size=3"], "num_attention_heads"),
+        (["data.max_prompt_tokens=10"], "more than data.max_prompt_tokens = 10"),
+        (["data.train_prompts=BROKEN"], "broken.jsonl:2: invalid JSON"),
+        (["model.hf_path=/nonexistent"], "has no config.json"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(setup, tmp_path, overrides, message):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n')
+    overrides = [o.replace("BROKEN", str(broken)) for o in overrides]
+    proc = run_cli(setup, tmp_path / "run", *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
