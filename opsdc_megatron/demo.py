@@ -19,11 +19,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opsdc_megatron.eval.evaluate import EvalResult, evaluate
+from opsdc_megatron.eval.evaluate import evaluate_hf_folder
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.rollout.engine import SamplingParams
-from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
-from opsdc_megatron.toy.base_model import ensure_base_model
+from opsdc_megatron.toy.base_model import BuildSettings, ensure_base_model
 from opsdc_megatron.toy.task import toy_prompts
 from opsdc_megatron.train.metrics import read_metrics
 
@@ -35,19 +34,6 @@ TEST_SEED = 424_242
 
 def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opsdc-megatron"
-
-
-def evaluate_folder(model_dir: Path, records, instruction: str, max_new_tokens: int, block_prompts: int) -> dict[str, EvalResult]:
-    """Plain and instructed accuracy/length of a Hugging Face folder at temperature 1."""
-    engine = HFRolloutEngine.from_pretrained(str(model_dir))
-    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {
-        "plain": evaluate(engine, tokenizer, records, sampling, TEST_SEED, block_prompts),
-        "instructed": evaluate(engine, tokenizer, records, sampling, TEST_SEED, block_prompts, instruction),
-    }
 
 
 def plot(metrics: list[dict], path: Path) -> None:
@@ -89,38 +75,42 @@ def print_table(summary: dict) -> None:
     )
 
 
-def run_demo(out: Path, cache: Path | None = None) -> dict:
+def run_demo(
+    out: Path, cache: Path | None = None, overrides: list[str] = (), test_prompts: int = TEST_PROMPTS, base_settings: BuildSettings | None = None
+) -> dict:
+    """`overrides` go to the training recipe (and its eval settings); the smaller sizes serve the smoke test."""
     console = Console()
     console.rule("1. toy base model")
-    base = ensure_base_model((cache or default_cache()) / "toy_base")
+    base = ensure_base_model(cache or default_cache(), settings=base_settings)
     console.print(f"base model: {base}")
 
     console.rule("2. toy prompts")
     data = out / "data"
-    heldout = toy_prompts(DATA_SEED, VALIDATION_PROMPTS + TEST_PROMPTS, "heldout")
+    heldout = toy_prompts(DATA_SEED, VALIDATION_PROMPTS + test_prompts, "heldout")
     write_prompts(data / "train.jsonl", toy_prompts(DATA_SEED, TRAIN_PROMPTS, "train"))
     write_prompts(data / "validation.jsonl", heldout[:VALIDATION_PROMPTS])
     test = heldout[VALIDATION_PROMPTS:]
 
     from opsdc_megatron.config import load_config
 
-    recipe = load_config(RECIPE, [f"out_dir={out / 'train'}", f"model.hf_path={base}"])
-    evaluation = (recipe.distill.instruction, recipe.eval.max_response_tokens, recipe.rollout.generation_batch_prompts)
-    console.rule("3. evaluate the base model")
-    before = evaluate_folder(base, test, *evaluation)
-
-    console.rule("4. OPSDC with megatron-core, TP=2, 2 CPU processes")
     overrides = [
         f"out_dir={out / 'train'}", f"model.hf_path={base}",
-        f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}",
+        f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}", *overrides,
     ]
+    recipe = load_config(RECIPE, overrides)
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=recipe.eval.max_response_tokens)
+    evaluation = (recipe.distill.instruction, sampling, TEST_SEED, recipe.rollout.generation_batch_prompts)
+    console.rule("3. evaluate the base model")
+    before = evaluate_hf_folder(base, test, *evaluation)
+
+    console.rule("4. OPSDC with megatron-core, TP=2, 2 CPU processes")
     subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", str(RECIPE), *overrides], check=True)
 
     console.rule("5. evaluate the best checkpoint")
     best = out / "train" / "best_hf"
     if not best.exists():
         best = out / "train" / "final_hf"
-    after = evaluate_folder(best, test, *evaluation)
+    after = evaluate_hf_folder(best, test, *evaluation)
     summary = {
         "before": {k: {"accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "n": r.n} for k, r in before.items()},
         "after": {k: {"accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "n": r.n} for k, r in after.items()},

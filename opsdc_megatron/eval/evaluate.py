@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from transformers import PreTrainedTokenizerBase
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import PromptRecord, encode_prompt
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
+from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,15 @@ def evaluate(
         truncated += rollout.finish_reason == "length"
     n = len(records)
     return EvalResult(correct / n, tokens / n, truncated / n, n)
+
+
+def evaluate_hf_folder(
+    model_dir: str | Path, records: list[PromptRecord], instruction: str, sampling: SamplingParams, seed: int, block_prompts: int = 64
+) -> dict[str, EvalResult]:
+    """A Hugging Face folder on plain and on instructed prompts (the same records and seed for both)."""
+    engine = HFRolloutEngine.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {
+        "plain": evaluate(engine, tokenizer, records, sampling, seed, block_prompts),
+        "instructed": evaluate(engine, tokenizer, records, sampling, seed, block_prompts, instruction),
+    }

@@ -1,0 +1,109 @@
+"""Dual-path scoring: the Answer line OR the last \\boxed{} decides."""
+
+from __future__ import annotations
+
+import pytest
+
+from opsdc_megatron.eval import score
+from opsdc_megatron.eval.scoring import answer_line, last_boxed, normalize
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "7 + 3 = 10 . Answer : 10",
+        "Answer: 10",
+        "answer:10",
+        "Answer: $10$",
+        "Answer: 10.",
+        "**Answer:** 10",
+        "Answer: x = 10",
+        "so it is ten.\nAnswer:   10  \n",
+        "Answer: 10.0",
+    ],
+)
+def test_answer_line_only(response: str) -> None:
+    assert score(response, "10")
+
+
+@pytest.mark.parametrize("response", ["The result is \\boxed{10}.", "$\\boxed{ 10 }$", "\\boxed{\\text{10}}", "\\fbox{10}"])
+def test_boxed_only(response: str) -> None:
+    assert score(response, "10")
+
+
+def test_both_agree() -> None:
+    assert score("so \\boxed{12}\nAnswer: 12", "12")
+    assert not score("so \\boxed{12}\nAnswer: 12", "13")
+
+
+def test_disagreeing_paths_are_correct_if_either_matches() -> None:
+    response = "the sum is \\boxed{12}\nAnswer: 13"
+    assert score(response, "12")
+    assert score(response, "13")
+    assert not score(response, "14")
+
+
+def test_last_answer_line_and_last_box_win() -> None:
+    assert score("Answer: 3\nwait, I was wrong.\nAnswer: 4", "4")
+    assert not score("Answer: 3\nwait, I was wrong.\nAnswer: 4", "3")
+    assert score("\\boxed{3} no, \\boxed{4}", "4")
+    assert not score("\\boxed{3} no, \\boxed{4}", "3")
+
+
+@pytest.mark.parametrize("response", ["", "I do not know.", "the answer is 10", "answer 10"])
+def test_no_answer(response: str) -> None:
+    assert not score(response, "10")
+
+
+def test_truncated_responses() -> None:
+    assert not score("7 + 3 = 10 . Answer :", "10")  # cut right after the marker
+    assert not score("\\boxed{1", "1")  # unbalanced brace
+    assert last_boxed("\\boxed{\\frac{1}{2}") is None
+    assert not score("7 + 3 = 10 . 10 * 2 =", "20")
+
+
+def test_nested_braces() -> None:
+    assert last_boxed("\\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
+    assert score("\\boxed{\\frac{1}{2}}", "1/2")
+
+
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [
+        ("Answer: \\frac{1}{2}", "1/2"),
+        ("Answer: \\dfrac{3}{4}", "0.75"),
+        ("Answer: 1/2", "\\frac{1}{2}"),
+        ("Answer: \\frac12", "0.5"),
+        ("Answer: -\\frac{3}{4}", "-3/4"),
+        ("Answer: 2/4", "1/2"),
+        ("\\boxed{0.50}", "1/2"),
+    ],
+)
+def test_fractions(response: str, gold: str) -> None:
+    assert score(response, gold)
+
+
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [("Answer : 1 000", "1000"), ("Answer: 1,000", "1000"), ("Answer:  17 ", " 17"), ("Answer: \\left( 3 \\right)", "(3)")],
+)
+def test_spaces_and_separators(response: str, gold: str) -> None:
+    assert score(response, gold)
+
+
+def test_non_numeric_answers_compare_as_strings() -> None:
+    assert score("Answer: (1, 2)", "(1,2)")
+    assert not score("Answer: (1, 2)", "(2,1)")
+    assert score("\\boxed{x^2+1}", "x^2 + 1")
+
+
+def test_wrong_numbers() -> None:
+    assert not score("Answer: 17", "71")
+    assert not score("Answer: 1/0", "0")
+    assert not score("Answer: 10", "1")
+
+
+def test_helpers() -> None:
+    assert answer_line("a\nAnswer : 5\nb") == "5"
+    assert answer_line("no marker") is None
+    assert normalize(" $17$. ") == "17"
