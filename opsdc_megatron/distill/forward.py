@@ -37,7 +37,7 @@ def masked_mean_loss(response_mask: torch.Tensor, per_token: torch.Tensor) -> tu
     tokens = response_mask.sum()
     total = torch.where(response_mask.bool(), per_token, 0.0).sum()
     loss = total / tokens
-    return loss, {"loss": loss.detach(), "kl_sum": total.detach(), "response_tokens": tokens.detach()}
+    return loss, {"kl_sum": total.detach(), "response_tokens": tokens.detach()}
 
 
 def make_forward_step(teacher: TeacherSnapshot, divergence: str, vocab_size: int) -> Callable:

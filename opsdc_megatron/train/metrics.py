@@ -17,7 +17,7 @@ SHOWN = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accura
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool, keep_through_step: int) -> None:
         self.enabled = enabled
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.file = None
         if not enabled:
             return

@@ -76,7 +76,9 @@ def optimizer_step(
     update_successful, grad_norm, _ = optimizer.step()
     if not update_successful:
         raise FloatingPointError("optimizer step skipped: non-finite gradients")
-    kl_sum = sum(float(o["kl_sum"]) for o in outputs)
+    # The schedule divides each returned loss by the number of micro-batches in place, so the
+    # loss is recomputed here from each micro-batch's (divergence sum, response tokens).
+    loss = sum(float(o["kl_sum"]) / float(o["response_tokens"]) for o in outputs) / len(outputs)
     tokens = sum(int(o["response_tokens"]) for o in outputs)
-    loss = sum(float(o["loss"]) for o in outputs) / len(outputs)
-    return StepResult(loss, kl_sum / tokens, float(grad_norm), tokens)
+    mean_kl = sum(float(o["kl_sum"]) for o in outputs) / tokens
+    return StepResult(loss, mean_kl, float(grad_norm), tokens)
