@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opsdc_megatron.eval.evaluate import evaluate_hf_folder
+from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.toy.base_model import BuildSettings, ensure_base_model
@@ -117,7 +118,7 @@ def run_demo(
     }
     summary["compression_pct"] = 100 * (1 - summary["after"]["plain"]["mean_tokens"] / summary["before"]["plain"]["mean_tokens"])
     summary["best_checkpoint"] = str(best)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     plot(read_metrics(out / "train" / "metrics.jsonl"), out / "training_curves.png")
     print_table(summary)
     console.print(f"wrote {out / 'summary.json'} and {out / 'training_curves.png'}")

@@ -56,14 +56,28 @@ def tp2_run(setup):
     return train(setup, setup / "tp2", "train.steps=3", "parallel.tensor_parallel_size=2")
 
 
-def test_tp2_matches_tp1(setup, tp2_run):
-    tp1 = train(setup, setup / "tp1", "train.steps=3", "parallel.tensor_parallel_size=1")
+@pytest.fixture(scope="module")
+def tp1_run(setup):
+    return train(setup, setup / "tp1", "train.steps=3", "parallel.tensor_parallel_size=1")
+
+
+def assert_same_run(reference, other):
     for step in (1, 2, 3):
-        assert tp1[step]["mean_response_tokens"] == tp2_run[step]["mean_response_tokens"], "rollouts differ"
-        assert tp1[step]["loss"] == pytest.approx(tp2_run[step]["loss"], rel=1e-4)
-        assert tp1[step]["grad_norm"] == pytest.approx(tp2_run[step]["grad_norm"], rel=1e-4)
+        assert reference[step]["mean_response_tokens"] == other[step]["mean_response_tokens"], "rollouts differ"
+        for key in ("loss", "mean_kl", "grad_norm"):
+            assert reference[step][key] == pytest.approx(other[step][key], rel=1e-4), (step, key)
+
+
+def test_tp2_matches_tp1(tp1_run, tp2_run):
+    assert_same_run(tp1_run, tp2_run)
     assert tp2_run[1]["loss"] > 0, "same weights, but the teacher's prompt carries the instruction"
     assert tp2_run[3]["loss"] != tp2_run[1]["loss"]
+
+
+def test_dp2_matches_tp1(setup, tp1_run):
+    """Rollouts split over 2 data-parallel ranks; gradients and metrics reduced over both."""
+    dp2 = train(setup, setup / "dp2", "train.steps=3", "parallel.tensor_parallel_size=1", "parallel.data_parallel_size=2")
+    assert_same_run(tp1_run, dp2)
 
 
 def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):

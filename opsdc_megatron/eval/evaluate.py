@@ -34,13 +34,14 @@ def evaluate(
     seed: int,
     block_prompts: int,
     instruction: str | None = None,
+    progress: str | None = None,
 ) -> EvalResult:
     """One sampled response per record, scored dual-path; `instruction` evaluates instructed prompts.
 
     Under torch.distributed the prompts are shared across ranks and every rank gets the result.
     """
     prompt_ids = [encode_prompt(tokenizer, r.prompt, instruction) for r in records]
-    rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed, block_prompts)
+    rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed, block_prompts, progress)
     correct = tokens = truncated = 0
     for record, rollout in zip(records, rollouts):
         text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
@@ -58,6 +59,6 @@ def evaluate_hf_folder(
     engine = HFRolloutEngine.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return {
-        "plain": evaluate(engine, tokenizer, records, sampling, seed, block_prompts),
-        "instructed": evaluate(engine, tokenizer, records, sampling, seed, block_prompts, instruction),
+        "plain": evaluate(engine, tokenizer, records, sampling, seed, block_prompts, progress="plain prompts"),
+        "instructed": evaluate(engine, tokenizer, records, sampling, seed, block_prompts, instruction, "instructed prompts"),
     }

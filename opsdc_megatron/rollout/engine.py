@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,24 @@ class RolloutEngine(ABC):
 
 
 def generate_across_ranks(
-    engine: RolloutEngine, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int, block_prompts: int
+    engine: RolloutEngine,
+    prompt_ids: list[list[int]],
+    sampling: SamplingParams,
+    seed: int,
+    block_prompts: int,
+    progress: str | None = None,
 ) -> list[Rollout]:
     """Prompts in fixed blocks, blocks dealt round-robin to ranks, all rollouts gathered on every rank.
 
     Each block is sampled with its own seed (seed, block index), so the rollouts depend only on the
     seed and the block size, not on how many ranks share the work: a run at TP=2 samples exactly
-    what the same run at TP=1 samples. On CPU this keeps every process busy.
+    what the same run at TP=1 samples. On CPU this keeps every process busy. `progress` names a
+    progress bar shown on rank 0.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     local: list[Rollout] = []
-    for block in range(rank, -(-len(prompt_ids) // block_prompts), world):
+    blocks = range(rank, -(-len(prompt_ids) // block_prompts), world)
+    for block in tqdm(blocks, desc=progress, unit="block", disable=progress is None or rank != 0):
         first = block * block_prompts
         part = engine.generate(prompt_ids[first : first + block_prompts], sampling, seed * 1_000_003 + block)
         local += [Rollout(first + r.prompt_index, r.response_ids, r.finish_reason, r.weight_version) for r in part]

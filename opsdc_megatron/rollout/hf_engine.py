@@ -6,8 +6,11 @@ The embedded default for CPU runs and tests: no server, the same sampling the pa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 
@@ -30,14 +33,10 @@ class HFRolloutEngine(RolloutEngine):
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32) -> "HFRolloutEngine":
         """An engine serving the weights of a Hugging Face folder (version 0)."""
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer
-        import glob
-
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(glob.glob(f"{model_dir}/*.safetensors")):
+        for shard in sorted(Path(model_dir).glob("*.safetensors")):
             state.update(load_file(shard))
         engine.update_weights(state, version=0)
         return engine

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from opsdc_megatron.distill.teacher import TeacherSnapshot
+from opsdc_megatron.files import write_text_atomic
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -32,12 +33,6 @@ def _sharded_state_dict(ddp, optimizer, teacher: TeacherSnapshot, is_loading: bo
     return state
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def save_checkpoint(root: Path, step: int, ddp, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     rank0 = dist.get_rank() == 0
@@ -50,10 +45,10 @@ def save_checkpoint(root: Path, step: int, ddp, optimizer, teacher: TeacherSnaps
     dist_checkpointing.save(_sharded_state_dict(ddp, optimizer, teacher, is_loading=False), str(tmp))
     dist.barrier()
     if rank0:
-        _write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        _write_text_atomic(root / LATEST, final.name)
+        write_text_atomic(root / LATEST, final.name)
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[:-keep_last]:
             shutil.rmtree(old)

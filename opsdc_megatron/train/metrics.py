@@ -11,6 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from opsdc_megatron.files import write_text_atomic
+
 SHOWN = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
 
 
@@ -24,9 +26,7 @@ class MetricsLog:
         kept = []
         if path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= keep_through_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

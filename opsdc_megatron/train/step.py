@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -51,9 +52,10 @@ class StepResult:
     loss: float
     """Mean over micro-batches of each micro-batch's mean per-token divergence (the paper's loss)."""
     mean_kl: float
-    """Per-token divergence averaged over every response token of the step on this rank."""
+    """Per-token divergence averaged over every response token of the step."""
     grad_norm: float
     response_tokens: int
+    """Response tokens of the step, all data-parallel ranks."""
 
 
 def optimizer_step(
@@ -77,8 +79,14 @@ def optimizer_step(
     if not update_successful:
         raise FloatingPointError("optimizer step skipped: non-finite gradients")
     # The schedule divides each returned loss by the number of micro-batches in place, so the
-    # loss is recomputed here from each micro-batch's (divergence sum, response tokens).
-    loss = sum(float(o["kl_sum"]) / float(o["response_tokens"]) for o in outputs) / len(outputs)
-    tokens = sum(int(o["response_tokens"]) for o in outputs)
-    mean_kl = sum(float(o["kl_sum"]) for o in outputs) / tokens
-    return StepResult(loss, mean_kl, float(grad_norm), tokens)
+    # loss is recomputed from each micro-batch's (divergence sum, response tokens), over all
+    # data-parallel ranks.
+    totals = torch.tensor([
+        sum(float(o["kl_sum"]) / float(o["response_tokens"]) for o in outputs),
+        len(outputs),
+        sum(float(o["kl_sum"]) for o in outputs),
+        sum(float(o["response_tokens"]) for o in outputs),
+    ], dtype=torch.float64)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    loss_sum, micro_batches_total, kl_sum, tokens = totals.tolist()
+    return StepResult(loss_sum / micro_batches_total, kl_sum / tokens, float(grad_norm), int(tokens))
