@@ -24,6 +24,7 @@ from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.eval.evaluate import evaluate
 from opsdc_megatron.eval.scoring import score
+from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import save_hf_folder
 from opsdc_megatron.models.qwen3.model import build_gpt_model
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
@@ -75,9 +76,10 @@ def train(config: RunConfig) -> None:
         state = load_checkpoint(resume_from, ddp, optimizer, teacher)
     elif rank0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+        write_text_atomic(out / "config.yaml", to_yaml(config))
     log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"])
-    engine.update_weights(export_hf_state_dict(student), version=state["step"])
+    pushed = export_hf_state_dict(student)  # the weights the engine serves (and best/final export)
+    engine.update_weights(pushed, version=state["step"])
 
     rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
     eval_sampling = SamplingParams(config.eval.temperature, config.eval.top_p, config.eval.top_k, config.eval.max_response_tokens)
@@ -90,9 +92,8 @@ def train(config: RunConfig) -> None:
         best = state["best"]
         if step > 0 and (best is None or (result.accuracy, -result.mean_tokens) > (best["accuracy"], -best["mean_tokens"])):
             state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens}
-            weights = export_hf_state_dict(student)
             if rank0:
-                save_hf_folder(weights, config.model.hf_path, out / "best_hf")
+                save_hf_folder(pushed, config.model.hf_path, out / "best_hf")
 
     if config.eval.every_steps and state["step"] == 0:
         run_eval(0)
@@ -101,12 +102,16 @@ def train(config: RunConfig) -> None:
         batch = prompts.batch(step)  # 1. prompts
         rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
         rollout_s = time.perf_counter() - started
+        stale = {r.weight_version for r in rollouts} - {step - 1}
+        if stale:
+            raise RuntimeError(f"step {step}: rollouts sampled with weight versions {sorted(stale)}, expected {step - 1}")
         mine = range(dp_rank * per_dp_rank, (dp_rank + 1) * per_dp_rank)
         sequences = [ScoredSequence(batch[i].student_ids, batch[i].teacher_ids, rollouts[i].response_ids) for i in mine]
         micro_batches = make_micro_batches(sequences, config.train.micro_batch_prompts, tokenizer.pad_token_id)
         result = optimizer_step(ddp, optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)
-        engine.update_weights(export_hf_state_dict(student), version=step)  # 6. weight push
+        pushed = export_hf_state_dict(student)
+        engine.update_weights(pushed, version=step)  # 6. weight push
         state.update(step=step, teacher_age_steps=teacher.age_steps)
         elapsed = time.perf_counter() - started
         lengths = [len(r.response_ids) for r in rollouts]
@@ -123,7 +128,6 @@ def train(config: RunConfig) -> None:
             run_eval(step)
         if step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
             save_checkpoint(checkpoints, step, ddp, optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
-    final_weights = export_hf_state_dict(student)
     if rank0:
-        save_hf_folder(final_weights, config.model.hf_path, out / "final_hf")
+        save_hf_folder(pushed, config.model.hf_path, out / "final_hf")
     log.close()
