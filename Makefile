@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test env
+.PHONY: demo test env test-py312
 
 $(STAMP): pyproject.toml tools/setup_env.sh
 	PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -16,3 +16,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not gpu" tests
+
+# The Megatron tests again on the newest megatron-core line: Python 3.12 (pyenv) with megatron-core
+# 0.19.2 in .venv-py312/ (tools/setup_env_py312.sh; PYTHON312 empty = the newest pyenv 3.12).
+PYTHON312 ?=
+VENV312 := .venv-py312
+STAMP312 := $(VENV312)/.installed
+MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py
+
+$(STAMP312): pyproject.toml tools/setup_env_py312.sh
+	PYTHON=$(PYTHON312) bash tools/setup_env_py312.sh
+
+test-py312: $(STAMP312)
+	$(VENV312)/bin/python -m pytest -m "not gpu" $(MEGATRON_TESTS)

@@ -11,6 +11,8 @@ real torch, except that
 
 * ``torch.cuda.current_device()`` returns ``torch.device("cpu")``,
 * ``torch.cuda.synchronize()`` does nothing (CPU ops are synchronous),
+* ``torch.cuda.current_stream()`` returns torch's own CPU stand-in ``torch.cpu.current_stream()``,
+  whose ``wait_event``/``wait_stream`` do nothing (there are no CUDA events or streams to wait on),
 * the tensor factories (``torch.zeros``, ``torch.tensor``, ...) map a CUDA ``device=`` to the CPU.
 
 Why this shape: the alternatives are copying large upstream functions (schedules, DDP buffers,
@@ -77,7 +79,9 @@ _CUDA_ASSUMING_MODULES: tuple[tuple[str, str], ...] = (
     (
         "megatron.core.distributed.param_and_grad_buffer",
         "DDP's _ParamAndGradBuffer allocates the contiguous grad (and param) buffer on "
-        "torch.cuda.current_device().",
+        "torch.cuda.current_device(). From megatron-core 0.19 (not in 0.16.1), "
+        "_ParamAndGradBucketGroup.start_grad_sync also calls torch.cuda.current_stream() on every "
+        "step, to wait on CUDA-graph gradient events that never exist on CPU.",
     ),
     (
         "megatron.core.optimizer.optimizer",
@@ -154,10 +158,20 @@ def _cpu_current_device() -> torch.device:
     return _CPU
 
 
+def _cpu_current_stream(device: Any = None) -> torch.cpu.Stream:
+    """torch's CPU stream stand-in: waiting on it does nothing, as CPU ops are synchronous.
+
+    Needed from megatron-core 0.19, whose DDP grad sync asks for the current CUDA stream every step
+    (to wait on CUDA-graph events, which a CPU run never has); 0.16.1 does not call it on CPU.
+    """
+    return torch.cpu.current_stream()
+
+
 class _CpuCuda:
-    """``torch.cuda`` as the listed megatron modules see it: CPU device, no-op synchronize."""
+    """``torch.cuda`` as the listed modules see it: CPU device and stream, no-op synchronize."""
 
     current_device = staticmethod(_cpu_current_device)
+    current_stream = staticmethod(_cpu_current_stream)
     synchronize = staticmethod(_no_synchronize)
 
     def __getattr__(self, name: str) -> Any:
