@@ -39,6 +39,14 @@ statistics (and references to the input logits) are saved; the softmax is recomp
 The forward KL (ablation; the paper reports it collapses) is the same computation with the roles
 swapped, :math:`\mathrm{KL}(p_T\|p_S)`, and :math:`\partial/\partial s_v = p_S(v) - p_T(v)`.
 
+Memory: the fp32 work runs over blocks of tokens of the flattened ``[N, V/TP]`` logits (the block
+size bounded by a byte budget, see ``_chunk_rows``); a first pass takes the maxima in the input
+dtype without any copy, a second computes the three sums block by block, and the collectives come
+after each pass for all N tokens at once (two all-reduces in total, whatever the block count).
+Backward writes the gradient block by block into one buffer of the student logits' dtype. Extra
+memory over the inputs: that gradient (1x a bf16 shard for bf16 logits), the per-token statistics,
+and one block's temporaries (<= 0.2x of a bf16 shard by default).
+
 Conventions: every computation is in fp32 (fp64 when an input is fp64, which exists so the
 gradient can be finite-difference checked). Vocabulary padding arrives as ``-inf`` in the same
 columns of both inputs; columns where the first distribution has zero probability contribute
@@ -89,38 +97,89 @@ def _check_inputs(student_logits: Tensor, teacher_logits: Tensor) -> None:
         raise ValueError("logits need a vocabulary dimension")
 
 
+# Chunking. The fp32 work runs over blocks of tokens so that its temporaries stay a small fraction
+# of the logits: a block holds at most three fp32 [rows, V/TP] buffers plus one bool mask, i.e.
+# 13 bytes per element in fp32 (25 in fp64). The default byte budget for one block is
+# _CHUNK_FRACTION of one bf16 copy of the logits (so the temporaries add <= 0.2x of a bf16 shard at
+# any T), but never less than _MIN_CHUNK_BYTES (tiny inputs still run in one or a few blocks).
+_CHUNK_FRACTION = 0.2
+_MIN_CHUNK_BYTES = 16 << 20
+_BYTES_PER_ELEMENT = {torch.float32: 13, torch.float64: 25}
+
+
+def _chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
+    """Tokens per block: the block's fp32 temporaries fit in ``chunk_bytes`` (see above)."""
+    if chunk_bytes is None:
+        chunk_bytes = max(_MIN_CHUNK_BYTES, int(_CHUNK_FRACTION * 2 * n_rows * vocab))
+    per_row = max(1, vocab) * _BYTES_PER_ELEMENT[dtype]
+    return max(1, min(n_rows, chunk_bytes // per_row))
+
+
+def _blocks(n_rows: int, rows: int) -> list[slice]:
+    return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+def _shifted(logits: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """``out := logits - shift[:, None]`` in ``out``'s (compute) dtype, allocating nothing.
+
+    On CPU a mixed-dtype ``torch.sub(..., out=)`` first casts the input into a temporary of the
+    block's size, so there the cast goes through ``out`` itself; on CUDA the cast is fused.
+    """
+    if logits.dtype != out.dtype and logits.device.type == "cpu":
+        return out.copy_(logits).sub_(shift.unsqueeze(-1))
+    return torch.sub(logits, shift.unsqueeze(-1), out=out)
+
+
+class _Workspace:
+    """One block's fp32 temporaries, allocated once and reused by every block (no allocator churn)."""
+
+    def __init__(
+        self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, with_mask: bool, buffers: int = 3
+    ) -> None:
+        self.buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(buffers)]
+        self.buffers += [self.buffers[-1]] * (3 - buffers)  # unused slots alias; callers skip them
+        self.mask = torch.empty(rows, vocab, dtype=torch.bool, device=device) if with_mask else None
+
+    def views(self, block: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        n = block.stop - block.start
+        mask = None if self.mask is None else self.mask[:n]
+        return self.buffers[0][:n], self.buffers[1][:n], self.buffers[2][:n], mask
+
+
 def _kl_statistics(
-    x_logits: Tensor, y_logits: Tensor, dtype: torch.dtype, group: ProcessGroup | None
+    x_logits: Tensor, y_logits: Tensor, dtype: torch.dtype, group: ProcessGroup | None, rows: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token statistics of KL(p_x || p_y) over the full (possibly sharded) vocabulary.
 
+    ``x_logits, y_logits`` are 2-D ``[N, V/TP]``; the fp32 work runs over blocks of ``rows`` tokens.
     Returns ``(kl, m_x, m_y, log_z_x, log_z_y, c)`` with global maxima ``m``, log partition
     functions of the shifted logits ``log Z`` and ``c = E_{p_x}[(x - m_x) - (y - m_y)]``;
     ``kl = c + log(Z_y / Z_x)`` (the ratio rounds once, where ``log Z_y - log Z_x`` would round
-    each ``log`` at the magnitude of ``log V``). Two all-reduces when ``group`` spans several ranks.
+    each ``log`` at the magnitude of ``log V``). With ``group`` spanning several ranks, exactly two
+    all-reduces for all N tokens: one MAX of ``(m_x, m_y)`` and one SUM of ``(Z_x, Z_y, weighted)``.
     """
-    x = x_logits.to(dtype)  # an alias when already in `dtype`: never modified in place
-    y = y_logits.to(dtype)
     parallel = _is_parallel(group)
+    n_rows = x_logits.shape[0]
 
-    maxima = torch.stack([x.amax(dim=-1), y.amax(dim=-1)])
+    # The maximum is exact in the input dtype and needs no fp32 copy of the logits.
+    maxima = torch.stack([x_logits.amax(dim=-1).to(dtype), y_logits.amax(dim=-1).to(dtype)])
     if parallel:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     m_x, m_y = maxima[0], maxima[1]
 
-    shifted_x = x - m_x.unsqueeze(-1)
-    diff = y - m_y.unsqueeze(-1)
-    z_y = diff.exp().sum(dim=-1)
-    diff.neg_().add_(shifted_x)  # diff := (x - m_x) - (y - m_y)
-    del x, y
-    probs_x = shifted_x.exp_()  # un-normalized p_x, reusing the buffer
-    z_x = probs_x.sum(dim=-1)
-    # Zero-probability columns (padding: -inf - (-inf) = nan) contribute exactly 0.
-    diff.masked_fill_(probs_x == 0, 0.0)
-    weighted = probs_x.mul_(diff).sum(dim=-1)
-    del probs_x, diff
-
-    sums = torch.stack([z_x, z_y, weighted])
+    sums = torch.empty(3, n_rows, dtype=dtype, device=x_logits.device)
+    work = _Workspace(rows, x_logits.shape[1], dtype, x_logits.device, with_mask=True)
+    for block in _blocks(n_rows, rows):
+        shifted_x, diff, probs, mask = work.views(block)
+        _shifted(x_logits[block], m_x[block], shifted_x)  # fp32 from any dtype
+        _shifted(y_logits[block], m_y[block], diff)
+        torch.sum(torch.exp(diff, out=probs), dim=-1, out=sums[1, block])  # Z_y
+        torch.sub(shifted_x, diff, out=diff)  # diff := (x - m_x) - (y - m_y)
+        torch.sum(torch.exp(shifted_x, out=probs), dim=-1, out=sums[0, block])  # Z_x; probs: un-normalized p_x
+        # Zero-probability columns (padding: -inf - (-inf) = nan) contribute exactly 0.
+        diff.masked_fill_(torch.eq(probs, 0, out=mask), 0.0)
+        torch.sum(probs.mul_(diff), dim=-1, out=sums[2, block])
+    del work
     if parallel:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     z_x, z_y, weighted = sums[0], sums[1], sums[2]
@@ -132,33 +191,49 @@ def _kl_statistics(
     return kl, m_x, m_y, z_x.log(), z_y.log(), c
 
 
+def _flatten(logits: Tensor) -> Tensor:
+    return logits.reshape(-1, logits.shape[-1])
+
+
 class _VocabParallelReverseKL(torch.autograd.Function):
     """KL(p_s || p_t) per token; backward recomputes the softmax from saved per-token statistics."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, student_logits: Tensor, teacher_logits: Tensor, group: ProcessGroup | None
+        ctx: FunctionCtx,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        group: ProcessGroup | None,
+        chunk_bytes: int | None,
     ) -> Tensor:
         dtype = _compute_dtype(student_logits, teacher_logits)
-        kl, m_s, m_t, log_z_s, _, c = _kl_statistics(student_logits, teacher_logits, dtype, group)
+        student, teacher = _flatten(student_logits), _flatten(teacher_logits)
+        rows = _chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
+        kl, m_s, m_t, log_z_s, _, c = _kl_statistics(student, teacher, dtype, group, rows)
         ctx.save_for_backward(student_logits, teacher_logits, m_s, m_t, log_z_s, c)
-        ctx.compute_dtype = dtype
-        return kl
+        ctx.compute_dtype, ctx.rows = dtype, rows
+        return kl.reshape(student_logits.shape[:-1])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
         student_logits, teacher_logits, m_s, m_t, log_z_s, c = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         dtype = ctx.compute_dtype
-        shifted_s = student_logits.to(dtype) - m_s.unsqueeze(-1)
-        diff = teacher_logits.to(dtype) - m_t.unsqueeze(-1)
-        diff.neg_().add_(shifted_s).sub_(c.unsqueeze(-1))  # log p_s - log p_t - KL
-        probs_s = shifted_s.sub_(log_z_s.unsqueeze(-1)).exp_()
-        diff.masked_fill_(probs_s == 0, 0.0)
-        grad = probs_s.mul_(diff).mul_(grad_output.to(dtype).unsqueeze(-1))
-        return grad.to(student_logits.dtype), None, None
+        student, teacher = _flatten(student_logits), _flatten(teacher_logits)
+        scale = grad_output.reshape(-1).to(dtype)
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        work = _Workspace(ctx.rows, student.shape[1], dtype, student.device, with_mask=True)
+        for block in _blocks(student.shape[0], ctx.rows):
+            shifted_s, diff, _, mask = work.views(block)
+            _shifted(student[block], m_s[block], shifted_s)
+            _shifted(teacher[block], m_t[block], diff)
+            torch.sub(shifted_s, diff, out=diff).sub_(c[block].unsqueeze(-1))  # log p_s - log p_t - KL
+            probs_s = shifted_s.sub_(log_z_s[block].unsqueeze(-1)).exp_()
+            diff.masked_fill_(torch.eq(probs_s, 0, out=mask), 0.0)
+            grad[block].copy_(probs_s.mul_(diff).mul_(scale[block].unsqueeze(-1)))
+        return grad.view(student_logits.shape), None, None, None
 
 
 class _VocabParallelForwardKL(torch.autograd.Function):
@@ -166,31 +241,49 @@ class _VocabParallelForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, student_logits: Tensor, teacher_logits: Tensor, group: ProcessGroup | None
+        ctx: FunctionCtx,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        group: ProcessGroup | None,
+        chunk_bytes: int | None,
     ) -> Tensor:
         dtype = _compute_dtype(student_logits, teacher_logits)
-        kl, m_t, m_s, log_z_t, log_z_s, _ = _kl_statistics(teacher_logits, student_logits, dtype, group)
+        student, teacher = _flatten(student_logits), _flatten(teacher_logits)
+        rows = _chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
+        kl, m_t, m_s, log_z_t, log_z_s, _ = _kl_statistics(teacher, student, dtype, group, rows)
         ctx.save_for_backward(student_logits, teacher_logits, m_s, m_t, log_z_s, log_z_t)
-        ctx.compute_dtype = dtype
-        return kl
+        ctx.compute_dtype, ctx.rows = dtype, rows
+        return kl.reshape(student_logits.shape[:-1])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
         student_logits, teacher_logits, m_s, m_t, log_z_s, log_z_t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         dtype = ctx.compute_dtype
-        # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
-        # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
-        probs_s = (student_logits.to(dtype) - m_s.unsqueeze(-1)).sub_(log_z_s.unsqueeze(-1)).exp_()
-        probs_t = (teacher_logits.to(dtype) - m_t.unsqueeze(-1)).sub_(log_z_t.unsqueeze(-1)).exp_()
-        grad = probs_s.sub_(probs_t).mul_(grad_output.to(dtype).unsqueeze(-1))
-        return grad.to(student_logits.dtype), None, None
+        student, teacher = _flatten(student_logits), _flatten(teacher_logits)
+        scale = grad_output.reshape(-1).to(dtype)
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        work = _Workspace(ctx.rows, student.shape[1], dtype, student.device, with_mask=False, buffers=2)
+        for block in _blocks(student.shape[0], ctx.rows):
+            probs_s, probs_t, _, _ = work.views(block)
+            # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
+            # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
+            _shifted(student[block], m_s[block], probs_s)
+            probs_s.sub_(log_z_s[block].unsqueeze(-1)).exp_()
+            _shifted(teacher[block], m_t[block], probs_t)
+            probs_t.sub_(log_z_t[block].unsqueeze(-1)).exp_()
+            grad[block].copy_(probs_s.sub_(probs_t).mul_(scale[block].unsqueeze(-1)))
+        return grad.view(student_logits.shape), None, None, None
 
 
 def vocab_parallel_reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, tp_group: ProcessGroup | None = None
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    tp_group: ProcessGroup | None = None,
+    *,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Exact per-token reverse KL(p_student || p_teacher) over the full, TP-sharded vocabulary.
 
@@ -200,16 +293,22 @@ def vocab_parallel_reverse_kl(
         teacher_logits: same shape and columns; never receives a gradient.
         tp_group: the tensor-parallel group the vocabulary is split over; ``None`` or a group of
             one rank means the inputs hold the full vocabulary.
+        chunk_bytes: byte budget of one block of tokens' fp32 temporaries (default: 0.2x of a
+            bf16 copy of the logits, at least 16 MiB). Results do not depend on it.
 
     Returns:
         ``student_logits.shape[:-1]``, float32 (float64 for float64 inputs), identical on all ranks.
     """
     _check_inputs(student_logits, teacher_logits)
-    return _VocabParallelReverseKL.apply(student_logits, teacher_logits, tp_group)
+    return _VocabParallelReverseKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes)
 
 
 def vocab_parallel_forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, tp_group: ProcessGroup | None = None
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    tp_group: ProcessGroup | None = None,
+    *,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Exact per-token forward KL(p_teacher || p_student); same conventions as the reverse KL.
 
@@ -217,4 +316,4 @@ def vocab_parallel_forward_kl(
     the forward-KL ablation (the paper reports that it collapses).
     """
     _check_inputs(student_logits, teacher_logits)
-    return _VocabParallelForwardKL.apply(student_logits, teacher_logits, tp_group)
+    return _VocabParallelForwardKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes)

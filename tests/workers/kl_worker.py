@@ -201,6 +201,38 @@ class Checker:
             assert (kl == 0).all() and (student.grad == 0).all(), direction
         self.report("identical_inputs_exact_zero")
 
+    def token_blocks(self) -> None:
+        """Blocks of 1 and 3 tokens (14 tokens: the last block partial): reference values and
+        gradients, and still exactly two all-reduces per forward (one MAX, one SUM) for all
+        tokens, none in backward."""
+        generator = torch.Generator().manual_seed(41)
+        shape = (2, 7, 67)  # local vocab 34 and 33
+        student = 3 * torch.randn(shape, generator=generator)
+        teacher = 3 * torch.randn(shape, generator=generator)
+        weight = torch.rand(shape[:-1], generator=generator)
+        original = dist.all_reduce
+        for direction, fn in DIRECTIONS.items():
+            ref_kl, ref_grad = reference_kl(student, teacher, direction, weight)
+            for rows in (1, 3):
+                ops: list[object] = []
+
+                def counting(*args: object, **kwargs: object) -> object:
+                    ops.append(kwargs.get("op"))
+                    return original(*args, **kwargs)
+
+                local = _shard(student, self.rank, self.world).requires_grad_(True)
+                dist.all_reduce = counting  # type: ignore[assignment]
+                try:
+                    kl = fn(local, _shard(teacher, self.rank, self.world), self.group, chunk_bytes=rows * 34 * 13)
+                    (kl * weight).sum().backward()
+                finally:
+                    dist.all_reduce = original  # type: ignore[assignment]
+                assert ops == [dist.ReduceOp.MAX, dist.ReduceOp.SUM], ops
+                value_err = rel_err(kl.detach(), ref_kl)
+                grad_err = rel_err(local.grad, _shard(ref_grad, self.rank, self.world))
+                assert value_err <= FP32_RTOL and grad_err <= FP32_RTOL, (direction, rows, value_err, grad_err)
+                self.report(f"{direction}_blocks_of_{rows}_two_allreduces", value_rel=value_err, grad_rel=grad_err)
+
     def group_of_one(self) -> None:
         """A size-1 process group holds the full vocabulary: the same as tp_group=None."""
         single, _ = dist.new_subgroups(group_size=1)
@@ -230,6 +262,7 @@ def main() -> None:
     check.teacher_gets_no_grad()
     check.identical_inputs()
     check.group_of_one()
+    check.token_blocks()
     dist.barrier()
     if rank == 0:
         print(DONE_MARKER, f"world={world} pid={os.getpid()}", flush=True)

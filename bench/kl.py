@@ -1,0 +1,210 @@
+"""Reverse-KL forward+backward: naive vs the paper-style 256-token chunks vs ours, time and memory.
+
+One command measures, in the same run, for T in {1024, 4096, 8192} and bf16 student/teacher
+logits ``[T, V]``:
+
+* ``naive``: fp32 ``log_softmax`` of both, ``sum(p_s * (log p_s - log p_t))``, plain autograd;
+* ``chunked256``: the same formula over 256-token chunks, concatenated, one autograd backward
+  (the chunks' graphs stay alive until backward, as in a straightforward chunked loss);
+* ``ours``: ``opsdc_megatron.loss.vocab_parallel_reverse_kl`` (TP=1).
+
+Each case is ``loss = kl.sum(); loss.backward()`` on a student leaf (gradient kept in ``.grad``).
+It prints the time (best of the timed repetitions after one untimed run: the machines are shared) and the peak *extra*
+memory: everything allocated beyond the two input tensors during forward+backward, INCLUDING the
+student's gradient (1x one bf16 logits tensor), as absolute numbers and as ratios to ``naive``.
+
+How memory is measured:
+
+* CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` taken after the
+  inputs exist and the peak statistics were reset (the caching allocator's exact byte count). V
+  defaults to 151936 (Qwen3's vocabulary).
+* CPU: torch has no CPU peak-allocation counter, and ``tracemalloc`` does not see torch's
+  allocations, so every case runs in its own subprocess and the kernel's resident-set high-water
+  mark is used: after the inputs exist (and a small warm-up run has initialised the autograd
+  engine and thread pools), the process resets its peak RSS (``echo 5 > /proc/self/clear_refs``,
+  Linux >= 4.0), records VmRSS, runs forward+backward, and reads VmHWM; extra = VmHWM - VmRSS
+  before. The subprocess sets ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every large
+  tensor with its own mmap and unmaps it on free, so RSS follows torch's live allocations (with
+  glibc's default dynamic threshold, freed blocks below 32 MiB may stay resident, which would
+  only inflate the numbers). All buffers are written, so every allocated page is resident. The
+  result is within a few MiB (page granularity, small allocator overhead) of the true peak of
+  torch's allocations. The time comes from a second subprocess with glibc's default malloc
+  (the fixed threshold makes every block's temporaries fresh page-faulted mmaps, which is not how
+  the code runs normally). V defaults to 32768 on CPU.
+
+Usage: ``python bench/kl.py [--device cpu|cuda] [--vocab V] [--tokens 1024 4096 8192] [--reps N]``.
+``python bench/kl.py --case IMPL T V`` runs one CPU case and prints one JSON line (used by the
+driver and by tests/test_kl.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from opsdc_megatron.loss import vocab_parallel_forward_kl, vocab_parallel_reverse_kl  # noqa: E402
+
+PAPER_CHUNK = 256
+IMPLS = ("naive", "chunked256", "ours")
+
+
+def naive_reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    log_ps = torch.log_softmax(student.float(), dim=-1)
+    log_pt = torch.log_softmax(teacher.float(), dim=-1)
+    return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+
+
+def chunked_reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return torch.cat(
+        [
+            naive_reverse_kl(student[i : i + PAPER_CHUNK], teacher[i : i + PAPER_CHUNK])
+            for i in range(0, student.shape[0], PAPER_CHUNK)
+        ]
+    )
+
+
+FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "naive": naive_reverse_kl,
+    "chunked256": chunked_reverse_kl,
+    "ours": vocab_parallel_reverse_kl,
+    "ours_forward_kl": vocab_parallel_forward_kl,  # the ablation's loss, for tests
+}
+
+
+def _inputs(tokens: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    # Drawn directly in bf16: no fp32 transient while the inputs are made.
+    student = 3 * torch.randn(tokens, vocab, generator=generator, device=device, dtype=torch.bfloat16)
+    teacher = 3 * torch.randn(tokens, vocab, generator=generator, device=device, dtype=torch.bfloat16)
+    return student.requires_grad_(True), teacher
+
+
+def _step(fn: Callable, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    student.grad = None
+    fn(student, teacher).sum().backward()
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure_cpu_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
+    """In this process: peak extra RSS of one forward+backward, then the median time of `reps`."""
+    fn = FUNCTIONS[impl]
+    small_s, small_t = _inputs(8, vocab, "cpu")
+    _step(fn, small_s, small_t)  # warm-up: autograd engine, thread pools, lazy init
+    del small_s, small_t
+    student, teacher = _inputs(tokens, vocab, "cpu")
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    before = _proc_status_kib("VmRSS")
+    _step(fn, student, teacher)
+    extra = (_proc_status_kib("VmHWM") - before) * 1024
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        _step(fn, student, teacher)
+        times.append(time.perf_counter() - start)
+    logits_bytes = student.numel() * student.element_size()
+    return {"extra_bytes": extra, "logits_bytes": logits_bytes, "time_s": min(times) if times else 0.0}
+
+
+def _subprocess_case(impl: str, tokens: int, vocab: int, reps: int, fixed_mmap: bool) -> dict[str, float]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", impl, str(tokens), str(vocab), "--reps", str(reps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_cpu_case(impl: str, tokens: int, vocab: int, reps: int = 0) -> dict[str, float]:
+    """Memory from a fresh subprocess with the fixed mmap threshold (own RSS high-water mark);
+    time from another fresh subprocess with glibc's default malloc (how the code normally runs)."""
+    result = _subprocess_case(impl, tokens, vocab, 0, fixed_mmap=True)
+    if reps:
+        result["time_s"] = _subprocess_case(impl, tokens, vocab, reps, fixed_mmap=False)["time_s"]
+    return result
+
+
+def measure_cuda_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
+    fn = FUNCTIONS[impl]
+    student, teacher = _inputs(tokens, vocab, "cuda")
+    _step(fn, student, teacher)  # warm-up (also allocates .grad once; freed below)
+    student.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _step(fn, student, teacher)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _step(fn, student, teacher)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del student, teacher
+    torch.cuda.empty_cache()
+    return {"extra_bytes": extra, "logits_bytes": tokens * vocab * 2, "time_s": min(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--case", nargs=3, metavar=("IMPL", "T", "V"), help="internal: one CPU case, JSON out")
+    args = parser.parse_args()
+    if args.case:
+        impl, tokens, vocab = args.case[0], int(args.case[1]), int(args.case[2])
+        print(json.dumps(measure_cpu_case(impl, tokens, vocab, args.reps)))
+        return
+    vocab = args.vocab or (151936 if args.device == "cuda" else 32768)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"reverse KL fwd+bwd, bf16 logits [T, {vocab}], {device_name}, torch {torch.__version__}")
+    print("extra memory counts everything beyond the two inputs, including the bf16 gradient (1.00x logits)")
+    header = "| T | impl | time | extra memory | x bf16 logits | time / naive | memory / naive |"
+    print(header)
+    print("|" + "---|" * 7)
+    for tokens in args.tokens:
+        results = {}
+        for impl in IMPLS:
+            if args.device == "cuda":
+                results[impl] = measure_cuda_case(impl, tokens, vocab, args.reps)
+            else:
+                results[impl] = run_cpu_case(impl, tokens, vocab, args.reps)
+        base = results["naive"]
+        for impl, r in results.items():
+            print(
+                f"| {tokens} | {impl} | {r['time_s'] * 1e3:.1f} ms | {r['extra_bytes'] / 2**20:.0f} MiB | "
+                f"{r['extra_bytes'] / r['logits_bytes']:.2f} | {r['time_s'] / base['time_s']:.2f} | "
+                f"{r['extra_bytes'] / base['extra_bytes']:.3f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
