@@ -36,9 +36,6 @@ class MicroBatch:
     def response_tokens(self) -> int:
         return int(self.response_mask.sum().item())
 
-    def positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.arange(tokens.shape[1]).expand_as(tokens)
-
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     width = max(len(row) for row in rows)

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from opsdc_megatron.distill.batch import MicroBatch
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.loss import vocab_parallel_forward_kl, vocab_parallel_reverse_kl
+from opsdc_megatron.models.qwen3.model import padding_vocab_slice
 
 DIVERGENCES = {"reverse_kl": vocab_parallel_reverse_kl, "forward_kl": vocab_parallel_forward_kl}
 
@@ -25,10 +26,7 @@ def response_logits(model: torch.nn.Module, tokens: torch.Tensor, logit_index: t
     logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), attention_mask=None)
     rows = torch.arange(tokens.shape[0])[:, None]
     picked = logits[rows, logit_index]
-    shard_columns = picked.shape[-1]
-    first_padding = vocab_size - parallel_state.get_tensor_model_parallel_rank() * shard_columns
-    if first_padding < shard_columns:
-        picked[..., max(first_padding, 0) :] = float("-inf")
+    picked[..., padding_vocab_slice(vocab_size)] = float("-inf")
     return picked
 
 
