@@ -75,6 +75,9 @@ class DistillConfig:
     """Optimizer steps between hard copies of the student into the teacher; 0 keeps it frozen."""
     divergence: str = "reverse_kl"
     """reverse_kl (the method) or forward_kl (an ablation that collapses in the paper)."""
+    fused_output_layer: bool = False
+    """Compute the output layer inside the reverse KL, chunk by chunk, so the [tokens, V/TP] logits
+    never exist as one tensor (loss/fused_output.py); reverse_kl only."""
 
 
 @dataclass
@@ -215,6 +218,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"rollout.engine: only 'hf' is available, got {config.rollout.engine!r}")
     if config.distill.divergence not in ("reverse_kl", "forward_kl"):
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
+    if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":
+        raise ConfigError(f"distill.fused_output_layer computes the reverse KL only, but distill.divergence is {config.distill.divergence!r}")
     if config.distill.teacher_refresh_every < 0:
         raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
     if config.eval.every_steps and not config.data.eval_prompts:

@@ -80,6 +80,12 @@ def test_dp2_matches_tp1(setup, tp1_run):
     assert_same_run(tp1_run, dp2)
 
 
+def test_fused_output_layer_tp2_matches_unfused_tp1(setup, tp1_run):
+    """The output layer fused into the reverse KL (tied embeddings, vocabulary split over TP=2)."""
+    fused = train(setup, setup / "fused_tp2", "train.steps=3", "parallel.tensor_parallel_size=2", "distill.fused_output_layer=true")
+    assert_same_run(tp1_run, fused)
+
+
 def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):
     assert [tp2_run[s]["teacher_refreshed"] for s in (1, 2, 3)] == [False, True, False]
     assert [tp2_run[s]["teacher_age_steps"] for s in (1, 2, 3)] == [1, 0, 1]

@@ -18,12 +18,15 @@ With tensor parallelism each rank holds a slice ``[..., V/TP]`` of both logit te
     \mathrm{KL}(p_S \| p_T) = c + \log(Z_t / Z_s), \qquad
     c = \mathbb{E}_{p_S}[a - b] = \frac{1}{Z_s}\sum_v e^{a_v}(a_v - b_v).
 
-:math:`Z_s, Z_t` and the un-normalized sum :math:`\sum_v e^{a_v}(a_v - b_v)` are all plain sums
-over the vocabulary, so one SUM all-reduce carries all three after one MAX all-reduce of
-:math:`(m_s, m_t)`: two collectives of per-token statistics, and the logits are never gathered.
-Subtracting the (global) maxima before differencing keeps every term bounded by :math:`|\log p|`,
-so there is no cancellation between huge logits even at magnitude 1e4, and identical inputs give
-exactly 0.
+:math:`Z_s, Z_t` and the un-normalized sum :math:`w = \sum_v e^{a_v}(a_v - b_v)` are plain sums over
+the vocabulary. Each rank computes them over its shard, shifted by its *own* maxima
+:math:`\mu_s, \mu_t`; one MAX all-reduce gives the global maxima and, with
+:math:`\alpha = e^{\mu_s - m_s}` and :math:`\delta = (\mu_s - m_s) - (\mu_t - m_t)`, the shard's sums in
+the global shift are :math:`\alpha z_s`, :math:`e^{\mu_t - m_t} z_t` and :math:`\alpha (w + \delta z_s)`;
+one SUM all-reduce adds them. Two collectives of per-token statistics, the logits never gathered,
+and each logits tensor read once for the statistics (the Triton kernel applies the same rescaling
+online, tile by tile, within a shard). Every term stays bounded by :math:`|\log p|`, so there is
+no cancellation between huge logits even at magnitude 1e4, and identical inputs give exactly 0.
 
 Gradient (student only; the teacher is a stop-gradient target):
 
@@ -39,13 +42,17 @@ statistics (and references to the input logits) are saved; the softmax is recomp
 The forward KL (ablation; the paper reports it collapses) is the same computation with the roles
 swapped, :math:`\mathrm{KL}(p_T\|p_S)`, and :math:`\partial/\partial s_v = p_S(v) - p_T(v)`.
 
-Memory: the fp32 work runs over blocks of tokens of the flattened ``[N, V/TP]`` logits (the block
-size bounded by a byte budget, see ``_chunk_rows``); a first pass takes the maxima in the input
-dtype without any copy, a second computes the three sums block by block, and the collectives come
-after each pass for all N tokens at once (two all-reduces in total, whatever the block count).
-Backward writes the gradient block by block into one buffer of the student logits' dtype. Extra
-memory over the inputs: that gradient (1x a bf16 shard for bf16 logits), the per-token statistics,
-and one block's temporaries (<= 0.2x of a bf16 shard by default).
+Backends: ``backend="auto"`` runs the Triton kernels of ``triton_kernels.py`` on CUDA inputs
+(bf16/fp16/fp32) and the torch code below otherwise; both compute the same statistics. The forward
+KL (an ablation) always runs the torch code.
+
+Memory (torch backend): the fp32 work runs over blocks of tokens of the flattened ``[N, V/TP]``
+logits (the block size bounded by a byte budget, see ``_chunk_rows``): the maxima in the input
+dtype without any copy, then the three sums block by block; the collectives come once for all N
+tokens. Backward writes the gradient block by block into one buffer of the student logits' dtype.
+Extra memory over the inputs: that gradient (1x a bf16 shard for bf16 logits), the per-token
+statistics, and one block's temporaries (<= 0.2x of a bf16 shard by default). The Triton backend
+has no block temporaries at all.
 
 Conventions: every computation is in fp32 (fp64 when an input is fp64, which exists so the
 gradient can be finite-difference checked). Vocabulary padding arrives as ``-inf`` in the same
@@ -59,7 +66,8 @@ true KL is non-negative, and the gradient is the unclamped one.
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -68,6 +76,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
 __all__ = ["vocab_parallel_reverse_kl", "vocab_parallel_forward_kl"]
+
+Backend = Literal["auto", "torch", "triton"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -97,6 +107,33 @@ def _check_inputs(student_logits: Tensor, teacher_logits: Tensor) -> None:
         raise ValueError("logits need a vocabulary dimension")
 
 
+_warned_no_triton = False
+
+
+def resolve_backend(backend: Backend, *tensors: Tensor) -> Literal["torch", "triton"]:
+    """``auto``: Triton for CUDA tensors of at most fp32 precision, torch otherwise.
+
+    A CUDA run without an importable Triton falls back to torch with a warning naming the import
+    error (torch's CUDA wheels ship Triton, so this means a broken install). ``triton`` on CPU
+    tensors needs ``TRITON_INTERPRET=1`` (used by the tests).
+    """
+    global _warned_no_triton
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend != "auto":
+        return backend
+    if not all(t.is_cuda for t in tensors) or _compute_dtype(*tensors) != torch.float32:
+        return "torch"
+    try:
+        from opsdc_megatron.loss import triton_kernels  # noqa: F401
+    except ImportError as error:
+        if not _warned_no_triton:
+            warnings.warn(f"reverse KL on CUDA without Triton ({error}); using the slower torch backend", stacklevel=3)
+            _warned_no_triton = True
+        return "torch"
+    return "triton"
+
+
 # Chunking. The fp32 work runs over blocks of tokens so that its temporaries stay a small fraction
 # of the logits: a block holds at most three fp32 [rows, V/TP] buffers plus one bool mask, i.e.
 # 13 bytes per element in fp32 (25 in fp64). The default byte budget for one block is
@@ -107,7 +144,7 @@ _MIN_CHUNK_BYTES = 16 << 20
 _BYTES_PER_ELEMENT = {torch.float32: 13, torch.float64: 25}
 
 
-def _chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
+def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
     """Tokens per block: the block's fp32 temporaries fit in ``chunk_bytes`` (see above)."""
     if chunk_bytes is None:
         chunk_bytes = max(_MIN_CHUNK_BYTES, int(_CHUNK_FRACTION * 2 * n_rows * vocab))
@@ -146,98 +183,126 @@ class _Workspace:
         return self.buffers[0][:n], self.buffers[1][:n], self.buffers[2][:n], mask
 
 
-def _kl_statistics(
-    x_logits: Tensor, y_logits: Tensor, dtype: torch.dtype, group: ProcessGroup | None, rows: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-token statistics of KL(p_x || p_y) over the full (possibly sharded) vocabulary.
+def _safe_shift(maxima: Tensor) -> Tensor:
+    """The maxima, with 0 where a row has no finite entry (its sums are 0 and stay 0)."""
+    return torch.where(maxima == float("-inf"), torch.zeros_like(maxima), maxima)
 
-    ``x_logits, y_logits`` are 2-D ``[N, V/TP]``; the fp32 work runs over blocks of ``rows`` tokens.
-    Returns ``(kl, m_x, m_y, log_z_x, log_z_y, c)`` with global maxima ``m``, log partition
-    functions of the shifted logits ``log Z`` and ``c = E_{p_x}[(x - m_x) - (y - m_y)]``;
-    ``kl = c + log(Z_y / Z_x)`` (the ratio rounds once, where ``log Z_y - log Z_x`` would round
-    each ``log`` at the magnitude of ``log V``). With ``group`` spanning several ranks, exactly two
-    all-reduces for all N tokens: one MAX of ``(m_x, m_y)`` and one SUM of ``(Z_x, Z_y, weighted)``.
-    """
-    parallel = _is_parallel(group)
+
+def _local_statistics_torch(x_logits: Tensor, y_logits: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+    """``[5, N]`` rows ``(mu_x, mu_y, z_x, z_y, w)`` of this shard, shifted by its own maxima."""
     n_rows = x_logits.shape[0]
-
+    local = torch.empty(5, n_rows, dtype=dtype, device=x_logits.device)
     # The maximum is exact in the input dtype and needs no fp32 copy of the logits.
-    maxima = torch.stack([x_logits.amax(dim=-1).to(dtype), y_logits.amax(dim=-1).to(dtype)])
-    if parallel:
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    m_x, m_y = maxima[0], maxima[1]
-
-    sums = torch.empty(3, n_rows, dtype=dtype, device=x_logits.device)
+    torch.amax(x_logits, dim=-1, out=local[0]) if x_logits.dtype == dtype else local[0].copy_(x_logits.amax(-1))
+    torch.amax(y_logits, dim=-1, out=local[1]) if y_logits.dtype == dtype else local[1].copy_(y_logits.amax(-1))
+    shift_x, shift_y = _safe_shift(local[0]), _safe_shift(local[1])
     work = _Workspace(rows, x_logits.shape[1], dtype, x_logits.device, with_mask=True)
     for block in _blocks(n_rows, rows):
         shifted_x, diff, probs, mask = work.views(block)
-        _shifted(x_logits[block], m_x[block], shifted_x)  # fp32 from any dtype
-        _shifted(y_logits[block], m_y[block], diff)
-        torch.sum(torch.exp(diff, out=probs), dim=-1, out=sums[1, block])  # Z_y
-        torch.sub(shifted_x, diff, out=diff)  # diff := (x - m_x) - (y - m_y)
-        torch.sum(torch.exp(shifted_x, out=probs), dim=-1, out=sums[0, block])  # Z_x; probs: un-normalized p_x
+        _shifted(x_logits[block], shift_x[block], shifted_x)  # fp32 from any dtype
+        _shifted(y_logits[block], shift_y[block], diff)
+        torch.sum(torch.exp(diff, out=probs), dim=-1, out=local[3, block])  # z_y
+        torch.sub(shifted_x, diff, out=diff)  # diff := (x - mu_x) - (y - mu_y)
+        torch.sum(torch.exp(shifted_x, out=probs), dim=-1, out=local[2, block])  # z_x; probs: un-normalized p_x
         # Zero-probability columns (padding: -inf - (-inf) = nan) contribute exactly 0.
         diff.masked_fill_(torch.eq(probs, 0, out=mask), 0.0)
-        torch.sum(probs.mul_(diff), dim=-1, out=sums[2, block])
-    del work
-    if parallel:
+        torch.sum(probs.mul_(diff), dim=-1, out=local[4, block])
+    return local
+
+
+class KLStatistics(NamedTuple):
+    """Per-token statistics of KL(p_x || p_y) over the full vocabulary, identical on all ranks."""
+
+    kl: Tensor
+    shift_x: Tensor  # global maximum of x (0 for a row without finite entries)
+    shift_y: Tensor
+    log_z_x: Tensor  # log partition function of x - shift_x
+    log_z_y: Tensor
+    c: Tensor  # E_{p_x}[(x - shift_x) - (y - shift_y)]
+
+
+def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
+    """Shard statistics from ``local_statistics`` to global ones: one MAX and one SUM all-reduce."""
+    maxima = local[:2].clone()
+    if _is_parallel(group):
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    local_shift, shift = _safe_shift(local[:2]), _safe_shift(maxima)
+    z_x, z_y, w = local[2], local[3], local[4]
+    offset = local_shift - shift  # <= 0 wherever the shard has mass
+    has_x, has_y = z_x > 0, z_y > 0
+    sums = torch.stack([
+        torch.where(has_x, z_x * offset[0].exp(), 0.0),
+        torch.where(has_y, z_y * offset[1].exp(), 0.0),
+        torch.where(has_x, offset[0].exp() * (w + (offset[0] - offset[1]) * z_x), 0.0),
+    ])
+    if _is_parallel(group):
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     z_x, z_y, weighted = sums[0], sums[1], sums[2]
     c = weighted / z_x
     # Clamped at 0 because true KL >= 0, so this only moves a rounded value toward the truth:
     # unclamped, near-identical distributions measure down to about -4e-7 (the fp32 rounding of
     # the vocabulary sums). NaN and +inf pass through unchanged. Backward ignores the clamp.
+    # The ratio rounds once, where log Z_y - log Z_x would round each log at the magnitude of log V.
     kl = (c + (z_y / z_x).log()).clamp_min_(0.0)
-    return kl, m_x, m_y, z_x.log(), z_y.log(), c
+    return KLStatistics(kl, shift[0], shift[1], z_x.log(), z_y.log(), c)
+
+
+def kl_statistics(
+    x_logits: Tensor, y_logits: Tensor, group: ProcessGroup | None, backend: Literal["torch", "triton"], rows: int
+) -> KLStatistics:
+    """Statistics of KL(p_x || p_y) for 2-D ``[N, V/TP]`` shards (``rows``: torch block size)."""
+    if backend == "triton":
+        from opsdc_megatron.loss.triton_kernels import local_statistics
+
+        local = local_statistics(x_logits, y_logits)
+    else:
+        local = _local_statistics_torch(x_logits, y_logits, _compute_dtype(x_logits, y_logits), rows)
+    return merge_statistics(local, group)
+
+
+def reverse_kl_grad_into(
+    grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor,
+    backend: Literal["torch", "triton"], rows: int,
+) -> None:
+    """``grad := p_s * ((s - m_s) - (t - m_t) - c) * scale`` for 2-D shards, zero where ``p_s == 0``."""
+    if backend == "triton":
+        from opsdc_megatron.loss.triton_kernels import reverse_kl_grad_into as triton_grad_into
+
+        triton_grad_into(grad, student, teacher, stats.shift_x, stats.shift_y, stats.log_z_x, stats.c, scale)
+        return
+    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, with_mask=True)
+    for block in _blocks(student.shape[0], rows):
+        shifted_s, diff, _, mask = work.views(block)
+        _shifted(student[block], stats.shift_x[block], shifted_s)
+        _shifted(teacher[block], stats.shift_y[block], diff)
+        torch.sub(shifted_s, diff, out=diff).sub_(stats.c[block].unsqueeze(-1))  # log p_s - log p_t - KL
+        probs_s = shifted_s.sub_(stats.log_z_x[block].unsqueeze(-1)).exp_()
+        diff.masked_fill_(torch.eq(probs_s, 0, out=mask), 0.0)
+        grad[block].copy_(probs_s.mul_(diff).mul_(scale[block].unsqueeze(-1)))
+
+
+def _forward_kl_grad_into(grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor, rows: int) -> None:
+    """``grad := (p_s - p_t) * scale``; ``stats`` are those of KL(p_t || p_s)."""
+    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, with_mask=False, buffers=2)
+    for block in _blocks(student.shape[0], rows):
+        probs_s, probs_t, _, _ = work.views(block)
+        # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
+        # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
+        _shifted(student[block], stats.shift_y[block], probs_s)
+        probs_s.sub_(stats.log_z_y[block].unsqueeze(-1)).exp_()
+        _shifted(teacher[block], stats.shift_x[block], probs_t)
+        probs_t.sub_(stats.log_z_x[block].unsqueeze(-1)).exp_()
+        grad[block].copy_(probs_s.sub_(probs_t).mul_(scale[block].unsqueeze(-1)))
 
 
 def _flatten(logits: Tensor) -> Tensor:
-    return logits.reshape(-1, logits.shape[-1])
+    flat = logits.reshape(-1, logits.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
-class _VocabParallelReverseKL(torch.autograd.Function):
-    """KL(p_s || p_t) per token; backward recomputes the softmax from saved per-token statistics."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        group: ProcessGroup | None,
-        chunk_bytes: int | None,
-    ) -> Tensor:
-        dtype = _compute_dtype(student_logits, teacher_logits)
-        student, teacher = _flatten(student_logits), _flatten(teacher_logits)
-        rows = _chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
-        kl, m_s, m_t, log_z_s, _, c = _kl_statistics(student, teacher, dtype, group, rows)
-        ctx.save_for_backward(student_logits, teacher_logits, m_s, m_t, log_z_s, c)
-        ctx.compute_dtype, ctx.rows = dtype, rows
-        return kl.reshape(student_logits.shape[:-1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
-        student_logits, teacher_logits, m_s, m_t, log_z_s, c = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        dtype = ctx.compute_dtype
-        student, teacher = _flatten(student_logits), _flatten(teacher_logits)
-        scale = grad_output.reshape(-1).to(dtype)
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        work = _Workspace(ctx.rows, student.shape[1], dtype, student.device, with_mask=True)
-        for block in _blocks(student.shape[0], ctx.rows):
-            shifted_s, diff, _, mask = work.views(block)
-            _shifted(student[block], m_s[block], shifted_s)
-            _shifted(teacher[block], m_t[block], diff)
-            torch.sub(shifted_s, diff, out=diff).sub_(c[block].unsqueeze(-1))  # log p_s - log p_t - KL
-            probs_s = shifted_s.sub_(log_z_s[block].unsqueeze(-1)).exp_()
-            diff.masked_fill_(torch.eq(probs_s, 0, out=mask), 0.0)
-            grad[block].copy_(probs_s.mul_(diff).mul_(scale[block].unsqueeze(-1)))
-        return grad.view(student_logits.shape), None, None, None
-
-
-class _VocabParallelForwardKL(torch.autograd.Function):
-    """KL(p_t || p_s) per token; gradient p_s - p_t into the student, recomputed in backward."""
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL, reverse (p_s || p_t) or forward (p_t || p_s); backward recomputes the softmax
+    from the saved per-token statistics."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -246,36 +311,33 @@ class _VocabParallelForwardKL(torch.autograd.Function):
         teacher_logits: Tensor,
         group: ProcessGroup | None,
         chunk_bytes: int | None,
+        reverse: bool,
+        backend: Literal["torch", "triton"],
     ) -> Tensor:
         dtype = _compute_dtype(student_logits, teacher_logits)
         student, teacher = _flatten(student_logits), _flatten(teacher_logits)
-        rows = _chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
-        kl, m_t, m_s, log_z_t, log_z_s, _ = _kl_statistics(teacher, student, dtype, group, rows)
-        ctx.save_for_backward(student_logits, teacher_logits, m_s, m_t, log_z_s, log_z_t)
-        ctx.compute_dtype, ctx.rows = dtype, rows
-        return kl.reshape(student_logits.shape[:-1])
+        rows = chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
+        x, y = (student, teacher) if reverse else (teacher, student)
+        stats = kl_statistics(x, y, group, backend, rows)
+        ctx.save_for_backward(student_logits, teacher_logits, *stats[1:])
+        ctx.rows, ctx.reverse, ctx.backend = rows, reverse, backend
+        return stats.kl.reshape(student_logits.shape[:-1])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
-        student_logits, teacher_logits, m_s, m_t, log_z_s, log_z_t = ctx.saved_tensors
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+        student_logits, teacher_logits, *saved = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        dtype = ctx.compute_dtype
+            return None, None, None, None, None, None
+        stats = KLStatistics(None, *saved)
         student, teacher = _flatten(student_logits), _flatten(teacher_logits)
-        scale = grad_output.reshape(-1).to(dtype)
+        scale = grad_output.reshape(-1).to(stats.c.dtype)
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        work = _Workspace(ctx.rows, student.shape[1], dtype, student.device, with_mask=False, buffers=2)
-        for block in _blocks(student.shape[0], ctx.rows):
-            probs_s, probs_t, _, _ = work.views(block)
-            # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
-            # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
-            _shifted(student[block], m_s[block], probs_s)
-            probs_s.sub_(log_z_s[block].unsqueeze(-1)).exp_()
-            _shifted(teacher[block], m_t[block], probs_t)
-            probs_t.sub_(log_z_t[block].unsqueeze(-1)).exp_()
-            grad[block].copy_(probs_s.sub_(probs_t).mul_(scale[block].unsqueeze(-1)))
-        return grad.view(student_logits.shape), None, None, None
+        if ctx.reverse:
+            reverse_kl_grad_into(grad, student, teacher, stats, scale, ctx.backend, ctx.rows)
+        else:
+            _forward_kl_grad_into(grad, student, teacher, stats, scale, ctx.rows)
+        return grad.view(student_logits.shape), None, None, None, None, None
 
 
 def vocab_parallel_reverse_kl(
@@ -284,6 +346,7 @@ def vocab_parallel_reverse_kl(
     tp_group: ProcessGroup | None = None,
     *,
     chunk_bytes: int | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Exact per-token reverse KL(p_student || p_teacher) over the full, TP-sharded vocabulary.
 
@@ -293,14 +356,16 @@ def vocab_parallel_reverse_kl(
         teacher_logits: same shape and columns; never receives a gradient.
         tp_group: the tensor-parallel group the vocabulary is split over; ``None`` or a group of
             one rank means the inputs hold the full vocabulary.
-        chunk_bytes: byte budget of one block of tokens' fp32 temporaries (default: 0.2x of a
-            bf16 copy of the logits, at least 16 MiB). Results do not depend on it.
+        chunk_bytes: torch backend: byte budget of one block of tokens' fp32 temporaries (default:
+            0.2x of a bf16 copy of the logits, at least 16 MiB). Results do not depend on it.
+        backend: ``auto`` (Triton on CUDA, torch otherwise), ``torch`` or ``triton``.
 
     Returns:
         ``student_logits.shape[:-1]``, float32 (float64 for float64 inputs), identical on all ranks.
     """
     _check_inputs(student_logits, teacher_logits)
-    return _VocabParallelReverseKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes)
+    resolved = resolve_backend(backend, student_logits, teacher_logits)
+    return _VocabParallelKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes, True, resolved)
 
 
 def vocab_parallel_forward_kl(
@@ -313,7 +378,7 @@ def vocab_parallel_forward_kl(
     """Exact per-token forward KL(p_teacher || p_student); same conventions as the reverse KL.
 
     The student's gradient is ``(p_s - p_t) * grad_out``; the teacher never receives one. Kept for
-    the forward-KL ablation (the paper reports that it collapses).
+    the forward-KL ablation (the paper reports that it collapses); torch backend only.
     """
     _check_inputs(student_logits, teacher_logits)
-    return _VocabParallelForwardKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes)
+    return _VocabParallelKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes, False, "torch")

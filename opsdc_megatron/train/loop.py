@@ -65,7 +65,7 @@ def train(config: RunConfig) -> None:
     ddp, optimizer = wrap_for_training(student, config.train)
     teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype), config.distill.teacher_refresh_every)
     teacher.copy_from(student)
-    forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size)
+    forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size, config.distill.fused_output_layer)
     engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
     block = config.rollout.generation_batch_prompts
 

@@ -11,14 +11,16 @@ The module also provides the float64 reference used by the single-process tests.
 from __future__ import annotations
 
 import os
+import sys
 import zlib
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from opsdc_megatron.loss import vocab_parallel_forward_kl, vocab_parallel_reverse_kl
+from opsdc_megatron.loss import fused_output_reverse_kl, vocab_parallel_forward_kl, vocab_parallel_reverse_kl
 
 DONE_MARKER = "KL_WORKER_ALL_CHECKS_PASSED"
 FP32_RTOL = 1e-5
@@ -233,6 +235,42 @@ class Checker:
                 assert value_err <= FP32_RTOL and grad_err <= FP32_RTOL, (direction, rows, value_err, grad_err)
                 self.report(f"{direction}_blocks_of_{rows}_two_allreduces", value_rel=value_err, grad_rel=grad_err)
 
+    def fused_output_layer(self) -> None:
+        """The output layer fused into the reverse KL, output weight split over the ranks by rows
+        (last 3 of 40 rows are vocabulary padding): the float64 reference's values, the summed
+        hidden-state gradient and each rank's weight-gradient shard, chunks of 4 tokens."""
+        generator = torch.Generator().manual_seed(51)
+        tokens, hidden, vocab, real = 23, 12, 40, 37
+        student_hidden, teacher_hidden = torch.randn(2, tokens, hidden, generator=generator)
+        student_weight = torch.randn(vocab, hidden, generator=generator)
+        teacher_weight = student_weight + 0.3 * torch.randn(vocab, hidden, generator=generator)
+        weight = torch.rand(tokens, generator=generator)
+        shard = vocab // self.world
+        rows = slice(self.rank * shard, (self.rank + 1) * shard)
+        padding = slice(min(max(real - rows.start, 0), shard), shard)
+        local_hidden = student_hidden.clone().requires_grad_(True)
+        local_weight = student_weight[rows].clone().requires_grad_(True)
+        kl = fused_output_reverse_kl(
+            local_hidden, local_weight, teacher_hidden, teacher_weight[rows], self.group,
+            vocab_padding=padding, chunk_bytes=4 * shard * 19,
+        )
+        (kl * weight).sum().backward()
+        grad_hidden = local_hidden.grad.clone()
+        dist.all_reduce(grad_hidden, group=self.group)  # what copy_to_tensor_model_parallel_region does
+        ref_kl, ref_grad_logits = reference_kl(
+            student_hidden.double() @ student_weight[:real].double().t(),
+            teacher_hidden.double() @ teacher_weight[:real].double().t(), "reverse", weight,
+        )
+        ref_grad_weight = torch.zeros(vocab, hidden, dtype=torch.float64)
+        ref_grad_weight[:real] = ref_grad_logits.t() @ student_hidden.double()
+        errors = {
+            "value_rel": rel_err(kl.detach(), ref_kl),
+            "hidden_grad_rel": rel_err(grad_hidden, ref_grad_logits @ student_weight[:real].double()),
+            "weight_grad_rel": rel_err(local_weight.grad, ref_grad_weight[rows]),
+        }
+        assert all(e <= FP32_RTOL for e in errors.values()), errors
+        self.report("fused_output_layer", **errors)
+
     def group_of_one(self) -> None:
         """A size-1 process group holds the full vocabulary: the same as tp_group=None."""
         single, _ = dist.new_subgroups(group_size=1)
@@ -247,6 +285,17 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1234)  # identical full logits on every rank
     check = Checker(rank, world)
+    if sys.argv[1:] == ["triton"]:
+        triton_checks(check)
+    else:
+        torch_checks(check)
+    dist.barrier()
+    if rank == 0:
+        print(DONE_MARKER, f"world={world} pid={os.getpid()}", flush=True)
+    dist.destroy_process_group()
+
+
+def torch_checks(check: Checker) -> None:
     check.against_reference("reverse_fp32_BTV", "reverse", (2, 3, 101))
     check.against_reference("reverse_fp32_TV", "reverse", (17, 257))
     check.against_reference("reverse_fp32_wide", "reverse", (2, 4099), scale=8.0)
@@ -263,10 +312,26 @@ def main() -> None:
     check.identical_inputs()
     check.group_of_one()
     check.token_blocks()
-    dist.barrier()
-    if rank == 0:
-        print(DONE_MARKER, f"world={world} pid={os.getpid()}", flush=True)
-    dist.destroy_process_group()
+    check.fused_output_layer()
+
+
+def triton_checks(check: Checker) -> None:
+    """The reverse KL's Triton backend (interpreted on CPU) through the same sharded checks."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+    DIRECTIONS.clear()
+    DIRECTIONS["reverse"] = partial(vocab_parallel_reverse_kl, backend="triton")
+    check.against_reference("reverse_fp32_TV", "reverse", (17, 257))
+    check.against_reference("reverse_fp32_wide", "reverse", (2, 9001), scale=8.0)  # tiles of 4096
+    # The interpreter casts fp32 to bf16 by truncation (<= 2**-7 relative), compiled kernels by RTNE.
+    bf16_grad_rtol = 2.0**-7 if os.environ.get("TRITON_INTERPRET") == "1" else BF16_GRAD_RTOL
+    check.against_reference("reverse_bf16_BTV", "reverse", (2, 5, 129), torch.bfloat16, grad_rtol=bf16_grad_rtol)
+    check.padding("reverse", real_vocab=9, padded_vocab=16)
+    check.padding("reverse", real_vocab=5, padded_vocab=12)  # rank 1's shard is all padding
+    check.large_logits("reverse")
+    check.teacher_gets_no_grad()
+    check.identical_inputs()
+    check.token_blocks()
 
 
 if __name__ == "__main__":

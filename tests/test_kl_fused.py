@@ -1,0 +1,92 @@
+"""The output layer fused into the reverse KL (loss/fused_output.py) against the unfused path:
+logits materialized by a matmul, then ``vocab_parallel_reverse_kl``. TP=2 runs in
+tests/workers/kl_worker.py (tests/test_kl.py::test_tensor_parallel_2_matches_reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opsdc_megatron.loss import fused_output_reverse_kl, vocab_parallel_reverse_kl
+from tests.workers.kl_worker import FP32_RTOL, reference_kl, rel_err
+
+pytestmark = pytest.mark.kl
+
+N_TOKENS, HIDDEN, VOCAB = 37, 16, 53
+PADDING = slice(48, 53)  # the last 5 columns are vocabulary padding
+
+
+def _case(seed: int, dtype: torch.dtype = torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(N_TOKENS, HIDDEN, generator=generator)
+    teacher_hidden = torch.randn(N_TOKENS, HIDDEN, generator=generator)
+    student_weight = torch.randn(VOCAB, HIDDEN, generator=generator)
+    teacher_weight = student_weight + 0.3 * torch.randn(VOCAB, HIDDEN, generator=generator)
+    weight = torch.rand(N_TOKENS, generator=generator)
+    weight[5] = 0.0  # a masked token
+    return [t.to(dtype) for t in (student_hidden, student_weight, teacher_hidden, teacher_weight)], weight
+
+
+def _unfused(student_hidden, student_weight, teacher_hidden, teacher_weight, weight):
+    hidden, out_weight = student_hidden.clone().requires_grad_(True), student_weight.clone().requires_grad_(True)
+    student, teacher = hidden @ out_weight.t(), teacher_hidden @ teacher_weight.t()
+    student = student.index_fill(1, torch.arange(PADDING.start, PADDING.stop), float("-inf"))
+    teacher = teacher.index_fill(1, torch.arange(PADDING.start, PADDING.stop), float("-inf"))
+    kl = vocab_parallel_reverse_kl(student, teacher)
+    (kl * weight).sum().backward()
+    return kl.detach(), hidden.grad, out_weight.grad
+
+
+def _fused(student_hidden, student_weight, teacher_hidden, teacher_weight, weight, **kwargs):
+    hidden, out_weight = student_hidden.clone().requires_grad_(True), student_weight.clone().requires_grad_(True)
+    teacher_hidden, teacher_weight = teacher_hidden.clone().requires_grad_(True), teacher_weight.clone().requires_grad_(True)
+    kl = fused_output_reverse_kl(hidden, out_weight, teacher_hidden, teacher_weight, vocab_padding=PADDING, **kwargs)
+    (kl * weight).sum().backward()
+    assert teacher_hidden.grad is None and teacher_weight.grad is None
+    return kl.detach(), hidden.grad, out_weight.grad
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 5, N_TOKENS])
+def test_fused_matches_unfused_fp32(chunk_tokens: int | None) -> None:
+    """Chunks of 1, 5 (partial last chunk) and all tokens: values and both gradients within 1e-5."""
+    tensors, weight = _case(0)
+    chunk_bytes = None if chunk_tokens is None else chunk_tokens * VOCAB * 19
+    want = _unfused(*tensors, weight)
+    got = _fused(*tensors, weight, chunk_bytes=chunk_bytes)
+    for name, g, w in zip(("kl", "hidden grad", "weight grad"), got, want):
+        assert rel_err(g, w.double()) <= FP32_RTOL, name
+    assert (got[1][5] == 0).all(), "a masked token's hidden state gets no gradient"
+
+
+def test_fused_matches_float64_reference() -> None:
+    """Through the logits' float64 reverse KL: the fused value and hidden-state gradient."""
+    tensors, weight = _case(1)
+    student_hidden, student_weight, teacher_hidden, teacher_weight = tensors
+    real = slice(0, PADDING.start)
+    logits = student_hidden.double() @ student_weight.double().t()
+    ref_kl, ref_grad_logits = reference_kl(logits[:, real], (teacher_hidden.double() @ teacher_weight.double().t())[:, real], "reverse", weight)
+    ref_grad_hidden = ref_grad_logits @ student_weight.double()[real]
+    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=7 * VOCAB * 19)
+    assert rel_err(kl, ref_kl) <= FP32_RTOL and rel_err(grad_hidden, ref_grad_hidden) <= FP32_RTOL
+    assert rel_err(grad_weight[real], ref_grad_logits.t() @ student_hidden.double()) <= FP32_RTOL
+    assert (grad_weight[PADDING] == 0).all()
+
+
+def test_bf16_runs_in_bf16_matmuls_with_fp32_statistics() -> None:
+    tensors, weight = _case(2, torch.bfloat16)
+    kl, grad_hidden, grad_weight = _fused(*tensors, weight)
+    want_kl, want_hidden, want_weight = _unfused(*tensors, weight)
+    assert kl.dtype == torch.float32 and grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.bfloat16
+    assert torch.equal(kl, want_kl)  # same bf16 logits, same statistics
+    assert rel_err(grad_hidden, want_hidden.double()) <= 2.0**-7 and rel_err(grad_weight, want_weight.double()) <= 2.0**-7
+
+
+def test_no_grad_call_and_bad_shapes() -> None:
+    (student_hidden, student_weight, teacher_hidden, teacher_weight), _ = _case(3)
+    with torch.no_grad():
+        kl = fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    assert not kl.requires_grad and kl.shape == (N_TOKENS,)
+    with pytest.raises(ValueError, match="hidden states must be"):
+        fused_output_reverse_kl(student_hidden[:3], student_weight, teacher_hidden, teacher_weight)
+    with pytest.raises(ValueError, match="output weights must be"):
+        fused_output_reverse_kl(student_hidden, student_weight[:, :4], teacher_hidden, teacher_weight)
