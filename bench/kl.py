@@ -6,7 +6,20 @@ logits ``[T, V]``:
 * ``naive``: fp32 ``log_softmax`` of both, ``sum(p_s * (log p_s - log p_t))``, plain autograd;
 * ``chunked256``: the same formula over 256-token chunks, concatenated, one autograd backward
   (the chunks' graphs stay alive until backward, as in a straightforward chunked loss);
-* ``ours``: ``opsdc_megatron.loss.vocab_parallel_reverse_kl`` (TP=1).
+* ``compiled`` (CUDA only): ``naive`` under ``torch.compile``, the strongest thing a user gets
+  without a custom kernel;
+* ``ours_torch`` (CUDA only): ``opsdc_megatron.loss.vocab_parallel_reverse_kl(backend="torch")``;
+* ``ours``: ``vocab_parallel_reverse_kl`` with its default backend (Triton on CUDA, torch on CPU).
+
+A second table puts the output layer in front (hidden ``[T, H]``, output weights ``[V, H]`` of
+student and teacher, bf16): ``matmuls`` (the output layer alone: student forward and backward,
+teacher forward: its matmul-bound time), ``unfused`` (those logits, then ``ours``) and ``fused``
+(``opsdc_megatron.loss.fused_output_reverse_kl``). Its extra memory counts everything beyond the
+hidden states and weights, including their gradients; "w/o grads" subtracts those gradients,
+which any output layer must produce.
+
+On CUDA the run also measures the device's copy bandwidth (bytes read + written per second) and
+prints each KL time against the 3-pass floor: read both logits once, write the gradient once.
 
 Each case is ``loss = kl.sum(); loss.backward()`` on a student leaf (gradient kept in ``.grad``).
 It prints the time (best of the timed repetitions after one untimed run: the machines are shared) and the peak *extra*
@@ -32,7 +45,7 @@ How memory is measured:
   (the fixed threshold makes every block's temporaries fresh page-faulted mmaps, which is not how
   the code runs normally). V defaults to 32768 on CPU.
 
-Usage: ``python bench/kl.py [--device cpu|cuda] [--vocab V] [--tokens 1024 4096 8192] [--reps N]``.
+Usage: ``python bench/kl.py [--device cpu|cuda] [--vocab V] [--hidden H] [--tokens 1024 4096 8192] [--reps N]``.
 ``python bench/kl.py --case IMPL T V`` runs one CPU case and prints one JSON line (used by the
 driver and by tests/test_kl.py).
 """
@@ -55,10 +68,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from opsdc_megatron.loss import vocab_parallel_forward_kl, vocab_parallel_reverse_kl  # noqa: E402
+from opsdc_megatron.loss import fused_output_reverse_kl, vocab_parallel_forward_kl, vocab_parallel_reverse_kl  # noqa: E402
 
 PAPER_CHUNK = 256
-IMPLS = ("naive", "chunked256", "ours")
+CPU_IMPLS = ("naive", "chunked256", "ours")
+CUDA_IMPLS = ("naive", "chunked256", "compiled", "ours_torch", "ours")
+OUTPUT_IMPLS = ("matmuls", "unfused", "fused")
 
 
 def naive_reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -80,6 +95,7 @@ FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "naive": naive_reverse_kl,
     "chunked256": chunked_reverse_kl,
     "ours": vocab_parallel_reverse_kl,
+    "ours_torch": lambda student, teacher: vocab_parallel_reverse_kl(student, teacher, backend="torch"),
     "ours_forward_kl": vocab_parallel_forward_kl,  # the ablation's loss, for tests
 }
 
@@ -145,35 +161,85 @@ def run_cpu_case(impl: str, tokens: int, vocab: int, reps: int = 0) -> dict[str,
     return result
 
 
-def measure_cuda_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
-    fn = FUNCTIONS[impl]
-    student, teacher = _inputs(tokens, vocab, "cuda")
-    _step(fn, student, teacher)  # warm-up (also allocates .grad once; freed below)
-    student.grad = None
+def _cuda_time_and_peak(step: Callable[[], None], reps: int) -> tuple[float, int]:
+    """Peak bytes allocated by one ``step`` beyond what was live before it, and its best time."""
+    step()  # warm-up (compilation, autotuning, allocator)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    _step(fn, student, teacher)
+    step()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        _step(fn, student, teacher)
+        step()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    return min(times), extra
+
+
+def measure_cuda_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
+    fn = FUNCTIONS[impl] if impl != "compiled" else torch.compile(naive_reverse_kl, dynamic=False)
+    student, teacher = _inputs(tokens, vocab, "cuda")
+
+    def step() -> None:
+        _step(fn, student, teacher)
+        student.grad = None  # the gradient is counted at its peak, then freed for the next rep
+
+    time_s, extra = _cuda_time_and_peak(step, reps)
     del student, teacher
     torch.cuda.empty_cache()
-    return {"extra_bytes": extra, "logits_bytes": tokens * vocab * 2, "time_s": min(times)}
+    return {"extra_bytes": extra, "logits_bytes": tokens * vocab * 2, "time_s": time_s}
+
+
+def measure_cuda_output_case(impl: str, tokens: int, vocab: int, hidden: int, reps: int) -> dict[str, float]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    student_hidden = torch.randn(tokens, hidden, generator=generator, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    teacher_hidden = torch.randn(tokens, hidden, generator=generator, device="cuda", dtype=torch.bfloat16)
+    student_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device="cuda", dtype=torch.bfloat16)).requires_grad_(True)
+    teacher_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device="cuda", dtype=torch.bfloat16))
+    upstream = torch.randn(tokens, vocab, generator=generator, device="cuda", dtype=torch.bfloat16) if impl == "matmuls" else None
+
+    def step() -> None:
+        if impl == "matmuls":
+            (student_hidden @ student_weight.t()).backward(upstream)
+            with torch.no_grad():
+                teacher_hidden @ teacher_weight.t()
+        elif impl == "unfused":
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ teacher_weight.t()
+            vocab_parallel_reverse_kl(student_hidden @ student_weight.t(), teacher_logits).sum().backward()
+        else:
+            fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight).sum().backward()
+        student_hidden.grad = student_weight.grad = None
+
+    time_s, extra = _cuda_time_and_peak(step, reps)
+    del upstream
+    torch.cuda.empty_cache()
+    grad_bytes = (tokens + vocab) * hidden * 2
+    return {"extra_bytes": extra, "grad_bytes": grad_bytes, "logits_bytes": tokens * vocab * 2, "time_s": time_s,
+            "matmul_flop": 2 * tokens * vocab * hidden * (4 if impl == "matmuls" else 6 if impl == "fused" else 4)}
+
+
+def cuda_copy_bandwidth(bytes_: int = 4 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (best of 10)."""
+    source = torch.empty(bytes_ // 2, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    time_s, _ = _cuda_time_and_peak(lambda: target.copy_(source), 10)
+    del source, target
+    torch.cuda.empty_cache()
+    return bytes_ / time_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size of the output-layer table (CUDA)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "T", "V"), help="internal: one CPU case, JSON out")
@@ -182,26 +248,43 @@ def main() -> None:
         impl, tokens, vocab = args.case[0], int(args.case[1]), int(args.case[2])
         print(json.dumps(measure_cpu_case(impl, tokens, vocab, args.reps)))
         return
-    vocab = args.vocab or (151936 if args.device == "cuda" else 32768)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cuda = args.device == "cuda"
+    vocab = args.vocab or (151936 if cuda else 32768)
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"reverse KL fwd+bwd, bf16 logits [T, {vocab}], {device_name}, torch {torch.__version__}")
+    bandwidth = cuda_copy_bandwidth() if cuda else None
+    if bandwidth:
+        print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); floor = 3 logits passes at that rate")
     print("extra memory counts everything beyond the two inputs, including the bf16 gradient (1.00x logits)")
-    header = "| T | impl | time | extra memory | x bf16 logits | time / naive | memory / naive |"
-    print(header)
-    print("|" + "---|" * 7)
+    print("| T | impl | time | extra memory | x bf16 logits | time / naive | memory / naive |" + (" time / floor |" if cuda else ""))
+    print("|" + "---|" * (8 if cuda else 7))
     for tokens in args.tokens:
         results = {}
-        for impl in IMPLS:
-            if args.device == "cuda":
-                results[impl] = measure_cuda_case(impl, tokens, vocab, args.reps)
-            else:
-                results[impl] = run_cpu_case(impl, tokens, vocab, args.reps)
+        for impl in CUDA_IMPLS if cuda else CPU_IMPLS:
+            results[impl] = measure_cuda_case(impl, tokens, vocab, args.reps) if cuda else run_cpu_case(impl, tokens, vocab, args.reps)
         base = results["naive"]
         for impl, r in results.items():
+            floor = f" {r['time_s'] / (3 * r['logits_bytes'] / bandwidth):.2f} |" if bandwidth else ""
             print(
-                f"| {tokens} | {impl} | {r['time_s'] * 1e3:.1f} ms | {r['extra_bytes'] / 2**20:.0f} MiB | "
+                f"| {tokens} | {impl} | {r['time_s'] * 1e3:.2f} ms | {r['extra_bytes'] / 2**20:.0f} MiB | "
                 f"{r['extra_bytes'] / r['logits_bytes']:.2f} | {r['time_s'] / base['time_s']:.2f} | "
-                f"{r['extra_bytes'] / base['extra_bytes']:.3f} |",
+                f"{r['extra_bytes'] / base['extra_bytes']:.3f} |{floor}",
+                flush=True,
+            )
+    if not cuda:
+        return
+    print(f"\noutput layer + reverse KL fwd+bwd, hidden {args.hidden}, bf16; extra memory includes the hidden and weight gradients")
+    print("| T | impl | time | TFLOP/s (matmuls) | extra memory | x bf16 logits | w/o grads x logits | time / matmuls |")
+    print("|" + "---|" * 8)
+    for tokens in args.tokens:
+        results = {impl: measure_cuda_output_case(impl, tokens, vocab, args.hidden, args.reps) for impl in OUTPUT_IMPLS}
+        for impl, r in results.items():
+            memory = "n/a (holds a [T, V] upstream gradient) | | " if impl == "matmuls" else (
+                f"{r['extra_bytes'] / 2**20:.0f} MiB | {r['extra_bytes'] / r['logits_bytes']:.2f} | "
+                f"{(r['extra_bytes'] - r['grad_bytes']) / r['logits_bytes']:.3f} | ")
+            print(
+                f"| {tokens} | {impl} | {r['time_s'] * 1e3:.2f} ms | {r['matmul_flop'] / r['time_s'] / 1e12:.0f} | "
+                f"{memory}{r['time_s'] / results['matmuls']['time_s']:.2f} |",
                 flush=True,
             )
 

@@ -46,11 +46,12 @@ def _fused(student_hidden, student_weight, teacher_hidden, teacher_weight, weigh
     return kl.detach(), hidden.grad, out_weight.grad
 
 
-@pytest.mark.parametrize("chunk_tokens", [None, 1, 5, N_TOKENS])
-def test_fused_matches_unfused_fp32(chunk_tokens: int | None) -> None:
-    """Chunks of 1, 5 (partial last chunk) and all tokens: values and both gradients within 1e-5."""
+@pytest.mark.parametrize("chunk_columns", [None, 1, 10, VOCAB])
+def test_fused_matches_unfused_fp32(chunk_columns: int | None) -> None:
+    """Vocabulary chunks of 1, 10 (the padding straddles two chunks; the last one partial) and all
+    columns: values and both gradients within 1e-5."""
     tensors, weight = _case(0)
-    chunk_bytes = None if chunk_tokens is None else chunk_tokens * VOCAB * 19
+    chunk_bytes = None if chunk_columns is None else chunk_columns * N_TOKENS * 19
     want = _unfused(*tensors, weight)
     got = _fused(*tensors, weight, chunk_bytes=chunk_bytes)
     for name, g, w in zip(("kl", "hidden grad", "weight grad"), got, want):
@@ -66,7 +67,7 @@ def test_fused_matches_float64_reference() -> None:
     logits = student_hidden.double() @ student_weight.double().t()
     ref_kl, ref_grad_logits = reference_kl(logits[:, real], (teacher_hidden.double() @ teacher_weight.double().t())[:, real], "reverse", weight)
     ref_grad_hidden = ref_grad_logits @ student_weight.double()[real]
-    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=7 * VOCAB * 19)
+    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=7 * N_TOKENS * 19)
     assert rel_err(kl, ref_kl) <= FP32_RTOL and rel_err(grad_hidden, ref_grad_hidden) <= FP32_RTOL
     assert rel_err(grad_weight[real], ref_grad_logits.t() @ student_hidden.double()) <= FP32_RTOL
     assert (grad_weight[PADDING] == 0).all()

@@ -2,14 +2,19 @@
 ever holding the ``[T, V/TP]`` logits.
 
 At Qwen3's 151,936-token vocabulary the logits of one micro-batch (student and teacher, plus the
-gradient) outweigh the rest of the step's activations. Here the tokens run in chunks: each chunk's
-student and teacher logits are computed by a matmul with this rank's vocabulary shard of the
-output weight, reduced to the per-token statistics of ``reverse_kl.py`` (the same two collectives
-per chunk, the same Triton or torch backend) and freed. Backward recomputes each chunk's logits
-(two matmuls), turns them into the logits' gradient and immediately into the gradients of the
-student's hidden states and output weight (two matmuls); so the extra memory is one chunk's logits,
-never the full tensor, for 1.5x the matmuls of an unfused output layer (which runs three for the
-student and one for the teacher).
+gradient) outweigh the rest of the step's activations. Here this rank's vocabulary shard runs in
+chunks of columns: each chunk's student and teacher logits ``[T, columns]`` are one matmul each
+with a row block of the output weight, reduced to the local statistics of ``reverse_kl.py`` and
+freed; the chunks' statistics are merged like tensor-parallel shards (the same rescaling), then
+over the TP group by the usual two collectives. Chunking the vocabulary, not the tokens, keeps
+every matmul as tall as the micro-batch (a token chunk would re-read the whole output weight per
+chunk) and lets each chunk's weight gradient be written once into its own rows.
+
+Backward recomputes each chunk's logits (two matmuls), turns them into the logits' gradient and at
+once into the gradients of the hidden states (accumulated in fp32 over chunks) and of the weight
+rows (two matmuls). Extra memory: one chunk's logits and the fp32 ``[T, H]`` accumulator, never the
+full logits, for 1.5x the matmuls of an unfused output layer (which runs three for the student
+and one for the teacher).
 
 The hidden-state gradient is this rank's partial sum over its vocabulary shard; the caller
 all-reduces it over the tensor-parallel group, as megatron's ColumnParallelLinear does (pass the
@@ -25,29 +30,52 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from opsdc_megatron.loss.reverse_kl import Backend, KLStatistics, kl_statistics, resolve_backend, reverse_kl_grad_into
+from opsdc_megatron.loss.reverse_kl import (
+    Backend,
+    KLStatistics,
+    combine_local_statistics,
+    local_statistics,
+    merge_statistics,
+    resolve_backend,
+    reverse_kl_grad_into,
+)
 
 __all__ = ["fused_output_reverse_kl"]
 
 _CHUNK_FRACTION = 1 / 8
-"""Default byte budget of one chunk: this fraction of one bf16 copy of the full logits."""
-_MIN_CHUNK_BYTES = 16 << 20
+"""Default budget of the fused path's extra memory: this fraction of one bf16 copy of this rank's
+logits, shared by the fp32 hidden-state gradient accumulator and one chunk."""
+_COLUMN_ALIGNMENT = 256
+"""Chunks are whole multiples of 256 columns: a logits chunk whose row length is not a multiple of
+8 elements drops cuBLAS off its tensor-core paths (measured 4x slower on an H200)."""
 # Bytes per logit element alive within a chunk: student, teacher and gradient chunks in a 2-byte
 # dtype, plus the torch backend's fp32 block temporaries (13 bytes, see reverse_kl.py).
 _BYTES_PER_ELEMENT = {"triton": 6, "torch": 19}
 
 
-def _chunk_tokens(n_tokens: int, vocab_shard: int, backend: str, chunk_bytes: int | None) -> int:
+def _chunk_columns(n_tokens: int, hidden: int, vocab_shard: int, backend: str, chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
-        chunk_bytes = max(_MIN_CHUNK_BYTES, int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard))
-    return max(1, min(n_tokens, chunk_bytes // (max(1, vocab_shard) * _BYTES_PER_ELEMENT[backend])))
+        accumulator_bytes = n_tokens * hidden * 6  # fp32 [T, H] sum and one bf16 [T, H] product
+        chunk_bytes = int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard) - accumulator_bytes
+        columns = chunk_bytes // (max(1, n_tokens) * _BYTES_PER_ELEMENT[backend])
+        columns = max(_COLUMN_ALIGNMENT, columns // _COLUMN_ALIGNMENT * _COLUMN_ALIGNMENT)
+    else:
+        columns = chunk_bytes // (max(1, n_tokens) * _BYTES_PER_ELEMENT[backend])
+    return max(1, min(vocab_shard, columns))
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, padding: slice | None) -> Tensor:
-    logits = hidden @ weight.t()
+def _chunk_logits(hidden: Tensor, weight: Tensor, columns: slice, padding: slice | None) -> Tensor:
+    """``hidden @ weight[columns].T`` with the vocabulary-padding columns among them set to -inf."""
+    logits = hidden @ weight[columns].t()
     if padding is not None:
-        logits[:, padding] = float("-inf")
+        first, last = max(padding.start, columns.start), min(padding.stop, columns.stop)
+        if first < last:
+            logits[:, first - columns.start : last - columns.start] = float("-inf")
     return logits
+
+
+def _column_chunks(vocab_shard: int, columns: int) -> list[slice]:
+    return [slice(start, min(start + columns, vocab_shard)) for start in range(0, vocab_shard, columns)]
 
 
 class _FusedOutputReverseKL(torch.autograd.Function):
@@ -60,20 +88,20 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         teacher_weight: Tensor,
         group: ProcessGroup | None,
         padding: slice | None,
-        rows: int,
+        columns: int,
         backend: Literal["torch", "triton"],
     ) -> Tensor:
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, student_hidden.shape[0], rows):
-                block = slice(start, start + rows)
-                student = _chunk_logits(student_hidden[block], student_weight, padding)
-                teacher = _chunk_logits(teacher_hidden[block], teacher_weight, padding)
-                chunks.append(kl_statistics(student, teacher, group, backend, rows))
-                del student, teacher
-        stats = KLStatistics(*(torch.cat(parts) for parts in zip(*chunks)))
+        local = None
+        n_tokens = student_hidden.shape[0]
+        for chunk in _column_chunks(student_weight.shape[0], columns):
+            student = _chunk_logits(student_hidden, student_weight, chunk, padding)
+            teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, padding)
+            chunk_local = local_statistics(student, teacher, backend, n_tokens)
+            local = chunk_local if local is None else combine_local_statistics(local, chunk_local)
+            del student, teacher
+        stats = merge_statistics(local, group)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, *stats[1:])
-        ctx.padding, ctx.rows, ctx.backend = padding, rows, backend
+        ctx.padding, ctx.columns, ctx.backend = padding, columns, backend
         return stats.kl
 
     @staticmethod
@@ -82,23 +110,21 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         student_hidden, student_weight, teacher_hidden, teacher_weight, *saved = ctx.saved_tensors
         stats = KLStatistics(None, *saved)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
-        # Accumulated chunk by chunk in the weight's dtype (each chunk's matmul accumulates in fp32).
-        grad_weight = torch.zeros_like(student_weight) if want_weight else None
+        grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=student_hidden.device) if want_hidden else None
+        grad_weight = torch.empty_like(student_weight) if want_weight else None
         scale = grad_kl.to(stats.c.dtype)
-        rows = ctx.rows
-        for start in range(0, student_hidden.shape[0], rows):
-            block = slice(start, start + rows)
-            student = _chunk_logits(student_hidden[block], student_weight, ctx.padding)
-            teacher = _chunk_logits(teacher_hidden[block], teacher_weight, ctx.padding)
-            chunk_stats = KLStatistics(None, *(s[block] for s in stats[1:]))
+        for chunk in _column_chunks(student_weight.shape[0], ctx.columns):
+            student = _chunk_logits(student_hidden, student_weight, chunk, ctx.padding)
+            teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, ctx.padding)
             grad_logits = torch.empty_like(student)
-            reverse_kl_grad_into(grad_logits, student, teacher, chunk_stats, scale[block], ctx.backend, rows)
+            reverse_kl_grad_into(grad_logits, student, teacher, stats, scale, ctx.backend, student.shape[0])
             del student, teacher
             if want_hidden:
-                torch.mm(grad_logits, student_weight, out=grad_hidden[block])
+                grad_hidden += grad_logits @ student_weight[chunk]
             if want_weight:
-                grad_weight.addmm_(grad_logits.t(), student_hidden[block])
+                torch.mm(grad_logits.t(), student_hidden, out=grad_weight[chunk])
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(student_hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
@@ -124,8 +150,9 @@ def fused_output_reverse_kl(
         teacher_hidden, teacher_weight: the teacher's, same shapes; never receive gradients.
         tp_group: the group the vocabulary is split over (``None``: full vocabulary).
         vocab_padding: columns of this rank's shard that are vocabulary padding (set to ``-inf``).
-        chunk_bytes: byte budget of one chunk (default: 1/8 of a bf16 copy of the full logits,
-            at least 16 MiB). Results do not depend on it beyond rounding.
+        chunk_bytes: byte budget of one chunk of vocabulary columns (default: what is left of 1/8
+            of a bf16 copy of this rank's logits after the [N, H] gradient accumulator, in whole
+            multiples of 256 columns). Results do not depend on it beyond rounding.
         backend: as in ``vocab_parallel_reverse_kl``.
 
     Returns:
@@ -139,7 +166,7 @@ def fused_output_reverse_kl(
             f"{tuple(student_weight.shape)} and {tuple(teacher_weight.shape)}"
         )
     resolved = resolve_backend(backend, student_hidden, teacher_hidden)
-    rows = _chunk_tokens(student_hidden.shape[0], student_weight.shape[0], resolved, chunk_bytes)
+    columns = _chunk_columns(student_hidden.shape[0], student_hidden.shape[1], student_weight.shape[0], resolved, chunk_bytes)
     return _FusedOutputReverseKL.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, tp_group, vocab_padding, rows, resolved
+        student_hidden, student_weight, teacher_hidden, teacher_weight, tp_group, vocab_padding, columns, resolved
     )

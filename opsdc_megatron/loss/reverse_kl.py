@@ -221,20 +221,41 @@ class KLStatistics(NamedTuple):
     c: Tensor  # E_{p_x}[(x - shift_x) - (y - shift_y)]
 
 
+def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
+    """``(z_x, z_y, w)`` of ``local`` (shifted by its own maxima) re-expressed in the shift of
+    ``maxima`` (>= the local ones): ``alpha z_x``, ``e^{mu_y - m_y} z_y``, ``alpha (w + delta z_x)``."""
+    offset = _safe_shift(local[:2]) - _safe_shift(maxima)  # <= 0 wherever there is mass
+    z_x, z_y, w = local[2], local[3], local[4]
+    has_x = z_x > 0
+    return torch.stack([
+        torch.where(has_x, z_x * offset[0].exp(), 0.0),
+        torch.where(z_y > 0, z_y * offset[1].exp(), 0.0),
+        torch.where(has_x, offset[0].exp() * (w + (offset[0] - offset[1]) * z_x), 0.0),
+    ])
+
+
+def combine_local_statistics(first: Tensor, second: Tensor) -> Tensor:
+    """Local statistics of two disjoint column ranges merged into those of their union."""
+    maxima = torch.maximum(first[:2], second[:2])
+    return torch.cat([maxima, _rescaled_sums(first, maxima) + _rescaled_sums(second, maxima)])
+
+
+def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch", "triton"], rows: int) -> Tensor:
+    """``[5, N]`` rows ``(mu_x, mu_y, z_x, z_y, w)`` of 2-D ``[N, columns]`` logits, shifted by their
+    own maxima (``rows``: the torch backend's block of tokens)."""
+    if backend == "triton":
+        from opsdc_megatron.loss import triton_kernels
+
+        return triton_kernels.local_statistics(x_logits, y_logits)
+    return _local_statistics_torch(x_logits, y_logits, _compute_dtype(x_logits, y_logits), rows)
+
+
 def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
     """Shard statistics from ``local_statistics`` to global ones: one MAX and one SUM all-reduce."""
     maxima = local[:2].clone()
     if _is_parallel(group):
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    local_shift, shift = _safe_shift(local[:2]), _safe_shift(maxima)
-    z_x, z_y, w = local[2], local[3], local[4]
-    offset = local_shift - shift  # <= 0 wherever the shard has mass
-    has_x, has_y = z_x > 0, z_y > 0
-    sums = torch.stack([
-        torch.where(has_x, z_x * offset[0].exp(), 0.0),
-        torch.where(has_y, z_y * offset[1].exp(), 0.0),
-        torch.where(has_x, offset[0].exp() * (w + (offset[0] - offset[1]) * z_x), 0.0),
-    ])
+    sums = _rescaled_sums(local, maxima)
     if _is_parallel(group):
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     z_x, z_y, weighted = sums[0], sums[1], sums[2]
@@ -244,6 +265,7 @@ def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
     # the vocabulary sums). NaN and +inf pass through unchanged. Backward ignores the clamp.
     # The ratio rounds once, where log Z_y - log Z_x would round each log at the magnitude of log V.
     kl = (c + (z_y / z_x).log()).clamp_min_(0.0)
+    shift = _safe_shift(maxima)
     return KLStatistics(kl, shift[0], shift[1], z_x.log(), z_y.log(), c)
 
 
@@ -251,13 +273,7 @@ def kl_statistics(
     x_logits: Tensor, y_logits: Tensor, group: ProcessGroup | None, backend: Literal["torch", "triton"], rows: int
 ) -> KLStatistics:
     """Statistics of KL(p_x || p_y) for 2-D ``[N, V/TP]`` shards (``rows``: torch block size)."""
-    if backend == "triton":
-        from opsdc_megatron.loss.triton_kernels import local_statistics
-
-        local = local_statistics(x_logits, y_logits)
-    else:
-        local = _local_statistics_torch(x_logits, y_logits, _compute_dtype(x_logits, y_logits), rows)
-    return merge_statistics(local, group)
+    return merge_statistics(local_statistics(x_logits, y_logits, backend, rows), group)
 
 
 def reverse_kl_grad_into(

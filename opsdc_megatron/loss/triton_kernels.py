@@ -21,7 +21,13 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_V = 4096
-"""Vocabulary columns per tile: 16 KiB of fp32 per tensor per program, large enough to stream."""
+"""Vocabulary columns per tile (fewer for narrower inputs). Measured on an H200 at T = 8192,
+V = 151936 bf16 (tiles 1024-8192, 4-16 warps): 4096 columns with 4 warps for the statistics
+(1.52 ms, 1.3x the two-read floor) and 8 for the gradient (1.83 ms, at the three-pass floor)."""
+
+
+def _tile(vocab: int, block_columns: int | None) -> int:
+    return block_columns or min(BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
 
 
 @triton.jit
@@ -94,7 +100,7 @@ def _check_tensors(*tensors: Tensor) -> None:
             raise ValueError(f"Triton KL kernels need 2-D logits with contiguous columns, got strides {tensor.stride()}")
 
 
-def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int = BLOCK_V) -> Tensor:
+def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int | None = None) -> Tensor:
     """``[5, N]`` fp32 rows ``(m_x, m_y, z_x, z_y, w)`` of this shard, shifted by its own maxima
     (a maximum of ``-inf`` shifts by 0); merged over ranks by ``reverse_kl._merge_statistics``."""
     _check_tensors(x_logits, y_logits)
@@ -102,14 +108,14 @@ def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int = BL
     out = torch.empty(5, n_rows, dtype=torch.float32, device=x_logits.device)
     if n_rows:
         _local_statistics_kernel[(n_rows,)](
-            x_logits, y_logits, out, x_logits.stride(0), y_logits.stride(0), n_rows, vocab, BLOCK=block_columns, num_warps=8
+            x_logits, y_logits, out, x_logits.stride(0), y_logits.stride(0), n_rows, vocab, BLOCK=_tile(vocab, block_columns), num_warps=4
         )
     return out
 
 
 def reverse_kl_grad_into(
     grad: Tensor, student: Tensor, teacher: Tensor, m_s: Tensor, m_t: Tensor, log_z_s: Tensor, c: Tensor, scale: Tensor,
-    block_columns: int = BLOCK_V,
+    block_columns: int | None = None,
 ) -> None:
     """``grad := p_s * ((s - m_s) - (t - m_t) - c) * scale`` row by row, zero where ``p_s == 0``."""
     _check_tensors(grad, student, teacher)
@@ -118,5 +124,5 @@ def reverse_kl_grad_into(
         stats = [v.to(torch.float32).contiguous() for v in (m_s, m_t, log_z_s, c, scale)]
         _reverse_kl_grad_kernel[(n_rows,)](
             student, teacher, grad, *stats, student.stride(0), teacher.stride(0), grad.stride(0), vocab,
-            BLOCK=block_columns, num_warps=8,
+            BLOCK=_tile(vocab, block_columns), num_warps=8,
         )
