@@ -20,15 +20,15 @@ INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 
 def preflight(config: RunConfig) -> None:
     """Everything that can be checked without a process group: model config vs layout, prompts."""
+    hf_path = Path(config.model.hf_path)
+    if not (hf_path / "config.json").is_file():  # before the imports (~10 s), so a wrong path fails at once
+        raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
     from transformers import AutoConfig, AutoTokenizer
 
     from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
     from opsdc_megatron.prompts import load_prompts
     from opsdc_megatron.train.prompt_stream import PromptStream
 
-    hf_path = Path(config.model.hf_path)
-    if not (hf_path / "config.json").is_file():
-        raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
     transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
     PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
     if config.data.eval_prompts:

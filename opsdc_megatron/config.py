@@ -117,6 +117,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The job's shape on a SLURM cluster (slurm/*.sbatch, `python -m opsdc_megatron.launch`); the trainer ignores it."""
+
+    trainer_nodes: int = 1
+    """Nodes running the trainer: tensor x pipeline x data processes, gpus_per_node on each node."""
+    gpus_per_node: int = 8
+    """GPUs per node of the allocation; 0 for CPU jobs (the toy recipes)."""
+    rollout_nodes: int = 0
+    """Nodes running SGLang servers behind sglang_router (rollout.engine=sglang); 0 with the in-process hf engine."""
+    rollout_server_gpus: int = 1
+    """GPUs per SGLang server (its --tp-size); a rollout node runs gpus_per_node / rollout_server_gpus servers."""
+
+
+@dataclass
 class RunConfig:
     out_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,6 +141,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def world_size(self) -> int:
@@ -163,7 +178,14 @@ def _recipe_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, d
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then the recipe (after the recipes it extends), then `key=value` overrides."""
+    """Defaults, then the recipe (after the recipes it extends), then `key=value` overrides; validated."""
+    config = merge_config(path, overrides)
+    validate(config)
+    return config
+
+
+def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """`load_config` without `validate`: the schema is checked (unknown keys, types), what the trainer supports is not."""
     source = "defaults"
     try:
         merged = OmegaConf.structured(RunConfig)
@@ -181,7 +203,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         key = getattr(error, "full_key", None)
         message = str(error).splitlines()[0]
         raise ConfigError(f"{source}: {message}" + (f" (key: {key})" if key else "")) from None
-    validate(config)
     return config
 
 

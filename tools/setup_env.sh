@@ -8,5 +8,5 @@ VENV=.venv
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "torch==2.13.0" "megatron-core==0.16.1"
-"$VENV/bin/pip" install --quiet -e ".[test]"
+"$VENV/bin/pip" install --quiet -e ".[test,launch]"
 touch "$VENV/.installed"

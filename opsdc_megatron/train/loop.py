@@ -34,6 +34,7 @@ from opsdc_megatron.rollout.engine import SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opsdc_megatron.train.metrics import MetricsLog
+from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
 from opsdc_megatron.train.step import optimizer_step, wrap_for_training
 
@@ -97,6 +98,7 @@ def train(config: RunConfig) -> None:
 
     if config.eval.every_steps and state["step"] == 0:
         run_eval(0)
+    preemption = PreemptionWatch()
     for step in range(state["step"] + 1, config.train.steps + 1):
         started = time.perf_counter()
         batch = prompts.batch(step)  # 1. prompts
@@ -126,8 +128,11 @@ def train(config: RunConfig) -> None:
         })
         if config.eval.every_steps and step % config.eval.every_steps == 0:
             run_eval(step)
-        if step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
+        stopping = step < config.train.steps and preemption.requested()  # SIGUSR1/SIGTERM: checkpoint now, then exit
+        if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
             save_checkpoint(checkpoints, step, ddp, optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+        if stopping:
+            preemption.exit_after_checkpoint(step)
     if rank0:
         save_hf_folder(pushed, config.model.hf_path, out / "final_hf")
     log.close()

@@ -1,0 +1,123 @@
+"""`python -m opsdc_megatron.launch --recipe R --executor slurm|local [key=value ...]`: an OPSDC run through nemo-run.
+
+The recipe is checked first, on the submitting machine (`launch/plan.py`: parallel plan, the recipe's
+`slurm` section, model and prompt files), so a wrong job fails before it queues. Then:
+
+- slurm: a nemo-run SlurmExecutor job of slurm.trainer_nodes nodes, one srun task per GPU (per process
+  on CPU) running `opsdc train` with RANK/WORLD_SIZE/LOCAL_RANK from SLURM, MASTER_ADDR on the first
+  node. `--signal-before-limit-s` asks SLURM for SIGUSR1 on every task before the time limit: the
+  trainer checkpoints and exits 75, and nemo-run's batch script requeues the job (`--retries`), which
+  resumes from OUT/checkpoints/latest. LocalTunnel submits on this machine (a login node).
+- local: a nemo-run LocalExecutor running `opsdc train` under torchrun with tensor x pipeline x data processes.
+
+The SGLang rollout servers (rollout.engine=sglang) are started by slurm/opsdc_job.sh only; this
+launcher refuses such recipes with a message saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from opsdc_megatron.config import ConfigError, merge_config
+from opsdc_megatron.launch.plan import JobPlan, PlanError, plan_job, trainer_checks
+
+# Each task: its rank from SLURM, the rendezvous on the first node's address (NodeAddr, which also
+# works where node names do not resolve), then the trainer, which sees LOCAL_RANK and runs in place.
+SLURM_TASK = """\
+export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
+export MASTER_ADDR=$(scontrol show node "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" -o | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000)) OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
+export CUDA_DEVICE_MAX_CONNECTIONS=${{CUDA_DEVICE_MAX_CONNECTIONS:-1}} TORCH_NCCL_ASYNC_ERROR_HANDLING=${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}}
+cd {home}
+exec {python} -m opsdc_megatron.cli train {arguments}
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m opsdc_megatron.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/qwen3_8b.yaml")
+    parser.add_argument("--executor", choices=("slurm", "local"), required=True)
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--time", default="04:00:00", help="SLURM time limit (default 04:00:00)")
+    parser.add_argument("--mem", help="SLURM --mem per node, e.g. 0 (all) or 8G; default: the cluster's")
+    parser.add_argument("--container-image", help="pyxis/enroot image for the trainer tasks")
+    parser.add_argument("--container-mounts", nargs="*", default=[])
+    parser.add_argument("--python", help="interpreter on the nodes (default: this one; 'python' in a container)")
+    parser.add_argument("--signal-before-limit-s", type=int, default=300, help="SIGUSR1 this many seconds before the time limit")
+    parser.add_argument("--retries", type=int, default=3, help="requeues after a checkpoint-and-exit or a failure")
+    parser.add_argument("--dryrun", action="store_true", help="write the nemo-run job (the sbatch script for slurm) without running it")
+    parser.add_argument("--detach", action="store_true", help="slurm: return once submitted")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    recipe = str(Path(args.recipe).resolve())
+    try:
+        config = merge_config(recipe, args.overrides)
+        plan = plan_job(config)
+        if plan.rollout_engine != "hf":
+            raise PlanError(f"rollout.engine={plan.rollout_engine}: the rollout server step is in slurm/opsdc_job.sh only; "
+                            f"submit slurm/<recipe>.sbatch, or use rollout.engine=hf with this launcher")
+        trainer_checks(config, strict=True)
+    except (ConfigError, PlanError) as error:
+        print(f"opsdc launch: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    out_dir = Path(config.out_dir).resolve()
+    # nemo-run reads NEMORUN_HOME when imported; its records of this run live beside the run. (nemo-run 0.11.1
+    # doubles the job paths of a LocalTunnel when NEMORUN_HOME contains "nemo_run", hence the name.)
+    os.environ.setdefault("NEMORUN_HOME", str(out_dir / "launcher"))
+    import nemo_run as run
+
+    name = f"opsdc-{Path(recipe).stem}"
+    if args.executor == "slurm":
+        executor = slurm_executor(run, plan, args)
+        python = args.python or ("python" if args.container_image else sys.executable)
+        arguments = " ".join(_quote([recipe, *args.overrides]))
+        task = run.Script(inline=SLURM_TASK.format(home=_quote([os.getcwd()])[0], python=python, arguments=arguments))
+    else:
+        executor = run.LocalExecutor(ntasks_per_node=config.world_size, launcher="torchrun" if config.world_size > 1 else None,
+                                     env_vars={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        task = run.Script(path="opsdc_megatron.cli", m=True, entrypoint="python", args=["train", recipe, *args.overrides])
+    with run.Experiment(name, log_level="WARN") as experiment:
+        experiment.add(task, executor=executor, name="trainer")
+        if args.dryrun:
+            experiment.dryrun(delete_exp_dir=False)
+            print(f"opsdc launch: dry run written under {os.environ['NEMORUN_HOME']}/experiments/{name}")
+            return
+        experiment.run(detach=args.detach)
+        if args.detach:
+            return
+        states = {job.id: job.state.name for job in experiment.jobs}  # set by run() once each job ended
+    print(f"opsdc launch: {name}: {states}")
+    if any(state != "SUCCEEDED" for state in states.values()):
+        sys.exit(1)
+
+
+def slurm_executor(run, plan: JobPlan, args: argparse.Namespace):
+    """The trainer nodes of `plan` as a SlurmExecutor submitting with sbatch on this machine."""
+    experiments = Path(os.environ["NEMORUN_HOME"]) / "experiments"
+    return run.SlurmExecutor(
+        account=args.account, partition=args.partition, job_name_prefix="opsdc-", time=args.time, nodes=plan.trainer_nodes,
+        ntasks_per_node=plan.trainer_tasks_per_node, gpus_per_node=plan.gpus_per_node or None,
+        exclusive=True if plan.gpus_per_node else None, mem=args.mem,
+        signal=f"USR1@{args.signal_before_limit_s}", retries=args.retries,
+        additional_parameters={"requeue": True},
+        container_image=args.container_image, container_mounts=args.container_mounts,
+        tunnel=run.LocalTunnel(job_dir=str(experiments)), packager=run.Packager(),
+    )
+
+
+def _quote(words: list[str]) -> list[str]:
+    import shlex
+
+    return [shlex.quote(word) for word in words]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The job a recipe asks for on a SLURM cluster, checked before anything waits for GPUs.
+
+`plan_job(config)` turns a recipe's parallel plan and `slurm` section into node and task counts and
+refuses layouts whose resource math does not add up (GPUs per node x trainer nodes must equal
+tensor x pipeline x data, a tensor-parallel group stays within one node, rollout servers tile a
+node). `check_allocation` compares the plan with the allocation a job actually got (passed by the batch script),
+so a recipe asking for more than the sbatch header requested fails in seconds, not after queueing.
+
+`python -m opsdc_megatron.launch.plan --recipe R [--validate] [key=value ...]` is what the sbatch
+scripts (slurm/opsdc_job.sh) run first: it prints the plan as shell assignments, or one line naming
+the problem with exit status 2. With --validate, what the trainer does not support yet (for example
+pipeline parallelism before that issue lands) and a model folder absent from this machine are
+reported as notes instead of errors, so the H100 scripts can be checked on a cluster without GPUs
+or checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+
+from opsdc_megatron.config import ConfigError, RunConfig, merge_config, validate
+
+
+class PlanError(ValueError):
+    """A recipe whose resources do not add up, or an allocation too small for it; the message names both."""
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Node and task counts of one OPSDC job; the rollout nodes come first in the allocation's node list."""
+
+    rollout_engine: str
+    rollout_nodes: int
+    servers_per_rollout_node: int
+    gpus_per_server: int
+    trainer_nodes: int
+    trainer_tasks_per_node: int
+    gpus_per_node: int
+    out_dir: str
+    model_path: str
+
+    @property
+    def nodes(self) -> int:
+        return self.rollout_nodes + self.trainer_nodes
+
+    def shell(self) -> str:
+        """`OPSDC_NAME=value` lines for the sbatch script to eval."""
+        return "".join(f"OPSDC_{name.upper()}={shlex.quote(str(value))}\n" for name, value in asdict(self).items())
+
+
+def plan_job(config: RunConfig) -> JobPlan:
+    p, s = config.parallel, config.slurm
+    processes = p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
+    layout = (f"parallel: tensor {p.tensor_parallel_size} x pipeline {p.pipeline_parallel_size} x "
+              f"data {p.data_parallel_size} = {processes} trainer processes")
+    for key, value in (("slurm.trainer_nodes", s.trainer_nodes), ("slurm.rollout_server_gpus", s.rollout_server_gpus)):
+        if value < 1:
+            raise PlanError(f"{key} must be >= 1, got {value}")
+    for key, value in (("slurm.gpus_per_node", s.gpus_per_node), ("slurm.rollout_nodes", s.rollout_nodes)):
+        if value < 0:
+            raise PlanError(f"{key} must be >= 0, got {value}")
+    if s.gpus_per_node:
+        if processes != s.trainer_nodes * s.gpus_per_node:
+            raise PlanError(f"{layout}, but slurm.trainer_nodes x slurm.gpus_per_node = {s.trainer_nodes} x "
+                            f"{s.gpus_per_node} = {s.trainer_nodes * s.gpus_per_node} GPUs (one process per GPU)")
+        if s.gpus_per_node % p.tensor_parallel_size:
+            raise PlanError(f"parallel.tensor_parallel_size ({p.tensor_parallel_size}) must divide slurm.gpus_per_node "
+                            f"({s.gpus_per_node}): a tensor-parallel group stays within one node")
+        tasks_per_node = s.gpus_per_node
+    else:
+        if processes % s.trainer_nodes:
+            raise PlanError(f"{layout}, which slurm.trainer_nodes ({s.trainer_nodes}) does not divide")
+        tasks_per_node = processes // s.trainer_nodes
+    if config.rollout.engine == "hf":
+        if s.rollout_nodes:
+            raise PlanError(f"slurm.rollout_nodes is {s.rollout_nodes}, but rollout.engine=hf generates inside the "
+                            f"trainer processes; set slurm.rollout_nodes=0 or rollout.engine=sglang")
+        servers_per_node = 0
+    elif config.rollout.engine == "sglang":
+        if not s.rollout_nodes or not s.gpus_per_node:
+            raise PlanError(f"rollout.engine=sglang needs slurm.rollout_nodes >= 1 and GPUs on them, got "
+                            f"slurm.rollout_nodes={s.rollout_nodes}, slurm.gpus_per_node={s.gpus_per_node}")
+        if s.gpus_per_node % s.rollout_server_gpus:
+            raise PlanError(f"slurm.rollout_server_gpus ({s.rollout_server_gpus}) must divide slurm.gpus_per_node ({s.gpus_per_node})")
+        servers_per_node = s.gpus_per_node // s.rollout_server_gpus
+    else:
+        raise PlanError(f"rollout.engine must be hf or sglang, got {config.rollout.engine!r}")
+    return JobPlan(
+        rollout_engine=config.rollout.engine, rollout_nodes=s.rollout_nodes, servers_per_rollout_node=servers_per_node,
+        gpus_per_server=s.rollout_server_gpus, trainer_nodes=s.trainer_nodes, trainer_tasks_per_node=tasks_per_node,
+        gpus_per_node=s.gpus_per_node, out_dir=config.out_dir, model_path=config.model.hf_path,
+    )
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a running job got (the batch script passes SLURM_JOB_NUM_NODES, SLURM_GPUS_ON_NODE, SLURM_CPUS_ON_NODE)."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_node: int
+
+
+def check_allocation(plan: JobPlan, allocation: Allocation) -> None:
+    """Raises PlanError when the allocation is smaller than the plan."""
+    wanted = (f"the recipe needs {plan.rollout_nodes} rollout + {plan.trainer_nodes} trainer node(s)"
+              + (f" with {plan.gpus_per_node} GPUs each" if plan.gpus_per_node else ""))
+    if allocation.nodes < plan.nodes:
+        raise PlanError(f"{wanted}, but this allocation has {allocation.nodes} node(s) (SLURM_JOB_NUM_NODES); "
+                        f"submit with --nodes={plan.nodes} or change the recipe's slurm section")
+    if allocation.gpus_per_node < plan.gpus_per_node:
+        raise PlanError(f"{wanted} ({plan.nodes * plan.gpus_per_node} GPUs), but this allocation has "
+                        f"{allocation.gpus_per_node} GPU(s) per node (SLURM_GPUS_ON_NODE); submit with --gpus-per-node={plan.gpus_per_node}")
+    if allocation.cpus_per_node < plan.trainer_tasks_per_node:
+        raise PlanError(f"{wanted} and {plan.trainer_tasks_per_node} trainer processes per node, but this allocation has "
+                        f"{allocation.cpus_per_node} CPU(s) per node (SLURM_CPUS_ON_NODE)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m opsdc_megatron.launch.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--validate", action="store_true", help="report trainer support and a missing model as notes, not errors")
+    parser.add_argument("--allocated-nodes", type=int, help="check against a running job's allocation (with the two below)")
+    parser.add_argument("--allocated-gpus-per-node", type=int, default=0)
+    parser.add_argument("--allocated-cpus-per-node", type=int, default=0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        config = merge_config(args.recipe, args.overrides)
+        plan = plan_job(config)
+        if args.allocated_nodes is not None:
+            check_allocation(plan, Allocation(args.allocated_nodes, args.allocated_gpus_per_node, args.allocated_cpus_per_node))
+        notes = trainer_checks(config, strict=not args.validate)
+    except (ConfigError, PlanError) as error:
+        print(f"opsdc slurm plan: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for note in notes:
+        print(f"opsdc slurm plan: note: {note}", file=sys.stderr)
+    sys.stdout.write(plan.shell())
+
+
+def trainer_checks(config: RunConfig, strict: bool) -> list[str]:
+    """The trainer's own checks (config.validate, then model and prompt files); in validation mode failures become notes."""
+    from opsdc_megatron.cli import INPUT_ERRORS, preflight
+
+    try:
+        validate(config)
+    except ConfigError as error:
+        if strict:
+            raise
+        return [f"the trainer on this branch refuses this recipe: {error}"]
+    try:
+        preflight(config)
+    except INPUT_ERRORS as error:
+        if strict:
+            raise PlanError(str(error)) from None
+        return [f"trainer inputs not checked here: {error}"]
+    return []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+# The body of every OPSDC sbatch script: slurm/<recipe>.sbatch sets OPSDC_RECIPE after its #SBATCH
+# header and sources this file. Arguments of the sbatch command are key=value overrides of the recipe.
+#
+#   sbatch slurm/qwen3_8b.sbatch model.hf_path=/models/Qwen3-8B out_dir=/scratch/opsdc/qwen3_8b
+#   OPSDC_VALIDATE=1 sbatch slurm/qwen3_32b.sbatch     # check the allocation, print the steps, start nothing
+#
+# One allocation: the first slurm.rollout_nodes nodes run SGLang servers behind one sglang_router
+# (rollout.engine=sglang), the next slurm.trainer_nodes nodes run the trainer, one process per GPU.
+# Everything is checked first (`python -m opsdc_megatron.launch.plan`): recipe, parallel plan against
+# the allocation, model and prompt files; a wrong job fails in seconds with one line naming the problem.
+#
+# Checkpoint and requeue: `#SBATCH --signal=B:USR1@SECONDS` sends SIGUSR1 here before the time limit;
+# it is forwarded to the trainer, which finishes its step, checkpoints and exits 75
+# (opsdc_megatron/train/preemption.py); this script then requeues the job, and the next run resumes
+# from OUT/checkpoints/latest. SIGTERM (scancel, `scontrol requeue`, preemption) checkpoints the same
+# way; SLURM decides whether the job comes back.
+#
+# Environment (all optional; sbatch passes the submitting shell's environment):
+#   OPSDC_HOME              checkout to run from (default: the directory sbatch was called from)
+#   OPSDC_PYTHON            interpreter with opsdc_megatron (default: $OPSDC_HOME/.venv/bin/python, else python3)
+#   OPSDC_SGLANG_PYTHON     interpreter with sglang and sglang_router (default: $OPSDC_HOME/.venv-sglang/bin/python)
+#   OPSDC_SGLANG_ARGS       extra `sglang.launch_server` flags, e.g. "--mem-fraction-static 0.85"
+#   OPSDC_SERVER_START_TIMEOUT_S  how long the rollout servers may take to answer /health (default 1800)
+#   OPSDC_CONTAINER_IMAGE, OPSDC_CONTAINER_MOUNTS   run every step in a pyxis/enroot container
+#   OPSDC_MAX_REQUEUES      requeues this script asks for before giving up (default 20)
+#   OPSDC_VALIDATE=1        validation mode
+#   NCCL_*, CUDA_DEVICE_MAX_CONNECTIONS, OMP_NUM_THREADS: defaults below unless already set
+
+set -uo pipefail
+: "${OPSDC_RECIPE:?set OPSDC_RECIPE before sourcing slurm/opsdc_job.sh}"
+OPSDC_HOME=${OPSDC_HOME:-${SLURM_SUBMIT_DIR:?run this through sbatch}}
+cd "$OPSDC_HOME" || exit 2
+if [ -z "${OPSDC_PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then OPSDC_PYTHON=$OPSDC_HOME/.venv/bin/python; else OPSDC_PYTHON=python3; fi
+fi
+OPSDC_SGLANG_PYTHON=${OPSDC_SGLANG_PYTHON:-$OPSDC_HOME/.venv-sglang/bin/python}
+VALIDATE=${OPSDC_VALIDATE:-0}
+RESTART=${SLURM_RESTART_COUNT:-0}
+OVERRIDES=("$@")
+
+log() { echo "[opsdc $(date +%T) job $SLURM_JOB_ID restart $RESTART] $*"; }
+
+CONTAINER=()
+if [ -n "${OPSDC_CONTAINER_IMAGE:-}" ]; then
+    CONTAINER=(--container-image="$OPSDC_CONTAINER_IMAGE" --container-workdir="$OPSDC_HOME" --no-container-mount-home)
+    [ -n "${OPSDC_CONTAINER_MOUNTS:-}" ] && CONTAINER+=(--container-mounts="$OPSDC_CONTAINER_MOUNTS")
+fi
+
+# --- 1. check the recipe against this allocation --------------------------------------------------
+log "recipe $OPSDC_RECIPE ${OVERRIDES[*]:-}; nodes $SLURM_JOB_NODELIST; validate=$VALIDATE"
+PLAN_ARGS=(--recipe "$OPSDC_RECIPE" --allocated-nodes "$SLURM_JOB_NUM_NODES"
+           --allocated-gpus-per-node "${SLURM_GPUS_ON_NODE:-0}" --allocated-cpus-per-node "${SLURM_CPUS_ON_NODE:-0}")
+[ "$VALIDATE" = 1 ] && PLAN_ARGS+=(--validate)
+if [ ${#CONTAINER[@]} -gt 0 ]; then
+    PLAN=$(srun --nodes=1 --ntasks=1 --overlap "${CONTAINER[@]}" "$OPSDC_PYTHON" -m opsdc_megatron.launch.plan "${PLAN_ARGS[@]}" "${OVERRIDES[@]}")
+else
+    PLAN=$("$OPSDC_PYTHON" -m opsdc_megatron.launch.plan "${PLAN_ARGS[@]}" "${OVERRIDES[@]}")
+fi || { log "FAILED before starting anything: the recipe does not fit this job (error above)"; exit 2; }
+eval "$PLAN"
+
+# --- 2. addresses, ports, NCCL -------------------------------------------------------------------
+mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+node_addr() { scontrol show node "$1" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p'; }
+ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
+TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
+# torch.distributed rendezvous on the first trainer node; ports from the job id so that jobs
+# sharing a node (and the simulated nodes of the test cluster) do not collide.
+export MASTER_ADDR; MASTER_ADDR=$(node_addr "${TRAINER_HOSTS[0]}")
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000))
+ROUTER_PORT=$((30000 + (SLURM_JOB_ID % 500) * 20))
+SERVER_PORT0=$((ROUTER_PORT + 1))
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: TP communication kept in order
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank ends the step, not a hang
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Site-specific fabric settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) come from the submitting environment.
+
+LOG_DIR=$OPSDC_OUT_DIR/slurm_logs/job_${SLURM_JOB_ID}_restart_${RESTART}
+[ "$VALIDATE" = 1 ] || mkdir -p "$LOG_DIR"
+log "rollout nodes: ${ROLLOUT_HOSTS[*]:-none}; trainer nodes: ${TRAINER_HOSTS[*]}; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; logs in $LOG_DIR"
+
+declare -A STEP_PIDS
+start_step() {  # start_step NAME SRUN_ARGS...: a background srun step (validation mode: print it)
+    local name=$1; shift
+    if [ "$VALIDATE" = 1 ]; then
+        echo "would run step $name: $(printf '%q ' srun "$@")"
+    else
+        srun "$@" &
+        STEP_PIDS[$name]=$!
+    fi
+}
+
+stop_steps() {
+    local name
+    for name in "${!STEP_PIDS[@]}"; do
+        [ "$name" = trainer ] || kill -TERM "${STEP_PIDS[$name]}" 2>/dev/null
+    done
+    wait 2>/dev/null
+}
+
+# --- 3. rollout step: SGLang servers + router --------------------------------------------------
+TRAINER_OVERRIDES=()
+if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
+    # One server per OPSDC_GPUS_PER_SERVER GPUs; task i of a node serves on GPUs [i*G, (i+1)*G) and port SERVER_PORT0+i.
+    SERVER_CMD="exec \"$OPSDC_SGLANG_PYTHON\" -m sglang.launch_server --model-path \"$OPSDC_MODEL_PATH\" \
+--tp-size $OPSDC_GPUS_PER_SERVER --base-gpu-id \$((SLURM_LOCALID * $OPSDC_GPUS_PER_SERVER)) \
+--host 0.0.0.0 --port \$(($SERVER_PORT0 + SLURM_LOCALID)) ${OPSDC_SGLANG_ARGS:-}"
+    start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --relative=0 --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
+        --gpus-per-node="$OPSDC_GPUS_PER_NODE" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" \
+        "${CONTAINER[@]}" bash -c "$SERVER_CMD"
+    WORKER_URLS=()
+    for host in "${ROLLOUT_HOSTS[@]}"; do
+        addr=$(node_addr "$host")
+        for ((i = 0; i < OPSDC_SERVERS_PER_ROLLOUT_NODE; i++)); do WORKER_URLS+=("http://$addr:$((SERVER_PORT0 + i))"); done
+    done
+    ROUTER_URL="http://$(node_addr "${ROLLOUT_HOSTS[0]}"):$ROUTER_PORT"
+    start_step sglang_router --nodes=1 --ntasks=1 --relative=0 --overlap --output="$LOG_DIR/sglang_router.log" \
+        "${CONTAINER[@]}" "$OPSDC_SGLANG_PYTHON" -m sglang_router.launch_router --worker-urls "${WORKER_URLS[@]}" \
+        --host 0.0.0.0 --port "$ROUTER_PORT"
+    if [ "$VALIDATE" != 1 ]; then
+        deadline=$((SECONDS + ${OPSDC_SERVER_START_TIMEOUT_S:-1800}))
+        for url in "${WORKER_URLS[@]}" "$ROUTER_URL"; do
+            until curl -sf "$url/health" >/dev/null; do
+                if ! kill -0 "${STEP_PIDS[sglang_servers]}" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+                    log "FAILED: rollout server $url did not answer /health (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
+                fi
+                sleep 5
+            done
+        done
+        log "rollout servers ready: ${WORKER_URLS[*]} behind $ROUTER_URL"
+    fi
+    # Not wired yet: the trainer's SGLang engine (branch wip-sglang) starts its own servers; this key,
+    # which hands it the router of this step instead, is what remains to add there.
+    TRAINER_OVERRIDES+=("rollout.sglang.router_url=$ROUTER_URL")
+else
+    log "no rollout server step: rollout.engine=$OPSDC_ROLLOUT_ENGINE generates inside the trainer processes" \
+        "(opsdc_megatron/rollout/hf_engine.py); set rollout.engine=sglang and slurm.rollout_nodes to serve from SGLang"
+fi
+
+# --- 4. trainer step: one process per GPU (per task on CPU), ranks from SLURM ----------------------
+TRAINER_CMD='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$0" -m opsdc_megatron.cli train "$@"'
+GPU_ARGS=()
+[ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
+start_step trainer --nodes="$OPSDC_TRAINER_NODES" --relative="$OPSDC_ROLLOUT_NODES" \
+    --ntasks-per-node="$OPSDC_TRAINER_TASKS_PER_NODE" "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label \
+    --output="$LOG_DIR/trainer.log" "${CONTAINER[@]}" \
+    bash -c "$TRAINER_CMD" "$OPSDC_PYTHON" "$OPSDC_RECIPE" "${OVERRIDES[@]}" "${TRAINER_OVERRIDES[@]}"
+if [ "$VALIDATE" = 1 ]; then
+    log "validation mode: resources and commands checked, nothing started"
+    exit 0
+fi
+
+# --- 5. wait; forward the scheduler's signals to the trainer ---------------------------------------
+REQUEUE_ASKED=0
+on_signal() {
+    log "received SIG$1: the trainer finishes its step, checkpoints and exits"
+    [ "$1" = USR1 ] && REQUEUE_ASKED=1
+    kill -s "$1" "${STEP_PIDS[trainer]}" 2>/dev/null  # srun forwards it to every trainer process
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+log "trainer started ($OPSDC_TRAINER_NODES node(s) x $OPSDC_TRAINER_TASKS_PER_NODE processes)"
+while true; do
+    wait "${STEP_PIDS[trainer]}"; STATUS=$?
+    kill -0 "${STEP_PIDS[trainer]}" 2>/dev/null || break  # else a trapped signal interrupted wait
+done
+stop_steps
+case $STATUS in
+    0) log "trainer finished"; exit 0 ;;
+    75) if [ "$REQUEUE_ASKED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
+            log "trainer checkpointed on request; requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
+            scontrol requeue "$SLURM_JOB_ID"
+            exit 0
+        fi
+        log "trainer checkpointed and stopped (exit 75); rerun the same command to resume"; exit 75 ;;
+    *) log "FAILED: trainer exited with status $STATUS (see $LOG_DIR/trainer.log)"; exit "$STATUS" ;;
+esac

@@ -1,0 +1,268 @@
+"""The sbatch scripts and the nemo-run launcher on a real SLURM cluster started on this machine.
+
+tools/setup_slurm.sh starts munge, MariaDB + slurmdbd, slurmctld and three slurmd (simulated nodes of
+8 fake GPUs each: character devices, nothing opens them); tools/stop_slurm.sh stops them at the end,
+also when a test fails. The toy jobs are real megatron-core runs (TP=2, 2 CPU processes) on a tiny
+random Qwen3; the H100 scripts run in validation mode (allocation checked, steps printed, no GPU work).
+The only stand-ins are the GPUs and the network between nodes (all nodes are this host).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from opsdc_megatron.config import merge_config
+from opsdc_megatron.launch.plan import Allocation, PlanError, check_allocation, plan_job
+from opsdc_megatron.prompts import write_prompts
+from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
+from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+from opsdc_megatron.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+COMPARED = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accuracy", "teacher_age_steps")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running cluster: the environment to call sbatch/squeue/scontrol with (SLURM_CONF)."""
+    run_dir = tmp_path_factory.mktemp("slurm_cluster")
+    env = dict(os.environ, SLURM_CONF=str(run_dir / "etc" / "slurm.conf"))
+    try:
+        started = subprocess.run(["bash", str(ROOT / "tools" / "setup_slurm.sh"), str(run_dir)], capture_output=True, text=True, timeout=600)
+        assert started.returncode == 0, f"setup_slurm.sh failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        yield env
+    finally:
+        subprocess.run(["bash", str(ROOT / "tools" / "stop_slurm.sh"), str(run_dir)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 with the toy tokenizer, and toy prompts."""
+    root = tmp_path_factory.mktemp("slurm_toy")
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_prompts(root / "train.jsonl", toy_prompts(0, 64, "train"))
+    return root
+
+
+def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"out_dir={out}", f"model.hf_path={toy / 'model'}", f"data.train_prompts={toy / 'train.jsonl'}",
+        "data.eval_prompts=null", "eval.every_steps=0", f"distill.instruction={TOY_INSTRUCTION}",
+        f"train.steps={STEPS}", "train.global_batch_prompts=8", "rollout.generation_batch_prompts=4",
+        "rollout.max_response_tokens=16", "train.lr=1e-3", "checkpoint.save_every_steps=1", *extra,
+    ]
+
+
+def sbatch(env: dict, script: str, log: Path, *args: str, extra_env: dict | None = None, wait: bool = True) -> tuple[int, str]:
+    """Submits slurm/<script> from the checkout; returns (exit status of the job with --wait, job id)."""
+    command = ["sbatch", "--parsable", f"--output={log}", *(["--wait"] if wait else []), str(ROOT / "slurm" / script), *args]
+    proc = subprocess.run(command, cwd=ROOT, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=900)
+    job = proc.stdout.strip().split(";")[0]
+    assert job, f"sbatch refused {script}: {proc.stderr}"
+    return proc.returncode, job
+
+
+def job_field(env: dict, job: str, name: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    match = re.search(rf"\b{name}=(\S+)", shown)
+    return match.group(1) if match else ""
+
+
+def wait_until(condition, what: str, timeout_s: float = 600, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def latest_step(out: Path) -> int:
+    marker = out / "checkpoints" / "latest"
+    return int(marker.read_text().strip().removeprefix("step_")) if marker.exists() else 0
+
+
+def train_metrics(out: Path) -> dict[int, dict]:
+    records = [m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"]
+    steps = [m["step"] for m in records]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {m["step"]: m for m in records}
+
+
+def logged_steps(trainer_log: Path) -> list[int]:
+    return [int(n) for n in re.findall(r"train step\s+(\d+)", trainer_log.read_text())]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, toy) -> dict[int, dict]:
+    """The toy recipe through slurm/toy_cpu.sbatch, start to finish: the reference for the other runs."""
+    out = toy / "uninterrupted"
+    status, job = sbatch(cluster, "toy_cpu.sbatch", toy / "uninterrupted.log", *toy_overrides(toy, out))
+    log = (toy / "uninterrupted.log").read_text()
+    assert status == 0, log[-5000:]
+    assert "no rollout server step: rollout.engine=hf" in log
+    assert "trainer finished" in log
+    return train_metrics(out)
+
+
+def test_toy_recipe_runs_through_the_sbatch_script(uninterrupted, toy):
+    assert sorted(uninterrupted) == list(range(1, STEPS + 1))
+    out = toy / "uninterrupted"
+    assert (out / "final_hf" / "config.json").is_file()
+    (log_dir,) = (out / "slurm_logs").iterdir()
+    assert logged_steps(log_dir / "trainer.log") == list(range(1, STEPS + 1))
+    assert "0: " in (log_dir / "trainer.log").read_text() and "1: " in (log_dir / "trainer.log").read_text()  # two ranks
+
+
+def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(cluster, toy, uninterrupted):
+    """`scontrol requeue` (SIGTERM) mid-run, then SIGUSR1 as before a time limit (the script requeues itself)."""
+    out = toy / "requeued"
+    log = toy / "requeued.log"
+    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out), wait=False)
+    first = wait_until(lambda: latest_step(out), "the first checkpoint")
+    assert first < STEPS - 2, f"the job reached step {first} before it could be requeued; raise STEPS"
+    subprocess.run(["scontrol", "requeue", job], env=cluster, check=True)
+    # Second run: wait until it resumed and checkpointed once more, then signal the batch script
+    # the way `#SBATCH --signal=B:USR1@60` does before the time limit.
+    wait_until(lambda: job_field(cluster, job, "Restarts") == "1" and job_field(cluster, job, "JobState") == "RUNNING", "the requeued job to run")
+    stopped = latest_step(out)
+    second = wait_until(lambda: latest_step(out) if latest_step(out) > stopped else 0, "a checkpoint of the second run")
+    assert second < STEPS, f"the second run finished (step {second}) before the signal; raise STEPS"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_until(lambda: job_field(cluster, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", poll_s=1)
+    batch_log = log.read_text()
+    assert job_field(cluster, job, "JobState") == "COMPLETED", batch_log[-5000:]
+    assert job_field(cluster, job, "Restarts") == "2", batch_log[-5000:]
+    assert "received SIGUSR1" in batch_log and "requeueing the job" in batch_log
+
+    runs = sorted((out / "slurm_logs").iterdir(), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    assert [p.name for p in runs] == [f"job_{job}_restart_{n}" for n in range(3)]
+    trainer_logs = [(p / "trainer.log").read_text() for p in runs]
+    assert "stopping after step" in trainer_logs[0] and "on SIGTERM" in trainer_logs[0]
+    assert "stopping after step" in trainer_logs[1] and "on SIGUSR1" in trainer_logs[1]
+    # Each step ran exactly once across the three runs: the next run started after the checkpoint.
+    assert sum((logged_steps(p / "trainer.log") for p in runs), []) == list(range(1, STEPS + 1))
+    # Same prompts, samples and updates as the run that was never interrupted.
+    requeued = train_metrics(out)
+    assert sorted(requeued) == list(range(1, STEPS + 1))
+    for step in requeued:
+        for key in COMPARED:
+            assert requeued[step][key] == uninterrupted[step][key], (step, key)
+
+
+def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted):
+    out = toy / "nemo_run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", "slurm",
+         "--time", "00:20:00", "--mem", "4G", *toy_overrides(toy, out)],
+        cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    nemo = train_metrics(out)
+    assert sorted(nemo) == list(range(1, STEPS + 1))
+    for step in nemo:
+        for key in COMPARED:
+            assert nemo[step][key] == uninterrupted[step][key], (step, key)
+
+
+@pytest.mark.parametrize(
+    "script, nodes, trainer_step, servers",
+    [
+        ("qwen3_8b.sbatch", 2, "--nodes=1 --relative=1 --ntasks-per-node=8 --gpus-per-node=8", ("--ntasks-per-node=8", "--tp-size 1")),
+        ("qwen3_14b.sbatch", 3, "--nodes=2 --relative=1 --ntasks-per-node=8 --gpus-per-node=8", ("--ntasks-per-node=4", "--tp-size 2")),
+        ("qwen3_32b.sbatch", 3, "--nodes=2 --relative=1 --ntasks-per-node=8 --gpus-per-node=8", ("--ntasks-per-node=2", "--tp-size 4")),
+    ],
+)
+def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script, nodes, trainer_step, servers):
+    log = tmp_path / "validate.log"
+    status, job = sbatch(cluster, script, log, f"out_dir={tmp_path / 'run'}", extra_env={"OPSDC_VALIDATE": "1"})
+    text = log.read_text()
+    assert status == 0, text[-4000:]
+    assert job_field(cluster, job, "NumNodes") == str(nodes)
+    assert f"gres/gpu={nodes * 8}" in job_field(cluster, job, "AllocTRES")
+    assert "validation mode: resources and commands checked, nothing started" in text
+    trainer = next(line for line in text.splitlines() if line.startswith("would run step trainer:"))
+    assert trainer_step in trainer and "opsdc_megatron.cli\\ train" in trainer, trainer
+    server = next(line for line in text.splitlines() if line.startswith("would run step sglang_servers:"))
+    assert "--relative=0" in server and "sglang.launch_server" in server
+    for flag in servers:
+        assert flag in server, (flag, server)
+    router = next(line for line in text.splitlines() if line.startswith("would run step sglang_router:"))
+    workers = re.findall(r"http://127\.0\.0\.1:\d+", router)
+    assert len(workers) == 8 // int(servers[1].split()[-1]), router
+    assert "the trainer on this branch refuses this recipe" in text  # rollout.engine=sglang (and PP=2) land on other branches
+    assert not (tmp_path / "run" / "slurm_logs").exists()
+
+
+def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
+    # More GPUs than the allocation: the 8B script's 2 nodes, a recipe asking for 1 rollout + 2 trainer nodes.
+    status, job = sbatch(cluster, "qwen3_8b.sbatch", tmp_path / "gpus.log", f"out_dir={tmp_path / 'gpus'}",
+                         "slurm.trainer_nodes=2", "parallel.data_parallel_size=4")
+    text = (tmp_path / "gpus.log").read_text()
+    assert status == 2, text
+    assert ("the recipe needs 1 rollout + 2 trainer node(s) with 8 GPUs each, but this allocation has 2 node(s) "
+            "(SLURM_JOB_NUM_NODES); submit with --nodes=3") in text
+    assert "FAILED before starting anything" in text and "would run" not in text
+    # A missing model folder: the toy script stops at its first check.
+    status, job = sbatch(cluster, "toy_cpu.sbatch", tmp_path / "model.log", *toy_overrides(toy, tmp_path / "model", "model.hf_path=/nonexistent/Qwen3-8B"))
+    text = (tmp_path / "model.log").read_text()
+    assert status == 2, text
+    assert "model.hf_path: /nonexistent/Qwen3-8B has no config.json" in text
+    assert not (tmp_path / "model" / "slurm_logs").exists()
+
+
+def test_launcher_refuses_bad_inputs_before_submitting(cluster, toy, tmp_path):
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "opsdc_megatron.launch", "--executor", "slurm", *args],
+                              cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=300)
+
+    queued_before = subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster, capture_output=True, text=True).stdout
+    gpus = launch("--recipe", "recipes/qwen3_8b.yaml", "rollout.engine=hf", "slurm.rollout_nodes=0", "parallel.data_parallel_size=4")
+    assert gpus.returncode == 2
+    assert ("parallel: tensor 4 x pipeline 1 x data 4 = 16 trainer processes, but slurm.trainer_nodes x "
+            "slurm.gpus_per_node = 1 x 8 = 8 GPUs") in gpus.stderr
+    model = launch("--recipe", "recipes/toy_cpu.yaml", *toy_overrides(toy, tmp_path / "out", "model.hf_path=/nonexistent/model"))
+    assert model.returncode == 2
+    assert "model.hf_path: /nonexistent/model has no config.json" in model.stderr
+    sglang = launch("--recipe", "recipes/qwen3_8b.yaml")
+    assert sglang.returncode == 2 and "the rollout server step is in slurm/opsdc_job.sh only" in sglang.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster, capture_output=True, text=True).stdout == queued_before
+
+
+@pytest.mark.parametrize("recipe, trainer_nodes, tasks_per_node, servers_per_node", [
+    ("qwen3_8b.yaml", 1, 8, 8), ("qwen3_14b.yaml", 2, 8, 4), ("qwen3_32b.yaml", 2, 8, 2), ("toy_cpu.yaml", 1, 2, 0),
+])
+def test_recipe_resource_math(recipe, trainer_nodes, tasks_per_node, servers_per_node):
+    filled_in = ["out_dir=runs/toy", "model.hf_path=model", "data.train_prompts=train.jsonl"] if recipe.startswith("toy") else []
+    config = merge_config(ROOT / "recipes" / recipe, filled_in)
+    plan = plan_job(config)
+    p = config.parallel
+    assert plan.trainer_nodes * max(plan.gpus_per_node, plan.trainer_tasks_per_node) == p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
+    assert (plan.trainer_nodes, plan.trainer_tasks_per_node, plan.servers_per_rollout_node) == (trainer_nodes, tasks_per_node, servers_per_node)
+    if plan.gpus_per_node:
+        assert plan.gpus_per_node % p.tensor_parallel_size == 0  # TP stays within a node
+        assert config.train.global_batch_prompts % (p.data_parallel_size * config.train.micro_batch_prompts) == 0
+        with pytest.raises(PlanError, match="this allocation has 4 GPU"):
+            check_allocation(plan, Allocation(plan.nodes, 4, 64))
+    check_allocation(plan, Allocation(plan.nodes, plan.gpus_per_node, 64))
