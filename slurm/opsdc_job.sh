@@ -151,27 +151,35 @@ if [ "$VALIDATE" = 1 ]; then
 fi
 
 # --- 5. wait; forward the scheduler's signals to the trainer ---------------------------------------
+# SIGUSR1 (only this script gets it, from --signal=B:USR1@...): forwarded through srun to every trainer
+# process. SIGTERM (scancel, requeue, preemption): SLURM sends it to every process of the job itself;
+# it is not forwarded, because srun answers a SIGTERM during a job kill by killing its step at once.
 REQUEUE_ASKED=0
-on_signal() {
-    log "received SIG$1: the trainer finishes its step, checkpoints and exits"
-    [ "$1" = USR1 ] && REQUEUE_ASKED=1
-    kill -s "$1" "${STEP_PIDS[trainer]}" 2>/dev/null  # srun forwards it to every trainer process
+on_usr1() {
+    log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
+    REQUEUE_ASKED=1
+    kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
 }
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
+trap on_usr1 USR1
+TERM_RECEIVED=0
+trap 'TERM_RECEIVED=1; log "received SIGTERM: the trainer finishes its step and checkpoints if SLURM waits long enough (KillWait)"' TERM
 log "trainer started ($OPSDC_TRAINER_NODES node(s) x $OPSDC_TRAINER_TASKS_PER_NODE processes)"
 while true; do
     wait "${STEP_PIDS[trainer]}"; STATUS=$?
     kill -0 "${STEP_PIDS[trainer]}" 2>/dev/null || break  # else a trapped signal interrupted wait
 done
 stop_steps
-case $STATUS in
-    0) log "trainer finished"; exit 0 ;;
-    75) if [ "$REQUEUE_ASKED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
-            log "trainer checkpointed on request; requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
-            scontrol requeue "$SLURM_JOB_ID"
-            exit 0
-        fi
-        log "trainer checkpointed and stopped (exit 75); rerun the same command to resume"; exit 75 ;;
-    *) log "FAILED: trainer exited with status $STATUS (see $LOG_DIR/trainer.log)"; exit "$STATUS" ;;
-esac
+# After SIGUSR1 the exit status is not enough: the first rank to exit 75 makes srun (--kill-on-bad-exit)
+# terminate the others, so srun may report 143. The next run resumes from checkpoints/latest either way.
+if [ "$STATUS" = 0 ]; then
+    log "trainer finished"; exit 0
+elif [ "$REQUEUE_ASKED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
+    log "trainer stopped on SIGUSR1 (status $STATUS); requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+elif [ "$TERM_RECEIVED" = 1 ]; then
+    log "trainer stopped on SIGTERM (status $STATUS); SLURM requeues or ends the job"; exit "$STATUS"
+elif [ "$STATUS" = 75 ]; then
+    log "trainer checkpointed and stopped (exit 75); rerun the same command to resume"; exit 75
+fi
+log "FAILED: trainer exited with status $STATUS (see $LOG_DIR/trainer.log)"; exit "$STATUS"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
         f"out_dir={out}", f"model.hf_path={toy / 'model'}", f"data.train_prompts={toy / 'train.jsonl'}",
         "data.eval_prompts=null", "eval.every_steps=0", f"distill.instruction={TOY_INSTRUCTION}",
         f"train.steps={STEPS}", "train.global_batch_prompts=8", "rollout.generation_batch_prompts=4",
-        "rollout.max_response_tokens=16", "train.lr=1e-3", "checkpoint.save_every_steps=1", *extra,
+        "rollout.max_response_tokens=16", "train.lr=1e-3", "checkpoint.save_every_steps=0", *extra,
     ]
 
 
@@ -136,10 +137,13 @@ def test_toy_recipe_runs_through_the_sbatch_script(uninterrupted, toy):
 
 
 def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(cluster, toy, uninterrupted):
-    """`scontrol requeue` (SIGTERM) mid-run, then SIGUSR1 as before a time limit (the script requeues itself)."""
+    """`scontrol requeue` (SIGTERM) mid-run, then SIGUSR1 as before a time limit (the script requeues itself).
+
+    The final record has every step once, equal to the uninterrupted run's: no prompt batch lost or repeated.
+    """
     out = toy / "requeued"
     log = toy / "requeued.log"
-    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out), wait=False)
+    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out, "checkpoint.save_every_steps=1"), wait=False)
     first = wait_until(lambda: latest_step(out), "the first checkpoint")
     assert first < STEPS - 2, f"the job reached step {first} before it could be requeued; raise STEPS"
     subprocess.run(["scontrol", "requeue", job], env=cluster, check=True)
@@ -158,11 +162,13 @@ def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(
 
     runs = sorted((out / "slurm_logs").iterdir(), key=lambda p: int(p.name.rsplit("_", 1)[1]))
     assert [p.name for p in runs] == [f"job_{job}_restart_{n}" for n in range(3)]
-    trainer_logs = [(p / "trainer.log").read_text() for p in runs]
-    assert "stopping after step" in trainer_logs[0] and "on SIGTERM" in trainer_logs[0]
-    assert "stopping after step" in trainer_logs[1] and "on SIGUSR1" in trainer_logs[1]
-    # Each step ran exactly once across the three runs: the next run started after the checkpoint.
-    assert sum((logged_steps(p / "trainer.log") for p in runs), []) == list(range(1, STEPS + 1))
+    steps_run = [logged_steps(p / "trainer.log") for p in runs]
+    # SIGTERM: SLURM kills the step after KillWait, so the checkpoint is best effort; the next run starts
+    # right after the newest complete checkpoint (a step done after it is done again, from the same state).
+    assert 1 < steps_run[1][0] <= steps_run[0][-1] + 1, steps_run
+    # SIGUSR1: the trainer checkpoints after its step and the next run starts exactly there.
+    assert "stopping after step" in (runs[1] / "trainer.log").read_text() and "on SIGUSR1" in (runs[1] / "trainer.log").read_text()
+    assert steps_run[2][0] == steps_run[1][-1] + 1 and steps_run[2][-1] == STEPS, steps_run
     # Same prompts, samples and updates as the run that was never interrupted.
     requeued = train_metrics(out)
     assert sorted(requeued) == list(range(1, STEPS + 1))
@@ -172,7 +178,7 @@ def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(
 
 
 def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted):
-    out = toy / "nemo_run"
+    out = toy / "through_launcher"  # (not "nemo_run": see NEMORUN_HOME in opsdc_megatron/launch/__main__.py)
     proc = subprocess.run(
         [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", "slurm",
          "--time", "00:20:00", "--mem", "4G", *toy_overrides(toy, out)],
@@ -187,30 +193,30 @@ def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted):
 
 
 @pytest.mark.parametrize(
-    "script, nodes, trainer_step, servers",
-    [
-        ("qwen3_8b.sbatch", 2, "--nodes=1 --relative=1 --ntasks-per-node=8 --gpus-per-node=8", ("--ntasks-per-node=8", "--tp-size 1")),
-        ("qwen3_14b.sbatch", 3, "--nodes=2 --relative=1 --ntasks-per-node=8 --gpus-per-node=8", ("--ntasks-per-node=4", "--tp-size 2")),
-        ("qwen3_32b.sbatch", 3, "--nodes=2 --relative=1 --ntasks-per-node=8 --gpus-per-node=8", ("--ntasks-per-node=2", "--tp-size 4")),
-    ],
+    "script, nodes, trainer_nodes, servers_per_node, gpus_per_server",
+    [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
 )
-def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script, nodes, trainer_step, servers):
+def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script, nodes, trainer_nodes, servers_per_node, gpus_per_server):
     log = tmp_path / "validate.log"
     status, job = sbatch(cluster, script, log, f"out_dir={tmp_path / 'run'}", extra_env={"OPSDC_VALIDATE": "1"})
     text = log.read_text()
     assert status == 0, text[-4000:]
     assert job_field(cluster, job, "NumNodes") == str(nodes)
-    assert f"gres/gpu={nodes * 8}" in job_field(cluster, job, "AllocTRES")
+    assert f"gres/gpu={nodes * 8}" in job_field(cluster, job, "TRES")
     assert "validation mode: resources and commands checked, nothing started" in text
-    trainer = next(line for line in text.splitlines() if line.startswith("would run step trainer:"))
-    assert trainer_step in trainer and "opsdc_megatron.cli\\ train" in trainer, trainer
-    server = next(line for line in text.splitlines() if line.startswith("would run step sglang_servers:"))
-    assert "--relative=0" in server and "sglang.launch_server" in server
-    for flag in servers:
-        assert flag in server, (flag, server)
-    router = next(line for line in text.splitlines() if line.startswith("would run step sglang_router:"))
-    workers = re.findall(r"http://127\.0\.0\.1:\d+", router)
-    assert len(workers) == 8 // int(servers[1].split()[-1]), router
+    steps = {line.split(":", 1)[0].removeprefix("would run step "): shlex.split(line.split(":", 1)[1])
+             for line in text.splitlines() if line.startswith("would run step ")}
+    assert sorted(steps) == ["sglang_router", "sglang_servers", "trainer"]
+    trainer = steps["trainer"]
+    assert {f"--nodes={trainer_nodes}", "--relative=1", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(trainer)
+    assert "-m opsdc_megatron.cli train" in trainer[trainer.index("-c") + 1]
+    servers = steps["sglang_servers"]
+    assert {"--nodes=1", "--relative=0", f"--ntasks-per-node={servers_per_node}", "--gpus-per-node=8"} <= set(servers)
+    server_command = servers[servers.index("-c") + 1]
+    assert "-m sglang.launch_server" in server_command and f"--tp-size {gpus_per_server}" in server_command
+    assert f"--base-gpu-id $((SLURM_LOCALID * {gpus_per_server}))" in server_command
+    router = steps["sglang_router"]
+    assert "sglang_router.launch_router" in router and len([a for a in router if a.startswith("http://127.0.0.1:")]) == servers_per_node
     assert "the trainer on this branch refuses this recipe" in text  # rollout.engine=sglang (and PP=2) land on other branches
     assert not (tmp_path / "run" / "slurm_logs").exists()
 

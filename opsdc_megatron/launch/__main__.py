@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     # nemo-run reads NEMORUN_HOME when imported; its records of this run live beside the run. (nemo-run 0.11.1
     # doubles the job paths of a LocalTunnel when NEMORUN_HOME contains "nemo_run", hence the name.)
     os.environ.setdefault("NEMORUN_HOME", str(out_dir / "launcher"))
+    if "nemo_run" in os.environ["NEMORUN_HOME"]:
+        print(f"opsdc launch: error: NEMORUN_HOME ({os.environ['NEMORUN_HOME']}) contains 'nemo_run', which makes nemo-run "
+              f"0.11.1 write its SLURM job paths wrongly; choose another out_dir or NEMORUN_HOME", file=sys.stderr)
+        sys.exit(2)
     import nemo_run as run
 
     name = f"opsdc-{Path(recipe).stem}"

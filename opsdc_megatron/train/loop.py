@@ -130,7 +130,8 @@ def train(config: RunConfig) -> None:
             run_eval(step)
         stopping = step < config.train.steps and preemption.requested()  # SIGUSR1/SIGTERM: checkpoint now, then exit
         if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
-            save_checkpoint(checkpoints, step, ddp, optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+            with preemption.shielding_helper_processes():
+                save_checkpoint(checkpoints, step, ddp, optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
         if stopping:
             preemption.exit_after_checkpoint(step)
     if rank0:

@@ -6,12 +6,18 @@ sbatch scripts (slurm/opsdc_job.sh) forward it to the trainer step. The handler 
 signal; the loop asks once per step, and the ranks agree through one all-reduce, so every rank
 stops after the same step and the checkpoint stays collective. The exit status tells the batch
 script to requeue the job, which then resumes from `checkpoints/latest`.
+
+SIGTERM is followed by SIGKILL after the cluster's KillWait (often 30 s): a checkpoint on SIGTERM
+is best effort, while SIGUSR1 before the time limit leaves the step and the save the whole margin.
+Either way the periodic checkpoints bound what is lost, and resume is exact.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -32,6 +38,21 @@ class PreemptionWatch:
 
     def _record(self, number: int, _frame) -> None:
         self.received = signal.Signals(number).name
+
+    @contextmanager
+    def shielding_helper_processes(self) -> Iterator[None]:
+        """Blocks the stop signals in this thread while checkpoint writers start.
+
+        SLURM signals every process of a job step, so the helper processes dist_checkpointing starts
+        during a save (a multiprocessing Manager and writers) would die of the same SIGTERM/SIGUSR1
+        mid-save. Processes started here inherit the blocked mask and ignore them; this process still
+        records the signal (another thread takes it, or it is delivered when the mask is restored).
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def requested(self) -> bool:
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
