@@ -202,7 +202,7 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     text = log.read_text()
     assert status == 0, text[-4000:]
     assert job_field(cluster, job, "NumNodes") == str(nodes)
-    assert f"gres/gpu={nodes * 8}" in job_field(cluster, job, "TRES")
+    assert job_field(cluster, job, "TresPerNode") == "gres:gpu:8"
     assert "validation mode: resources and commands checked, nothing started" in text
     steps = {line.split(":", 1)[0].removeprefix("would run step "): shlex.split(line.split(":", 1)[1])
              for line in text.splitlines() if line.startswith("would run step ")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -97,9 +98,12 @@ def main(argv: list[str] | None = None) -> None:
         experiment.run(detach=args.detach)
         if args.detach:
             return
-        states = {job.id: job.state.name for job in experiment.jobs}  # set by run() once each job ended
+        if args.executor == "slurm":  # nemo-run 0.11.1 leaves job.state at SUBMITTED; ask the cluster's accounting
+            states = {job.id: _slurm_state(job.handle) for job in experiment.jobs}
+        else:
+            states = {job.id: job.state.name for job in experiment.jobs}
     print(f"opsdc launch: {name}: {states}")
-    if any(state != "SUCCEEDED" for state in states.values()):
+    if any(state not in ("SUCCEEDED", "COMPLETED") for state in states.values()):
         sys.exit(1)
 
 
@@ -115,6 +119,19 @@ def slurm_executor(run, plan: JobPlan, args: argparse.Namespace):
         container_image=args.container_image, container_mounts=args.container_mounts,
         tunnel=run.LocalTunnel(job_dir=str(experiments)), packager=run.Packager(),
     )
+
+
+def _slurm_state(handle: str) -> str:
+    """COMPLETED, FAILED, ... of the SLURM job behind a nemo-run handle (its last path component is the job id)."""
+    import subprocess
+
+    job_id = handle.rstrip("/").rsplit("/", 1)[-1]
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)  # right after the end
+    state = re.search(r"\bJobState=(\S+)", shown.stdout)
+    if state:
+        return state.group(1)
+    shown = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    return shown.stdout.strip().split()[0] if shown.stdout.strip() else f"UNKNOWN (job {job_id}: {shown.stderr.strip()})"
 
 
 def _quote(words: list[str]) -> list[str]:
