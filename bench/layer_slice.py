@@ -55,7 +55,7 @@ def build(stack: str, hf_config, device: str) -> torch.nn.Module:
     from megatron.core.models.gpt import GPTModel
 
     from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, transformer_config_from_hf
-    from opsdc_megatron.models.sdpa_attention import gpt_layer_spec
+    from opsdc_megatron.models.layer_spec import gpt_layer_spec
 
     config = transformer_config_from_hf(hf_config, 1, 1, params_dtype=torch.bfloat16)
     if stack == "megatron_sdpa":

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
+
 PAPER_INSTRUCTION_V1 = (
     "Solve the following math problem concisely and correctly. Be direct — avoid unnecessary "
     "elaboration, redundant steps, or restating the problem. Focus only on the key reasoning steps "
@@ -34,6 +36,11 @@ class ModelConfig:
     """Hugging Face model folder (config.json, safetensors, tokenizer) the student starts from."""
     params_dtype: str = "bf16"
     """Training dtype of the student and teacher: bf16 or fp32."""
+    attention_backend: str = "auto"
+    """auto (Transformer Engine's layer when TE imports, else sdpa), te, sdpa (megatron's local layer
+    with torch's fused SDPA attention) or local (megatron's unfused DotProductAttention)."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 through Transformer Engine; output layer and KL stay bf16/fp32."""
 
 
 @dataclass
@@ -214,6 +221,12 @@ def validate(config: RunConfig) -> None:
         )
     if config.model.params_dtype not in ("bf16", "fp32"):
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")
+    if config.model.attention_backend not in ("auto", "te", "sdpa", "local"):
+        raise ConfigError(f"model.attention_backend must be auto, te, sdpa or local, got {config.model.attention_backend!r}")
+    try:
+        check_fp8(config.model.fp8)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.rollout.engine != "hf":
         raise ConfigError(f"rollout.engine: only 'hf' is available, got {config.rollout.engine!r}")
     if config.distill.divergence not in ("reverse_kl", "forward_kl"):

@@ -11,7 +11,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from transformers import Qwen3Config
 
 from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, transformer_config_from_hf
-from opsdc_megatron.models.sdpa_attention import SDPAttention, gpt_layer_spec
+from opsdc_megatron.models.layer_spec import gpt_layer_spec
+from opsdc_megatron.models.sdpa_attention import SDPAttention
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 pytestmark = pytest.mark.parallel

@@ -15,21 +15,14 @@ use), dropout. Anything else raises with the reason.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
-
-ATTENTION_BACKENDS = ("sdpa", "local")
-"""``sdpa``: this module; ``local``: megatron-core's own DotProductAttention (the reference)."""
-
 
 class SDPAttention(MegatronModule):
     """Drop-in core attention for megatron-core's local spec, on torch's fused SDPA kernels."""
@@ -78,14 +71,3 @@ class SDPAttention(MegatronModule):
         )
         # [b, n, s, d] -> [s, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
-
-
-def gpt_layer_spec(attention_backend: str) -> ModuleSpec:
-    """megatron-core's local GPT layer spec (RMSNorm, QK-norm), with the chosen attention core."""
-    if attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    if attention_backend == "sdpa":
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
