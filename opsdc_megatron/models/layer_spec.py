@@ -16,8 +16,8 @@ ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
 with torch's fused SDPA (``SDPAttention``); local: megatron-core's DotProductAttention (the reference)."""
 
 
-def gpt_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
-    """The layer spec for Qwen-style decoders (RMSNorm, QK-norm) with the chosen attention backend."""
+def gpt_layer_spec(attention_backend: str = "auto", qk_layernorm: bool = True) -> ModuleSpec:
+    """The layer spec for RMSNorm decoders (QK-norm for Qwen3) with the chosen attention backend."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
     if attention_backend in ("auto", "te"):
@@ -25,11 +25,11 @@ def gpt_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
         if status.available:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         if attention_backend == "te":
             raise ValueError(f"attention backend 'te' needs Transformer Engine: {status.reason}")
         attention_backend = "sdpa"
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     if attention_backend == "sdpa":
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
