@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from opsdc_megatron import plan
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
 from opsdc_megatron.prompts import PromptFileError
 
@@ -65,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train", help="run OPSDC from a recipe")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    plan.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "plan":
+        plan.plan_command(args)
+    elif args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
         run_demo(Path(args.out), Path(args.cache) if args.cache else None, args.overrides)

@@ -41,6 +41,9 @@ class ModelConfig:
     with torch's fused SDPA attention) or local (megatron's unfused DotProductAttention)."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 through Transformer Engine; output layer and KL stay bf16/fp32."""
+    activation_recompute: str = "none"
+    """none, or full: keep only each layer's input and recompute the layer in backward (about a third
+    more compute; what `opsdc plan` picks when nothing fits without it)."""
 
 
 @dataclass
@@ -223,6 +226,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")
     if config.model.attention_backend not in ("auto", "te", "sdpa", "local"):
         raise ConfigError(f"model.attention_backend must be auto, te, sdpa or local, got {config.model.attention_backend!r}")
+    if config.model.activation_recompute not in ("none", "full"):
+        raise ConfigError(f"model.activation_recompute must be none or full, got {config.model.activation_recompute!r}")
     try:
         check_fp8(config.model.fp8)
     except ValueError as error:
