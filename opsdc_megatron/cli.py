@@ -1,4 +1,5 @@
-"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe.
+"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe;
+`opsdc eval` measures a model on a benchmark; `opsdc report RUN_DIR` renders a run.
 
 Input errors (recipe, prompts, parallel layout) are checked before any process group starts or any
 file is written, and reported as one line naming the problem, with exit status 2.
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
+from opsdc_megatron.eval.command import add_parser as add_eval_parser
+from opsdc_megatron.report import add_parser as add_report_parser
 from opsdc_megatron.prompts import PromptFileError
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
@@ -65,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train", help="run OPSDC from a recipe")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    add_eval_parser(commands)
+    add_report_parser(commands)
     args = parser.parse_args(argv)
+    if hasattr(args, "handler"):
+        args.handler(args)
+        return
     if args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
