@@ -108,3 +108,4 @@ def test_input_errors(toy, tmp_path, capsys):
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(tmp_path / "none.jsonl")], "data file not found")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--samples", "0"], "--samples must be >= 1, got 0")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--layout", "math500"], "line 1: missing field 'problem'")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--prompt-template", "Solve:"], "--prompt-template must contain {problem}")

@@ -89,6 +89,9 @@ def test_file_errors(tmp_path):
     with pytest.raises(DatasetLayoutError, match="data file not found"):
         load_dataset_file(tmp_path / "missing.jsonl")
     (tmp_path / "broken.jsonl").write_text(json.dumps(MATH_ROW) + "\n{oops\n")
-    with pytest.raises(DatasetLayoutError, match=r"broken\.jsonl:2: invalid JSON"):
+    with pytest.raises(PromptFileError, match=r"broken\.jsonl:2: invalid JSON"):
         load_dataset_file(tmp_path / "broken.jsonl")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetLayoutError, match=r"broken\.parquet: not a readable Parquet file"):
+        load_dataset_file(tmp_path / "broken.parquet")
     assert issubclass(DatasetLayoutError, PromptFileError)  # the CLI reports both as input errors

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,6 +64,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=30000, help="response token budget (default 30000)")
     parser.add_argument("--instruction", default="none", choices=INSTRUCTIONS, help="plain prompts, the concise instruction prepended, or both")
     parser.add_argument("--instruction-text", default=PAPER_INSTRUCTION_V1, help="the concise instruction (default: the paper's v1)")
+    parser.add_argument("--prompt-template", default="{problem}",
+                        help="user message around each problem, with {problem} where it goes (default: the problem alone)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     parser.add_argument("--seed", type=int, default=0, help="sample s of every prompt is drawn with seed + s")
     parser.add_argument("--batch-prompts", type=int, default=64, help="prompts per generate call")
@@ -77,13 +80,15 @@ def eval_command(args: argparse.Namespace) -> None:
         for flag, value in (("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit or 1)):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if "{problem}" not in args.prompt_template:
+            raise ValueError(f"--prompt-template must contain {{problem}}, got {args.prompt_template!r}")
         model, data = Path(args.model), Path(args.data)
         check_hf_folder(model)
         layout, records = load_dataset_file(data, args.layout)
     except ValueError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
         sys.exit(2)
-    records = records[: args.limit] if args.limit else records
+    records = [replace(r, prompt=args.prompt_template.replace("{problem}", r.prompt)) for r in records[: args.limit]]
     benchmark = args.name or layout.benchmark or data.stem
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_tokens)
     names = ("none", "concise") if args.instruction == "both" else (args.instruction,)

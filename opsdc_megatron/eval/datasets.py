@@ -18,12 +18,11 @@ DatasetLayoutError naming the file, the row and the missing, unexpected or misty
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from opsdc_megatron.prompts import PromptFileError, PromptRecord
+from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects
 
 
 class DatasetLayoutError(PromptFileError):
@@ -108,23 +107,14 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet
 
-        table = pyarrow.parquet.read_table(path)
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except pyarrow.ArrowException as error:
+            raise DatasetLayoutError(f"{path}: not a readable Parquet file ({error})") from None
         return [(f"row {index}", row) for index, row in enumerate(table.to_pylist(), start=1)]
     if path.suffix != ".jsonl":
         raise DatasetLayoutError(f"{path}: unsupported file type '{path.suffix}': expected .jsonl or .parquet")
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DatasetLayoutError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(row, dict):
-                raise DatasetLayoutError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"line {number}", row))
-    return rows
+    return [(f"line {number}", row) for number, row in read_json_objects(path)]
 
 
 def detect_layout(path: Path, first_row: dict) -> Layout:
