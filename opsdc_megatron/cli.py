@@ -14,8 +14,8 @@ from pathlib import Path
 
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
 from opsdc_megatron.eval.command import add_parser as add_eval_parser
-from opsdc_megatron.report import add_parser as add_report_parser
 from opsdc_megatron.prompts import PromptFileError
+from opsdc_megatron.report import add_parser as add_report_parser
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 """What a bad recipe, model folder or prompt file raises during preflight."""
