@@ -16,15 +16,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from opsdc_megatron.config import PAPER_INSTRUCTION_V1
 from opsdc_megatron.eval.datasets import LAYOUTS, load_dataset_file
-from opsdc_megatron.eval.evaluate import ENGINES, EvalResult, evaluate_model
-from opsdc_megatron.eval.results import write_result
-from opsdc_megatron.rollout.engine import SamplingParams
+
+if TYPE_CHECKING:
+    from opsdc_megatron.eval.evaluate import EvalResult
+
+ENGINES = ("hf",)
+"""Rollout backends `opsdc eval` can start (eval.evaluate.make_engine builds them)."""
 
 INSTRUCTIONS = ("none", "concise", "both")
 
@@ -88,6 +89,13 @@ def eval_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
         sys.exit(2)
+    import torch
+    from rich.console import Console
+
+    from opsdc_megatron.eval.evaluate import evaluate_model
+    from opsdc_megatron.eval.results import write_result
+    from opsdc_megatron.rollout.engine import SamplingParams
+
     records = [replace(r, prompt=args.prompt_template.replace("{problem}", r.prompt)) for r in records[: args.limit]]
     benchmark = args.name or layout.benchmark or data.stem
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_tokens)
@@ -103,6 +111,9 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def print_result(title: str, result: EvalResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     table = Table(title=title)
     for column in ("prompts", "accuracy", "Answer-line only", "boxed only", "mean tokens", "median", "p90", "truncated"):

@@ -121,15 +121,11 @@ def evaluate(
     return summarize(records, responses, samples_per_prompt)
 
 
-ENGINES = ("hf",)
-"""Rollout backends an evaluation can start from a model folder (rollout/)."""
-
-
 def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32) -> RolloutEngine:
     """A rollout engine serving the weights of a Hugging Face folder."""
     if name == "hf":
         return HFRolloutEngine.from_pretrained(str(model_dir), dtype)
-    raise ValueError(f"unknown rollout engine {name!r}, expected one of {', '.join(ENGINES)}")
+    raise ValueError(f"unknown rollout engine {name!r}, expected hf")
 
 
 def evaluate_model(

@@ -13,9 +13,13 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opsdc_megatron.eval.evaluate import EvalResult
+from typing import TYPE_CHECKING
+
 from opsdc_megatron.files import write_text_atomic
-from opsdc_megatron.rollout.engine import SamplingParams
+
+if TYPE_CHECKING:  # annotations only: `opsdc report` reads results without importing torch
+    from opsdc_megatron.eval.evaluate import EvalResult
+    from opsdc_megatron.rollout.engine import SamplingParams
 
 RESPONSES_SUFFIX = ".responses.jsonl"
 
