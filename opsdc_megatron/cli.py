@@ -1,4 +1,5 @@
-"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe.
+"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe;
+`opsdc eval` measures a model on a benchmark; `opsdc report RUN_DIR` renders a run.
 
 Input errors (recipe, prompts, parallel layout) are checked before any process group starts or any
 file is written, and reported as one line naming the problem, with exit status 2.
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from opsdc_megatron import plan
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
+from opsdc_megatron.eval.command import add_parser as add_eval_parser
 from opsdc_megatron.prompts import PromptFileError
+from opsdc_megatron.report import add_parser as add_report_parser
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 """What a bad recipe, model folder or prompt file raises during preflight."""
@@ -67,10 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     plan.add_parser(commands)
+    add_eval_parser(commands)
+    add_report_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "plan":
-        plan.plan_command(args)
-    elif args.command == "demo":
+    if hasattr(args, "handler"):
+        args.handler(args)
+        return
+    if args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
         run_demo(Path(args.out), Path(args.cache) if args.cache else None, args.overrides)

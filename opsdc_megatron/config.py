@@ -8,6 +8,7 @@ Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -127,6 +128,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write every metric to <out_dir>/tensorboard/ as well as metrics.jsonl."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project; set it to log there too (needs `pip install wandb`)."""
+    wandb_run_name: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     out_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,6 +147,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def world_size(self) -> int:
@@ -242,6 +253,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
     if config.eval.every_steps and not config.data.eval_prompts:
         raise ConfigError("eval.every_steps is set but data.eval_prompts is not")
+    if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb_project is set but the wandb package is not installed (pip install wandb)")
 
 
 def to_yaml(config: RunConfig) -> str:

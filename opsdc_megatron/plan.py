@@ -194,6 +194,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--micro-batch-prompts", type=int, default=2)
     plan.add_argument("--unfused-output-layer", action="store_true", help="estimate without distill.fused_output_layer")
     plan.add_argument("--teacher-offload", action="store_true", help="teacher weights streamed from CPU memory")
+    plan.set_defaults(handler=plan_command)
 
 
 def plan_command(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.prompts import write_prompts
@@ -92,6 +93,8 @@ def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):
     out = setup / "tp2"
     evals = [m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 2] and all(e["n"] == 8 for e in evals)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3] and [e.step for e in events.Scalars("eval/accuracy")] == [0, 2]
     assert (out / "best_hf" / "model.safetensors").exists() and (out / "final_hf" / "config.json").exists()
     AutoModelForCausalLM.from_pretrained(out / "final_hf")
     assert (out / "checkpoints" / "latest").read_text() == "step_000003"
@@ -106,6 +109,8 @@ def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
     assert sorted(resumed) == [1, 2, 3]
     for key in ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "teacher_age_steps"):
         assert resumed[3][key] == tp2_run[3][key], key
+    losses = EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train/loss")  # resume purged nothing it kept, wrote step 3 once
+    assert [(e.step, e.value) for e in losses] == [(s, pytest.approx(resumed[s]["loss"])) for s in (1, 2, 3)]
 
 
 def run_cli(setup, out, *overrides):

@@ -11,6 +11,7 @@ training (answers only score the logged accuracy).
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def train(config: RunConfig) -> None:
     elif rank0:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(config))
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"])
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"], log=config.log, run_config=asdict(config))
     pushed = export_hf_state_dict(student)  # the weights the engine serves (and best/final export)
     engine.update_weights(pushed, version=state["step"])
 
