@@ -240,6 +240,9 @@ def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[in
         weight_map = {}
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    missing_files = [file for file in files if not (folder / file).is_file()]
+    if missing_files:
+        raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
     handles = {file: stack.enter_context(safe_open(folder / file, framework="pt", device="cpu")) for file in files}
     shapes: dict[str, tuple[int, ...]] = {}
     for file, handle in handles.items():
@@ -247,6 +250,12 @@ def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[in
             shapes[name] = tuple(handle.get_slice(name).get_shape())
             weight_map.setdefault(name, file)
     return shapes, lambda name: handles[weight_map[name]].get_tensor(name)
+
+
+def hf_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a Hugging Face folder, from the safetensors headers only."""
+    with ExitStack() as stack:
+        return _open_source(folder, stack)[0]
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> None:
