@@ -31,6 +31,10 @@ def preflight(config: RunConfig) -> None:
     if not (hf_path / "config.json").is_file():
         raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
     transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    if config.model.megatron_checkpoint:
+        from opsdc_megatron.convert.checks import check_megatron_checkpoint
+
+        check_megatron_checkpoint(Path(config.model.megatron_checkpoint))
     PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)

@@ -33,8 +33,6 @@ class HFModelFolder:
 def require_new_output(out: Path) -> None:
     if out.exists():
         raise ConversionError(f"{out}: output folder exists; remove it or choose another --out")
-    if not out.parent.is_dir():
-        raise ConversionError(f"{out.parent}: parent folder of --out does not exist")
 
 
 def check_hf_folder(folder: Path) -> HFModelFolder:

@@ -79,7 +79,7 @@ def convert_hf_to_megatron(
             )
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         world_size = tensor_parallel_size * pipeline_parallel_size
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}", "--standalone",

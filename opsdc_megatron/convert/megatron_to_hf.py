@@ -24,6 +24,7 @@ import yaml
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from safetensors.torch import save_file
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -128,7 +129,7 @@ def export_megatron_to_hf(
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         weight_map, total_bytes = {}, 0
         for number, shard in enumerate(shards, start=1):
             file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -197,7 +198,10 @@ def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torc
         buffer = torch.empty(param.shape, dtype=stored_dtype)
         requests += _slices(sharded[name], buffer)
         buffers.append((layout, hf_names, buffer))
-    dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
+    try:
+        dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
+    except CheckpointException as error:
+        raise RuntimeError(f"{reader.path}: reading the checkpoint failed: {error}") from None
     tensors = {}
     for layout, hf_names, buffer in buffers:
         for hf_name, tensor in zip(hf_names, _from_shards(layout, [buffer], geo)):
