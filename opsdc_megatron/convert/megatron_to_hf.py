@@ -79,13 +79,15 @@ class _SliceLoadPlanner(LoadPlanner):
 
 def _slices(sharded: ShardedTensor | ShardedTensorFactory, buffer: torch.Tensor) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
     """(key, global offset, view of `buffer`) for every checkpoint slice one TP=1 parameter is made of."""
-    sharded.data = buffer
-    pieces = sharded.build() if isinstance(sharded, ShardedTensorFactory) else [sharded]
-    requests = []
-    for piece in pieces:
-        view = piece.data.view((1,) * piece.prepend_axis_num + tuple(piece.local_shape))
-        requests.append((piece.key, tuple(piece.global_offset), view))
-    return requests
+    meta, sharded.data = sharded.data, buffer
+    try:
+        pieces = sharded.build() if isinstance(sharded, ShardedTensorFactory) else [sharded]
+        return [
+            (piece.key, tuple(piece.global_offset), piece.data.view((1,) * piece.prepend_axis_num + tuple(piece.local_shape)))
+            for piece in pieces
+        ]
+    finally:
+        sharded.data = meta  # the caller owns the buffer; the model's state dict keeps no reference
 
 
 def find_hf_config(ckpt: Path) -> Path:
@@ -193,7 +195,7 @@ def _plan_shards(entries, geo: _Geometry, dtype: torch.dtype, max_shard_bytes: i
 def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The HF tensors of one output file: one torch.distributed.checkpoint read of their slices."""
     buffers: list[tuple[Layout, tuple[str, ...], torch.Tensor]] = []
-    requests = []
+    requests: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
     for name, layout, hf_names, param in shard:
         buffer = torch.empty(param.shape, dtype=stored_dtype)
         requests += _slices(sharded[name], buffer)
@@ -202,10 +204,13 @@ def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torc
         dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
     except CheckpointException as error:
         raise RuntimeError(f"{reader.path}: reading the checkpoint failed: {error}") from None
+    del requests  # views of the buffers
     tensors = {}
-    for layout, hf_names, buffer in buffers:
+    while buffers:  # each megatron buffer is released as soon as its HF tensors exist
+        layout, hf_names, buffer = buffers.pop(0)
         for hf_name, tensor in zip(hf_names, _from_shards(layout, [buffer], geo)):
             tensors[hf_name] = tensor.to(out_dtype).contiguous()
+        del buffer
     return tensors
 
 
