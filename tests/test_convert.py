@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opsdc_megatron.cli import main
+from opsdc_megatron.prompts import write_prompts
+from opsdc_megatron.toy.task import toy_prompts
 from tests.launch import torchrun
 from tests.tiny_models import SHARDED_INPUT, TINY_MODELS, VOCAB, save_tiny_model
 
@@ -105,6 +109,20 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     save_tiny_model("qwen2", other, seed=7)
     status, output = run_cli(capsys, "verify", "--hf", str(other), "--ckpt", str(ckpt))
     assert status == 1 and ": FAIL" in output, output[-3000:]
+
+    # `opsdc train` starts from the converted checkpoint, not from model.hf_path's weights: with lr=0
+    # the final export equals the converted model bit for bit, though hf_path holds another model
+    write_prompts(tmp_path / "prompts.jsonl", toy_prompts(0, 4, "train"))
+    run = tmp_path / "run"
+    overrides = [
+        f"out_dir={run}", f"model.hf_path={other}", f"model.megatron_checkpoint={ckpt}", f"data.train_prompts={tmp_path / 'prompts.jsonl'}",
+        "parallel.tensor_parallel_size=1", "train.steps=1", "train.lr=0.0", "train.global_batch_prompts=4",
+        "rollout.max_response_tokens=8", "rollout.generation_batch_prompts=4", "eval.every_steps=0",
+    ]
+    trained = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *overrides], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-6000:]
+    final = safetensors_state(run / "final_hf")
+    assert all(torch.equal(final[key], original[key]) for key in original)
 
     # a config of another architecture, a folder that is no checkpoint, an unreadable checkpoint
     status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out_mismatch"), "--hf-config", str(hf_models / "qwen3_untied"))

@@ -33,6 +33,7 @@ from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import COPIED_FILES
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config, transformer_config_from_hf
 from opsdc_megatron.models.qwen3.state_dict_adapter import load_hf_weights
+from opsdc_megatron.models.registry import architecture_of
 
 HF_FILES = "hf"
 """Subfolder of a converted checkpoint with the source's config and tokenizer files."""
@@ -91,7 +92,7 @@ def convert_hf_to_megatron(
             raise RuntimeError(f"conversion processes failed (see their output above); nothing written to {out}")
         copy_hf_files(hf_dir, tmp / HF_FILES)
         record = {
-            "source": str(hf_dir.resolve()), "architecture": type(source.config).__name__.removesuffix("Config"),
+            "source": str(hf_dir.resolve()), "architecture": architecture_of(source.config.to_dict()).name,
             "tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
             "virtual_pipeline_size": virtual_pipeline_size, "params_dtype": _dtype_name(source.weights_dtype),
         }
