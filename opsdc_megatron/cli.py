@@ -14,6 +14,7 @@ from pathlib import Path
 
 from opsdc_megatron import plan
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
+from opsdc_megatron.convert import cli as convert_cli
 from opsdc_megatron.eval.command import add_parser as add_eval_parser
 from opsdc_megatron.prompts import PromptFileError
 from opsdc_megatron.report import add_parser as add_report_parser
@@ -34,6 +35,10 @@ def preflight(config: RunConfig) -> None:
     if not (hf_path / "config.json").is_file():
         raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
     transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    if config.model.megatron_checkpoint:
+        from opsdc_megatron.convert.checks import check_megatron_checkpoint
+
+        check_megatron_checkpoint(Path(config.model.megatron_checkpoint))
     PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)
@@ -70,13 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     plan.add_parser(commands)
+    convert_cli.add_parser(commands)
     add_eval_parser(commands)
     add_report_parser(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "handler"):
         args.handler(args)
         return
-    if args.command == "demo":
+    if args.command == "convert":
+        convert_cli.run(args)
+    elif args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
         run_demo(Path(args.out), Path(args.cache) if args.cache else None, args.overrides)

@@ -35,6 +35,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_path: str = MISSING
     """Hugging Face model folder (config.json, safetensors, tokenizer) the student starts from."""
+    megatron_checkpoint: Optional[str] = None
+    """If set, the student's initial weights come from this torch_dist checkpoint (`opsdc convert
+    hf-to-megatron`, any TP/PP layout) instead of hf_path's safetensors; config and tokenizer still from hf_path."""
     params_dtype: str = "bf16"
     """Training dtype of the student and teacher: bf16 or fp32."""
     attention_backend: str = "auto"

@@ -269,6 +269,37 @@ def _replace_clip_grad(module_name: str) -> None:
     module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
 
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Activation recomputation saves "the GPU's" RNG state around each recomputed layer: the CPU's."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+# megatron's activation recomputation (tensor_parallel.random.CheckpointFunction) saves and restores
+# the CUDA RNG state through these two functions; their signatures are checked before replacing.
+_RNG_STATE_FUNCTIONS = {
+    "_get_cuda_rng_state": (_cpu_get_rng_state, ("device", "clone", "graph_safe")),
+    "_set_cuda_rng_state": (_cpu_set_rng_state, ("new_state", "device", "graph_safe")),
+}
+
+
+def _replace_rng_state_functions() -> None:
+    random = _import("megatron.core.tensor_parallel.random")
+    for name, (replacement, parameters) in _RNG_STATE_FUNCTIONS.items():
+        upstream = getattr(random, name, None)
+        if upstream is replacement:
+            continue
+        if upstream is None or tuple(inspect.signature(upstream).parameters) != parameters:
+            raise RuntimeError(
+                f"opsdc_megatron.cpu_platform: megatron.core.tensor_parallel.random.{name} is missing or its "
+                f"parameters changed (expected {parameters}); update the CPU RNG-state adaptation"
+            )
+        setattr(random, name, replacement)
+
+
 def apply_cpu_platform() -> None:
     """Adapt megatron-core's CUDA-only code paths to CPU; idempotent, a no-op when CUDA is present.
 
@@ -291,3 +322,4 @@ def apply_cpu_platform() -> None:
         )
     for module_name in _CLIP_GRAD_MODULES:
         _replace_clip_grad(module_name)
+    _replace_rng_state_functions()

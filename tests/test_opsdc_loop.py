@@ -87,6 +87,12 @@ def test_fused_output_layer_tp2_matches_unfused_tp1(setup, tp1_run):
     assert_same_run(tp1_run, fused)
 
 
+def test_full_activation_recompute_matches(setup, tp1_run):
+    """model.activation_recompute=full (megatron's uniform, one-layer recompute) changes no number."""
+    recomputed = train(setup, setup / "recompute", "train.steps=3", "parallel.tensor_parallel_size=1", "model.activation_recompute=full")
+    assert_same_run(tp1_run, recomputed)
+
+
 def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):
     assert [tp2_run[s]["teacher_refreshed"] for s in (1, 2, 3)] == [False, True, False]
     assert [tp2_run[s]["teacher_age_steps"] for s in (1, 2, 3)] == [1, 0, 1]

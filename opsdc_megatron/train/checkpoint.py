@@ -75,3 +75,12 @@ def load_checkpoint(path: Path, ddp, optimizer, teacher: TeacherSnapshot) -> dic
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher.age_steps = trainer_state["teacher_age_steps"]
     return trainer_state
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Collective: a model's weights from a torch_dist checkpoint of any TP/PP layout, in place.
+
+    The checkpoint may hold only the model (`opsdc convert hf-to-megatron`) or be a training
+    checkpoint (its student is read; optimizer and teacher are ignored).
+    """
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))

@@ -33,7 +33,7 @@ from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts
 from opsdc_megatron.rollout.engine import SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
-from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.prompt_stream import PromptStream
 from opsdc_megatron.train.step import optimizer_step, wrap_for_training
@@ -61,10 +61,16 @@ def train(config: RunConfig) -> None:
     hf_config = AutoConfig.from_pretrained(config.model.hf_path)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.model.params_dtype]
     tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
-    student = build_gpt_model(hf_config, tp, pp, params_dtype=dtype)
-    load_hf_weights(student, config.model.hf_path)
+    model_options = dict(
+        attention_backend=config.model.attention_backend, fp8=config.model.fp8, activation_recompute=config.model.activation_recompute
+    )
+    student = build_gpt_model(hf_config, tp, pp, params_dtype=dtype, **model_options)
+    if config.model.megatron_checkpoint:
+        load_model_weights(Path(config.model.megatron_checkpoint), student)
+    else:
+        load_hf_weights(student, config.model.hf_path)
     ddp, optimizer = wrap_for_training(student, config.train)
-    teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype), config.distill.teacher_refresh_every)
+    teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype, **model_options), config.distill.teacher_refresh_every)
     teacher.copy_from(student)
     forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size, config.distill.fused_output_layer)
     engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
