@@ -79,11 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     add_eval_parser(commands)
     add_report_parser(commands)
     args = parser.parse_args(argv)
-    if hasattr(args, "handler"):
-        args.handler(args)
-        return
     if args.command == "convert":
-        convert_cli.run(args)
+        convert_cli.run(args)  # maps conversion errors to exit statuses around the subcommand's handler
+    elif hasattr(args, "handler"):
+        args.handler(args)
     elif args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
