@@ -79,7 +79,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     base = free_port_pair()
-    settings = cpu_settings(str(tiny_model), base_port=base, log_dir=str(tmp_path_factory.mktemp("sglang_logs")), max_total_tokens=4096)
+    settings = cpu_settings(str(tiny_model), base_port=base, log_dir=str(tmp_path_factory.mktemp("sglang_logs")), max_total_tokens=4096,
+        startup_timeout_s=900,  # ~30 s each on an idle 2-core machine; minutes when it is shared
+    )
     with ServerFleet(settings, num_servers=2, router_port=base + 2) as running:
         yield running
 

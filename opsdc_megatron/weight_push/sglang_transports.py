@@ -30,7 +30,8 @@ import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
@@ -71,6 +72,16 @@ class WeightTransport(ABC):
     def close(self) -> None:
         for url in list(getattr(self, "_groups", {})):
             self.disconnect(url)
+
+    @contextmanager
+    def _update_session(self, urls: list[str]) -> Iterator[None]:
+        """`/begin_weight_update` ... `/end_weight_update`: SGLang 0.5.23 refuses tensor and distributed
+        updates outside such a session (400); it is closed even when a bucket fails, so the next push can open one."""
+        self._post_all(urls, "/begin_weight_update", lambda url: {}, "begin_weight_update")
+        try:
+            yield
+        finally:
+            self._post_all(urls, "/end_weight_update", lambda url: {}, "end_weight_update")
 
     def _post_all(self, urls: list[str], path: str, payload_for: Callable[[str], dict], what: str) -> None:
         """The same kind of call to every server at once; raises naming each failed server."""
@@ -113,27 +124,25 @@ class TensorTransport(WeightTransport):
         torch.multiprocessing.set_sharing_strategy("file_system")
 
     def push(self, servers: Mapping[str, int], state_dict: Mapping[str, torch.Tensor], version: str) -> None:
-        urls = list(servers)
-        self._post_all(urls, "/begin_weight_update", lambda url: {}, "begin_weight_update")
         parts = list(buckets(state_dict, self.bucket_bytes))
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            cpu_part = [(name, tensor.detach().cpu()) for name, tensor in part]
-            payload_object = flattened_bucket(cpu_part) if self.flattened else cpu_part
-            serialized = serialize_for_sglang(payload_object)
-            body = {
-                "load_format": "flattened_bucket" if self.flattened else None,
-                "flush_cache": last,
-                "weight_version": version if last else None,
-            }
-            self._post_all(
-                urls, "/update_weights_from_tensor",
-                lambda url: {**body, "serialized_named_tensors": [serialized] * servers[url]},
-                f"update_weights_from_tensor (bucket {index + 1}/{len(parts)}, version {version})",
-            )
-            # Dropping the last reference unlinks the shared-memory file.
-            del payload_object, serialized, cpu_part
-        self._post_all(urls, "/end_weight_update", lambda url: {}, "end_weight_update")
+        with self._update_session(list(servers)):
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                cpu_part = [(name, tensor.detach().cpu()) for name, tensor in part]
+                payload_object = flattened_bucket(cpu_part) if self.flattened else cpu_part
+                serialized = serialize_for_sglang(payload_object)
+                body = {
+                    "load_format": "flattened_bucket" if self.flattened else None,
+                    "flush_cache": last,
+                    "weight_version": version if last else None,
+                }
+                self._post_all(
+                    list(servers), "/update_weights_from_tensor",
+                    lambda url: {**body, "serialized_named_tensors": [serialized] * servers[url]},
+                    f"update_weights_from_tensor (bucket {index + 1}/{len(parts)}, version {version})",
+                )
+                # Dropping the last reference unlinks the shared-memory file.
+                del payload_object, serialized, cpu_part
 
 
 def _free_port() -> int:
@@ -217,28 +226,45 @@ class DistributedTransport(WeightTransport):
         if missing:
             raise WeightPushError(f"no weight-update group with {missing}: connect() first")
         parts = list(buckets(state_dict, self.bucket_bytes))
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            flat = torch.cat([t.detach().reshape(-1) for _, t in part]).to(self.device)
-            announce = {
-                "names": [name for name, _ in part],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in part],
-                "shapes": [list(t.shape) for _, t in part],
-                "load_format": "flattened_bucket",
-                "flush_cache": last,
-                "weight_version": version if last else None,
+        with self._update_session(list(servers)):
+            for index, part in enumerate(parts):
+                self._broadcast_bucket(servers, part, version if index == len(parts) - 1 else None, f"bucket {index + 1}/{len(parts)}, version {version}")
+
+    def _broadcast_bucket(self, servers: Mapping[str, int], part: list[tuple[str, torch.Tensor]], version: str | None, what: str) -> None:
+        """Announces the bucket to every server and broadcasts it as one flattened tensor per group.
+
+        The broadcasts are issued asynchronously and awaited only after every server has answered
+        its request: a server that refuses the request never joins the broadcast, and a blocking
+        broadcast would then wait out the group's whole timeout.
+        """
+        flat = torch.cat([t.detach().reshape(-1) for _, t in part]).to(self.device)
+        announce = {
+            "names": [name for name, _ in part],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in part],
+            "shapes": [list(t.shape) for _, t in part],
+            "load_format": "flattened_bucket",
+            "flush_cache": version is not None,
+            "weight_version": version,
+        }
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            calls = {
+                url: pool.submit(post_json, f"{url}/update_weights_from_distributed", {**announce, "group_name": self._groups[url][0]}, self.timeout_s)
+                for url in servers
             }
-            with ThreadPoolExecutor(max_workers=len(servers)) as pool:
-                calls = [
-                    pool.submit(post_json, f"{url}/update_weights_from_distributed", {**announce, "group_name": self._groups[url][0]}, self.timeout_s)
-                    for url in servers
-                ]
-                for url in servers:
-                    dist.broadcast(flat, src=0, group=self._groups[url][1])
-                answers = [(url, call.result()) for url, call in zip(servers, calls)]
-            failed = [f"{url}: {a.get('message')}" for url, a in answers if a.get("success") is False]
-            if failed:
-                raise WeightPushError(f"update_weights_from_distributed (bucket {index + 1}/{len(parts)}, version {version}): " + "; ".join(failed))
+            works = {url: dist.broadcast(flat, src=0, group=self._groups[url][1], async_op=True) for url in servers}
+            failed = []
+            for url, call in calls.items():
+                try:
+                    answer = call.result()
+                except (ConnectionError, ValueError) as error:
+                    answer = {"success": False, "message": str(error)}
+                if answer.get("success") is False:
+                    failed.append(f"{url}: {answer.get('message')}")
+                    self._groups.pop(url, None)  # its broadcast can never complete: drop the group
+                else:
+                    works[url].wait()
+        if failed:
+            raise WeightPushError(f"update_weights_from_distributed ({what}) failed: " + "; ".join(failed))
 
 
 class DiskTransport(WeightTransport):

@@ -17,7 +17,6 @@ attention and sampling, a bounded KV cache, no warm-up, an idle scheduler that s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -82,11 +81,6 @@ def _slurm_nodes() -> list[str]:
         return []
     output = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
     return output.stdout.split()
-
-
-def _get_json(url: str, timeout_s: float) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        return json.loads(response.read() or b"{}")
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:
@@ -171,7 +165,7 @@ class SGLangServer(ManagedProcess):
         self.port = settings.base_port + index
         self.host = host_node or settings.host
         self.url = f"http://{self.host}:{self.port}"
-        super().__init__(f"SGLang server {index} ({self.url})", self._command(host_node), self._env(), log_dir / f"server_{index}.log", f"{self.url}/health")
+        super().__init__(f"SGLang server {index} ({self.url})", self._command(host_node), self._env(host_node), log_dir / f"server_{index}.log", f"{self.url}/health")
 
     def _command(self, host_node: str | None) -> list[str]:
         s = self.settings
@@ -199,14 +193,14 @@ class SGLangServer(ManagedProcess):
             command = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host_node}", *gpus, *command]
         return command
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, host_node: str | None) -> dict[str, str]:
         env = dict(os.environ)
         s = self.settings
         if s.on_cpu:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUB_DIR), env.get("PYTHONPATH", "")) if p)
             env.setdefault("OMP_NUM_THREADS", "1")
-        elif "CUDA_VISIBLE_DEVICES" not in env or self.index > 0:
+        elif host_node is None:  # under SLURM, srun --gpus binds the server's GPUs itself
             visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(torch.cuda.device_count()))).split(",")
             tp = s.tensor_parallel_size
             group = visible[self.index * tp : (self.index + 1) * tp]
@@ -214,9 +208,6 @@ class SGLangServer(ManagedProcess):
                 raise ValueError(f"server {self.index} needs GPUs {self.index * tp}..{(self.index + 1) * tp - 1}, only {len(visible)} visible")
             env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
         return env
-
-    def model_info(self, timeout_s: float = 10.0) -> dict:
-        return _get_json(f"{self.url}/model_info", timeout_s)
 
 
 class SGLangRouter(ManagedProcess):
