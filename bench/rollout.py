@@ -11,8 +11,9 @@ Both in one run on the same machine (ratios, not absolute numbers, are what tran
    state dict is pushed by each transport (tensor = shared memory, distributed = gloo broadcast,
    disk = safetensors + reload), `--reps` times; seconds per GB pushed, best of the repetitions.
 
-Usage: .venv/bin/python bench/rollout.py [--cache .cache] [--out runs/bench_rollout.json]
-Needs .venv-sglang (make env-sglang). Starts at most one server at a time.
+Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/rollout.py [--cache .cache] [--out runs/bench_rollout.json]
+(the servers run with OMP_NUM_THREADS=1 on CPU; give the in-process engine the same). Needs .venv-sglang
+(make env-sglang). Starts at most one server at a time.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def rollout_speed(model_dir: Path, prompts: int, block: int, max_new_tokens: int
 
     settings = cpu_settings(str(model_dir), base_port=free_port(), log_dir=str(log_dir), max_running_requests=block)
     with ServerFleet(settings, 1) as fleet:
-        engine = SGLangRolloutEngine(fleet, TensorTransport(), [tokenizer.eos_token_id], len(tokenizer), max_concurrent_requests=block)
+        engine = SGLangRolloutEngine(fleet, TensorTransport(), [tokenizer.eos_token_id], hf.model.config.vocab_size, max_concurrent_requests=block)
         engine.update_weights(hf.model.state_dict(), version=0)
         seconds, rollouts = timed(lambda: engine.generate(prompt_ids, sampling, seed=1), reps)
         tokens = sum(len(r.response_ids) for r in rollouts)
@@ -126,7 +127,6 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="runs/bench_rollout.json")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
         work = Path(tmp)
         speed = rollout_speed(ensure_base_model(Path(args.cache)), args.prompts, args.block, args.max_new_tokens, args.reps, work / "logs")
@@ -136,6 +136,7 @@ def main() -> None:
         "rollout": speed, "weight_push": push,
     }
     print(json.dumps(report, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(args.out), json.dumps(report, indent=2))
 
 

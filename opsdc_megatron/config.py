@@ -78,6 +78,8 @@ class SGLangConfig:
     max_concurrent_requests: int = 64
     """Rollout requests in flight over all servers."""
     request_timeout_s: float = 600.0
+    stall_timeout_s: float = 60.0
+    """A server with requests in flight that answers none for this long is probed; if hung, restarted."""
     max_attempts: int = 3
     """Sends per prompt before the step fails (a failed server's prompts go to the others)."""
     startup_timeout_s: float = 300.0

@@ -10,6 +10,8 @@ Needs .venv-sglang (make env-sglang).
 from __future__ import annotations
 
 import http.server
+import os
+import signal
 import socket
 import threading
 import time
@@ -235,6 +237,28 @@ def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, traine
     assert engine.restarts == 1 and fleet.servers[0].alive()
     assert post_json(f"{fleet.urls[0]}/model_info", None, 10)["weight_version"] == "4"
     assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 4)
+
+
+def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trainer) -> None:
+    """Server 1 is frozen (SIGSTOP: connections stay open, nothing answers) while the batch runs."""
+    from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
+
+    engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, stall_timeout_s=5, backoff_s=0.2)
+    engine.update_weights(export_hf_state_dict(trainer[0]), version=5)
+    prompts = [[2 + (i % 120), 5 + (i * 11) % 120] for i in range(48)]
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(results=engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=6)))
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive(), "the batch finished before the hang: make it longer"
+    os.killpg(fleet.servers[1].process.pid, signal.SIGSTOP)
+    worker.join(timeout=600)
+    assert not worker.is_alive() and "results" in outcome
+    ids = [r.rollout_id for r in outcome["results"]]
+    assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts)))
+    assert any(not rid.endswith("-a0") for rid in ids) and all(r.weight_version == "5" for r in outcome["results"])
+    engine.wait_for_recovery()
+    assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
 
 
 # ---------------------------------------------------------------------------------- bad input

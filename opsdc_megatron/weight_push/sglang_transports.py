@@ -142,7 +142,7 @@ class TensorTransport(WeightTransport):
                     f"update_weights_from_tensor (bucket {index + 1}/{len(parts)}, version {version})",
                 )
                 # Dropping the last reference unlinks the shared-memory file.
-                del payload_object, serialized, cpu_part
+                del payload_object, cpu_part
 
 
 def _free_port() -> int:

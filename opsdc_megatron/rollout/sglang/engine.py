@@ -10,7 +10,9 @@ Design choices:
   with exponential backoff, at most `max_attempts` times; only the first answer of a prompt is kept,
   so each prompt is answered exactly once. A 4xx answer is the request's own fault: it is raised.
 * A server that fails its health probe (dead process, or no /health answer within 5 s: hung) leaves
-  the pool; the engine owning the fleet restarts it in the background, reconnects the transport and
+  the pool. The probe runs when a request to it fails, and when it has requests in flight but has
+  answered none for `stall_timeout_s` (a hang that keeps connections open); its requests are resent.
+  The engine owning the fleet restarts it in the background, reconnects the transport and
   pushes the current weights before it takes requests again.
 * Every answer carries the server's weight version; an answer made with any other version than the
   last pushed one (or with two versions, i.e. a push mid-request) raises `StaleRolloutError`.
@@ -24,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -76,6 +78,7 @@ class SGLangRolloutEngine(RolloutEngine):
         request_timeout_s: float = 600.0,
         max_attempts: int = 3,
         backoff_s: float = 0.5,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         # The owner (one per job: the fleet's launcher, trainer rank 0) pushes weights and restarts
         # failed servers; other trainer ranks get the URLs only and just send rollouts.
@@ -87,7 +90,7 @@ class SGLangRolloutEngine(RolloutEngine):
         self.stop_token_ids = tuple(stop_token_ids)
         self.vocab_size = vocab_size
         self.max_concurrent_requests, self.request_timeout_s = max_concurrent_requests, request_timeout_s
-        self.max_attempts, self.backoff_s = max_attempts, backoff_s
+        self.max_attempts, self.backoff_s, self.stall_timeout_s = max_attempts, backoff_s, stall_timeout_s
         self.tag = uuid.uuid4().hex[:8]
         self._version = -1
         self._pushed: Mapping[str, torch.Tensor] | None = None
@@ -226,14 +229,25 @@ class SGLangRolloutEngine(RolloutEngine):
         return min(healthy, key=lambda i: in_flight.get(i, 0)) if healthy else None
 
     def _dispatch(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> dict[int, GenerateResult]:
-        """Every prompt answered exactly once, whatever servers fail meanwhile."""
+        """Every prompt answered exactly once, whatever servers fail or hang meanwhile."""
         pending: deque[tuple[float, int]] = deque((0.0, i) for i in range(len(prompt_ids)))
         attempts = [0] * len(prompt_ids)
         errors: list[list[str]] = [[] for _ in prompt_ids]
         results: dict[int, GenerateResult] = {}
         in_flight: dict[int, int] = {}
+        last_progress: dict[int, float] = {}
+        """Per server: when it last answered (or got work while idle); stalls are measured from it."""
         running: dict[Future, tuple[int, int]] = {}
-        with ThreadPoolExecutor(max_workers=self.max_concurrent_requests) as pool:
+
+        def retry(i: int, error: str) -> None:
+            errors[i].append(error)
+            if attempts[i] >= self.max_attempts:
+                raise RolloutFailedError(f"prompt {i}: no answer after {attempts[i]} attempts: {errors[i]}")
+            pending.append((time.monotonic() + self.backoff_s * 2 ** (attempts[i] - 1), i))
+
+        # Not a `with` block: a hung server's requests are abandoned, and their threads must not be waited for.
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrent_requests)
+        try:
             while pending or running:
                 if self._recovery_errors:
                     self.wait_for_recovery()
@@ -251,6 +265,8 @@ class SGLangRolloutEngine(RolloutEngine):
                         seed=(seed * 1_000_003 + i) % 2**63,
                     )
                     attempts[i] += 1
+                    if not in_flight.get(server):
+                        last_progress[server] = now
                     in_flight[server] = in_flight.get(server, 0) + 1
                     running[pool.submit(generate_one, self.urls[server], request, self.request_timeout_s)] = (i, server)
                 if not running:
@@ -262,22 +278,42 @@ class SGLangRolloutEngine(RolloutEngine):
                 for future in done:
                     i, server = running.pop(future)
                     in_flight[server] -= 1
+                    last_progress[server] = time.monotonic()
                     try:
                         result = future.result()
                     except ServerRejected as error:
                         raise ServerRejected(f"prompt {i}: {error}") from None
                     except ServerUnavailable as error:
-                        errors[i].append(str(error))
-                        if attempts[i] >= self.max_attempts:
-                            raise RolloutFailedError(f"prompt {i}: no answer after {attempts[i]} attempts: {errors[i]}") from None
                         if server in self._healthy and not self._server_ok(server):
                             self._mark_failed(server)
-                        pending.append((time.monotonic() + self.backoff_s * 2 ** (attempts[i] - 1), i))
+                        retry(i, str(error))
                         continue
                     if i in results:
                         raise RuntimeError(f"prompt {i} answered twice ({results[i].rollout_id}, {result.rollout_id})")
                     results[i] = result
+                self._abandon_stalled(running, in_flight, last_progress, retry)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         return results
+
+    def _abandon_stalled(
+        self, running: dict[Future, tuple[int, int]], in_flight: dict[int, int], last_progress: dict[int, float], retry: Callable[[int, str], None]
+    ) -> None:
+        """A server with work but no answer for stall_timeout_s is probed; if it fails the probe (hung), it
+        leaves the pool and its requests are sent elsewhere (their late answers, if any, are ignored)."""
+        now = time.monotonic()
+        for server, count in list(in_flight.items()):
+            if count == 0 or server not in self._healthy or now - last_progress[server] < self.stall_timeout_s:
+                continue
+            if self._server_ok(server):
+                last_progress[server] = now  # slow, not hung
+                continue
+            self._mark_failed(server)
+            for future, (i, owner) in list(running.items()):
+                if owner == server:
+                    running.pop(future)
+                    in_flight[server] -= 1
+                    retry(i, f"{self.urls[server]} made no progress for {self.stall_timeout_s:.0f} s and failed its health probe")
 
     def close(self) -> None:
         """Waits for restarts in progress, then closes the transport's groups and stops the servers (owner only)."""

@@ -143,6 +143,7 @@ class ManagedProcess:
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.process.pid, signal.SIGCONT)  # a stopped (hung) group must run to terminate
             except ProcessLookupError:
                 pass
             try:

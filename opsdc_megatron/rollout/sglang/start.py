@@ -50,7 +50,7 @@ def start_sglang_engine(config: RunConfig, stop_token_ids: list[int], vocab_size
         raise RuntimeError("rank 0 could not start the SGLang servers (see its error)")
     engine_args = dict(
         stop_token_ids=stop_token_ids, vocab_size=vocab_size, max_concurrent_requests=s.max_concurrent_requests,
-        request_timeout_s=s.request_timeout_s, max_attempts=s.max_attempts,
+        request_timeout_s=s.request_timeout_s, max_attempts=s.max_attempts, stall_timeout_s=s.stall_timeout_s,
     )
     if not owner:
         return SGLangRolloutEngine(urls, None, **engine_args)
