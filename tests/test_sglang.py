@@ -329,7 +329,7 @@ def test_config_selects_and_checks_the_sglang_engine(tiny_model: Path, tmp_path:
     base = [f"out_dir={tmp_path}", f"model.hf_path={tiny_model}", "data.train_prompts=x.jsonl", "rollout.engine=sglang"]
     config = load_config(None, [*base, "model.params_dtype=fp32", "rollout.sglang.num_servers=2", "rollout.sglang.weight_transport=disk"])
     settings = server_settings(config)
-    assert (settings.dtype, settings.model_path, config.rollout.sglang.num_servers) == ("float32", str(tiny_model), 2)
+    assert (settings.dtype, settings.model_path, config.rollout.sglang.num_servers) == ("float32", str(tiny_model.resolve()), 2)
     with pytest.raises(ConfigError, match="rollout.sglang.weight_transport must be tensor, distributed or disk, got 'nccl'"):
         load_config(None, [*base, "rollout.sglang.weight_transport=nccl"])
     with pytest.raises(ConfigError, match="rollout.engine must be hf or sglang, got 'vllm'"):

@@ -20,7 +20,7 @@ def server_settings(config: RunConfig) -> ServerSettings:
     s = config.rollout.sglang
     dtype = s.dtype if s.dtype != "auto" else {"fp32": "float32", "bf16": "bfloat16"}[config.model.params_dtype]
     return ServerSettings(
-        model_path=config.model.hf_path, tensor_parallel_size=s.tensor_parallel_size, dtype=dtype,
+        model_path=str(Path(config.model.hf_path).resolve()), tensor_parallel_size=s.tensor_parallel_size, dtype=dtype,
         mem_fraction_static=s.mem_fraction_static, max_total_tokens=s.max_total_tokens, base_port=s.base_port,
         python=s.python or str(DEFAULT_SGLANG_PYTHON), startup_timeout_s=s.startup_timeout_s,
         log_dir=str(Path(config.out_dir) / "sglang_logs"),
