@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="build the toy base model, run OPSDC at TP=2 on CPU, compare before/after")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--cache", default=None, help="where the toy base model is cached (default: ~/.cache/opsdc-megatron)")
+    demo.add_argument("--rollout", choices=("hf", "sglang"), default="hf", help="rollout engine: in-process transformers (default) or a local SGLang server (make env-sglang)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of recipes/toy_cpu.yaml, e.g. train.steps=20")
     train = commands.add_parser("train", help="run OPSDC from a recipe")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
-        run_demo(Path(args.out), Path(args.cache) if args.cache else None, args.overrides)
+        run_demo(Path(args.out), Path(args.cache) if args.cache else None, [f"rollout.engine={args.rollout}", *args.overrides])
     else:
         train_command(args.recipe, args.overrides)
 

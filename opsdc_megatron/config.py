@@ -69,9 +69,42 @@ class DataConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """SGLang rollout servers (rollout.engine = sglang); see opsdc_megatron/rollout/sglang/."""
+
+    num_servers: int = 1
+    tensor_parallel_size: int = 1
+    """GPUs per server; 1 on CPU."""
+    base_port: int = 30000
+    """Server i listens on base_port + i."""
+    router_port: int = 0
+    """Port of sglang-router in front of the servers (for clients outside the trainer); 0 = no router."""
+    dtype: str = "auto"
+    """SGLang --dtype: auto, float32, bfloat16, float16."""
+    mem_fraction_static: Optional[float] = None
+    """GPU memory fraction for weights + KV cache; null = SGLang's default."""
+    max_total_tokens: Optional[int] = None
+    """KV-cache tokens per server; null = SGLang's default on GPU, 8192 on CPU."""
+    weight_transport: str = "tensor"
+    """tensor (colocated, shared memory), distributed (broadcast group: NCCL on GPU, gloo on CPU) or disk."""
+    bucket_mib: int = 512
+    """Weight-push bucket size in MiB."""
+    max_concurrent_requests: int = 64
+    """Rollout requests in flight over all servers."""
+    request_timeout_s: float = 600.0
+    stall_timeout_s: float = 60.0
+    """A server with requests in flight that answers none for this long is probed; if hung, restarted."""
+    max_attempts: int = 3
+    """Sends per prompt before the step fails (a failed server's prompts go to the others)."""
+    startup_timeout_s: float = 300.0
+    python: Optional[str] = None
+    """Interpreter of the SGLang environment; null = .venv-sglang/bin/python of this checkout."""
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"
-    """hf: in-process transformers generation fed with the trainer's weights."""
+    """hf: in-process transformers generation fed with the trainer's weights; sglang: SGLang servers."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -79,6 +112,7 @@ class RolloutConfig:
     max_response_tokens: int = 8192
     generation_batch_prompts: int = 64
     """Prompts per generate call (a block); blocks are dealt to ranks, each seeded on its own."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass
@@ -246,8 +280,13 @@ def validate(config: RunConfig) -> None:
         check_fp8(config.model.fp8)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine: only 'hf' is available, got {config.rollout.engine!r}")
+    if config.rollout.engine not in ("hf", "sglang"):
+        raise ConfigError(f"rollout.engine must be hf or sglang, got {config.rollout.engine!r}")
+    if config.rollout.sglang.weight_transport not in ("tensor", "distributed", "disk"):
+        raise ConfigError(f"rollout.sglang.weight_transport must be tensor, distributed or disk, got {config.rollout.sglang.weight_transport!r}")
+    for key in ("num_servers", "tensor_parallel_size", "bucket_mib", "max_concurrent_requests", "max_attempts"):
+        if getattr(config.rollout.sglang, key) < 1:
+            raise ConfigError(f"rollout.sglang.{key} must be >= 1, got {getattr(config.rollout.sglang, key)}")
     if config.distill.divergence not in ("reverse_kl", "forward_kl"):
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":

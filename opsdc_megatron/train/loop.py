@@ -31,7 +31,7 @@ from opsdc_megatron.models.qwen3.model import build_gpt_model
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts
-from opsdc_megatron.rollout.engine import SamplingParams, generate_across_ranks
+from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from opsdc_megatron.train.metrics import MetricsLog
@@ -45,13 +45,29 @@ def run(config: RunConfig) -> None:
     """Entry point on every rank (torchrun or a single process)."""
     p = config.parallel
     init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, seed=config.train.seed)
+    engine = None
     try:
-        train(config)
+        engine = build_rollout_engine(config)
+        train(config, engine)
     finally:
+        if engine is not None:
+            engine.close()
         destroy_distributed()
 
 
-def train(config: RunConfig) -> None:
+def build_rollout_engine(config: RunConfig) -> RolloutEngine:
+    """rollout.engine: hf (in-process) or sglang (servers started by rank 0, stopped by close())."""
+    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    hf_config = AutoConfig.from_pretrained(config.model.hf_path)
+    if config.rollout.engine == "sglang":
+        from opsdc_megatron.rollout.sglang.start import start_sglang_engine
+
+        return start_sglang_engine(config, [tokenizer.eos_token_id], hf_config.vocab_size)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.model.params_dtype]
+    return HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
+
+
+def train(config: RunConfig, engine: RolloutEngine) -> None:
     out = Path(config.out_dir)
     rank0 = dist.get_rank() == 0
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
@@ -73,7 +89,6 @@ def train(config: RunConfig) -> None:
     teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype, **model_options), config.distill.teacher_refresh_every)
     teacher.copy_from(student)
     forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size, config.distill.fused_output_layer)
-    engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
     block = config.rollout.generation_batch_prompts
 
     checkpoints = out / "checkpoints"
