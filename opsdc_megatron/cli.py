@@ -29,7 +29,11 @@ def preflight(config: RunConfig) -> None:
     hf_path = Path(config.model.hf_path)
     if not (hf_path / "config.json").is_file():
         raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
-    transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    parallel = config.parallel
+    transformer_config_from_hf(
+        AutoConfig.from_pretrained(hf_path), parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+        virtual_pipeline_chunks=parallel.virtual_pipeline_chunks,
+    )
     PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)

@@ -40,6 +40,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    virtual_pipeline_chunks: int = 1
+    """Model chunks per pipeline rank; > 1 runs megatron's interleaved 1F1B schedule."""
     data_parallel_size: int = 1
     """Processes = tensor x pipeline x data; `opsdc train` starts that many locally when not under torchrun."""
 
@@ -188,6 +190,7 @@ def validate(config: RunConfig) -> None:
     for key, value in (
         ("parallel.tensor_parallel_size", p.tensor_parallel_size),
         ("parallel.pipeline_parallel_size", p.pipeline_parallel_size),
+        ("parallel.virtual_pipeline_chunks", p.virtual_pipeline_chunks),
         ("parallel.data_parallel_size", p.data_parallel_size),
         ("train.global_batch_prompts", t.global_batch_prompts),
         ("train.micro_batch_prompts", t.micro_batch_prompts),
@@ -196,8 +199,11 @@ def validate(config: RunConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if p.pipeline_parallel_size != 1:
-        raise ConfigError(f"parallel.pipeline_parallel_size: only 1 is supported so far, got {p.pipeline_parallel_size}")
+    if p.virtual_pipeline_chunks > 1 and p.pipeline_parallel_size == 1:
+        raise ConfigError(
+            f"parallel.virtual_pipeline_chunks ({p.virtual_pipeline_chunks}) > 1 needs "
+            f"parallel.pipeline_parallel_size > 1, got 1"
+        )
     if t.global_batch_prompts % p.data_parallel_size:
         raise ConfigError(
             f"train.global_batch_prompts ({t.global_batch_prompts}) must divide evenly over "
@@ -208,6 +214,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"train.micro_batch_prompts ({t.micro_batch_prompts}) must divide the prompts per "
             f"data-parallel rank ({per_rank} = global_batch_prompts / data_parallel_size)"
+        )
+    micro_batches = per_rank // t.micro_batch_prompts
+    if p.virtual_pipeline_chunks > 1 and micro_batches % p.pipeline_parallel_size:
+        raise ConfigError(
+            f"interleaved pipeline (parallel.virtual_pipeline_chunks = {p.virtual_pipeline_chunks}): the "
+            f"micro-batches per data-parallel rank ({micro_batches}) must be a multiple of "
+            f"parallel.pipeline_parallel_size ({p.pipeline_parallel_size})"
         )
     if config.model.params_dtype not in ("bf16", "fp32"):
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")

@@ -26,6 +26,11 @@ One spot is not a torch call: ``clip_grad_by_total_norm_fp32`` asserts
 `_clip_grad_by_total_norm_fp32`, which checks the dtype instead and scales with megatron's own
 multi-tensor helper, as upstream does.
 
+One more is a tensor method: with tied embeddings and pipeline stages, GPTModel's constructor runs
+``LanguageModule.setup_embeddings_and_output_layer``, which moves the last stage's copy of the
+embedding with ``weight.data.cuda()`` before all-reducing it with the first stage's. That method
+is wrapped so that, during its call only, ``Tensor.cuda`` leaves a CPU tensor where it is.
+
 Not covered (not needed by this project on CPU): the distributed optimizer and the bf16/fp16
 mixed-precision optimizer (both classify parameters by CUDA type strings), async checkpoint
 saves, CUDA graphs, and sequence parallelism (needs apex or Transformer Engine norms).
@@ -234,6 +239,41 @@ _CLIP_GRAD_PARAMETERS = ("parameters", "max_norm", "total_norm", "use_decoupled_
 _CLIP_GRAD_HELPERS = ("to_local_if_dtensor", "multi_tensor_applier", "multi_tensor_scale_impl")
 
 
+_LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
+
+
+def _keep_on_cpu(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+def _without_tensor_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` with ``Tensor.cuda`` returning the tensor itself while it runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = _keep_on_cpu
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.cpu_platform_wrapped = True
+    return wrapper
+
+
+def _wrap_embedding_setup() -> None:
+    language_module = _import(_LANGUAGE_MODULE).LanguageModule
+    method = getattr(language_module, "setup_embeddings_and_output_layer", None)
+    if method is None:
+        raise RuntimeError(
+            f"opsdc_megatron.cpu_platform: {_LANGUAGE_MODULE}.LanguageModule.setup_embeddings_and_output_layer "
+            f"is gone; find where the tied output layer is synchronised now and adapt it"
+        )
+    if not getattr(method, "cpu_platform_wrapped", False):
+        language_module.setup_embeddings_and_output_layer = _without_tensor_cuda(method)
+
+
 def _import(module_name: str) -> Any:
     try:
         return importlib.import_module(module_name)
@@ -291,3 +331,4 @@ def apply_cpu_platform() -> None:
         )
     for module_name in _CLIP_GRAD_MODULES:
         _replace_clip_grad(module_name)
+    _wrap_embedding_setup()

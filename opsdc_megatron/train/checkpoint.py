@@ -27,14 +27,21 @@ TEACHER_PREFIX = "teacher."
 """Keeps the teacher's tensors apart from the student's in one checkpoint."""
 
 
-def _sharded_state_dict(ddp, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
-    state = {"model": ddp.module.sharded_state_dict(), "teacher": teacher.model.sharded_state_dict(prefix=TEACHER_PREFIX)}
+def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
+    """One entry per model chunk; the tensors' keys carry global layer numbers, so a checkpoint
+    saved at one tensor/pipeline/virtual-pipeline layout loads at any other."""
+    state = {
+        "model": [ddp.module.sharded_state_dict() for ddp in ddps],
+        "teacher": [chunk.sharded_state_dict(prefix=TEACHER_PREFIX) for chunk in teacher.model],
+    }
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
     return state
 
 
-def save_checkpoint(root: Path, step: int, ddp, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    `ddps`: this rank's DDP-wrapped student chunks; `teacher.model`: the matching teacher chunks."""
     rank0 = dist.get_rank() == 0
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -42,7 +49,7 @@ def save_checkpoint(root: Path, step: int, ddp, optimizer, teacher: TeacherSnaps
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(ddp, optimizer, teacher, is_loading=False), str(tmp))
+    dist_checkpointing.save(_sharded_state_dict(ddps, optimizer, teacher, is_loading=False), str(tmp))
     dist.barrier()
     if rank0:
         write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
@@ -66,11 +73,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, ddp, optimizer, teacher: TeacherSnapshot) -> dict:
+def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
-    loaded = dist_checkpointing.load(_sharded_state_dict(ddp, optimizer, teacher, is_loading=True), str(path))
-    ddp.module.load_state_dict(loaded["model"])
-    teacher.model.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in loaded["teacher"].items()})
+    loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, teacher, is_loading=True), str(path))
+    for ddp, state in zip(ddps, loaded["model"]):
+        ddp.module.load_state_dict(state)
+    for chunk, state in zip(teacher.model, loaded["teacher"]):
+        chunk.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in state.items()})
     optimizer.load_state_dict(loaded["optimizer"])
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher.age_steps = trainer_state["teacher_age_steps"]

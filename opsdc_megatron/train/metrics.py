@@ -13,7 +13,7 @@ from rich.console import Console
 
 from opsdc_megatron.files import write_text_atomic
 
-SHOWN = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
+SHOWN = ("loss", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
 
 
 class MetricsLog:

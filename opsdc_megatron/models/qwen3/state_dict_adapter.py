@@ -17,8 +17,11 @@ in one of five ways (`Layout`):
 * ``gate_up``: the fused SwiGLU ``linear_fc1``. Each TP rank holds ``[gate shard; up shard]``, so
   the full tensor is not a plain split of ``[gate; up]``.
 
-Pipeline parallelism is not mapped yet (layer numbering and the embedding/output stages): both
-entry points raise a ValueError when the pipeline-parallel size is above 1.
+Pipeline parallelism: a rank holds one model chunk per virtual stage; chunk-local layer numbers
+become global ones through megatron's `get_transformer_layer_offset`. The embedding lives on the
+first stage and the output layer on the last; with tied embeddings the last stage keeps its own copy
+of the embedding as ``output_layer.weight`` (megatron all-reduces its gradient with the first
+stage's), loaded from ``model.embed_tokens.weight`` and not exported a second time.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from safetensors import safe_open
 
 Layout = Literal["replicated", "vocab", "row", "qkv", "gate_up"]
@@ -107,27 +111,42 @@ def _unwrap(model: torch.nn.Module) -> GPTModel:
     return inner
 
 
-def _require_single_stage(what: str) -> None:
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp_size > 1:
-        raise ValueError(
-            f"{what} supports pipeline_parallel_size 1 only, got {pp_size}: the Qwen3 state-dict "
-            f"adapter does not map pipeline stages yet"
-        )
+def _chunks(model: torch.nn.Module | list[torch.nn.Module]) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), unwrapped."""
+    return [_unwrap(chunk) for chunk in (model if isinstance(model, list) else [model])]
 
 
-def _named_entries(model: GPTModel) -> list[tuple[torch.nn.Parameter, Layout, tuple[str, ...]]]:
-    """(parameter, layout, HF names) for every parameter of the model, via NAME_MAP."""
+def _is_tied_output_copy(model: GPTModel, name: str) -> bool:
+    """The last stage's copy of a tied embedding (exists only when the pipeline has 2+ stages)."""
+    return name == "output_layer.weight" and model.share_embeddings_and_output_weights
+
+
+def _named_entries(model: GPTModel) -> list[tuple[str, torch.nn.Parameter, Layout, tuple[str, ...]]]:
+    """(megatron name, parameter, layout, HF names) for every parameter of the model chunk, via NAME_MAP."""
+    offset = get_transformer_layer_offset(model.config, vp_stage=model.vp_stage)
     entries = []
     for name, param in model.named_parameters():
         match = _LAYER.match(name)
         template = _LAYER.sub("decoder.layers.{i}.", name) if match else name
+        if _is_tied_output_copy(model, name):
+            template = "embedding.word_embeddings.weight"
         if template not in NAME_MAP:
             raise ValueError(f"megatron parameter {name!r} has no Hugging Face mapping in NAME_MAP")
         layout, hf_templates = NAME_MAP[template]
-        layer = match.group(1) if match else ""
-        entries.append((param, layout, tuple(t.format(i=layer) for t in hf_templates)))
+        layer = str(int(match.group(1)) + offset) if match else ""
+        entries.append((name, param, layout, tuple(t.format(i=layer) for t in hf_templates)))
     return entries
+
+
+def _all_hf_names(model: GPTModel) -> set[str]:
+    """Every Hugging Face name the whole model (all pipeline stages) reads."""
+    names = set()
+    for template, (_, hf_templates) in NAME_MAP.items():
+        if template == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            continue
+        layers = range(model.config.num_layers) if "{i}" in template else [""]
+        names.update(t.format(i=i) for t in hf_templates for i in layers)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,24 +242,25 @@ def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[in
     return shapes, lambda name: handles[weight_map[name]].get_tensor(name)
 
 
-def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> None:
+def load_hf_weights(model: torch.nn.Module | list[torch.nn.Module], hf_dir_or_state_dict: HFSource) -> None:
     """Copy Hugging Face Qwen3 weights into this rank's shards of `model` (in place).
 
-    Checks every name and shape before writing anything. Tensors are cast to the parameters' dtype.
+    `model` is a GPTModel (or a wrapper of one) or this rank's list of pipeline chunks. Checks every
+    name and shape this rank reads, and that the source holds no tensor the whole model would not
+    read, before writing anything. Tensors are cast to the parameters' dtype.
 
     Raises:
-        ValueError: missing, unexpected or mis-shaped tensors (all listed), or PP > 1.
+        ValueError: missing, unexpected or mis-shaped tensors (all listed).
     """
-    _require_single_stage("load_hf_weights")
-    gpt = _unwrap(model)
+    chunks = _chunks(model)
+    gpt = chunks[0]
     geo = _Geometry(gpt)
-    entries = _named_entries(gpt)
+    entries = [entry for chunk in chunks for entry in _named_entries(chunk)]
     with ExitStack() as stack:
         shapes, read = _open_source(hf_dir_or_state_dict, stack)
-        missing, misshaped, used = [], [], set()
-        for param, layout, hf_names in entries:
+        missing, misshaped, used = [], [], _all_hf_names(gpt)
+        for _, param, layout, hf_names in entries:
             for hf_name, expected in zip(hf_names, _expected_hf_shapes(layout, param, geo)):
-                used.add(hf_name)
                 if hf_name not in shapes:
                     missing.append(hf_name)
                 elif shapes[hf_name] != tuple(expected):
@@ -254,33 +274,39 @@ def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> N
                 + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
             )
         with torch.no_grad():
-            for param, layout, hf_names in entries:
+            for _, param, layout, hf_names in entries:
                 param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
 
 
-def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The full Hugging Face-named Qwen3 state dict, identical on every rank.
 
-    TP shards are all-gathered over the tensor-parallel group (one collective per sharded
-    parameter, none for replicated ones) and the vocabulary padding is stripped. Tensors are
-    detached copies on the parameters' device and dtype; ``lm_head.weight`` is present only with
-    untied embeddings.
-
-    Raises:
-        ValueError: PP > 1.
+    `model` as in `load_hf_weights`. TP shards are all-gathered over the tensor-parallel group (one
+    collective per sharded parameter, none for replicated ones) and the vocabulary padding is
+    stripped; with pipeline parallelism each stage's tensors are then all-gathered over the
+    pipeline group (as CPU objects). Tensors are detached copies in the parameters' dtype;
+    ``lm_head.weight`` is present only with untied embeddings.
     """
-    _require_single_stage("export_hf_state_dict")
-    gpt = _unwrap(model)
-    geo = _Geometry(gpt)
+    chunks = _chunks(model)
+    geo = _Geometry(chunks[0])
     group = parallel_state.get_tensor_model_parallel_group()
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for param, layout, hf_names in _named_entries(gpt):
-            local = param.detach()
-            if layout == "replicated" or geo.tp_size == 1:
-                shards = [local]
-            else:
-                shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
-                dist.all_gather(shards, local, group=group)
-            state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+        for chunk in chunks:
+            for name, param, layout, hf_names in _named_entries(chunk):
+                if _is_tied_output_copy(chunk, name):
+                    continue  # the first stage exports the tied embedding
+                local = param.detach()
+                if layout == "replicated" or geo.tp_size == 1:
+                    shards = [local]
+                else:
+                    shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
+                    dist.all_gather(shards, local, group=group)
+                state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+    pipeline = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pipeline) > 1:
+        stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pipeline)
+        dist.all_gather_object(stages, {name: tensor.cpu() for name, tensor in state.items()}, group=pipeline)
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        state = {name: tensor.to(device) for stage in stages for name, tensor in stage.items()}
     return state
