@@ -44,6 +44,11 @@ class ParallelConfig:
     """Model chunks per pipeline rank; > 1 runs megatron's interleaved 1F1B schedule."""
     data_parallel_size: int = 1
     """Processes = tensor x pipeline x data; `opsdc train` starts that many locally when not under torchrun."""
+    distributed_optimizer: bool = False
+    """Shard the optimizer state (and fp32 main weights) over data-parallel ranks (megatron's
+    DistributedOptimizer); gradients are then reduce-scattered and weights all-gathered. Its
+    checkpoints resume at another data-parallel size but not at other tensor/pipeline sizes
+    (train/checkpoint.py)."""
 
 
 @dataclass

@@ -26,13 +26,18 @@ One spot is not a torch call: ``clip_grad_by_total_norm_fp32`` asserts
 `_clip_grad_by_total_norm_fp32`, which checks the dtype instead and scales with megatron's own
 multi-tensor helper, as upstream does.
 
-One more is a tensor method: with tied embeddings and pipeline stages, GPTModel's constructor runs
+Two more are tensor methods. ``DistributedOptimizer.__init__`` sorts parameters by
+``param.type()`` strings ("torch.cuda.FloatTensor", ...) and rejects any other; while it runs,
+``Tensor.type()`` without arguments names a CPU tensor's CUDA counterpart (the sorting only looks at
+the dtype; nothing is moved). Its ``get_parameter_state_dp_zero`` (the gather behind the
+"fully_reshardable" checkpoint format) moves buffers with ``Tensor.cuda()``. And with tied embeddings and pipeline stages, GPTModel's constructor runs
 ``LanguageModule.setup_embeddings_and_output_layer``, which moves the last stage's copy of the
 embedding with ``weight.data.cuda()`` before all-reducing it with the first stage's. That method
-is wrapped so that, during its call only, ``Tensor.cuda`` leaves a CPU tensor where it is.
+runs with ``Tensor.cuda`` leaving a CPU tensor where it is, and so does the gather above (only
+during those calls).
 
-Not covered (not needed by this project on CPU): the distributed optimizer and the bf16/fp16
-mixed-precision optimizer (both classify parameters by CUDA type strings), async checkpoint
+Not covered (not needed by this project on CPU): the bf16/fp16 mixed-precision optimizer without
+the distributed optimizer (it classifies parameters by CUDA type strings too), async checkpoint
 saves, CUDA graphs, and sequence parallelism (needs apex or Transformer Engine norms).
 
 Upstream code moves between releases. ``apply_cpu_platform`` imports every adapted module, checks
@@ -92,6 +97,11 @@ _CUDA_ASSUMING_MODULES: tuple[tuple[str, str], ...] = (
         "megatron.core.optimizer.optimizer",
         'FP32Optimizer keeps its loss scale in a device="cuda" tensor; ChainedOptimizer falls '
         "back to one on torch.cuda.current_device().",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer gathers and scatters its state for checkpoints in buffers on "
+        "torch.cuda.current_device().",
     ),
     (
         "megatron.core.optimizer.clip_grads",
@@ -262,6 +272,48 @@ def _without_tensor_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_DISTRIBUTED_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer"
+
+
+def _cuda_type_name(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.type()``, naming CPU tensors as their CUDA counterparts ("torch.cuda.FloatTensor")."""
+    name = _ORIGINAL_TENSOR_TYPE(tensor, *args, **kwargs)
+    if args or kwargs or tensor.is_cuda:
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
+
+
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _with_cuda_type_names(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` with ``Tensor.type()`` naming CPU tensors as CUDA ones while it runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _ORIGINAL_TENSOR_TYPE
+
+    wrapper.cpu_platform_wrapped = True
+    return wrapper
+
+
+def _wrap_distributed_optimizer() -> None:
+    optimizer_class = _import(_DISTRIBUTED_OPTIMIZER).DistributedOptimizer
+    for name, wrap in (("__init__", _with_cuda_type_names), ("get_parameter_state_dp_zero", _without_tensor_cuda)):
+        method = getattr(optimizer_class, name, None)
+        if method is None:
+            raise RuntimeError(
+                f"opsdc_megatron.cpu_platform: {_DISTRIBUTED_OPTIMIZER}.DistributedOptimizer.{name} is gone; "
+                f"update the distributed optimizer's CPU adaptation"
+            )
+        if not getattr(method, "cpu_platform_wrapped", False):
+            setattr(optimizer_class, name, wrap(method))
+
+
 def _wrap_embedding_setup() -> None:
     language_module = _import(_LANGUAGE_MODULE).LanguageModule
     method = getattr(language_module, "setup_embeddings_and_output_layer", None)
@@ -332,3 +384,4 @@ def apply_cpu_platform() -> None:
     for module_name in _CLIP_GRAD_MODULES:
         _replace_clip_grad(module_name)
     _wrap_embedding_setup()
+    _wrap_distributed_optimizer()

@@ -2,8 +2,8 @@
 the teacher's memory on the last pipeline stage does not grow with the number of micro-batches.
 
 Three launches (tests/workers/pipeline_worker.py): one plain process (TP1 reference, other
-micro-batch splits), 2 processes (TP2, PP2 1F1B, PP2 interleaved with 2 virtual stages, DP2,
-resume, memory) and 4 processes (TP2 x PP2, resume from a 2-process interleaved checkpoint).
+micro-batch splits), 2 processes (DP2 with and without megatron's distributed optimizer, TP2, PP2 1F1B,
+PP2 interleaved with 2 virtual stages, resume, memory) and 4 processes (TP2 x PP2, resume from a 2-process interleaved checkpoint).
 Each layout runs 2 optimizer steps on the same 8 rollouts of varied lengths.
 """
 
@@ -46,7 +46,7 @@ def assert_same(reference, other, steps=(1, 2)):
     assert worst <= TOL, f"weights differ by up to {worst:.2e}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_interleaved", "dp2", "tp2_pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_interleaved", "dp2", "dp2_distributed_optimizer", "tp2_pp2"])
 def test_layout_matches_tp1(runs, layout):
     assert_same(load(runs, "tp1"), load(runs, layout))
 
@@ -65,9 +65,11 @@ def test_loss_does_not_depend_on_the_micro_batch_split(runs, layout):
     assert_same(load(runs, "tp1"), load(runs, layout))
 
 
-@pytest.mark.parametrize("layout", ["tp2_from_pp2", "tp2_pp2_from_pp2_interleaved"])
+@pytest.mark.parametrize("layout", ["dp2_from_pp2", "tp2_pp2_from_pp2_interleaved", "dp2_distributed_optimizer_resumed"])
 def test_checkpoint_resumes_at_another_layout(runs, layout):
-    """Saved after step 1 at PP2 (2 processes), or PP2 interleaved; step 2 at TP2, or TP2 x PP2 on 4."""
+    """Saved after step 1 at PP2 or PP2 interleaved (2 processes); step 2 at DP2, or at TP2 x PP2 on
+    4 processes. The distributed optimizer's checkpoint resumes at the same layout (its state
+    sharded over data-parallel ranks)."""
     assert_same(load(runs, "tp1"), load(runs, layout), steps=(2,))
 
 

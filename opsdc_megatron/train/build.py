@@ -46,7 +46,7 @@ def build_training_model(
     sizes = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, params_dtype, parallel.virtual_pipeline_chunks)
     student = build_model_chunks(hf_config, *sizes)
     load_hf_weights(student, hf_path)
-    ddps, optimizer = wrap_for_training(student, train)
+    ddps, optimizer = wrap_for_training(student, train, parallel.distributed_optimizer)
     teacher = TeacherSnapshot(torch.nn.ModuleList(build_model_chunks(hf_config, *sizes)), teacher_refresh_every)
     teacher.copy_from(torch.nn.ModuleList(student))
     stages = [DistillStage(ddp, chunk, hf_config.vocab_size) for ddp, chunk in zip(ddps, teacher.model)]

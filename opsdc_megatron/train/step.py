@@ -22,8 +22,11 @@ from opsdc_megatron.distill.batch import MicroBatch
 from opsdc_megatron.distill.stage import DistillStage
 
 
-def wrap_for_training(chunks: list[torch.nn.Module], train: TrainConfig) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
-    """megatron-core DDP per model chunk (gradients reduced in fp32 over data-parallel ranks) and AdamW.
+def wrap_for_training(
+    chunks: list[torch.nn.Module], train: TrainConfig, distributed_optimizer: bool
+) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
+    """megatron-core DDP per model chunk (gradients reduced in fp32 over data-parallel ranks) and AdamW,
+    optionally megatron's DistributedOptimizer (state sharded over data-parallel ranks).
 
     The chunks are used as built (params already in their training dtype); Float16Module is not used
     because it would cast the vocabulary-sized logits to fp32, which the divergence does not need.
@@ -34,7 +37,9 @@ def wrap_for_training(chunks: list[torch.nn.Module], train: TrainConfig) -> tupl
     # all micro-batches and data-parallel ranks (distill/forward.py says why). DDP reads this flag
     # when it is built, to sum rather than average gradients over data-parallel ranks.
     config.calculate_per_token_loss = True
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
+    )
     # Buckets only for the first chunk, as megatron's own get_model does.
     ddps = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
@@ -54,7 +59,7 @@ def wrap_for_training(chunks: list[torch.nn.Module], train: TrainConfig) -> tupl
             clip_grad=train.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=distributed_optimizer,
         ),
         ddps,
     )

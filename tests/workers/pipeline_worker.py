@@ -4,7 +4,8 @@ Usage:
   python pipeline_worker.py OUT reference    tiny HF Qwen3 folders, then TP1 PP1 DP1 in this one process,
                                              also with the same tokens split into micro-batches of 1 and
                                              of 4 sequences, and the untied model
-  torchrun --nproc-per-node=2 pipeline_worker.py OUT two     TP2, PP2 (1F1B), PP2 interleaved, DP2, resume
+  torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not), TP2,
+                                                            PP2 (1F1B), PP2 interleaved, resume
   torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout
 
 Every layout runs the same OPSDC steps (teacher and student forwards through megatron's schedules,
@@ -88,6 +89,7 @@ def log(message: str) -> None:
 def run_layout(
     out: Path, name: str, tp: int, pp: int, vp: int = 1, micro_batch_sequences: int = 2,
     save_after_step_1: str | None = None, resume_from: str | None = None, model_name: str = "tied",
+    distributed_optimizer: bool = False,
 ) -> None:
     """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights)."""
     init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
@@ -95,7 +97,10 @@ def run_layout(
         dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         hf_dir = out / model_name
         model = build_training_model(
-            Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp, data_parallel_size=dp_size), torch.float32, TRAIN, 0
+            Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(
+                tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp,
+                data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer,
+            ), torch.float32, TRAIN, 0
         )
         per_rank = SEQUENCES // dp_size
         mine = rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
@@ -181,11 +186,13 @@ def main() -> None:
             run_layout(out, "tp1_micro1", 1, 1, micro_batch_sequences=1)
             run_layout(out, "tp1_micro4", 1, 1, micro_batch_sequences=4)
         elif mode == "two":
+            run_layout(out, "dp2", 1, 1)
+            run_layout(out, "dp2_distributed_optimizer", 1, 1, distributed_optimizer=True, save_after_step_1="ckpt_dp2_distributed")
+            run_layout(out, "dp2_distributed_optimizer_resumed", 1, 1, distributed_optimizer=True, resume_from="ckpt_dp2_distributed")
             run_layout(out, "tp2", 2, 1)
             run_layout(out, "pp2", 1, 2, save_after_step_1="ckpt_pp2")
             run_layout(out, "pp2_interleaved", 1, 2, vp=2, save_after_step_1="ckpt_pp2_interleaved")
-            run_layout(out, "dp2", 1, 1)
-            run_layout(out, "tp2_from_pp2", 2, 1, resume_from="ckpt_pp2")
+            run_layout(out, "dp2_from_pp2", 1, 1, resume_from="ckpt_pp2")
             run_layout(out, "pp2_untied", 1, 2, model_name="untied")
             measure_teacher_memory(out)
         elif mode == "four":
