@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
+from opsdc_megatron import plan
 from opsdc_megatron.prompts import PromptFileError
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
@@ -69,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train", help="run OPSDC from a recipe")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    plan.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if hasattr(args, "run"):  # subcommands that register their own handler
+        args.run(args)
+    elif args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
         run_demo(Path(args.out), Path(args.cache) if args.cache else None, args.overrides)

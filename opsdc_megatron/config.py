@@ -91,6 +91,10 @@ class TrainConfig:
     """Prompts per optimizer step across all data-parallel ranks (one rollout each)."""
     micro_batch_prompts: int = 2
     """Sequences per forward/backward on one data-parallel rank."""
+    micro_batch_tokens: int = 0
+    """> 0: instead of micro_batch_prompts sequences, pack rollouts by length into micro-batches of
+    at most this many tokens (student + teacher inputs, padding included) and balance tokens over
+    data-parallel ranks. Must hold the longest sequence: 2 x (max_prompt_tokens + max_response_tokens)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -219,6 +223,17 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"train.micro_batch_prompts ({t.micro_batch_prompts}) must divide the prompts per "
             f"data-parallel rank ({per_rank} = global_batch_prompts / data_parallel_size)"
+        )
+    longest_sequence = 2 * (config.data.max_prompt_tokens + config.rollout.max_response_tokens)
+    if t.micro_batch_tokens < 0 or 0 < t.micro_batch_tokens < longest_sequence:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 or hold the longest sequence: "
+            f"2 x (data.max_prompt_tokens + rollout.max_response_tokens) = {longest_sequence}"
+        )
+    if t.micro_batch_tokens and p.virtual_pipeline_chunks > 1:
+        raise ConfigError(
+            "train.micro_batch_tokens (packing by length) cannot be combined with "
+            "parallel.virtual_pipeline_chunks > 1: the interleaved schedule needs micro-batches of one shape"
         )
     micro_batches = per_rank // t.micro_batch_prompts
     if p.virtual_pipeline_chunks > 1 and micro_batches % p.pipeline_parallel_size:

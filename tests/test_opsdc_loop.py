@@ -113,6 +113,7 @@ def run_cli(setup, out, *overrides):
     "overrides, message",
     [
         (["parallel.tensor_parallel_size=3"], "num_attention_heads"),
+        (["parallel.pipeline_parallel_size=3"], "num_hidden_layers: expected a multiple of pipeline_parallel_size"),
         (["data.max_prompt_tokens=10"], "more than data.max_prompt_tokens = 10"),
         (["data.train_prompts=BROKEN"], "broken.jsonl:2: invalid JSON"),
         (["model.hf_path=/nonexistent"], "has no config.json"),

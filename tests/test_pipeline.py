@@ -58,10 +58,12 @@ def test_untied_embeddings_through_the_pipeline(runs):
     assert_same(reference, pp2)
 
 
-@pytest.mark.parametrize("layout", ["tp1_micro1", "tp1_micro4"])
+@pytest.mark.parametrize("layout", ["tp1_micro1", "tp1_micro4", "tp1_packed", "dp2_packed"])
 def test_loss_does_not_depend_on_the_micro_batch_split(runs, layout):
-    """Micro-batches of 1, 2 and 4 sequences with different response-token counts: the paper's
-    per-micro-batch mean would weight tokens differently in each; the per-token mean does not."""
+    """Micro-batches of 1, 2 and 4 sequences, or packed by a token budget (1 to 3 sequences each,
+    sorted by length, balanced by tokens over 2 data-parallel ranks): their response-token counts
+    differ, so the paper's per-micro-batch mean would weight tokens differently in each split; the
+    per-token mean over the step does not."""
     assert_same(load(runs, "tp1"), load(runs, layout))
 
 

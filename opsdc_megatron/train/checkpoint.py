@@ -92,6 +92,17 @@ def _create_distributed_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """The distributed optimizer restores torch Adam's per-parameter step count as ONE tensor shared
+    by every parameter; Adam increments each parameter's step in place, so the shared count would
+    advance once per parameter per step and skew the bias correction. Give each its own copy."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer):
+            for state in inner.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
 def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
     _create_distributed_optimizer_state(optimizer)
@@ -102,6 +113,7 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
         chunk.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in state.items()})
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
         optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher.age_steps = trainer_state["teacher_age_steps"]
     return trainer_state

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from transformers import AutoConfig, AutoTokenizer
 
 from opsdc_megatron.config import RunConfig, to_yaml
-from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.eval.evaluate import evaluate
 from opsdc_megatron.eval.scoring import score
@@ -79,7 +79,6 @@ def train(config: RunConfig) -> None:
     rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
     eval_sampling = SamplingParams(config.eval.temperature, config.eval.top_p, config.eval.top_k, config.eval.max_response_tokens)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    per_dp_rank = config.train.global_batch_prompts // dp_size
 
     def run_eval(step: int) -> None:
         result = evaluate(engine, tokenizer, eval_records, eval_sampling, EVAL_SEED, block)
@@ -100,9 +99,11 @@ def train(config: RunConfig) -> None:
         stale = {r.weight_version for r in rollouts} - {step - 1}
         if stale:
             raise RuntimeError(f"step {step}: rollouts sampled with weight versions {sorted(stale)}, expected {step - 1}")
-        mine = range(dp_rank * per_dp_rank, (dp_rank + 1) * per_dp_rank)
-        sequences = [ScoredSequence(batch[i].student_ids, batch[i].teacher_ids, rollouts[i].response_ids) for i in mine]
-        micro_batches = make_micro_batches(sequences, config.train.micro_batch_prompts, tokenizer.pad_token_id, same_shape=len(model.stages) > 1)
+        sequences = [ScoredSequence(b.student_ids, b.teacher_ids, r.response_ids) for b, r in zip(batch, rollouts)]
+        micro_batches = micro_batches_for_rank(
+            sequences, dp_rank, dp_size, config.train.micro_batch_prompts, config.train.micro_batch_tokens,
+            tokenizer.pad_token_id, same_shape=len(model.stages) > 1,
+        )
         result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)
         pushed = export_hf_state_dict(model.student)

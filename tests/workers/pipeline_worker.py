@@ -3,8 +3,8 @@
 Usage:
   python pipeline_worker.py OUT reference    tiny HF Qwen3 folders, then TP1 PP1 DP1 in this one process,
                                              also with the same tokens split into micro-batches of 1 and
-                                             of 4 sequences, and the untied model
-  torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not), TP2,
+                                             of 4 sequences and packed by a token budget; the untied model
+  torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not, packed), TP2,
                                                             PP2 (1F1B), PP2 interleaved, resume
   torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout
 
@@ -26,7 +26,7 @@ from megatron.core import parallel_state
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.config import ParallelConfig, TrainConfig
-from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
@@ -39,6 +39,7 @@ PAD = 0
 STEPS = 2
 SEQUENCES = 8
 INSTRUCTION = [7, 8, 9]
+PACKED_MICRO_BATCH_TOKENS = 100  # student + teacher tokens: 1 to 3 of these rollouts per micro-batch
 # A first Adam step moves each weight by lr * g / (|g| + eps); eps = 1e-6 keeps fp32
 # reduction-order noise in near-zero gradients below the comparison tolerance.
 TRAIN = TrainConfig(lr=1e-3, weight_decay=0.01, adam_eps=1e-6, clip_grad=1.0)
@@ -89,7 +90,7 @@ def log(message: str) -> None:
 def run_layout(
     out: Path, name: str, tp: int, pp: int, vp: int = 1, micro_batch_sequences: int = 2,
     save_after_step_1: str | None = None, resume_from: str | None = None, model_name: str = "tied",
-    distributed_optimizer: bool = False,
+    distributed_optimizer: bool = False, micro_batch_tokens: int = 0,
 ) -> None:
     """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights)."""
     init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
@@ -102,9 +103,10 @@ def run_layout(
                 data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer,
             ), torch.float32, TRAIN, 0
         )
-        per_rank = SEQUENCES // dp_size
-        mine = rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        micro_batches = make_micro_batches(mine, micro_batch_sequences, PAD, same_shape=vp > 1)
+        micro_batches = micro_batches_for_rank(
+            rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5), dp_rank, dp_size, micro_batch_sequences,
+            micro_batch_tokens, PAD, same_shape=vp > 1,
+        )
         forward_step = make_forward_step("reverse_kl")
         losses = {}
         first = 1
@@ -185,8 +187,10 @@ def main() -> None:
             run_layout(out, "tp1_untied", 1, 1, model_name="untied")
             run_layout(out, "tp1_micro1", 1, 1, micro_batch_sequences=1)
             run_layout(out, "tp1_micro4", 1, 1, micro_batch_sequences=4)
+            run_layout(out, "tp1_packed", 1, 1, micro_batch_tokens=PACKED_MICRO_BATCH_TOKENS)
         elif mode == "two":
             run_layout(out, "dp2", 1, 1)
+            run_layout(out, "dp2_packed", 1, 1, micro_batch_tokens=PACKED_MICRO_BATCH_TOKENS)
             run_layout(out, "dp2_distributed_optimizer", 1, 1, distributed_optimizer=True, save_after_step_1="ckpt_dp2_distributed")
             run_layout(out, "dp2_distributed_optimizer_resumed", 1, 1, distributed_optimizer=True, resume_from="ckpt_dp2_distributed")
             run_layout(out, "tp2", 2, 1)
