@@ -249,81 +249,63 @@ _CLIP_GRAD_PARAMETERS = ("parameters", "max_norm", "total_norm", "use_decoupled_
 _CLIP_GRAD_HELPERS = ("to_local_if_dtensor", "multi_tensor_applier", "multi_tensor_scale_impl")
 
 
-_LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
-
-
 def _keep_on_cpu(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``Tensor.cuda`` for the wrapped calls: the tensor stays where it is."""
     return tensor
 
 
-def _without_tensor_cuda(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` with ``Tensor.cuda`` returning the tensor itself while it runs."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = _keep_on_cpu
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.Tensor.cuda = original
-
-    wrapper.cpu_platform_wrapped = True
-    return wrapper
-
-
-_DISTRIBUTED_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer"
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
 
 
 def _cuda_type_name(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """``Tensor.type()``, naming CPU tensors as their CUDA counterparts ("torch.cuda.FloatTensor")."""
+    """``Tensor.type``, naming CPU tensors as their CUDA counterparts ("torch.cuda.FloatTensor")."""
     name = _ORIGINAL_TENSOR_TYPE(tensor, *args, **kwargs)
     if args or kwargs or tensor.is_cuda:
         return name
     return name.replace("torch.", "torch.cuda.", 1)
 
 
-_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+def _with_tensor_method(name: str, replacement: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator: the method runs with ``torch.Tensor.<name>`` replaced, and only while it runs."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, replacement)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                setattr(torch.Tensor, name, original)
+
+        wrapper.cpu_platform_wrapped = True
+        return wrapper
+
+    return wrap
 
 
-def _with_cuda_type_names(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` with ``Tensor.type()`` naming CPU tensors as CUDA ones while it runs."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        torch.Tensor.type = _cuda_type_name
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.Tensor.type = _ORIGINAL_TENSOR_TYPE
-
-    wrapper.cpu_platform_wrapped = True
-    return wrapper
+# (module, class, method, how it runs): the tensor-method adaptations described above.
+_TENSOR_METHOD_ADAPTATIONS = (
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
+     "setup_embeddings_and_output_layer", _with_tensor_method("cuda", _keep_on_cpu)),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__",
+     _with_tensor_method("type", _cuda_type_name)),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero",
+     _with_tensor_method("cuda", _keep_on_cpu)),
+)
 
 
-def _wrap_distributed_optimizer() -> None:
-    optimizer_class = _import(_DISTRIBUTED_OPTIMIZER).DistributedOptimizer
-    for name, wrap in (("__init__", _with_cuda_type_names), ("get_parameter_state_dp_zero", _without_tensor_cuda)):
-        method = getattr(optimizer_class, name, None)
+def _adapt_tensor_methods() -> None:
+    for module_name, class_name, method_name, wrap in _TENSOR_METHOD_ADAPTATIONS:
+        owner = getattr(_import(module_name), class_name, None)
+        method = getattr(owner, method_name, None)
         if method is None:
             raise RuntimeError(
-                f"opsdc_megatron.cpu_platform: {_DISTRIBUTED_OPTIMIZER}.DistributedOptimizer.{name} is gone; "
-                f"update the distributed optimizer's CPU adaptation"
+                f"opsdc_megatron.cpu_platform: {module_name}.{class_name}.{method_name} is gone in this "
+                f"megatron-core version; find where its CUDA-assuming code moved and update this module"
             )
         if not getattr(method, "cpu_platform_wrapped", False):
-            setattr(optimizer_class, name, wrap(method))
-
-
-def _wrap_embedding_setup() -> None:
-    language_module = _import(_LANGUAGE_MODULE).LanguageModule
-    method = getattr(language_module, "setup_embeddings_and_output_layer", None)
-    if method is None:
-        raise RuntimeError(
-            f"opsdc_megatron.cpu_platform: {_LANGUAGE_MODULE}.LanguageModule.setup_embeddings_and_output_layer "
-            f"is gone; find where the tied output layer is synchronised now and adapt it"
-        )
-    if not getattr(method, "cpu_platform_wrapped", False):
-        language_module.setup_embeddings_and_output_layer = _without_tensor_cuda(method)
+            setattr(owner, method_name, wrap(method))
 
 
 def _import(module_name: str) -> Any:
@@ -383,5 +365,4 @@ def apply_cpu_platform() -> None:
         )
     for module_name in _CLIP_GRAD_MODULES:
         _replace_clip_grad(module_name)
-    _wrap_embedding_setup()
-    _wrap_distributed_optimizer()
+    _adapt_tensor_methods()
