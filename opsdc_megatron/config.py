@@ -41,8 +41,8 @@ class ModelConfig:
     params_dtype: str = "bf16"
     """Training dtype of the student and teacher: bf16 or fp32."""
     attention_backend: str = "auto"
-    """auto (Transformer Engine's layer when TE imports, else sdpa), te, sdpa (megatron's local layer
-    with torch's fused SDPA attention) or local (megatron's unfused DotProductAttention)."""
+    """auto (Transformer Engine's layer when TE imports, else sdpa on a GPU, local on CPU), te, sdpa
+    (megatron's local layer with torch's fused SDPA attention) or local (megatron's DotProductAttention)."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 through Transformer Engine; output layer and KL stay bf16/fp32."""
     activation_recompute: str = "none"

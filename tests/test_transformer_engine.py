@@ -28,8 +28,9 @@ from megatron.core.models.gpt import GPTModel
 from opsdc_megatron.models.layer_spec import gpt_layer_spec
 from opsdc_megatron.models.sdpa_attention import SDPAttention
 from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
-spec = gpt_layer_spec("auto")
+spec = gpt_layer_spec("sdpa")
 assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+assert gpt_layer_spec("auto").submodules.self_attention.submodules.core_attention is not SDPAttention  # CPU: local
 try:
     check_fp8(FP8Config(format="hybrid"))
 except ValueError as error:
