@@ -34,7 +34,11 @@ def preflight(config: RunConfig) -> None:
     hf_path = Path(config.model.hf_path)
     if not (hf_path / "config.json").is_file():
         raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
-    transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    parallel = config.parallel
+    transformer_config_from_hf(
+        AutoConfig.from_pretrained(hf_path), parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+        virtual_pipeline_chunks=parallel.virtual_pipeline_chunks,
+    )
     if config.model.megatron_checkpoint:
         from opsdc_megatron.convert.checks import check_megatron_checkpoint
 

@@ -54,8 +54,15 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    virtual_pipeline_chunks: int = 1
+    """Model chunks per pipeline rank; > 1 runs megatron's interleaved 1F1B schedule."""
     data_parallel_size: int = 1
     """Processes = tensor x pipeline x data; `opsdc train` starts that many locally when not under torchrun."""
+    distributed_optimizer: bool = False
+    """Shard the optimizer state (and fp32 main weights) over data-parallel ranks (megatron's
+    DistributedOptimizer); gradients are then reduce-scattered and weights all-gathered. Its
+    checkpoints resume at another data-parallel size but not at other tensor/pipeline sizes
+    (train/checkpoint.py)."""
 
 
 @dataclass
@@ -135,6 +142,10 @@ class TrainConfig:
     """Prompts per optimizer step across all data-parallel ranks (one rollout each)."""
     micro_batch_prompts: int = 2
     """Sequences per forward/backward on one data-parallel rank."""
+    micro_batch_tokens: int = 0
+    """> 0: instead of micro_batch_prompts sequences, pack rollouts by length into micro-batches of
+    at most this many tokens (student + teacher inputs, padding included) and balance tokens over
+    data-parallel ranks. Must hold the longest sequence: 2 x (max_prompt_tokens + max_response_tokens)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -249,6 +260,7 @@ def validate(config: RunConfig) -> None:
     for key, value in (
         ("parallel.tensor_parallel_size", p.tensor_parallel_size),
         ("parallel.pipeline_parallel_size", p.pipeline_parallel_size),
+        ("parallel.virtual_pipeline_chunks", p.virtual_pipeline_chunks),
         ("parallel.data_parallel_size", p.data_parallel_size),
         ("train.global_batch_prompts", t.global_batch_prompts),
         ("train.micro_batch_prompts", t.micro_batch_prompts),
@@ -257,8 +269,11 @@ def validate(config: RunConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if p.pipeline_parallel_size != 1:
-        raise ConfigError(f"parallel.pipeline_parallel_size: only 1 is supported so far, got {p.pipeline_parallel_size}")
+    if p.virtual_pipeline_chunks > 1 and p.pipeline_parallel_size == 1:
+        raise ConfigError(
+            f"parallel.virtual_pipeline_chunks ({p.virtual_pipeline_chunks}) > 1 needs "
+            f"parallel.pipeline_parallel_size > 1, got 1"
+        )
     if t.global_batch_prompts % p.data_parallel_size:
         raise ConfigError(
             f"train.global_batch_prompts ({t.global_batch_prompts}) must divide evenly over "
@@ -269,6 +284,24 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"train.micro_batch_prompts ({t.micro_batch_prompts}) must divide the prompts per "
             f"data-parallel rank ({per_rank} = global_batch_prompts / data_parallel_size)"
+        )
+    longest_sequence = 2 * (config.data.max_prompt_tokens + config.rollout.max_response_tokens)
+    if t.micro_batch_tokens < 0 or 0 < t.micro_batch_tokens < longest_sequence:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 or hold the longest sequence: "
+            f"2 x (data.max_prompt_tokens + rollout.max_response_tokens) = {longest_sequence}"
+        )
+    if t.micro_batch_tokens and p.virtual_pipeline_chunks > 1:
+        raise ConfigError(
+            "train.micro_batch_tokens (packing by length) cannot be combined with "
+            "parallel.virtual_pipeline_chunks > 1: the interleaved schedule needs micro-batches of one shape"
+        )
+    micro_batches = per_rank // t.micro_batch_prompts
+    if p.virtual_pipeline_chunks > 1 and micro_batches % p.pipeline_parallel_size:
+        raise ConfigError(
+            f"interleaved pipeline (parallel.virtual_pipeline_chunks = {p.virtual_pipeline_chunks}): the "
+            f"micro-batches per data-parallel rank ({micro_batches}) must be a multiple of "
+            f"parallel.pipeline_parallel_size ({p.pipeline_parallel_size})"
         )
     if config.model.params_dtype not in ("bf16", "fp32"):
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")

@@ -55,7 +55,7 @@ def plot_training_curves(metrics: list[dict], path: Path) -> None:
     train = [m for m in metrics if m["kind"] == "train"]
     evals = [m for m in metrics if m["kind"] == "eval"]
     panels = (
-        ("loss", "loss (reverse KL)"), ("mean_kl", "mean per-token KL"), ("grad_norm", "grad norm"),
+        ("loss", "loss (per-token reverse KL)"), ("grad_norm", "grad norm"),
         ("mean_response_tokens", "mean response tokens"), ("rollout_accuracy", "accuracy (dual-path)"), ("truncated", "truncated fraction"),
     )
     figure, axes = plt.subplots(2, 3, figsize=(14, 7))

@@ -123,8 +123,7 @@ def export_megatron_to_hf(
         model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype)
     geo = _Geometry(model)
     sharded = model.sharded_state_dict()
-    names = [name for name, _ in model.named_parameters()]
-    entries = [(name, layout, hf_names, param) for name, (param, layout, hf_names) in zip(names, _named_entries(model))]
+    entries = [(name, layout, hf_names, param) for name, param, layout, hf_names in _named_entries(model)]
     _check_matches(entries, sharded, metadata, ckpt, hf_config_dir)
     out_dtype = dtype or stored_dtype
     shards = _plan_shards(entries, geo, out_dtype, max_shard_bytes)

@@ -16,7 +16,7 @@ from rich.console import Console
 from opsdc_megatron.config import LogConfig
 from opsdc_megatron.files import write_text_atomic
 
-SHOWN = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
+SHOWN = ("loss", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
 WANDB_ID_FILE = "wandb_run_id.txt"
 """Keeps the W&B run id in the run folder, so a resumed run continues the same W&B run."""
 

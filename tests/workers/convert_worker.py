@@ -36,10 +36,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tests.tiny_models import TINY_MODELS  # noqa: E402
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
-# Tied embeddings at PP=2 on CPU need the CPU adaptation of LanguageModule.setup_embeddings_and_output_layer
-# (it moves the last stage's embedding copy with Tensor.cuda()) that the pipeline-parallel branch adds to
-# opsdc_megatron/cpu_platform.py; until it is merged, the tied model is converted at TP=2 only.
-CONVERSIONS = [(name, layout) for name in TINY_MODELS for layout in LAYOUTS if (name, layout) != ("qwen3_tied", "pp2")]
+CONVERSIONS = [(name, layout) for name in TINY_MODELS for layout in LAYOUTS]
 TOLERANCE = 1e-5
 SHARD_BYTES = 64 * 1024  # several output files per tiny model
 

@@ -106,8 +106,12 @@ def transformer_config_from_hf(
     tensor_parallel_size: int,
     pipeline_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
+    virtual_pipeline_chunks: int = 1,
 ) -> TransformerConfig:
     """The megatron TransformerConfig equivalent to a Hugging Face config of a supported architecture.
+
+    `virtual_pipeline_chunks` > 1 splits each pipeline rank's layers into that many model chunks
+    (megatron's interleaved 1F1B schedule).
 
     Raises:
         ValueError: a field the parallel sizes do not divide, or an unsupported architecture or feature.
@@ -118,7 +122,10 @@ def transformer_config_from_hf(
     _require_divisible("num_key_value_heads", config.num_key_value_heads, "tensor_parallel_size", tensor_parallel_size)
     _require_divisible("num_attention_heads", config.num_attention_heads, "num_key_value_heads", config.num_key_value_heads)
     _require_divisible("intermediate_size", config.intermediate_size, "tensor_parallel_size", tensor_parallel_size)
-    _require_divisible("num_hidden_layers", config.num_hidden_layers, "pipeline_parallel_size", pipeline_parallel_size)
+    _require_divisible(
+        "num_hidden_layers", config.num_hidden_layers,
+        "pipeline_parallel_size * virtual_pipeline_chunks", pipeline_parallel_size * virtual_pipeline_chunks,
+    )
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act: expected 'silu', got {config.hidden_act!r}")
     if getattr(config, "attention_bias", False) and not architecture.qkv_bias:
@@ -154,6 +161,18 @@ def transformer_config_from_hf(
         pipeline_model_parallel_size=pipeline_parallel_size,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_chunks if virtual_pipeline_chunks > 1 else None,
+        # Each micro-batch sends its own [tokens, sequences, hidden] shape between pipeline stages:
+        # micro-batches differ in length (rollouts vary; teacher and student streams travel together).
+        variable_seq_lengths=True,
+        # No MoE here, but megatron-core 0.16 rejects variable_seq_lengths with its default MoE
+        # dispatcher ("allgather") even in dense models.
+        moe_token_dispatcher_type="alltoall",
+        # gloo matches point-to-point messages between two ranks in posting order and without tags.
+        # Batched p2p posts (send prev, recv prev, send next, recv next) on every rank, so with two
+        # pipeline ranks (prev = next) the interleaved schedule would receive an activation as a
+        # gradient and vice versa. The unbatched path orders sends and receives by even/odd rank.
+        batch_p2p_comm=not on_cpu,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=on_cpu,
@@ -199,12 +218,14 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     pre_process: bool = True,
     post_process: bool = True,
+    virtual_pipeline_chunks: int = 1,
+    vp_stage: int | None = None,
     *,
     attention_backend: str = "auto",
     fp8: FP8Config | None = None,
     activation_recompute: str = "none",
 ) -> GPTModel:
-    """This rank's megatron GPTModel for a supported HF config (weights randomly initialised).
+    """One megatron GPTModel chunk for a supported HF config (weights randomly initialised).
 
     Needs megatron's parallel groups (`opsdc_megatron.parallel.init_distributed`). Forward without
     labels returns [batch, sequence, padded_vocab / TP] logits; load weights with
@@ -220,7 +241,9 @@ def build_gpt_model(
     """
     config = load_hf_config(hf_config)
     architecture: Architecture = architecture_of(config.to_dict())
-    transformer_config = transformer_config_from_hf(config, tensor_parallel_size, pipeline_parallel_size, params_dtype)
+    transformer_config = transformer_config_from_hf(
+        config, tensor_parallel_size, pipeline_parallel_size, params_dtype, virtual_pipeline_chunks
+    )
     overrides: dict[str, object] = dict(fp8_transformer_config_fields(fp8 or FP8Config()))
     if activation_recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -245,8 +268,38 @@ def build_gpt_model(
         rotary_base=_rope_theta(config),
         rope_scaling=rope_scaling_factor is not None,
         rope_scaling_factor=rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
     )
     model.to(dtype=params_dtype)
     model.hf_vocab_size = config.vocab_size
     model.hf_name_map = architecture.name_map
     return model
+
+
+def build_model_chunks(
+    hf_config: HFConfigLike,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    virtual_pipeline_chunks: int = 1,
+    **model_options: Any,
+) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+    ``model_options``: the keyword options of `build_gpt_model` (attention backend, FP8, recompute).
+
+    Chunk i holds the layers megatron assigns to virtual stage i of this pipeline rank; only the
+    first chunk of the first rank embeds tokens and only the last chunk of the last rank has the
+    output layer. Needs megatron's parallel groups (`init_distributed` with the same sizes).
+    """
+    interleaved = virtual_pipeline_chunks > 1
+    return [
+        build_gpt_model(
+            hf_config, tensor_parallel_size, pipeline_parallel_size, params_dtype,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=chunk if interleaved else None),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunk if interleaved else None),
+            virtual_pipeline_chunks=virtual_pipeline_chunks,
+            vp_stage=chunk if interleaved else None,
+            **model_options,
+        )
+        for chunk in range(virtual_pipeline_chunks)
+    ]

@@ -19,10 +19,11 @@ in one of five ways (`Layout`):
 * ``gate_up``: the fused SwiGLU ``linear_fc1``. Each TP rank holds ``[gate shard; up shard]``, so
   the full tensor is not a plain split of ``[gate; up]``.
 
-`load_hf_weights` maps pipeline stages (layer numbers shifted by megatron's own
-`get_transformer_layer_offset`; with tied embeddings the last stage's output layer is loaded from
-the input embedding); `export_hf_state_dict` still raises a ValueError when the pipeline-parallel
-size is above 1.
+Pipeline parallelism: a rank holds one model chunk per virtual stage; chunk-local layer numbers
+become global ones through megatron's `get_transformer_layer_offset`. The embedding lives on the
+first stage and the output layer on the last; with tied embeddings the last stage keeps its own copy
+of the embedding as ``output_layer.weight`` (megatron all-reduces its gradient with the first
+stage's), loaded from the input embedding and not exported a second time.
 """
 
 from __future__ import annotations
@@ -124,36 +125,44 @@ def _name_map(model: GPTModel) -> NameMap:
     return name_map
 
 
-def _require_single_stage(what: str) -> None:
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp_size > 1:
-        raise ValueError(
-            f"{what} supports pipeline_parallel_size 1 only, got {pp_size}: the state-dict "
-            f"adapter does not gather pipeline stages yet"
-        )
+def _chunks(model: torch.nn.Module | list[torch.nn.Module]) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), unwrapped."""
+    return [_unwrap(chunk) for chunk in (model if isinstance(model, list) else [model])]
 
 
-def _named_entries(model: GPTModel) -> list[tuple[torch.nn.Parameter, Layout, tuple[str, ...]]]:
-    """(parameter, layout, HF names) for every parameter of this pipeline stage, via its name map.
+def _is_tied_output_copy(model: GPTModel, name: str) -> bool:
+    """The last stage's copy of a tied embedding (exists only when the pipeline has 2+ stages)."""
+    return name == _OUTPUT_LAYER and model.share_embeddings_and_output_weights
 
-    Layer numbers are global (this stage's local index plus megatron's layer offset). With tied
-    embeddings, a last stage that is not also the first holds its own copy of the embedding as
-    ``output_layer.weight``: it maps to the HF input embedding.
-    """
+
+def _named_entries(model: GPTModel) -> list[tuple[str, torch.nn.Parameter, Layout, tuple[str, ...]]]:
+    """(megatron name, parameter, layout, HF names) for every parameter of the model chunk, via its
+    name map. Layer numbers are global (the chunk's local index plus megatron's layer offset)."""
     name_map = _name_map(model)
-    layer_offset = get_transformer_layer_offset(model.config)
+    offset = get_transformer_layer_offset(model.config, vp_stage=model.vp_stage)
     entries = []
     for name, param in model.named_parameters():
         match = _LAYER.match(name)
         template = _LAYER.sub("decoder.layers.{i}.", name) if match else name
-        if model.share_embeddings_and_output_weights and template == _OUTPUT_LAYER:
+        if _is_tied_output_copy(model, name):
             template = _EMBEDDING
         if template not in name_map:
             raise ValueError(f"megatron parameter {name!r} has no Hugging Face mapping in the name map")
         layout, hf_templates = name_map[template]
-        layer = str(int(match.group(1)) + layer_offset) if match else ""
-        entries.append((param, layout, tuple(t.format(i=layer) for t in hf_templates)))
+        layer = str(int(match.group(1)) + offset) if match else ""
+        entries.append((name, param, layout, tuple(t.format(i=layer) for t in hf_templates)))
     return entries
+
+
+def _all_hf_names(model: GPTModel) -> set[str]:
+    """Every Hugging Face name the whole model (all pipeline stages) reads."""
+    names = set()
+    for template, (_, hf_templates) in _name_map(model).items():
+        if template == _OUTPUT_LAYER and model.share_embeddings_and_output_weights:
+            continue
+        layers = range(model.config.num_layers) if "{i}" in template else [""]
+        names.update(t.format(i=i) for t in hf_templates for i in layers)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,33 +267,31 @@ def hf_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
         return _open_source(folder, stack)[0]
 
 
-def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> None:
+def load_hf_weights(model: torch.nn.Module | list[torch.nn.Module], hf_dir_or_state_dict: HFSource) -> None:
     """Copy Hugging Face weights into this rank's shards of `model` (in place).
 
-    Checks every name and shape before writing anything. Tensors are cast to the parameters' dtype.
-    On a pipeline stage, the other stages' tensors are expected in the source and skipped.
+    `model` is a GPTModel (or a wrapper of one) or this rank's list of pipeline chunks. Checks every
+    name and shape this rank reads, and that the source holds no tensor the whole model would not
+    read, before writing anything. Tensors are cast to the parameters' dtype.
 
     Raises:
         ValueError: missing, unexpected or mis-shaped tensors (all listed).
     """
-    gpt = _unwrap(model)
+    chunks = _chunks(model)
+    gpt = chunks[0]
     geo = _Geometry(gpt)
-    entries = _named_entries(gpt)
+    entries = [entry for chunk in chunks for entry in _named_entries(chunk)]
     with ExitStack() as stack:
         shapes, read = _open_source(hf_dir_or_state_dict, stack)
-        missing, misshaped, used = [], [], set()
-        for param, layout, hf_names in entries:
+        missing, misshaped, used = [], [], _all_hf_names(gpt)
+        for _, param, layout, hf_names in entries:
             for hf_name, expected in zip(hf_names, _expected_hf_shapes(layout, param, geo)):
-                used.add(hf_name)
                 if hf_name not in shapes:
                     missing.append(hf_name)
                 elif shapes[hf_name] != tuple(expected):
                     misshaped.append(f"{hf_name}: expected {tuple(expected)}, got {shapes[hf_name]}")
         ignorable = {_TIED_LM_HEAD} if gpt.share_embeddings_and_output_weights else set()
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not _IGNORED_HF.match(n))
-        else:  # other stages' tensors; `opsdc convert` checks the whole set before any stage starts
-            unexpected = []
+        unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not _IGNORED_HF.match(n))
         if missing or misshaped or unexpected:
             problems = [("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)]
             raise ValueError(
@@ -292,33 +299,39 @@ def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> N
                 + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
             )
         with torch.no_grad():
-            for param, layout, hf_names in entries:
+            for _, param, layout, hf_names in entries:
                 param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
 
 
-def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The full Hugging Face-named state dict, identical on every rank.
 
-    TP shards are all-gathered over the tensor-parallel group (one collective per sharded
-    parameter, none for replicated ones) and the vocabulary padding is stripped. Tensors are
-    detached copies on the parameters' device and dtype; ``lm_head.weight`` is present only with
-    untied embeddings.
-
-    Raises:
-        ValueError: PP > 1.
+    `model` as in `load_hf_weights`. TP shards are all-gathered over the tensor-parallel group (one
+    collective per sharded parameter, none for replicated ones) and the vocabulary padding is
+    stripped; with pipeline parallelism each stage's tensors are then all-gathered over the
+    pipeline group (as CPU objects). Tensors are detached copies in the parameters' dtype;
+    ``lm_head.weight`` is present only with untied embeddings.
     """
-    _require_single_stage("export_hf_state_dict")
-    gpt = _unwrap(model)
-    geo = _Geometry(gpt)
+    chunks = _chunks(model)
+    geo = _Geometry(chunks[0])
     group = parallel_state.get_tensor_model_parallel_group()
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for param, layout, hf_names in _named_entries(gpt):
-            local = param.detach()
-            if layout == "replicated" or geo.tp_size == 1:
-                shards = [local]
-            else:
-                shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
-                dist.all_gather(shards, local, group=group)
-            state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+        for chunk in chunks:
+            for name, param, layout, hf_names in _named_entries(chunk):
+                if _is_tied_output_copy(chunk, name):
+                    continue  # the first stage exports the tied embedding
+                local = param.detach()
+                if layout == "replicated" or geo.tp_size == 1:
+                    shards = [local]
+                else:
+                    shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
+                    dist.all_gather(shards, local, group=group)
+                state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+    pipeline = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pipeline) > 1:
+        stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pipeline)
+        dist.all_gather_object(stages, {name: tensor.cpu() for name, tensor in state.items()}, group=pipeline)
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        state = {name: tensor.to(device) for stage in stages for name, tensor in stage.items()}
     return state
