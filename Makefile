@@ -3,8 +3,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
+VENV_SGLANG := .venv-sglang
+STAMP_SGLANG := $(VENV_SGLANG)/.installed
 
-.PHONY: demo test env test-py312
+.PHONY: demo test env test-py312 env-sglang
 
 $(STAMP): pyproject.toml tools/setup_env.sh
 	PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -14,15 +16,22 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/opsdc demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(STAMP_SGLANG)
 	$(VENV)/bin/python -m pytest -m "not gpu" tests
+
+# SGLang rollout servers run from their own environment, .venv-sglang/ (tools/setup_sglang.sh:
+# SGLang 0.5.23 + sglang-router; it pins torch 2.14.1). The sglang tests (-m sglang) start real servers.
+$(STAMP_SGLANG): tools/setup_sglang.sh
+	PYTHON=$(PYTHON) bash tools/setup_sglang.sh
+
+env-sglang: $(STAMP_SGLANG)
 
 # The Megatron tests again on the newest megatron-core line: Python 3.12 (pyenv) with megatron-core
 # 0.19.2 in .venv-py312/ (tools/setup_env_py312.sh; PYTHON312 empty = the newest pyenv 3.12).
 PYTHON312 ?=
 VENV312 := .venv-py312
 STAMP312 := $(VENV312)/.installed
-MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py
+MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py tests/test_convert.py tests/test_pipeline.py
 
 $(STAMP312): pyproject.toml tools/setup_env_py312.sh
 	PYTHON=$(PYTHON312) bash tools/setup_env_py312.sh

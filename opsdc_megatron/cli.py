@@ -1,4 +1,5 @@
-"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe.
+"""`opsdc`: the command line. `opsdc demo` runs the embedded default; `opsdc train RECIPE [key=value ...]` any recipe;
+`opsdc eval` measures a model on a benchmark; `opsdc report RUN_DIR` renders a run.
 
 Input errors (recipe, prompts, parallel layout) are checked before any process group starts or any
 file is written, and reported as one line naming the problem, with exit status 2.
@@ -11,8 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+from opsdc_megatron import plan
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
+from opsdc_megatron.convert import cli as convert_cli
+from opsdc_megatron.eval.command import add_parser as add_eval_parser
 from opsdc_megatron.prompts import PromptFileError
+from opsdc_megatron.report import add_parser as add_report_parser
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 """What a bad recipe, model folder or prompt file raises during preflight."""
@@ -29,7 +34,15 @@ def preflight(config: RunConfig) -> None:
     from opsdc_megatron.prompts import load_prompts
     from opsdc_megatron.train.prompt_stream import PromptStream
 
-    transformer_config_from_hf(AutoConfig.from_pretrained(hf_path), config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    parallel = config.parallel
+    transformer_config_from_hf(
+        AutoConfig.from_pretrained(hf_path), parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+        virtual_pipeline_chunks=parallel.virtual_pipeline_chunks,
+    )
+    if config.model.megatron_checkpoint:
+        from opsdc_megatron.convert.checks import check_megatron_checkpoint
+
+        check_megatron_checkpoint(Path(config.model.megatron_checkpoint))
     PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)
@@ -61,15 +74,24 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="build the toy base model, run OPSDC at TP=2 on CPU, compare before/after")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--cache", default=None, help="where the toy base model is cached (default: ~/.cache/opsdc-megatron)")
+    demo.add_argument("--rollout", choices=("hf", "sglang"), default="hf", help="rollout engine: in-process transformers (default) or a local SGLang server (make env-sglang)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of recipes/toy_cpu.yaml, e.g. train.steps=20")
     train = commands.add_parser("train", help="run OPSDC from a recipe")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/toy_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    plan.add_parser(commands)
+    convert_cli.add_parser(commands)
+    add_eval_parser(commands)
+    add_report_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "convert":
+        convert_cli.run(args)  # maps conversion errors to exit statuses around the subcommand's handler
+    elif hasattr(args, "handler"):
+        args.handler(args)
+    elif args.command == "demo":
         from opsdc_megatron.demo import run_demo
 
-        run_demo(Path(args.out), Path(args.cache) if args.cache else None, args.overrides)
+        run_demo(Path(args.out), Path(args.cache) if args.cache else None, [f"rollout.engine={args.rollout}", *args.overrides])
     else:
         train_command(args.recipe, args.overrides)
 

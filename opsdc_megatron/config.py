@@ -8,6 +8,7 @@ Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,8 @@ from typing import Optional
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
 
 PAPER_INSTRUCTION_V1 = (
     "Solve the following math problem concisely and correctly. Be direct — avoid unnecessary "
@@ -32,16 +35,34 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_path: str = MISSING
     """Hugging Face model folder (config.json, safetensors, tokenizer) the student starts from."""
+    megatron_checkpoint: Optional[str] = None
+    """If set, the student's initial weights come from this torch_dist checkpoint (`opsdc convert
+    hf-to-megatron`, any TP/PP layout) instead of hf_path's safetensors; config and tokenizer still from hf_path."""
     params_dtype: str = "bf16"
     """Training dtype of the student and teacher: bf16 or fp32."""
+    attention_backend: str = "auto"
+    """auto (Transformer Engine's layer when TE imports, else sdpa on a GPU, local on CPU), te, sdpa
+    (megatron's local layer with torch's fused SDPA attention) or local (megatron's DotProductAttention)."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 through Transformer Engine; output layer and KL stay bf16/fp32."""
+    activation_recompute: str = "none"
+    """none, or full: keep only each layer's input and recompute the layer in backward (about a third
+    more compute; what `opsdc plan` picks when nothing fits without it)."""
 
 
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    virtual_pipeline_chunks: int = 1
+    """Model chunks per pipeline rank; > 1 runs megatron's interleaved 1F1B schedule."""
     data_parallel_size: int = 1
     """Processes = tensor x pipeline x data; `opsdc train` starts that many locally when not under torchrun."""
+    distributed_optimizer: bool = False
+    """Shard the optimizer state (and fp32 main weights) over data-parallel ranks (megatron's
+    DistributedOptimizer); gradients are then reduce-scattered and weights all-gathered. Its
+    checkpoints resume at another data-parallel size but not at other tensor/pipeline sizes
+    (train/checkpoint.py)."""
 
 
 @dataclass
@@ -55,9 +76,42 @@ class DataConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """SGLang rollout servers (rollout.engine = sglang); see opsdc_megatron/rollout/sglang/."""
+
+    num_servers: int = 1
+    tensor_parallel_size: int = 1
+    """GPUs per server; 1 on CPU."""
+    base_port: int = 30000
+    """Server i listens on base_port + i."""
+    router_port: int = 0
+    """Port of sglang-router in front of the servers (for clients outside the trainer); 0 = no router."""
+    dtype: str = "auto"
+    """SGLang --dtype: auto, float32, bfloat16, float16."""
+    mem_fraction_static: Optional[float] = None
+    """GPU memory fraction for weights + KV cache; null = SGLang's default."""
+    max_total_tokens: Optional[int] = None
+    """KV-cache tokens per server; null = SGLang's default on GPU, 8192 on CPU."""
+    weight_transport: str = "tensor"
+    """tensor (colocated, shared memory), distributed (broadcast group: NCCL on GPU, gloo on CPU) or disk."""
+    bucket_mib: int = 512
+    """Weight-push bucket size in MiB."""
+    max_concurrent_requests: int = 64
+    """Rollout requests in flight over all servers."""
+    request_timeout_s: float = 600.0
+    stall_timeout_s: float = 60.0
+    """A server with requests in flight that answers none for this long is probed; if hung, restarted."""
+    max_attempts: int = 3
+    """Sends per prompt before the step fails (a failed server's prompts go to the others)."""
+    startup_timeout_s: float = 300.0
+    python: Optional[str] = None
+    """Interpreter of the SGLang environment; null = .venv-sglang/bin/python of this checkout."""
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"
-    """hf: in-process transformers generation fed with the trainer's weights."""
+    """hf: in-process transformers generation fed with the trainer's weights; sglang: SGLang servers."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -65,6 +119,7 @@ class RolloutConfig:
     max_response_tokens: int = 8192
     generation_batch_prompts: int = 64
     """Prompts per generate call (a block); blocks are dealt to ranks, each seeded on its own."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass
@@ -87,6 +142,10 @@ class TrainConfig:
     """Prompts per optimizer step across all data-parallel ranks (one rollout each)."""
     micro_batch_prompts: int = 2
     """Sequences per forward/backward on one data-parallel rank."""
+    micro_batch_tokens: int = 0
+    """> 0: instead of micro_batch_prompts sequences, pack rollouts by length into micro-batches of
+    at most this many tokens (student + teacher inputs, padding included) and balance tokens over
+    data-parallel ranks. Must hold the longest sequence: 2 x (max_prompt_tokens + max_response_tokens)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -117,6 +176,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write every metric to <out_dir>/tensorboard/ as well as metrics.jsonl."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project; set it to log there too (needs `pip install wandb`)."""
+    wandb_run_name: Optional[str] = None
+
+
+@dataclass
 class SlurmConfig:
     """The job's shape on a SLURM cluster (slurm/*.sbatch, `python -m opsdc_megatron.launch`); the trainer ignores it."""
 
@@ -125,9 +193,8 @@ class SlurmConfig:
     gpus_per_node: int = 8
     """GPUs per node of the allocation; 0 for CPU jobs (the toy recipes)."""
     rollout_nodes: int = 0
-    """Nodes running SGLang servers behind sglang_router (rollout.engine=sglang); 0 with the in-process hf engine."""
-    rollout_server_gpus: int = 1
-    """GPUs per SGLang server (its --tp-size); a rollout node runs gpus_per_node / rollout_server_gpus servers."""
+    """Nodes running the SGLang servers (rollout.engine=sglang), before the trainer nodes; 0 with the hf engine.
+    A rollout node runs gpus_per_node / rollout.sglang.tensor_parallel_size servers."""
 
 
 @dataclass
@@ -141,6 +208,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
@@ -212,6 +280,7 @@ def validate(config: RunConfig) -> None:
     for key, value in (
         ("parallel.tensor_parallel_size", p.tensor_parallel_size),
         ("parallel.pipeline_parallel_size", p.pipeline_parallel_size),
+        ("parallel.virtual_pipeline_chunks", p.virtual_pipeline_chunks),
         ("parallel.data_parallel_size", p.data_parallel_size),
         ("train.global_batch_prompts", t.global_batch_prompts),
         ("train.micro_batch_prompts", t.micro_batch_prompts),
@@ -220,8 +289,11 @@ def validate(config: RunConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if p.pipeline_parallel_size != 1:
-        raise ConfigError(f"parallel.pipeline_parallel_size: only 1 is supported so far, got {p.pipeline_parallel_size}")
+    if p.virtual_pipeline_chunks > 1 and p.pipeline_parallel_size == 1:
+        raise ConfigError(
+            f"parallel.virtual_pipeline_chunks ({p.virtual_pipeline_chunks}) > 1 needs "
+            f"parallel.pipeline_parallel_size > 1, got 1"
+        )
     if t.global_batch_prompts % p.data_parallel_size:
         raise ConfigError(
             f"train.global_batch_prompts ({t.global_batch_prompts}) must divide evenly over "
@@ -233,10 +305,41 @@ def validate(config: RunConfig) -> None:
             f"train.micro_batch_prompts ({t.micro_batch_prompts}) must divide the prompts per "
             f"data-parallel rank ({per_rank} = global_batch_prompts / data_parallel_size)"
         )
+    longest_sequence = 2 * (config.data.max_prompt_tokens + config.rollout.max_response_tokens)
+    if t.micro_batch_tokens < 0 or 0 < t.micro_batch_tokens < longest_sequence:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 or hold the longest sequence: "
+            f"2 x (data.max_prompt_tokens + rollout.max_response_tokens) = {longest_sequence}"
+        )
+    if t.micro_batch_tokens and p.virtual_pipeline_chunks > 1:
+        raise ConfigError(
+            "train.micro_batch_tokens (packing by length) cannot be combined with "
+            "parallel.virtual_pipeline_chunks > 1: the interleaved schedule needs micro-batches of one shape"
+        )
+    micro_batches = per_rank // t.micro_batch_prompts
+    if p.virtual_pipeline_chunks > 1 and micro_batches % p.pipeline_parallel_size:
+        raise ConfigError(
+            f"interleaved pipeline (parallel.virtual_pipeline_chunks = {p.virtual_pipeline_chunks}): the "
+            f"micro-batches per data-parallel rank ({micro_batches}) must be a multiple of "
+            f"parallel.pipeline_parallel_size ({p.pipeline_parallel_size})"
+        )
     if config.model.params_dtype not in ("bf16", "fp32"):
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")
-    if config.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine: only 'hf' is available, got {config.rollout.engine!r}")
+    if config.model.attention_backend not in ("auto", "te", "sdpa", "local"):
+        raise ConfigError(f"model.attention_backend must be auto, te, sdpa or local, got {config.model.attention_backend!r}")
+    if config.model.activation_recompute not in ("none", "full"):
+        raise ConfigError(f"model.activation_recompute must be none or full, got {config.model.activation_recompute!r}")
+    try:
+        check_fp8(config.model.fp8)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.rollout.engine not in ("hf", "sglang"):
+        raise ConfigError(f"rollout.engine must be hf or sglang, got {config.rollout.engine!r}")
+    if config.rollout.sglang.weight_transport not in ("tensor", "distributed", "disk"):
+        raise ConfigError(f"rollout.sglang.weight_transport must be tensor, distributed or disk, got {config.rollout.sglang.weight_transport!r}")
+    for key in ("num_servers", "tensor_parallel_size", "bucket_mib", "max_concurrent_requests", "max_attempts"):
+        if getattr(config.rollout.sglang, key) < 1:
+            raise ConfigError(f"rollout.sglang.{key} must be >= 1, got {getattr(config.rollout.sglang, key)}")
     if config.distill.divergence not in ("reverse_kl", "forward_kl"):
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":
@@ -245,6 +348,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
     if config.eval.every_steps and not config.data.eval_prompts:
         raise ConfigError("eval.every_steps is set but data.eval_prompts is not")
+    if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb_project is set but the wandb package is not installed (pip install wandb)")
 
 
 def to_yaml(config: RunConfig) -> str:

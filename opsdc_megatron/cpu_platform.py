@@ -26,8 +26,18 @@ One spot is not a torch call: ``clip_grad_by_total_norm_fp32`` asserts
 `_clip_grad_by_total_norm_fp32`, which checks the dtype instead and scales with megatron's own
 multi-tensor helper, as upstream does.
 
-Not covered (not needed by this project on CPU): the distributed optimizer and the bf16/fp16
-mixed-precision optimizer (both classify parameters by CUDA type strings), async checkpoint
+Two more are tensor methods. ``DistributedOptimizer.__init__`` sorts parameters by
+``param.type()`` strings ("torch.cuda.FloatTensor", ...) and rejects any other; while it runs,
+``Tensor.type()`` without arguments names a CPU tensor's CUDA counterpart (the sorting only looks at
+the dtype; nothing is moved). Its ``get_parameter_state_dp_zero`` (the gather behind the
+"fully_reshardable" checkpoint format) moves buffers with ``Tensor.cuda()``. And with tied embeddings and pipeline stages, GPTModel's constructor runs
+``LanguageModule.setup_embeddings_and_output_layer``, which moves the last stage's copy of the
+embedding with ``weight.data.cuda()`` before all-reducing it with the first stage's. That method
+runs with ``Tensor.cuda`` leaving a CPU tensor where it is, and so does the gather above (only
+during those calls).
+
+Not covered (not needed by this project on CPU): the bf16/fp16 mixed-precision optimizer without
+the distributed optimizer (it classifies parameters by CUDA type strings too), async checkpoint
 saves, CUDA graphs, and sequence parallelism (needs apex or Transformer Engine norms).
 
 Upstream code moves between releases. ``apply_cpu_platform`` imports every adapted module, checks
@@ -87,6 +97,11 @@ _CUDA_ASSUMING_MODULES: tuple[tuple[str, str], ...] = (
         "megatron.core.optimizer.optimizer",
         'FP32Optimizer keeps its loss scale in a device="cuda" tensor; ChainedOptimizer falls '
         "back to one on torch.cuda.current_device().",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer gathers and scatters its state for checkpoints in buffers on "
+        "torch.cuda.current_device().",
     ),
     (
         "megatron.core.optimizer.clip_grads",
@@ -234,6 +249,65 @@ _CLIP_GRAD_PARAMETERS = ("parameters", "max_norm", "total_norm", "use_decoupled_
 _CLIP_GRAD_HELPERS = ("to_local_if_dtensor", "multi_tensor_applier", "multi_tensor_scale_impl")
 
 
+def _keep_on_cpu(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``Tensor.cuda`` for the wrapped calls: the tensor stays where it is."""
+    return tensor
+
+
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.type``, naming CPU tensors as their CUDA counterparts ("torch.cuda.FloatTensor")."""
+    name = _ORIGINAL_TENSOR_TYPE(tensor, *args, **kwargs)
+    if args or kwargs or tensor.is_cuda:
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
+
+
+def _with_tensor_method(name: str, replacement: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator: the method runs with ``torch.Tensor.<name>`` replaced, and only while it runs."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, replacement)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                setattr(torch.Tensor, name, original)
+
+        wrapper.cpu_platform_wrapped = True
+        return wrapper
+
+    return wrap
+
+
+# (module, class, method, how it runs): the tensor-method adaptations described above.
+_TENSOR_METHOD_ADAPTATIONS = (
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
+     "setup_embeddings_and_output_layer", _with_tensor_method("cuda", _keep_on_cpu)),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__",
+     _with_tensor_method("type", _cuda_type_name)),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero",
+     _with_tensor_method("cuda", _keep_on_cpu)),
+)
+
+
+def _adapt_tensor_methods() -> None:
+    for module_name, class_name, method_name, wrap in _TENSOR_METHOD_ADAPTATIONS:
+        owner = getattr(_import(module_name), class_name, None)
+        method = getattr(owner, method_name, None)
+        if method is None:
+            raise RuntimeError(
+                f"opsdc_megatron.cpu_platform: {module_name}.{class_name}.{method_name} is gone in this "
+                f"megatron-core version; find where its CUDA-assuming code moved and update this module"
+            )
+        if not getattr(method, "cpu_platform_wrapped", False):
+            setattr(owner, method_name, wrap(method))
+
+
 def _import(module_name: str) -> Any:
     try:
         return importlib.import_module(module_name)
@@ -269,6 +343,37 @@ def _replace_clip_grad(module_name: str) -> None:
     module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
 
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Activation recomputation saves "the GPU's" RNG state around each recomputed layer: the CPU's."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+# megatron's activation recomputation (tensor_parallel.random.CheckpointFunction) saves and restores
+# the CUDA RNG state through these two functions; their signatures are checked before replacing.
+_RNG_STATE_FUNCTIONS = {
+    "_get_cuda_rng_state": (_cpu_get_rng_state, ("device", "clone", "graph_safe")),
+    "_set_cuda_rng_state": (_cpu_set_rng_state, ("new_state", "device", "graph_safe")),
+}
+
+
+def _replace_rng_state_functions() -> None:
+    random = _import("megatron.core.tensor_parallel.random")
+    for name, (replacement, parameters) in _RNG_STATE_FUNCTIONS.items():
+        upstream = getattr(random, name, None)
+        if upstream is replacement:
+            continue
+        if upstream is None or tuple(inspect.signature(upstream).parameters) != parameters:
+            raise RuntimeError(
+                f"opsdc_megatron.cpu_platform: megatron.core.tensor_parallel.random.{name} is missing or its "
+                f"parameters changed (expected {parameters}); update the CPU RNG-state adaptation"
+            )
+        setattr(random, name, replacement)
+
+
 def apply_cpu_platform() -> None:
     """Adapt megatron-core's CUDA-only code paths to CPU; idempotent, a no-op when CUDA is present.
 
@@ -291,3 +396,5 @@ def apply_cpu_platform() -> None:
         )
     for module_name in _CLIP_GRAD_MODULES:
         _replace_clip_grad(module_name)
+    _replace_rng_state_functions()
+    _adapt_tensor_methods()

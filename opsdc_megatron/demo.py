@@ -5,7 +5,11 @@ CPU, to answer toy arithmetic problems concisely without losing accuracy.
 2. write toy prompt files: train, validation (best-checkpoint selection), test (before/after);
 3. evaluate the base model on test prompts, plain and instructed, sampled at temperature 1;
 4. run `opsdc train recipes/toy_cpu.yaml` in 2 processes (TP=2);
-5. evaluate the best checkpoint the same way; print the table, write summary.json and a plot.
+5. evaluate the best checkpoint the same way; print the table, write summary.json and the run's report.
+
+The before/after evaluations are written as result files in <out>/train/eval/ (what `opsdc eval`
+writes), from which <out>/train/report.md is rendered (`opsdc report`); `opsdc eval --data
+<out>/data/test.jsonl` with the same settings reproduces the numbers.
 """
 
 from __future__ import annotations
@@ -19,45 +23,26 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opsdc_megatron.eval.evaluate import evaluate_hf_folder
+from opsdc_megatron.eval.evaluate import evaluate_model
+from opsdc_megatron.eval.results import write_result
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.prompts import write_prompts
+from opsdc_megatron.report import write_report
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.toy.base_model import BuildSettings, ensure_base_model
 from opsdc_megatron.toy.task import toy_prompts
-from opsdc_megatron.train.metrics import read_metrics
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy_cpu.yaml"
 DATA_SEED = 7
 TRAIN_PROMPTS, VALIDATION_PROMPTS, TEST_PROMPTS = 4096, 128, 300
 TEST_SEED = 424_242
+BENCHMARK = "toy test"
+RESULT_INSTRUCTION = {"plain": "none", "instructed": "concise"}
+"""The demo's names for its two evaluations -> the instruction names of result files (`opsdc eval --instruction`)."""
 
 
 def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "opsdc-megatron"
-
-
-def plot(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [m for m in metrics if m["kind"] == "train"]
-    evals = [m for m in metrics if m["kind"] == "eval"]
-    figure, (tokens_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    tokens_axis.plot([m["step"] for m in train], [m["mean_response_tokens"] for m in train], label="rollouts (train prompts)")
-    tokens_axis.plot([m["step"] for m in evals], [m["mean_tokens"] for m in evals], "o-", label="validation")
-    tokens_axis.set(xlabel="optimizer step", ylabel="mean response tokens", title="Response length")
-    accuracy_axis.plot([m["step"] for m in train], [m["rollout_accuracy"] for m in train], label="rollouts (train prompts)")
-    accuracy_axis.plot([m["step"] for m in evals], [m["accuracy"] for m in evals], "o-", label="validation")
-    accuracy_axis.set(xlabel="optimizer step", ylabel="accuracy (dual-path)", title="Accuracy, sampled at T=1", ylim=(0, 1.05))
-    for axis in (tokens_axis, accuracy_axis):
-        axis.legend()
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def print_table(summary: dict) -> None:
@@ -91,6 +76,7 @@ def run_demo(
     write_prompts(data / "train.jsonl", toy_prompts(DATA_SEED, TRAIN_PROMPTS, "train"))
     write_prompts(data / "validation.jsonl", heldout[:VALIDATION_PROMPTS])
     test = heldout[VALIDATION_PROMPTS:]
+    write_prompts(data / "test.jsonl", test)
 
     from opsdc_megatron.config import load_config
 
@@ -100,9 +86,17 @@ def run_demo(
     ]
     recipe = load_config(RECIPE, overrides)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=recipe.eval.max_response_tokens)
-    evaluation = (recipe.distill.instruction, sampling, TEST_SEED, recipe.rollout.generation_batch_prompts)
+    instructions = {"plain": None, "instructed": recipe.distill.instruction}
+
+    def evaluate_and_record(model: Path) -> dict:
+        results = evaluate_model(model, test, instructions, sampling, TEST_SEED, recipe.rollout.generation_batch_prompts)
+        for kind, result in results.items():
+            write_result(out / "train" / "eval", BENCHMARK, model, data / "test.jsonl", "opsdc", RESULT_INSTRUCTION[kind],
+                         instructions[kind], sampling, TEST_SEED, "hf", result)
+        return results
+
     console.rule("3. evaluate the base model")
-    before = evaluate_hf_folder(base, test, *evaluation)
+    before = evaluate_and_record(base)
 
     console.rule("4. OPSDC with megatron-core, TP=2, 2 CPU processes")
     subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", str(RECIPE), *overrides], check=True)
@@ -111,7 +105,7 @@ def run_demo(
     best = out / "train" / "best_hf"
     if not best.exists():
         best = out / "train" / "final_hf"
-    after = evaluate_hf_folder(best, test, *evaluation)
+    after = evaluate_and_record(best)
     summary = {
         "before": {k: {"accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "n": r.n} for k, r in before.items()},
         "after": {k: {"accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "n": r.n} for k, r in after.items()},
@@ -119,7 +113,7 @@ def run_demo(
     summary["compression_pct"] = 100 * (1 - summary["after"]["plain"]["mean_tokens"] / summary["before"]["plain"]["mean_tokens"])
     summary["best_checkpoint"] = str(best)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    plot(read_metrics(out / "train" / "metrics.jsonl"), out / "training_curves.png")
+    report = write_report(out / "train")
     print_table(summary)
-    console.print(f"wrote {out / 'summary.json'} and {out / 'training_curves.png'}")
+    console.print(f"wrote {out / 'summary.json'}, {report} and its plots")
     return summary

@@ -36,18 +36,25 @@ def _world_size_from_env() -> int | None:
     return int(os.environ["WORLD_SIZE"])
 
 
-def init_distributed(tensor_parallel_size: int, pipeline_parallel_size: int = 1, seed: int = 0) -> None:
+def init_distributed(
+    tensor_parallel_size: int, pipeline_parallel_size: int = 1, seed: int = 0, virtual_pipeline_chunks: int = 1
+) -> None:
     """Initialise torch.distributed and megatron's parallel groups and RNG on this rank.
 
     Reuses the default process group if one already exists (e.g. to switch the TP size within a
     process after `parallel_state.destroy_model_parallel()`). The data-parallel size is what is
-    left: world_size / (tensor_parallel_size * pipeline_parallel_size).
+    left: world_size / (tensor_parallel_size * pipeline_parallel_size). `virtual_pipeline_chunks` > 1
+    gives each pipeline rank that many model chunks (interleaved 1F1B).
 
     Raises:
         ValueError: sizes below 1, or a world size they do not divide; raised before any
             process group is created, so a bad launch fails fast on every rank.
     """
-    for name, size in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
+    for name, size in (
+        ("tensor_parallel_size", tensor_parallel_size),
+        ("pipeline_parallel_size", pipeline_parallel_size),
+        ("virtual_pipeline_chunks", virtual_pipeline_chunks),
+    ):
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
     if dist.is_initialized():
@@ -83,6 +90,7 @@ def init_distributed(tensor_parallel_size: int, pipeline_parallel_size: int = 1,
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_chunks if virtual_pipeline_chunks > 1 else None,
     )
     # The CPU generator drives use_cpu_initialization: the same seed on every rank gives every
     # rank the same master weights, which megatron then splits over TP.

@@ -27,12 +27,9 @@ class PromptRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_prompts(path: str | Path) -> list[PromptRecord]:
-    """Read a JSON Lines prompt file; a bad line raises PromptFileError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"{path}: prompt file not found")
-    records = []
+def read_json_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; a bad line raises PromptFileError naming file:line."""
+    rows = []
     with path.open(encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -43,12 +40,23 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
                 raise PromptFileError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise PromptFileError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "answer"):
-                if not isinstance(row.get(key), str):
-                    got = "missing" if key not in row else type(row[key]).__name__
-                    raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string, got {got}")
-            extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
-            records.append(PromptRecord(row["prompt"], row["answer"], extra))
+            rows.append((line_number, row))
+    return rows
+
+
+def load_prompts(path: str | Path) -> list[PromptRecord]:
+    """Read a JSON Lines prompt file; a bad line raises PromptFileError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    records = []
+    for line_number, row in read_json_objects(path):
+        for key in ("prompt", "answer"):
+            if not isinstance(row.get(key), str):
+                got = "missing" if key not in row else type(row[key]).__name__
+                raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string, got {got}")
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+        records.append(PromptRecord(row["prompt"], row["answer"], extra))
     if not records:
         raise PromptFileError(f"{path}: no prompts")
     return records

@@ -36,6 +36,12 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\ntrain:\n  global_batch_prompts: 32\n  micro_batch_prompts: 5\n", [], "train.micro_batch_prompts"),
         ("out_dir: x\nparallel:\n  data_parallel_size: 3\n", [], "parallel.data_parallel_size"),
         ("out_dir: x\ndistill:\n  divergence: jsd\n", [], "distill.divergence"),
+        ("out_dir: x\n", ["parallel.virtual_pipeline_chunks=2"], "needs parallel.pipeline_parallel_size > 1"),
+        ("out_dir: x\n", ["parallel.pipeline_parallel_size=3", "parallel.virtual_pipeline_chunks=2"],
+         "micro-batches per data-parallel rank \\(16\\) must be a multiple of parallel.pipeline_parallel_size \\(3\\)"),
+        ("out_dir: x\n", ["train.micro_batch_tokens=100"], "must be 0 or hold the longest sequence"),
+        ("out_dir: x\n", ["train.micro_batch_tokens=20000", "parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_chunks=2"],
+         "cannot be combined with parallel.virtual_pipeline_chunks"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
@@ -44,7 +50,8 @@ def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
 
 
 def test_shipped_recipes_load():
-    for recipe in ("recipes/toy_cpu.yaml", "recipes/toy_cpu_live_teacher.yaml", "recipes/toy_cpu_forward_kl.yaml"):
+    for recipe in ("recipes/toy_cpu.yaml", "recipes/toy_cpu_live_teacher.yaml", "recipes/toy_cpu_forward_kl.yaml",
+                   "recipes/qwen3_8b.yaml", "recipes/qwen3_14b.yaml", "recipes/qwen3_32b.yaml"):
         load_config(recipe, ["out_dir=x", "model.hf_path=y", "data.train_prompts=z", "data.eval_prompts=w"])
 
 

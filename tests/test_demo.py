@@ -1,7 +1,8 @@
 """`opsdc demo` end to end at smoke-test size: a 20-step base model, 2 OPSDC steps at TP=2.
 
 The full-size demo (minutes) is run by `make demo`; its measured numbers are in bench/RESULTS.md.
-This test checks the pipeline and its outputs, not the compression.
+These tests check the pipeline and its outputs, not the compression: the summary, the run report,
+and that `opsdc eval` on the demo's test file reproduces the demo's before/after numbers exactly.
 """
 
 import json
@@ -9,22 +10,52 @@ from dataclasses import replace
 
 import matplotlib.image
 import pytest
+import yaml
 
-from opsdc_megatron.demo import run_demo
+from opsdc_megatron.cli import main
+from opsdc_megatron.demo import TEST_SEED, run_demo
 from opsdc_megatron.toy.base_model import BuildSettings
 
 pytestmark = pytest.mark.parallel
 
+MAX_TOKENS = 32
 
-def test_demo_writes_summary_and_plot(tmp_path):
-    overrides = ["train.steps=2", "eval.every_steps=1", "eval.max_prompts=8", "rollout.max_response_tokens=32", "eval.max_response_tokens=32"]
-    run_demo(tmp_path / "demo", tmp_path / "cache", overrides, test_prompts=16, base_settings=replace(BuildSettings(), steps=20))
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    overrides = ["train.steps=2", "eval.every_steps=1", "eval.max_prompts=8", "rollout.max_response_tokens=32", f"eval.max_response_tokens={MAX_TOKENS}"]
+    run_demo(out / "demo", out / "cache", overrides, test_prompts=16, base_settings=replace(BuildSettings(), steps=20))
+    return out / "demo"
+
+
+def test_demo_writes_summary_and_report(demo):
+    summary = json.loads((demo / "summary.json").read_text())
     for when in ("before", "after"):
         for kind in ("plain", "instructed"):
             result = summary[when][kind]
             assert set(result) == {"accuracy", "mean_tokens", "n"}
             assert result["n"] == 16 and 0 <= result["accuracy"] <= 1 and 1 <= result["mean_tokens"] <= 32
-    image = matplotlib.image.imread(tmp_path / "demo" / "training_curves.png")
-    assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
-    assert (tmp_path / "demo" / "train" / "best_hf" / "model.safetensors").exists()
+    assert (demo / "train" / "best_hf" / "model.safetensors").exists()
+    report = (demo / "train" / "report.md").read_text()
+    before, after = summary["before"]["plain"], summary["after"]["plain"]
+    assert f"| toy test | 16 x 1 | {before['accuracy']:.3f} | {after['accuracy']:.3f} |" in report
+    for name in ("training_curves.png", "accuracy_vs_length.png", "length_distribution.png"):
+        image = matplotlib.image.imread(demo / "train" / name)
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+
+
+@pytest.mark.eval
+def test_opsdc_eval_reproduces_the_demo_numbers(demo, tmp_path):
+    """The base model and best_hf, evaluated by `opsdc eval` with the demo's seed and sampling, give the demo's table."""
+    summary = json.loads((demo / "summary.json").read_text())
+    base = yaml.safe_load((demo / "train" / "config.yaml").read_text())["model"]["hf_path"]
+    for when, model in (("before", base), ("after", summary["best_checkpoint"])):
+        out = tmp_path / when
+        main(["eval", "--model", str(model), "--data", str(demo / "data" / "test.jsonl"), "--samples", "1", "--temperature", "1",
+              "--top-p", "1", "--top-k", "0", "--max-tokens", str(MAX_TOKENS), "--instruction", "both", "--instruction-text", "be concise .",
+              "--seed", str(TEST_SEED), "--batch-prompts", "16", "--out", str(out)])
+        for kind, instruction in (("plain", "none"), ("instructed", "concise")):
+            [path] = out.glob(f"*.{instruction}.json")
+            result = json.loads(path.read_text())["result"]
+            assert {k: result[k] for k in ("accuracy", "mean_tokens", "n")} == summary[when][kind], (when, kind)

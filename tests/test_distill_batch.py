@@ -1,8 +1,15 @@
 """Student and teacher see the same response tokens at aligned positions; the teacher snapshot's cadence."""
 
+import pytest
 import torch
 
-from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+from opsdc_megatron.distill.batch import (
+    ScoredSequence,
+    balance_over_ranks,
+    make_micro_batches,
+    pack_micro_batches,
+    stream_tokens,
+)
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 
 PAD = 0
@@ -55,3 +62,27 @@ def test_frozen_teacher_never_refreshes():
             student.weight.add_(1.0)
         assert not teacher.after_optimizer_step(student)
     assert torch.equal(teacher.model.weight, initial) and teacher.age_steps == 5
+
+
+def varied_sequences(count):
+    return [ScoredSequence([5] * (1 + i % 4), [9, 9, 9] + [5] * (1 + i % 4), [11] * (1 + (7 * i) % 9)) for i in range(count)]
+
+
+def test_balance_over_ranks_evens_tokens_and_covers_every_sequence():
+    sequences = varied_sequences(10)
+    assignment = balance_over_ranks(sequences, 3)
+    assert sorted(i for rank in assignment for i in rank) == list(range(10))
+    totals = [sum(stream_tokens(sequences[i]) for i in rank) for rank in assignment]
+    assert max(totals) - min(totals) <= max(stream_tokens(s) for s in sequences)
+    assert balance_over_ranks(sequences, 3) == assignment, "every rank must compute the same assignment"
+
+
+def test_pack_micro_batches_keeps_the_budget_and_every_token():
+    sequences = varied_sequences(10)
+    budget = 60
+    batches = pack_micro_batches(sequences, budget, PAD)
+    assert all(b.student_tokens.numel() + b.teacher_tokens.numel() <= budget for b in batches)
+    assert sum(b.response_tokens for b in batches) == sum(len(s.response_ids) for s in sequences)
+    assert len(batches) < len(sequences), "several sequences share a micro-batch"
+    with pytest.raises(ValueError, match="train.micro_batch_tokens = 10 is smaller"):
+        pack_micro_batches(sequences, 10, PAD)

@@ -55,11 +55,11 @@ def test_tp_that_does_not_divide_heads_is_rejected(tensor_parallel_size: int, fi
         transformer_config_from_hf(qwen3_config(), tensor_parallel_size=tensor_parallel_size)
 
 
-def test_non_qwen3_architecture_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"architectures: expected \['Qwen3ForCausalLM'\], got \['LlamaForCausalLM'\]"):
-        transformer_config_from_hf(qwen3_config(architectures=["LlamaForCausalLM"], model_type="llama"), 1)
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"model_type: expected 'qwen3'"):
+def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"architectures: expected one of \['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\], got \['MistralForCausalLM'\]"):
+        transformer_config_from_hf(qwen3_config(architectures=["MistralForCausalLM"], model_type="mistral"), 1)
+    (tmp_path / "config.json").write_text('{"model_type": "mistral"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"model_type: expected one of \['llama', 'qwen2', 'qwen3'\]"):
         transformer_config_from_hf(tmp_path, 1)
 
 

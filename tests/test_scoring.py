@@ -7,6 +7,8 @@ import pytest
 from opsdc_megatron.eval import score
 from opsdc_megatron.eval.scoring import answer_line, last_boxed, normalize
 
+pytestmark = pytest.mark.eval
+
 
 @pytest.mark.parametrize(
     "response",

@@ -18,21 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.config import merge_config
 from opsdc_megatron.launch.plan import Allocation, PlanError, check_allocation, plan_job
-from opsdc_megatron.prompts import write_prompts
-from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
-from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+from opsdc_megatron.plan import H100_80GB_GIB, ModelShape, Workload, choose
+from opsdc_megatron.toy.task import TOY_INSTRUCTION
 from opsdc_megatron.train.metrics import read_metrics
+from tests.tiny_models import save_toy_qwen3
 
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-COMPARED = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accuracy", "teacher_age_steps")
+COMPARED = ("loss", "grad_norm", "mean_response_tokens", "rollout_accuracy", "teacher_age_steps")
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +49,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     """A tiny random Qwen3 with the toy tokenizer, and toy prompts."""
-    root = tmp_path_factory.mktemp("slurm_toy")
-    tokenizer = build_toy_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_prompts(root / "train.jsonl", toy_prompts(0, 64, "train"))
-    return root
+    return save_toy_qwen3(tmp_path_factory.mktemp("slurm_toy"))
 
 
 def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
@@ -219,7 +206,7 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     assert f"--base-gpu-id $((SLURM_LOCALID * {gpus_per_server}))" in server_command
     router = steps["sglang_router"]
     assert "sglang_router.launch_router" in router and len([a for a in router if a.startswith("http://127.0.0.1:")]) == servers_per_node
-    assert "the trainer on this branch refuses this recipe" in text  # rollout.engine=sglang (and PP=2) land on other branches
+    assert "trainer inputs not checked here: model.hf_path: models/Qwen3-" in text  # no checkpoint on the test cluster
     assert not (tmp_path / "run" / "slurm_logs").exists()
 
 
@@ -274,3 +261,16 @@ def test_recipe_resource_math(recipe, trainer_nodes, tasks_per_node, servers_per
         with pytest.raises(PlanError, match="this allocation has 4 GPU"):
             check_allocation(plan, Allocation(plan.nodes, 4, 64))
     check_allocation(plan, Allocation(plan.nodes, plan.gpus_per_node, 64))
+
+
+@pytest.mark.parametrize("size", ["8b", "14b", "32b"])
+def test_h100_recipes_use_the_layout_opsdc_plan_chooses(size):
+    config = merge_config(ROOT / "recipes" / f"qwen3_{size}.yaml")
+    work = Workload(config.data.max_prompt_tokens + config.rollout.max_response_tokens, config.train.global_batch_prompts,
+                    config.train.micro_batch_prompts, config.distill.fused_output_layer)
+    gpus = config.slurm.trainer_nodes * config.slurm.gpus_per_node
+    chosen, _ = choose(ModelShape.from_hf_config(ROOT / "recipes" / "models" / f"qwen3-{size}.json"), work, gpus, config.slurm.gpus_per_node, H100_80GB_GIB)
+    p = config.parallel
+    assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size, config.model.activation_recompute) == (
+        chosen.tp, chosen.pp, chosen.dp, "full" if chosen.recompute else "none")
+    assert p.distributed_optimizer  # the estimate shards the optimizer state over data-parallel ranks

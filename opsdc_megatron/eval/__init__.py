@@ -1,4 +1,4 @@
-"""Evaluation: dual-path answer scoring, accuracy and response length."""
+"""Evaluation: dual-path answer scoring (math-verify equivalence), benchmark loaders, mean@k accuracy and response length."""
 
 from opsdc_megatron.eval.scoring import score
 

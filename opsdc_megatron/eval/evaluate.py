@@ -1,29 +1,94 @@
-"""Accuracy and response length of sampled answers: the numbers the paper's trade-off is made of."""
+"""Accuracy and response length of sampled answers: the numbers the paper's trade-off is made of.
+
+mean@k (the paper's metric): k responses per prompt, each scored dual-path, accuracy averaged over
+all of them. Response sample s of a run is drawn with seed `seed + s`, so sample 0 is exactly the
+single-sample evaluation with the same seed (the demo's and the training loop's).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
+import statistics
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from opsdc_megatron.eval.scoring import score
+from opsdc_megatron.eval.scoring import score_paths
 from opsdc_megatron.prompts import PromptRecord, encode_prompt
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 
 
 @dataclass(frozen=True)
+class ScoredResponse:
+    prompt_index: int
+    sample_index: int
+    response_tokens: int
+    """Sampled tokens, the stop token included."""
+    truncated: bool
+    """Hit the token limit (finish_reason 'length')."""
+    correct: bool
+    """Dual-path: the Answer line or the last box matches."""
+    answer_line_correct: bool
+    boxed_correct: bool
+    text: str
+
+
+@dataclass(frozen=True)
 class EvalResult:
     accuracy: float
+    """mean@k: fraction of all responses (k per prompt) that are correct, dual-path."""
     mean_tokens: float
     truncated: float
     """Fraction of responses that hit the token limit."""
     n: int
+    """Prompts."""
+    samples_per_prompt: int
+    median_tokens: float
+    p90_tokens: float
+    """90th percentile of response tokens (linear interpolation)."""
+    accuracy_answer_line: float
+    """Single-format accuracies: what a scorer reading only one path would report."""
+    accuracy_boxed: float
+    per_level: dict[str, dict[str, float]]
+    """level -> {accuracy, mean_tokens, n}, where the records carry a 'level'."""
+    responses: tuple[ScoredResponse, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The summary (no responses): what metrics.jsonl and result files record."""
+        summary = asdict(self)
+        del summary["responses"]
+        return summary
+
+
+def summarize(records: list[PromptRecord], responses: list[ScoredResponse], samples_per_prompt: int) -> EvalResult:
+    """Accuracy, length statistics and the per-level breakdown of scored responses."""
+    lengths = [r.response_tokens for r in responses]
+    total = len(responses)
+    per_level: dict[str, dict[str, float]] = {}
+    levels = sorted({str(r.extra["level"]) for r in records if "level" in r.extra})
+    for level in levels:
+        mine = [r for r in responses if str(records[r.prompt_index].extra.get("level")) == level]
+        per_level[level] = {
+            "accuracy": sum(r.correct for r in mine) / len(mine),
+            "mean_tokens": sum(r.response_tokens for r in mine) / len(mine),
+            "n": len(mine) // samples_per_prompt,
+        }
+    return EvalResult(
+        accuracy=sum(r.correct for r in responses) / total,
+        mean_tokens=sum(lengths) / total,
+        truncated=sum(r.truncated for r in responses) / total,
+        n=len(records),
+        samples_per_prompt=samples_per_prompt,
+        median_tokens=float(statistics.median(lengths)),
+        p90_tokens=float(numpy.percentile(lengths, 90)),
+        accuracy_answer_line=sum(r.answer_line_correct for r in responses) / total,
+        accuracy_boxed=sum(r.boxed_correct for r in responses) / total,
+        per_level=per_level,
+        responses=tuple(responses),
+    )
 
 
 def evaluate(
@@ -35,30 +100,42 @@ def evaluate(
     block_prompts: int,
     instruction: str | None = None,
     progress: str | None = None,
+    samples_per_prompt: int = 1,
 ) -> EvalResult:
-    """One sampled response per record, scored dual-path; `instruction` evaluates instructed prompts.
+    """`samples_per_prompt` sampled responses per record, scored dual-path; `instruction` evaluates instructed prompts.
 
     Under torch.distributed the prompts are shared across ranks and every rank gets the result.
     """
     prompt_ids = [encode_prompt(tokenizer, r.prompt, instruction) for r in records]
-    rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed, block_prompts, progress)
-    correct = tokens = truncated = 0
-    for record, rollout in zip(records, rollouts):
-        text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
-        correct += score(text, record.answer)
-        tokens += len(rollout.response_ids)
-        truncated += rollout.finish_reason == "length"
-    n = len(records)
-    return EvalResult(correct / n, tokens / n, truncated / n, n)
+    responses = []
+    for sample in range(samples_per_prompt):
+        label = f"{progress} (sample {sample + 1}/{samples_per_prompt})" if progress and samples_per_prompt > 1 else progress
+        rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed + sample, block_prompts, label)
+        for record, rollout in zip(records, rollouts):
+            text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
+            answer_line_correct, boxed_correct = score_paths(text, record.answer)
+            responses.append(ScoredResponse(
+                rollout.prompt_index, sample, len(rollout.response_ids), rollout.finish_reason == "length",
+                answer_line_correct or boxed_correct, answer_line_correct, boxed_correct, text,
+            ))
+    return summarize(records, responses, samples_per_prompt)
 
 
-def evaluate_hf_folder(
-    model_dir: str | Path, records: list[PromptRecord], instruction: str, sampling: SamplingParams, seed: int, block_prompts: int = 64
+def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32) -> RolloutEngine:
+    """A rollout engine serving the weights of a Hugging Face folder."""
+    if name == "hf":
+        return HFRolloutEngine.from_pretrained(str(model_dir), dtype)
+    raise ValueError(f"unknown rollout engine {name!r}, expected hf")
+
+
+def evaluate_model(
+    model_dir: str | Path, records: list[PromptRecord], instructions: dict[str, str | None], sampling: SamplingParams,
+    seed: int, block_prompts: int = 64, samples_per_prompt: int = 1, engine: str = "hf", dtype: torch.dtype = torch.float32,
 ) -> dict[str, EvalResult]:
-    """A Hugging Face folder on plain and on instructed prompts (the same records and seed for both)."""
-    engine = HFRolloutEngine.from_pretrained(str(model_dir))
+    """One model folder on the same records and seeds under each named instruction (None: plain prompts)."""
+    rollout_engine = make_engine(engine, Path(model_dir), dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return {
-        "plain": evaluate(engine, tokenizer, records, sampling, seed, block_prompts, progress="plain prompts"),
-        "instructed": evaluate(engine, tokenizer, records, sampling, seed, block_prompts, instruction, "instructed prompts"),
+        name: evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt)
+        for name, text in instructions.items()
     }

@@ -8,10 +8,9 @@ so a recipe asking for more than the sbatch header requested fails in seconds, n
 
 `python -m opsdc_megatron.launch.plan --recipe R [--validate] [key=value ...]` is what the sbatch
 scripts (slurm/opsdc_job.sh) run first: it prints the plan as shell assignments, or one line naming
-the problem with exit status 2. With --validate, what the trainer does not support yet (for example
-pipeline parallelism before that issue lands) and a model folder absent from this machine are
-reported as notes instead of errors, so the H100 scripts can be checked on a cluster without GPUs
-or checkpoints.
+the problem with exit status 2. With --validate, the trainer's own checks (a model folder absent from this
+machine, prompt files) are reported as notes instead of errors, so the H100 scripts can be checked on
+a cluster without GPUs or checkpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +35,10 @@ class JobPlan:
     rollout_nodes: int
     servers_per_rollout_node: int
     gpus_per_server: int
+    server_base_port: int
+    """Server i of a rollout node listens on server_base_port + i."""
+    router_port: int
+    """sglang-router on the first rollout node; 0 = none."""
     trainer_nodes: int
     trainer_tasks_per_node: int
     gpus_per_node: int
@@ -56,9 +59,8 @@ def plan_job(config: RunConfig) -> JobPlan:
     processes = p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
     layout = (f"parallel: tensor {p.tensor_parallel_size} x pipeline {p.pipeline_parallel_size} x "
               f"data {p.data_parallel_size} = {processes} trainer processes")
-    for key, value in (("slurm.trainer_nodes", s.trainer_nodes), ("slurm.rollout_server_gpus", s.rollout_server_gpus)):
-        if value < 1:
-            raise PlanError(f"{key} must be >= 1, got {value}")
+    if s.trainer_nodes < 1:
+        raise PlanError(f"slurm.trainer_nodes must be >= 1, got {s.trainer_nodes}")
     for key, value in (("slurm.gpus_per_node", s.gpus_per_node), ("slurm.rollout_nodes", s.rollout_nodes)):
         if value < 0:
             raise PlanError(f"{key} must be >= 0, got {value}")
@@ -74,25 +76,43 @@ def plan_job(config: RunConfig) -> JobPlan:
         if processes % s.trainer_nodes:
             raise PlanError(f"{layout}, which slurm.trainer_nodes ({s.trainer_nodes}) does not divide")
         tasks_per_node = processes // s.trainer_nodes
+    servers = config.rollout.sglang
     if config.rollout.engine == "hf":
         if s.rollout_nodes:
             raise PlanError(f"slurm.rollout_nodes is {s.rollout_nodes}, but rollout.engine=hf generates inside the "
                             f"trainer processes; set slurm.rollout_nodes=0 or rollout.engine=sglang")
         servers_per_node = 0
     elif config.rollout.engine == "sglang":
-        if not s.rollout_nodes or not s.gpus_per_node:
-            raise PlanError(f"rollout.engine=sglang needs slurm.rollout_nodes >= 1 and GPUs on them, got "
-                            f"slurm.rollout_nodes={s.rollout_nodes}, slurm.gpus_per_node={s.gpus_per_node}")
-        if s.gpus_per_node % s.rollout_server_gpus:
-            raise PlanError(f"slurm.rollout_server_gpus ({s.rollout_server_gpus}) must divide slurm.gpus_per_node ({s.gpus_per_node})")
-        servers_per_node = s.gpus_per_node // s.rollout_server_gpus
+        servers_per_node = _servers_per_rollout_node(config)
     else:
         raise PlanError(f"rollout.engine must be hf or sglang, got {config.rollout.engine!r}")
     return JobPlan(
         rollout_engine=config.rollout.engine, rollout_nodes=s.rollout_nodes, servers_per_rollout_node=servers_per_node,
-        gpus_per_server=s.rollout_server_gpus, trainer_nodes=s.trainer_nodes, trainer_tasks_per_node=tasks_per_node,
+        gpus_per_server=servers.tensor_parallel_size, server_base_port=servers.base_port, router_port=servers.router_port,
+        trainer_nodes=s.trainer_nodes, trainer_tasks_per_node=tasks_per_node,
         gpus_per_node=s.gpus_per_node, out_dir=config.out_dir, model_path=config.model.hf_path,
     )
+
+
+def _servers_per_rollout_node(config: RunConfig) -> int:
+    """SGLang servers on each rollout node: one per tensor-parallel group of GPUs (CPU: num_servers spread evenly)."""
+    s, servers = config.slurm, config.rollout.sglang
+    if not s.rollout_nodes:
+        raise PlanError("rollout.engine=sglang needs slurm.rollout_nodes >= 1: the servers run on their own nodes, before the trainer's")
+    if s.gpus_per_node:
+        if s.gpus_per_node % servers.tensor_parallel_size:
+            raise PlanError(f"rollout.sglang.tensor_parallel_size ({servers.tensor_parallel_size}) must divide slurm.gpus_per_node ({s.gpus_per_node})")
+        per_node = s.gpus_per_node // servers.tensor_parallel_size
+        shape = f"slurm.rollout_nodes x slurm.gpus_per_node / rollout.sglang.tensor_parallel_size = {s.rollout_nodes} x {s.gpus_per_node} / {servers.tensor_parallel_size}"
+    else:
+        per_node = max(1, servers.num_servers // s.rollout_nodes)
+        shape = f"slurm.rollout_nodes x (servers per CPU node) = {s.rollout_nodes} x {per_node}"
+    if servers.num_servers != s.rollout_nodes * per_node:
+        raise PlanError(f"rollout.sglang.num_servers is {servers.num_servers}, but {shape} = {s.rollout_nodes * per_node} servers")
+    if servers.weight_transport == "tensor":
+        raise PlanError("rollout.sglang.weight_transport=tensor shares memory with servers on the trainer's host, but the job runs "
+                        "them on slurm.rollout_nodes of their own; use distributed or disk")
+    return per_node
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ COPIED_FILES = (
     "chat_template.jinja",
     "vocab.json",
     "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
 )
 
 

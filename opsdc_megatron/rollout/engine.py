@@ -49,6 +49,9 @@ class RolloutEngine(ABC):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
         """One sampled response per prompt, in prompt order; `seed` makes the draw reproducible."""
 
+    def close(self) -> None:
+        """Releases what the engine started (servers, process groups); in-process engines hold nothing."""
+
 
 def generate_across_ranks(
     engine: RolloutEngine,

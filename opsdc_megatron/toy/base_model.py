@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
-from opsdc_megatron.eval.evaluate import evaluate_hf_folder
+from opsdc_megatron.eval.evaluate import evaluate_model
 from opsdc_megatron.prompts import encode_prompt
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.toy import task
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(json.loads((args.out / BUILD_INFO).read_text()), indent=2))
     if args.eval_n > 0:
         records = toy_prompts(seed=args.seed + 1000, count=args.eval_n, split="heldout")
-        results = evaluate_hf_folder(args.out, records, TOY_INSTRUCTION, SamplingParams(max_new_tokens=256), args.seed)
+        results = evaluate_model(args.out, records, {"plain": None, "instructed": TOY_INSTRUCTION}, SamplingParams(max_new_tokens=256), args.seed)
         print(json.dumps({kind: result.as_dict() for kind, result in results.items()}, indent=2))
 
 

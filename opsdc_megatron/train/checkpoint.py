@@ -13,8 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.files import write_text_atomic
@@ -27,14 +29,29 @@ TEACHER_PREFIX = "teacher."
 """Keeps the teacher's tensors apart from the student's in one checkpoint."""
 
 
-def _sharded_state_dict(ddp, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
-    state = {"model": ddp.module.sharded_state_dict(), "teacher": teacher.model.sharded_state_dict(prefix=TEACHER_PREFIX)}
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
+    """One entry per model chunk; the tensors' keys carry global layer numbers, so a checkpoint
+    saved at one tensor/pipeline/virtual-pipeline/data-parallel layout loads at any other.
+
+    Except the distributed optimizer's state: its "dp_reshardable" format loads at another
+    data-parallel size only. Its layout-free formats fail with
+    torch's Adam (no apex or Transformer Engine) in megatron-core 0.16.1: "fully_reshardable" on the
+    per-parameter "step", "fully_sharded_model_space" on flattened ranges.
+    """
+    state = {
+        "model": [ddp.module.sharded_state_dict() for ddp in ddps],
+        "teacher": [chunk.sharded_state_dict(prefix=TEACHER_PREFIX) for chunk in teacher.model],
+    }
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+    )
     return state
 
 
-def save_checkpoint(root: Path, step: int, ddp, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    `ddps`: this rank's DDP-wrapped student chunks; `teacher.model`: the matching teacher chunks."""
     rank0 = dist.get_rank() == 0
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -42,7 +59,7 @@ def save_checkpoint(root: Path, step: int, ddp, optimizer, teacher: TeacherSnaps
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(ddp, optimizer, teacher, is_loading=False), str(tmp))
+    dist_checkpointing.save(_sharded_state_dict(ddps, optimizer, teacher, is_loading=False), str(tmp))
     dist.barrier()
     if rank0:
         write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
@@ -66,12 +83,46 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, ddp, optimizer, teacher: TeacherSnapshot) -> dict:
+def _create_distributed_optimizer_state(optimizer) -> None:
+    """A fresh DistributedOptimizer has no per-parameter state yet, and with torch's Adam (no apex
+    or Transformer Engine) its state_dict() reads the step count from that state: megatron's own
+    dummy-value initialisation (a zero-gradient step whose results the load overwrites) creates it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """The distributed optimizer restores torch Adam's per-parameter step count as ONE tensor shared
+    by every parameter; Adam increments each parameter's step in place, so the shared count would
+    advance once per parameter per step and skew the bias correction. Give each its own copy."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer):
+            for state in inner.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
-    loaded = dist_checkpointing.load(_sharded_state_dict(ddp, optimizer, teacher, is_loading=True), str(path))
-    ddp.module.load_state_dict(loaded["model"])
-    teacher.model.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in loaded["teacher"].items()})
-    optimizer.load_state_dict(loaded["optimizer"])
+    _create_distributed_optimizer_state(optimizer)
+    loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, teacher, is_loading=True), str(path))
+    for ddp, state in zip(ddps, loaded["model"]):
+        ddp.module.load_state_dict(state)
+    for chunk, state in zip(teacher.model, loaded["teacher"]):
+        chunk.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in state.items()})
+    with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher.age_steps = trainer_state["teacher_age_steps"]
     return trainer_state
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Collective: a model's weights from a torch_dist checkpoint of any TP/PP layout, in place.
+
+    The checkpoint may hold only the model (`opsdc convert hf-to-megatron`) or be a training
+    checkpoint (its student is read; optimizer and teacher are ignored).
+    """
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))

@@ -11,6 +11,7 @@ training (answers only score the logged accuracy).
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,24 +20,23 @@ from megatron.core import parallel_state
 from transformers import AutoConfig, AutoTokenizer
 
 from opsdc_megatron.config import RunConfig, to_yaml
-from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
-from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.eval.evaluate import evaluate
 from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import save_hf_folder
-from opsdc_megatron.models.qwen3.model import build_gpt_model
-from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
+from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts
-from opsdc_megatron.rollout.engine import SamplingParams, generate_across_ranks
+from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
-from opsdc_megatron.train.step import optimizer_step, wrap_for_training
+from opsdc_megatron.train.build import build_training_model
+from opsdc_megatron.train.step import optimizer_step
 
 EVAL_SEED = 20_260_303
 
@@ -44,14 +44,30 @@ EVAL_SEED = 20_260_303
 def run(config: RunConfig) -> None:
     """Entry point on every rank (torchrun or a single process)."""
     p = config.parallel
-    init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, seed=config.train.seed)
+    init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, seed=config.train.seed, virtual_pipeline_chunks=p.virtual_pipeline_chunks)
+    engine = None
     try:
-        train(config)
+        engine = build_rollout_engine(config)
+        train(config, engine)
     finally:
+        if engine is not None:
+            engine.close()
         destroy_distributed()
 
 
-def train(config: RunConfig) -> None:
+def build_rollout_engine(config: RunConfig) -> RolloutEngine:
+    """rollout.engine: hf (in-process) or sglang (servers started by rank 0, stopped by close())."""
+    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    hf_config = AutoConfig.from_pretrained(config.model.hf_path)
+    if config.rollout.engine == "sglang":
+        from opsdc_megatron.rollout.sglang.start import start_sglang_engine
+
+        return start_sglang_engine(config, [tokenizer.eos_token_id], hf_config.vocab_size)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.model.params_dtype]
+    return HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
+
+
+def train(config: RunConfig, engine: RolloutEngine) -> None:
     out = Path(config.out_dir)
     rank0 = dist.get_rank() == 0
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
@@ -60,32 +76,33 @@ def train(config: RunConfig) -> None:
 
     hf_config = AutoConfig.from_pretrained(config.model.hf_path)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.model.params_dtype]
-    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
-    student = build_gpt_model(hf_config, tp, pp, params_dtype=dtype)
-    load_hf_weights(student, config.model.hf_path)
-    ddp, optimizer = wrap_for_training(student, config.train)
-    teacher = TeacherSnapshot(build_gpt_model(hf_config, tp, pp, params_dtype=dtype), config.distill.teacher_refresh_every)
-    teacher.copy_from(student)
-    forward_step = make_forward_step(teacher, config.distill.divergence, hf_config.vocab_size, config.distill.fused_output_layer)
-    engine = HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
+    model_options = dict(
+        attention_backend=config.model.attention_backend, fp8=config.model.fp8, activation_recompute=config.model.activation_recompute
+    )
+    model = build_training_model(
+        hf_config, config.model.hf_path, config.parallel, dtype, config.train, config.distill.teacher_refresh_every,
+        model_options=model_options, megatron_checkpoint=config.model.megatron_checkpoint,
+        fused_output_layer=config.distill.fused_output_layer,
+    )
+    student, teacher = torch.nn.ModuleList(model.student), model.teacher
+    forward_step = make_forward_step(config.distill.divergence, config.distill.fused_output_layer)
     block = config.rollout.generation_batch_prompts
 
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
     state = {"step": 0, "teacher_age_steps": 0, "best": None}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, ddp, optimizer, teacher)
+        state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
     elif rank0:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(config))
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"])
-    pushed = export_hf_state_dict(student)  # the weights the engine serves (and best/final export)
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"], log=config.log, run_config=asdict(config))
+    pushed = export_hf_state_dict(model.student)  # the weights the engine serves (and best/final export)
     engine.update_weights(pushed, version=state["step"])
 
     rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
     eval_sampling = SamplingParams(config.eval.temperature, config.eval.top_p, config.eval.top_k, config.eval.max_response_tokens)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    per_dp_rank = config.train.global_batch_prompts // dp_size
 
     def run_eval(step: int) -> None:
         result = evaluate(engine, tokenizer, eval_records, eval_sampling, EVAL_SEED, block)
@@ -107,19 +124,21 @@ def train(config: RunConfig) -> None:
         stale = {r.weight_version for r in rollouts} - {step - 1}
         if stale:
             raise RuntimeError(f"step {step}: rollouts sampled with weight versions {sorted(stale)}, expected {step - 1}")
-        mine = range(dp_rank * per_dp_rank, (dp_rank + 1) * per_dp_rank)
-        sequences = [ScoredSequence(batch[i].student_ids, batch[i].teacher_ids, rollouts[i].response_ids) for i in mine]
-        micro_batches = make_micro_batches(sequences, config.train.micro_batch_prompts, tokenizer.pad_token_id)
-        result = optimizer_step(ddp, optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
+        sequences = [ScoredSequence(b.student_ids, b.teacher_ids, r.response_ids) for b, r in zip(batch, rollouts)]
+        micro_batches = micro_batches_for_rank(
+            sequences, dp_rank, dp_size, config.train.micro_batch_prompts, config.train.micro_batch_tokens,
+            tokenizer.pad_token_id, same_shape=len(model.stages) > 1,
+        )
+        result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)
-        pushed = export_hf_state_dict(student)
+        pushed = export_hf_state_dict(model.student)
         engine.update_weights(pushed, version=step)  # 6. weight push
         state.update(step=step, teacher_age_steps=teacher.age_steps)
         elapsed = time.perf_counter() - started
         lengths = [len(r.response_ids) for r in rollouts]
         texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
         log.write({
-            "step": step, "kind": "train", "loss": result.loss, "mean_kl": result.mean_kl, "grad_norm": result.grad_norm,
+            "step": step, "kind": "train", "loss": result.loss, "grad_norm": result.grad_norm,
             "mean_response_tokens": sum(lengths) / len(lengths),
             "rollout_accuracy": sum(score(t, b.record.answer) for t, b in zip(texts, batch)) / len(batch),
             "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
@@ -131,7 +150,7 @@ def train(config: RunConfig) -> None:
         stopping = step < config.train.steps and preemption.requested()  # SIGUSR1/SIGTERM: checkpoint now, then exit
         if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
             with preemption.shielding_helper_processes():
-                save_checkpoint(checkpoints, step, ddp, optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+                save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
         if stopping:
             preemption.exit_after_checkpoint(step)
     if rank0:

@@ -1,7 +1,9 @@
-"""Per-step metrics: one JSON line per record in <out_dir>/metrics.jsonl, and a line on the console.
+"""Per-step metrics: one JSON line per record in <out_dir>/metrics.jsonl, a line on the console, and
+the same numbers in TensorBoard (<out_dir>/tensorboard/) and, when configured, Weights & Biases.
 
-On resume, records after the checkpoint's step are dropped first, so the file always describes one
-consistent run.
+On resume, records after the checkpoint's step are dropped first (and TensorBoard's events after it
+purged), so the logs always describe one consistent run. Names in TensorBoard and W&B are
+`<kind>/<key>` (train/loss, eval/accuracy, eval/per_level/3/accuracy).
 """
 
 from __future__ import annotations
@@ -11,16 +13,34 @@ from pathlib import Path
 
 from rich.console import Console
 
+from opsdc_megatron.config import LogConfig
 from opsdc_megatron.files import write_text_atomic
 
-SHOWN = ("loss", "mean_kl", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
+SHOWN = ("loss", "grad_norm", "mean_response_tokens", "rollout_accuracy", "accuracy", "mean_tokens", "step_s")
+WANDB_ID_FILE = "wandb_run_id.txt"
+"""Keeps the W&B run id in the run folder, so a resumed run continues the same W&B run."""
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numbers of a record under `<kind>/<key>` names; nested mappings become path-like names."""
+    flat: dict[str, float] = {}
+
+    def visit(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                visit(f"{prefix}/{key}", value)
+            elif isinstance(value, (bool, int, float)):
+                flat[f"{prefix}/{key}"] = float(value)
+
+    visit(record["kind"], {k: v for k, v in record.items() if k not in ("step", "kind")})
+    return flat
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool, keep_through_step: int) -> None:
+    def __init__(self, path: Path, enabled: bool, keep_through_step: int, log: LogConfig, run_config: dict) -> None:
         self.enabled = enabled
         self.console = Console(highlight=False, soft_wrap=True)
-        self.file = None
+        self.file = self.tensorboard = self.wandb_run = None
         if not enabled:
             return
         kept = []
@@ -28,18 +48,48 @@ class MetricsLog:
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= keep_through_step]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.file = path.open("a", encoding="utf-8")
+        if log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"), purge_step=keep_through_step + 1)
+        if log.wandb_project:
+            self.wandb_run = _start_wandb(path.parent, log, run_config)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        numbers = scalars(record)
+        if self.tensorboard is not None:
+            for name, value in numbers.items():
+                self.tensorboard.add_scalar(name, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=record["step"])
         shown = "  ".join(f"{k} {record[k]:.4g}" for k in SHOWN if k in record)
         self.console.print(f"[bold]{record['kind']:>5} step {record['step']:>4}[/bold]  {shown}")
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _start_wandb(out_dir: Path, log: LogConfig, run_config: dict):
+    """A W&B run that a resumed training run continues (its id is kept in the run folder)."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise RuntimeError(f"log.wandb_project is set but wandb cannot be imported ({error}); pip install wandb") from error
+    id_file = out_dir / WANDB_ID_FILE
+    if not id_file.exists():
+        write_text_atomic(id_file, wandb.util.generate_id())
+    run_id = id_file.read_text(encoding="utf-8").strip()
+    return wandb.init(project=log.wandb_project, name=log.wandb_run_name, id=run_id, resume="allow", dir=str(out_dir), config=run_config)
 
 
 def read_metrics(path: Path) -> list[dict]:

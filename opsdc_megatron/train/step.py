@@ -1,8 +1,14 @@
-"""The optimizer step: megatron-core DDP, its AdamW optimizer, and its forward-backward schedule."""
+"""The optimizer step: megatron-core DDP, its AdamW optimizer, and its forward-backward schedules.
+
+A rank holds one model chunk per virtual pipeline stage (one without interleaving); each chunk is
+a `DistillStage` of student (DDP-wrapped) and teacher layers. megatron picks the schedule from the
+pipeline sizes: no pipelining, 1F1B, or interleaved 1F1B.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -13,21 +19,34 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from opsdc_megatron.config import TrainConfig
 from opsdc_megatron.distill.batch import MicroBatch
+from opsdc_megatron.distill.stage import DistillStage
 
 
-def wrap_for_training(model: torch.nn.Module, train: TrainConfig) -> tuple[DistributedDataParallel, MegatronOptimizer]:
-    """megatron-core DDP (gradients reduced in fp32 over data-parallel ranks) and AdamW.
+def wrap_for_training(
+    chunks: list[torch.nn.Module], train: TrainConfig, distributed_optimizer: bool
+) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
+    """megatron-core DDP per model chunk (gradients reduced in fp32 over data-parallel ranks) and AdamW,
+    optionally megatron's DistributedOptimizer (state sharded over data-parallel ranks).
 
-    The model is used as built (params already in their training dtype); Float16Module is not used
+    The chunks are used as built (params already in their training dtype); Float16Module is not used
     because it would cast the vocabulary-sized logits to fp32, which the divergence does not need.
     """
-    config = model.config
-    ddp = DistributedDataParallel(
-        config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
-        module=model,
+    config = chunks[0].config
+    # The loss function returns (divergence sum, response tokens); the schedules and
+    # finalize_model_grads then divide the summed gradient once by the step's response tokens over
+    # all micro-batches and data-parallel ranks (distill/forward.py says why). DDP reads this flag
+    # when it is built, to sum rather than average gradients over data-parallel ranks.
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
     )
-    config.finalize_model_grads_func = finalize_model_grads
+    # Buckets only for the first chunk, as megatron's own get_model does.
+    ddps = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
+    # The schedules hand finalize_model_grads the chunks they ran (DistillStages); it needs the DDPs.
+    config.finalize_model_grads_func = partial(_finalize_student_grads, ddps)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -40,53 +59,71 @@ def wrap_for_training(model: torch.nn.Module, train: TrainConfig) -> tuple[Distr
             clip_grad=train.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=distributed_optimizer,
         ),
-        [ddp],
+        ddps,
     )
-    return ddp, optimizer
+    return ddps, optimizer
+
+
+def _finalize_student_grads(ddps: list[DistributedDataParallel], _stages, num_tokens, **kwargs) -> None:
+    finalize_model_grads(ddps, num_tokens, **kwargs)
 
 
 @dataclass(frozen=True)
 class StepResult:
     loss: float
-    """Mean over micro-batches of each micro-batch's mean per-token divergence (the paper's loss)."""
-    mean_kl: float
-    """Per-token divergence averaged over every response token of the step."""
+    """Per-token divergence averaged over every response token of the step, all ranks."""
     grad_norm: float
     response_tokens: int
     """Response tokens of the step, all data-parallel ranks."""
 
 
 def optimizer_step(
-    ddp: DistributedDataParallel,
+    stages: list[DistillStage],
     optimizer: MegatronOptimizer,
     forward_step: Callable,
     micro_batches: list[MicroBatch],
 ) -> StepResult:
-    ddp.zero_grad_buffer()
+    """One optimizer step over this data-parallel rank's micro-batches (collective).
+
+    Raises:
+        ValueError: interleaved stages (several chunks) with micro-batches of different shapes
+            (build them with ``make_micro_batches(..., same_shape=True)``).
+    """
+    interleaved = len(stages) > 1
+    shapes = {(b.student_tokens.shape, b.teacher_tokens.shape) for b in micro_batches}
+    if interleaved and len(shapes) > 1:
+        raise ValueError(
+            f"the interleaved pipeline schedule needs micro-batches of one shape, got {len(shapes)} shapes; "
+            f"build them with make_micro_batches(..., same_shape=True)"
+        )
+    for stage in stages:
+        stage.module.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=[ddp],
+        # The interleaved schedule pulls each chunk's micro-batches from that chunk's iterator.
+        data_iterator=[iter(micro_batches) for _ in stages] if interleaved else iter(micro_batches),
+        model=stages,
         num_microbatches=len(micro_batches),
-        seq_length=max(b.student_tokens.shape[1] for b in micro_batches),
-        micro_batch_size=micro_batches[0].student_tokens.shape[0],
+        # Shapes travel with each micro-batch (variable_seq_lengths); these only size the first guess.
+        seq_length=max(b.student_tokens.shape[1] + b.teacher_tokens.shape[1] for b in micro_batches),
+        micro_batch_size=max(b.student_tokens.shape[0] for b in micro_batches),
         forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
     if not update_successful:
         raise FloatingPointError("optimizer step skipped: non-finite gradients")
-    # The schedule divides each returned loss by the number of micro-batches in place, so the
-    # loss is recomputed from each micro-batch's (divergence sum, response tokens), over all
+    # Only the last pipeline stage sees the losses: sum there, share over the pipeline, then over
     # data-parallel ranks.
     totals = torch.tensor([
-        sum(float(o["kl_sum"]) / float(o["response_tokens"]) for o in outputs),
-        len(outputs),
         sum(float(o["kl_sum"]) for o in outputs),
         sum(float(o["response_tokens"]) for o in outputs),
-    ], dtype=torch.float64)
+    ], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        totals.zero_()
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    loss_sum, micro_batches_total, kl_sum, tokens = totals.tolist()
-    return StepResult(loss_sum / micro_batches_total, kl_sum / tokens, float(grad_norm), int(tokens))
+    kl_sum, tokens = totals.tolist()
+    return StepResult(kl_sum / tokens, float(grad_norm), int(tokens))

@@ -1,22 +1,27 @@
-"""Qwen3 as a megatron-core GPTModel: the model provider for training and scoring.
+"""Qwen3, Qwen2/2.5 and Llama 3 as a megatron-core GPTModel: the model provider for training and scoring.
 
-Built from a Hugging Face Qwen3 ``config.json`` with megatron-core's non-Transformer-Engine "local"
-layer spec, so it runs wherever megatron-core imports (CPU machines included). What Qwen3 is, in
-megatron's terms:
+Built from a Hugging Face ``config.json`` with Transformer Engine's layer where TE imports and
+megatron-core's "local" layer with torch SDPA attention elsewhere (`models/layer_spec.py`), so it
+runs wherever megatron-core imports (CPU machines included). The three
+architectures (`opsdc_megatron.models.registry`) are one megatron model with a few switches:
 
-* pre-norm decoder with RMSNorm (HF ``rms_norm_eps``), no biases anywhere;
+* pre-norm decoder with RMSNorm (HF ``rms_norm_eps``), no biases except Qwen2's on q/k/v
+  (``add_qkv_bias``);
 * grouped-query attention (``num_query_groups`` = HF ``num_key_value_heads``) with an explicit
-  ``head_dim`` (``kv_channels``; Qwen3's is not hidden_size / heads), RMSNorm on queries and keys
-  per head before RoPE (``qk_layernorm``), RoPE base ``rope_theta``, non-interleaved halves;
+  ``head_dim`` (``kv_channels``; Qwen3's is not hidden_size / heads); Qwen3 alone has RMSNorm on
+  queries and keys per head before RoPE (``qk_layernorm``); RoPE base ``rope_theta``,
+  non-interleaved halves, plus Llama 3.1's frequency scaling where the config asks for it;
 * SwiGLU MLP (``gated_linear_unit`` with SiLU);
-* input embedding and output layer tied when ``tie_word_embeddings`` (the small Qwen3 sizes).
+* input embedding and output layer tied when ``tie_word_embeddings``.
 
 The vocabulary is padded to a multiple of the tensor-parallel size so every rank holds an equal
 logits shard; `padding_vocab_slice` tells a rank which of its logits columns are that padding.
-Dropout is 0, as in Qwen3's released configs and OPSDC training.
+Dropout is 0, as in the released configs and OPSDC training.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import json
 import os
@@ -27,55 +32,66 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
-from transformers import PretrainedConfig, Qwen3Config
+from transformers import PretrainedConfig
 
-ARCHITECTURE = "Qwen3ForCausalLM"
+from opsdc_megatron.models.layer_spec import gpt_layer_spec
+from opsdc_megatron.models.registry import Architecture, architecture_of
+from opsdc_megatron.models.transformer_engine import FP8Config, fp8_transformer_config_fields
 
 HFConfigLike = str | os.PathLike | dict | PretrainedConfig
 """A Hugging Face model folder, its config.json, the parsed json, or a transformers config."""
 
 
 def load_hf_config(hf_config: HFConfigLike) -> PretrainedConfig:
-    """Read and check a Qwen3 config from any `HFConfigLike`.
+    """Read and check a config of a supported architecture from any `HFConfigLike`.
 
     Raises:
-        ValueError: the config is not a Qwen3ForCausalLM one.
+        ValueError: the config is not one of `registry.ARCHITECTURES`.
     """
     if isinstance(hf_config, PretrainedConfig):
-        _check_architecture(hf_config.to_dict())
+        architecture_of(hf_config.to_dict())
         return hf_config
     if isinstance(hf_config, (str, os.PathLike)):
         path = Path(hf_config)
         hf_config = json.loads((path / "config.json" if path.is_dir() else path).read_text(encoding="utf-8"))
-    _check_architecture(hf_config)
-    return Qwen3Config.from_dict(hf_config)
+    return architecture_of(hf_config).config_class.from_dict(hf_config)
 
 
-def _check_architecture(config: dict[str, Any]) -> None:
-    architectures = config.get("architectures")
-    if architectures:
-        if list(architectures) != [ARCHITECTURE]:
-            raise ValueError(
-                f"architectures: expected [{ARCHITECTURE!r}], got {architectures!r}; "
-                f"only Qwen3 dense models are supported"
-            )
-    elif config.get("model_type") != "qwen3":
-        raise ValueError(
-            f"model_type: expected 'qwen3' (config has no 'architectures'), got {config.get('model_type')!r}"
-        )
+def _head_dim(config: PretrainedConfig) -> int:
+    """Qwen3 and Llama carry ``head_dim``; Qwen2 derives it from the hidden size."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _rope_theta(config: PretrainedConfig) -> float:
-    """RoPE base; only plain RoPE (no YaRN or other scaling) is mapped to megatron here."""
+def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     params = getattr(config, "rope_parameters", None)  # transformers >= 5
     if params is None:  # transformers 4.x
         params = dict(getattr(config, "rope_scaling", None) or {}, rope_theta=config.rope_theta)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    return dict(params, rope_type=params.get("rope_type", params.get("type", "default")))
+
+
+# Llama 3.1's frequency scaling as megatron-core implements it (RotaryEmbedding._apply_scaling):
+# only `factor` is a parameter there, the other three are fixed to these values.
+_LLAMA3_FIXED_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_theta(config: PretrainedConfig) -> float:
+    """RoPE base. Plain RoPE, or (Llama only) Llama 3.1 scaling with megatron's fixed parameters."""
+    params = _rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type == "llama3" and architecture_of(config.to_dict()).name == "LlamaForCausalLM":
+        for key, expected in _LLAMA3_FIXED_ROPE.items():
+            if float(params.get(key, -1)) != expected:
+                raise ValueError(f"rope_parameters.{key}: expected {expected} (megatron-core's fixed value), got {params.get(key)!r}")
+    elif rope_type != "default":
         raise ValueError(f"rope_parameters.rope_type: expected 'default', got {rope_type!r}")
     return float(params["rope_theta"])
+
+
+def _rope_scaling_factor(config: PretrainedConfig) -> float | None:
+    """Llama 3.1 scaling factor, or None for plain RoPE."""
+    params = _rope_parameters(config)
+    return float(params["factor"]) if params["rope_type"] == "llama3" else None
 
 
 def _require_divisible(field: str, value: int, divisor_name: str, divisor: int) -> None:
@@ -90,22 +106,32 @@ def transformer_config_from_hf(
     tensor_parallel_size: int,
     pipeline_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
+    virtual_pipeline_chunks: int = 1,
 ) -> TransformerConfig:
-    """The megatron TransformerConfig equivalent to a Qwen3 Hugging Face config.
+    """The megatron TransformerConfig equivalent to a Hugging Face config of a supported architecture.
+
+    `virtual_pipeline_chunks` > 1 splits each pipeline rank's layers into that many model chunks
+    (megatron's interleaved 1F1B schedule).
 
     Raises:
-        ValueError: a field the parallel sizes do not divide, or a non-Qwen3 / unsupported config.
+        ValueError: a field the parallel sizes do not divide, or an unsupported architecture or feature.
     """
     config = load_hf_config(hf_config)
+    architecture = architecture_of(config.to_dict())
     _require_divisible("num_attention_heads", config.num_attention_heads, "tensor_parallel_size", tensor_parallel_size)
     _require_divisible("num_key_value_heads", config.num_key_value_heads, "tensor_parallel_size", tensor_parallel_size)
     _require_divisible("num_attention_heads", config.num_attention_heads, "num_key_value_heads", config.num_key_value_heads)
     _require_divisible("intermediate_size", config.intermediate_size, "tensor_parallel_size", tensor_parallel_size)
-    _require_divisible("num_hidden_layers", config.num_hidden_layers, "pipeline_parallel_size", pipeline_parallel_size)
+    _require_divisible(
+        "num_hidden_layers", config.num_hidden_layers,
+        "pipeline_parallel_size * virtual_pipeline_chunks", pipeline_parallel_size * virtual_pipeline_chunks,
+    )
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act: expected 'silu', got {config.hidden_act!r}")
-    if getattr(config, "attention_bias", False):
+    if getattr(config, "attention_bias", False) and not architecture.qkv_bias:
         raise ValueError("attention_bias: expected false, got true")
+    if getattr(config, "mlp_bias", False):
+        raise ValueError("mlp_bias: expected false, got true")
     if getattr(config, "use_sliding_window", False):
         raise ValueError("use_sliding_window: expected false, got true")
     _rope_theta(config)  # rejects RoPE scaling here, where a TransformerConfig is made
@@ -119,14 +145,14 @@ def transformer_config_from_hf(
         ffn_hidden_size=config.intermediate_size,
         num_attention_heads=config.num_attention_heads,
         num_query_groups=config.num_key_value_heads,
-        kv_channels=config.head_dim,
+        kv_channels=_head_dim(config),
         normalization="RMSNorm",
         layernorm_epsilon=config.rms_norm_eps,
-        qk_layernorm=True,
+        qk_layernorm=architecture.qk_layernorm,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=architecture.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -135,6 +161,18 @@ def transformer_config_from_hf(
         pipeline_model_parallel_size=pipeline_parallel_size,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_chunks if virtual_pipeline_chunks > 1 else None,
+        # Each micro-batch sends its own [tokens, sequences, hidden] shape between pipeline stages:
+        # micro-batches differ in length (rollouts vary; teacher and student streams travel together).
+        variable_seq_lengths=True,
+        # No MoE here, but megatron-core 0.16 rejects variable_seq_lengths with its default MoE
+        # dispatcher ("allgather") even in dense models.
+        moe_token_dispatcher_type="alltoall",
+        # gloo matches point-to-point messages between two ranks in posting order and without tags.
+        # Batched p2p posts (send prev, recv prev, send next, recv next) on every rank, so with two
+        # pipeline ranks (prev = next) the interleaved schedule would receive an activation as a
+        # gradient and vice versa. The unbatched path orders sends and receives by even/odd rank.
+        batch_p2p_comm=not on_cpu,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=on_cpu,
@@ -180,19 +218,45 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     pre_process: bool = True,
     post_process: bool = True,
+    virtual_pipeline_chunks: int = 1,
+    vp_stage: int | None = None,
+    *,
+    attention_backend: str = "auto",
+    fp8: FP8Config | None = None,
+    activation_recompute: str = "none",
 ) -> GPTModel:
-    """This rank's megatron GPTModel for a Qwen3 config (weights randomly initialised).
+    """One megatron GPTModel chunk for a supported HF config (weights randomly initialised).
 
     Needs megatron's parallel groups (`opsdc_megatron.parallel.init_distributed`). Forward without
     labels returns [batch, sequence, padded_vocab / TP] logits; load weights with
     `state_dict_adapter.load_hf_weights`. The model carries ``hf_vocab_size`` (the unpadded
-    vocabulary) so the state-dict adapter can strip the padding again.
+    vocabulary) and ``hf_name_map`` (its architecture's HF <-> megatron name map) for the
+    state-dict adapter.
+
+    ``attention_backend`` picks the layer (`layer_spec.gpt_layer_spec`: Transformer Engine's when it
+    imports, else the local layer with torch SDPA attention); ``fp8`` needs Transformer Engine;
+    ``activation_recompute="full"`` keeps only each layer's input for backward. On a GPU megatron's
+    torch.compile'd SwiGLU is used. All parameters, norms included, are cast to ``params_dtype``
+    (as megatron's Float16Module does) so bf16 RMSNorm runs torch's fused kernel.
     """
     config = load_hf_config(hf_config)
-    transformer_config = transformer_config_from_hf(config, tensor_parallel_size, pipeline_parallel_size, params_dtype)
+    architecture: Architecture = architecture_of(config.to_dict())
+    transformer_config = transformer_config_from_hf(
+        config, tensor_parallel_size, pipeline_parallel_size, params_dtype, virtual_pipeline_chunks
+    )
+    overrides: dict[str, object] = dict(fp8_transformer_config_fields(fp8 or FP8Config()))
+    if activation_recompute == "full":
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif activation_recompute != "none":
+        raise ValueError(f"activation_recompute: expected none or full, got {activation_recompute!r}")
+    if torch.cuda.is_available():
+        overrides["bias_activation_fusion"] = True
+    if overrides:
+        transformer_config = dataclasses.replace(transformer_config, **overrides)
+    rope_scaling_factor = _rope_scaling_factor(config)
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+        transformer_layer_spec=gpt_layer_spec(attention_backend, qk_layernorm=architecture.qk_layernorm),
         vocab_size=padded_vocab_size(config.vocab_size, tensor_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
@@ -202,6 +266,40 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=_rope_theta(config),
+        rope_scaling=rope_scaling_factor is not None,
+        rope_scaling_factor=rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
     )
+    model.to(dtype=params_dtype)
     model.hf_vocab_size = config.vocab_size
+    model.hf_name_map = architecture.name_map
     return model
+
+
+def build_model_chunks(
+    hf_config: HFConfigLike,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    virtual_pipeline_chunks: int = 1,
+    **model_options: Any,
+) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+    ``model_options``: the keyword options of `build_gpt_model` (attention backend, FP8, recompute).
+
+    Chunk i holds the layers megatron assigns to virtual stage i of this pipeline rank; only the
+    first chunk of the first rank embeds tokens and only the last chunk of the last rank has the
+    output layer. Needs megatron's parallel groups (`init_distributed` with the same sizes).
+    """
+    interleaved = virtual_pipeline_chunks > 1
+    return [
+        build_gpt_model(
+            hf_config, tensor_parallel_size, pipeline_parallel_size, params_dtype,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=chunk if interleaved else None),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunk if interleaved else None),
+            virtual_pipeline_chunks=virtual_pipeline_chunks,
+            vp_stage=chunk if interleaved else None,
+            **model_options,
+        )
+        for chunk in range(virtual_pipeline_chunks)
+    ]

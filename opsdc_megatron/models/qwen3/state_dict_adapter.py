@@ -1,8 +1,10 @@
-"""Qwen3 weights between Hugging Face names/shapes and megatron-core's tensor-parallel shards.
+"""Weights between Hugging Face names/shapes and megatron-core's tensor-parallel shards.
 
-The one name map for this architecture: loading a Hugging Face checkpoint into training, exporting
-the trained weights every step to the rollout engine, and (later) checkpoint conversion and the
-SGLang weight push all go through `NAME_MAP`.
+`NAME_MAP` here is Qwen3's; Qwen2/2.5 and Llama 3 have theirs beside it (`models.qwen2`,
+`models.llama`, listed in `models.registry`), and `build_gpt_model` attaches the model's map as
+``model.hf_name_map``. Loading a Hugging Face checkpoint into training, exporting the trained
+weights every step to the rollout engine, checkpoint conversion (`opsdc_megatron.convert`) and the
+SGLang weight push all go through that one map and the layouts below.
 
 Each megatron parameter is made of one or more Hugging Face tensors and laid out over the TP ranks
 in one of five ways (`Layout`):
@@ -11,14 +13,17 @@ in one of five ways (`Layout`):
 * ``vocab``: rows split over ranks after padding the vocabulary to `padded_vocab_size`
   (the padding rows are zero on load and stripped on export);
 * ``row``: columns split over ranks (row-parallel ``linear_proj``, ``linear_fc2``);
-* ``qkv``: the fused ``linear_qkv`` of a column-parallel layer. megatron stores it per query
-  group, ``[q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...]``, and each TP rank
-  holds a contiguous run of whole groups;
+* ``qkv``: the fused ``linear_qkv`` weight (or Qwen2's bias) of a column-parallel layer. megatron
+  stores it per query group, ``[q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...]``,
+  and each TP rank holds a contiguous run of whole groups;
 * ``gate_up``: the fused SwiGLU ``linear_fc1``. Each TP rank holds ``[gate shard; up shard]``, so
   the full tensor is not a plain split of ``[gate; up]``.
 
-Pipeline parallelism is not mapped yet (layer numbering and the embedding/output stages): both
-entry points raise a ValueError when the pipeline-parallel size is above 1.
+Pipeline parallelism: a rank holds one model chunk per virtual stage; chunk-local layer numbers
+become global ones through megatron's `get_transformer_layer_offset`. The embedding lives on the
+first stage and the output layer on the last; with tied embeddings the last stage keeps its own copy
+of the embedding as ``output_layer.weight`` (megatron all-reduces its gradient with the first
+stage's), loaded from the input embedding and not exported a second time.
 """
 
 from __future__ import annotations
@@ -34,13 +39,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from safetensors import safe_open
 
 Layout = Literal["replicated", "vocab", "row", "qkv", "gate_up"]
 
-# megatron-core name -> (layout over TP ranks, Hugging Face names fused into it, in fused order).
-# "{i}" is the decoder layer index. `output_layer.weight` exists only with untied embeddings.
-NAME_MAP: dict[str, tuple[Layout, tuple[str, ...]]] = {
+NameMap = dict[str, tuple[Layout, tuple[str, ...]]]
+"""megatron-core name -> (layout over TP ranks, Hugging Face names fused into it, in fused order).
+"{i}" is the decoder layer index. `output_layer.weight` exists only with untied embeddings (and,
+tied, on the last pipeline stage, where it is loaded from the input embedding)."""
+
+NAME_MAP: NameMap = {
     "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
     "decoder.layers.{i}.input_layernorm.weight": ("replicated", ("model.layers.{i}.input_layernorm.weight",)),
     "decoder.layers.{i}.self_attention.linear_qkv.weight": (
@@ -68,6 +77,8 @@ NAME_MAP: dict[str, tuple[Layout, tuple[str, ...]]] = {
 # checkpoints saved, and lm_head when embeddings are tied (transformers also ignores it then).
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 _TIED_LM_HEAD = "lm_head.weight"
+_OUTPUT_LAYER = "output_layer.weight"
+_EMBEDDING = "embedding.word_embeddings.weight"
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -107,27 +118,51 @@ def _unwrap(model: torch.nn.Module) -> GPTModel:
     return inner
 
 
-def _require_single_stage(what: str) -> None:
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp_size > 1:
-        raise ValueError(
-            f"{what} supports pipeline_parallel_size 1 only, got {pp_size}: the Qwen3 state-dict "
-            f"adapter does not map pipeline stages yet"
-        )
+def _name_map(model: GPTModel) -> NameMap:
+    name_map = getattr(model, "hf_name_map", None)
+    if name_map is None:
+        raise ValueError("model has no hf_name_map: build it with opsdc_megatron.models.qwen3.model.build_gpt_model")
+    return name_map
 
 
-def _named_entries(model: GPTModel) -> list[tuple[torch.nn.Parameter, Layout, tuple[str, ...]]]:
-    """(parameter, layout, HF names) for every parameter of the model, via NAME_MAP."""
+def _chunks(model: torch.nn.Module | list[torch.nn.Module]) -> list[GPTModel]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), unwrapped."""
+    return [_unwrap(chunk) for chunk in (model if isinstance(model, list) else [model])]
+
+
+def _is_tied_output_copy(model: GPTModel, name: str) -> bool:
+    """The last stage's copy of a tied embedding (exists only when the pipeline has 2+ stages)."""
+    return name == _OUTPUT_LAYER and model.share_embeddings_and_output_weights
+
+
+def _named_entries(model: GPTModel) -> list[tuple[str, torch.nn.Parameter, Layout, tuple[str, ...]]]:
+    """(megatron name, parameter, layout, HF names) for every parameter of the model chunk, via its
+    name map. Layer numbers are global (the chunk's local index plus megatron's layer offset)."""
+    name_map = _name_map(model)
+    offset = get_transformer_layer_offset(model.config, vp_stage=model.vp_stage)
     entries = []
     for name, param in model.named_parameters():
         match = _LAYER.match(name)
         template = _LAYER.sub("decoder.layers.{i}.", name) if match else name
-        if template not in NAME_MAP:
-            raise ValueError(f"megatron parameter {name!r} has no Hugging Face mapping in NAME_MAP")
-        layout, hf_templates = NAME_MAP[template]
-        layer = match.group(1) if match else ""
-        entries.append((param, layout, tuple(t.format(i=layer) for t in hf_templates)))
+        if _is_tied_output_copy(model, name):
+            template = _EMBEDDING
+        if template not in name_map:
+            raise ValueError(f"megatron parameter {name!r} has no Hugging Face mapping in the name map")
+        layout, hf_templates = name_map[template]
+        layer = str(int(match.group(1)) + offset) if match else ""
+        entries.append((name, param, layout, tuple(t.format(i=layer) for t in hf_templates)))
     return entries
+
+
+def _all_hf_names(model: GPTModel) -> set[str]:
+    """Every Hugging Face name the whole model (all pipeline stages) reads."""
+    names = set()
+    for template, (_, hf_templates) in _name_map(model).items():
+        if template == _OUTPUT_LAYER and model.share_embeddings_and_output_weights:
+            continue
+        layers = range(model.config.num_layers) if "{i}" in template else [""]
+        names.update(t.format(i=i) for t in hf_templates for i in layers)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,17 +186,17 @@ def _to_shard(layout: Layout, hf: list[torch.Tensor], geo: _Geometry) -> torch.T
         return torch.cat([hf[0].chunk(size, dim=0)[rank], hf[1].chunk(size, dim=0)[rank]], dim=0)
     if layout == "qkv":
         q, k, v = hf
-        hidden = q.shape[-1]
+        trailing = q.shape[1:]  # (hidden,) for weights, () for biases
         groups = geo.query_groups
         fused = torch.cat(
             [
-                q.view(groups, geo.heads_per_group * geo.head_dim, hidden),
-                k.view(groups, geo.head_dim, hidden),
-                v.view(groups, geo.head_dim, hidden),
+                q.view(groups, geo.heads_per_group * geo.head_dim, *trailing),
+                k.view(groups, geo.head_dim, *trailing),
+                v.view(groups, geo.head_dim, *trailing),
             ],
             dim=1,
         )
-        return fused.chunk(size, dim=0)[rank].reshape(-1, hidden)
+        return fused.chunk(size, dim=0)[rank].reshape(-1, *trailing)
     raise AssertionError(f"unknown layout {layout!r}")
 
 
@@ -182,11 +217,11 @@ def _from_shards(layout: Layout, shards: list[torch.Tensor], geo: _Geometry) -> 
         return [torch.cat([gate for gate, _ in halves], dim=0), torch.cat([up for _, up in halves], dim=0)]
     if layout == "qkv":
         fused = torch.cat(shards, dim=0)
-        hidden = fused.shape[-1]
+        trailing = fused.shape[1:]  # (hidden,) for weights, () for biases
         q_rows = geo.heads_per_group * geo.head_dim
-        grouped = fused.view(geo.query_groups, q_rows + 2 * geo.head_dim, hidden)
+        grouped = fused.view(geo.query_groups, q_rows + 2 * geo.head_dim, *trailing)
         q, k, v = grouped.split([q_rows, geo.head_dim, geo.head_dim], dim=1)
-        return [part.clone(memory_format=torch.contiguous_format).view(-1, hidden) for part in (q, k, v)]
+        return [part.clone(memory_format=torch.contiguous_format).view(-1, *trailing) for part in (q, k, v)]
     raise AssertionError(f"unknown layout {layout!r}")
 
 
@@ -214,6 +249,9 @@ def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[in
         weight_map = {}
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    missing_files = [file for file in files if not (folder / file).is_file()]
+    if missing_files:
+        raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
     handles = {file: stack.enter_context(safe_open(folder / file, framework="pt", device="cpu")) for file in files}
     shapes: dict[str, tuple[int, ...]] = {}
     for file, handle in handles.items():
@@ -223,24 +261,31 @@ def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[in
     return shapes, lambda name: handles[weight_map[name]].get_tensor(name)
 
 
-def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> None:
-    """Copy Hugging Face Qwen3 weights into this rank's shards of `model` (in place).
+def hf_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a Hugging Face folder, from the safetensors headers only."""
+    with ExitStack() as stack:
+        return _open_source(folder, stack)[0]
 
-    Checks every name and shape before writing anything. Tensors are cast to the parameters' dtype.
+
+def load_hf_weights(model: torch.nn.Module | list[torch.nn.Module], hf_dir_or_state_dict: HFSource) -> None:
+    """Copy Hugging Face weights into this rank's shards of `model` (in place).
+
+    `model` is a GPTModel (or a wrapper of one) or this rank's list of pipeline chunks. Checks every
+    name and shape this rank reads, and that the source holds no tensor the whole model would not
+    read, before writing anything. Tensors are cast to the parameters' dtype.
 
     Raises:
-        ValueError: missing, unexpected or mis-shaped tensors (all listed), or PP > 1.
+        ValueError: missing, unexpected or mis-shaped tensors (all listed).
     """
-    _require_single_stage("load_hf_weights")
-    gpt = _unwrap(model)
+    chunks = _chunks(model)
+    gpt = chunks[0]
     geo = _Geometry(gpt)
-    entries = _named_entries(gpt)
+    entries = [entry for chunk in chunks for entry in _named_entries(chunk)]
     with ExitStack() as stack:
         shapes, read = _open_source(hf_dir_or_state_dict, stack)
-        missing, misshaped, used = [], [], set()
-        for param, layout, hf_names in entries:
+        missing, misshaped, used = [], [], _all_hf_names(gpt)
+        for _, param, layout, hf_names in entries:
             for hf_name, expected in zip(hf_names, _expected_hf_shapes(layout, param, geo)):
-                used.add(hf_name)
                 if hf_name not in shapes:
                     missing.append(hf_name)
                 elif shapes[hf_name] != tuple(expected):
@@ -250,37 +295,43 @@ def load_hf_weights(model: torch.nn.Module, hf_dir_or_state_dict: HFSource) -> N
         if missing or misshaped or unexpected:
             problems = [("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)]
             raise ValueError(
-                "Hugging Face weights do not match the Qwen3 megatron model:\n"
+                "Hugging Face weights do not match the megatron model:\n"
                 + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
             )
         with torch.no_grad():
-            for param, layout, hf_names in entries:
+            for _, param, layout, hf_names in entries:
                 param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
 
 
-def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full Hugging Face-named Qwen3 state dict, identical on every rank.
+def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The full Hugging Face-named state dict, identical on every rank.
 
-    TP shards are all-gathered over the tensor-parallel group (one collective per sharded
-    parameter, none for replicated ones) and the vocabulary padding is stripped. Tensors are
-    detached copies on the parameters' device and dtype; ``lm_head.weight`` is present only with
-    untied embeddings.
-
-    Raises:
-        ValueError: PP > 1.
+    `model` as in `load_hf_weights`. TP shards are all-gathered over the tensor-parallel group (one
+    collective per sharded parameter, none for replicated ones) and the vocabulary padding is
+    stripped; with pipeline parallelism each stage's tensors are then all-gathered over the
+    pipeline group (as CPU objects). Tensors are detached copies in the parameters' dtype;
+    ``lm_head.weight`` is present only with untied embeddings.
     """
-    _require_single_stage("export_hf_state_dict")
-    gpt = _unwrap(model)
-    geo = _Geometry(gpt)
+    chunks = _chunks(model)
+    geo = _Geometry(chunks[0])
     group = parallel_state.get_tensor_model_parallel_group()
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for param, layout, hf_names in _named_entries(gpt):
-            local = param.detach()
-            if layout == "replicated" or geo.tp_size == 1:
-                shards = [local]
-            else:
-                shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
-                dist.all_gather(shards, local, group=group)
-            state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+        for chunk in chunks:
+            for name, param, layout, hf_names in _named_entries(chunk):
+                if _is_tied_output_copy(chunk, name):
+                    continue  # the first stage exports the tied embedding
+                local = param.detach()
+                if layout == "replicated" or geo.tp_size == 1:
+                    shards = [local]
+                else:
+                    shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
+                    dist.all_gather(shards, local, group=group)
+                state.update(zip(hf_names, _from_shards(layout, shards, geo)))
+    pipeline = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pipeline) > 1:
+        stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pipeline)
+        dist.all_gather_object(stages, {name: tensor.cpu() for name, tensor in state.items()}, group=pipeline)
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        state = {name: tensor.to(device) for stage in stages for name, tensor in stage.items()}
     return state

@@ -1,0 +1,132 @@
+"""One OPSDC optimizer step against a plain SFT step on the same tokens, same model, same schedule.
+
+* ``opsdc``: what `opsdc train` runs: per micro-batch the teacher forward (no grad) and the student
+  forward+backward through megatron's schedule, exact full-vocabulary reverse KL, AdamW step;
+* ``sft``: the student alone on the same student sequences, cross-entropy on the same response
+  tokens (megatron's vocab-parallel cross-entropy), same DDP, optimizer and schedule.
+
+The teacher adds one forward of a slightly longer sequence (the instruction) to a forward+backward
+that costs about three forwards, so the teacher alone predicts a ratio of about 4/3; the issue's
+target is at most 1.45. Both are timed in the same process (best of the timed repetitions after one
+warm-up step: the machines are shared), TP=1, on a random Qwen3-shaped model built on the fly.
+
+Usage: ``python bench/step.py [--hidden 256] [--layers 4] [--vocab 32768] [--sequences 8]
+[--prompt-tokens 64] [--response-tokens 256] [--micro-batch 2] [--reps 3]``
+(runs on CUDA when available, else CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from opsdc_megatron.config import ParallelConfig, TrainConfig
+from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+from opsdc_megatron.distill.forward import make_forward_step, masked_sum_loss
+from opsdc_megatron.distill.stage import pick_response_logits
+from opsdc_megatron.parallel import destroy_distributed, init_distributed
+from opsdc_megatron.train.build import build_training_model
+from opsdc_megatron.train.step import optimizer_step
+
+INSTRUCTION_TOKENS = 24
+
+
+def sft_forward_step(vocab_size: int):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch.student_tokens
+        logits = model(tokens, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens), attention_mask=None)
+        picked = pick_response_logits(logits, batch.student_logit_index, vocab_size)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+        labels = tokens[rows, batch.student_logit_index + 1]
+        per_token = vocab_parallel_cross_entropy(picked.float(), labels)
+        return per_token, partial(masked_sum_loss, batch.response_mask)
+
+    return forward_step
+
+
+def sft_step(model, forward_step, micro_batches) -> None:
+    for ddp in model.ddps:
+        ddp.zero_grad_buffer()
+    model.optimizer.zero_grad()
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model.ddps,
+        num_microbatches=len(micro_batches), seq_length=micro_batches[0].student_tokens.shape[1],
+        micro_batch_size=micro_batches[0].student_tokens.shape[0], forward_only=False,
+    )
+    model.optimizer.step()
+
+
+def best_seconds(step, reps: int) -> float:
+    step()  # warm-up: optimizer state, allocator, kernels
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--response-tokens", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+
+    heads = max(2, args.hidden // 64)
+    hf_config = Qwen3Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64,
+        max_position_embeddings=args.prompt_tokens + INSTRUCTION_TOKENS + args.response_tokens, tie_word_embeddings=True,
+    )
+    generator = torch.Generator().manual_seed(0)
+    instruction = torch.randint(1, args.vocab, (INSTRUCTION_TOKENS,), generator=generator).tolist()
+    sequences = []
+    for _ in range(args.sequences):
+        prompt = torch.randint(1, args.vocab, (args.prompt_tokens,), generator=generator).tolist()
+        response = torch.randint(1, args.vocab, (args.response_tokens,), generator=generator).tolist()
+        sequences.append(ScoredSequence(prompt, instruction + prompt, response))
+    micro_batches = make_micro_batches(sequences, args.micro_batch, pad_id=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for batch in micro_batches:
+        for name, value in vars(batch).items():
+            setattr(batch, name, value.to(device))
+
+    init_distributed(1, 1, seed=0)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            Qwen3ForCausalLM(hf_config).save_pretrained(folder)
+            model = build_training_model(hf_config, folder, ParallelConfig(), torch.float32, TrainConfig(lr=1e-5), 0)
+        opsdc_forward = make_forward_step("reverse_kl")
+        opsdc = best_seconds(lambda: optimizer_step(model.stages, model.optimizer, opsdc_forward, micro_batches), args.reps)
+        sft = best_seconds(lambda: sft_step(model, sft_forward_step(args.vocab), micro_batches), args.reps)
+    finally:
+        destroy_distributed()
+    tokens = args.sequences * (args.prompt_tokens + args.response_tokens)
+    print(f"device {device}; {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; "
+          f"{args.sequences} sequences x ({args.prompt_tokens} prompt + {args.response_tokens} response) tokens, "
+          f"micro-batch {args.micro_batch}")
+    print(f"sft   step {sft * 1e3:8.1f} ms  ({tokens / sft:,.0f} student tokens/s)")
+    print(f"opsdc step {opsdc * 1e3:8.1f} ms  ratio {opsdc / sft:.2f} (teacher forward alone predicts ~1.33; target <= 1.45)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Megatron torch_dist checkpoint (any TP/PP layout) -> Hugging Face folder, streamed.
+
+The megatron side is read tensor by tensor: a GPTModel built on the meta device at TP=1 names
+every parameter's checkpoint key and global offset (its own `sharded_state_dict()`, so nothing
+is guessed), and a torch.distributed.checkpoint load planner reads just those slices (one layer
+of one parameter) from the files. Tensors go through the architecture's name map
+(`_from_shards` at TP=1) and are written as safetensors shards of at most ``max_shard_bytes``;
+peak memory is about one output shard plus the largest tensor, whatever the model size.
+
+Works on a converted checkpoint (`hf_to_megatron`, config and tokenizer in its ``hf/``) and on a
+training checkpoint (``checkpoints/step_N``: the student; config from ``--hf-config`` or the run's
+``config.yaml``). Needs megatron's groups at TP=1, PP=1 (for the meta model) and no collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from safetensors.torch import save_file
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from transformers import GenerationConfig
+
+from opsdc_megatron.convert.checks import ConversionError, check_megatron_checkpoint, require_new_output
+from opsdc_megatron.convert.hf_to_megatron import HF_FILES, copy_hf_files
+from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+from opsdc_megatron.models.qwen3.state_dict_adapter import Layout, _expected_hf_shapes, _from_shards, _Geometry, _named_entries
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+INDEX = "model.safetensors.index.json"
+
+
+class _SliceLoadPlanner(LoadPlanner):
+    """Reads requested slices of checkpoint tensors into caller-owned buffers (single process)."""
+
+    def __init__(self, requests: list[tuple[str, tuple[int, ...], torch.Tensor]]) -> None:
+        self.requests = requests  # (checkpoint key, global offset, destination of the slice's shape)
+        self.destinations: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items: list[ReadItem] = []
+        for key, offset, destination in self.requests:
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=destination.shape)
+            for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]):
+                self.destinations[(key, tuple(item.dest_index.offset))] = destination
+                items.append(item)
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        raise AssertionError(f"unexpected non-tensor item {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        destination = self.destinations[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            destination = destination.narrow(dim, start, length)
+        return destination
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        """The data was copied into the destination view in place."""
+
+
+def _slices(sharded: ShardedTensor | ShardedTensorFactory, buffer: torch.Tensor) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
+    """(key, global offset, view of `buffer`) for every checkpoint slice one TP=1 parameter is made of."""
+    meta, sharded.data = sharded.data, buffer
+    try:
+        pieces = sharded.build() if isinstance(sharded, ShardedTensorFactory) else [sharded]
+        return [
+            (piece.key, tuple(piece.global_offset), piece.data.view((1,) * piece.prepend_axis_num + tuple(piece.local_shape)))
+            for piece in pieces
+        ]
+    finally:
+        sharded.data = meta  # the caller owns the buffer; the model's state dict keeps no reference
+
+
+def find_hf_config(ckpt: Path) -> Path:
+    """Where a checkpoint's HF config and tokenizer are: its ``hf/`` or the training run's model folder."""
+    if (ckpt / HF_FILES / "config.json").is_file():
+        return ckpt / HF_FILES
+    run_config = ckpt.parent.parent / "config.yaml"  # out_dir/checkpoints/step_N
+    if run_config.is_file():
+        return Path(yaml.safe_load(run_config.read_text(encoding="utf-8"))["model"]["hf_path"])
+    raise ConversionError(
+        f"{ckpt}: no {HF_FILES}/config.json and no training run's config.yaml two levels up; "
+        f"pass --hf-config with the Hugging Face folder the checkpoint came from"
+    )
+
+
+def export_megatron_to_hf(
+    ckpt: Path, out: Path, hf_config_dir: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
+    """Write `out` as a HF folder (sharded safetensors + index, config, generation config, tokenizer).
+
+    `dtype` defaults to the checkpoint's. Written to a temporary sibling, renamed when complete.
+
+    Raises:
+        ConversionError: the checkpoint is missing, not torch_dist, or does not match the config.
+    """
+    require_new_output(out)
+    check_megatron_checkpoint(ckpt)
+    config = load_hf_config(hf_config_dir)
+    reader = dcp.FileSystemReader(str(ckpt))
+    metadata = reader.read_metadata()
+    with torch.device("meta"):
+        stored_dtype = _stored_dtype(metadata, "embedding.word_embeddings.weight", ckpt)
+        model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype)
+    geo = _Geometry(model)
+    sharded = model.sharded_state_dict()
+    entries = [(name, layout, hf_names, param) for name, param, layout, hf_names in _named_entries(model)]
+    _check_matches(entries, sharded, metadata, ckpt, hf_config_dir)
+    out_dtype = dtype or stored_dtype
+    shards = _plan_shards(entries, geo, out_dtype, max_shard_bytes)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        weight_map, total_bytes = {}, 0
+        for number, shard in enumerate(shards, start=1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            tensors = _read_shard(shard, sharded, reader, geo, stored_dtype, out_dtype)
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_configs(hf_config_dir, tmp, config, out_dtype)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _stored_dtype(metadata: Metadata, key: str, ckpt: Path) -> torch.dtype:
+    entry = metadata.state_dict_metadata.get(key)
+    if not isinstance(entry, TensorStorageMetadata):
+        raise ConversionError(f"{ckpt}: no tensor {key!r} (not a GPT model checkpoint?)")
+    return entry.properties.dtype
+
+
+def _check_matches(entries, sharded: dict, metadata: Metadata, ckpt: Path, hf_config_dir: Path) -> None:
+    """Every tensor the config implies is in the checkpoint, with its global shape (vocabulary rows may be padded)."""
+    problems = []
+    for name, _, _, _ in entries:
+        pieces = sharded[name].build() if isinstance(sharded[name], ShardedTensorFactory) else [sharded[name]]
+        for piece in pieces:
+            stored = metadata.state_dict_metadata.get(piece.key)
+            if stored is None:
+                problems.append(f"missing {piece.key}")
+                continue
+            size, expected = tuple(stored.size), tuple(piece.global_shape)
+            padded_rows_ok = piece.allow_shape_mismatch and size[1:] == expected[1:] and size[0] >= expected[0]
+            if size != expected and not padded_rows_ok:
+                problems.append(f"{piece.key}: config implies {expected}, checkpoint has {size}")
+    if problems:
+        unique = sorted(set(problems))
+        raise ConversionError(f"{ckpt} does not match {hf_config_dir / 'config.json'}:\n  " + "\n  ".join(unique))
+
+
+def _plan_shards(entries, geo: _Geometry, dtype: torch.dtype, max_shard_bytes: int) -> list[list]:
+    """Consecutive parameters grouped into output files of at most `max_shard_bytes` (a larger tensor alone)."""
+    shards, current, current_bytes = [], [], 0
+    item_bytes = torch.empty((), dtype=dtype).element_size()
+    for entry in entries:
+        _, layout, _, param = entry
+        size = sum(shape.numel() for shape in _expected_hf_shapes(layout, param, geo)) * item_bytes
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(entry)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The HF tensors of one output file: one torch.distributed.checkpoint read of their slices."""
+    buffers: list[tuple[Layout, tuple[str, ...], torch.Tensor]] = []
+    requests: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
+    for name, layout, hf_names, param in shard:
+        buffer = torch.empty(param.shape, dtype=stored_dtype)
+        requests += _slices(sharded[name], buffer)
+        buffers.append((layout, hf_names, buffer))
+    try:
+        dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
+    except CheckpointException as error:
+        raise RuntimeError(f"{reader.path}: reading the checkpoint failed: {error}") from None
+    del requests  # views of the buffers
+    tensors = {}
+    while buffers:  # each megatron buffer is released as soon as its HF tensors exist
+        layout, hf_names, buffer = buffers.pop(0)
+        for hf_name, tensor in zip(hf_names, _from_shards(layout, [buffer], geo)):
+            tensors[hf_name] = tensor.to(out_dtype).contiguous()
+        del buffer
+    return tensors
+
+
+def _write_configs(source: Path, target: Path, config, dtype: torch.dtype) -> None:
+    copy_hf_files(source, target)
+    config_json = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_keys = [key for key in ("dtype", "torch_dtype") if key in config_json] or ["torch_dtype"]
+    if any(config_json.get(key) != dtype_name for key in dtype_keys):  # else the source's file, byte for byte
+        config_json.update(dict.fromkeys(dtype_keys, dtype_name))
+        (target / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if not (target / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(config).save_pretrained(target)

@@ -1,0 +1,33 @@
+"""The largest logit difference between a HF folder and a megatron checkpoint on the same tokens.
+
+transformers (eager attention) and megatron-core (TP=1, loaded with `load_model_weights`, the
+loader `opsdc train` uses) both run in fp32 on the same random token ids; the vocabulary padding
+of the megatron logits is dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+from opsdc_megatron.train.checkpoint import load_model_weights
+
+
+def max_logit_difference(hf_dir: Path, ckpt: Path, sequences: int = 2, tokens_per_sequence: int = 32, seed: int = 0) -> float:
+    """Collective over megatron's groups at TP=1, PP=1 (initialised by the caller)."""
+    config = load_hf_config(hf_dir)
+    tokens_per_sequence = min(tokens_per_sequence, config.max_position_embeddings)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (sequences, tokens_per_sequence), generator=generator)
+    positions = torch.arange(tokens_per_sequence).unsqueeze(0).expand_as(tokens)
+
+    megatron_model = build_gpt_model(config, 1, 1, params_dtype=torch.float32)
+    load_model_weights(ckpt, megatron_model)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        megatron_logits = megatron_model.eval()(tokens, positions, None)[..., : config.vocab_size]
+        hf_logits = hf_model.eval()(tokens).logits
+    return (megatron_logits - hf_logits).abs().max().item()

@@ -1,0 +1,154 @@
+"""Benchmark and training sets in their published layouts, read from local files into PromptRecords.
+
+Supported layouts (column names as published on the Hugging Face hub):
+
+| layout | dataset | fields |
+|---|---|---|
+| math500 | HuggingFaceH4/MATH-500 (test.jsonl) | problem, solution, answer, subject, level, unique_id |
+| aime2024 | Maxwell-Jia/AIME_2024 | ID, Problem, Solution, Answer |
+| aime2025 | opencompass/AIME2025 (aime2025-I/II.jsonl) | question, answer |
+| problem_answer | HuggingFaceH4/aime_2024, math-ai/aime25 and the like | problem, answer (+ any) |
+| dapo | BytedTsinghua-SIA/DAPO-Math-17k (parquet) | data_source, prompt (chat messages), ability, reward_model {ground_truth, style}, extra_info |
+| opsdc | this project's prompt files | prompt, answer (+ any) |
+
+Files are JSON Lines (.jsonl) or Parquet (.parquet). The layout is detected from the first row
+unless given; every row is checked against it, and a row that does not fit raises
+DatasetLayoutError naming the file, the row and the missing, unexpected or mistyped field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects
+
+
+class DatasetLayoutError(PromptFileError):
+    """A data file whose rows do not fit the expected layout: names file, row and field."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    benchmark: str | None
+    """Name shown in results and reports; None: the file's name."""
+    required: tuple[str, ...]
+    open_ended: bool
+    """Whether fields beyond the required ones are allowed (kept in PromptRecord.extra)."""
+    to_record: Callable[[dict[str, Any], Callable[[str], str]], PromptRecord]
+    """Row -> record; the second argument formats an error message with the file and row."""
+
+
+def _text(row: dict, key: str, where: Callable[[str], str]) -> str:
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DatasetLayoutError(where(f"field '{key}' must be a string or an integer, got {type(value).__name__}"))
+    return str(value)
+
+
+def _math500(row: dict, where: Callable[[str], str]) -> PromptRecord:
+    extra = {"level": row["level"], "subject": row["subject"], "id": row["unique_id"]}
+    return PromptRecord(_text(row, "problem", where), _text(row, "answer", where), extra)
+
+
+def _aime2024(row: dict, where: Callable[[str], str]) -> PromptRecord:
+    return PromptRecord(_text(row, "Problem", where), _text(row, "Answer", where), {"id": row["ID"]})
+
+
+def _aime2025(row: dict, where: Callable[[str], str]) -> PromptRecord:
+    return PromptRecord(_text(row, "question", where), _text(row, "answer", where), {})
+
+
+def _problem_answer(row: dict, where: Callable[[str], str]) -> PromptRecord:
+    extra = {k: v for k, v in row.items() if k not in ("problem", "answer", "solution")}
+    return PromptRecord(_text(row, "problem", where), _text(row, "answer", where), extra)
+
+
+def _opsdc(row: dict, where: Callable[[str], str]) -> PromptRecord:
+    if not isinstance(row["prompt"], str):
+        raise DatasetLayoutError(where(f"field 'prompt' must be a string, got {type(row['prompt']).__name__}"))
+    return PromptRecord(row["prompt"], _text(row, "answer", where), {k: v for k, v in row.items() if k not in ("prompt", "answer")})
+
+
+def _dapo(row: dict, where: Callable[[str], str]) -> PromptRecord:
+    """The user message as published (it carries DAPO's `Answer:` format lines); gold = reward_model.ground_truth."""
+    messages = row["prompt"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise DatasetLayoutError(where("field 'prompt' must be a list of chat messages {role, content}"))
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    if len(user) != 1 or not isinstance(user[0], str):
+        raise DatasetLayoutError(where(f"field 'prompt' must hold exactly one user message, got {len(user)}"))
+    reward = row["reward_model"]
+    if not isinstance(reward, dict) or reward.get("ground_truth") is None:
+        raise DatasetLayoutError(where("field 'reward_model' must be a mapping with 'ground_truth'"))
+    extra_info = row["extra_info"] if isinstance(row["extra_info"], dict) else {}
+    extra = {"source": row["data_source"], "id": extra_info.get("index")}
+    return PromptRecord(user[0], _text(reward, "ground_truth", where), extra)
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout("dapo", "DAPO-Math-17k", ("data_source", "prompt", "ability", "reward_model", "extra_info"), False, _dapo),
+        Layout("math500", "MATH-500", ("problem", "solution", "answer", "subject", "level", "unique_id"), False, _math500),
+        Layout("aime2024", "AIME 2024", ("ID", "Problem", "Solution", "Answer"), False, _aime2024),
+        Layout("aime2025", "AIME 2025", ("question", "answer"), False, _aime2025),
+        Layout("problem_answer", None, ("problem", "answer"), True, _problem_answer),
+        Layout("opsdc", None, ("prompt", "answer"), True, _opsdc),
+    )
+}
+"""In detection order: the first layout whose required fields the first row has wins."""
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(position label, row) pairs: 'line N' for JSON Lines, 'row N' for Parquet (1-based)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except pyarrow.ArrowException as error:
+            raise DatasetLayoutError(f"{path}: not a readable Parquet file ({error})") from None
+        return [(f"row {index}", row) for index, row in enumerate(table.to_pylist(), start=1)]
+    if path.suffix != ".jsonl":
+        raise DatasetLayoutError(f"{path}: unsupported file type '{path.suffix}': expected .jsonl or .parquet")
+    return [(f"line {number}", row) for number, row in read_json_objects(path)]
+
+
+def detect_layout(path: Path, first_row: dict) -> Layout:
+    for layout in LAYOUTS.values():
+        if all(key in first_row for key in layout.required):
+            return layout
+    known = "; ".join(f"{l.name}: {', '.join(l.required)}" for l in LAYOUTS.values())
+    raise DatasetLayoutError(f"{path}: the first row has fields {sorted(first_row)}, which match no known layout ({known})")
+
+
+def load_dataset_file(path: str | Path, layout: str = "auto") -> tuple[Layout, list[PromptRecord]]:
+    """All rows of a local benchmark or training file as PromptRecords, with the layout they were read in."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: data file not found")
+    rows = _read_rows(path)
+    if not rows:
+        raise DatasetLayoutError(f"{path}: no rows")
+    if layout == "auto":
+        chosen = detect_layout(path, rows[0][1])
+    elif layout in LAYOUTS:
+        chosen = LAYOUTS[layout]
+    else:
+        raise DatasetLayoutError(f"unknown layout {layout!r}: expected auto or one of {', '.join(LAYOUTS)}")
+    records = []
+    for position, row in rows:
+        def where(message: str, position: str = position) -> str:
+            return f"{path}: {position}: {message} (layout {chosen.name}: {', '.join(chosen.required)})"
+
+        missing = [key for key in chosen.required if key not in row]
+        if missing:
+            raise DatasetLayoutError(where(f"missing field '{missing[0]}'"))
+        unexpected = sorted(set(row) - set(chosen.required))
+        if unexpected and not chosen.open_ended:
+            raise DatasetLayoutError(where(f"unexpected field '{unexpected[0]}'"))
+        records.append(chosen.to_record(row, where))
+    return chosen, records

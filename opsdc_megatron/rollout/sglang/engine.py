@@ -1,0 +1,327 @@
+"""`RolloutEngine` on SGLang servers: rollouts by HTTP, weights pushed after every optimizer step.
+
+Design choices:
+* The engine sends each rollout straight to a server it picks (the one with the fewest requests in
+  flight), not through sglang-router: pushes must reach every server anyway, and a failure must be
+  traced to the server that failed so it can be restarted. The router (launcher.SGLangRouter) serves
+  clients outside the trainer.
+* Every rollout has an id (`rid`), `<engine tag>-s<seed>-p<prompt index>-a<attempt>`. A prompt whose
+  request fails (connection refused, timeout, 5xx, abort) is sent again to another healthy server
+  with exponential backoff, at most `max_attempts` times; only the first answer of a prompt is kept,
+  so each prompt is answered exactly once. A 4xx answer is the request's own fault: it is raised.
+* A server that fails its health probe (dead process, or no /health answer within 5 s: hung) leaves
+  the pool. The probe runs when a request to it fails, and when it has requests in flight but has
+  answered none for `stall_timeout_s` (a hang that keeps connections open); its requests are resent.
+  The engine owning the fleet restarts it in the background, reconnects the transport and
+  pushes the current weights before it takes requests again.
+* Every answer carries the server's weight version; an answer made with any other version than the
+  last pushed one (or with two versions, i.e. a push mid-request) raises `StaleRolloutError`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from opsdc_megatron.rollout.sglang.client import (
+    GenerateRequest,
+    GenerateResult,
+    ServerRejected,
+    ServerUnavailable,
+    generate_one,
+    post_json,
+)
+from opsdc_megatron.rollout.sglang.launcher import ServerFleet
+from opsdc_megatron.weight_push.sglang_transports import WeightTransport
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+class StaleRolloutError(RuntimeError):
+    """A rollout sampled with other weights than the last pushed version."""
+
+
+class RolloutFailedError(RuntimeError):
+    """A prompt that no server could answer within the retry budget, or no server left."""
+
+
+def served_vocab_size(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
+    """(vocab_size, model path) of the model a server was launched with, from its config.json."""
+    info = post_json(f"{url}/model_info", None, timeout_s)
+    config_path = Path(info["model_path"]) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{url} serves {info['model_path']}, whose config.json cannot be read here: {error}") from None
+    text_config = config.get("text_config", config)
+    return int(text_config["vocab_size"]), info["model_path"]
+
+
+class SGLangRolloutEngine(RolloutEngine):
+    def __init__(
+        self,
+        fleet: ServerFleet | list[str],
+        transport: WeightTransport | None,
+        stop_token_ids: list[int],
+        vocab_size: int,
+        max_concurrent_requests: int = 64,
+        request_timeout_s: float = 600.0,
+        max_attempts: int = 3,
+        backoff_s: float = 0.5,
+        stall_timeout_s: float = 60.0,
+    ) -> None:
+        # The owner (one per job: the fleet's launcher, trainer rank 0) pushes weights and restarts
+        # failed servers; other trainer ranks get the URLs only and just send rollouts.
+        self.fleet = fleet if isinstance(fleet, ServerFleet) else None
+        self.urls = self.fleet.urls if self.fleet else list(fleet)
+        if (self.fleet is None) != (transport is None):
+            raise ValueError("the engine that owns the fleet needs a weight transport; one given only URLs takes none")
+        self.transport = transport
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.vocab_size = vocab_size
+        self.max_concurrent_requests, self.request_timeout_s = max_concurrent_requests, request_timeout_s
+        self.max_attempts, self.backoff_s, self.stall_timeout_s = max_attempts, backoff_s, stall_timeout_s
+        self.tag = uuid.uuid4().hex[:8]
+        self._version = -1
+        self._pushed: Mapping[str, torch.Tensor] | None = None
+        self._healthy = set(range(len(self.urls)))
+        self._recoveries: dict[int, threading.Thread] = {}
+        self._recovery_errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self.restarts = 0
+        """How many servers were restarted after a failure (for logs and tests)."""
+        for url in self.urls:
+            self._check_vocabulary(url)
+            if self.transport is not None:
+                self.transport.connect(url, self.fleet.settings.tensor_parallel_size)
+
+    def _check_vocabulary(self, url: str) -> None:
+        served, model_path = served_vocab_size(url)
+        if served != self.vocab_size:
+            raise ValueError(
+                f"{url} serves {model_path} with a vocabulary of {served} tokens, the trainer's model has "
+                f"{self.vocab_size}: rollouts would be sampled from another model's token ids"
+            )
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @property
+    def _servers_tp(self) -> dict[str, int]:
+        return {self.urls[i]: self.fleet.settings.tensor_parallel_size for i in sorted(self._healthy)}
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, hf_state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Pause the servers, push (bucketed, flushing the cache), resume; then every answer carries `version`."""
+        embed = hf_state_dict.get("model.embed_tokens.weight")
+        if embed is not None and embed.shape[0] != self.vocab_size:
+            raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
+        if self.fleet is not None:
+            self.wait_for_recovery()
+            self._probe_all()
+            servers = self._servers_tp
+            if not servers:
+                raise RolloutFailedError("no healthy SGLang server to push weights to")
+            for url in servers:
+                post_json(f"{url}/pause_generation", {"mode": "abort"}, HEALTH_TIMEOUT_S * 6)
+            try:
+                self.transport.push(servers, hf_state_dict, str(version))
+            finally:
+                for url in servers:
+                    post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
+            self._pushed = hf_state_dict
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # the other trainer ranks sample only once the owner has pushed
+        if self.fleet is None:
+            self._healthy = {i for i in range(len(self.urls)) if self._server_ok(i)}
+        self._version = version
+
+    # ------------------------------------------------------------------ failures
+
+    def _server_ok(self, index: int) -> bool:
+        if self.fleet is not None and not self.fleet.servers[index].alive():
+            return False
+        try:
+            post_json(f"{self.urls[index]}/health", None, HEALTH_TIMEOUT_S)
+        except (ServerUnavailable, ServerRejected):
+            return False
+        return True
+
+    def _probe_all(self) -> None:
+        for index in sorted(self._healthy):
+            if not self._server_ok(index):
+                self._mark_failed(index)
+        self.wait_for_recovery()
+
+    def _mark_failed(self, index: int) -> None:
+        """Takes the server out of the pool; the owner restarts it in the background."""
+        with self._lock:
+            if index not in self._healthy:
+                return
+            self._healthy.discard(index)
+            if self.fleet is None:
+                return
+            thread = threading.Thread(target=self._recover, args=(index,), name=f"sglang-recover-{index}", daemon=True)
+            self._recoveries[index] = thread
+        thread.start()
+
+    def _recover(self, index: int) -> None:
+        server = self.fleet.servers[index]
+        try:
+            self.transport.disconnect(server.url)
+            self.fleet.restart(index)
+            self._check_vocabulary(server.url)
+            self.transport.connect(server.url, self.fleet.settings.tensor_parallel_size)
+            if self._pushed is not None:
+                self.transport.push({server.url: self.fleet.settings.tensor_parallel_size}, self._pushed, str(self._version))
+            with self._lock:
+                self._healthy.add(index)
+                self.restarts += 1
+        except BaseException as error:  # surfaced by wait_for_recovery / generate
+            with self._lock:
+                self._recovery_errors.append(error)
+
+    def wait_for_recovery(self) -> None:
+        """Joins the restarts in progress; raises the first that failed."""
+        for index, thread in list(self._recoveries.items()):
+            thread.join()
+            self._recoveries.pop(index, None)
+        if self._recovery_errors:
+            error = self._recovery_errors.pop(0)
+            raise RolloutFailedError(f"restarting a failed SGLang server failed: {error}") from error
+
+    # ------------------------------------------------------------------ rollouts
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
+        return [Rollout(i, r.output_ids, r.finish_reason, self._version) for i, r in enumerate(self.sample(prompt_ids, sampling, seed))]
+
+    def sample(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[GenerateResult]:
+        """`generate` with SGLang's full answers: logprobs of the sampled tokens, the server, the rollout id."""
+        for i, prompt in enumerate(prompt_ids):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the served vocabulary [0, {self.vocab_size})")
+        results = self._dispatch(prompt_ids, sampling, seed)
+        for result in results.values():
+            versions = set(result.weight_versions_in_response) | {result.weight_version}
+            if versions != {str(self._version)}:
+                raise StaleRolloutError(
+                    f"rollout {result.rollout_id} from {result.server_url} was sampled with weight versions "
+                    f"{sorted(versions)}, expected {self._version}"
+                )
+        return [results[i] for i in range(len(prompt_ids))]
+
+    def _pick_server(self, in_flight: dict[int, int]) -> int | None:
+        with self._lock:
+            healthy = sorted(self._healthy)
+        return min(healthy, key=lambda i: in_flight.get(i, 0)) if healthy else None
+
+    def _dispatch(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> dict[int, GenerateResult]:
+        """Every prompt answered exactly once, whatever servers fail or hang meanwhile."""
+        pending: deque[tuple[float, int]] = deque((0.0, i) for i in range(len(prompt_ids)))
+        attempts = [0] * len(prompt_ids)
+        errors: list[list[str]] = [[] for _ in prompt_ids]
+        results: dict[int, GenerateResult] = {}
+        in_flight: dict[int, int] = {}
+        last_progress: dict[int, float] = {}
+        """Per server: when it last answered (or got work while idle); stalls are measured from it."""
+        running: dict[Future, tuple[int, int]] = {}
+
+        def retry(i: int, error: str) -> None:
+            errors[i].append(error)
+            if attempts[i] >= self.max_attempts:
+                raise RolloutFailedError(f"prompt {i}: no answer after {attempts[i]} attempts: {errors[i]}")
+            pending.append((time.monotonic() + self.backoff_s * 2 ** (attempts[i] - 1), i))
+
+        # Not a `with` block: a hung server's requests are abandoned, and their threads must not be waited for.
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrent_requests)
+        try:
+            while pending or running:
+                if self._recovery_errors:
+                    self.wait_for_recovery()
+                now = time.monotonic()
+                for _ in range(len(pending)):
+                    if len(running) >= self.max_concurrent_requests:
+                        break
+                    not_before, i = pending.popleft()
+                    server = self._pick_server(in_flight)
+                    if not_before > now or server is None:
+                        pending.append((not_before, i))
+                        continue
+                    request = GenerateRequest(
+                        f"{self.tag}-s{seed}-p{i}-a{attempts[i]}", prompt_ids[i], sampling, self.stop_token_ids,
+                        seed=(seed * 1_000_003 + i) % 2**63,
+                    )
+                    attempts[i] += 1
+                    if not in_flight.get(server):
+                        last_progress[server] = now
+                    in_flight[server] = in_flight.get(server, 0) + 1
+                    running[pool.submit(generate_one, self.urls[server], request, self.request_timeout_s)] = (i, server)
+                if not running:
+                    if not self._healthy and not self._recoveries:
+                        raise RolloutFailedError(f"no healthy SGLang server left; {len(pending)} prompts unanswered")
+                    time.sleep(0.05)
+                    continue
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, server = running.pop(future)
+                    in_flight[server] -= 1
+                    last_progress[server] = time.monotonic()
+                    try:
+                        result = future.result()
+                    except ServerRejected as error:
+                        raise ServerRejected(f"prompt {i}: {error}") from None
+                    except ServerUnavailable as error:
+                        if server in self._healthy and not self._server_ok(server):
+                            self._mark_failed(server)
+                        retry(i, str(error))
+                        continue
+                    if i in results:
+                        raise RuntimeError(f"prompt {i} answered twice ({results[i].rollout_id}, {result.rollout_id})")
+                    results[i] = result
+                self._abandon_stalled(running, in_flight, last_progress, retry)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return results
+
+    def _abandon_stalled(
+        self, running: dict[Future, tuple[int, int]], in_flight: dict[int, int], last_progress: dict[int, float], retry: Callable[[int, str], None]
+    ) -> None:
+        """A server with work but no answer for stall_timeout_s is probed; if it fails the probe (hung), it
+        leaves the pool and its requests are sent elsewhere (their late answers, if any, are ignored)."""
+        now = time.monotonic()
+        for server, count in list(in_flight.items()):
+            if count == 0 or server not in self._healthy or now - last_progress[server] < self.stall_timeout_s:
+                continue
+            if self._server_ok(server):
+                last_progress[server] = now  # slow, not hung
+                continue
+            self._mark_failed(server)
+            for future, (i, owner) in list(running.items()):
+                if owner == server:
+                    running.pop(future)
+                    in_flight[server] -= 1
+                    retry(i, f"{self.urls[server]} made no progress for {self.stall_timeout_s:.0f} s and failed its health probe")
+
+    def close(self) -> None:
+        """Waits for restarts in progress, then closes the transport's groups and stops the servers (owner only)."""
+        if self.fleet is None:
+            return
+        try:
+            for thread in self._recoveries.values():
+                thread.join()
+            self.transport.close()
+        finally:
+            self.fleet.stop()

@@ -1,0 +1,288 @@
+"""Starting and stopping SGLang servers (and sglang-router in front of them) as subprocesses.
+
+Each server runs `python -m sglang.launch_server` from its own virtual environment (.venv-sglang,
+made by tools/setup_sglang.sh: SGLang pins another torch than the trainer). Every server lives in
+its own process group, so stopping it (SIGTERM, then SIGKILL after a grace period) also ends the
+scheduler and detokenizer processes it forks; nothing is left running when a test fails.
+
+Placement: locally, server i listens on 127.0.0.1:(base_port + i) and, with GPUs, gets the GPU group
+[i * tp, (i + 1) * tp). Under SLURM (an allocation with SLURM_JOB_NODELIST), the same command is
+started through `srun --overlap` on node i % nodes, so one allocation runs the trainer and its
+servers ("one server per node or GPU group").
+
+On machines without CUDA the server runs SGLang's CPU path (../shared/FACTS.md section 2): torch-native
+attention and sampling, a bounded KV cache, no warm-up, an idle scheduler that sleeps, and the
+`cpu_stub/sgl_kernel` stand-in first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+CPU_STUB_DIR = Path(__file__).resolve().parent / "cpu_stub"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_SGLANG_PYTHON = REPO_ROOT / ".venv-sglang" / "bin" / "python"
+STOP_GRACE_S = 30.0
+
+
+class ServerStartError(RuntimeError):
+    """A server or router that exited or did not become healthy in time; the message has its log tail."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every server of a fleet runs; one field per `sglang.launch_server` concern."""
+
+    model_path: str
+    """Hugging Face folder the servers load at start (later weights arrive by push)."""
+    tensor_parallel_size: int = 1
+    """GPUs per server (SGLang's --tp-size); 1 on CPU."""
+    dtype: str = "auto"
+    """SGLang's --dtype: auto, float32, bfloat16, float16."""
+    mem_fraction_static: float | None = None
+    """Fraction of GPU memory for weights + KV cache; None keeps SGLang's default."""
+    max_total_tokens: int | None = None
+    """KV-cache size in tokens; None = SGLang's default on GPU, 8192 on CPU (else it reserves ~15 GB)."""
+    max_running_requests: int | None = None
+    """Requests decoded at once per server; None = SGLang's default on GPU, 16 on CPU."""
+    host: str = "127.0.0.1"
+    base_port: int = 30000
+    """Server i listens on base_port + i."""
+    python: str = str(DEFAULT_SGLANG_PYTHON)
+    """Interpreter of the SGLang environment."""
+    startup_timeout_s: float = 300.0
+    extra_args: tuple[str, ...] = ()
+    """Further `sglang.launch_server` flags, passed through unchanged."""
+    skip_tokenizer_init: bool = True
+    """The trainer sends and reads token ids only, so the servers load no tokenizer (and need none)."""
+    deterministic: bool | None = None
+    """--enable-deterministic-inference: SGLang honours each request's sampling_seed only with it.
+    None = on GPUs only: SGLang 0.5.23 refuses it with the CPU's torch_native attention, so CPU
+    rollouts are not reproducible from the seed."""
+    log_dir: str | None = None
+    """Where server_<i>.log files go; None = a temporary folder."""
+    on_cpu: bool = field(default_factory=lambda: not torch.cuda.is_available())
+
+
+def _slurm_nodes() -> list[str]:
+    """Host names of the current SLURM allocation, [] outside SLURM."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return []
+    output = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
+    return output.stdout.split()
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class ManagedProcess:
+    """A subprocess in its own process group, with a log file, a readiness probe and a clean stop."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path, ready_url: str) -> None:
+        self.name, self.command, self.env, self.log_path, self.ready_url = name, command, env, log_path, ready_url
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.alive():
+            raise RuntimeError(f"{self.name} is already running (pid {self.process.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Polls the readiness URL until it answers 200; raises if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.process.returncode if self.process else None
+                raise ServerStartError(f"{self.name} exited with code {code} before it was ready; log {self.log_path}:\n{_log_tail(self.log_path)}")
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(f"{self.name} was not ready within {timeout_s:.0f} s ({self.ready_url}); log {self.log_path}:\n{_log_tail(self.log_path)}")
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (failure tests; the last resort of stop)."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=STOP_GRACE_S)
+
+    def stop(self) -> None:
+        """SIGTERM to the process group, SIGKILL after STOP_GRACE_S."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.process.pid, signal.SIGCONT)  # a stopped (hung) group must run to terminate
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        # The server's children may outlive its main process: end the group in any case.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=STOP_GRACE_S)
+
+
+class SGLangServer(ManagedProcess):
+    """One `sglang.launch_server` process (and the scheduler/detokenizer processes it forks)."""
+
+    def __init__(self, index: int, settings: ServerSettings, log_dir: Path, host_node: str | None = None) -> None:
+        self.index, self.settings = index, settings
+        self.port = settings.base_port + index
+        self.host = host_node or settings.host
+        self.url = f"http://{self.host}:{self.port}"
+        super().__init__(f"SGLang server {index} ({self.url})", self._command(host_node), self._env(host_node), log_dir / f"server_{index}.log", f"{self.url}/health")
+
+    def _command(self, host_node: str | None) -> list[str]:
+        s = self.settings
+        command = [
+            s.python, "-m", "sglang.launch_server", "--model-path", s.model_path, "--host", self.host, "--port", str(self.port),
+            "--tp-size", str(s.tensor_parallel_size), "--dtype", s.dtype, "--weight-version", "launch",
+        ]
+        if s.mem_fraction_static is not None:
+            command += ["--mem-fraction-static", str(s.mem_fraction_static)]
+        max_total_tokens = s.max_total_tokens if s.max_total_tokens is not None else (8192 if s.on_cpu else None)
+        if max_total_tokens is not None:
+            command += ["--max-total-tokens", str(max_total_tokens)]
+        max_running = s.max_running_requests if s.max_running_requests is not None else (16 if s.on_cpu else None)
+        if max_running is not None:
+            command += ["--max-running-requests", str(max_running)]
+        if s.on_cpu:
+            command += ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch", "--skip-server-warmup", "--sleep-on-idle"]
+        if s.skip_tokenizer_init:
+            command += ["--skip-tokenizer-init"]
+        if s.deterministic if s.deterministic is not None else not s.on_cpu:
+            command += ["--enable-deterministic-inference"]
+        command += list(s.extra_args)
+        if host_node is not None:
+            gpus = [] if s.on_cpu else [f"--gpus={s.tensor_parallel_size}"]
+            command = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host_node}", *gpus, *command]
+        return command
+
+    def _env(self, host_node: str | None) -> dict[str, str]:
+        env = dict(os.environ)
+        s = self.settings
+        if s.on_cpu:
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUB_DIR), env.get("PYTHONPATH", "")) if p)
+            env.setdefault("OMP_NUM_THREADS", "1")
+        elif host_node is None:  # under SLURM, srun --gpus binds the server's GPUs itself
+            visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(torch.cuda.device_count()))).split(",")
+            tp = s.tensor_parallel_size
+            group = visible[self.index * tp : (self.index + 1) * tp]
+            if len(group) != tp:
+                raise ValueError(f"server {self.index} needs GPUs {self.index * tp}..{(self.index + 1) * tp - 1}, only {len(visible)} visible")
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
+        return env
+
+
+class SGLangRouter(ManagedProcess):
+    """sglang-router in front of the servers: one URL for clients outside the trainer (eval, tools).
+
+    Fails fast on a dead worker (no router-side retries, health checked every 2 s) so that clients
+    retry with their own budget instead of waiting out the router's ~28 s circuit breaker.
+    """
+
+    def __init__(self, worker_urls: list[str], settings: ServerSettings, port: int, log_dir: Path) -> None:
+        self.url = f"http://{settings.host}:{port}"
+        command = [
+            settings.python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", settings.host,
+            "--port", str(port), "--disable-retries", "--health-check-interval-secs", "2", "--health-failure-threshold", "1",
+        ]
+        super().__init__(f"sglang-router ({self.url})", command, dict(os.environ), log_dir / "router.log", f"{self.url}/health")
+
+
+class ServerFleet:
+    """N servers (and optionally a router), started together; a context manager that always stops them.
+
+    Use `restart(i)` after a failure; `stop()` is idempotent.
+    """
+
+    def __init__(self, settings: ServerSettings, num_servers: int, router_port: int | None = None) -> None:
+        if num_servers < 1:
+            raise ValueError(f"num_servers must be >= 1, got {num_servers}")
+        if settings.python and not Path(settings.python).exists() and not shutil.which(settings.python):
+            raise FileNotFoundError(f"SGLang interpreter {settings.python} not found: run tools/setup_sglang.sh (make env-sglang)")
+        if not (Path(settings.model_path) / "config.json").is_file():
+            raise FileNotFoundError(f"model path {settings.model_path} has no config.json")
+        self.settings = settings
+        self.log_dir = Path(settings.log_dir) if settings.log_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"opsdc-sglang-{os.getpid()}-{id(self):x}"
+        nodes = _slurm_nodes()
+        self.servers = [SGLangServer(i, settings, self.log_dir, nodes[i % len(nodes)] if nodes else None) for i in range(num_servers)]
+        self.router = SGLangRouter([s.url for s in self.servers], settings, router_port, self.log_dir) if router_port else None
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self) -> "ServerFleet":
+        """Starts every server at once, waits for all to be healthy, then the router."""
+        try:
+            for server in self.servers:
+                server.start()
+            for server in self.servers:
+                server.wait_ready(self.settings.startup_timeout_s)
+            if self.router is not None:
+                self.router.start()
+                self.router.wait_ready(60.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart(self, index: int) -> None:
+        """Stops server `index` (whatever state it is in) and starts it again from the launch model."""
+        server = self.servers[index]
+        server.stop()
+        server.start()
+        server.wait_ready(self.settings.startup_timeout_s)
+
+    def stop(self) -> None:
+        for process in ([self.router] if self.router else []) + self.servers:
+            process.stop()
+
+    def __enter__(self) -> "ServerFleet":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def cpu_settings(model_path: str, **overrides: object) -> ServerSettings:
+    """Settings for a CPU server on loopback (tests, the demo, the benchmark)."""
+    return replace(ServerSettings(model_path=model_path, dtype="float32", on_cpu=True), **overrides)

@@ -1,0 +1,62 @@
+"""The SGLang engine of a training run, built from `rollout.sglang` (config.py).
+
+Trainer rank 0 starts the servers (and the router, if asked), owns them and pushes the weights;
+every other rank gets their URLs and only sends rollouts (generate_across_ranks deals it blocks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from opsdc_megatron.config import RunConfig
+from opsdc_megatron.rollout.sglang.engine import SGLangRolloutEngine
+from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON, ServerFleet, ServerSettings
+from opsdc_megatron.weight_push.sglang_transports import make_transport
+
+
+def server_settings(config: RunConfig) -> ServerSettings:
+    s = config.rollout.sglang
+    dtype = s.dtype if s.dtype != "auto" else {"fp32": "float32", "bf16": "bfloat16"}[config.model.params_dtype]
+    return ServerSettings(
+        model_path=str(Path(config.model.hf_path).resolve()), tensor_parallel_size=s.tensor_parallel_size, dtype=dtype,
+        mem_fraction_static=s.mem_fraction_static, max_total_tokens=s.max_total_tokens, base_port=s.base_port,
+        python=s.python or str(DEFAULT_SGLANG_PYTHON), startup_timeout_s=s.startup_timeout_s,
+        log_dir=str(Path(config.out_dir) / "sglang_logs"),
+    )
+
+
+def start_sglang_engine(config: RunConfig, stop_token_ids: list[int], vocab_size: int) -> SGLangRolloutEngine:
+    """Collective over the default process group when one exists; rank 0's start errors reach every rank."""
+    s = config.rollout.sglang
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    owner = not dist.is_initialized() or dist.get_rank() == 0
+    fleet, error = None, None
+    if owner:
+        try:
+            fleet = ServerFleet(server_settings(config), s.num_servers, s.router_port or None).start()
+        except Exception as failure:  # re-raised below on rank 0, reported on the others
+            error = failure
+    if distributed:
+        shared = [fleet.urls if fleet else None]
+        dist.broadcast_object_list(shared, src=0)
+        urls = shared[0]
+    else:
+        urls = fleet.urls if fleet else None
+    if error is not None:
+        raise error
+    if urls is None:
+        raise RuntimeError("rank 0 could not start the SGLang servers (see its error)")
+    engine_args = dict(
+        stop_token_ids=stop_token_ids, vocab_size=vocab_size, max_concurrent_requests=s.max_concurrent_requests,
+        request_timeout_s=s.request_timeout_s, max_attempts=s.max_attempts, stall_timeout_s=s.stall_timeout_s,
+    )
+    if not owner:
+        return SGLangRolloutEngine(urls, None, **engine_args)
+    try:
+        transport = make_transport(s.weight_transport, s.bucket_mib * 1024**2, config.model.hf_path, Path(config.out_dir) / "pushed_weights")
+        return SGLangRolloutEngine(fleet, transport, **engine_args)
+    except BaseException:
+        fleet.stop()
+        raise

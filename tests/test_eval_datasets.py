@@ -1,0 +1,97 @@
+"""Benchmark loaders on tiny samples in the published layouts (tests/data/), and their errors."""
+
+import json
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+
+from opsdc_megatron.eval.datasets import DatasetLayoutError, load_dataset_file
+from opsdc_megatron.prompts import PromptFileError
+
+pytestmark = pytest.mark.eval
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_math500_jsonl():
+    layout, records = load_dataset_file(DATA / "math500_test.jsonl")
+    assert (layout.name, layout.benchmark, len(records)) == ("math500", "MATH-500", 3)
+    first = records[0]
+    assert first.prompt.startswith("Convert the point $(0,3)$")
+    assert first.answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert first.extra == {"level": 2, "subject": "Precalculus", "id": "test/precalculus/807.json"}
+
+
+def test_aime2024_parquet_with_integer_answers():
+    layout, records = load_dataset_file(DATA / "aime_2024_problems.parquet")
+    assert layout.name == "aime2024" and [r.answer for r in records] == ["204", "25"]
+    assert records[0].extra == {"id": "2024-I-1"} and "Aya" in records[0].prompt
+
+
+def test_aime2025_jsonl():
+    layout, records = load_dataset_file(DATA / "aime2025-I.jsonl")
+    assert (layout.name, layout.benchmark) == ("aime2025", "AIME 2025")
+    assert [r.answer for r in records] == ["70", "16"] and records[0].prompt.startswith("Find the sum of all integer bases")
+
+
+def test_dapo_parquet_keeps_the_published_user_message():
+    layout, records = load_dataset_file(DATA / "dapo_math_17k_sample.parquet")
+    assert layout.name == "dapo" and [r.answer for r in records] == ["2", "12"]
+    assert records[0].prompt.startswith("Solve the following math problem step by step. The last line of your response should be of the form Answer:")
+    assert "$2^{10}$" in records[0].prompt and records[0].extra["source"] == "math_dapo"
+
+
+def test_project_prompt_files_and_forced_layout(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "tom has 3 apples .", "answer": "3", "level": 2}) + "\n")
+    layout, records = load_dataset_file(path)
+    assert layout.name == "opsdc" and records[0].extra == {"level": 2}
+    with pytest.raises(DatasetLayoutError, match=r"p\.jsonl: line 1: missing field 'problem' \(layout math500"):
+        load_dataset_file(path, layout="math500")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+MATH_ROW = {"problem": "1+1?", "solution": "2", "answer": "2", "subject": "Algebra", "level": 1, "unique_id": "test/a/1.json"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([MATH_ROW, {k: v for k, v in MATH_ROW.items() if k != "answer"}], r"line 2: missing field 'answer' \(layout math500"),
+        ([MATH_ROW, {**MATH_ROW, "hint": "x"}], r"line 2: unexpected field 'hint' \(layout math500"),
+        ([MATH_ROW, {**MATH_ROW, "answer": ["2"]}], r"line 2: field 'answer' must be a string or an integer, got list"),
+        ([{"text": "1+1?", "label": "2"}], r"first row has fields \['label', 'text'\], which match no known layout \(dapo: data_source"),
+    ],
+)
+def test_wrong_layout_names_file_row_and_field(tmp_path, rows, message):
+    with pytest.raises(DatasetLayoutError, match=message):
+        load_dataset_file(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_wrong_dapo_rows_name_the_parquet_row(tmp_path):
+    rows = pyarrow.parquet.read_table(DATA / "dapo_math_17k_sample.parquet").to_pylist()
+    rows[1]["reward_model"] = {"style": "rule"}
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "dapo.parquet")
+    with pytest.raises(DatasetLayoutError, match=r"dapo\.parquet: row 2: field 'reward_model' must be a mapping with 'ground_truth'"):
+        load_dataset_file(tmp_path / "dapo.parquet")
+
+
+def test_file_errors(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DatasetLayoutError, match=r"unsupported file type '\.csv': expected \.jsonl or \.parquet"):
+        load_dataset_file(tmp_path / "x.csv")
+    with pytest.raises(DatasetLayoutError, match="data file not found"):
+        load_dataset_file(tmp_path / "missing.jsonl")
+    (tmp_path / "broken.jsonl").write_text(json.dumps(MATH_ROW) + "\n{oops\n")
+    with pytest.raises(PromptFileError, match=r"broken\.jsonl:2: invalid JSON"):
+        load_dataset_file(tmp_path / "broken.jsonl")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetLayoutError, match=r"broken\.parquet: not a readable Parquet file"):
+        load_dataset_file(tmp_path / "broken.parquet")
+    assert issubclass(DatasetLayoutError, PromptFileError)  # the CLI reports both as input errors

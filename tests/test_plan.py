@@ -1,0 +1,73 @@
+"""`opsdc plan`: layouts for the shipped Qwen3 configs (recipes/models/), the memory model's parts,
+and named errors. The estimate itself is a model; these tests pin its rules, not GPU truth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsdc_megatron.plan import H100_80GB_GIB, ModelShape, Workload, choose, estimate
+
+pytestmark = pytest.mark.parallel
+
+MODELS = Path(__file__).resolve().parents[1] / "recipes" / "models"
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "plan", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_parameter_counts_match_the_published_sizes() -> None:
+    counts = {name: ModelShape.from_hf_config(MODELS / f"qwen3-{name}.json").params / 1e9 for name in ("8b", "14b", "32b")}
+    assert counts["8b"] == pytest.approx(8.19, abs=0.01)
+    assert counts["14b"] == pytest.approx(14.77, abs=0.01)
+    assert counts["32b"] == pytest.approx(32.76, abs=0.01)
+
+
+def test_memory_model_rules() -> None:
+    model = ModelShape.from_hf_config(MODELS / "qwen3-8b.json")
+    work = Workload(seq_tokens=9216)
+    one, two = estimate(model, work, tp=4, pp=1, dp=2), estimate(model, work, tp=4, pp=1, dp=4)
+    assert two.memory_gib["optimizer"] == pytest.approx(one.memory_gib["optimizer"] / 2)  # distributed optimizer
+    assert two.memory_gib["weights"] == one.memory_gib["weights"] == one.memory_gib["teacher"]
+    offloaded = estimate(model, Workload(9216, teacher_offload=True), tp=4, pp=1, dp=2)
+    assert offloaded.memory_gib["teacher"] == 0
+    unfused = estimate(model, Workload(9216, fused_output_layer=False), tp=4, pp=1, dp=2)
+    assert unfused.memory_gib["logits"] > 5 * one.memory_gib["logits"]
+    recomputed = estimate(model, Workload(9216, recompute=True), tp=4, pp=1, dp=2)
+    assert recomputed.memory_gib["activations"] < one.memory_gib["activations"] / 4
+
+
+def test_choices_for_the_recipes_models() -> None:
+    """Smallest model-parallel group that fits an H100 80GB; full recompute only when needed."""
+    chosen = {}
+    for name, gpus in (("8b", 16), ("14b", 16), ("32b", 16)):
+        plan, _ = choose(ModelShape.from_hf_config(MODELS / f"qwen3-{name}.json"), Workload(9216), gpus, 8, H100_80GB_GIB)
+        assert plan.total_gib <= H100_80GB_GIB
+        chosen[name] = (plan.tp, plan.pp, plan.dp, plan.recompute)
+    assert chosen == {"8b": (4, 1, 4, False), "14b": (8, 1, 2, False), "32b": (8, 1, 2, True)}
+
+
+def test_cli_prints_the_table_and_the_recipe_line() -> None:
+    proc = _plan("--model", str(MODELS / "qwen3-8b.json"), "--gpus", "16", "--seq", "9216")
+    assert proc.returncode == 0, proc.stderr
+    assert "**chosen**" in proc.stdout
+    assert "recipe: parallel.tensor_parallel_size=4 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=4" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "qwen3-32b.json", "--gpus", "8", "--seq", "9216"], "no layout fits 79.6 GiB per GPU"),
+        (["--model", "qwen3-8b.json", "--gpus", "12", "--seq", "4096"], "is not a whole number of nodes"),
+        (["--model", "missing.json", "--gpus", "8", "--seq", "4096"], "is not a config.json"),
+        (["--model", "qwen3-8b.json", "--gpus", "8", "--seq", "4096", "--global-batch-prompts", "3"], "no layout of 8 GPUs divides"),
+    ],
+)
+def test_refusals_are_named(args: list[str], message: str) -> None:
+    args = [str(MODELS / a) if a.endswith(".json") else a for a in args]
+    proc = _plan(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

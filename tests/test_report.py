@@ -1,0 +1,119 @@
+"""`opsdc report` on a hand-made run folder, and TensorBoard logging of every metric.
+
+The demo's real toy run is rendered in tests/test_demo.py; here the inputs are written by hand so
+the table's numbers can be checked exactly.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from opsdc_megatron.cli import main
+from opsdc_megatron.config import ConfigError, LogConfig, RunConfig, load_config, to_yaml
+from opsdc_megatron.eval.evaluate import ScoredResponse, summarize
+from opsdc_megatron.eval.results import write_result
+from opsdc_megatron.prompts import PromptRecord
+from opsdc_megatron.rollout.engine import SamplingParams
+from opsdc_megatron.train.metrics import MetricsLog, read_metrics
+
+pytestmark = pytest.mark.eval
+
+SAMPLING = SamplingParams(0.6, 0.95, 20, 64)
+
+
+def fake_result(lengths: list[int], correct: list[bool]):
+    records = [PromptRecord(f"q{i}", "1", {"level": 1 + i % 2}) for i in range(len(lengths))]
+    responses = [ScoredResponse(i, 0, n, n == 64, ok, ok, False, "Answer: 1" if ok else "") for i, (n, ok) in enumerate(zip(lengths, correct))]
+    return summarize(records, responses, 1)
+
+
+def write_metrics(path: Path, steps: int) -> None:
+    log = MetricsLog(path, enabled=True, keep_through_step=0, log=LogConfig(), run_config={})
+    log.write({"step": 0, "kind": "eval", "accuracy": 0.5, "mean_tokens": 60.0, "truncated": 0.2, "per_level": {"1": {"accuracy": 0.4}}})
+    for step in range(1, steps + 1):
+        log.write({"step": step, "kind": "train", "loss": 1.0 / step, "mean_kl": 0.5 / step, "grad_norm": 1.0, "mean_response_tokens": 60.0 - step,
+                   "rollout_accuracy": 0.5, "truncated": 0.1, "teacher_refreshed": step == 2})
+        if step % 2 == 0:
+            log.write({"step": step, "kind": "eval", "accuracy": 0.5 + 0.05 * step, "mean_tokens": 60.0 - 5 * step, "truncated": 0.0, "per_level": {}})
+    log.close()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run, base = tmp_path / "run", tmp_path / "base_model"
+    for folder in (base, run / "best_hf", run / "final_hf", tmp_path / "other"):
+        folder.mkdir(parents=True)
+    config = load_config(None, [f"out_dir={run}", f"model.hf_path={base}", "data.train_prompts=t.jsonl"])
+    (run / "config.yaml").write_text(to_yaml(config))
+    write_metrics(run / "metrics.jsonl", steps=4)
+    data = tmp_path / "math.jsonl"
+    results = {
+        base: fake_result([64, 40, 60, 20], [True, False, True, False]),          # 0.5, 46 tokens
+        run / "final_hf": fake_result([10, 10, 10, 10], [False] * 4),
+        run / "best_hf": fake_result([20, 10, 30, 20], [True, True, True, False]),  # 0.75, 20 tokens
+        tmp_path / "other": fake_result([1, 1, 1, 1], [True] * 4),
+    }
+    for model, result in results.items():
+        write_result(run / "eval", "MATH-500", model, data, "math500", "none", None, SAMPLING, 0, "hf", result)
+    write_result(run / "eval", "MATH-500", base, data, "math500", "concise", "be concise", SAMPLING, 0, "hf", fake_result([30] * 4, [True] * 4))
+    return run
+
+
+def test_report_table_and_plots(run_dir):
+    main(["report", str(run_dir)])
+    report = (run_dir / "report.md").read_text()
+    # plain prompts: before = the start model, after = best_hf (preferred over final_hf), other models left out
+    assert "| MATH-500 | 4 x 1 | 0.500 | 0.750 | +25.0 | 46.0 | 20.0 | 56.5% | 0.250 | 0.000 |" in report
+    # the instructed evaluation has only a "before"
+    assert "| MATH-500 | 4 x 1 | 1.000 | — | — | 30.0 | — | — | 0.000 | — |" in report
+    assert "other" not in report and "| 4 | 0.700 | 40.0 | 0.000 |" in report
+    for name in ("training_curves.png", "accuracy_vs_length.png", "length_distribution.png"):
+        assert f"![{name}]({name})" in report
+        image = matplotlib.image.imread(run_dir / name)
+        assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 0.01
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_report_without_evaluations_still_plots_training(run_dir):
+    for path in (run_dir / "eval").iterdir():
+        path.unlink()
+    main(["report", str(run_dir)])
+    assert "No evaluation results in" in (run_dir / "report.md").read_text()
+    assert (run_dir / "training_curves.png").stat().st_size > 10_000 and not (run_dir / "length_distribution.png").exists()
+
+
+def test_report_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2 and "no config.yaml; expected a training run folder" in capsys.readouterr().err
+
+
+def test_tensorboard_has_every_metric_and_resume_purges(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, steps=4)
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mean_kl", "train/grad_norm", "train/mean_response_tokens", "train/rollout_accuracy",
+            "train/truncated", "train/teacher_refreshed", "eval/accuracy", "eval/mean_tokens", "eval/per_level/1/accuracy"} <= tags
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, pytest.approx(1.0 / s)) for s in range(1, 5)]
+    # resume from step 2: later records leave metrics.jsonl and TensorBoard
+    log = MetricsLog(path, enabled=True, keep_through_step=2, log=LogConfig(), run_config={})
+    log.write({"step": 3, "kind": "train", "loss": 7.0})
+    log.close()
+    assert [(m["kind"], m["step"]) for m in read_metrics(path)] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 7.0)]
+
+
+def test_wandb_configured_but_missing_is_a_config_error():
+    pytest.importorskip("pytest")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"log.wandb_project is set but the wandb package is not installed \(pip install wandb\)"):
+            load_config(None, ["out_dir=x", "model.hf_path=m", "data.train_prompts=t", "log.wandb_project=opsdc"])
+    else:
+        pytest.skip("wandb is installed here")

@@ -1,0 +1,336 @@
+"""SGLang rollout servers, tested against real SGLang 0.5.23 servers on CPU (loopback).
+
+One fleet of two servers (and sglang-router) serves the whole module, started once: the tests run in
+file order and each leaves the fleet serving the weights it pushed last. The trainer side is the
+project's own: a megatron-core Qwen3 (TP=1, in this process) loaded from the tiny Hugging Face folder
+the module writes, stepped by the OPSDC optimizer step, exported by the one name map.
+Needs .venv-sglang (make env-sglang).
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from opsdc_megatron.config import TrainConfig
+from opsdc_megatron.rollout.engine import SamplingParams
+from opsdc_megatron.rollout.sglang.client import GenerateRequest, ServerRejected, ServerUnavailable, generate_one, post_json
+from opsdc_megatron.rollout.sglang.engine import SGLangRolloutEngine
+from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON, ServerFleet, cpu_settings
+from opsdc_megatron.weight_push.sglang_transports import DiskTransport, DistributedTransport, TensorTransport
+
+pytestmark = [
+    pytest.mark.sglang,
+    pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`"),
+]
+
+VOCAB, EOS = 128, 1
+PROMPTS = [[5, 17, 42, 9], [3, 4], [100, 101, 102, 103, 104, 105], [7]]
+INSTRUCTION = [60, 61, 62]
+LOGPROB_TOL = 1e-4
+
+
+def free_port_pair() -> int:
+    """A base port with base and base + 1 free (two servers), and base + 2 (router)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + 3 < 65535 and all(_port_free(base + k) for k in range(3)):
+            return base
+    raise RuntimeError("no three consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random fp32 Qwen3 folder (no tokenizer: the servers read token ids only)."""
+    folder = tmp_path_factory.mktemp("sglang") / "tiny_qwen3"
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=True, eos_token_id=EOS, bos_token_id=0, pad_token_id=0,
+    )
+    model = Qwen3ForCausalLM(config).float()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    base = free_port_pair()
+    settings = cpu_settings(str(tiny_model), base_port=base, log_dir=str(tmp_path_factory.mktemp("sglang_logs")), max_total_tokens=4096,
+        startup_timeout_s=900,  # ~30 s each on an idle 2-core machine; minutes when it is shared
+    )
+    with ServerFleet(settings, num_servers=2, router_port=base + 2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model: Path):
+    """megatron-core student + teacher (TP=1) with the project's optimizer, in this process."""
+    from opsdc_megatron.distill.teacher import TeacherSnapshot
+    from opsdc_megatron.models.qwen3.model import build_gpt_model
+    from opsdc_megatron.models.qwen3.state_dict_adapter import load_hf_weights
+    from opsdc_megatron.parallel import destroy_distributed, init_distributed
+    from opsdc_megatron.train.step import wrap_for_training
+
+    init_distributed(1, seed=0)
+    try:
+        student = build_gpt_model(tiny_model, 1, params_dtype=torch.float32)
+        load_hf_weights(student, tiny_model)
+        ddp, optimizer = wrap_for_training(student, TrainConfig(lr=3e-2, weight_decay=0.0))
+        teacher = TeacherSnapshot(build_gpt_model(tiny_model, 1, params_dtype=torch.float32), refresh_every=0)
+        teacher.copy_from(student)
+        yield student, ddp, optimizer, teacher
+    finally:
+        destroy_distributed()
+
+
+def megatron_logprobs(student: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """log p(response token | prefix) under the megatron model, fp32."""
+    from opsdc_megatron.distill.forward import response_logits
+
+    tokens = torch.tensor([prompt + response])
+    index = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)[None]
+    with torch.no_grad():
+        logits = response_logits(student, tokens, index, VOCAB)[0].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+def assert_logprob_parity(engine: SGLangRolloutEngine, score, version: int) -> None:
+    results = engine.sample(PROMPTS * 2, SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12), seed=11)
+    worst = 0.0
+    for prompt, result in zip(PROMPTS * 2, results):
+        assert result.weight_version == str(version), result
+        assert result.weight_versions_in_response == (str(version),)
+        reference = score(prompt, result.output_ids)
+        worst = max(worst, (torch.tensor(result.logprobs) - reference).abs().max().item())
+    assert worst <= LOGPROB_TOL, f"SGLang vs trainer logprobs differ by {worst:.2e} at version {version}"
+    assert {r.server_url for r in results} == set(engine.fleet.urls), "both servers should have answered"
+
+
+def test_logprob_parity_before_and_after_an_optimizer_step(fleet: ServerFleet, trainer) -> None:
+    from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
+    from opsdc_megatron.distill.forward import make_forward_step
+    from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
+    from opsdc_megatron.train.step import optimizer_step
+
+    student, ddp, optimizer, teacher = trainer
+    engine = SGLangRolloutEngine(fleet, TensorTransport(bucket_bytes=64 * 1024), [EOS], VOCAB)
+    engine.update_weights(export_hf_state_dict(student), version=0)
+    assert engine.weight_version == 0
+    assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 0)
+
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=10)
+    rollouts = engine.generate(PROMPTS, sampling, seed=3)
+    assert [r.prompt_index for r in rollouts] == list(range(len(PROMPTS)))
+
+    # One real OPSDC step: teacher = the same weights behind an instruction, exact reverse KL.
+    sequences = [ScoredSequence(p, INSTRUCTION + p, r.response_ids) for p, r in zip(PROMPTS, rollouts)]
+    before = {name: t.clone() for name, t in export_hf_state_dict(student).items()}
+    result = optimizer_step(ddp, optimizer, make_forward_step(teacher, "reverse_kl", VOCAB), make_micro_batches(sequences, 2, 0))
+    assert result.grad_norm > 0
+    after = export_hf_state_dict(student)
+    assert any(not torch.equal(before[name], after[name]) for name in after)
+
+    engine.update_weights(after, version=1)
+    assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 1)
+    for url in fleet.urls:
+        assert post_json(f"{url}/model_info", None, 10)["weight_version"] == "1"
+
+
+def shifted_weights(fleet_model: Path, seed: int) -> tuple[dict[str, torch.Tensor], Qwen3ForCausalLM]:
+    """A visibly different state dict and the transformers model that holds it (the reference)."""
+    model = Qwen3ForCausalLM.from_pretrained(fleet_model, dtype=torch.float32, attn_implementation="eager").eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return state, model
+
+
+def transformers_logprobs(model: Qwen3ForCausalLM, prompt: list[int], response: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("transport", ["distributed", "disk"])
+def test_other_transports_push_exact_weights(fleet: ServerFleet, tiny_model: Path, tmp_path: Path, transport: str) -> None:
+    """gloo broadcast group and safetensors folder; checked against transformers on the pushed weights."""
+    version = {"distributed": 2, "disk": 3}[transport]
+    weights = DistributedTransport(bucket_bytes=64 * 1024) if transport == "distributed" else DiskTransport(tmp_path / "pushed", tiny_model)
+    engine = SGLangRolloutEngine(fleet, weights, [EOS], VOCAB)
+    try:
+        state, reference = shifted_weights(tiny_model, seed=version)
+        engine.update_weights(state, version=version)
+        assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), version)
+    finally:
+        weights.close()
+
+
+def test_router_routes_to_the_servers(fleet: ServerFleet) -> None:
+    answer = post_json(
+        f"{fleet.router.url}/generate",
+        {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0.0}, "return_logprob": True}, 60,
+    )
+    served = {post_json(f"{url}/model_info", None, 10)["weight_version"] for url in fleet.urls}
+    assert len(answer["output_ids"]) >= 1 and {answer["meta_info"]["weight_version"]} == served
+
+
+def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, trainer) -> None:
+    """Server 0 is SIGKILLed while the batch runs: its prompts go to server 1, it restarts, gets the weights."""
+    from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
+
+    student = trainer[0]
+    engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, request_timeout_s=120, backoff_s=0.2)
+    engine.update_weights(export_hf_state_dict(student), version=4)
+    prompts = [[2 + (i % 120), 3 + (i * 7) % 120] for i in range(48)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=48)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = engine.sample(prompts, sampling, seed=5)
+        except BaseException as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive(), "the batch finished before the kill: make it longer"
+    fleet.servers[0].kill()
+    worker.join(timeout=600)
+    assert not worker.is_alive() and "error" not in outcome, outcome.get("error")
+    results = outcome["results"]
+    assert len(results) == len(prompts)
+    ids = [r.rollout_id for r in results]
+    assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts))), "each prompt answered once, in order"
+    assert any(not rid.endswith("-a0") for rid in ids), "some prompts must have been resent after the kill"
+    assert all(r.weight_version == "4" for r in results)
+
+    engine.wait_for_recovery()
+    assert engine.restarts == 1 and fleet.servers[0].alive()
+    assert post_json(f"{fleet.urls[0]}/model_info", None, 10)["weight_version"] == "4"
+    assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 4)
+
+
+def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trainer) -> None:
+    """Server 1 is frozen (SIGSTOP: connections stay open, nothing answers) while the batch runs."""
+    from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
+
+    engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, stall_timeout_s=5, backoff_s=0.2)
+    engine.update_weights(export_hf_state_dict(trainer[0]), version=5)
+    prompts = [[2 + (i % 120), 5 + (i * 11) % 120] for i in range(48)]
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(results=engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=6)))
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive(), "the batch finished before the hang: make it longer"
+    os.killpg(fleet.servers[1].process.pid, signal.SIGSTOP)
+    worker.join(timeout=600)
+    assert not worker.is_alive() and "results" in outcome
+    ids = [r.rollout_id for r in outcome["results"]]
+    assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts)))
+    assert any(not rid.endswith("-a0") for rid in ids) and all(r.weight_version == "5" for r in outcome["results"])
+    engine.wait_for_recovery()
+    assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_vocabulary_mismatch_is_refused(fleet: ServerFleet) -> None:
+    with pytest.raises(ValueError, match=rf"vocabulary of {VOCAB} tokens, the trainer's model has 151936"):
+        SGLangRolloutEngine(fleet, TensorTransport(), [EOS], vocab_size=151936)
+    engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB)
+    with pytest.raises(ValueError, match=r"prompt 1: token ids \[128\] outside the served vocabulary"):
+        engine.generate([[1, 2], [128]], SamplingParams(max_new_tokens=2), seed=0)
+    with pytest.raises(ValueError, match="model.embed_tokens.weight has 200 rows"):
+        engine.update_weights({"model.embed_tokens.weight": torch.zeros(200, 64)}, version=9)
+
+
+def test_server_error_answer_is_raised_with_its_message(fleet: ServerFleet) -> None:
+    request = GenerateRequest("bad-1", [1, 2], SamplingParams(top_p=0.0, max_new_tokens=2), (EOS,), seed=0)
+    with pytest.raises(ServerRejected, match=r"HTTP 400.*top_p"):
+        generate_one(fleet.urls[1], request, timeout_s=30)
+
+
+class _Always500(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"internal error")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_unreachable_failing_and_silent_servers_fail_fast() -> None:
+    request = GenerateRequest("x", [1, 2], SamplingParams(max_new_tokens=2), (EOS,), seed=0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with pytest.raises(ServerUnavailable, match="Connection refused|ConnectionRefused"):
+        generate_one(f"http://127.0.0.1:{closed_port}", request, timeout_s=5)
+
+    failing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
+    threading.Thread(target=failing.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServerUnavailable, match="HTTP 500: internal error"):
+            generate_one(f"http://127.0.0.1:{failing.server_address[1]}", request, timeout_s=5)
+    finally:
+        failing.shutdown()
+
+    with socket.socket() as silent:  # accepts connections, never answers: a hung server
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="timed out|timeout"):
+            generate_one(f"http://127.0.0.1:{silent.getsockname()[1]}", request, timeout_s=1.0)
+        assert time.monotonic() - started < 10
+
+
+def test_fleet_refuses_missing_model_or_interpreter(tmp_path: Path, tiny_model: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        ServerFleet(cpu_settings(str(tmp_path)), 1)
+    with pytest.raises(FileNotFoundError, match="run tools/setup_sglang.sh"):
+        ServerFleet(cpu_settings(str(tiny_model), python=str(tmp_path / "nope" / "python")), 1)
+
+
+def test_config_selects_and_checks_the_sglang_engine(tiny_model: Path, tmp_path: Path) -> None:
+    from opsdc_megatron.config import ConfigError, load_config
+    from opsdc_megatron.rollout.sglang.start import server_settings
+
+    base = [f"out_dir={tmp_path}", f"model.hf_path={tiny_model}", "data.train_prompts=x.jsonl", "rollout.engine=sglang"]
+    config = load_config(None, [*base, "model.params_dtype=fp32", "rollout.sglang.num_servers=2", "rollout.sglang.weight_transport=disk"])
+    settings = server_settings(config)
+    assert (settings.dtype, settings.model_path, config.rollout.sglang.num_servers) == ("float32", str(tiny_model.resolve()), 2)
+    with pytest.raises(ConfigError, match="rollout.sglang.weight_transport must be tensor, distributed or disk, got 'nccl'"):
+        load_config(None, [*base, "rollout.sglang.weight_transport=nccl"])
+    with pytest.raises(ConfigError, match="rollout.engine must be hf or sglang, got 'vllm'"):
+        load_config(None, [*base[:-1], "rollout.engine=vllm"])

@@ -1,0 +1,79 @@
+"""Transformer Engine on machines without a working one (these CPUs): a broken install must not
+crash `import megatron.core` once opsdc_megatron is imported; FP8 without TE is a named error.
+
+A broken TE is made for real: a `transformer_engine` package on PYTHONPATH whose import raises what
+a CUDA-only TE wheel raises here (FACTS.md section 2), or an empty leftover folder. Each case runs
+in a fresh interpreter. The FP8 path itself needs a GPU with TE: tests/gpu/test_fp8_gpu.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsdc_megatron.config import ConfigError, load_config
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
+
+pytestmark = pytest.mark.parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_MODEL = """
+import warnings
+warnings.simplefilter("always")
+{first_import}
+from megatron.core.models.gpt import GPTModel
+from opsdc_megatron.models.layer_spec import gpt_layer_spec
+from opsdc_megatron.models.sdpa_attention import SDPAttention
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
+spec = gpt_layer_spec("sdpa")
+assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+assert gpt_layer_spec("auto").submodules.self_attention.submodules.core_attention is not SDPAttention  # CPU: local
+try:
+    check_fp8(FP8Config(format="hybrid"))
+except ValueError as error:
+    print("FP8 ERROR:", error)
+try:
+    gpt_layer_spec("te")
+except ValueError as error:
+    print("TE SPEC ERROR:", error)
+print("BUILT")
+"""
+
+
+def _broken_te(root: Path, kind: str) -> Path:
+    package = root / kind / "transformer_engine"
+    package.mkdir(parents=True)
+    if kind == "raises":
+        (package / "__init__.py").write_text('raise AssertionError("cudnn shared object not found")\n')
+    return root / kind  # "empty": a leftover folder without __init__.py (a namespace package)
+
+
+def _run(code: str, pythonpath: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=f"{pythonpath}{os.pathsep}{ROOT}", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("kind", ["raises", "empty"])
+def test_broken_transformer_engine_is_reported_not_fatal(tmp_path: Path, kind: str) -> None:
+    broken = _broken_te(tmp_path, kind)
+    unguarded = _run("import megatron.core.models.gpt", broken)
+    assert unguarded.returncode != 0, "megatron-core now survives a broken TE by itself; the guard may go"
+    guarded = _run(BUILD_MODEL.format(first_import="import opsdc_megatron"), broken)
+    assert guarded.returncode == 0, guarded.stderr[-3000:]
+    assert "BUILT" in guarded.stdout
+    assert "transformer_engine is installed but does not import" in guarded.stderr
+    assert "FP8 ERROR: model.fp8.format='hybrid' needs Transformer Engine: transformer_engine is installed but does not import" in guarded.stdout
+    assert "TE SPEC ERROR: attention backend 'te' needs Transformer Engine" in guarded.stdout
+
+
+def test_fp8_without_transformer_engine_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.fp8.format='hybrid' needs Transformer Engine: transformer_engine is not installed"):
+        load_config(ROOT / "recipes" / "toy_cpu.yaml", ["model.hf_path=x", "out_dir=x", "data.train_prompts=x", "model.fp8.format=hybrid"])
+    with pytest.raises(ConfigError, match="model.fp8.recipe: expected one of"):
+        load_config(ROOT / "recipes" / "toy_cpu.yaml", ["model.hf_path=x", "out_dir=x", "data.train_prompts=x", "model.fp8.format=e4m3", "model.fp8.recipe=mxfp9"])
+    with pytest.raises(ConfigError, match="model.attention_backend must be"):
+        load_config(ROOT / "recipes" / "toy_cpu.yaml", ["model.hf_path=x", "out_dir=x", "data.train_prompts=x", "model.attention_backend=flash"])
+    check_fp8(FP8Config())  # off: nothing to check
