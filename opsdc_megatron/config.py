@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -106,6 +106,10 @@ class SGLangConfig:
     startup_timeout_s: float = 300.0
     python: Optional[str] = None
     """Interpreter of the SGLang environment; null = .venv-sglang/bin/python of this checkout."""
+    server_urls: List[str] = field(default_factory=list)
+    """Servers started outside the trainer, num_servers of them (the SLURM job's server step, slurm/opsdc_job.sh,
+    sets it): the trainer sends rollouts and pushes weights to them, and never starts, restarts or stops them.
+    Empty: trainer rank 0 starts num_servers servers (and the router on router_port) itself."""
 
 
 @dataclass
@@ -340,6 +344,12 @@ def validate(config: RunConfig) -> None:
     for key in ("num_servers", "tensor_parallel_size", "bucket_mib", "max_concurrent_requests", "max_attempts"):
         if getattr(config.rollout.sglang, key) < 1:
             raise ConfigError(f"rollout.sglang.{key} must be >= 1, got {getattr(config.rollout.sglang, key)}")
+    urls = config.rollout.sglang.server_urls
+    if urls and len(urls) != config.rollout.sglang.num_servers:
+        raise ConfigError(f"rollout.sglang.server_urls lists {len(urls)} servers, rollout.sglang.num_servers is {config.rollout.sglang.num_servers}")
+    bad_urls = [url for url in urls if not url.startswith(("http://", "https://"))]
+    if bad_urls:
+        raise ConfigError(f"rollout.sglang.server_urls: expected http://HOST:PORT, got {bad_urls[0]!r}")
     if config.distill.divergence not in ("reverse_kl", "forward_kl"):
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":

@@ -4,8 +4,9 @@
 #   sbatch slurm/qwen3_8b.sbatch model.hf_path=/models/Qwen3-8B out_dir=/scratch/opsdc/qwen3_8b
 #   OPSDC_VALIDATE=1 sbatch slurm/qwen3_32b.sbatch     # check the allocation, print the steps, start nothing
 #
-# One allocation: the first slurm.rollout_nodes nodes run SGLang servers behind one sglang_router
-# (rollout.engine=sglang), the next slurm.trainer_nodes nodes run the trainer, one process per GPU.
+# One allocation: the first slurm.rollout_nodes nodes run the SGLang servers (rollout.engine=sglang; and
+# sglang-router when rollout.sglang.router_port is set), the next slurm.trainer_nodes nodes run the
+# trainer, one process per GPU, which sends its rollouts and pushes its weights to those servers.
 # Everything is checked first (`python -m opsdc_megatron.launch.plan`): recipe, parallel plan against
 # the allocation, model and prompt files; a wrong job fails in seconds with one line naming the problem.
 #
@@ -18,9 +19,6 @@
 # Environment (all optional; sbatch passes the submitting shell's environment):
 #   OPSDC_HOME              checkout to run from (default: the directory sbatch was called from)
 #   OPSDC_PYTHON            interpreter with opsdc_megatron (default: $OPSDC_HOME/.venv/bin/python, else python3)
-#   OPSDC_SGLANG_PYTHON     interpreter with sglang and sglang_router (default: $OPSDC_HOME/.venv-sglang/bin/python)
-#   OPSDC_SGLANG_ARGS       extra `sglang.launch_server` flags, e.g. "--mem-fraction-static 0.85"
-#   OPSDC_SERVER_START_TIMEOUT_S  how long the rollout servers may take to answer /health (default 1800)
 #   OPSDC_CONTAINER_IMAGE, OPSDC_CONTAINER_MOUNTS   run every step in a pyxis/enroot container
 #   OPSDC_MAX_REQUEUES      requeues this script asks for before giving up (default 20)
 #   OPSDC_VALIDATE=1        validation mode
@@ -33,7 +31,6 @@ cd "$OPSDC_HOME" || exit 2
 if [ -z "${OPSDC_PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then OPSDC_PYTHON=$OPSDC_HOME/.venv/bin/python; else OPSDC_PYTHON=python3; fi
 fi
-OPSDC_SGLANG_PYTHON=${OPSDC_SGLANG_PYTHON:-$OPSDC_HOME/.venv-sglang/bin/python}
 VALIDATE=${OPSDC_VALIDATE:-0}
 RESTART=${SLURM_RESTART_COUNT:-0}
 OVERRIDES=("$@")
@@ -63,12 +60,10 @@ mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 node_addr() { scontrol show node "$1" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p'; }
 ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
 TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
-# torch.distributed rendezvous on the first trainer node; ports from the job id so that jobs
-# sharing a node (and the simulated nodes of the test cluster) do not collide.
+# torch.distributed rendezvous on the first trainer node; its port from the job id so that jobs
+# sharing a node (and the simulated nodes of the test cluster) do not collide. SGLang ports: rollout.sglang.
 export MASTER_ADDR; MASTER_ADDR=$(node_addr "${TRAINER_HOSTS[0]}")
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000))
-ROUTER_PORT=$((30000 + (SLURM_JOB_ID % 500) * 20))
-SERVER_PORT0=$((ROUTER_PORT + 1))
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: TP communication kept in order
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank ends the step, not a hang
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -80,12 +75,13 @@ LOG_DIR=$OPSDC_OUT_DIR/slurm_logs/job_${SLURM_JOB_ID}_restart_${RESTART}
 log "rollout nodes: ${ROLLOUT_HOSTS[*]:-none}; trainer nodes: ${TRAINER_HOSTS[*]}; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; logs in $LOG_DIR"
 
 declare -A STEP_PIDS
-start_step() {  # start_step NAME SRUN_ARGS...: a background srun step (validation mode: print it)
+# Each step states its task count: srun would otherwise take the job's (SLURM_NTASKS) for a step on fewer nodes.
+start_step() {  # start_step NAME SRUN_ARGS...: a background srun step named NAME (validation mode: print it)
     local name=$1; shift
     if [ "$VALIDATE" = 1 ]; then
-        echo "would run step $name: $(printf '%q ' srun "$@")"
+        echo "would run step $name: $(printf '%q ' srun --job-name="$name" "$@")"
     else
-        srun "$@" &
+        srun --job-name="$name" "$@" &
         STEP_PIDS[$name]=$!
     fi
 }
@@ -98,40 +94,46 @@ stop_steps() {
     wait 2>/dev/null
 }
 
-# --- 3. rollout step: SGLang servers + router --------------------------------------------------
+# --- 3. rollout step: SGLang servers (+ sglang-router) on the rollout nodes ------------------------
+# Each task execs the server command the trainer's launcher builds from rollout.sglang (launch/sglang_step.py):
+# task i of a node serves on port OPSDC_SERVER_BASE_PORT + i, on GPU group i. The trainer gets their URLs
+# (rollout.sglang.server_urls), sends rollouts and pushes weights to them, and leaves them to this script.
 TRAINER_OVERRIDES=()
 if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
-    # One server per OPSDC_GPUS_PER_SERVER GPUs; task i of a node serves on GPUs [i*G, (i+1)*G) and port SERVER_PORT0+i.
-    SERVER_CMD="exec \"$OPSDC_SGLANG_PYTHON\" -m sglang.launch_server --model-path \"$OPSDC_MODEL_PATH\" \
---tp-size $OPSDC_GPUS_PER_SERVER --base-gpu-id \$((SLURM_LOCALID * $OPSDC_GPUS_PER_SERVER)) \
---host 0.0.0.0 --port \$(($SERVER_PORT0 + SLURM_LOCALID)) ${OPSDC_SGLANG_ARGS:-}"
+    log "rollout step: $OPSDC_ROLLOUT_NODES node(s) x $OPSDC_SERVERS_PER_ROLLOUT_NODE SGLang server(s)," \
+        "rollout.sglang.tensor_parallel_size=$OPSDC_GPUS_PER_SERVER, router port $OPSDC_ROUTER_PORT (0: none)"
+    SERVER_GPU_ARGS=()
+    [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && SERVER_GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
     start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --relative=0 --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
-        --gpus-per-node="$OPSDC_GPUS_PER_NODE" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" \
-        "${CONTAINER[@]}" bash -c "$SERVER_CMD"
+        --ntasks=$((OPSDC_ROLLOUT_NODES * OPSDC_SERVERS_PER_ROLLOUT_NODE)) \
+        "${SERVER_GPU_ARGS[@]}" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" "${CONTAINER[@]}" \
+        "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step server --recipe "$OPSDC_RECIPE" "${OVERRIDES[@]}"
     WORKER_URLS=()
     for host in "${ROLLOUT_HOSTS[@]}"; do
         addr=$(node_addr "$host")
-        for ((i = 0; i < OPSDC_SERVERS_PER_ROLLOUT_NODE; i++)); do WORKER_URLS+=("http://$addr:$((SERVER_PORT0 + i))"); done
+        for ((i = 0; i < OPSDC_SERVERS_PER_ROLLOUT_NODE; i++)); do WORKER_URLS+=("http://$addr:$((OPSDC_SERVER_BASE_PORT + i))"); done
     done
-    ROUTER_URL="http://$(node_addr "${ROLLOUT_HOSTS[0]}"):$ROUTER_PORT"
-    start_step sglang_router --nodes=1 --ntasks=1 --relative=0 --overlap --output="$LOG_DIR/sglang_router.log" \
-        "${CONTAINER[@]}" "$OPSDC_SGLANG_PYTHON" -m sglang_router.launch_router --worker-urls "${WORKER_URLS[@]}" \
-        --host 0.0.0.0 --port "$ROUTER_PORT"
+    READY_URLS=("${WORKER_URLS[@]}")
+    if [ "$OPSDC_ROUTER_PORT" -gt 0 ]; then
+        ROUTER_URL="http://$(node_addr "${ROLLOUT_HOSTS[0]}"):$OPSDC_ROUTER_PORT"
+        start_step sglang_router --nodes=1 --ntasks=1 --relative=0 --overlap --output="$LOG_DIR/sglang_router.log" \
+            "${CONTAINER[@]}" "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step router --recipe "$OPSDC_RECIPE" \
+            --worker-urls "$(IFS=,; echo "${WORKER_URLS[*]}")" "${OVERRIDES[@]}"
+        READY_URLS+=("$ROUTER_URL")
+    fi
     if [ "$VALIDATE" != 1 ]; then
-        deadline=$((SECONDS + ${OPSDC_SERVER_START_TIMEOUT_S:-1800}))
-        for url in "${WORKER_URLS[@]}" "$ROUTER_URL"; do
+        deadline=$((SECONDS + OPSDC_SERVER_STARTUP_TIMEOUT_S))  # rollout.sglang.startup_timeout_s
+        for url in "${READY_URLS[@]}"; do
             until curl -sf "$url/health" >/dev/null; do
                 if ! kill -0 "${STEP_PIDS[sglang_servers]}" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
                     log "FAILED: rollout server $url did not answer /health (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
                 fi
-                sleep 5
+                sleep 2
             done
         done
-        log "rollout servers ready: ${WORKER_URLS[*]} behind $ROUTER_URL"
+        log "rollout servers ready: ${WORKER_URLS[*]}${ROUTER_URL:+ (router $ROUTER_URL)}"
     fi
-    # Not wired yet: the trainer's SGLang engine (branch wip-sglang) starts its own servers; this key,
-    # which hands it the router of this step instead, is what remains to add there.
-    TRAINER_OVERRIDES+=("rollout.sglang.router_url=$ROUTER_URL")
+    TRAINER_OVERRIDES+=("rollout.sglang.server_urls=[$(IFS=,; echo "${WORKER_URLS[*]}")]")
 else
     log "no rollout server step: rollout.engine=$OPSDC_ROLLOUT_ENGINE generates inside the trainer processes" \
         "(opsdc_megatron/rollout/hf_engine.py); set rollout.engine=sglang and slurm.rollout_nodes to serve from SGLang"
@@ -142,7 +144,7 @@ TRAINER_CMD='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLUR
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
 start_step trainer --nodes="$OPSDC_TRAINER_NODES" --relative="$OPSDC_ROLLOUT_NODES" \
-    --ntasks-per-node="$OPSDC_TRAINER_TASKS_PER_NODE" "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label \
+    --ntasks-per-node="$OPSDC_TRAINER_TASKS_PER_NODE" --ntasks=$((OPSDC_TRAINER_NODES * OPSDC_TRAINER_TASKS_PER_NODE)) "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label \
     --output="$LOG_DIR/trainer.log" "${CONTAINER[@]}" \
     bash -c "$TRAINER_CMD" "$OPSDC_PYTHON" "$OPSDC_RECIPE" "${OVERRIDES[@]}" "${TRAINER_OVERRIDES[@]}"
 if [ "$VALIDATE" = 1 ]; then

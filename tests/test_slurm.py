@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import pytest
 from opsdc_megatron.config import merge_config
 from opsdc_megatron.launch.plan import Allocation, PlanError, check_allocation, plan_job
 from opsdc_megatron.plan import H100_80GB_GIB, ModelShape, Workload, choose
+from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 from opsdc_megatron.toy.task import TOY_INSTRUCTION
 from opsdc_megatron.train.metrics import read_metrics
 from tests.tiny_models import save_toy_qwen3
@@ -181,6 +183,37 @@ def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted):
             assert nemo[step][key] == uninterrupted[step][key], (step, key)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.sglang
+@pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
+def test_toy_recipe_with_an_sglang_server_step(cluster, toy):
+    """slurm/toy_cpu_sglang.sbatch: a real SGLang server (CPU) as one step of the job on node 1, the trainer
+    (TP=2) as another on node 2; the trainer's rollouts come from that server and its weights go back to it."""
+    out = toy / "sglang"
+    port = free_port()
+    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", toy / "sglang.log", *toy_overrides(toy, out, f"rollout.sglang.base_port={port}", "rollout.sglang.startup_timeout_s=900"))
+    log = (toy / "sglang.log").read_text()
+    assert status == 0, log[-5000:]
+    assert f"rollout servers ready: http://127.0.0.1:{port}" in log and "trainer finished" in log
+    steps = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", "JobID,JobName,NodeList"], env=cluster, capture_output=True, text=True).stdout
+    named = {line.split("|")[1]: line.split("|")[2] for line in steps.splitlines() if "." in line.split("|")[0]}
+    assert named.get("sglang_servers") == "node1" and named.get("trainer") == "node2", steps
+    (log_dir,) = (out / "slurm_logs").iterdir()
+    assert logged_steps(log_dir / "trainer.log") == list(range(1, STEPS + 1))
+    assert sorted(train_metrics(out)) == list(range(1, STEPS + 1))
+    server_log = (log_dir / "sglang_servers.log").read_text()
+    assert "-m sglang.launch_server" in server_log and "--device cpu" in server_log
+    # Every step's rollouts were sampled from the server at the weights pushed after the step before
+    # (the engine checks each answer's weight version); the server saw the pushes and the rollouts.
+    assert server_log.count("/update_weights_from_distributed") >= STEPS + 1, server_log[-3000:]
+    assert "/generate" in server_log
+
+
 @pytest.mark.parametrize(
     "script, nodes, trainer_nodes, servers_per_node, gpus_per_server",
     [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
@@ -196,16 +229,19 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     steps = {line.split(":", 1)[0].removeprefix("would run step "): shlex.split(line.split(":", 1)[1])
              for line in text.splitlines() if line.startswith("would run step ")}
     assert sorted(steps) == ["sglang_router", "sglang_servers", "trainer"]
+    assert all(f"--job-name={name}" in command for name, command in steps.items())
     trainer = steps["trainer"]
-    assert {f"--nodes={trainer_nodes}", "--relative=1", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(trainer)
+    assert {f"--nodes={trainer_nodes}", "--relative=1", "--ntasks-per-node=8", f"--ntasks={8 * trainer_nodes}", "--gpus-per-node=8"} <= set(trainer)
     assert "-m opsdc_megatron.cli train" in trainer[trainer.index("-c") + 1]
     servers = steps["sglang_servers"]
-    assert {"--nodes=1", "--relative=0", f"--ntasks-per-node={servers_per_node}", "--gpus-per-node=8"} <= set(servers)
-    server_command = servers[servers.index("-c") + 1]
-    assert "-m sglang.launch_server" in server_command and f"--tp-size {gpus_per_server}" in server_command
-    assert f"--base-gpu-id $((SLURM_LOCALID * {gpus_per_server}))" in server_command
+    assert {"--nodes=1", "--relative=0", f"--ntasks-per-node={servers_per_node}", f"--ntasks={servers_per_node}", "--gpus-per-node=8"} <= set(servers)
+    assert servers[servers.index("-m") + 1 : servers.index("-m") + 5] == ["opsdc_megatron.launch.sglang_step", "server", "--recipe", f"recipes/{script.replace('.sbatch', '.yaml')}"]
+    assert f"rollout step: 1 node(s) x {servers_per_node} SGLang server(s), rollout.sglang.tensor_parallel_size={gpus_per_server}" in text
     router = steps["sglang_router"]
-    assert "sglang_router.launch_router" in router and len([a for a in router if a.startswith("http://127.0.0.1:")]) == servers_per_node
+    assert "opsdc_megatron.launch.sglang_step" in router and "router" in router
+    worker_urls = router[router.index("--worker-urls") + 1].split(",")
+    assert worker_urls == [f"http://127.0.0.1:{30000 + i}" for i in range(servers_per_node)]
+    assert f"rollout.sglang.server_urls=[{','.join(worker_urls)}]" in trainer
     assert "trainer inputs not checked here: model.hf_path: models/Qwen3-" in text  # no checkpoint on the test cluster
     assert not (tmp_path / "run" / "slurm_logs").exists()
 
@@ -225,6 +261,12 @@ def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
     assert status == 2, text
     assert "model.hf_path: /nonexistent/Qwen3-8B has no config.json" in text
     assert not (tmp_path / "model" / "slurm_logs").exists()
+    # No SGLang environment for the server step: refused before the server step starts.
+    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "sglang.log", *toy_overrides(toy, tmp_path / "sglang", "rollout.sglang.python=/nonexistent/python"))
+    text = (tmp_path / "sglang.log").read_text()
+    assert status == 2, text
+    assert "rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in text and "would run" not in text
+    assert not (tmp_path / "sglang" / "slurm_logs").exists()
 
 
 def test_launcher_refuses_bad_inputs_before_submitting(cluster, toy, tmp_path):
@@ -247,6 +289,7 @@ def test_launcher_refuses_bad_inputs_before_submitting(cluster, toy, tmp_path):
 
 @pytest.mark.parametrize("recipe, trainer_nodes, tasks_per_node, servers_per_node", [
     ("qwen3_8b.yaml", 1, 8, 8), ("qwen3_14b.yaml", 2, 8, 4), ("qwen3_32b.yaml", 2, 8, 2), ("toy_cpu.yaml", 1, 2, 0),
+    ("toy_cpu_sglang.yaml", 1, 2, 1),
 ])
 def test_recipe_resource_math(recipe, trainer_nodes, tasks_per_node, servers_per_node):
     filled_in = ["out_dir=runs/toy", "model.hf_path=model", "data.train_prompts=train.jsonl"] if recipe.startswith("toy") else []
@@ -261,6 +304,19 @@ def test_recipe_resource_math(recipe, trainer_nodes, tasks_per_node, servers_per
         with pytest.raises(PlanError, match="this allocation has 4 GPU"):
             check_allocation(plan, Allocation(plan.nodes, 4, 64))
     check_allocation(plan, Allocation(plan.nodes, plan.gpus_per_node, 64))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.sglang.num_servers=4"], "rollout.sglang.num_servers is 4, but slurm.rollout_nodes x slurm.gpus_per_node / "
+                                       "rollout.sglang.tensor_parallel_size = 1 x 8 / 1 = 8 servers"),
+    (["rollout.sglang.tensor_parallel_size=3"], "rollout.sglang.tensor_parallel_size (3) must divide slurm.gpus_per_node (8)"),
+    (["rollout.sglang.weight_transport=tensor"], "weight_transport=tensor shares memory with servers on the trainer's host"),
+    (["slurm.rollout_nodes=0"], "rollout.engine=sglang needs slurm.rollout_nodes >= 1"),
+])
+def test_rollout_plan_refusals(overrides, message):
+    with pytest.raises(PlanError) as refused:
+        plan_job(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", overrides))
+    assert message in str(refused.value)
 
 
 @pytest.mark.parametrize("size", ["8b", "14b", "32b"])

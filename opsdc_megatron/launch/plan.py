@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from opsdc_megatron.config import ConfigError, RunConfig, merge_config, validate
 
@@ -39,6 +41,7 @@ class JobPlan:
     """Server i of a rollout node listens on server_base_port + i."""
     router_port: int
     """sglang-router on the first rollout node; 0 = none."""
+    server_startup_timeout_s: int
     trainer_nodes: int
     trainer_tasks_per_node: int
     gpus_per_node: int
@@ -89,6 +92,7 @@ def plan_job(config: RunConfig) -> JobPlan:
     return JobPlan(
         rollout_engine=config.rollout.engine, rollout_nodes=s.rollout_nodes, servers_per_rollout_node=servers_per_node,
         gpus_per_server=servers.tensor_parallel_size, server_base_port=servers.base_port, router_port=servers.router_port,
+        server_startup_timeout_s=int(servers.startup_timeout_s),
         trainer_nodes=s.trainer_nodes, trainer_tasks_per_node=tasks_per_node,
         gpus_per_node=s.gpus_per_node, out_dir=config.out_dir, model_path=config.model.hf_path,
     )
@@ -171,14 +175,24 @@ def trainer_checks(config: RunConfig, strict: bool) -> list[str]:
     except ConfigError as error:
         if strict:
             raise
-        return [f"the trainer on this branch refuses this recipe: {error}"]
+        return [f"the trainer refuses this recipe: {error}"]
     try:
         preflight(config)
+        if config.rollout.engine == "sglang":
+            _check_sglang_interpreter(config)
     except INPUT_ERRORS as error:
         if strict:
             raise PlanError(str(error)) from None
         return [f"trainer inputs not checked here: {error}"]
     return []
+
+
+def _check_sglang_interpreter(config: RunConfig) -> None:
+    from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
+
+    python = config.rollout.sglang.python or str(DEFAULT_SGLANG_PYTHON)
+    if not Path(python).exists() and not shutil.which(python):
+        raise FileNotFoundError(f"rollout.sglang.python: SGLang interpreter {python} not found (tools/setup_sglang.sh makes .venv-sglang)")
 
 
 if __name__ == "__main__":

@@ -286,12 +286,14 @@ class DiskTransport(WeightTransport):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def make_transport(kind: str, bucket_bytes: int, model_path: str, disk_dir: str | Path, timeout_s: float = 600.0) -> WeightTransport:
-    """The transport named by `rollout.sglang.weight_transport`."""
+def make_transport(
+    kind: str, bucket_bytes: int, model_path: str, disk_dir: str | Path, timeout_s: float = 600.0, master_address: str = "127.0.0.1"
+) -> WeightTransport:
+    """The transport named by `rollout.sglang.weight_transport`; `master_address`: where the servers reach this process."""
     if kind == "tensor":
         return TensorTransport(bucket_bytes, timeout_s)
     if kind == "distributed":
-        return DistributedTransport(bucket_bytes, timeout_s)
+        return DistributedTransport(bucket_bytes, timeout_s, master_address=master_address)
     if kind == "disk":
         return DiskTransport(disk_dir, model_path, timeout_s)
     raise ValueError(f"weight transport must be one of {TRANSPORTS}, got {kind!r}")

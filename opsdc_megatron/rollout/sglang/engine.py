@@ -13,7 +13,8 @@ Design choices:
   the pool. The probe runs when a request to it fails, and when it has requests in flight but has
   answered none for `stall_timeout_s` (a hang that keeps connections open); its requests are resent.
   The engine owning the fleet restarts it in the background, reconnects the transport and
-  pushes the current weights before it takes requests again.
+  pushes the current weights before it takes requests again. Servers started outside the trainer
+  (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on.
 * Every answer carries the server's weight version; an answer made with any other version than the
   last pushed one (or with two versions, i.e. a push mid-request) raises `StaleRolloutError`.
 """
@@ -79,14 +80,17 @@ class SGLangRolloutEngine(RolloutEngine):
         max_attempts: int = 3,
         backoff_s: float = 0.5,
         stall_timeout_s: float = 60.0,
+        server_tensor_parallel_size: int = 1,
     ) -> None:
-        # The owner (one per job: the fleet's launcher, trainer rank 0) pushes weights and restarts
-        # failed servers; other trainer ranks get the URLs only and just send rollouts.
+        # The weight owner (one per job: trainer rank 0) has the transport and pushes weights; it restarts
+        # failed servers when it also started them (a fleet). Other trainer ranks get the URLs only and
+        # just send rollouts.
         self.fleet = fleet if isinstance(fleet, ServerFleet) else None
         self.urls = self.fleet.urls if self.fleet else list(fleet)
-        if (self.fleet is None) != (transport is None):
-            raise ValueError("the engine that owns the fleet needs a weight transport; one given only URLs takes none")
+        if self.fleet is not None and transport is None:
+            raise ValueError("the engine that owns the fleet needs a weight transport")
         self.transport = transport
+        self.server_tensor_parallel_size = self.fleet.settings.tensor_parallel_size if self.fleet else server_tensor_parallel_size
         self.stop_token_ids = tuple(stop_token_ids)
         self.vocab_size = vocab_size
         self.max_concurrent_requests, self.request_timeout_s = max_concurrent_requests, request_timeout_s
@@ -103,7 +107,7 @@ class SGLangRolloutEngine(RolloutEngine):
         for url in self.urls:
             self._check_vocabulary(url)
             if self.transport is not None:
-                self.transport.connect(url, self.fleet.settings.tensor_parallel_size)
+                self.transport.connect(url, self.server_tensor_parallel_size)
 
     def _check_vocabulary(self, url: str) -> None:
         served, model_path = served_vocab_size(url)
@@ -119,7 +123,7 @@ class SGLangRolloutEngine(RolloutEngine):
 
     @property
     def _servers_tp(self) -> dict[str, int]:
-        return {self.urls[i]: self.fleet.settings.tensor_parallel_size for i in sorted(self._healthy)}
+        return {self.urls[i]: self.server_tensor_parallel_size for i in sorted(self._healthy)}
 
     # ------------------------------------------------------------------ weights
 
@@ -128,7 +132,7 @@ class SGLangRolloutEngine(RolloutEngine):
         embed = hf_state_dict.get("model.embed_tokens.weight")
         if embed is not None and embed.shape[0] != self.vocab_size:
             raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
-        if self.fleet is not None:
+        if self.transport is not None:
             self.wait_for_recovery()
             self._probe_all()
             servers = self._servers_tp
@@ -144,7 +148,7 @@ class SGLangRolloutEngine(RolloutEngine):
             self._pushed = hf_state_dict
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # the other trainer ranks sample only once the owner has pushed
-        if self.fleet is None:
+        if self.transport is None:
             self._healthy = {i for i in range(len(self.urls)) if self._server_ok(i)}
         self._version = version
 
@@ -316,12 +320,13 @@ class SGLangRolloutEngine(RolloutEngine):
                     retry(i, f"{self.urls[server]} made no progress for {self.stall_timeout_s:.0f} s and failed its health probe")
 
     def close(self) -> None:
-        """Waits for restarts in progress, then closes the transport's groups and stops the servers (owner only)."""
-        if self.fleet is None:
+        """Waits for restarts in progress, then closes the transport's groups and stops the servers it started (owner only)."""
+        if self.transport is None:
             return
         try:
             for thread in self._recoveries.values():
                 thread.join()
             self.transport.close()
         finally:
-            self.fleet.stop()
+            if self.fleet is not None:
+                self.fleet.stop()

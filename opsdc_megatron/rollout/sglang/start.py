@@ -2,10 +2,13 @@
 
 Trainer rank 0 starts the servers (and the router, if asked), owns them and pushes the weights;
 every other rank gets their URLs and only sends rollouts (generate_across_ranks deals it blocks).
+With `rollout.sglang.server_urls` the servers were started outside the trainer (the SLURM job's
+server step, slurm/opsdc_job.sh): rank 0 only pushes the weights to them, and nothing starts or stops them.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -32,6 +35,35 @@ def start_sglang_engine(config: RunConfig, stop_token_ids: list[int], vocab_size
     s = config.rollout.sglang
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     owner = not dist.is_initialized() or dist.get_rank() == 0
+    fleet = None
+    if s.server_urls:
+        urls = list(s.server_urls)
+    else:
+        fleet, urls = _start_fleet(config, owner, distributed)
+    engine_args = dict(
+        stop_token_ids=stop_token_ids, vocab_size=vocab_size, max_concurrent_requests=s.max_concurrent_requests,
+        request_timeout_s=s.request_timeout_s, max_attempts=s.max_attempts, stall_timeout_s=s.stall_timeout_s,
+        server_tensor_parallel_size=s.tensor_parallel_size,
+    )
+    if not owner:
+        return SGLangRolloutEngine(urls, None, **engine_args)
+    try:
+        # Servers on other hosts join the weight-update groups at this process's address: the job's
+        # rendezvous address is trainer rank 0's (torchrun, slurm/opsdc_job.sh), loopback for one process.
+        transport = make_transport(
+            s.weight_transport, s.bucket_mib * 1024**2, config.model.hf_path, Path(config.out_dir) / "pushed_weights",
+            master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        )
+        return SGLangRolloutEngine(fleet or urls, transport, **engine_args)
+    except BaseException:
+        if fleet is not None:
+            fleet.stop()
+        raise
+
+
+def _start_fleet(config: RunConfig, owner: bool, distributed: bool) -> tuple[ServerFleet | None, list[str]]:
+    """Rank 0 starts the servers; every rank gets their URLs (or the start error, re-raised on rank 0)."""
+    s = config.rollout.sglang
     fleet, error = None, None
     if owner:
         try:
@@ -48,15 +80,4 @@ def start_sglang_engine(config: RunConfig, stop_token_ids: list[int], vocab_size
         raise error
     if urls is None:
         raise RuntimeError("rank 0 could not start the SGLang servers (see its error)")
-    engine_args = dict(
-        stop_token_ids=stop_token_ids, vocab_size=vocab_size, max_concurrent_requests=s.max_concurrent_requests,
-        request_timeout_s=s.request_timeout_s, max_attempts=s.max_attempts, stall_timeout_s=s.stall_timeout_s,
-    )
-    if not owner:
-        return SGLangRolloutEngine(urls, None, **engine_args)
-    try:
-        transport = make_transport(s.weight_transport, s.bucket_mib * 1024**2, config.model.hf_path, Path(config.out_dir) / "pushed_weights")
-        return SGLangRolloutEngine(fleet, transport, **engine_args)
-    except BaseException:
-        fleet.stop()
-        raise
+    return fleet, urls
