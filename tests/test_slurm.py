@@ -166,8 +166,6 @@ def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(
             assert requeued[step][key] == uninterrupted[step][key], (step, key)
 
 
-@pytest.mark.xfail(reason="the job runs to completion (nemo-run reports SUCCEEDED) but its batch script requeues it: "
-                          "JobState is PENDING when the launcher checks; not understood yet", strict=False)
 def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted):
     out = toy / "through_launcher"  # (not "nemo_run": see NEMORUN_HOME in opsdc_megatron/launch/__main__.py)
     proc = subprocess.run(

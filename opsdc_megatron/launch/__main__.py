@@ -96,12 +96,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"opsdc launch: dry run written under {os.environ['NEMORUN_HOME']}/experiments/{name}")
             return
         experiment.run(detach=args.detach)
-        if args.detach:
-            return
-        if args.executor == "slurm":  # nemo-run 0.11.1 leaves job.state at SUBMITTED; ask the cluster's accounting
-            states = {job.id: _slurm_state(job.handle) for job in experiment.jobs}
-        else:
-            states = {job.id: job.state.name for job in experiment.jobs}
+    if args.detach:
+        return
+    # Only leaving the `with` block waits for the jobs (nemo-run 0.11.1: run() returns once they are submitted).
+    if args.executor == "slurm":  # nemo-run 0.11.1 leaves job.state at SUBMITTED; ask the cluster's accounting
+        states = {job.id: _slurm_state(job.handle) for job in experiment.jobs}
+    else:
+        states = {job.id: job.state.name for job in experiment.jobs}
     print(f"opsdc launch: {name}: {states}")
     if any(state not in ("SUCCEEDED", "COMPLETED") for state in states.values()):
         sys.exit(1)
