@@ -12,7 +12,7 @@ servers ("one server per node or GPU group").
 
 On machines without CUDA the server runs SGLang's CPU path (../shared/FACTS.md section 2): torch-native
 attention and sampling, a bounded KV cache, no warm-up, an idle scheduler that sleeps, and the
-`cpu_stub/sgl_kernel` stand-in first on PYTHONPATH.
+`cpu_stub` stand-ins (sgl_kernel, torchvision) first on PYTHONPATH.
 """
 
 from __future__ import annotations
