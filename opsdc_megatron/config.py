@@ -133,6 +133,10 @@ class DistillConfig:
     fused_output_layer: bool = False
     """Compute the output layer inside the reverse KL, chunk by chunk, so the [tokens, V/TP] logits
     never exist as one tensor (loss/fused_output.py); reverse_kl only."""
+    teacher_offload: bool = False
+    """Keep the teacher's weights in (pinned) CPU memory and stream them to the GPU layer by layer,
+    the next layer's copy overlapping the current layer's compute (distill/teacher_offload.py): for
+    models where student and teacher do not both fit. Exact; costs host-to-device bandwidth."""
 
 
 @dataclass
@@ -324,6 +328,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":
         raise ConfigError(f"distill.fused_output_layer computes the reverse KL only, but distill.divergence is {config.distill.divergence!r}")
+    if config.distill.teacher_offload and config.model.fp8.format is not None and config.model.fp8.param_gather:
+        raise ConfigError(
+            "distill.teacher_offload cannot stream FP8 parameters (model.fp8.param_gather keeps them as Transformer "
+            "Engine tensor subclasses); set model.fp8.param_gather=false"
+        )
     if config.distill.teacher_refresh_every < 0:
         raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
     if config.eval.every_steps and not config.data.eval_prompts:
