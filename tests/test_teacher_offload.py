@@ -13,11 +13,15 @@ import pytest
 import torch
 from transformers import Qwen3Config
 
+from opsdc_megatron.config import ParallelConfig, TrainConfig
 from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batch
 from opsdc_megatron.distill.stage import DistillStage
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.models.qwen3.model import build_gpt_model
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
+from opsdc_megatron.train.build import build_training_model
+from opsdc_megatron.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.parallel
 
@@ -131,3 +135,26 @@ def test_fused_output_layer_gets_the_output_weight_on_the_device(one_rank) -> No
         assert torch.equal(got, expected)
     assert streamed[3].data_ptr() != host["embedding.word_embeddings.weight"], "a copy, not the host tensor"
     assert host_pointers(model) == host
+
+
+def test_checkpoint_saves_and_restores_the_host_teacher(one_rank, tmp_path) -> None:
+    """train/checkpoint.py with an offloaded teacher: saved from host memory, loaded back into the
+    same pinned-or-not host tensors (a refresh in between is undone)."""
+    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
+    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0,
+                                 teacher_offload=True)
+    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    teacher = model.teacher.model[0]
+    saved = {name: t.clone() for name, t in teacher.state_dict().items() if t is not None}
+    save_checkpoint(tmp_path / "checkpoints", 1, model.ddps, model.optimizer, model.teacher, {"step": 1, "teacher_age_steps": 1}, keep_last=1)
+    host = host_pointers(teacher)
+    with torch.no_grad():
+        for parameter in model.student[0].parameters():
+            parameter.add_(1.0)
+    model.teacher.copy_from(torch.nn.ModuleList(model.student))
+    assert not torch.equal(teacher.embedding.word_embeddings.weight, saved["embedding.word_embeddings.weight"])
+    load_checkpoint(tmp_path / "checkpoints" / "step_000001", model.ddps, model.optimizer, model.teacher)
+    assert host_pointers(teacher) == host
+    for name, tensor in teacher.state_dict().items():
+        if tensor is not None:
+            assert torch.equal(tensor, saved[name]), name

@@ -42,15 +42,15 @@ class _Unit:
 
 
 class TeacherWeightStream:
-    """Streams one teacher `GPTModel` chunk's weights from host memory to `device`, a unit ahead.
+    """Streams one teacher `GPTModel` chunk's weights from host memory to the current device, a unit ahead.
 
     `stream_output_layer`: false when the loss applies the output layer itself (the fused output
     layer); the output weight is then fetched with `on_device`.
     """
 
-    def __init__(self, model: GPTModel, stream_output_layer: bool = True, device: torch.device | None = None) -> None:
+    def __init__(self, model: GPTModel, stream_output_layer: bool = True) -> None:
         on_gpu = torch.cuda.is_available()
-        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._host: dict[int, torch.Tensor] = {}
         for tensor in [*model.parameters(), *model.buffers()]:

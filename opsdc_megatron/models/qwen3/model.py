@@ -275,7 +275,10 @@ def build_gpt_model(
         rope_scaling_factor=rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
-    model.to(dtype=params_dtype)
+    # megatron allocates its linear layers on the GPU, but torch's RMSNorm (the local spec's norm) on
+    # the default device: put every tensor on the GPU, except for a model kept in host memory.
+    on_gpu = torch.cuda.is_available() and not empty_on_host
+    model.to(device=torch.cuda.current_device() if on_gpu else None, dtype=params_dtype)
     model.hf_vocab_size = config.vocab_size
     model.hf_name_map = architecture.name_map
     return model
