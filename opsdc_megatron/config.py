@@ -313,6 +313,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.attention_backend must be auto, te, sdpa or local, got {config.model.attention_backend!r}")
     if config.model.activation_recompute not in ("none", "full"):
         raise ConfigError(f"model.activation_recompute must be none or full, got {config.model.activation_recompute!r}")
+    if config.distill.teacher_offload and config.model.fp8.format is not None and config.model.fp8.param_gather:
+        raise ConfigError(
+            "distill.teacher_offload does not support model.fp8.param_gather (FP8 parameters are Transformer Engine "
+            "tensor subclasses, which the host copies of distill/teacher_offload.py were not built or tested for); "
+            "set model.fp8.param_gather=false"
+        )
     try:
         check_fp8(config.model.fp8)
     except ValueError as error:
@@ -328,11 +334,6 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":
         raise ConfigError(f"distill.fused_output_layer computes the reverse KL only, but distill.divergence is {config.distill.divergence!r}")
-    if config.distill.teacher_offload and config.model.fp8.format is not None and config.model.fp8.param_gather:
-        raise ConfigError(
-            "distill.teacher_offload cannot stream FP8 parameters (model.fp8.param_gather keeps them as Transformer "
-            "Engine tensor subclasses); set model.fp8.param_gather=false"
-        )
     if config.distill.teacher_refresh_every < 0:
         raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
     if config.eval.every_steps and not config.data.eval_prompts:

@@ -69,7 +69,7 @@ class TeacherWeightStream:
         self.units: list[_Unit] = []
         for index, (name, module) in enumerate(modules):
             tensors = [*module.parameters(), *module.buffers()]
-            if module is model.output_layer and model.share_embeddings_and_output_weights:
+            if name == "output_layer" and model.share_embeddings_and_output_weights:
                 shared = model.shared_embedding_or_output_weight()  # GPTModel passes it to output_layer
                 if not any(shared is t for t in tensors):
                     tensors.append(shared)
