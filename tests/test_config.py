@@ -42,6 +42,8 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["train.micro_batch_tokens=100"], "must be 0 or hold the longest sequence"),
         ("out_dir: x\n", ["train.micro_batch_tokens=20000", "parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_chunks=2"],
          "cannot be combined with parallel.virtual_pipeline_chunks"),
+        ("out_dir: x\n", ["distill.teacher_offload=true", "model.fp8.format=hybrid", "model.fp8.param_gather=true"],
+         "distill.teacher_offload does not support model.fp8.param_gather"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
