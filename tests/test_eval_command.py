@@ -117,6 +117,7 @@ def test_input_errors(toy, tmp_path, capsys):
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--samples", "0"], "--samples must be >= 1, got 0")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--layout", "math500"], "line 1: missing field 'problem'")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--prompt-template", "Solve:"], "--prompt-template must contain {problem}")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--hf-config", str(model)], "--hf-config is for a megatron checkpoint")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--engine", "sglang", "--sglang-python", str(tmp_path / "no" / "python")],
                        f"--engine sglang: SGLang interpreter {tmp_path / 'no' / 'python'} not found")
 

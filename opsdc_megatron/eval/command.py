@@ -177,8 +177,6 @@ def eval_command(args: argparse.Namespace) -> None:
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = Path(args.out)
-    if server_options is not None:
-        server_options["log_dir"] = out / "sglang_logs"
     try:
         with folder_to_evaluate(model, checkpoint, hf_config) as model_dir:
             results = evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype, server_options)
@@ -219,7 +217,7 @@ def sglang_server_options(args: argparse.Namespace) -> dict:
     python = args.sglang_python or str(DEFAULT_SGLANG_PYTHON)
     if not Path(python).is_file() and not shutil.which(python):
         raise ValueError(f"--engine sglang: SGLang interpreter {python} not found: run `make env-sglang` or pass --sglang-python")
-    return {"num_servers": args.sglang_servers, "base_port": args.sglang_base_port, "python": python}
+    return {"num_servers": args.sglang_servers, "base_port": args.sglang_base_port, "python": python, "log_dir": Path(args.out) / "sglang_logs"}
 
 
 def print_result(title: str, result: EvalResult) -> None:
