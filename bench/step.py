@@ -11,7 +11,7 @@ target is at most 1.45. Both are timed in the same process (best of the timed re
 warm-up step: the machines are shared), TP=1, on a random Qwen3-shaped model built on the fly.
 
 Usage: ``python bench/step.py [--hidden 256] [--layers 4] [--vocab 32768] [--sequences 8]
-[--prompt-tokens 64] [--response-tokens 256] [--micro-batch 2] [--reps 3]``
+[--prompt-tokens 64] [--response-tokens 256] [--micro-batch 2] [--reps 3] [--dtype fp32|bf16]``
 (runs on CUDA when available, else CPU).
 """
 
@@ -37,6 +37,7 @@ from opsdc_megatron.train.build import build_training_model
 from opsdc_megatron.train.step import optimizer_step
 
 INSTRUCTION_TOKENS = 24
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def sft_forward_step(vocab_size: int):
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype (bf16 on GPUs)")
     args = parser.parse_args()
 
     heads = max(2, args.hidden // 64)
@@ -114,14 +116,14 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as folder:
             Qwen3ForCausalLM(hf_config).save_pretrained(folder)
-            model = build_training_model(hf_config, folder, ParallelConfig(), torch.float32, TrainConfig(lr=1e-5), 0)
+            model = build_training_model(hf_config, folder, ParallelConfig(), DTYPES[args.dtype], TrainConfig(lr=1e-5), 0)
         opsdc_forward = make_forward_step("reverse_kl")
         opsdc = best_seconds(lambda: optimizer_step(model.stages, model.optimizer, opsdc_forward, micro_batches), args.reps)
         sft = best_seconds(lambda: sft_step(model, sft_forward_step(args.vocab), micro_batches), args.reps)
     finally:
         destroy_distributed()
     tokens = args.sequences * (args.prompt_tokens + args.response_tokens)
-    print(f"device {device}; {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; "
+    print(f"device {device}, {args.dtype}; {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; "
           f"{args.sequences} sequences x ({args.prompt_tokens} prompt + {args.response_tokens} response) tokens, "
           f"micro-batch {args.micro_batch}")
     print(f"sft   step {sft * 1e3:8.1f} ms  ({tokens / sft:,.0f} student tokens/s)")

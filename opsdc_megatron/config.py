@@ -137,6 +137,10 @@ class DistillConfig:
     fused_output_layer: bool = False
     """Compute the output layer inside the reverse KL, chunk by chunk, so the [tokens, V/TP] logits
     never exist as one tensor (loss/fused_output.py); reverse_kl only."""
+    teacher_offload: bool = False
+    """Keep the teacher's weights in (pinned) CPU memory and stream them to the GPU layer by layer,
+    the next layer's copy overlapping the current layer's compute (distill/teacher_offload.py): for
+    models where student and teacher do not both fit. Exact; costs host-to-device bandwidth."""
 
 
 @dataclass
@@ -333,6 +337,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.attention_backend must be auto, te, sdpa or local, got {config.model.attention_backend!r}")
     if config.model.activation_recompute not in ("none", "full"):
         raise ConfigError(f"model.activation_recompute must be none or full, got {config.model.activation_recompute!r}")
+    if config.distill.teacher_offload and config.model.fp8.format is not None and config.model.fp8.param_gather:
+        raise ConfigError(
+            "distill.teacher_offload does not support model.fp8.param_gather (FP8 parameters are Transformer Engine "
+            "tensor subclasses, which the host copies of distill/teacher_offload.py were not built or tested for); "
+            "set model.fp8.param_gather=false"
+        )
     try:
         check_fp8(config.model.fp8)
     except ValueError as error:

@@ -329,18 +329,18 @@ def _rebind_torch(module_name: str) -> None:
     module.torch = _CPU_TORCH
 
 
-def _replace_clip_grad(module_name: str) -> None:
+def _replace_function(module_name: str, name: str, replacement: Callable[..., Any], parameters: tuple[str, ...]) -> None:
+    """Replaces `module_name.name` by `replacement` after checking upstream still has the expected parameters."""
     module = _import(module_name)
-    upstream = getattr(module, "clip_grad_by_total_norm_fp32", None)
-    if upstream is _clip_grad_by_total_norm_fp32:
+    upstream = getattr(module, name, None)
+    if upstream is replacement:
         return
-    if upstream is None or tuple(inspect.signature(upstream).parameters) != _CLIP_GRAD_PARAMETERS:
+    if upstream is None or tuple(inspect.signature(upstream).parameters) != parameters:
         raise RuntimeError(
-            f"opsdc_megatron.cpu_platform: {module_name}.clip_grad_by_total_norm_fp32 is missing or "
-            f"its parameters changed (expected {_CLIP_GRAD_PARAMETERS}); update "
-            f"_clip_grad_by_total_norm_fp32 to the new upstream version"
+            f"opsdc_megatron.cpu_platform: {module_name}.{name} is missing or its parameters changed "
+            f"(expected {parameters}); update its CPU replacement {replacement.__name__} to the new upstream version"
         )
-    module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    setattr(module, name, replacement)
 
 
 def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
@@ -358,20 +358,6 @@ _RNG_STATE_FUNCTIONS = {
     "_get_cuda_rng_state": (_cpu_get_rng_state, ("device", "clone", "graph_safe")),
     "_set_cuda_rng_state": (_cpu_set_rng_state, ("new_state", "device", "graph_safe")),
 }
-
-
-def _replace_rng_state_functions() -> None:
-    random = _import("megatron.core.tensor_parallel.random")
-    for name, (replacement, parameters) in _RNG_STATE_FUNCTIONS.items():
-        upstream = getattr(random, name, None)
-        if upstream is replacement:
-            continue
-        if upstream is None or tuple(inspect.signature(upstream).parameters) != parameters:
-            raise RuntimeError(
-                f"opsdc_megatron.cpu_platform: megatron.core.tensor_parallel.random.{name} is missing or its "
-                f"parameters changed (expected {parameters}); update the CPU RNG-state adaptation"
-            )
-        setattr(random, name, replacement)
 
 
 def apply_cpu_platform() -> None:
@@ -395,6 +381,7 @@ def apply_cpu_platform() -> None:
             f"update _clip_grad_by_total_norm_fp32 to the new upstream version"
         )
     for module_name in _CLIP_GRAD_MODULES:
-        _replace_clip_grad(module_name)
-    _replace_rng_state_functions()
+        _replace_function(module_name, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32, _CLIP_GRAD_PARAMETERS)
+    for name, (replacement, parameters) in _RNG_STATE_FUNCTIONS.items():
+        _replace_function("megatron.core.tensor_parallel.random", name, replacement, parameters)
     _adapt_tensor_methods()

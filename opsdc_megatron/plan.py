@@ -6,7 +6,9 @@ bench/ measurements check it). Per GPU, on the pipeline stage that holds the mos
 
 * weights: bf16 student parameters of the stage, ``2 P / (TP PP)`` plus the embedding and/or output
   layer (``V H / TP`` each) on the first/last stage;
-* teacher: the same again in bf16 (0 with ``--teacher-offload``: streamed from CPU layer by layer);
+* teacher: the same again in bf16; with ``--teacher-offload`` (``distill.teacher_offload``, weights in
+  host memory streamed layer by layer) two streamed units, the one computing and the next arriving,
+  each the larger of a layer (``P_layer / TP``) and the embedding or output layer (``V H / TP``);
 * gradients: megatron DDP's fp32 gradient buffer, 4 bytes per stage parameter;
 * optimizer: fp32 master weights and Adam's two moments, 12 bytes per stage parameter, sharded over
   DP by megatron's distributed optimizer;
@@ -128,7 +130,7 @@ def estimate(model: ModelShape, work: Workload, tp: int, pp: int, dp: int) -> Pl
         logits = 3.2 * logits_shard
     memory = {
         "weights": 2 * stage_params,
-        "teacher": 0.0 if work.teacher_offload else 2 * stage_params,
+        "teacher": 2 * 2 * max(model.layer_params / tp, embedding) if work.teacher_offload else 2 * stage_params,
         "gradients": 4 * stage_params,
         "optimizer": 12 * stage_params / dp,
         "activations": activations,
@@ -193,7 +195,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--global-batch-prompts", type=int, default=32)
     plan.add_argument("--micro-batch-prompts", type=int, default=2)
     plan.add_argument("--unfused-output-layer", action="store_true", help="estimate without distill.fused_output_layer")
-    plan.add_argument("--teacher-offload", action="store_true", help="teacher weights streamed from CPU memory")
+    plan.add_argument("--teacher-offload", action="store_true", help="distill.teacher_offload: teacher weights in CPU memory, streamed to the GPU layer by layer")
     plan.set_defaults(handler=plan_command)
 
 

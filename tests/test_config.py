@@ -44,6 +44,8 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
          "cannot be combined with parallel.virtual_pipeline_chunks"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1,http://b:1]"], "server_urls lists 2 servers, rollout.sglang.num_servers is 1"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[a:1]"], "server_urls: expected http://HOST:PORT, got 'a:1'"),
+        ("out_dir: x\n", ["distill.teacher_offload=true", "model.fp8.format=hybrid", "model.fp8.param_gather=true"],
+         "distill.teacher_offload does not support model.fp8.param_gather"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):

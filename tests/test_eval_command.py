@@ -1,7 +1,11 @@
-"""`opsdc eval` end to end on a tiny toy model: result files, mean@k bookkeeping, seeds, input errors."""
+"""`opsdc eval` end to end on a tiny toy model: result files, mean@k bookkeeping, seeds, megatron checkpoints, input errors."""
 
 import json
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy
@@ -12,6 +16,7 @@ from opsdc_megatron.eval import score
 from opsdc_megatron.prompts import load_prompts, write_prompts
 from opsdc_megatron.toy.base_model import BuildSettings, build_base_model
 from opsdc_megatron.toy.task import toy_prompts
+from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.eval
 
@@ -99,13 +104,73 @@ def test_input_errors(toy, tmp_path, capsys):
     (run / "best_hf").mkdir(parents=True)
     (run / "config.yaml").write_text("out_dir: x\n")
     expect_input_error(capsys, ["eval", "--model", str(run), "--data", str(data)], f"this is a training run folder; expected a Hugging Face folder")
-    checkpoint = tmp_path / "checkpoints"
-    (checkpoint / "step_10").mkdir(parents=True)
-    (checkpoint / "latest").write_text("step_10")
-    expect_input_error(capsys, ["eval", "--model", str(checkpoint), "--data", str(data)], "this is a megatron distributed checkpoint")
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_10").mkdir(parents=True)
+    expect_input_error(capsys, ["eval", "--model", str(checkpoints), "--data", str(data)], "a checkpoints folder without a 'latest' marker; pass one of its step_N folders")
+    (checkpoints / "latest").write_text("step_10")
+    expect_input_error(capsys, ["eval", "--model", str(checkpoints), "--data", str(data)], "step_10, which is not a complete checkpoint")
+    (checkpoints / "step_10" / ".metadata").write_bytes(b"")
+    expect_input_error(capsys, ["eval", "--model", str(checkpoints / "step_10"), "--data", str(data)], "no metadata.json (expected a megatron dist checkpoint)")
     (tmp_path / "empty").mkdir()
     expect_input_error(capsys, ["eval", "--model", str(tmp_path / "empty"), "--data", str(data)], "missing config.json, *.safetensors")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(tmp_path / "none.jsonl")], "data file not found")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--samples", "0"], "--samples must be >= 1, got 0")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--layout", "math500"], "line 1: missing field 'problem'")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--prompt-template", "Solve:"], "--prompt-template must contain {problem}")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--hf-config", str(model)], "--hf-config is for a megatron checkpoint")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--engine", "sglang", "--sglang-python", str(tmp_path / "no" / "python")],
+                       f"--engine sglang: SGLang interpreter {tmp_path / 'no' / 'python'} not found")
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    """A 1-step `opsdc train` run (TP=1) from the toy model: checkpoints/step_000001 and `latest`."""
+    model, _ = toy
+    root = tmp_path_factory.mktemp("trained")
+    write_prompts(root / "train.jsonl", toy_prompts(0, 4, "train"))
+    overrides = [
+        f"out_dir={root / 'run'}", f"model.hf_path={model}", f"data.train_prompts={root / 'train.jsonl'}", "parallel.tensor_parallel_size=1",
+        "train.steps=1", "train.lr=1e-3", "train.global_batch_prompts=4", "rollout.max_response_tokens=16", "rollout.generation_batch_prompts=4",
+        "eval.every_steps=0",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *overrides], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return root / "run"
+
+
+def test_megatron_checkpoint_evaluates_as_its_exported_folder(toy, trained, tmp_path, capsys, monkeypatch):
+    """`--model RUN/checkpoints` (the step `latest` names) gives exactly what the converter's export of it gives."""
+    _, data = toy
+    step = trained / "checkpoints" / "step_000001"
+    assert main_status(["convert", "megatron-to-hf", "--ckpt", str(step), "--out", str(tmp_path / "exported")]) == 0
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))  # where eval's temporary export goes
+    run_eval(trained / "checkpoints", data, tmp_path / "from_checkpoint", "--samples", "2", "--seed", "3")
+    assert "exporting" in capsys.readouterr().out
+    assert not list(temporary.iterdir()), "the temporary export was not removed"
+    run_eval(tmp_path / "exported", data, tmp_path / "from_folder", "--samples", "2", "--seed", "3")
+    from_checkpoint, responses = read(tmp_path / "from_checkpoint", "none")
+    from_folder, folder_responses = read(tmp_path / "from_folder", "none")
+    assert from_checkpoint["model"] == str(step.resolve())
+    assert from_checkpoint["result"] == from_folder["result"]
+    assert [(r["text"], r["response_tokens"]) for r in responses] == [(r["text"], r["response_tokens"]) for r in folder_responses]
+    # the student after the step was evaluated: the run's own export of it (final_hf) samples the same
+    run_eval(trained / "final_hf", data, tmp_path / "final", "--samples", "2", "--seed", "3")
+    assert read(tmp_path / "final", "none")[0]["result"] == from_checkpoint["result"]
+
+    # a checkpoint whose config cannot be found, or whose --hf-config describes another model
+    lonely = tmp_path / "lonely" / "step_000001"
+    shutil.copytree(step, lonely)
+    expect_input_error(capsys, ["eval", "--model", str(lonely), "--data", str(data)], "pass --hf-config with the Hugging Face folder")
+    other = save_tiny_model("qwen2", tmp_path / "qwen2")
+    expect_input_error(capsys, ["eval", "--model", str(lonely), "--data", str(data), "--hf-config", str(other)], f"--model {lonely}: {lonely} does not match")
+    assert not list(temporary.iterdir())
+
+
+def main_status(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0

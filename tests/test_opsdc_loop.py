@@ -82,6 +82,17 @@ def test_full_activation_recompute_matches(setup, tp1_run):
     assert_same_run(tp1_run, recomputed)
 
 
+def test_teacher_offload_matches(setup, tp1_run):
+    """distill.teacher_offload=true (the teacher streamed from host memory, refreshed at step 2,
+    saved in checkpoints from host memory) gives the TP=1 run's numbers exactly. Loading the host
+    teacher back: tests/test_teacher_offload.py."""
+    offloaded = train(setup, setup / "offload", "train.steps=3", "parallel.tensor_parallel_size=1", "distill.teacher_offload=true",
+                      "eval.every_steps=0")
+    for step in (1, 2, 3):
+        for key in ("loss", "grad_norm", "mean_response_tokens"):
+            assert offloaded[step][key] == tp1_run[step][key], (step, key)
+
+
 def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):
     assert [tp2_run[s]["teacher_refreshed"] for s in (1, 2, 3)] == [False, True, False]
     assert [tp2_run[s]["teacher_age_steps"] for s in (1, 2, 3)] == [1, 0, 1]

@@ -46,7 +46,10 @@ def assert_same(reference, other, steps=(1, 2)):
     assert worst <= TOL, f"weights differ by up to {worst:.2e}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_interleaved", "dp2", "dp2_distributed_optimizer", "tp2_pp2"])
+@pytest.mark.parametrize("layout", [
+    "tp2", "pp2", "pp2_interleaved", "dp2", "dp2_distributed_optimizer", "tp2_pp2",
+    "tp2_teacher_offload", "pp2_interleaved_teacher_offload",  # distill.teacher_offload: each rank streams its shards and chunks
+])
 def test_layout_matches_tp1(runs, layout):
     assert_same(load(runs, "tp1"), load(runs, layout))
 

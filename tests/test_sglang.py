@@ -91,33 +91,32 @@ def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def trainer(tiny_model: Path):
     """megatron-core student + teacher (TP=1) with the project's optimizer, in this process."""
-    from opsdc_megatron.distill.teacher import TeacherSnapshot
-    from opsdc_megatron.models.qwen3.model import build_gpt_model
-    from opsdc_megatron.models.qwen3.state_dict_adapter import load_hf_weights
+    from transformers import AutoConfig
+
+    from opsdc_megatron.config import ParallelConfig
     from opsdc_megatron.parallel import destroy_distributed, init_distributed
-    from opsdc_megatron.train.step import wrap_for_training
+    from opsdc_megatron.train.build import build_training_model
 
     init_distributed(1, seed=0)
     try:
-        student = build_gpt_model(tiny_model, 1, params_dtype=torch.float32)
-        load_hf_weights(student, tiny_model)
-        ddp, optimizer = wrap_for_training(student, TrainConfig(lr=3e-2, weight_decay=0.0))
-        teacher = TeacherSnapshot(build_gpt_model(tiny_model, 1, params_dtype=torch.float32), refresh_every=0)
-        teacher.copy_from(student)
-        yield student, ddp, optimizer, teacher
+        yield build_training_model(
+            AutoConfig.from_pretrained(tiny_model), str(tiny_model), ParallelConfig(), torch.float32,
+            TrainConfig(lr=3e-2, weight_decay=0.0), teacher_refresh_every=0,
+        )
     finally:
         destroy_distributed()
 
 
 def megatron_logprobs(student: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
     """log p(response token | prefix) under the megatron model, fp32."""
-    from opsdc_megatron.distill.forward import response_logits
+    from opsdc_megatron.distill.stage import pick_response_logits
 
     tokens = torch.tensor([prompt + response])
     index = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)[None]
     with torch.no_grad():
-        logits = response_logits(student, tokens, index, VOCAB)[0].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        logits = student(tokens, torch.arange(tokens.shape[1])[None], attention_mask=None)
+        picked = pick_response_logits(logits, index, VOCAB)[0].float()
+    return torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 def assert_logprob_parity(engine: SGLangRolloutEngine, score, version: int) -> None:
@@ -138,7 +137,7 @@ def test_logprob_parity_before_and_after_an_optimizer_step(fleet: ServerFleet, t
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
     from opsdc_megatron.train.step import optimizer_step
 
-    student, ddp, optimizer, teacher = trainer
+    student = trainer.student[0]
     engine = SGLangRolloutEngine(fleet, TensorTransport(bucket_bytes=64 * 1024), [EOS], VOCAB)
     engine.update_weights(export_hf_state_dict(student), version=0)
     assert engine.weight_version == 0
@@ -151,7 +150,7 @@ def test_logprob_parity_before_and_after_an_optimizer_step(fleet: ServerFleet, t
     # One real OPSDC step: teacher = the same weights behind an instruction, exact reverse KL.
     sequences = [ScoredSequence(p, INSTRUCTION + p, r.response_ids) for p, r in zip(PROMPTS, rollouts)]
     before = {name: t.clone() for name, t in export_hf_state_dict(student).items()}
-    result = optimizer_step(ddp, optimizer, make_forward_step(teacher, "reverse_kl", VOCAB), make_micro_batches(sequences, 2, 0))
+    result = optimizer_step(trainer.stages, trainer.optimizer, make_forward_step("reverse_kl"), make_micro_batches(sequences, 2, 0))
     assert result.grad_norm > 0
     after = export_hf_state_dict(student)
     assert any(not torch.equal(before[name], after[name]) for name in after)
@@ -206,7 +205,7 @@ def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, traine
     """Server 0 is SIGKILLed while the batch runs: its prompts go to server 1, it restarts, gets the weights."""
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 
-    student = trainer[0]
+    student = trainer.student[0]
     engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, request_timeout_s=120, backoff_s=0.2)
     engine.update_weights(export_hf_state_dict(student), version=4)
     prompts = [[2 + (i % 120), 3 + (i * 7) % 120] for i in range(48)]
@@ -244,7 +243,7 @@ def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trai
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 
     engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, stall_timeout_s=5, backoff_s=0.2)
-    engine.update_weights(export_hf_state_dict(trainer[0]), version=5)
+    engine.update_weights(export_hf_state_dict(trainer.student[0]), version=5)
     prompts = [[2 + (i % 120), 5 + (i * 11) % 120] for i in range(48)]
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.update(results=engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=6)))

@@ -3,6 +3,7 @@
 # torch is installed first and pinned so that no range in pyproject.toml pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_NO_CACHE_DIR=1  # no second copy of the wheels on disk (CI disks are small)
 PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

@@ -6,6 +6,7 @@
 # Python 3.12 comes from pyenv when `python3.12` is not on PATH as such.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_NO_CACHE_DIR=1  # no second copy of the wheels on disk (CI disks are small)
 if [ -z "${PYTHON:-}" ]; then
     if python3.12 -V >/dev/null 2>&1; then
         PYTHON=python3.12

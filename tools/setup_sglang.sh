@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
 # Creates the rollout-server environment at .venv-sglang/ (beside .venv/): SGLang 0.5.23 and
-# sglang-router, which pin torch 2.14.1 and so cannot share the trainer's .venv (torch 2.13.0).
-# The trainer starts the servers as subprocesses of .venv-sglang/bin/python (opsdc_megatron/rollout/sglang).
+# sglang-router for CPU servers. The trainer starts the servers as subprocesses of .venv-sglang/bin/python
+# (opsdc_megatron/rollout/sglang).
 #
-# On machines without CUDA the PyPI sgl-kernel wheel cannot be imported (it needs libcuda), yet SGLang's
-# CPU path imports it at module level without calling it; the launcher then puts the stand-in package
-# opsdc_megatron/rollout/sglang/cpu_stub/sgl_kernel first on the server's PYTHONPATH (see its docstring).
+# SGLang's wheel pins torch 2.14.1 and a CUDA kernel stack (about 11 GB installed), which ran a CI
+# disk out of space. Here it is installed without its dependencies, on the CPU torch 2.13.0 that the
+# machine has on disk, with its CPU-side requirements listed in tools/sglang_cpu_requirements.txt
+# (about 3.5 GB). On GPU clusters install SGLang as its own docs say (`pip install sglang==0.5.23`) and
+# point `rollout.sglang.python` at that environment.
+#
+# SGLang's CPU path imports sgl_kernel and torchvision at module level without calling them; on CPU
+# the launcher puts their stand-ins (opsdc_megatron/rollout/sglang/cpu_stub) first on the server's PYTHONPATH.
 # Idempotent: a re-run with the stamp present and the same pins does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
-VENV=.venv-sglang
-PINS="sglang==0.5.23 sglang-router==0.3.2"
+VENV=${VENV_SGLANG:-.venv-sglang}
+PINS="sglang==0.5.23 sglang-router==0.3.2 torch==2.13.0 $(sha1sum tools/sglang_cpu_requirements.txt | cut -c1-12)"
 STAMP="$VENV/.installed"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$PINS" ]; then
     touch "$STAMP"
     exit 0
 fi
+export PIP_NO_CACHE_DIR=1
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
-"$VENV/bin/pip" install --quiet "torch==2.14.1" $PINS
+"$VENV/bin/pip" install --quiet "torch==2.13.0"
+"$VENV/bin/pip" install --quiet --no-deps "sglang==0.5.23" "sglang-router==0.3.2"
+# --no-warn-conflicts: the conflicts pip would list are the left-out CUDA packages and the torch pin.
+"$VENV/bin/pip" install --quiet --no-warn-conflicts -r tools/sglang_cpu_requirements.txt
+# Fails here, not in the first test, when a requirement SGLang's server imports is missing.
+PYTHONPATH=opsdc_megatron/rollout/sglang/cpu_stub "$VENV/bin/python" -W ignore -c \
+    "import sglang.srt.entrypoints.http_server, sglang_router"
 echo "$PINS" > "$STAMP"

@@ -69,16 +69,10 @@ def _hf_to_megatron(args: argparse.Namespace) -> None:
 def _megatron_to_hf(args: argparse.Namespace) -> None:
     import torch
 
-    from opsdc_megatron.convert.megatron_to_hf import export_megatron_to_hf, find_hf_config
-    from opsdc_megatron.parallel import destroy_distributed, init_distributed
+    from opsdc_megatron.convert.megatron_to_hf import export_in_this_process
 
-    hf_config = args.hf_config or find_hf_config(args.ckpt)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    init_distributed(1, 1)  # a one-process world: the meta model needs megatron's groups
-    try:
-        out = export_megatron_to_hf(args.ckpt, args.out, hf_config, dtype, int(args.max_shard_gb * 1024**3))
-    finally:
-        destroy_distributed()
+    out = export_in_this_process(args.ckpt, args.out, args.hf_config, dtype, int(args.max_shard_gb * 1024**3))
     print(f"wrote {out}")
 
 

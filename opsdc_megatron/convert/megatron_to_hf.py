@@ -34,6 +34,7 @@ from opsdc_megatron.convert.checks import ConversionError, check_megatron_checkp
 from opsdc_megatron.convert.hf_to_megatron import HF_FILES, copy_hf_files
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
 from opsdc_megatron.models.qwen3.state_dict_adapter import Layout, _expected_hf_shapes, _from_shards, _Geometry, _named_entries
+from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 INDEX = "model.safetensors.index.json"
@@ -146,6 +147,22 @@ def export_megatron_to_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def export_in_this_process(
+    ckpt: Path, out: Path, hf_config_dir: Path | None = None, dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
+    """`export_megatron_to_hf` from a plain process (`opsdc convert megatron-to-hf`, `opsdc eval`).
+
+    Sets up a one-process world for the meta model and tears it down; `hf_config_dir` defaults to
+    `find_hf_config(ckpt)`.
+    """
+    hf_config_dir = hf_config_dir or find_hf_config(ckpt)
+    init_distributed(1, 1)
+    try:
+        return export_megatron_to_hf(ckpt, out, hf_config_dir, dtype, max_shard_bytes)
+    finally:
+        destroy_distributed()
 
 
 def _stored_dtype(metadata: Metadata, key: str, ckpt: Path) -> torch.dtype:

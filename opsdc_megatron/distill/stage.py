@@ -31,6 +31,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import get_attr_wrapped_model
 
 from opsdc_megatron.distill.batch import MicroBatch
+from opsdc_megatron.distill.teacher_offload import TeacherWeightStream
 from opsdc_megatron.models.qwen3.model import padding_vocab_slice
 
 
@@ -79,12 +80,17 @@ class DistillStage(torch.nn.Module):
     stream to send on, or, on the last stage, the (student, teacher) logits at response positions;
     with ``fused_output_layer`` instead (student hidden, student output weight, teacher hidden,
     teacher output weight) at response positions, for `loss.fused_output_reverse_kl`.
+    `teacher_stream`: the teacher chunk's weights are streamed from host memory (distill.teacher_offload).
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: GPTModel, vocab_size: int, fused_output_layer: bool = False) -> None:
+    def __init__(
+        self, student: torch.nn.Module, teacher: GPTModel, vocab_size: int, fused_output_layer: bool = False,
+        teacher_stream: TeacherWeightStream | None = None,
+    ) -> None:
         super().__init__()
         self.module = student
         self.teacher = teacher
+        self.teacher_stream = teacher_stream
         self.vocab_size = vocab_size
         self.fused_output_layer = fused_output_layer
         self.is_last_stage: bool = get_attr_wrapped_model(student, "post_process")
@@ -117,7 +123,10 @@ class DistillStage(torch.nn.Module):
             teacher_hidden = self.teacher(teacher_tokens, _positions(teacher_tokens), attention_mask=None)
         with _output_layer_bypassed(student_gpt):
             student_hidden = self.module(student_tokens, _positions(student_tokens), attention_mask=None)
+        teacher_weight = _output_weight(self.teacher)
+        if self.teacher_stream is not None:
+            teacher_weight = self.teacher_stream.on_device(teacher_weight)
         return (
             pick_response_hidden(student_hidden, batch.student_logit_index), _output_weight(student_gpt),
-            pick_response_hidden(teacher_hidden, batch.teacher_logit_index), _output_weight(self.teacher),
+            pick_response_hidden(teacher_hidden, batch.teacher_logit_index), teacher_weight,
         )

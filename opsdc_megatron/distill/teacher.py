@@ -2,19 +2,30 @@
 
 M = `distill.teacher_refresh_every` (paper default 50; 0 = frozen at the initial weights). M = 1 is
 the live teacher that collapses in the paper. Copies are local: teacher and student parameters are
-the same shards on the same rank, so a refresh needs no communication.
+the same shards on the same rank, so a refresh needs no communication. With `offload` the teacher's
+weights live in host memory and are streamed to the device layer by layer (`teacher_offload.py`);
+a refresh is then a device-to-host copy.
 """
 
 from __future__ import annotations
 
 import torch
 
+from opsdc_megatron.distill.teacher_offload import TeacherWeightStream
+
 
 class TeacherSnapshot:
-    def __init__(self, model: torch.nn.Module, refresh_every: int) -> None:
+    """`model`: a ModuleList of this rank's teacher chunks (GPTModels). `offload`: keep their weights
+    in host memory, one `TeacherWeightStream` per chunk in `streams`; `stream_output_layer` false when
+    the loss applies the output layer itself (distill.fused_output_layer)."""
+
+    def __init__(self, model: torch.nn.ModuleList, refresh_every: int, offload: bool = False, stream_output_layer: bool = True) -> None:
         self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        self.streams: list[TeacherWeightStream | None] = [
+            TeacherWeightStream(chunk, stream_output_layer) if offload else None for chunk in self.model
+        ]
         self.refresh_every = refresh_every
         self.age_steps = 0
         """Optimizer steps since the last copy (saved in checkpoints so resume keeps the cadence)."""
@@ -27,6 +38,10 @@ class TeacherSnapshot:
             raise ValueError("teacher and student are not the same architecture")
         for name, parameter in teacher_params.items():
             parameter.copy_(student_params[name])
+        for teacher_chunk, student_chunk in zip(self.model, student):
+            # Rotary frequencies are computed where a model is built; a teacher built in host memory
+            # (offload) would rotate by CPU-rounded ones. Not parameters, never changed: share them.
+            teacher_chunk.rotary_pos_emb.inv_freq = student_chunk.rotary_pos_emb.inv_freq
         self.age_steps = 0
 
     def after_optimizer_step(self, student: torch.nn.Module) -> bool:

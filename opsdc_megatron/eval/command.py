@@ -4,15 +4,24 @@
         --top-p 0.95 --top-k 20 --max-tokens 30000 --instruction both --out RUN/eval
 
 The defaults are the paper's evaluation settings (FACTS section 1). The model is a Hugging Face
-folder (a run's best_hf/ or final_hf/ is one); the data is a local file in a published layout
-(eval/datasets.py). Results go to --out as result files (eval/results.py) that `opsdc report` reads.
-The generation backend is any RolloutEngine, picked by --engine.
+folder (a run's best_hf/ or final_hf/ is one) or a megatron torch_dist checkpoint (a run's
+checkpoints/, i.e. the step its `latest` marker names, a checkpoints/step_N, or an `opsdc convert
+hf-to-megatron` output): a checkpoint is exported by the converter (`opsdc convert megatron-to-hf`,
+the same code and the same config lookup, --hf-config) to a temporary Hugging Face folder, which is
+evaluated and then removed. The data is a local file in a published layout (eval/datasets.py).
+Results go to --out as result files (eval/results.py) that `opsdc report` reads. The generation
+backend is any RolloutEngine, picked by --engine: hf (in-process transformers) or sglang (SGLang
+servers from .venv-sglang, started on the folder for this command and stopped after it).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,37 +33,89 @@ from opsdc_megatron.eval.datasets import LAYOUTS, load_dataset_file
 if TYPE_CHECKING:
     from opsdc_megatron.eval.evaluate import EvalResult
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "sglang")
 """Rollout backends `opsdc eval` can start (eval.evaluate.make_engine builds them)."""
 
 INSTRUCTIONS = ("none", "concise", "both")
 
 
+EXPECTED_MODEL = (
+    "a Hugging Face folder (config.json, *.safetensors, tokenizer files), e.g. a run's best_hf/ or final_hf/, "
+    "or a megatron checkpoint (a run's checkpoints/ or checkpoints/step_N)"
+)
+
+
 class ModelFolderError(ValueError):
-    """--model is not a Hugging Face folder; names what was found and what is expected."""
+    """--model is neither a Hugging Face folder nor a megatron checkpoint; names what was found and what is expected."""
+
+
+def _missing_hf_files(path: Path, weights: bool) -> list[str]:
+    return [name for name, ok in (
+        ("config.json", (path / "config.json").is_file()),
+        ("*.safetensors", not weights or any(path.glob("*.safetensors"))),
+        ("tokenizer.json or tokenizer_config.json", (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()),
+    ) if not ok]
 
 
 def check_hf_folder(path: Path) -> None:
     """A Hugging Face folder has config.json, *.safetensors and a tokenizer; say what else `path` looks like."""
     if not path.is_dir():
         raise ModelFolderError(f"--model {path}: not a folder")
-    expected = "a Hugging Face folder (config.json, *.safetensors, tokenizer files), e.g. a run's best_hf/ or final_hf/"
-    if (path / "config.yaml").is_file() and ((path / "best_hf").is_dir() or (path / "final_hf").is_dir()):
-        raise ModelFolderError(f"--model {path}: this is a training run folder; expected {expected}: pass {path / 'best_hf'} or {path / 'final_hf'}")
-    if (path / "latest").exists() or (path / ".metadata").exists() or list(path.glob("step_*")):
-        raise ModelFolderError(f"--model {path}: this is a megatron distributed checkpoint; expected {expected} (convert it to Hugging Face first)")
-    missing = [name for name, ok in (
-        ("config.json", (path / "config.json").is_file()),
-        ("*.safetensors", any(path.glob("*.safetensors"))),
-        ("tokenizer.json or tokenizer_config.json", (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()),
-    ) if not ok]
+    if (path / "config.yaml").is_file() and ((path / "best_hf").is_dir() or (path / "final_hf").is_dir() or (path / "checkpoints").is_dir()):
+        raise ModelFolderError(
+            f"--model {path}: this is a training run folder; expected {EXPECTED_MODEL}: "
+            f"pass {path / 'best_hf'}, {path / 'final_hf'} or {path / 'checkpoints'}"
+        )
+    missing = _missing_hf_files(path, weights=True)
     if missing:
-        raise ModelFolderError(f"--model {path}: missing {', '.join(missing)}; expected {expected}")
+        raise ModelFolderError(f"--model {path}: missing {', '.join(missing)}; expected {EXPECTED_MODEL}")
+
+
+def find_megatron_checkpoint(path: Path) -> Path | None:
+    """The torch_dist checkpoint `path` names (itself, or the step its `latest` marker names); None if it looks like none.
+
+    Raises:
+        ModelFolderError: a checkpoints folder without a usable `latest` marker, or a folder that is not torch_dist.
+    """
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    from opsdc_megatron.convert.checks import DIST_CHECKPOINT_METADATA, check_megatron_checkpoint
+    from opsdc_megatron.train.checkpoint import LATEST, latest_checkpoint
+
+    if (path / LATEST).is_file():
+        try:
+            checkpoint = latest_checkpoint(path)
+        except FileNotFoundError as error:
+            raise ModelFolderError(f"--model {path}: {error}") from None
+    elif (path / DIST_CHECKPOINT_METADATA).is_file() or (path / ".metadata").is_file():
+        checkpoint = path
+    elif any(p.is_dir() for p in path.glob("step_*")):
+        raise ModelFolderError(f"--model {path}: a checkpoints folder without a {LATEST!r} marker; pass one of its step_N folders")
+    else:
+        return None
+    try:
+        check_megatron_checkpoint(checkpoint)
+    except ValueError as error:
+        raise ModelFolderError(f"--model {path}: {error}") from None
+    return checkpoint
+
+
+def checkpoint_hf_config(checkpoint: Path, hf_config: Path | None) -> Path:
+    """The folder with the checkpoint's config.json and tokenizer: --hf-config, else the converter's lookup."""
+    from opsdc_megatron.convert.megatron_to_hf import find_hf_config
+
+    folder = hf_config or find_hf_config(checkpoint)
+    missing = _missing_hf_files(folder, weights=False)
+    if missing:
+        raise ModelFolderError(f"{'--hf-config ' if hf_config else ''}{folder} (config of checkpoint {checkpoint}): missing {', '.join(missing)}")
+    return folder
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="mean@k accuracy and response length on a benchmark file (dual-path scoring)")
-    parser.add_argument("--model", required=True, help="Hugging Face folder, e.g. RUN/best_hf")
+    parser.add_argument("--model", required=True, help="Hugging Face folder (e.g. RUN/best_hf) or megatron checkpoint (RUN/checkpoints[/step_N])")
+    parser.add_argument("--hf-config", type=Path, default=None,
+                        help="for a megatron checkpoint: folder with its config.json and tokenizer (default: as `opsdc convert megatron-to-hf` finds it)")
     parser.add_argument("--data", required=True, help="benchmark file: .jsonl or .parquet in a published layout")
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="data layout (default: detected from the first row)")
     parser.add_argument("--name", default=None, help="benchmark name in results and reports (default: from the layout, else the file name)")
@@ -68,9 +129,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-template", default="{problem}",
                         help="user message around each problem, with {problem} where it goes (default: the problem alone)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    parser.add_argument("--seed", type=int, default=0, help="sample s of every prompt is drawn with seed + s")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sample s of every prompt is drawn with seed + s (sglang: reproducible on GPUs only, where servers run deterministic inference)")
     parser.add_argument("--batch-prompts", type=int, default=64, help="prompts per generate call")
-    parser.add_argument("--engine", default="hf", choices=ENGINES, help="rollout backend (default hf: in-process transformers)")
+    parser.add_argument("--engine", default="hf", choices=ENGINES, help="rollout backend (default hf: in-process transformers; sglang: SGLang servers)")
+    parser.add_argument("--sglang-servers", type=int, default=1, help="--engine sglang: servers started (default 1)")
+    parser.add_argument("--sglang-base-port", type=int, default=30000, help="--engine sglang: server i listens on this port + i (default 30000)")
+    parser.add_argument("--sglang-python", default=None, help="--engine sglang: interpreter of the SGLang environment (default .venv-sglang/bin/python)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--out", default="eval_results", help="folder for result files (default eval_results/)")
     parser.set_defaults(handler=eval_command)
@@ -78,13 +143,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def eval_command(args: argparse.Namespace) -> None:
     try:
-        for flag, value in (("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit or 1)):
+        for flag, value in (
+            ("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit or 1),
+            ("--sglang-servers", args.sglang_servers),
+        ):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if "{problem}" not in args.prompt_template:
             raise ValueError(f"--prompt-template must contain {{problem}}, got {args.prompt_template!r}")
         model, data = Path(args.model), Path(args.data)
-        check_hf_folder(model)
+        checkpoint = find_megatron_checkpoint(model)
+        if checkpoint is None:
+            check_hf_folder(model)
+            if args.hf_config is not None:
+                raise ValueError(f"--hf-config is for a megatron checkpoint; --model {model} is a Hugging Face folder")
+        hf_config = checkpoint_hf_config(checkpoint, args.hf_config) if checkpoint is not None else None
+        server_options = sglang_server_options(args) if args.engine == "sglang" else None
         layout, records = load_dataset_file(data, args.layout)
     except ValueError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
@@ -102,12 +176,48 @@ def eval_command(args: argparse.Namespace) -> None:
     names = ("none", "concise") if args.instruction == "both" else (args.instruction,)
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    results = evaluate_model(model, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype)
     out = Path(args.out)
+    try:
+        with folder_to_evaluate(model, checkpoint, hf_config) as model_dir:
+            results = evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype, server_options)
+    except ModelFolderError as error:
+        print(f"opsdc eval: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    model = checkpoint or model
     for name, result in results.items():
         path = write_result(out, benchmark, model, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result)
         print_result(f"{benchmark}, {model.name}, instruction {name}: mean@{args.samples}", result)
         Console().print(f"wrote {path}")
+
+
+@contextmanager
+def folder_to_evaluate(model: Path, checkpoint: Path | None, hf_config: Path | None) -> Iterator[Path]:
+    """`model` itself, or `checkpoint` exported by the converter to a temporary Hugging Face folder (removed on exit)."""
+    if checkpoint is None:
+        yield model
+        return
+    from rich.console import Console
+
+    from opsdc_megatron.convert.checks import ConversionError
+    from opsdc_megatron.convert.megatron_to_hf import export_in_this_process
+
+    with tempfile.TemporaryDirectory(prefix="opsdc-eval-") as tmp:
+        Console().print(f"exporting {checkpoint} to a temporary Hugging Face folder in {tmp} (config and tokenizer: {hf_config})")
+        try:
+            folder = export_in_this_process(checkpoint, Path(tmp) / checkpoint.name, hf_config)
+        except ConversionError as error:
+            raise ModelFolderError(f"--model {checkpoint}: {error}") from None
+        yield folder
+
+
+def sglang_server_options(args: argparse.Namespace) -> dict:
+    """serve_hf_folder's options from the --sglang-* flags; the interpreter must exist."""
+    from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
+
+    python = args.sglang_python or str(DEFAULT_SGLANG_PYTHON)
+    if not Path(python).is_file() and not shutil.which(python):
+        raise ValueError(f"--engine sglang: SGLang interpreter {python} not found: run `make env-sglang` or pass --sglang-python")
+    return {"num_servers": args.sglang_servers, "base_port": args.sglang_base_port, "python": python, "log_dir": Path(args.out) / "sglang_logs"}
 
 
 def print_result(title: str, result: EvalResult) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from opsdc_megatron.eval.scoring import score_paths
 from opsdc_megatron.prompts import PromptRecord, encode_prompt
@@ -121,21 +121,39 @@ def evaluate(
     return summarize(records, responses, samples_per_prompt)
 
 
-def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32) -> RolloutEngine:
-    """A rollout engine serving the weights of a Hugging Face folder."""
+def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32, **server_options: object) -> RolloutEngine:
+    """A rollout engine serving the weights of a Hugging Face folder; close() releases what it started.
+
+    hf: in-process transformers. sglang: SGLang servers started from .venv-sglang on the folder
+    (`server_options`: num_servers, python, base_port, log_dir of `rollout.sglang.start.serve_hf_folder`).
+    """
     if name == "hf":
         return HFRolloutEngine.from_pretrained(str(model_dir), dtype)
-    raise ValueError(f"unknown rollout engine {name!r}, expected hf")
+    if name == "sglang":
+        from opsdc_megatron.rollout.sglang.start import serve_hf_folder
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        vocab_size = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+        sglang_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+        return serve_hf_folder(model_dir, [tokenizer.eos_token_id], vocab_size, sglang_dtype, **server_options)
+    raise ValueError(f"unknown rollout engine {name!r}, expected hf or sglang")
 
 
 def evaluate_model(
     model_dir: str | Path, records: list[PromptRecord], instructions: dict[str, str | None], sampling: SamplingParams,
     seed: int, block_prompts: int = 64, samples_per_prompt: int = 1, engine: str = "hf", dtype: torch.dtype = torch.float32,
+    server_options: dict | None = None,
 ) -> dict[str, EvalResult]:
-    """One model folder on the same records and seeds under each named instruction (None: plain prompts)."""
-    rollout_engine = make_engine(engine, Path(model_dir), dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {
-        name: evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt)
-        for name, text in instructions.items()
-    }
+    """One model folder on the same records and seeds under each named instruction (None: plain prompts).
+
+    The engine is started for this call and stopped after it (`server_options`: see make_engine).
+    """
+    rollout_engine = make_engine(engine, Path(model_dir), dtype, **(server_options or {}))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return {
+            name: evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt)
+            for name, text in instructions.items()
+        }
+    finally:
+        rollout_engine.close()

@@ -48,10 +48,12 @@ def build_training_model(
     model_options: dict[str, Any] | None = None,
     megatron_checkpoint: str | None = None,
     fused_output_layer: bool = False,
+    teacher_offload: bool = False,
 ) -> TrainingModel:
     """Student loaded from `hf_path` (or from `megatron_checkpoint`, a dist checkpoint of any layout),
     wrapped for training; the teacher a copy of it. `model_options`: `build_gpt_model`'s keyword
-    options (attention backend, FP8, activation recompute)."""
+    options (attention backend, FP8, activation recompute). `teacher_offload`: the teacher is built
+    in host memory and streamed to the device layer by layer (distill/teacher_offload.py)."""
     sizes = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, params_dtype, parallel.virtual_pipeline_chunks)
     student = build_model_chunks(hf_config, *sizes, **(model_options or {}))
     if megatron_checkpoint:
@@ -60,7 +62,11 @@ def build_training_model(
     else:
         load_hf_weights(student, hf_path)
     ddps, optimizer = wrap_for_training(student, train, parallel.distributed_optimizer)
-    teacher = TeacherSnapshot(torch.nn.ModuleList(build_model_chunks(hf_config, *sizes, **(model_options or {}))), teacher_refresh_every)
+    teacher_chunks = build_model_chunks(hf_config, *sizes, **(model_options or {}), empty_on_host=teacher_offload)
+    teacher = TeacherSnapshot(torch.nn.ModuleList(teacher_chunks), teacher_refresh_every, teacher_offload, not fused_output_layer)
     teacher.copy_from(torch.nn.ModuleList(student))
-    stages = [DistillStage(ddp, chunk, hf_config.vocab_size, fused_output_layer) for ddp, chunk in zip(ddps, teacher.model)]
+    stages = [
+        DistillStage(ddp, chunk, hf_config.vocab_size, fused_output_layer, stream)
+        for ddp, chunk, stream in zip(ddps, teacher.model, teacher.streams)
+    ]
     return TrainingModel(student, ddps, optimizer, teacher, stages)

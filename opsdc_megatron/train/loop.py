@@ -82,7 +82,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     model = build_training_model(
         hf_config, config.model.hf_path, config.parallel, dtype, config.train, config.distill.teacher_refresh_every,
         model_options=model_options, megatron_checkpoint=config.model.megatron_checkpoint,
-        fused_output_layer=config.distill.fused_output_layer,
+        fused_output_layer=config.distill.fused_output_layer, teacher_offload=config.distill.teacher_offload,
     )
     student, teacher = torch.nn.ModuleList(model.student), model.teacher
     forward_step = make_forward_step(config.distill.divergence, config.distill.fused_output_layer)

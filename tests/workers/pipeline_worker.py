@@ -5,7 +5,8 @@ Usage:
                                              also with the same tokens split into micro-batches of 1 and
                                              of 4 sequences and packed by a token budget; the untied model
   torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not, packed), TP2,
-                                                            PP2 (1F1B), PP2 interleaved, resume
+                                                            PP2 (1F1B), PP2 interleaved, resume, the
+                                                            teacher streamed from host memory (TP2, PP2 interleaved)
   torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout
 
 Every layout runs the same OPSDC steps (teacher and student forwards through megatron's schedules,
@@ -90,7 +91,7 @@ def log(message: str) -> None:
 def run_layout(
     out: Path, name: str, tp: int, pp: int, vp: int = 1, micro_batch_sequences: int = 2,
     save_after_step_1: str | None = None, resume_from: str | None = None, model_name: str = "tied",
-    distributed_optimizer: bool = False, micro_batch_tokens: int = 0,
+    distributed_optimizer: bool = False, micro_batch_tokens: int = 0, teacher_offload: bool = False,
 ) -> None:
     """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights)."""
     init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
@@ -101,7 +102,7 @@ def run_layout(
             Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(
                 tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp,
                 data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer,
-            ), torch.float32, TRAIN, 0
+            ), torch.float32, TRAIN, 0, teacher_offload=teacher_offload,
         )
         micro_batches = micro_batches_for_rank(
             rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5), dp_rank, dp_size, micro_batch_sequences,
@@ -198,6 +199,8 @@ def main() -> None:
             run_layout(out, "pp2_interleaved", 1, 2, vp=2, save_after_step_1="ckpt_pp2_interleaved")
             run_layout(out, "dp2_from_pp2", 1, 1, resume_from="ckpt_pp2")
             run_layout(out, "pp2_untied", 1, 2, model_name="untied")
+            run_layout(out, "tp2_teacher_offload", 2, 1, teacher_offload=True)
+            run_layout(out, "pp2_interleaved_teacher_offload", 1, 2, vp=2, teacher_offload=True)
             measure_teacher_memory(out)
         elif mode == "four":
             run_layout(out, "tp2_pp2", 2, 2)

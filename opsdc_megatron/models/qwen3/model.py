@@ -224,6 +224,7 @@ def build_gpt_model(
     attention_backend: str = "auto",
     fp8: FP8Config | None = None,
     activation_recompute: str = "none",
+    empty_on_host: bool = False,
 ) -> GPTModel:
     """One megatron GPTModel chunk for a supported HF config (weights randomly initialised).
 
@@ -238,6 +239,8 @@ def build_gpt_model(
     ``activation_recompute="full"`` keeps only each layer's input for backward. On a GPU megatron's
     torch.compile'd SwiGLU is used. All parameters, norms included, are cast to ``params_dtype``
     (as megatron's Float16Module does) so bf16 RMSNorm runs torch's fused kernel.
+    ``empty_on_host=True`` allocates the parameters in CPU memory and leaves them uninitialised: for
+    the offloaded teacher, whose weights are copied in and must never fill the GPU as a whole.
     """
     config = load_hf_config(hf_config)
     architecture: Architecture = architecture_of(config.to_dict())
@@ -251,6 +254,8 @@ def build_gpt_model(
         raise ValueError(f"activation_recompute: expected none or full, got {activation_recompute!r}")
     if torch.cuda.is_available():
         overrides["bias_activation_fusion"] = True
+    if empty_on_host:
+        overrides.update(use_cpu_initialization=True, perform_initialization=False)
     if overrides:
         transformer_config = dataclasses.replace(transformer_config, **overrides)
     rope_scaling_factor = _rope_scaling_factor(config)
@@ -270,7 +275,10 @@ def build_gpt_model(
         rope_scaling_factor=rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
-    model.to(dtype=params_dtype)
+    # megatron allocates its linear layers on the GPU, but torch's RMSNorm (the local spec's norm) on
+    # the default device: put every tensor on the GPU, except for a model kept in host memory.
+    on_gpu = torch.cuda.is_available() and not empty_on_host
+    model.to(device=torch.cuda.current_device() if on_gpu else None, dtype=params_dtype)
     model.hf_vocab_size = config.vocab_size
     model.hf_name_map = architecture.name_map
     return model

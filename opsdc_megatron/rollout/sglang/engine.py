@@ -17,6 +17,8 @@ Design choices:
   (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on.
 * Every answer carries the server's weight version; an answer made with any other version than the
   last pushed one (or with two versions, i.e. a push mid-request) raises `StaleRolloutError`.
+* An owner given no transport serves the weights its fleet was launched with (evaluation): its
+  rollouts are version 0, answers must carry the launch version, and `update_weights` is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from opsdc_megatron.rollout.sglang.client import (
     generate_one,
     post_json,
 )
-from opsdc_megatron.rollout.sglang.launcher import ServerFleet
+from opsdc_megatron.rollout.sglang.launcher import LAUNCH_WEIGHT_VERSION, ServerFleet
 from opsdc_megatron.weight_push.sglang_transports import WeightTransport
 
 HEALTH_TIMEOUT_S = 5.0
@@ -82,21 +84,21 @@ class SGLangRolloutEngine(RolloutEngine):
         stall_timeout_s: float = 60.0,
         server_tensor_parallel_size: int = 1,
     ) -> None:
-        # The weight owner (one per job: trainer rank 0) has the transport and pushes weights; it restarts
-        # failed servers when it also started them (a fleet). Other trainer ranks get the URLs only and
-        # just send rollouts.
+        # fleet + transport: trainer rank 0, which started the servers, pushes weights and restarts failed ones.
+        # URLs + transport: rank 0 with servers started outside the trainer (the SLURM job's server step).
+        # URLs only: the other trainer ranks, which just send rollouts. Fleet only: evaluation, launch weights.
         self.fleet = fleet if isinstance(fleet, ServerFleet) else None
         self.urls = self.fleet.urls if self.fleet else list(fleet)
-        if self.fleet is not None and transport is None:
-            raise ValueError("the engine that owns the fleet needs a weight transport")
         self.transport = transport
         self.server_tensor_parallel_size = self.fleet.settings.tensor_parallel_size if self.fleet else server_tensor_parallel_size
+        self.launch_weights_only = self.fleet is not None and transport is None
+        """Serves the fleet's launch weights (version 0) and takes no push."""
         self.stop_token_ids = tuple(stop_token_ids)
         self.vocab_size = vocab_size
         self.max_concurrent_requests, self.request_timeout_s = max_concurrent_requests, request_timeout_s
         self.max_attempts, self.backoff_s, self.stall_timeout_s = max_attempts, backoff_s, stall_timeout_s
         self.tag = uuid.uuid4().hex[:8]
-        self._version = -1
+        self._version = 0 if self.launch_weights_only else -1
         self._pushed: Mapping[str, torch.Tensor] | None = None
         self._healthy = set(range(len(self.urls)))
         self._recoveries: dict[int, threading.Thread] = {}
@@ -122,6 +124,11 @@ class SGLangRolloutEngine(RolloutEngine):
         return self._version
 
     @property
+    def _served_version(self) -> str:
+        """The weight version every answer must carry."""
+        return LAUNCH_WEIGHT_VERSION if self.launch_weights_only else str(self._version)
+
+    @property
     def _servers_tp(self) -> dict[str, int]:
         return {self.urls[i]: self.server_tensor_parallel_size for i in sorted(self._healthy)}
 
@@ -129,6 +136,8 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def update_weights(self, hf_state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Pause the servers, push (bucketed, flushing the cache), resume; then every answer carries `version`."""
+        if self.launch_weights_only:
+            raise RuntimeError(f"this engine serves the launch weights of {self.fleet.settings.model_path} and has no weight transport")
         embed = hf_state_dict.get("model.embed_tokens.weight")
         if embed is not None and embed.shape[0] != self.vocab_size:
             raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
@@ -184,10 +193,12 @@ class SGLangRolloutEngine(RolloutEngine):
     def _recover(self, index: int) -> None:
         server = self.fleet.servers[index]
         try:
-            self.transport.disconnect(server.url)
+            if self.transport is not None:
+                self.transport.disconnect(server.url)
             self.fleet.restart(index)
             self._check_vocabulary(server.url)
-            self.transport.connect(server.url, self.fleet.settings.tensor_parallel_size)
+            if self.transport is not None:
+                self.transport.connect(server.url, self.fleet.settings.tensor_parallel_size)
             if self._pushed is not None:
                 self.transport.push({server.url: self.fleet.settings.tensor_parallel_size}, self._pushed, str(self._version))
             with self._lock:
@@ -220,10 +231,10 @@ class SGLangRolloutEngine(RolloutEngine):
         results = self._dispatch(prompt_ids, sampling, seed)
         for result in results.values():
             versions = set(result.weight_versions_in_response) | {result.weight_version}
-            if versions != {str(self._version)}:
+            if versions != {self._served_version}:
                 raise StaleRolloutError(
                     f"rollout {result.rollout_id} from {result.server_url} was sampled with weight versions "
-                    f"{sorted(versions)}, expected {self._version}"
+                    f"{sorted(versions)}, expected {self._served_version}"
                 )
         return [results[i] for i in range(len(prompt_ids))]
 
@@ -326,7 +337,8 @@ class SGLangRolloutEngine(RolloutEngine):
         try:
             for thread in self._recoveries.values():
                 thread.join()
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
         finally:
             if self.fleet is not None:
                 self.fleet.stop()

@@ -12,7 +12,7 @@ servers ("one server per node or GPU group").
 
 On machines without CUDA the server runs SGLang's CPU path (../shared/FACTS.md section 2): torch-native
 attention and sampling, a bounded KV cache, no warm-up, an idle scheduler that sleeps, and the
-`cpu_stub/sgl_kernel` stand-in first on PYTHONPATH.
+`cpu_stub` stand-ins (sgl_kernel, torchvision) first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ CPU_STUB_DIR = Path(__file__).resolve().parent / "cpu_stub"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_SGLANG_PYTHON = REPO_ROOT / ".venv-sglang" / "bin" / "python"
 STOP_GRACE_S = 30.0
+LAUNCH_WEIGHT_VERSION = "launch"
+"""The weight version a server reports until the first push (SGLang's --weight-version)."""
 
 
 class ServerStartError(RuntimeError):
@@ -172,7 +174,7 @@ class SGLangServer(ManagedProcess):
         s = self.settings
         command = [
             s.python, "-m", "sglang.launch_server", "--model-path", s.model_path, "--host", self.host, "--port", str(self.port),
-            "--tp-size", str(s.tensor_parallel_size), "--dtype", s.dtype, "--weight-version", "launch",
+            "--tp-size", str(s.tensor_parallel_size), "--dtype", s.dtype, "--weight-version", LAUNCH_WEIGHT_VERSION,
         ]
         if s.mem_fraction_static is not None:
             command += ["--mem-fraction-static", str(s.mem_fraction_static)]

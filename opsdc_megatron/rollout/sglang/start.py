@@ -81,3 +81,23 @@ def _start_fleet(config: RunConfig, owner: bool, distributed: bool) -> tuple[Ser
     if urls is None:
         raise RuntimeError("rank 0 could not start the SGLang servers (see its error)")
     return fleet, urls
+
+
+def serve_hf_folder(
+    model_dir: Path, stop_token_ids: list[int], vocab_size: int, dtype: str, num_servers: int = 1, python: str | None = None,
+    base_port: int = 30000, log_dir: Path | None = None, request_timeout_s: float = 3600.0,
+) -> SGLangRolloutEngine:
+    """Servers on a Hugging Face folder's own weights, owned by the returned engine (evaluation: no push).
+
+    `close()` stops them. The request timeout is long: one 30K-token response may take many minutes.
+    """
+    settings = ServerSettings(
+        model_path=str(model_dir.resolve()), dtype=dtype, base_port=base_port, python=python or str(DEFAULT_SGLANG_PYTHON),
+        log_dir=str(log_dir) if log_dir else None,
+    )
+    fleet = ServerFleet(settings, num_servers).start()
+    try:
+        return SGLangRolloutEngine(fleet, None, stop_token_ids, vocab_size, request_timeout_s=request_timeout_s)
+    except BaseException:
+        fleet.stop()
+        raise

@@ -1,0 +1,160 @@
+"""The teacher's weights streamed from host memory (distill/teacher_offload.py), in one CPU process.
+
+Without a GPU the compute device is the CPU, so a fetch is a host-to-host copy: these tests check
+what does not depend on the device (the same logits, which weights are copied in and dropped when,
+the refresh writing the host copy, the fused loss's output weight). The CUDA path (side stream,
+pinned memory, the memory saving) is tests/gpu/test_teacher_offload_gpu.py; the whole OPSDC loop
+with offload is in tests/test_opsdc_loop.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3Config
+
+from opsdc_megatron.config import ParallelConfig, TrainConfig
+from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batch
+from opsdc_megatron.distill.stage import DistillStage
+from opsdc_megatron.distill.teacher import TeacherSnapshot
+from opsdc_megatron.models.qwen3.model import build_gpt_model
+from opsdc_megatron.parallel import destroy_distributed, init_distributed
+from opsdc_megatron.train.build import build_training_model
+from opsdc_megatron.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.tiny_models import save_tiny_model
+
+pytestmark = pytest.mark.parallel
+
+VOCAB = 97
+
+
+def hf_config(tied: bool) -> Qwen3Config:
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=tied)
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    init_distributed(1, 1, seed=0)
+    yield
+    destroy_distributed()
+
+
+def student_and_streamed_teacher(tied: bool, stream_output_layer: bool = True):
+    """A randomly initialised model and an offloaded teacher snapshot of it."""
+    torch.manual_seed(0)
+    student = build_gpt_model(hf_config(tied), 1)
+    with torch.no_grad():  # norms away from 1, so a norm left out of the stream would show
+        for name, parameter in student.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    teacher = TeacherSnapshot(torch.nn.ModuleList([build_gpt_model(hf_config(tied), 1, empty_on_host=True)]), 50,
+                              offload=True, stream_output_layer=stream_output_layer)
+    teacher.copy_from(torch.nn.ModuleList([student]))
+    return student, teacher
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1]).expand_as(ids), attention_mask=None)
+
+
+def host_pointers(model: torch.nn.Module) -> dict[str, int]:
+    """Where each tensor's data lives between forwards (its host copy)."""
+    return {name: t.data_ptr() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_streamed_teacher_gives_the_same_logits(one_rank, tied) -> None:
+    student, teacher = student_and_streamed_teacher(tied)
+    ids = tokens()
+    assert torch.equal(logits(teacher.model[0], ids), logits(student, ids))
+
+
+def test_at_most_two_units_on_the_device_and_none_after(one_rank) -> None:
+    """Observed from the tensors themselves: a parameter whose data is not its host tensor is a
+    fetched copy. While a unit runs, exactly its weights and the next unit's (on their way) are."""
+    _, teacher = student_and_streamed_teacher(tied=True)
+    model = teacher.model[0]
+    host = host_pointers(model)
+    order = ["embedding", "decoder.layers.0", "decoder.layers.1", "decoder.layers.2", "decoder.final_layernorm", "output_layer"]
+    assert [unit.name for unit in teacher.streams[0].units] == order
+
+    def fetched() -> set[str]:
+        return {name for name, t in model.named_parameters() if t.data_ptr() != host[name]}
+
+    def weights(unit: str) -> set[str]:
+        return {name for name, _ in model.named_parameters() if name.startswith(unit + ".")}
+
+    seen: list[tuple[str, set[str]]] = []
+    for unit in order:  # registered after the stream's hooks: sees the state the unit runs in
+        model.get_submodule(unit).register_forward_pre_hook(lambda _m, _a, unit=unit: seen.append((unit, fetched())))
+    logits(model, tokens())
+
+    tied_output_weight = {"embedding.word_embeddings.weight"}  # GPTModel hands it to the output layer
+    assert weights("output_layer") == set()
+    expected = [(unit, weights(unit) | weights(following)) for unit, following in zip(order[:4], order[1:5])]
+    expected += [("decoder.final_layernorm", weights("decoder.final_layernorm") | tied_output_weight), ("output_layer", tied_output_weight)]
+    assert seen == expected
+    assert fetched() == set() and host_pointers(model) == host, "every tensor is back to its host copy after the forward"
+
+
+def test_refresh_writes_the_host_copy_and_the_next_forward_uses_it(one_rank) -> None:
+    student, teacher = student_and_streamed_teacher(tied=False)
+    model, ids = teacher.model[0], tokens()
+    before, host = logits(model, ids), host_pointers(model)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.mul_(1.5)
+    assert torch.equal(logits(model, ids), before), "the snapshot does not follow the student between refreshes"
+    teacher.copy_from(torch.nn.ModuleList([student]))
+    assert host_pointers(model) == host, "refreshed in place, into the same host tensors"
+    after = logits(model, ids)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, logits(student, ids))
+
+
+def test_fused_output_layer_gets_the_output_weight_on_the_device(one_rank) -> None:
+    """With the fused output layer the teacher's output layer is not streamed; the stage hands the
+    loss a copy of its weight (the tied embedding here) and the host copy stays where it was."""
+    student, teacher = student_and_streamed_teacher(tied=True, stream_output_layer=False)
+    model, stream = teacher.model[0], teacher.streams[0]
+    assert "output_layer" not in [unit.name for unit in stream.units]
+    host = host_pointers(model)
+    sequences = [ScoredSequence([5, 6, 7], [1, 2, 5, 6, 7], [8, 9, 10, 11]), ScoredSequence([12, 13], [1, 2, 12, 13], [14, 15])]
+    batch = make_micro_batch(sequences, pad_id=0)
+    streamed = DistillStage(student, model, VOCAB, fused_output_layer=True, teacher_stream=stream)(batch)
+    reference_teacher = build_gpt_model(hf_config(True), 1)
+    reference_teacher.load_state_dict(student.state_dict())
+    reference = DistillStage(student, reference_teacher, VOCAB, fused_output_layer=True)(batch)
+    for got, expected in zip(streamed, reference):
+        assert torch.equal(got, expected)
+    assert streamed[3].data_ptr() != host["embedding.word_embeddings.weight"], "a copy, not the host tensor"
+    assert host_pointers(model) == host
+
+
+def test_checkpoint_saves_and_restores_the_host_teacher(one_rank, tmp_path) -> None:
+    """train/checkpoint.py with an offloaded teacher: saved from host memory, loaded back into the
+    same pinned-or-not host tensors (a refresh in between is undone)."""
+    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
+    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0,
+                                 teacher_offload=True)
+    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    teacher = model.teacher.model[0]
+    saved = {name: t.clone() for name, t in teacher.state_dict().items() if t is not None}
+    save_checkpoint(tmp_path / "checkpoints", 1, model.ddps, model.optimizer, model.teacher, {"step": 1, "teacher_age_steps": 1}, keep_last=1)
+    host = host_pointers(teacher)
+    with torch.no_grad():
+        for parameter in model.student[0].parameters():
+            parameter.add_(1.0)
+    model.teacher.copy_from(torch.nn.ModuleList(model.student))
+    assert not torch.equal(teacher.embedding.word_embeddings.weight, saved["embedding.word_embeddings.weight"])
+    load_checkpoint(tmp_path / "checkpoints" / "step_000001", model.ddps, model.optimizer, model.teacher)
+    assert host_pointers(teacher) == host
+    for name, tensor in teacher.state_dict().items():
+        if tensor is not None:
+            assert torch.equal(tensor, saved[name]), name
