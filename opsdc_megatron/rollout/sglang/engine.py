@@ -332,7 +332,7 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def close(self) -> None:
         """Waits for restarts in progress, then closes the transport's groups and stops the servers it started (owner only)."""
-        if self.transport is None:
+        if self.transport is None and self.fleet is None:
             return
         try:
             for thread in self._recoveries.values():
