@@ -38,30 +38,30 @@ def test_logit_index_points_at_the_token_before_each_response_token():
 
 
 def test_teacher_refresh_cadence():
-    student = torch.nn.Linear(3, 3)
-    teacher = TeacherSnapshot(torch.nn.Linear(3, 3), refresh_every=3)
+    student = torch.nn.ModuleList([torch.nn.Linear(3, 3)])
+    teacher = TeacherSnapshot(torch.nn.ModuleList([torch.nn.Linear(3, 3)]), refresh_every=3)
     teacher.copy_from(student)
-    assert torch.equal(teacher.model.weight, student.weight) and not teacher.model.weight.requires_grad
+    assert torch.equal(teacher.model[0].weight, student[0].weight) and not teacher.model[0].weight.requires_grad
     refreshed = []
     for _ in range(7):
         with torch.no_grad():
-            student.weight.add_(1.0)
+            student[0].weight.add_(1.0)
         refreshed.append(teacher.after_optimizer_step(student))
-        assert torch.equal(teacher.model.weight, student.weight) == refreshed[-1]
+        assert torch.equal(teacher.model[0].weight, student[0].weight) == refreshed[-1]
     assert refreshed == [False, False, True, False, False, True, False]
     assert teacher.age_steps == 1
 
 
 def test_frozen_teacher_never_refreshes():
-    student = torch.nn.Linear(2, 2)
-    teacher = TeacherSnapshot(torch.nn.Linear(2, 2), refresh_every=0)
+    student = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    teacher = TeacherSnapshot(torch.nn.ModuleList([torch.nn.Linear(2, 2)]), refresh_every=0)
     teacher.copy_from(student)
-    initial = teacher.model.weight.clone()
+    initial = teacher.model[0].weight.clone()
     for _ in range(5):
         with torch.no_grad():
-            student.weight.add_(1.0)
+            student[0].weight.add_(1.0)
         assert not teacher.after_optimizer_step(student)
-    assert torch.equal(teacher.model.weight, initial) and teacher.age_steps == 5
+    assert torch.equal(teacher.model[0].weight, initial) and teacher.age_steps == 5
 
 
 def varied_sequences(count):

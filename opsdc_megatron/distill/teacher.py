@@ -41,7 +41,9 @@ class TeacherSnapshot:
         for teacher_chunk, student_chunk in zip(self.model, student):
             # Rotary frequencies are computed where a model is built; a teacher built in host memory
             # (offload) would rotate by CPU-rounded ones. Not parameters, never changed: share them.
-            teacher_chunk.rotary_pos_emb.inv_freq = student_chunk.rotary_pos_emb.inv_freq
+            # (A GPTModel has `rotary_pos_emb` only with RoPE position embeddings.)
+            if hasattr(teacher_chunk, "rotary_pos_emb"):
+                teacher_chunk.rotary_pos_emb.inv_freq = student_chunk.rotary_pos_emb.inv_freq
         self.age_steps = 0
 
     def after_optimizer_step(self, student: torch.nn.Module) -> bool:
