@@ -21,6 +21,7 @@ from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 from opsdc_megatron.toy.task import toy_prompts
 from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+from tests.launch import free_port
 
 pytestmark = [
     pytest.mark.eval,
@@ -29,12 +30,6 @@ pytestmark = [
 ]
 
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def listening(port: int) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from opsdc_megatron.plan import H100_80GB_GIB, ModelShape, Workload, choose
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 from opsdc_megatron.toy.task import TOY_INSTRUCTION
 from opsdc_megatron.train.metrics import read_metrics
+from tests.launch import free_port
 from tests.tiny_models import save_toy_qwen3
 
 pytestmark = pytest.mark.slurm
@@ -166,25 +166,22 @@ def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(
             assert requeued[step][key] == uninterrupted[step][key], (step, key)
 
 
-def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted):
-    out = toy / "through_launcher"  # (not "nemo_run": see NEMORUN_HOME in opsdc_megatron/launch/__main__.py)
+@pytest.mark.parametrize("executor, executor_args", [("slurm", ["--time", "00:20:00", "--mem", "4G"]), ("local", [])])
+def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, executor, executor_args):
+    """SlurmExecutor (sbatch on the test cluster) and LocalExecutor (torchrun here) reproduce the sbatch run."""
+    out = toy / f"through_launcher_{executor}"  # (not "nemo_run": see NEMORUN_HOME in opsdc_megatron/launch/__main__.py)
     proc = subprocess.run(
-        [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", "slurm",
-         "--time", "00:20:00", "--mem", "4G", *toy_overrides(toy, out)],
-        cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", executor,
+         *executor_args, *toy_overrides(toy, out)],
+        cwd=ROOT, env=dict(cluster, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"{{'trainer': '{'COMPLETED' if executor == 'slurm' else 'SUCCEEDED'}'}}" in proc.stdout
     nemo = train_metrics(out)
     assert sorted(nemo) == list(range(1, STEPS + 1))
     for step in nemo:
         for key in COMPARED:
             assert nemo[step][key] == uninterrupted[step][key], (step, key)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.sglang

@@ -10,6 +10,10 @@ The recipe is checked first, on the submitting machine (`launch/plan.py`: parall
   resumes from OUT/checkpoints/latest. LocalTunnel submits on this machine (a login node).
 - local: a nemo-run LocalExecutor running `opsdc train` under torchrun with tensor x pipeline x data processes.
 
+Both run the recipe as checked: the recipe with its overrides applied is written to
+OUT/launcher/<recipe>.yaml and the tasks get that one file (nemo-run 0.11.1 passes arguments with
+spaces to LocalExecutor's torchrun with shell quotes in them).
+
 The SGLang rollout servers (rollout.engine=sglang) are started by slurm/opsdc_job.sh only; this
 launcher refuses such recipes with a message saying so.
 """
@@ -22,7 +26,8 @@ import re
 import sys
 from pathlib import Path
 
-from opsdc_megatron.config import ConfigError, merge_config
+from opsdc_megatron.config import ConfigError, merge_config, to_yaml
+from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.launch.plan import JobPlan, PlanError, plan_job, trainer_checks
 
 # Each task: its rank from SLURM, the rendezvous on the first node's address (NodeAddr, which also
@@ -33,7 +38,7 @@ export MASTER_ADDR=$(scontrol show node "$(scontrol show hostnames "$SLURM_JOB_N
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000)) OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 export CUDA_DEVICE_MAX_CONNECTIONS=${{CUDA_DEVICE_MAX_CONNECTIONS:-1}} TORCH_NCCL_ASYNC_ERROR_HANDLING=${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}}
 cd {home}
-exec {python} -m opsdc_megatron.cli train {arguments}
+exec {python} -m opsdc_megatron.cli train {recipe}
 """
 
 
@@ -80,15 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     import nemo_run as run
 
     name = f"opsdc-{Path(recipe).stem}"
+    resolved_recipe = Path(os.environ["NEMORUN_HOME"]) / f"{Path(recipe).stem}.yaml"
+    resolved_recipe.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(resolved_recipe, to_yaml(config))
     if args.executor == "slurm":
         executor = slurm_executor(run, plan, args)
         python = args.python or ("python" if args.container_image else sys.executable)
-        arguments = " ".join(_quote([recipe, *args.overrides]))
-        task = run.Script(inline=SLURM_TASK.format(home=_quote([os.getcwd()])[0], python=python, arguments=arguments))
+        task = run.Script(inline=SLURM_TASK.format(home=_quote([os.getcwd()])[0], python=python, recipe=_quote([str(resolved_recipe)])[0]))
     else:
+        # `torchrun` and `python` resolved in this interpreter's environment, activated or not.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         executor = run.LocalExecutor(ntasks_per_node=config.world_size, launcher="torchrun" if config.world_size > 1 else None,
-                                     env_vars={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        task = run.Script(path="opsdc_megatron.cli", m=True, entrypoint="python", args=["train", recipe, *args.overrides])
+                                     env_vars={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PATH": path})
+        task = run.Script(path="opsdc_megatron.cli", m=True, entrypoint="python", args=["train", str(resolved_recipe)])
     with run.Experiment(name, log_level="WARN") as experiment:
         experiment.add(task, executor=executor, name="trainer")
         if args.dryrun:

@@ -5,10 +5,9 @@ made by tools/setup_sglang.sh: SGLang pins another torch than the trainer). Ever
 its own process group, so stopping it (SIGTERM, then SIGKILL after a grace period) also ends the
 scheduler and detokenizer processes it forks; nothing is left running when a test fails.
 
-Placement: locally, server i listens on 127.0.0.1:(base_port + i) and, with GPUs, gets the GPU group
-[i * tp, (i + 1) * tp). Under SLURM (an allocation with SLURM_JOB_NODELIST), the same command is
-started through `srun --overlap` on node i % nodes, so one allocation runs the trainer and its
-servers ("one server per node or GPU group").
+Placement: server i listens on host:(base_port + i) and, with GPUs, gets the GPU group
+[i * tp, (i + 1) * tp) of this node. On a SLURM cluster the job's own server step runs the same
+command on the rollout nodes, one task per GPU group (launch/sglang_step.py, slurm/opsdc_job.sh).
 
 On machines without CUDA the server runs SGLang's CPU path (../shared/FACTS.md section 2): torch-native
 attention and sampling, a bounded KV cache, no warm-up, an idle scheduler that sleeps, and the
@@ -74,15 +73,6 @@ class ServerSettings:
     log_dir: str | None = None
     """Where server_<i>.log files go; None = a temporary folder."""
     on_cpu: bool = field(default_factory=lambda: not torch.cuda.is_available())
-
-
-def _slurm_nodes() -> list[str]:
-    """Host names of the current SLURM allocation, [] outside SLURM."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        return []
-    output = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
-    return output.stdout.split()
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:
@@ -163,17 +153,16 @@ class ManagedProcess:
 class SGLangServer(ManagedProcess):
     """One `sglang.launch_server` process (and the scheduler/detokenizer processes it forks)."""
 
-    def __init__(self, index: int, settings: ServerSettings, log_dir: Path, host_node: str | None = None) -> None:
+    def __init__(self, index: int, settings: ServerSettings, log_dir: Path) -> None:
         self.index, self.settings = index, settings
         self.port = settings.base_port + index
-        self.host = host_node or settings.host
-        self.url = f"http://{self.host}:{self.port}"
-        super().__init__(f"SGLang server {index} ({self.url})", self._command(host_node), self._env(host_node), log_dir / f"server_{index}.log", f"{self.url}/health")
+        self.url = f"http://{settings.host}:{self.port}"
+        super().__init__(f"SGLang server {index} ({self.url})", self._command(), self._env(), log_dir / f"server_{index}.log", f"{self.url}/health")
 
-    def _command(self, host_node: str | None) -> list[str]:
+    def _command(self) -> list[str]:
         s = self.settings
         command = [
-            s.python, "-m", "sglang.launch_server", "--model-path", s.model_path, "--host", self.host, "--port", str(self.port),
+            s.python, "-m", "sglang.launch_server", "--model-path", s.model_path, "--host", s.host, "--port", str(self.port),
             "--tp-size", str(s.tensor_parallel_size), "--dtype", s.dtype, "--weight-version", LAUNCH_WEIGHT_VERSION,
         ]
         if s.mem_fraction_static is not None:
@@ -190,20 +179,16 @@ class SGLangServer(ManagedProcess):
             command += ["--skip-tokenizer-init"]
         if s.deterministic if s.deterministic is not None else not s.on_cpu:
             command += ["--enable-deterministic-inference"]
-        command += list(s.extra_args)
-        if host_node is not None:
-            gpus = [] if s.on_cpu else [f"--gpus={s.tensor_parallel_size}"]
-            command = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host_node}", *gpus, *command]
-        return command
+        return command + list(s.extra_args)
 
-    def _env(self, host_node: str | None) -> dict[str, str]:
+    def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         s = self.settings
         if s.on_cpu:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUB_DIR), env.get("PYTHONPATH", "")) if p)
             env.setdefault("OMP_NUM_THREADS", "1")
-        elif host_node is None:  # under SLURM, srun --gpus binds the server's GPUs itself
+        else:
             visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(torch.cuda.device_count()))).split(",")
             tp = s.tensor_parallel_size
             group = visible[self.index * tp : (self.index + 1) * tp]
@@ -244,8 +229,7 @@ class ServerFleet:
             raise FileNotFoundError(f"model path {settings.model_path} has no config.json")
         self.settings = settings
         self.log_dir = Path(settings.log_dir) if settings.log_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"opsdc-sglang-{os.getpid()}-{id(self):x}"
-        nodes = _slurm_nodes()
-        self.servers = [SGLangServer(i, settings, self.log_dir, nodes[i % len(nodes)] if nodes else None) for i in range(num_servers)]
+        self.servers = [SGLangServer(i, settings, self.log_dir) for i in range(num_servers)]
         self.router = SGLangRouter([s.url for s in self.servers], settings, router_port, self.log_dir) if router_port else None
 
     @property
