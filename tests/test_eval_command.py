@@ -12,7 +12,7 @@ import numpy
 import pytest
 
 from opsdc_megatron.cli import main
-from opsdc_megatron.eval import score
+from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import load_prompts, write_prompts
 from opsdc_megatron.toy.base_model import BuildSettings, build_base_model
 from opsdc_megatron.toy.task import toy_prompts

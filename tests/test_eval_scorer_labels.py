@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from opsdc_megatron.eval import score
+from opsdc_megatron.eval.scoring import score
 
 pytestmark = pytest.mark.eval
 

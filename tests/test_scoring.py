@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opsdc_megatron.eval import score
+from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.eval.scoring import answer_line, last_boxed, normalize
 
 pytestmark = pytest.mark.eval

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opsdc_megatron.eval import score
+from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import encode_prompt
 from opsdc_megatron.toy import task
 from opsdc_megatron.toy.base_model import BUILD_INFO, BuildSettings, build_base_model, ensure_base_model, recipe_hash

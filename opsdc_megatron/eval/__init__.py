@@ -1,5 +1,5 @@
-"""Evaluation: dual-path answer scoring (math-verify equivalence), benchmark loaders, mean@k accuracy and response length."""
+"""Evaluation: dual-path answer scoring (math-verify equivalence), benchmark loaders, mean@k accuracy and response length.
 
-from opsdc_megatron.eval.scoring import score
-
-__all__ = ["score"]
+Nothing is imported here: `opsdc` imports the eval command at start-up, and math-verify (scoring.py)
+takes about a second to import, so it is loaded only by the commands that score.
+"""
