@@ -15,8 +15,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from transformers import Qwen3Config
 
 from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, transformer_config_from_hf
-from opsdc_megatron.models.layer_spec import gpt_layer_spec
+from opsdc_megatron.models.layer_spec import gpt_layer_spec, supports_packed_sequences
 from opsdc_megatron.models.sdpa_attention import SDPAttention
+from opsdc_megatron.models.transformer_engine import guard_broken_transformer_engine
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 pytestmark = pytest.mark.parallel
@@ -127,3 +128,13 @@ def test_packed_attention_core_matches_each_sequence_and_checks_its_input(one_ra
     padded.cu_seqlens_q_padded = padded.cu_seqlens_kv_padded = padded.cu_seqlens_q
     with pytest.raises(ValueError, match="padded packed sequences"):
         attention(query, key, value, attention_mask=None, packed_seq_params=padded)
+
+
+def test_packing_follows_the_attention_backend() -> None:
+    """`opsdc train` packs micro-batches (train.micro_batch_tokens) only where attention takes packed sequences."""
+    assert supports_packed_sequences("sdpa") and not supports_packed_sequences("local")
+    te_available = guard_broken_transformer_engine().available
+    assert supports_packed_sequences("auto") == (te_available or torch.cuda.is_available())
+    if not te_available:
+        with pytest.raises(ValueError, match="'te' needs Transformer Engine"):
+            supports_packed_sequences("te")
