@@ -172,8 +172,8 @@ def pack_micro_batches(
     Sequences are sorted by length and a micro-batch takes the next one while its student + teacher
     tokens stay within `micro_batch_tokens`: the real tokens when `packed` (one packed row per
     stream, see the module docstring), else sequences x (longest student + longest teacher
-    sequence), padding included. Sorting keeps the padding small; packed micro-batches would need
-    no sorting, but the same order keeps the two layouts' micro-batches comparable.
+    sequence), padding included. Sorting keeps the padding small; packed, longest first lets this
+    one pass fill micro-batches close to the budget.
 
     Raises:
         ValueError: a sequence longer than the budget by itself.
