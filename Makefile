@@ -31,7 +31,7 @@ env-sglang: $(STAMP_SGLANG)
 PYTHON312 ?=
 VENV312 := .venv-py312
 STAMP312 := $(VENV312)/.installed
-MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py tests/test_convert.py tests/test_pipeline.py
+MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py tests/test_convert.py tests/test_pipeline.py tests/test_packing.py
 
 $(STAMP312): pyproject.toml tools/setup_env_py312.sh
 	PYTHON=$(PYTHON312) bash tools/setup_env_py312.sh

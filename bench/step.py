@@ -108,9 +108,7 @@ def main() -> None:
         sequences.append(ScoredSequence(prompt, instruction + prompt, response))
     micro_batches = make_micro_batches(sequences, args.micro_batch, pad_id=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for batch in micro_batches:
-        for name, value in vars(batch).items():
-            setattr(batch, name, value.to(device))
+    micro_batches = [batch.to(device) for batch in micro_batches]
 
     init_distributed(1, 1, seed=0)
     try:

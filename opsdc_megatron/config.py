@@ -151,9 +151,11 @@ class TrainConfig:
     micro_batch_prompts: int = 2
     """Sequences per forward/backward on one data-parallel rank."""
     micro_batch_tokens: int = 0
-    """> 0: instead of micro_batch_prompts sequences, pack rollouts by length into micro-batches of
-    at most this many tokens (student + teacher inputs, padding included) and balance tokens over
-    data-parallel ranks. Must hold the longest sequence: 2 x (max_prompt_tokens + max_response_tokens)."""
+    """> 0: instead of micro_batch_prompts sequences, group rollouts by length into micro-batches of
+    at most this many tokens (student + teacher inputs) and balance tokens over data-parallel ranks.
+    With an attention backend that takes packed sequences (te, sdpa) each micro-batch's sequences
+    are concatenated with no padding (thd); with local they are right-padded, padding counted.
+    Must hold the longest sequence: 2 x (max_prompt_tokens + max_response_tokens)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
     adam_beta1: float = 0.9

@@ -6,7 +6,9 @@ import torch
 from opsdc_megatron.distill.batch import (
     ScoredSequence,
     balance_over_ranks,
+    make_micro_batch,
     make_micro_batches,
+    micro_batches_for_rank,
     pack_micro_batches,
     stream_tokens,
 )
@@ -86,3 +88,72 @@ def test_pack_micro_batches_keeps_the_budget_and_every_token():
     assert len(batches) < len(sequences), "several sequences share a micro-batch"
     with pytest.raises(ValueError, match="train.micro_batch_tokens = 10 is smaller"):
         pack_micro_batches(sequences, 10, PAD)
+
+
+def test_packed_layout_one_row_per_stream():
+    """cu_seqlens, positions restarting per sequence, logit indices into the packed row: each picks
+    the token before its response token, in both streams."""
+    sequences = [
+        ScoredSequence([5, 6], [9, 9, 9, 5, 6], [11, 12, 13]),
+        ScoredSequence([5, 6, 7, 8], [9, 9, 9, 5, 6, 7, 8], [14]),
+        ScoredSequence([5], [9, 9, 9, 5], [15, 16]),
+    ]
+    batch = make_micro_batch(sequences, PAD, packed=True)
+    student_lengths, teacher_lengths = [5, 5, 3], [8, 8, 6]
+    for side, lengths, prompts in (
+        ("student", student_lengths, [s.student_prompt_ids for s in sequences]),
+        ("teacher", teacher_lengths, [s.teacher_prompt_ids for s in sequences]),
+    ):
+        tokens, positions = getattr(batch, f"{side}_tokens"), getattr(batch, f"{side}_positions")
+        packing, index = getattr(batch, f"{side}_packing"), getattr(batch, f"{side}_logit_index")
+        assert tokens.tolist() == [[t for p, s in zip(prompts, sequences) for t in p + s.response_ids]], side
+        assert positions.tolist() == [[i for length in lengths for i in range(length)]], side
+        assert packing.qkv_format == "thd" and packing.cu_seqlens_q.dtype == torch.int32
+        assert packing.cu_seqlens_q.tolist() == packing.cu_seqlens_kv.tolist() == [0, lengths[0], sum(lengths[:2]), sum(lengths)]
+        assert packing.max_seqlen_q == packing.max_seqlen_kv == max(lengths)
+        assert index.shape == batch.response_mask.shape == (3, 3)
+        for row, sequence in enumerate(sequences):
+            length = len(sequence.response_ids)
+            assert tokens[0, index[row, :length] + 1].tolist() == sequence.response_ids, (side, row)
+            assert (index[row, length:] == 0).all()
+    assert batch.response_tokens == 6
+
+
+def test_packed_micro_batch_of_one_sequence_is_the_padded_one():
+    sequence = ScoredSequence([5, 6, 7], [9, 9, 5, 6, 7], [11, 12])
+    packed, padded = make_micro_batch([sequence], PAD, packed=True), make_micro_batch([sequence], PAD)
+    assert padded.student_packing is None and padded.teacher_packing is None
+    for name in ("student_tokens", "teacher_tokens", "student_positions", "teacher_positions",
+                 "student_logit_index", "teacher_logit_index", "response_mask"):
+        assert torch.equal(getattr(packed, name), getattr(padded, name)), name
+    assert packed.student_packing.cu_seqlens_q.tolist() == [0, 5] and packed.student_packing.max_seqlen_q == 5
+    assert packed.teacher_packing.cu_seqlens_q.tolist() == [0, 7]
+    moved = packed.to("cpu")
+    assert torch.equal(moved.student_packing.cu_seqlens_q, packed.student_packing.cu_seqlens_q)
+    assert moved.student_packing.cu_seqlens_kv is moved.student_packing.cu_seqlens_q
+
+
+def test_packed_budget_counts_real_tokens_up_to_the_edge():
+    """Packed, a micro-batch holds exactly the budget; padded, the same sequences count their padding."""
+    short, long = ScoredSequence([5], [9, 5], [11]), ScoredSequence([5, 6, 7], [9, 5, 6, 7], [11, 12, 13])
+    both = stream_tokens(short) + stream_tokens(long)  # 5 + 13
+    assert [len(b.response_mask) for b in pack_micro_batches([short, long], both, PAD, packed=True)] == [2]
+    assert [len(b.response_mask) for b in pack_micro_batches([short, long], both - 1, PAD, packed=True)] == [1, 1]
+    assert [len(b.response_mask) for b in pack_micro_batches([short, long], both, PAD)] == [1, 1], "padded: 2 x 13 > 18"
+    batches = pack_micro_batches(varied_sequences(10), 60, PAD, packed=True)
+    assert all(b.student_tokens.shape[0] == 1 and b.student_tokens.numel() + b.teacher_tokens.numel() <= 60 for b in batches)
+    real_tokens = sum(stream_tokens(s) for s in varied_sequences(10))
+    assert sum(b.student_tokens.numel() + b.teacher_tokens.numel() for b in batches) == real_tokens, "no padding"
+    padded = pack_micro_batches(varied_sequences(10), 60, PAD)
+    assert sum(b.student_tokens.numel() + b.teacher_tokens.numel() for b in padded) > real_tokens
+    with pytest.raises(ValueError, match="train.micro_batch_tokens = 10 is smaller"):
+        pack_micro_batches(varied_sequences(10), 10, PAD, packed=True)
+
+
+def test_packed_rank_split_covers_every_response_token():
+    sequences = varied_sequences(9)
+    per_rank = [micro_batches_for_rank(sequences, rank, 2, 1, 60, PAD, packed=True) for rank in range(2)]
+    assert sum(b.response_tokens for batches in per_rank for b in batches) == sum(len(s.response_ids) for s in sequences)
+    assert all(b.student_packing is not None for batches in per_rank for b in batches)
+    assert all(b.student_packing is None for b in micro_batches_for_rank(sequences[:8], 0, 2, 2, 0, PAD, packed=True)), \
+        "no token budget: padded groups of micro_batch_prompts"

@@ -82,6 +82,14 @@ def test_full_activation_recompute_matches(setup, tp1_run):
     assert_same_run(tp1_run, recomputed)
 
 
+def test_packed_micro_batches_match(setup, tp1_run):
+    """train.micro_batch_tokens with the sdpa backend: each rank's rollouts packed into one row per stream
+    (thd; tests/test_packing.py compares packed and padded micro-batches directly)."""
+    packed = train(setup, setup / "packed", "train.steps=3", "parallel.tensor_parallel_size=1", "model.attention_backend=sdpa",
+                   "train.micro_batch_tokens=2096", "eval.every_steps=0")
+    assert_same_run(tp1_run, packed)
+
+
 def test_teacher_offload_matches(setup, tp1_run):
     """distill.teacher_offload=true (the teacher streamed from host memory, refreshed at step 2,
     saved in checkpoints from host memory) gives the TP=1 run's numbers exactly. Loading the host

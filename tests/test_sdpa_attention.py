@@ -1,18 +1,23 @@
 """SDPAttention (torch's fused SDPA kernels) as megatron-core's attention core: the same logits and
-gradients as megatron's own DotProductAttention, grouped-query heads included, in fp32 on CPU.
+gradients as megatron's own DotProductAttention, grouped-query heads included, in fp32 on CPU; packed
+(thd) sequences give what each sequence gives alone.
 bench/layer_slice.py measures its speed on a GPU."""
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from transformers import Qwen3Config
 
 from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, transformer_config_from_hf
-from opsdc_megatron.models.layer_spec import gpt_layer_spec
+from opsdc_megatron.models.layer_spec import gpt_layer_spec, supports_packed_sequences
 from opsdc_megatron.models.sdpa_attention import SDPAttention
+from opsdc_megatron.models.transformer_engine import guard_broken_transformer_engine
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 pytestmark = pytest.mark.parallel
@@ -64,3 +69,72 @@ def test_unsupported_settings_are_named(one_rank) -> None:
         attention(q, q[:, :, :2], q[:, :, :2], attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="attention backend must be"):
         gpt_layer_spec("flash")
+
+
+def _packing(lengths: list[int]) -> PackedSeqParams:
+    cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+
+
+def test_packed_sequences_attend_each_to_itself(one_rank) -> None:
+    """thd: packed sequences through the whole model (megatron's per-sequence RoPE, SDPAttention per
+    sequence) give each sequence's logits and gradients as if it ran alone; one-token sequences included."""
+    hf_config = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    alone, packed = _model("sdpa", hf_config), _model("sdpa", hf_config)
+    packed.load_state_dict(alone.state_dict())
+    lengths = [7, 1, 12, 3]
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 97, (1, length), generator=generator) for length in lengths]
+    weights = torch.randn(sum(lengths), 97, generator=generator)  # a loss that weighs every logit differently
+
+    separate = torch.cat([alone(s, torch.arange(s.shape[1])[None], attention_mask=None)[0] for s in sequences])
+    (separate * weights).sum().backward()
+    positions = torch.cat([torch.arange(length) for length in lengths])[None]
+    together = packed(torch.cat(sequences, dim=1), positions, attention_mask=None, packed_seq_params=_packing(lengths))[0]
+    (together * weights).sum().backward()
+
+    assert together.shape == separate.shape
+    assert torch.allclose(together, separate, rtol=1e-5, atol=1e-6)
+    for (name, parameter), reference in zip(packed.named_parameters(), alone.parameters()):
+        assert torch.allclose(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6), name
+    # Not vacuous: the same tokens in one causal row (no boundaries) read across sequences.
+    unbounded = alone(torch.cat(sequences, dim=1), positions, attention_mask=None)[0]
+    assert not torch.allclose(unbounded[lengths[0]:].detach(), separate[lengths[0]:].detach(), atol=1e-3)
+
+
+def test_packed_attention_core_matches_each_sequence_and_checks_its_input(one_rank) -> None:
+    """The core alone, grouped-query heads: [t, heads, d] packed against [s, 1, heads, d] per sequence."""
+    config = transformer_config_from_hf(Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16), 1)
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    lengths = [4, 1, 6]
+    generator = torch.Generator().manual_seed(2)
+    query, key, value = (torch.randn(sum(lengths), heads, 16, generator=generator) for heads in (4, 2, 2))
+    packed = attention(query, key, value, attention_mask=None, packed_seq_params=_packing(lengths))
+    assert packed.shape == (sum(lengths), 4 * 16)
+    start = 0
+    for length in lengths:
+        span = slice(start, start + length)
+        alone = attention(query[span, None], key[span, None], value[span, None], attention_mask=None)
+        assert torch.allclose(packed[span], alone[:, 0], rtol=1e-6, atol=1e-6)
+        start += length
+    with pytest.raises(ValueError, match="thd format only"):
+        attention(query, key, value, attention_mask=None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
+    with pytest.raises(ValueError, match="do not cover"):
+        attention(query, key, value, attention_mask=None, packed_seq_params=_packing([4, 1]))
+    padded = _packing(lengths)
+    padded.cu_seqlens_q_padded = padded.cu_seqlens_kv_padded = padded.cu_seqlens_q
+    with pytest.raises(ValueError, match="padded packed sequences"):
+        attention(query, key, value, attention_mask=None, packed_seq_params=padded)
+
+
+def test_packing_follows_the_attention_backend() -> None:
+    """`opsdc train` packs micro-batches (train.micro_batch_tokens) only where attention takes packed sequences."""
+    assert supports_packed_sequences("sdpa") and not supports_packed_sequences("local")
+    te_available = guard_broken_transformer_engine().available
+    assert supports_packed_sequences("auto") == (te_available or torch.cuda.is_available())
+    if not te_available:
+        with pytest.raises(ValueError, match="'te' needs Transformer Engine"):
+            supports_packed_sequences("te")

@@ -3,15 +3,30 @@
 Student input: prompt + response. Teacher input: instruction + prompt + the same response. Only the
 prefix differs, so the logits that predict response token j sit at (prefix length + j - 1) in each
 sequence; both index tensors are built here and the loss compares exactly those positions.
-Sequences are right-padded: with causal attention, padding after the last real token changes
-nothing before it, so no attention mask is needed.
+
+Two layouts of a micro-batch's sequences, one per stream (student, teacher):
+
+* padded: one row per sequence, right-padded. With causal attention, padding after the last real
+  token changes nothing before it, so no attention mask is needed. Every attention backend runs it.
+* packed: the sequences concatenated into ONE row with nothing between them, positions restarting
+  at 0 for each sequence, and megatron's `PackedSeqParams` (``qkv_format="thd"``, cumulative
+  sequence lengths) telling attention and RoPE where each sequence starts: no token is spent on
+  padding. Needs an attention backend that takes packed sequences: Transformer Engine's or
+  `models.sdpa_attention.SDPAttention`, not megatron's local DotProductAttention
+  (`models.layer_spec.supports_packed_sequences`).
+
+The logit index tensors are [sequences, response tokens] in both layouts and point into the row
+that holds each sequence (its own row when padded, the single row when packed), so the loss code
+reads both the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import accumulate
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 
 @dataclass(frozen=True)
@@ -24,43 +39,85 @@ class ScoredSequence:
 @dataclass
 class MicroBatch:
     student_tokens: torch.Tensor
-    """[sequences, student length] int64, right-padded."""
+    """[rows, student length] int64: one right-padded row per sequence, or one packed row."""
     teacher_tokens: torch.Tensor
+    student_positions: torch.Tensor
+    """Like `student_tokens`: each token's position in its own sequence."""
+    teacher_positions: torch.Tensor
     student_logit_index: torch.Tensor
-    """[sequences, response tokens]: student position whose logits predict each response token."""
+    """[sequences, response tokens]: position in the sequence's row whose logits predict each response token."""
     teacher_logit_index: torch.Tensor
     response_mask: torch.Tensor
     """[sequences, response tokens] float32: 1 on real response tokens, 0 on padding."""
+    student_packing: PackedSeqParams | None = None
+    """Sequence boundaries of the packed student row (thd); None when padded."""
+    teacher_packing: PackedSeqParams | None = None
 
     @property
     def response_tokens(self) -> int:
         return int(self.response_mask.sum().item())
 
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """A copy on `device`, sequence boundaries included (Transformer Engine reads them there)."""
+        def packing_on(packing: PackedSeqParams | None) -> PackedSeqParams | None:
+            if packing is None:
+                return None
+            cu_seqlens = packing.cu_seqlens_q.to(device)  # one tensor for q and kv: self-attention
+            return replace(packing, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
 
-def _pad(rows: list[list[int]], pad_id: int, width: int = 0) -> torch.Tensor:
-    width = max(width, *(len(row) for row in rows))
-    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+        tensors = ("student_tokens", "teacher_tokens", "student_positions", "teacher_positions",
+                   "student_logit_index", "teacher_logit_index", "response_mask")
+        return replace(
+            self, **{name: getattr(self, name).to(device) for name in tensors},
+            student_packing=packing_on(self.student_packing), teacher_packing=packing_on(self.teacher_packing),
+        )
 
 
-def make_micro_batch(sequences: list[ScoredSequence], pad_id: int, student_width: int = 0, teacher_width: int = 0) -> MicroBatch:
-    """Sequences right-padded to their longest, or to the given widths when those are longer."""
+def _stream(rows: list[list[int]], pad_id: int, width: int, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedSeqParams | None]:
+    """(tokens, positions, where each sequence starts in its row, packing) of one stream."""
+    lengths = [len(row) for row in rows]
+    if packed:
+        boundaries = [0, *accumulate(lengths)]
+        cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
+        packing = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths),
+        )
+        tokens = torch.tensor([[token for row in rows for token in row]], dtype=torch.long)
+        positions = torch.cat([torch.arange(length) for length in lengths])[None, :]
+        return tokens, positions, torch.tensor(boundaries[:-1]), packing
+    width = max(width, *lengths)
+    tokens = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    return tokens, torch.arange(width).expand_as(tokens), torch.zeros(len(rows), dtype=torch.long), None
+
+
+def make_micro_batch(
+    sequences: list[ScoredSequence], pad_id: int, student_width: int = 0, teacher_width: int = 0, packed: bool = False,
+) -> MicroBatch:
+    """One micro-batch: sequences right-padded to their longest (or to the given widths when those
+    are longer), or with `packed` concatenated into one row per stream (widths and `pad_id` unused)."""
     if any(not s.response_ids for s in sequences):
         raise ValueError("every rollout needs at least one response token")
     width = max(len(s.response_ids) for s in sequences)
     offsets = torch.arange(width)
     response_lengths = torch.tensor([len(s.response_ids) for s in sequences])
     mask = (offsets[None, :] < response_lengths[:, None]).float()
-
-    def logit_index(prompt_lengths: list[int]) -> torch.Tensor:
-        index = torch.tensor(prompt_lengths)[:, None] - 1 + offsets[None, :]
-        return torch.where(mask.bool(), index, torch.zeros_like(index))
-
+    streams = {}
+    for side, prompts, stream_width in (
+        ("student", [s.student_prompt_ids for s in sequences], student_width),
+        ("teacher", [s.teacher_prompt_ids for s in sequences], teacher_width),
+    ):
+        rows = [prompt + s.response_ids for prompt, s in zip(prompts, sequences)]
+        tokens, positions, starts, packing = _stream(rows, pad_id, stream_width, packed)
+        index = (starts + torch.tensor([len(p) for p in prompts]) - 1)[:, None] + offsets[None, :]
+        streams[side] = (tokens, positions, torch.where(mask.bool(), index, torch.zeros_like(index)), packing)
+    (student_tokens, student_positions, student_index, student_packing) = streams["student"]
+    (teacher_tokens, teacher_positions, teacher_index, teacher_packing) = streams["teacher"]
     return MicroBatch(
-        student_tokens=_pad([s.student_prompt_ids + s.response_ids for s in sequences], pad_id, student_width),
-        teacher_tokens=_pad([s.teacher_prompt_ids + s.response_ids for s in sequences], pad_id, teacher_width),
-        student_logit_index=logit_index([len(s.student_prompt_ids) for s in sequences]),
-        teacher_logit_index=logit_index([len(s.teacher_prompt_ids) for s in sequences]),
-        response_mask=mask,
+        student_tokens=student_tokens, teacher_tokens=teacher_tokens,
+        student_positions=student_positions, teacher_positions=teacher_positions,
+        student_logit_index=student_index, teacher_logit_index=teacher_index, response_mask=mask,
+        student_packing=student_packing, teacher_packing=teacher_packing,
     )
 
 
@@ -107,13 +164,16 @@ def balance_over_ranks(sequences: list[ScoredSequence], ranks: int) -> list[list
     return [sorted(indices) for indices in assignment]
 
 
-def pack_micro_batches(sequences: list[ScoredSequence], micro_batch_tokens: int, pad_id: int) -> list[MicroBatch]:
-    """Micro-batches of similar-length sequences, each within a token budget, padding included.
+def pack_micro_batches(
+    sequences: list[ScoredSequence], micro_batch_tokens: int, pad_id: int, packed: bool = False,
+) -> list[MicroBatch]:
+    """Micro-batches of similar-length sequences, each within a token budget.
 
-    Sequences are sorted by length and a micro-batch takes the next one while (sequences x longest
-    student + teacher stream) stays within `micro_batch_tokens`. The attention here (megatron's
-    local spec) needs right padding; packing several sequences into one row needs a backend with
-    packed-sequence support (Transformer Engine / flash attention with THD layout).
+    Sequences are sorted by length and a micro-batch takes the next one while its student + teacher
+    tokens stay within `micro_batch_tokens`: the real tokens when `packed` (one packed row per
+    stream, see the module docstring), else sequences x (longest student + longest teacher
+    sequence), padding included. Sorting keeps the padding small; packed, longest first lets this
+    one pass fill micro-batches close to the budget.
 
     Raises:
         ValueError: a sequence longer than the budget by itself.
@@ -124,34 +184,39 @@ def pack_micro_batches(sequences: list[ScoredSequence], micro_batch_tokens: int,
             f"train.micro_batch_tokens = {micro_batch_tokens} is smaller than a sequence's student + teacher "
             f"tokens ({max(too_long)})"
         )
-    def padded_tokens(group: list[ScoredSequence]) -> int:
+
+    def budget_tokens(group: list[ScoredSequence]) -> int:
+        if packed:
+            return sum(stream_tokens(s) for s in group)
         student = max(len(s.student_prompt_ids) + len(s.response_ids) for s in group)
         teacher = max(len(s.teacher_prompt_ids) + len(s.response_ids) for s in group)
         return len(group) * (student + teacher)
 
     groups: list[list[ScoredSequence]] = []
     for sequence in sorted(sequences, key=stream_tokens, reverse=True):
-        if groups and padded_tokens(groups[-1] + [sequence]) <= micro_batch_tokens:
+        if groups and budget_tokens(groups[-1] + [sequence]) <= micro_batch_tokens:
             groups[-1].append(sequence)
         else:
             groups.append([sequence])
-    return [make_micro_batch(group, pad_id) for group in groups]
+    return [make_micro_batch(group, pad_id, packed=packed) for group in groups]
 
 
 def micro_batches_for_rank(
     sequences: list[ScoredSequence], dp_rank: int, dp_size: int, micro_batch_sequences: int,
-    micro_batch_tokens: int, pad_id: int, same_shape: bool = False,
+    micro_batch_tokens: int, pad_id: int, same_shape: bool = False, packed: bool = False,
 ) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches from the step's sequences (all ranks).
 
     With a token budget (`micro_batch_tokens` > 0), sequences are balanced over ranks by tokens and
-    packed by length (`pack_micro_batches`); otherwise each rank takes an equal consecutive share in
-    groups of `micro_batch_sequences`. The loss is a per-token mean over the whole step
-    (distill/forward.py), so the split changes nothing but speed.
+    grouped by length (`pack_micro_batches`), each micro-batch packed into one row per stream when
+    `packed` (the attention backend takes packed sequences: `layer_spec.supports_packed_sequences`),
+    else right-padded; without a budget each rank takes an equal consecutive share in padded groups
+    of `micro_batch_sequences` (`packed` does not apply). The loss is a per-token mean over the
+    whole step (distill/forward.py), so neither the split nor the layout changes it.
     """
     if micro_batch_tokens:
         mine = [sequences[i] for i in balance_over_ranks(sequences, dp_size)[dp_rank]]
-        return pack_micro_batches(mine, micro_batch_tokens, pad_id)
+        return pack_micro_batches(mine, micro_batch_tokens, pad_id, packed)
     per_rank = len(sequences) // dp_size
     mine = sequences[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     return make_micro_batches(mine, micro_batch_sequences, pad_id, same_shape)

@@ -3,11 +3,14 @@
 With pipeline parallelism both forwards travel through megatron-core's schedules (1F1B and
 interleaved) together. Each rank holds, per model chunk, the student's layers (wrapped in megatron
 DDP, trained) and the teacher's copy of the same layers (no gradient). A micro-batch travels between
-stages as ONE tensor, ``[student tokens + teacher tokens, sequences, hidden]``: the student's hidden
+stages as ONE tensor, ``[student tokens + teacher tokens, rows, hidden]``: the student's hidden
 states, then the teacher's, concatenated along the sequence axis (the teacher's prompt is longer by
 the instruction, so the two streams differ in length; concatenating along the sequence instead of
-the batch axis pads neither). megatron's p2p sends one tensor per micro-batch and, with
-``variable_seq_lengths``, its shape first, so each micro-batch may have its own lengths.
+the batch axis pads neither). Rows are the sequences when padded, or one row per stream when the
+micro-batch is packed (distill/batch.py); each stage passes the micro-batch's `PackedSeqParams` to
+its GPTModel chunks, which apply RoPE and attention per sequence. megatron's p2p sends one tensor
+per micro-batch and, with ``variable_seq_lengths``, its shape first, so each micro-batch may have
+its own lengths.
 
 Memory and compute of the teacher half:
 
@@ -35,12 +38,21 @@ from opsdc_megatron.distill.teacher_offload import TeacherWeightStream
 from opsdc_megatron.models.qwen3.model import padding_vocab_slice
 
 
-def _positions(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+def _student_inputs(batch: MicroBatch) -> dict:
+    """GPTModel.forward's inputs for the student stream (packed sequences' boundaries, if packed)."""
+    return dict(input_ids=batch.student_tokens, position_ids=batch.student_positions, attention_mask=None,
+                packed_seq_params=batch.student_packing)
+
+
+def _teacher_inputs(batch: MicroBatch) -> dict:
+    return dict(input_ids=batch.teacher_tokens, position_ids=batch.teacher_positions, attention_mask=None,
+                packed_seq_params=batch.teacher_packing)
 
 
 def pick_response_logits(logits: torch.Tensor, logit_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """This rank's vocabulary shard of the logits that predict each response token.
+
+    `logit_index` is [sequences, response tokens]; with one packed row, every sequence reads it.
 
     The vocabulary padding columns are set to -inf so they carry no probability mass.
     """
@@ -100,29 +112,27 @@ class DistillStage(torch.nn.Module):
         self._received = tensor[0] if isinstance(tensor, list) else tensor
 
     def forward(self, batch: MicroBatch) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        student_tokens, teacher_tokens = batch.student_tokens, batch.teacher_tokens
         if self._received is not None:  # not the first stage: split the stream back into its halves
-            student_length = student_tokens.shape[1]
+            student_length = batch.student_tokens.shape[1]
             get_attr_wrapped_model(self.module, "set_input_tensor")(self._received[:student_length])
             self.teacher.set_input_tensor(self._received[student_length:].detach())
         if self.is_last_stage and self.fused_output_layer:
             return self._fused_outputs(batch)
         with torch.no_grad():
-            teacher_out = self.teacher(teacher_tokens, _positions(teacher_tokens), attention_mask=None)
+            teacher_out = self.teacher(**_teacher_inputs(batch))
             if self.is_last_stage:
                 teacher_out = pick_response_logits(teacher_out, batch.teacher_logit_index, self.vocab_size)
-        student_out = self.module(student_tokens, _positions(student_tokens), attention_mask=None)
+        student_out = self.module(**_student_inputs(batch))
         if self.is_last_stage:
             return pick_response_logits(student_out, batch.student_logit_index, self.vocab_size), teacher_out
         return torch.cat([student_out, teacher_out], dim=0)
 
     def _fused_outputs(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         student_gpt = get_attr_wrapped_model(self.module, "output_layer", return_model_obj=True)
-        student_tokens, teacher_tokens = batch.student_tokens, batch.teacher_tokens
         with torch.no_grad(), _output_layer_bypassed(self.teacher):
-            teacher_hidden = self.teacher(teacher_tokens, _positions(teacher_tokens), attention_mask=None)
+            teacher_hidden = self.teacher(**_teacher_inputs(batch))
         with _output_layer_bypassed(student_gpt):
-            student_hidden = self.module(student_tokens, _positions(student_tokens), attention_mask=None)
+            student_hidden = self.module(**_student_inputs(batch))
         teacher_weight = _output_weight(self.teacher)
         if self.teacher_stream is not None:
             teacher_weight = self.teacher_stream.on_device(teacher_weight)

@@ -19,21 +19,43 @@ H200); local: megatron-core's DotProductAttention (the reference; on CPU, where 
 it keeps tensor-parallel runs bit-for-bit closer to TP=1)."""
 
 
-def gpt_layer_spec(attention_backend: str = "auto", qk_layernorm: bool = True) -> ModuleSpec:
-    """The layer spec for RMSNorm decoders (QK-norm for Qwen3) with the chosen attention backend."""
+PACKED_SEQUENCE_BACKENDS = ("te", "sdpa")
+"""Backends whose attention takes packed sequences (``PackedSeqParams``, thd); megatron's local
+DotProductAttention does not."""
+
+
+def resolve_attention_backend(attention_backend: str) -> str:
+    """The backend a layer is built with: te, sdpa or local ("auto" decided here, see ATTENTION_BACKENDS).
+
+    Raises:
+        ValueError: an unknown backend, or "te" without a working Transformer Engine.
+    """
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
     if attention_backend in ("auto", "te"):
         status = guard_broken_transformer_engine()
         if status.available:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+            return "te"
         if attention_backend == "te":
             raise ValueError(f"attention backend 'te' needs Transformer Engine: {status.reason}")
-        attention_backend = "sdpa" if torch.cuda.is_available() else "local"
+        return "sdpa" if torch.cuda.is_available() else "local"
+    return attention_backend
+
+
+def supports_packed_sequences(attention_backend: str) -> bool:
+    """Whether micro-batches can be packed (distill/batch.py) for this backend, "auto" resolved here."""
+    return resolve_attention_backend(attention_backend) in PACKED_SEQUENCE_BACKENDS
+
+
+def gpt_layer_spec(attention_backend: str = "auto", qk_layernorm: bool = True) -> ModuleSpec:
+    """The layer spec for RMSNorm decoders (QK-norm for Qwen3) with the chosen attention backend."""
+    backend = resolve_attention_backend(attention_backend)
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    if attention_backend == "sdpa":
+    if backend == "sdpa":
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec

@@ -26,6 +26,7 @@ from opsdc_megatron.eval.evaluate import evaluate
 from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import save_hf_folder
+from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts
@@ -87,6 +88,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     student, teacher = torch.nn.ModuleList(model.student), model.teacher
     forward_step = make_forward_step(config.distill.divergence, config.distill.fused_output_layer)
     block = config.rollout.generation_batch_prompts
+    packed = supports_packed_sequences(config.model.attention_backend)  # with train.micro_batch_tokens
 
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
@@ -127,7 +129,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         sequences = [ScoredSequence(b.student_ids, b.teacher_ids, r.response_ids) for b, r in zip(batch, rollouts)]
         micro_batches = micro_batches_for_rank(
             sequences, dp_rank, dp_size, config.train.micro_batch_prompts, config.train.micro_batch_tokens,
-            tokenizer.pad_token_id, same_shape=len(model.stages) > 1,
+            tokenizer.pad_token_id, same_shape=len(model.stages) > 1, packed=packed,
         )
         result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)

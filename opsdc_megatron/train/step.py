@@ -98,6 +98,9 @@ def optimizer_step(
             f"the interleaved pipeline schedule needs micro-batches of one shape, got {len(shapes)} shapes; "
             f"build them with make_micro_batches(..., same_shape=True)"
         )
+    # Built on the host (distill/batch.py); the model's device from here on.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    micro_batches = [batch.to(device) for batch in micro_batches]
     for stage in stages:
         stage.module.zero_grad_buffer()
     optimizer.zero_grad()
