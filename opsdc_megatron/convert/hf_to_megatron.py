@@ -1,13 +1,14 @@
 """Hugging Face folder -> megatron-core torch_dist checkpoint of the model (no optimizer), streamed.
 
 Each of TP x PP ranks builds its GPTModel shard on the meta device and hands its
-`sharded_state_dict()` to megatron's `dist_checkpointing.save`: keys, global shapes, offsets,
-replicas, ``common.pt`` and ``metadata.json`` are megatron's own. Only the tensor bytes are
-streamed: the save strategy (`_StreamingTorchDistSave`) writes with torch.distributed.checkpoint
-synchronously, and its planner makes each tensor from the HF files (`hf_shard_makers`, the
-architecture's one name map) when the writer asks for it. torch's writer keeps a file's tensors
-until the file is complete, so a rank writes files of at most its largest tensor: peak memory is
-about twice the largest tensor, whatever the model size (measured: bench/convert.py).
+`sharded_state_dict()` to megatron's `dist_checkpointing.save`, so keys, global shapes, offsets,
+replicas, ``common.pt``, ``metadata.json`` and the ``.metadata`` index are megatron's own. Only
+the tensor bytes are streamed: megatron's writer would resolve every tensor before writing any,
+so the save strategy (`_StreamingTorchDistSave`) writes with torch.distributed.checkpoint's file
+writer instead, and its planner makes each tensor from the HF files (`hf_shard_makers`, through
+the architecture's one name map) only when it is written. torch's writer keeps a file's tensors
+until the file is complete, so a rank's files hold at most its largest tensor: peak memory is
+about the largest tensor plus one such file, whatever the layer count (bench/convert.py).
 
 Output folder::
 
@@ -74,6 +75,7 @@ def save_megatron_checkpoint(hf_dir: Path, out: Path, params_dtype: torch.dtype)
             params_dtype=params_dtype,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
+            empty_on_host=True,  # allocated on the default device (meta), not on a GPU, never initialised
         )
     makers = hf_shard_makers(model, hf_dir)  # checks the HF files first
     layout = model.sharded_state_dict()  # a second one: `save` rewrites the one it is given
@@ -84,6 +86,7 @@ def save_megatron_checkpoint(hf_dir: Path, out: Path, params_dtype: torch.dtype)
     }
 
     def make_slice(key: str, offset: tuple[int, ...]) -> torch.Tensor:
+        """One checkpoint slice, read from the HF files (a fused gate/up shard is read once per slice)."""
         name, number = recipes[(key, offset)]
         return checkpoint_slices(layout[name], makers[name]())[number][2]
 
@@ -91,11 +94,10 @@ def save_megatron_checkpoint(hf_dir: Path, out: Path, params_dtype: torch.dtype)
 
 
 class _StreamingTorchDistSave(TorchDistSaveShardedStrategy):
-    """megatron's torch_dist save strategy, written synchronously with tensors made on demand.
+    """megatron's torch_dist save, synchronous, with tensors made by `make_slice(key, global offset)`.
 
-    The state dict is translated by megatron's own functions (so the metadata is what megatron
-    writes), but megatron's writer resolves every tensor before writing any: torch's file writer,
-    with `_StreamingSavePlanner`, makes one at a time.
+    The state dict is translated by megatron's own functions (`_replace_state_dict_keys_with_sharded_keys`
+    is private in megatron-core 0.16 and 0.19 alike); only the writer and the planner differ.
     """
 
     def __init__(self, make_slice: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
@@ -133,8 +135,10 @@ class _StreamingSavePlanner(MCoreSavePlanner):
 class _BoundedFileWriter(dcp.FileSystemWriter):
     """torch's file writer with files of at most the rank's largest tensor.
 
-    torch's writer holds every tensor of a file until the file is complete (one file per rank
-    would hold the rank's whole shard); objects (megatron's extra states) join the tensors' files.
+    torch's writer holds every tensor of a file until the file is complete (its default, one file
+    per rank, would hold the rank's whole shard). Objects (megatron's extra states) join the
+    tensors' files, so every file holds tensors. Files are queued for torch's private `_write_data`
+    (the same in torch 2.13 and 2.14).
     """
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:

@@ -108,7 +108,7 @@ def export_megatron_to_hf(
     metadata = reader.read_metadata()
     with torch.device("meta"):
         stored_dtype = _stored_dtype(metadata, "embedding.word_embeddings.weight", ckpt)
-        model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype)
+        model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype, empty_on_host=True)  # meta, not a GPU
     geo = _Geometry(model)
     sharded = model.sharded_state_dict()
     entries = [(name, layout, hf_names, param) for name, param, layout, hf_names in _named_entries(model)]

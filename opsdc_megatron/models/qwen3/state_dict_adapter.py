@@ -278,7 +278,7 @@ def hf_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def _checked_reader(gpt: GPTModel, entries: list, source: HFSource) -> Callable[[str], torch.Tensor]:
-    """A reader of the source's tensors by name, once every name and shape `entries` read is checked,
+    """A reader of the source's tensors by name, after checking every name and shape `entries` read
     and that the source holds no tensor the whole model would not read.
 
     Raises:
