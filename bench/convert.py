@@ -5,7 +5,7 @@ vocabulary 151936, untied embeddings) but only ``--layers`` decoder layers of ra
 is written tensor by tensor (one safetensors file per layer). Then, each in its own process tree,
 exactly as a user runs them:
 
-1. ``opsdc convert hf-to-megatron --tp 1`` (one megatron rank: it holds its whole model shard);
+1. ``opsdc convert hf-to-megatron --tp 1`` (one megatron rank; streamed: each tensor read when written);
 2. ``opsdc convert megatron-to-hf --max-shard-gb S`` (streamed: slices read one output file at a time);
 3. a process that only imports what the converters import (the baseline).
 

@@ -2,7 +2,8 @@
 
 * `hf_to_megatron`: a HF folder -> a megatron-core ``torch_dist`` checkpoint of the model alone,
   written by megatron's own `dist_checkpointing.save` from TP x PP ranks, so its keys are exactly
-  what `GPTModel.sharded_state_dict()` expects (`opsdc train` starts from it: ``model.megatron_checkpoint``).
+  what `GPTModel.sharded_state_dict()` expects (`opsdc train` starts from it: ``model.megatron_checkpoint``);
+  each tensor is read from the HF files only when it is written, never the whole model in memory.
 * `megatron_to_hf`: any such checkpoint (or a training checkpoint) -> sharded safetensors, read
   tensor by tensor with torch.distributed.checkpoint, never the whole model in memory.
 * `verify`: the largest logit difference between a HF folder and a megatron checkpoint.

@@ -1,8 +1,14 @@
-"""Hugging Face folder -> megatron-core torch_dist checkpoint of the model (no optimizer).
+"""Hugging Face folder -> megatron-core torch_dist checkpoint of the model (no optimizer), streamed.
 
-Each of TP x PP ranks builds its shard of the megatron GPTModel, copies its part of the HF
-weights in (`load_hf_weights`, one tensor read at a time) and megatron's `dist_checkpointing.save`
-writes it: the keys and global shapes are GPTModel's own. A rank holds 1 / (TP x PP) of the model.
+Each of TP x PP ranks builds its GPTModel shard on the meta device and hands its
+`sharded_state_dict()` to megatron's `dist_checkpointing.save`, so keys, global shapes, offsets,
+replicas, ``common.pt``, ``metadata.json`` and the ``.metadata`` index are megatron's own. Only
+the tensor bytes are streamed: megatron's writer would resolve every tensor before writing any,
+so the save strategy (`_StreamingTorchDistSave`) writes with torch.distributed.checkpoint's file
+writer instead, and its planner makes each tensor from the HF files (`hf_shard_makers`, through
+the architecture's one name map) only when it is written. torch's writer keeps a file's tensors
+until the file is complete, so a rank's files hold at most its largest tensor: peak memory is
+about the largest tensor plus one such file, whatever the layer count (bench/convert.py).
 
 Output folder::
 
@@ -19,20 +25,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import queue
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 
 from opsdc_megatron.convert.checks import ConversionError, check_hf_folder, require_new_output
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import COPIED_FILES
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config, transformer_config_from_hf
-from opsdc_megatron.models.qwen3.state_dict_adapter import load_hf_weights
+from opsdc_megatron.models.qwen3.state_dict_adapter import hf_shard_makers
 from opsdc_megatron.models.registry import architecture_of
 
 HF_FILES = "hf"
@@ -44,16 +67,127 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def save_megatron_checkpoint(hf_dir: Path, out: Path, params_dtype: torch.dtype) -> None:
     """Collective over megatron's groups (already initialised): this rank's shard, saved into `out`."""
     config = load_hf_config(hf_dir)
-    model = build_gpt_model(
-        config,
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-        params_dtype=params_dtype,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    load_hf_weights(model, hf_dir)
-    dist_checkpointing.save(model.sharded_state_dict(), str(out))
+    with torch.device("meta"):
+        model = build_gpt_model(
+            config,
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            params_dtype=params_dtype,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            empty_on_host=True,  # allocated on the default device (meta), not on a GPU, never initialised
+        )
+    makers = hf_shard_makers(model, hf_dir)  # checks the HF files first
+    layout = model.sharded_state_dict()  # a second one: `save` rewrites the one it is given
+    recipes = {
+        (key, offset): (name, number)
+        for name in makers
+        for number, (key, offset, _) in enumerate(checkpoint_slices(layout[name], layout[name].data))
+    }
+
+    def make_slice(key: str, offset: tuple[int, ...]) -> torch.Tensor:
+        """One checkpoint slice, read from the HF files (a fused gate/up shard is read once per slice)."""
+        name, number = recipes[(key, offset)]
+        return checkpoint_slices(layout[name], makers[name]())[number][2]
+
+    dist_checkpointing.save(model.sharded_state_dict(), str(out), sharded_strategy=_StreamingTorchDistSave(make_slice))
+
+
+class _StreamingTorchDistSave(TorchDistSaveShardedStrategy):
+    """megatron's torch_dist save, synchronous, with tensors made by `make_slice(key, global offset)`.
+
+    The state dict is translated by megatron's own functions (`_replace_state_dict_keys_with_sharded_keys`
+    is private in megatron-core 0.16 and 0.19 alike); only the writer and the planner differ.
+    """
+
+    def __init__(self, make_slice: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
+        super().__init__("torch_dist", 1)
+        self.make_slice = make_slice
+
+    def save(self, sharded_state_dict: dict, checkpoint_dir: Path) -> None:
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        dcp.save(
+            mcore_to_pyt_state_dict(by_key, is_loading=False),
+            storage_writer=_BoundedFileWriter(checkpoint_dir, per_thread_copy_ahead=0),  # 0: no read-ahead
+            planner=_StreamingSavePlanner(self.make_slice),
+        )
+
+
+class _StreamingSavePlanner(MCoreSavePlanner):
+    """megatron's save planner, except that each tensor is made when the writer asks for it."""
+
+    def __init__(self, make_slice: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)  # as megatron's strategy
+        self.make_slice = make_slice
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """As megatron's save: the ranks' plans are kept in the metadata (its metadata reuse reads them)."""
+        plans, metadata = super().create_global_plan(all_plans)
+        metadata.all_local_plans = all_plans
+        return plans, metadata
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        return self.make_slice(write_item.index.fqn, tuple(write_item.index.offset))
+
+
+class _BoundedFileWriter(dcp.FileSystemWriter):
+    """torch's file writer with files of at most the rank's largest tensor.
+
+    torch's writer holds every tensor of a file until the file is complete (its default, one file
+    per rank, would hold the rank's whole shard). Objects (megatron's extra states) join the
+    tensors' files, so every file holds tensors. Files are queued for torch's private `_write_data`
+    (the same in torch 2.13 and 2.14).
+    """
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        sizes = [_chunk_bytes(item) for item in plan.items]
+        files: queue.Queue = queue.Queue()
+        for number, items in enumerate(bounded_groups(plan.items, sizes, max(sizes, default=0))):
+            name = f"{plan.storage_data.prefix}{number}{DEFAULT_SUFFIX}"
+            files.put((self.fs.concat_path(self.path, name), name, items))
+        return self._write_data(planner, files)
+
+
+def _chunk_bytes(item: WriteItem) -> int:
+    """Bytes of a tensor item's chunk on this rank (0 for an object)."""
+    if item.type == WriteItemType.BYTE_IO:
+        return 0
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
+
+Item = TypeVar("Item")
+
+
+def bounded_groups(items: list[Item], sizes: list[int], max_bytes: int) -> list[list[Item]]:
+    """Consecutive items grouped so that each group holds at most `max_bytes` (a larger item alone)."""
+    groups: list[list[Item]] = []
+    current_bytes = 0
+    for item, size in zip(items, sizes):
+        if not groups or current_bytes + size > max_bytes:
+            groups.append([])
+            current_bytes = 0
+        groups[-1].append(item)
+        current_bytes += size
+    return groups
+
+
+def checkpoint_slices(sharded: ShardedTensor | ShardedTensorFactory, data: torch.Tensor) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
+    """(key, global offset, view of `data`) for every checkpoint slice a parameter shard is made of.
+
+    `data` has the parameter's shape; a fused parameter (gate/up) is several slices, and a layer's
+    view carries megatron's leading layer axis. `sharded` keeps no reference to `data`.
+    """
+    own, sharded.data = sharded.data, data
+    try:
+        pieces = sharded.build() if isinstance(sharded, ShardedTensorFactory) else [sharded]
+        return [
+            (piece.key, tuple(piece.global_offset), piece.data.view((1,) * piece.prepend_axis_num + tuple(piece.local_shape)))
+            for piece in pieces
+        ]
+    finally:
+        sharded.data = own
 
 
 def convert_hf_to_megatron(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from safetensors.torch import save_file
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from transformers import GenerationConfig
 
 from opsdc_megatron.convert.checks import ConversionError, check_megatron_checkpoint, require_new_output
-from opsdc_megatron.convert.hf_to_megatron import HF_FILES, copy_hf_files
+from opsdc_megatron.convert.hf_to_megatron import HF_FILES, bounded_groups, checkpoint_slices, copy_hf_files
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
 from opsdc_megatron.models.qwen3.state_dict_adapter import Layout, _expected_hf_shapes, _from_shards, _Geometry, _named_entries
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
@@ -78,19 +78,6 @@ class _SliceLoadPlanner(LoadPlanner):
         """The data was copied into the destination view in place."""
 
 
-def _slices(sharded: ShardedTensor | ShardedTensorFactory, buffer: torch.Tensor) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
-    """(key, global offset, view of `buffer`) for every checkpoint slice one TP=1 parameter is made of."""
-    meta, sharded.data = sharded.data, buffer
-    try:
-        pieces = sharded.build() if isinstance(sharded, ShardedTensorFactory) else [sharded]
-        return [
-            (piece.key, tuple(piece.global_offset), piece.data.view((1,) * piece.prepend_axis_num + tuple(piece.local_shape)))
-            for piece in pieces
-        ]
-    finally:
-        sharded.data = meta  # the caller owns the buffer; the model's state dict keeps no reference
-
-
 def find_hf_config(ckpt: Path) -> Path:
     """Where a checkpoint's HF config and tokenizer are: its ``hf/`` or the training run's model folder."""
     if (ckpt / HF_FILES / "config.json").is_file():
@@ -121,7 +108,7 @@ def export_megatron_to_hf(
     metadata = reader.read_metadata()
     with torch.device("meta"):
         stored_dtype = _stored_dtype(metadata, "embedding.word_embeddings.weight", ckpt)
-        model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype)
+        model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype, empty_on_host=True)  # meta, not a GPU
     geo = _Geometry(model)
     sharded = model.sharded_state_dict()
     entries = [(name, layout, hf_names, param) for name, param, layout, hf_names in _named_entries(model)]
@@ -193,19 +180,9 @@ def _check_matches(entries, sharded: dict, metadata: Metadata, ckpt: Path, hf_co
 
 def _plan_shards(entries, geo: _Geometry, dtype: torch.dtype, max_shard_bytes: int) -> list[list]:
     """Consecutive parameters grouped into output files of at most `max_shard_bytes` (a larger tensor alone)."""
-    shards, current, current_bytes = [], [], 0
     item_bytes = torch.empty((), dtype=dtype).element_size()
-    for entry in entries:
-        _, layout, _, param = entry
-        size = sum(shape.numel() for shape in _expected_hf_shapes(layout, param, geo)) * item_bytes
-        if current and current_bytes + size > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(entry)
-        current_bytes += size
-    if current:
-        shards.append(current)
-    return shards
+    sizes = [sum(shape.numel() for shape in _expected_hf_shapes(layout, param, geo)) * item_bytes for _, layout, _, param in entries]
+    return bounded_groups(entries, sizes, max_shard_bytes)
 
 
 def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -214,7 +191,7 @@ def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torc
     requests: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
     for name, layout, hf_names, param in shard:
         buffer = torch.empty(param.shape, dtype=stored_dtype)
-        requests += _slices(sharded[name], buffer)
+        requests += checkpoint_slices(sharded[name], buffer)
         buffers.append((layout, hf_names, buffer))
     try:
         dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
@@ -178,8 +177,10 @@ def _to_shard(layout: Layout, hf: list[torch.Tensor], geo: _Geometry) -> torch.T
         return hf[0].chunk(size, dim=1)[rank]
     if layout == "vocab":
         shard_rows = -(-geo.hf_vocab_size // size)
-        shard = hf[0].new_zeros((shard_rows, *hf[0].shape[1:]))
         rows = hf[0][rank * shard_rows : (rank + 1) * shard_rows]
+        if rows.shape[0] == shard_rows:
+            return rows  # a view: no copy of the (largest) tensor where no padding is needed
+        shard = hf[0].new_zeros((shard_rows, *hf[0].shape[1:]))
         shard[: rows.shape[0]] = rows
         return shard
     if layout == "gate_up":
@@ -235,8 +236,13 @@ def _expected_hf_shapes(layout: Layout, param: torch.Tensor, geo: _Geometry) -> 
 # Reading Hugging Face tensors.
 
 
-def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
-    """(name -> shape for every tensor in the source, a reader of one tensor by name)."""
+def _open_source(source: HFSource) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """(name -> shape for every tensor in the source, a reader of one tensor by name).
+
+    A file is opened for each read: safetensors maps the file and returns tensors backed by the
+    mapping, whose pages stay resident while the file is open; opened per read, they are released
+    with the tensor, so reading a whole model never holds more than the tensors still in use.
+    """
     if isinstance(source, Mapping):
         return {name: tuple(t.shape) for name, t in source.items()}, source.__getitem__
     folder = Path(source)
@@ -252,19 +258,50 @@ def _open_source(source: HFSource, stack: ExitStack) -> tuple[dict[str, tuple[in
     missing_files = [file for file in files if not (folder / file).is_file()]
     if missing_files:
         raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
-    handles = {file: stack.enter_context(safe_open(folder / file, framework="pt", device="cpu")) for file in files}
     shapes: dict[str, tuple[int, ...]] = {}
-    for file, handle in handles.items():
-        for name in handle.keys():
-            shapes[name] = tuple(handle.get_slice(name).get_shape())
-            weight_map.setdefault(name, file)
-    return shapes, lambda name: handles[weight_map[name]].get_tensor(name)
+    for file in files:
+        with safe_open(folder / file, framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+                weight_map.setdefault(name, file)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(folder / weight_map[name], framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+    return shapes, read
 
 
 def hf_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a Hugging Face folder, from the safetensors headers only."""
-    with ExitStack() as stack:
-        return _open_source(folder, stack)[0]
+    return _open_source(folder)[0]
+
+
+def _checked_reader(gpt: GPTModel, entries: list, source: HFSource) -> Callable[[str], torch.Tensor]:
+    """A reader of the source's tensors by name, after checking every name and shape `entries` read
+    and that the source holds no tensor the whole model would not read.
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped tensors (all listed).
+    """
+    geo = _Geometry(gpt)
+    shapes, read = _open_source(source)
+    missing, misshaped, used = [], [], _all_hf_names(gpt)
+    for _, param, layout, hf_names in entries:
+        for hf_name, expected in zip(hf_names, _expected_hf_shapes(layout, param, geo)):
+            if hf_name not in shapes:
+                missing.append(hf_name)
+            elif shapes[hf_name] != tuple(expected):
+                misshaped.append(f"{hf_name}: expected {tuple(expected)}, got {shapes[hf_name]}")
+    ignorable = {_TIED_LM_HEAD} if gpt.share_embeddings_and_output_weights else set()
+    unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not _IGNORED_HF.match(n))
+    if missing or misshaped or unexpected:
+        problems = [("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)]
+        raise ValueError(
+            "Hugging Face weights do not match the megatron model:\n"
+            + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
+        )
+    return read
 
 
 def load_hf_weights(model: torch.nn.Module | list[torch.nn.Module], hf_dir_or_state_dict: HFSource) -> None:
@@ -278,29 +315,32 @@ def load_hf_weights(model: torch.nn.Module | list[torch.nn.Module], hf_dir_or_st
         ValueError: missing, unexpected or mis-shaped tensors (all listed).
     """
     chunks = _chunks(model)
-    gpt = chunks[0]
-    geo = _Geometry(gpt)
+    geo = _Geometry(chunks[0])
     entries = [entry for chunk in chunks for entry in _named_entries(chunk)]
-    with ExitStack() as stack:
-        shapes, read = _open_source(hf_dir_or_state_dict, stack)
-        missing, misshaped, used = [], [], _all_hf_names(gpt)
+    read = _checked_reader(chunks[0], entries, hf_dir_or_state_dict)
+    with torch.no_grad():
         for _, param, layout, hf_names in entries:
-            for hf_name, expected in zip(hf_names, _expected_hf_shapes(layout, param, geo)):
-                if hf_name not in shapes:
-                    missing.append(hf_name)
-                elif shapes[hf_name] != tuple(expected):
-                    misshaped.append(f"{hf_name}: expected {tuple(expected)}, got {shapes[hf_name]}")
-        ignorable = {_TIED_LM_HEAD} if gpt.share_embeddings_and_output_weights else set()
-        unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not _IGNORED_HF.match(n))
-        if missing or misshaped or unexpected:
-            problems = [("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)]
-            raise ValueError(
-                "Hugging Face weights do not match the megatron model:\n"
-                + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
-            )
-        with torch.no_grad():
-            for _, param, layout, hf_names in entries:
-                param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
+            param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
+
+
+def hf_shard_makers(model: GPTModel, hf_dir_or_state_dict: HFSource) -> dict[str, Callable[[], torch.Tensor]]:
+    """Parameter name -> a function that reads this rank's shard of it from the Hugging Face source.
+
+    For writing a checkpoint tensor by tensor: `model` (one chunk; it may live on the meta device)
+    gives only names, shapes and dtypes. Checks as `load_hf_weights` does, before returning. A
+    shard is read when its function is called, contiguous and in the parameter's dtype.
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped tensors (all listed).
+    """
+    geo = _Geometry(model)
+    entries = _named_entries(model)
+    read = _checked_reader(model, entries, hf_dir_or_state_dict)
+
+    def maker(layout: Layout, hf_names: tuple[str, ...], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        return lambda: _to_shard(layout, [read(n) for n in hf_names], geo).to(dtype).contiguous()
+
+    return {name: maker(layout, hf_names, param.dtype) for name, param, layout, hf_names in entries}
 
 
 def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, torch.Tensor]:
