@@ -98,7 +98,9 @@ def test_packed_sequences_attend_each_to_itself(one_rank) -> None:
     assert together.shape == separate.shape
     assert torch.allclose(together, separate, rtol=1e-5, atol=1e-6)
     for (name, parameter), reference in zip(packed.named_parameters(), alone.parameters()):
-        assert torch.allclose(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6), name
+        # fp32 sums in another order (threads, per-sequence calls): rounding relative to the largest entry
+        scale = reference.grad.abs().max().item()
+        assert torch.allclose(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6 * max(1.0, scale)), name
     # Not vacuous: the same tokens in one causal row (no boundaries) read across sequences.
     unbounded = alone(torch.cat(sequences, dim=1), positions, attention_mask=None)[0]
     assert not torch.allclose(unbounded[lengths[0]:].detach(), separate[lengths[0]:].detach(), atol=1e-3)
