@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,27 @@ def test_router_routes_to_the_servers(fleet: ServerFleet) -> None:
     assert len(answer["output_ids"]) >= 1 and {answer["meta_info"]["weight_version"]} == served
 
 
-def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, trainer) -> None:
+def fault_after_answers(monkeypatch: pytest.MonkeyPatch, url: str, answers: int, fault: Callable[[], None]) -> None:
+    """Runs `fault` once, in the request thread, right after `url` has given its `answers`-th answer and
+    before the engine sees it: mid-batch on any machine, however fast (a fixed sleep was not)."""
+    import opsdc_megatron.rollout.sglang.engine as engine_module
+
+    real_generate_one = engine_module.generate_one
+    lock, count = threading.Lock(), [0]
+
+    def generate_one_then_fault(server_url: str, request: GenerateRequest, timeout_s: float):
+        result = real_generate_one(server_url, request, timeout_s)
+        if server_url == url:
+            with lock:
+                count[0] += 1
+                if count[0] == answers:
+                    fault()
+        return result
+
+    monkeypatch.setattr(engine_module, "generate_one", generate_one_then_fault)
+
+
+def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 0 is SIGKILLed while the batch runs: its prompts go to server 1, it restarts, gets the weights."""
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 
@@ -209,27 +230,12 @@ def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, traine
     engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, request_timeout_s=120, backoff_s=0.2)
     engine.update_weights(export_hf_state_dict(student), version=4)
     prompts = [[2 + (i % 120), 3 + (i * 7) % 120] for i in range(48)]
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=48)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["results"] = engine.sample(prompts, sampling, seed=5)
-        except BaseException as error:
-            outcome["error"] = error
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    time.sleep(1.0)
-    assert worker.is_alive(), "the batch finished before the kill: make it longer"
-    fleet.servers[0].kill()
-    worker.join(timeout=600)
-    assert not worker.is_alive() and "error" not in outcome, outcome.get("error")
-    results = outcome["results"]
+    fault_after_answers(monkeypatch, fleet.urls[0], answers=3, fault=fleet.servers[0].kill)
+    results = engine.sample(prompts, SamplingParams(temperature=1.0, max_new_tokens=48), seed=5)
     assert len(results) == len(prompts)
     ids = [r.rollout_id for r in results]
     assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts))), "each prompt answered once, in order"
-    assert any(not rid.endswith("-a0") for rid in ids), "some prompts must have been resent after the kill"
+    assert any(not rid.endswith("-a0") for rid in ids), "the prompts in flight on the killed server must have been resent"
     assert all(r.weight_version == "4" for r in results)
 
     engine.wait_for_recovery()
@@ -238,26 +244,27 @@ def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, traine
     assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 4)
 
 
-def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trainer) -> None:
+def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 1 is frozen (SIGSTOP: connections stay open, nothing answers) while the batch runs."""
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 
     engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, stall_timeout_s=5, backoff_s=0.2)
     engine.update_weights(export_hf_state_dict(trainer.student[0]), version=5)
     prompts = [[2 + (i % 120), 5 + (i * 11) % 120] for i in range(48)]
-    outcome: dict = {}
-    worker = threading.Thread(target=lambda: outcome.update(results=engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=6)))
-    worker.start()
-    time.sleep(1.0)
-    assert worker.is_alive(), "the batch finished before the hang: make it longer"
-    os.killpg(fleet.servers[1].process.pid, signal.SIGSTOP)
-    worker.join(timeout=600)
-    assert not worker.is_alive() and "results" in outcome
-    ids = [r.rollout_id for r in outcome["results"]]
-    assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts)))
-    assert any(not rid.endswith("-a0") for rid in ids) and all(r.weight_version == "5" for r in outcome["results"])
-    engine.wait_for_recovery()
-    assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
+    frozen_pid = fleet.servers[1].process.pid
+    fault_after_answers(monkeypatch, fleet.urls[1], answers=3, fault=lambda: os.killpg(frozen_pid, signal.SIGSTOP))
+    try:
+        results = engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=6)
+        ids = [r.rollout_id for r in results]
+        assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts)))
+        assert any(not rid.endswith("-a0") for rid in ids) and all(r.weight_version == "5" for r in results)
+        engine.wait_for_recovery()
+        assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
+    finally:  # a failed test must not leave a frozen server to the tests after it
+        try:
+            os.killpg(frozen_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 # ---------------------------------------------------------------------------------- bad input
