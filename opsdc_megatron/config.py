@@ -155,6 +155,7 @@ class TrainConfig:
     at most this many tokens (student + teacher inputs) and balance tokens over data-parallel ranks.
     With an attention backend that takes packed sequences (te, sdpa) each micro-batch's sequences
     are concatenated with no padding (thd); with local they are right-padded, padding counted.
+    With interleaved pipelining (parallel.virtual_pipeline_chunks > 1) the backend must be te or sdpa.
     Must hold the longest sequence: 2 x (max_prompt_tokens + max_response_tokens)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -321,13 +322,15 @@ def validate(config: RunConfig) -> None:
             f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 or hold the longest sequence: "
             f"2 x (data.max_prompt_tokens + rollout.max_response_tokens) = {longest_sequence}"
         )
-    if t.micro_batch_tokens and p.virtual_pipeline_chunks > 1:
+    if t.micro_batch_tokens and p.virtual_pipeline_chunks > 1 and config.model.attention_backend not in ("te", "sdpa"):
         raise ConfigError(
-            "train.micro_batch_tokens (packing by length) cannot be combined with "
-            "parallel.virtual_pipeline_chunks > 1: the interleaved schedule needs micro-batches of one shape"
+            f"train.micro_batch_tokens with parallel.virtual_pipeline_chunks > 1 packs sequences (the interleaved "
+            f"schedule needs micro-batches of one shape): model.attention_backend must be te or sdpa, got "
+            f"{config.model.attention_backend!r}"
         )
     micro_batches = per_rank // t.micro_batch_prompts
-    if p.virtual_pipeline_chunks > 1 and micro_batches % p.pipeline_parallel_size:
+    # With a token budget, distill/batch.py makes the number of micro-batches a multiple itself.
+    if p.virtual_pipeline_chunks > 1 and not t.micro_batch_tokens and micro_batches % p.pipeline_parallel_size:
         raise ConfigError(
             f"interleaved pipeline (parallel.virtual_pipeline_chunks = {p.virtual_pipeline_chunks}): the "
             f"micro-batches per data-parallel rank ({micro_batches}) must be a multiple of "

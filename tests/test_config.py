@@ -41,7 +41,7 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
          "micro-batches per data-parallel rank \\(16\\) must be a multiple of parallel.pipeline_parallel_size \\(3\\)"),
         ("out_dir: x\n", ["train.micro_batch_tokens=100"], "must be 0 or hold the longest sequence"),
         ("out_dir: x\n", ["train.micro_batch_tokens=20000", "parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_chunks=2"],
-         "cannot be combined with parallel.virtual_pipeline_chunks"),
+         "model.attention_backend must be te or sdpa, got 'auto'"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1,http://b:1]"], "server_urls lists 2 servers, rollout.sglang.num_servers is 1"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[a:1]"], "server_urls: expected http://HOST:PORT, got 'a:1'"),
         ("out_dir: x\n", ["distill.teacher_offload=true", "model.fp8.format=hybrid", "model.fp8.param_gather=true"],

@@ -157,3 +157,48 @@ def test_packed_rank_split_covers_every_response_token():
     assert all(b.student_packing is not None for batches in per_rank for b in batches)
     assert all(b.student_packing is None for b in micro_batches_for_rank(sequences[:8], 0, 2, 2, 0, PAD, packed=True)), \
         "no token budget: padded groups of micro_batch_prompts"
+
+
+def response_tokens_read(batch) -> list[list[int]]:
+    """The response tokens each sequence's student logit index predicts, read back from the packed row."""
+    return [
+        batch.student_tokens[0, batch.student_logit_index[row, : int(batch.response_mask[row].sum())] + 1].tolist()
+        for row in range(batch.response_mask.shape[0])
+    ]
+
+
+@pytest.mark.parametrize("pipeline_size", [2, 3, 4])
+def test_interleaved_token_budget_micro_batches_share_one_message_shape(pipeline_size):
+    """What megatron's interleaved schedule needs: a multiple of the pipeline size, one [tokens, rows] message."""
+    sequences = varied_sequences(7)
+    plain = pack_micro_batches(sequences, 60, PAD, packed=True)
+    batches = pack_micro_batches(sequences, 60, PAD, packed=True, interleaved_pipeline_size=pipeline_size)
+    assert len(batches) % pipeline_size == 0 and len(batches) >= len(plain)
+    messages = {(b.student_tokens.shape[1] + b.teacher_tokens.shape[1], b.student_tokens.shape[0]) for b in batches}
+    assert len(messages) == 1 and next(iter(messages))[0] <= 60, messages
+    assert any(len(b.teacher_packing.cu_seqlens_q) == len(b.response_mask) + 1 for b in batches), \
+        "padded to the largest micro-batch, which has no padding segment"
+    read = sorted(r for b in batches for r in response_tokens_read(b) if r)
+    assert read == sorted(s.response_ids for s in sequences), "every response once, at the right positions"
+    for batch in batches:
+        teacher = batch.teacher_packing.cu_seqlens_q.tolist()
+        assert teacher[-1] == batch.teacher_tokens.shape[1] and batch.teacher_packing.max_seqlen_q == max(
+            b - a for a, b in zip(teacher, teacher[1:])
+        )
+        assert batch.teacher_positions.shape == batch.teacher_tokens.shape
+
+
+def test_interleaved_token_budget_splits_before_it_fills():
+    """Larger micro-batches are split first; padding-only micro-batches (no response token) only when
+    every micro-batch holds one sequence."""
+    sequences = varied_sequences(5)
+    assert len(pack_micro_batches(sequences, 1000, PAD, packed=True)) == 1
+    split = pack_micro_batches(sequences, 1000, PAD, packed=True, interleaved_pipeline_size=4)
+    assert [len(b.response_mask) for b in split] and all(b.response_tokens > 0 for b in split)
+    assert sorted(len(b.response_mask) for b in split) == [1, 1, 1, 2]
+    filled = pack_micro_batches(sequences[:2], 1000, PAD, packed=True, interleaved_pipeline_size=3)
+    assert [b.response_tokens > 0 for b in filled] == [True, True, False]
+    filler = next(b for b in filled if b.response_tokens == 0)
+    assert (filler.student_tokens == PAD).all() and (filler.teacher_tokens == PAD).all()
+    with pytest.raises(ValueError, match="needs packed micro-batches"):
+        pack_micro_batches(sequences, 1000, PAD, interleaved_pipeline_size=2)

@@ -1,5 +1,5 @@
 """Packed (thd) micro-batches give the padded ones' per-token losses, gradients and weights, with the
-sdpa attention backend, at TP2, TP1 x DP2 and PP2 (1F1B): one 2-process launch
+sdpa attention backend, at TP2, TP1 x DP2, PP2 (1F1B) and PP2 interleaved: one 2-process launch
 (tests/workers/packing_worker.py). The Transformer Engine backend: tests/gpu/test_packing_gpu.py."""
 
 import pytest
@@ -40,12 +40,15 @@ def test_packed_per_token_losses_equal_padded(runs, layout):
     assert padded.abs().max() > 100 * TOL, "the teacher's instruction makes the divergence non-zero"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp1_dp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp1_dp2", "pp2", "pp2_interleaved"])
 def test_packed_optimizer_steps_equal_padded(runs, layout):
     """The token budget groups packed and padded sequences differently (padding counts only when padded):
-    the per-token mean over the step does not depend on it."""
+    the per-token mean over the step does not depend on it. PP2 interleaved: packed micro-batches
+    padded to one message shape, and split to a multiple of the pipeline size, against PP2 1F1B padded."""
     results = torch.load(runs / f"{layout}.pt")
     assert results["packed"]["micro_batches"] < results["padded"]["micro_batches"], "without padding more sequences fit"
+    if layout == "pp2_interleaved":
+        assert results["packed"]["micro_batches"] == 4, "3 packed micro-batches, one split for the pipeline"
     assert_same_steps(results["padded"], results["packed"])
 
 

@@ -22,7 +22,7 @@ reads both the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from itertools import accumulate
 
 import torch
@@ -65,27 +65,31 @@ class MicroBatch:
             cu_seqlens = packing.cu_seqlens_q.to(device)  # one tensor for q and kv: self-attention
             return replace(packing, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
 
-        tensors = ("student_tokens", "teacher_tokens", "student_positions", "teacher_positions",
-                   "student_logit_index", "teacher_logit_index", "response_mask")
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(
-            self, **{name: getattr(self, name).to(device) for name in tensors},
+            self, **{name: tensor.to(device) for name, tensor in tensors.items()},
             student_packing=packing_on(self.student_packing), teacher_packing=packing_on(self.teacher_packing),
         )
 
 
 def _stream(rows: list[list[int]], pad_id: int, width: int, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedSeqParams | None]:
-    """(tokens, positions, where each sequence starts in its row, packing) of one stream."""
+    """(tokens, positions, where each sequence starts in its row, packing) of one stream.
+
+    Padded to `width` tokens per row when that is longer; a packed row ends with the padding as one
+    more sequence, which attends only to itself and whose logits nothing reads."""
     lengths = [len(row) for row in rows]
     if packed:
-        boundaries = [0, *accumulate(lengths)]
+        padding = max(0, width - sum(lengths))
+        segments = lengths + [padding] if padding else lengths
+        boundaries = [0, *accumulate(segments)]
         cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
         packing = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-            max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths),
+            max_seqlen_q=max(segments), max_seqlen_kv=max(segments),
         )
-        tokens = torch.tensor([[token for row in rows for token in row]], dtype=torch.long)
-        positions = torch.cat([torch.arange(length) for length in lengths])[None, :]
-        return tokens, positions, torch.tensor(boundaries[:-1]), packing
+        tokens = torch.tensor([[token for row in rows for token in row] + [pad_id] * padding], dtype=torch.long)
+        positions = torch.cat([torch.arange(length) for length in segments])[None, :]
+        return tokens, positions, torch.tensor(boundaries[: len(rows)]), packing
     width = max(width, *lengths)
     tokens = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
     return tokens, torch.arange(width).expand_as(tokens), torch.zeros(len(rows), dtype=torch.long), None
@@ -94,8 +98,8 @@ def _stream(rows: list[list[int]], pad_id: int, width: int, packed: bool) -> tup
 def make_micro_batch(
     sequences: list[ScoredSequence], pad_id: int, student_width: int = 0, teacher_width: int = 0, packed: bool = False,
 ) -> MicroBatch:
-    """One micro-batch: sequences right-padded to their longest (or to the given widths when those
-    are longer), or with `packed` concatenated into one row per stream (widths and `pad_id` unused)."""
+    """One micro-batch: sequences right-padded to their longest, or with `packed` concatenated into one
+    row per stream; each stream padded to its given width (tokens per row) when that is longer."""
     if any(not s.response_ids for s in sequences):
         raise ValueError("every rollout needs at least one response token")
     width = max(len(s.response_ids) for s in sequences)
@@ -166,6 +170,7 @@ def balance_over_ranks(sequences: list[ScoredSequence], ranks: int) -> list[list
 
 def pack_micro_batches(
     sequences: list[ScoredSequence], micro_batch_tokens: int, pad_id: int, packed: bool = False,
+    interleaved_pipeline_size: int = 0,
 ) -> list[MicroBatch]:
     """Micro-batches of similar-length sequences, each within a token budget.
 
@@ -175,9 +180,21 @@ def pack_micro_batches(
     sequence), padding included. Sorting keeps the padding small; packed, longest first lets this
     one pass fill micro-batches close to the budget.
 
+    `interleaved_pipeline_size` > 0 (megatron's interleaved schedule, packed only) gives what that
+    schedule needs: every micro-batch sends one message shape between stages (its teacher row padded
+    so that student + teacher tokens equal the step's largest micro-batch, still within the budget;
+    see `make_micro_batches` for why), and their number is a multiple of the pipeline size: the
+    micro-batches with the most tokens are split in two, and when no micro-batch has two sequences
+    left to split, micro-batches of padding alone, with no response token, make up the number.
+
     Raises:
-        ValueError: a sequence longer than the budget by itself.
+        ValueError: a sequence longer than the budget by itself; `interleaved_pipeline_size` without `packed`.
     """
+    if interleaved_pipeline_size and not packed:
+        raise ValueError(
+            "the interleaved pipeline schedule with a token budget needs packed micro-batches "
+            "(an attention backend that takes packed sequences: te or sdpa)"
+        )
     too_long = [stream_tokens(s) for s in sequences if stream_tokens(s) > micro_batch_tokens]
     if too_long:
         raise ValueError(
@@ -198,12 +215,29 @@ def pack_micro_batches(
             groups[-1].append(sequence)
         else:
             groups.append([sequence])
-    return [make_micro_batch(group, pad_id, packed=packed) for group in groups]
+    if not interleaved_pipeline_size:
+        return [make_micro_batch(group, pad_id, packed=packed) for group in groups]
+
+    target = max(1, -(-len(groups) // interleaved_pipeline_size)) * interleaved_pipeline_size
+    while len(groups) < target and any(len(group) > 1 for group in groups):
+        largest = max((i for i, group in enumerate(groups) if len(group) > 1), key=lambda i: budget_tokens(groups[i]))
+        group = groups.pop(largest)
+        groups[largest:largest] = [group[0::2], group[1::2]]  # alternate: halves of similar tokens
+    fillers = target - len(groups)
+    groups += [[ScoredSequence([pad_id], [pad_id], [pad_id])]] * fillers
+    message_tokens = max(budget_tokens(group) for group in groups)
+    micro_batches = []
+    for group in groups:
+        student_tokens = sum(len(s.student_prompt_ids) + len(s.response_ids) for s in group)
+        micro_batches.append(make_micro_batch(group, pad_id, teacher_width=message_tokens - student_tokens, packed=True))
+    for filler in micro_batches[len(micro_batches) - fillers :]:
+        filler.response_mask.zero_()
+    return micro_batches
 
 
 def micro_batches_for_rank(
     sequences: list[ScoredSequence], dp_rank: int, dp_size: int, micro_batch_sequences: int,
-    micro_batch_tokens: int, pad_id: int, same_shape: bool = False, packed: bool = False,
+    micro_batch_tokens: int, pad_id: int, packed: bool = False, interleaved_pipeline_size: int = 0,
 ) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches from the step's sequences (all ranks).
 
@@ -211,12 +245,14 @@ def micro_batches_for_rank(
     grouped by length (`pack_micro_batches`), each micro-batch packed into one row per stream when
     `packed` (the attention backend takes packed sequences: `layer_spec.supports_packed_sequences`),
     else right-padded; without a budget each rank takes an equal consecutive share in padded groups
-    of `micro_batch_sequences` (`packed` does not apply). The loss is a per-token mean over the
-    whole step (distill/forward.py), so neither the split nor the layout changes it.
+    of `micro_batch_sequences` (`packed` does not apply). `interleaved_pipeline_size` > 0: the
+    interleaved schedule runs on that many pipeline ranks (micro-batches of one message shape).
+    The loss is a per-token mean over the whole step (distill/forward.py), so neither the split nor
+    the layout changes it.
     """
     if micro_batch_tokens:
         mine = [sequences[i] for i in balance_over_ranks(sequences, dp_size)[dp_rank]]
-        return pack_micro_batches(mine, micro_batch_tokens, pad_id, packed)
+        return pack_micro_batches(mine, micro_batch_tokens, pad_id, packed, interleaved_pipeline_size)
     per_rank = len(sequences) // dp_size
     mine = sequences[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return make_micro_batches(mine, micro_batch_sequences, pad_id, same_shape)
+    return make_micro_batches(mine, micro_batch_sequences, pad_id, same_shape=bool(interleaved_pipeline_size))

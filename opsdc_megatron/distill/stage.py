@@ -38,15 +38,11 @@ from opsdc_megatron.distill.teacher_offload import TeacherWeightStream
 from opsdc_megatron.models.qwen3.model import padding_vocab_slice
 
 
-def _student_inputs(batch: MicroBatch) -> dict:
-    """GPTModel.forward's inputs for the student stream (packed sequences' boundaries, if packed)."""
-    return dict(input_ids=batch.student_tokens, position_ids=batch.student_positions, attention_mask=None,
-                packed_seq_params=batch.student_packing)
-
-
-def _teacher_inputs(batch: MicroBatch) -> dict:
-    return dict(input_ids=batch.teacher_tokens, position_ids=batch.teacher_positions, attention_mask=None,
-                packed_seq_params=batch.teacher_packing)
+def _stream_inputs(batch: MicroBatch, side: str) -> dict:
+    """GPTModel.forward's inputs for the "student" or "teacher" stream (with the packed sequences'
+    boundaries when packed)."""
+    return dict(input_ids=getattr(batch, f"{side}_tokens"), position_ids=getattr(batch, f"{side}_positions"),
+                attention_mask=None, packed_seq_params=getattr(batch, f"{side}_packing"))
 
 
 def pick_response_logits(logits: torch.Tensor, logit_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -119,10 +115,10 @@ class DistillStage(torch.nn.Module):
         if self.is_last_stage and self.fused_output_layer:
             return self._fused_outputs(batch)
         with torch.no_grad():
-            teacher_out = self.teacher(**_teacher_inputs(batch))
+            teacher_out = self.teacher(**_stream_inputs(batch, "teacher"))
             if self.is_last_stage:
                 teacher_out = pick_response_logits(teacher_out, batch.teacher_logit_index, self.vocab_size)
-        student_out = self.module(**_student_inputs(batch))
+        student_out = self.module(**_stream_inputs(batch, "student"))
         if self.is_last_stage:
             return pick_response_logits(student_out, batch.student_logit_index, self.vocab_size), teacher_out
         return torch.cat([student_out, teacher_out], dim=0)
@@ -130,9 +126,9 @@ class DistillStage(torch.nn.Module):
     def _fused_outputs(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         student_gpt = get_attr_wrapped_model(self.module, "output_layer", return_model_obj=True)
         with torch.no_grad(), _output_layer_bypassed(self.teacher):
-            teacher_hidden = self.teacher(**_teacher_inputs(batch))
+            teacher_hidden = self.teacher(**_stream_inputs(batch, "teacher"))
         with _output_layer_bypassed(student_gpt):
-            student_hidden = self.module(**_student_inputs(batch))
+            student_hidden = self.module(**_stream_inputs(batch, "student"))
         teacher_weight = _output_weight(self.teacher)
         if self.teacher_stream is not None:
             teacher_weight = self.teacher_stream.on_device(teacher_weight)

@@ -89,6 +89,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     forward_step = make_forward_step(config.distill.divergence, config.distill.fused_output_layer)
     block = config.rollout.generation_batch_prompts
     packed = supports_packed_sequences(config.model.attention_backend)  # with train.micro_batch_tokens
+    interleaved_pipeline_size = config.parallel.pipeline_parallel_size if len(model.stages) > 1 else 0
 
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
@@ -129,7 +130,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         sequences = [ScoredSequence(b.student_ids, b.teacher_ids, r.response_ids) for b, r in zip(batch, rollouts)]
         micro_batches = micro_batches_for_rank(
             sequences, dp_rank, dp_size, config.train.micro_batch_prompts, config.train.micro_batch_tokens,
-            tokenizer.pad_token_id, same_shape=len(model.stages) > 1, packed=packed,
+            tokenizer.pad_token_id, packed, interleaved_pipeline_size,
         )
         result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)

@@ -88,18 +88,20 @@ def optimizer_step(
     """One optimizer step over this data-parallel rank's micro-batches (collective).
 
     Raises:
-        ValueError: interleaved stages (several chunks) with micro-batches of different shapes
-            (build them with ``make_micro_batches(..., same_shape=True)``).
+        ValueError: interleaved stages (several chunks) with micro-batches that send messages of
+            different shapes between stages (build them with ``micro_batches_for_rank(...,
+            interleaved_pipeline_size=...)``).
     """
     interleaved = len(stages) > 1
-    shapes = {(b.student_tokens.shape, b.teacher_tokens.shape) for b in micro_batches}
+    # What DistillStage sends between stages: [student + teacher tokens, rows, hidden].
+    shapes = {(b.student_tokens.shape[1] + b.teacher_tokens.shape[1], b.student_tokens.shape[0]) for b in micro_batches}
     if interleaved and len(shapes) > 1:
         raise ValueError(
-            f"the interleaved pipeline schedule needs micro-batches of one shape, got {len(shapes)} shapes; "
-            f"build them with make_micro_batches(..., same_shape=True)"
+            f"the interleaved pipeline schedule needs micro-batches of one message shape, got {sorted(shapes)}; "
+            f"build them with micro_batches_for_rank(..., interleaved_pipeline_size=...)"
         )
     # Built on the host (distill/batch.py); the model's device from here on.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = next(stages[0].module.parameters()).device
     micro_batches = [batch.to(device) for batch in micro_batches]
     for stage in stages:
         stage.module.zero_grad_buffer()
@@ -123,7 +125,7 @@ def optimizer_step(
     totals = torch.tensor([
         sum(float(o["kl_sum"]) for o in outputs),
         sum(float(o["response_tokens"]) for o in outputs),
-    ], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    ], dtype=torch.float64, device=device)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         totals.zero_()
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())

@@ -11,7 +11,8 @@ right-padded and packed into one row per stream. Written from global rank 0 to O
 * losses, grad norms and exported HF weights after STEPS optimizer steps on the micro-batches that
   `opsdc train` builds with a token budget: the padded and packed groupings differ (padding counts
   against the budget only when padded), which the per-token mean over the step must not notice.
-  At TP2 also packed with `distill.fused_output_layer`.
+  At TP2 also packed with `distill.fused_output_layer`. PP2 interleaved, packed with a budget that
+  makes 3 micro-batches, split to 4 for the schedule, is compared with PP2's padded steps.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pipeline_worker import PAD, SEQUENCES, TRAIN, VOCAB, make_models, rollouts
 
 STEPS = 2
 MICRO_BATCH_TOKENS = 85  # these rollouts: 5 padded micro-batches (1 or 2 sequences), 4 packed (2 each)
+INTERLEAVED_MICRO_BATCH_TOKENS = 120  # 3 packed micro-batches, one split in two for PP2: 4
 PER_TOKEN_GROUP = 3  # sequences per micro-batch in the token-for-token comparison
 
 
@@ -51,22 +53,24 @@ def per_token_divergence(stage, sequences, packed: bool) -> torch.Tensor:
     return torch.cat(values)
 
 
-def run(out: Path, name: str, tp: int, pp: int, packed: bool, fused_output_layer: bool = False) -> dict:
+def run(out: Path, name: str, tp: int, pp: int, packed: bool, fused_output_layer: bool = False, vp: int = 1) -> dict:
     """Per-token divergences (PP=1), then STEPS optimizer steps, from the initial weights."""
-    init_distributed(tp, pp, seed=0)
+    init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
     try:
         dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         hf_dir = out / "tied"
         model = build_training_model(
             Qwen3Config.from_pretrained(hf_dir), str(hf_dir),
-            ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp_size),
+            ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp, data_parallel_size=dp_size),
             torch.float32, TRAIN, 0, model_options={"attention_backend": "sdpa"}, fused_output_layer=fused_output_layer,
         )
         sequences = rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5)
         result = {}
         if pp == 1 and not fused_output_layer:
             result["per_token"] = per_token_divergence(model.stages[0], sequences, packed)
-        micro_batches = micro_batches_for_rank(sequences, dp_rank, dp_size, 1, MICRO_BATCH_TOKENS, PAD, packed=packed)
+        interleaved_pipeline_size = pp if vp > 1 else 0
+        budget = INTERLEAVED_MICRO_BATCH_TOKENS if interleaved_pipeline_size else MICRO_BATCH_TOKENS
+        micro_batches = micro_batches_for_rank(sequences, dp_rank, dp_size, 1, budget, PAD, packed, interleaved_pipeline_size)
         assert all((b.student_packing is not None) == packed for b in micro_batches)
         forward_step = make_forward_step("reverse_kl", fused_output_layer)
         steps = [optimizer_step(model.stages, model.optimizer, forward_step, micro_batches) for _ in range(STEPS)]
@@ -95,8 +99,12 @@ def main() -> None:
                        "packed": run(out, f"{layout} packed", tp, pp, packed=True)}
             if layout == "tp2":
                 results["packed_fused_output_layer"] = run(out, f"{layout} packed fused", tp, pp, True, fused_output_layer=True)
+            if layout == "pp2":
+                interleaved = {"padded": results["padded"], "packed": run(out, "pp2 interleaved packed", tp, pp, True, vp=2)}
             if dist.get_rank() == 0:
                 torch.save(results, out / f"{layout}.pt")
+                if layout == "pp2":
+                    torch.save(interleaved, out / "pp2_interleaved.pt")
     finally:
         destroy_distributed()
 

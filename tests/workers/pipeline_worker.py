@@ -106,7 +106,7 @@ def run_layout(
         )
         micro_batches = micro_batches_for_rank(
             rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5), dp_rank, dp_size, micro_batch_sequences,
-            micro_batch_tokens, PAD, same_shape=vp > 1,
+            micro_batch_tokens, PAD, interleaved_pipeline_size=pp if vp > 1 else 0,
         )
         forward_step = make_forward_step("reverse_kl")
         losses = {}
