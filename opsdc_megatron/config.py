@@ -329,12 +329,15 @@ def validate(config: RunConfig) -> None:
             f"{config.model.attention_backend!r}"
         )
     micro_batches = per_rank // t.micro_batch_prompts
-    # With a token budget, distill/batch.py makes the number of micro-batches a multiple itself.
-    if p.virtual_pipeline_chunks > 1 and not t.micro_batch_tokens and micro_batches % p.pipeline_parallel_size:
+    pp = p.pipeline_parallel_size
+    # With a token budget, distill/batch.py makes the number of micro-batches fit itself.
+    if p.virtual_pipeline_chunks > 1 and not t.micro_batch_tokens and (micro_batches % pp or micro_batches < 2 * pp):
         raise ConfigError(
             f"interleaved pipeline (parallel.virtual_pipeline_chunks = {p.virtual_pipeline_chunks}): the "
             f"micro-batches per data-parallel rank ({micro_batches}) must be a multiple of "
-            f"parallel.pipeline_parallel_size ({p.pipeline_parallel_size})"
+            f"parallel.pipeline_parallel_size ({pp}) and at least twice it ({2 * pp}): with fewer, megatron's "
+            f"interleaved schedule runs all of the first stage's micro-batches in warm-up, and its exchanges "
+            f"between stages then deadlock on gloo (measured at 2 stages)"
         )
     if config.model.params_dtype not in ("bf16", "fp32"):
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")

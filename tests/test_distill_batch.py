@@ -169,11 +169,12 @@ def response_tokens_read(batch) -> list[list[int]]:
 
 @pytest.mark.parametrize("pipeline_size", [2, 3, 4])
 def test_interleaved_token_budget_micro_batches_share_one_message_shape(pipeline_size):
-    """What megatron's interleaved schedule needs: a multiple of the pipeline size, one [tokens, rows] message."""
+    """What megatron's interleaved schedule needs: a multiple of the pipeline size (at least twice it), one
+    [tokens, rows] message."""
     sequences = varied_sequences(7)
     plain = pack_micro_batches(sequences, 60, PAD, packed=True)
     batches = pack_micro_batches(sequences, 60, PAD, packed=True, interleaved_pipeline_size=pipeline_size)
-    assert len(batches) % pipeline_size == 0 and len(batches) >= len(plain)
+    assert len(batches) % pipeline_size == 0 and len(batches) >= max(len(plain), 2 * pipeline_size)
     messages = {(b.student_tokens.shape[1] + b.teacher_tokens.shape[1], b.student_tokens.shape[0]) for b in batches}
     assert len(messages) == 1 and next(iter(messages))[0] <= 60, messages
     assert any(len(b.teacher_packing.cu_seqlens_q) == len(b.response_mask) + 1 for b in batches), \
@@ -193,11 +194,11 @@ def test_interleaved_token_budget_splits_before_it_fills():
     every micro-batch holds one sequence."""
     sequences = varied_sequences(5)
     assert len(pack_micro_batches(sequences, 1000, PAD, packed=True)) == 1
-    split = pack_micro_batches(sequences, 1000, PAD, packed=True, interleaved_pipeline_size=4)
+    split = pack_micro_batches(sequences, 1000, PAD, packed=True, interleaved_pipeline_size=2)
     assert [len(b.response_mask) for b in split] and all(b.response_tokens > 0 for b in split)
     assert sorted(len(b.response_mask) for b in split) == [1, 1, 1, 2]
-    filled = pack_micro_batches(sequences[:2], 1000, PAD, packed=True, interleaved_pipeline_size=3)
-    assert [b.response_tokens > 0 for b in filled] == [True, True, False]
+    filled = pack_micro_batches(sequences[:3], 1000, PAD, packed=True, interleaved_pipeline_size=2)
+    assert [b.response_tokens > 0 for b in filled] == [True, True, True, False]
     filler = next(b for b in filled if b.response_tokens == 0)
     assert (filler.student_tokens == PAD).all() and (filler.teacher_tokens == PAD).all()
     with pytest.raises(ValueError, match="needs packed micro-batches"):

@@ -1,6 +1,6 @@
 """The whole OPSDC loop through `opsdc train`, on a tiny random Qwen3 with the toy tokenizer.
 
-TP=2 (2 gloo processes) against TP=1; exact resume; the teacher refresh cadence; eval and the best
+TP=2, DP=2, PP=2 and PP=2 interleaved (2 gloo processes each) against TP=1; exact resume; the teacher refresh cadence; eval and the best
 checkpoint. Each run is a real megatron-core job started by the CLI (torchrun for TP=2).
 """
 
@@ -52,10 +52,15 @@ def tp1_run(setup):
 
 
 def assert_same_run(reference, other):
-    for step in (1, 2, 3):
-        assert reference[step]["mean_response_tokens"] == other[step]["mean_response_tokens"], "rollouts differ"
-        for key in ("loss", "grad_norm"):
-            assert reference[step][key] == pytest.approx(other[step][key], rel=1e-4), (step, key)
+    """Same rollouts; losses and grad norms within 1e-4 relative, or 2e-5 of the run's largest value: the KL
+    is a difference of log-probabilities, so fp32 rounding (other matmul splits and thread counts in
+    multi-process runs) scales with the run's losses, not with a late step's small one (4 layers, step 3:
+    9e-5, seen 2e-8 apart)."""
+    for key in ("loss", "grad_norm"):
+        scale = max(abs(reference[step][key]) for step in (1, 2, 3))
+        for step in (1, 2, 3):
+            assert reference[step]["mean_response_tokens"] == other[step]["mean_response_tokens"], "rollouts differ"
+            assert reference[step][key] == pytest.approx(other[step][key], rel=1e-4, abs=2e-5 * scale), (step, key)
 
 
 def test_tp2_matches_tp1(tp1_run, tp2_run):
@@ -68,6 +73,34 @@ def test_dp2_matches_tp1(setup, tp1_run):
     """Rollouts split over 2 data-parallel ranks; gradients and metrics reduced over both."""
     dp2 = train(setup, setup / "dp2", "train.steps=3", "parallel.tensor_parallel_size=1", "parallel.data_parallel_size=2")
     assert_same_run(tp1_run, dp2)
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """The same toy task on a 4-layer model (PP=2 x 2 virtual stages needs 4) and its TP=1 run."""
+    root = save_toy_qwen3(tmp_path_factory.mktemp("loop4"), layers=4)
+    write_prompts(root / "eval.jsonl", toy_prompts(0, 8, "heldout"))
+    return root, train(root, root / "tp1", "train.steps=3", "parallel.tensor_parallel_size=1", "eval.every_steps=0")
+
+
+def test_pp2_matches_tp1(four_layers):
+    """Teacher and student through megatron's 1F1B schedule on 2 pipeline stages; the weights pushed to
+    the rollout engine are gathered from both."""
+    root, tp1 = four_layers
+    pp2 = train(root, root / "pp2", "train.steps=3", "parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=2",
+                "eval.every_steps=0")
+    assert_same_run(tp1, pp2)
+
+
+def test_interleaved_pp2_with_token_budget_matches_tp1(four_layers):
+    """PP=2 x 2 virtual stages with packed micro-batches of a token budget: the step's 8 rollouts fit in
+    one micro-batch, split to 4 (twice the stages) of one message shape for the interleaved schedule."""
+    root, tp1 = four_layers
+    interleaved = train(
+        root, root / "pp2_interleaved", "train.steps=3", "parallel.tensor_parallel_size=1", "parallel.pipeline_parallel_size=2",
+        "parallel.virtual_pipeline_chunks=2", "model.attention_backend=sdpa", "train.micro_batch_tokens=2096", "eval.every_steps=0",
+    )
+    assert_same_run(tp1, interleaved)
 
 
 def test_fused_output_layer_tp2_matches_unfused_tp1(setup, tp1_run):

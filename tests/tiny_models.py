@@ -52,16 +52,16 @@ def save_tiny_model(name: str, folder: Path, seed: int = 1234) -> Path:
     return folder
 
 
-def save_toy_qwen3(root: Path) -> Path:
-    """The loop tests' inputs: a tiny random Qwen3 (tied, seed 0) with the toy tokenizer in root/model,
-    64 toy training prompts in root/train.jsonl. Returns root."""
+def save_toy_qwen3(root: Path, layers: int = 2) -> Path:
+    """The loop tests' inputs: a tiny random Qwen3 (tied, seed 0, `layers` decoder layers) with the toy
+    tokenizer in root/model, 64 toy training prompts in root/train.jsonl. Returns root."""
     from opsdc_megatron.prompts import write_prompts
     from opsdc_megatron.toy.task import toy_prompts
 
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -183,9 +183,10 @@ def pack_micro_batches(
     `interleaved_pipeline_size` > 0 (megatron's interleaved schedule, packed only) gives what that
     schedule needs: every micro-batch sends one message shape between stages (its teacher row padded
     so that student + teacher tokens equal the step's largest micro-batch, still within the budget;
-    see `make_micro_batches` for why), and their number is a multiple of the pipeline size: the
-    micro-batches with the most tokens are split in two, and when no micro-batch has two sequences
-    left to split, micro-batches of padding alone, with no response token, make up the number.
+    see `make_micro_batches` for why), and their number is a multiple of the pipeline size and at
+    least twice it: the micro-batches with the most tokens are split in two, and when no micro-batch
+    has two sequences left to split, micro-batches of padding alone, with no response token, make
+    up the number.
 
     Raises:
         ValueError: a sequence longer than the budget by itself; `interleaved_pipeline_size` without `packed`.
@@ -218,7 +219,9 @@ def pack_micro_batches(
     if not interleaved_pipeline_size:
         return [make_micro_batch(group, pad_id, packed=packed) for group in groups]
 
-    target = max(1, -(-len(groups) // interleaved_pipeline_size)) * interleaved_pipeline_size
+    # At least two micro-batches per stage: with one, megatron's schedule runs all of the first stage's
+    # in warm-up, and its exchanges between stages then deadlock on gloo (config.py refuses it too).
+    target = max(2, -(-len(groups) // interleaved_pipeline_size)) * interleaved_pipeline_size
     while len(groups) < target and any(len(group) > 1 for group in groups):
         largest = max((i for i, group in enumerate(groups) if len(group) > 1), key=lambda i: budget_tokens(groups[i]))
         group = groups.pop(largest)
