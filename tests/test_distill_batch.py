@@ -203,3 +203,29 @@ def test_interleaved_token_budget_splits_before_it_fills():
     assert (filler.student_tokens == PAD).all() and (filler.teacher_tokens == PAD).all()
     with pytest.raises(ValueError, match="needs packed micro-batches"):
         pack_micro_batches(sequences, 1000, PAD, interleaved_pipeline_size=2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_multiple_pads_every_stream_and_keeps_the_responses(packed):
+    """FP8 (Transformer Engine's GEMMs need tokens divisible by 16): every stream of every micro-batch
+    holds a multiple of 16 tokens, the responses are read back unchanged, the budget still holds."""
+    sequences = varied_sequences(9)
+    for interleaved in ([0, 2] if packed else [0]):
+        batches = pack_micro_batches(sequences, 96, PAD, packed, interleaved_pipeline_size=interleaved, token_multiple=16)
+        for batch in batches:
+            for tokens, positions in ((batch.student_tokens, batch.student_positions), (batch.teacher_tokens, batch.teacher_positions)):
+                assert tokens.numel() % 16 == 0 and positions.shape == tokens.shape
+            assert batch.student_tokens.numel() + batch.teacher_tokens.numel() <= 96
+        assert sum(b.response_tokens for b in batches) == sum(len(s.response_ids) for s in sequences)
+    one = make_micro_batch(sequences[:3], PAD, packed=packed, token_multiple=16)
+    unaligned = make_micro_batch(sequences[:3], PAD, packed=packed)
+    assert one.student_tokens.shape[1] == -(-unaligned.student_tokens.shape[1] // 16) * 16
+    for side in ("student", "teacher"):
+        aligned_index, index = getattr(one, f"{side}_logit_index"), getattr(unaligned, f"{side}_logit_index")
+        assert torch.equal(aligned_index, index), "padding only after the sequences"
+        width = getattr(unaligned, f"{side}_tokens").shape[1]
+        assert torch.equal(getattr(one, f"{side}_tokens")[:, :width], getattr(unaligned, f"{side}_tokens"))
+    if packed:
+        boundaries = one.teacher_packing.cu_seqlens_q.tolist()
+        assert boundaries[:-1] == unaligned.teacher_packing.cu_seqlens_q.tolist()
+        assert boundaries[-1] == one.teacher_tokens.shape[1], "the padding is one more sequence"

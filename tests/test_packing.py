@@ -55,3 +55,11 @@ def test_packed_optimizer_steps_equal_padded(runs, layout):
 def test_packed_fused_output_layer_equals_padded(runs):
     results = torch.load(runs / "tp2.pt")
     assert_same_steps(results["padded"], results["packed_fused_output_layer"])
+
+
+@pytest.mark.parametrize("layout", ["padded_aligned", "packed_aligned"])
+def test_streams_padded_to_a_token_multiple_equal_unpadded(runs, layout):
+    """Every stream padded to a multiple of 16 tokens (FP8 GEMMs need it; models.transformer_engine.fp8_token_multiple):
+    right padding after the sequences, or a padding sequence at the end of a packed row, changes nothing."""
+    results = torch.load(runs / "tp2.pt")
+    assert_same_steps(results["padded"], results[layout])

@@ -77,3 +77,11 @@ def test_fp8_without_transformer_engine_is_a_config_error(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="model.attention_backend must be"):
         load_config(ROOT / "recipes" / "toy_cpu.yaml", ["model.hf_path=x", "out_dir=x", "data.train_prompts=x", "model.attention_backend=flash"])
     check_fp8(FP8Config())  # off: nothing to check
+
+
+def test_fp8_token_multiple_follows_megatron_alignment() -> None:
+    """Micro-batch streams are padded to it (distill/batch.py): 16 for every recipe we offer, 1 without FP8."""
+    from opsdc_megatron.models.transformer_engine import FP8_RECIPES, FP8Config, fp8_token_multiple
+
+    assert fp8_token_multiple(FP8Config()) == 1
+    assert {fp8_token_multiple(FP8Config(format="hybrid", recipe=recipe)) for recipe in FP8_RECIPES} == {16}

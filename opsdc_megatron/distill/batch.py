@@ -72,14 +72,21 @@ class MicroBatch:
         )
 
 
-def _stream(rows: list[list[int]], pad_id: int, width: int, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedSeqParams | None]:
+def round_up(tokens: int, multiple: int) -> int:
+    return -(-tokens // multiple) * multiple
+
+
+def _stream(
+    rows: list[list[int]], pad_id: int, width: int, packed: bool, token_multiple: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedSeqParams | None]:
     """(tokens, positions, where each sequence starts in its row, packing) of one stream.
 
-    Padded to `width` tokens per row when that is longer; a packed row ends with the padding as one
-    more sequence, which attends only to itself and whose logits nothing reads."""
+    Padded to `width` tokens per row when that is longer, then to a multiple of `token_multiple`; a
+    packed row ends with the padding as one more sequence, which attends only to itself and whose
+    logits nothing reads."""
     lengths = [len(row) for row in rows]
     if packed:
-        padding = max(0, width - sum(lengths))
+        padding = round_up(max(width, sum(lengths)), token_multiple) - sum(lengths)
         segments = lengths + [padding] if padding else lengths
         boundaries = [0, *accumulate(segments)]
         cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
@@ -90,16 +97,19 @@ def _stream(rows: list[list[int]], pad_id: int, width: int, packed: bool) -> tup
         tokens = torch.tensor([[token for row in rows for token in row] + [pad_id] * padding], dtype=torch.long)
         positions = torch.cat([torch.arange(length) for length in segments])[None, :]
         return tokens, positions, torch.tensor(boundaries[: len(rows)]), packing
-    width = max(width, *lengths)
+    width = round_up(max(width, *lengths), token_multiple)
     tokens = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
     return tokens, torch.arange(width).expand_as(tokens), torch.zeros(len(rows), dtype=torch.long), None
 
 
 def make_micro_batch(
     sequences: list[ScoredSequence], pad_id: int, student_width: int = 0, teacher_width: int = 0, packed: bool = False,
+    token_multiple: int = 1,
 ) -> MicroBatch:
     """One micro-batch: sequences right-padded to their longest, or with `packed` concatenated into one
-    row per stream; each stream padded to its given width (tokens per row) when that is longer."""
+    row per stream; each stream padded to its given width (tokens per row) when that is longer, and
+    to a multiple of `token_multiple` (Transformer Engine's FP8 GEMMs need 16:
+    `models.transformer_engine.fp8_token_multiple`)."""
     if any(not s.response_ids for s in sequences):
         raise ValueError("every rollout needs at least one response token")
     width = max(len(s.response_ids) for s in sequences)
@@ -112,7 +122,7 @@ def make_micro_batch(
         ("teacher", [s.teacher_prompt_ids for s in sequences], teacher_width),
     ):
         rows = [prompt + s.response_ids for prompt, s in zip(prompts, sequences)]
-        tokens, positions, starts, packing = _stream(rows, pad_id, stream_width, packed)
+        tokens, positions, starts, packing = _stream(rows, pad_id, stream_width, packed, token_multiple)
         index = (starts + torch.tensor([len(p) for p in prompts]) - 1)[:, None] + offsets[None, :]
         streams[side] = (tokens, positions, torch.where(mask.bool(), index, torch.zeros_like(index)), packing)
     (student_tokens, student_positions, student_index, student_packing) = streams["student"]
@@ -126,7 +136,8 @@ def make_micro_batch(
 
 
 def make_micro_batches(
-    sequences: list[ScoredSequence], micro_batch_sequences: int, pad_id: int, same_shape: bool = False
+    sequences: list[ScoredSequence], micro_batch_sequences: int, pad_id: int, same_shape: bool = False,
+    token_multiple: int = 1,
 ) -> list[MicroBatch]:
     """Consecutive groups of `micro_batch_sequences`; the caller has checked divisibility.
 
@@ -142,7 +153,7 @@ def make_micro_batches(
             max(len(s.teacher_prompt_ids) + len(s.response_ids) for s in sequences),
         )
     return [
-        make_micro_batch(sequences[start : start + micro_batch_sequences], pad_id, *widths)
+        make_micro_batch(sequences[start : start + micro_batch_sequences], pad_id, *widths, token_multiple=token_multiple)
         for start in range(0, len(sequences), micro_batch_sequences)
     ]
 
@@ -170,15 +181,16 @@ def balance_over_ranks(sequences: list[ScoredSequence], ranks: int) -> list[list
 
 def pack_micro_batches(
     sequences: list[ScoredSequence], micro_batch_tokens: int, pad_id: int, packed: bool = False,
-    interleaved_pipeline_size: int = 0,
+    interleaved_pipeline_size: int = 0, token_multiple: int = 1,
 ) -> list[MicroBatch]:
     """Micro-batches of similar-length sequences, each within a token budget.
 
     Sequences are sorted by length and a micro-batch takes the next one while its student + teacher
     tokens stay within `micro_batch_tokens`: the real tokens when `packed` (one packed row per
     stream, see the module docstring), else sequences x (longest student + longest teacher
-    sequence), padding included. Sorting keeps the padding small; packed, longest first lets this
-    one pass fill micro-batches close to the budget.
+    sequence), padding included; each stream's tokens rounded up to a multiple of `token_multiple`
+    (`make_micro_batch`). Sorting keeps the padding small; packed, longest first lets this one pass
+    fill micro-batches close to the budget.
 
     `interleaved_pipeline_size` > 0 (megatron's interleaved schedule, packed only) gives what that
     schedule needs: every micro-batch sends one message shape between stages (its teacher row padded
@@ -196,19 +208,23 @@ def pack_micro_batches(
             "the interleaved pipeline schedule with a token budget needs packed micro-batches "
             "(an attention backend that takes packed sequences: te or sdpa)"
         )
-    too_long = [stream_tokens(s) for s in sequences if stream_tokens(s) > micro_batch_tokens]
+
+    def stream_widths(group: list[ScoredSequence]) -> tuple[int, int]:
+        """Student and teacher tokens per row, as make_micro_batch lays them out."""
+        student = [len(s.student_prompt_ids) + len(s.response_ids) for s in group]
+        teacher = [len(s.teacher_prompt_ids) + len(s.response_ids) for s in group]
+        widths = (sum(student), sum(teacher)) if packed else (max(student), max(teacher))
+        return round_up(widths[0], token_multiple), round_up(widths[1], token_multiple)
+
+    def budget_tokens(group: list[ScoredSequence]) -> int:
+        return (1 if packed else len(group)) * sum(stream_widths(group))
+
+    too_long = [budget_tokens([s]) for s in sequences if budget_tokens([s]) > micro_batch_tokens]
     if too_long:
         raise ValueError(
             f"train.micro_batch_tokens = {micro_batch_tokens} is smaller than a sequence's student + teacher "
             f"tokens ({max(too_long)})"
         )
-
-    def budget_tokens(group: list[ScoredSequence]) -> int:
-        if packed:
-            return sum(stream_tokens(s) for s in group)
-        student = max(len(s.student_prompt_ids) + len(s.response_ids) for s in group)
-        teacher = max(len(s.teacher_prompt_ids) + len(s.response_ids) for s in group)
-        return len(group) * (student + teacher)
 
     groups: list[list[ScoredSequence]] = []
     for sequence in sorted(sequences, key=stream_tokens, reverse=True):
@@ -217,11 +233,11 @@ def pack_micro_batches(
         else:
             groups.append([sequence])
     if not interleaved_pipeline_size:
-        return [make_micro_batch(group, pad_id, packed=packed) for group in groups]
+        return [make_micro_batch(group, pad_id, packed=packed, token_multiple=token_multiple) for group in groups]
 
     # At least two micro-batches per stage: with one, megatron's schedule runs all of the first stage's
     # in warm-up, and its exchanges between stages then deadlock on gloo (config.py refuses it too).
-    target = max(2, -(-len(groups) // interleaved_pipeline_size)) * interleaved_pipeline_size
+    target = round_up(max(len(groups), 2 * interleaved_pipeline_size), interleaved_pipeline_size)
     while len(groups) < target and any(len(group) > 1 for group in groups):
         largest = max((i for i, group in enumerate(groups) if len(group) > 1), key=lambda i: budget_tokens(groups[i]))
         group = groups.pop(largest)
@@ -231,8 +247,10 @@ def pack_micro_batches(
     message_tokens = max(budget_tokens(group) for group in groups)
     micro_batches = []
     for group in groups:
-        student_tokens = sum(len(s.student_prompt_ids) + len(s.response_ids) for s in group)
-        micro_batches.append(make_micro_batch(group, pad_id, teacher_width=message_tokens - student_tokens, packed=True))
+        student_tokens = stream_widths(group)[0]
+        micro_batches.append(make_micro_batch(
+            group, pad_id, teacher_width=message_tokens - student_tokens, packed=True, token_multiple=token_multiple,
+        ))
     for filler in micro_batches[len(micro_batches) - fillers :]:
         filler.response_mask.zero_()
     return micro_batches
@@ -241,6 +259,7 @@ def pack_micro_batches(
 def micro_batches_for_rank(
     sequences: list[ScoredSequence], dp_rank: int, dp_size: int, micro_batch_sequences: int,
     micro_batch_tokens: int, pad_id: int, packed: bool = False, interleaved_pipeline_size: int = 0,
+    token_multiple: int = 1,
 ) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches from the step's sequences (all ranks).
 
@@ -250,12 +269,13 @@ def micro_batches_for_rank(
     else right-padded; without a budget each rank takes an equal consecutive share in padded groups
     of `micro_batch_sequences` (`packed` does not apply). `interleaved_pipeline_size` > 0: the
     interleaved schedule runs on that many pipeline ranks (micro-batches of one message shape).
+    `token_multiple`: each stream's tokens per micro-batch a multiple of it (FP8).
     The loss is a per-token mean over the whole step (distill/forward.py), so neither the split nor
     the layout changes it.
     """
     if micro_batch_tokens:
         mine = [sequences[i] for i in balance_over_ranks(sequences, dp_size)[dp_rank]]
-        return pack_micro_batches(mine, micro_batch_tokens, pad_id, packed, interleaved_pipeline_size)
+        return pack_micro_batches(mine, micro_batch_tokens, pad_id, packed, interleaved_pipeline_size, token_multiple)
     per_rank = len(sequences) // dp_size
     mine = sequences[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return make_micro_batches(mine, micro_batch_sequences, pad_id, same_shape=bool(interleaved_pipeline_size))
+    return make_micro_batches(mine, micro_batch_sequences, pad_id, bool(interleaved_pipeline_size), token_multiple)

@@ -88,6 +88,18 @@ def check_fp8(fp8: FP8Config) -> None:
         raise ValueError(f"model.fp8.format={fp8.format!r} needs Transformer Engine: {status.reason}")
 
 
+def fp8_token_multiple(fp8: FP8Config) -> int:
+    """What each micro-batch stream's token count must be a multiple of (distill/batch.py): Transformer
+    Engine's FP8 GEMMs take [tokens, hidden] inputs with tokens divisible by megatron's alignment for
+    the recipe (16 for these); 1 when FP8 is off. Variable-length rollouts rarely are."""
+    if fp8.format is None:
+        return 1
+    from megatron.core.enums import Fp8Recipe
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return get_fp8_align_size(Fp8Recipe(fp8.recipe))
+
+
 def fp8_transformer_config_fields(fp8: FP8Config) -> dict[str, object]:
     """The TransformerConfig fields for ``fp8`` (empty when FP8 is off)."""
     check_fp8(fp8)

@@ -28,6 +28,7 @@ from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import save_hf_folder
 from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
+from opsdc_megatron.models.transformer_engine import fp8_token_multiple
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
@@ -90,6 +91,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     block = config.rollout.generation_batch_prompts
     packed = supports_packed_sequences(config.model.attention_backend)  # with train.micro_batch_tokens
     interleaved_pipeline_size = config.parallel.pipeline_parallel_size if len(model.stages) > 1 else 0
+    token_multiple = fp8_token_multiple(config.model.fp8)
 
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
@@ -130,7 +132,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         sequences = [ScoredSequence(b.student_ids, b.teacher_ids, r.response_ids) for b, r in zip(batch, rollouts)]
         micro_batches = micro_batches_for_rank(
             sequences, dp_rank, dp_size, config.train.micro_batch_prompts, config.train.micro_batch_tokens,
-            tokenizer.pad_token_id, packed, interleaved_pipeline_size,
+            tokenizer.pad_token_id, packed, interleaved_pipeline_size, token_multiple,
         )
         result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)

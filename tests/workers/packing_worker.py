@@ -11,7 +11,8 @@ right-padded and packed into one row per stream. Written from global rank 0 to O
 * losses, grad norms and exported HF weights after STEPS optimizer steps on the micro-batches that
   `opsdc train` builds with a token budget: the padded and packed groupings differ (padding counts
   against the budget only when padded), which the per-token mean over the step must not notice.
-  At TP2 also packed with `distill.fused_output_layer`. PP2 interleaved, packed with a budget that
+  At TP2 also packed with `distill.fused_output_layer`, and padded and packed with every stream
+  padded to a multiple of 16 tokens (what FP8 needs). PP2 interleaved, packed with a budget that
   makes 3 micro-batches, split to 4 for the schedule, is compared with PP2's padded steps.
 """
 
@@ -53,7 +54,9 @@ def per_token_divergence(stage, sequences, packed: bool) -> torch.Tensor:
     return torch.cat(values)
 
 
-def run(out: Path, name: str, tp: int, pp: int, packed: bool, fused_output_layer: bool = False, vp: int = 1) -> dict:
+def run(
+    out: Path, name: str, tp: int, pp: int, packed: bool, fused_output_layer: bool = False, vp: int = 1, token_multiple: int = 1,
+) -> dict:
     """Per-token divergences (PP=1), then STEPS optimizer steps, from the initial weights."""
     init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
     try:
@@ -70,7 +73,9 @@ def run(out: Path, name: str, tp: int, pp: int, packed: bool, fused_output_layer
             result["per_token"] = per_token_divergence(model.stages[0], sequences, packed)
         interleaved_pipeline_size = pp if vp > 1 else 0
         budget = INTERLEAVED_MICRO_BATCH_TOKENS if interleaved_pipeline_size else MICRO_BATCH_TOKENS
-        micro_batches = micro_batches_for_rank(sequences, dp_rank, dp_size, 1, budget, PAD, packed, interleaved_pipeline_size)
+        micro_batches = micro_batches_for_rank(
+            sequences, dp_rank, dp_size, 1, budget, PAD, packed, interleaved_pipeline_size, token_multiple,
+        )
         assert all((b.student_packing is not None) == packed for b in micro_batches)
         forward_step = make_forward_step("reverse_kl", fused_output_layer)
         steps = [optimizer_step(model.stages, model.optimizer, forward_step, micro_batches) for _ in range(STEPS)]
@@ -99,6 +104,10 @@ def main() -> None:
                        "packed": run(out, f"{layout} packed", tp, pp, packed=True)}
             if layout == "tp2":
                 results["packed_fused_output_layer"] = run(out, f"{layout} packed fused", tp, pp, True, fused_output_layer=True)
+                for packed in (False, True):
+                    results[f"{'packed' if packed else 'padded'}_aligned"] = run(
+                        out, f"{layout} {'packed' if packed else 'padded'} aligned to 16", tp, pp, packed, token_multiple=16,
+                    )
             if layout == "pp2":
                 interleaved = {"padded": results["padded"], "packed": run(out, "pp2 interleaved packed", tp, pp, True, vp=2)}
             if dist.get_rank() == 0:
