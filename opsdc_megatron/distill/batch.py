@@ -11,9 +11,10 @@ Two layouts of a micro-batch's sequences, one per stream (student, teacher):
 * packed: the sequences concatenated into ONE row with nothing between them, positions restarting
   at 0 for each sequence, and megatron's `PackedSeqParams` (``qkv_format="thd"``, cumulative
   sequence lengths) telling attention and RoPE where each sequence starts: no token is spent on
-  padding. Needs an attention backend that takes packed sequences: Transformer Engine's or
-  `models.sdpa_attention.SDPAttention`, not megatron's local DotProductAttention
-  (`models.layer_spec.supports_packed_sequences`).
+  padding, except where a row must reach a given length (FP8's multiple of 16 tokens, the
+  interleaved schedule's one message shape): one padding sequence at its end. Needs an attention
+  backend that takes packed sequences: Transformer Engine's or `models.sdpa_attention.SDPAttention`,
+  not megatron's local DotProductAttention (`models.layer_spec.supports_packed_sequences`).
 
 The logit index tensors are [sequences, response tokens] in both layouts and point into the row
 that holds each sequence (its own row when padded, the single row when packed), so the loss code
@@ -73,6 +74,7 @@ class MicroBatch:
 
 
 def round_up(tokens: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that holds `tokens`."""
     return -(-tokens // multiple) * multiple
 
 
