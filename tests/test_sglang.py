@@ -202,24 +202,25 @@ def test_router_routes_to_the_servers(fleet: ServerFleet) -> None:
     assert len(answer["output_ids"]) >= 1 and {answer["meta_info"]["weight_version"]} == served
 
 
-def fault_after_answers(monkeypatch: pytest.MonkeyPatch, url: str, answers: int, fault: Callable[[], None]) -> None:
-    """Runs `fault` once, in the request thread, right after `url` has given its `answers`-th answer and
-    before the engine sees it: mid-batch on any machine, however fast (a fixed sleep was not)."""
+def fault_before_request(monkeypatch: pytest.MonkeyPatch, url: str, request_number: int, fault: Callable[[], None]) -> None:
+    """Runs `fault` once, in the request thread, just before the `request_number`-th request to `url` is
+    sent: mid-batch on any machine, however fast, with that request (and any still unanswered before it)
+    meeting the failed server. A fixed sleep, or the n-th answer, did not: a server answers a decode
+    batch's requests in one burst, so after an answer nothing may be left in flight."""
     import opsdc_megatron.rollout.sglang.engine as engine_module
 
     real_generate_one = engine_module.generate_one
-    lock, count = threading.Lock(), [0]
+    lock, sent = threading.Lock(), [0]
 
-    def generate_one_then_fault(server_url: str, request: GenerateRequest, timeout_s: float):
-        result = real_generate_one(server_url, request, timeout_s)
+    def generate_one_with_fault(server_url: str, request: GenerateRequest, timeout_s: float):
         if server_url == url:
             with lock:
-                count[0] += 1
-                if count[0] == answers:
+                sent[0] += 1
+                if sent[0] == request_number:
                     fault()
-        return result
+        return real_generate_one(server_url, request, timeout_s)
 
-    monkeypatch.setattr(engine_module, "generate_one", generate_one_then_fault)
+    monkeypatch.setattr(engine_module, "generate_one", generate_one_with_fault)
 
 
 def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,15 +231,16 @@ def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, traine
     engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, request_timeout_s=120, backoff_s=0.2)
     engine.update_weights(export_hf_state_dict(student), version=4)
     prompts = [[2 + (i % 120), 3 + (i * 7) % 120] for i in range(48)]
-    fault_after_answers(monkeypatch, fleet.urls[0], answers=3, fault=fleet.servers[0].kill)
-    results = engine.sample(prompts, SamplingParams(temperature=1.0, max_new_tokens=48), seed=5)
-    assert len(results) == len(prompts)
-    ids = [r.rollout_id for r in results]
-    assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts))), "each prompt answered once, in order"
-    assert any(not rid.endswith("-a0") for rid in ids), "the prompts in flight on the killed server must have been resent"
-    assert all(r.weight_version == "4" for r in results)
-
-    engine.wait_for_recovery()
+    fault_before_request(monkeypatch, fleet.urls[0], request_number=10, fault=fleet.servers[0].kill)
+    try:
+        results = engine.sample(prompts, SamplingParams(temperature=1.0, max_new_tokens=48), seed=5)
+        assert len(results) == len(prompts)
+        ids = [r.rollout_id for r in results]
+        assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts))), "each prompt answered once, in order"
+        assert any(not rid.endswith("-a0") for rid in ids), "the prompts sent to the killed server must have been resent"
+        assert all(r.weight_version == "4" for r in results)
+    finally:  # a failed test must not leave a server down to the tests after it
+        engine.wait_for_recovery()
     assert engine.restarts == 1 and fleet.servers[0].alive()
     assert post_json(f"{fleet.urls[0]}/model_info", None, 10)["weight_version"] == "4"
     assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 4)
@@ -252,19 +254,19 @@ def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trai
     engine.update_weights(export_hf_state_dict(trainer.student[0]), version=5)
     prompts = [[2 + (i % 120), 5 + (i * 11) % 120] for i in range(48)]
     frozen_pid = fleet.servers[1].process.pid
-    fault_after_answers(monkeypatch, fleet.urls[1], answers=3, fault=lambda: os.killpg(frozen_pid, signal.SIGSTOP))
+    fault_before_request(monkeypatch, fleet.urls[1], request_number=10, fault=lambda: os.killpg(frozen_pid, signal.SIGSTOP))
     try:
         results = engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=6)
         ids = [r.rollout_id for r in results]
         assert [int(i.split("-p")[1].split("-")[0]) for i in ids] == list(range(len(prompts)))
         assert any(not rid.endswith("-a0") for rid in ids) and all(r.weight_version == "5" for r in results)
-        engine.wait_for_recovery()
-        assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
     finally:  # a failed test must not leave a frozen server to the tests after it
         try:
             os.killpg(frozen_pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+        engine.wait_for_recovery()
+    assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -296,7 +298,22 @@ class _Always500(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_unreachable_failing_and_silent_servers_fail_fast() -> None:
+class _DiesMidAnswer(http.server.BaseHTTPRequestHandler):
+    """Promises 2060 bytes and closes after the headers: a server killed while sending its answer."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        self.send_response(200)
+        self.send_header("Content-Length", "2060")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_unreachable_failing_dying_and_silent_servers_fail_fast() -> None:
+    """Each is a ServerUnavailable, which the engine retries elsewhere (anything else would end the batch)."""
     request = GenerateRequest("x", [1, 2], SamplingParams(max_new_tokens=2), (EOS,), seed=0)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -304,13 +321,14 @@ def test_unreachable_failing_and_silent_servers_fail_fast() -> None:
     with pytest.raises(ServerUnavailable, match="Connection refused|ConnectionRefused"):
         generate_one(f"http://127.0.0.1:{closed_port}", request, timeout_s=5)
 
-    failing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
-    threading.Thread(target=failing.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(ServerUnavailable, match="HTTP 500: internal error"):
-            generate_one(f"http://127.0.0.1:{failing.server_address[1]}", request, timeout_s=5)
-    finally:
-        failing.shutdown()
+    for handler, message in ((_Always500, "HTTP 500: internal error"), (_DiesMidAnswer, r"IncompleteRead.*2060 more expected")):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(ServerUnavailable, match=message):
+                generate_one(f"http://127.0.0.1:{server.server_address[1]}", request, timeout_s=5)
+        finally:
+            server.shutdown()
 
     with socket.socket() as silent:  # accepts connections, never answers: a hung server
         silent.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ Only the standard library is used, so the trainer's environment needs no HTTP pa
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import urllib.error
@@ -36,7 +37,8 @@ def post_json(url: str, payload: dict | None, timeout_s: float) -> dict:
         detail = error.read().decode(errors="replace")[:2000]
         kind = ServerRejected if 400 <= error.code < 500 else ServerUnavailable
         raise kind(f"{url}: HTTP {error.code}: {detail}") from None
-    except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as error:
+    # http.client.HTTPException: the answer broke off (IncompleteRead: the server died while sending it).
+    except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise ServerUnavailable(f"{url}: {type(reason).__name__}: {reason}") from None
     if not body:
