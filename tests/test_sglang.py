@@ -110,13 +110,13 @@ def trainer(tiny_model: Path):
 
 def megatron_logprobs(student: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
     """log p(response token | prefix) under the megatron model, fp32."""
-    from opsdc_megatron.distill.stage import pick_response_logits
+    from opsdc_megatron.distill.stage import response_logits
 
     tokens = torch.tensor([prompt + response])
     index = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)[None]
     with torch.no_grad():
-        logits = student(tokens, torch.arange(tokens.shape[1])[None], attention_mask=None)
-        picked = pick_response_logits(logits, index, VOCAB)[0].float()
+        inputs = dict(input_ids=tokens, position_ids=torch.arange(tokens.shape[1])[None], attention_mask=None)
+        picked = response_logits(student, inputs, index, VOCAB)[0].float()
     return torch.log_softmax(picked, dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 

@@ -26,7 +26,7 @@ Memory and compute of the teacher half:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -45,27 +45,47 @@ def _stream_inputs(batch: MicroBatch, side: str) -> dict:
                 attention_mask=None, packed_seq_params=getattr(batch, f"{side}_packing"))
 
 
-def pick_response_logits(logits: torch.Tensor, logit_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """This rank's vocabulary shard of the logits that predict each response token.
-
-    `logit_index` is [sequences, response tokens]; with one packed row, every sequence reads it.
-
-    The vocabulary padding columns are set to -inf so they carry no probability mass.
-    """
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    picked = logits[rows, logit_index]
-    picked[..., padding_vocab_slice(vocab_size)] = float("-inf")
-    return picked
-
-
 @contextmanager
-def _output_layer_bypassed(gpt: GPTModel) -> Iterator[None]:
-    """Within the block, GPTModel.forward returns its final hidden states [b, s, H] as "logits"."""
-    gpt.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
+def _output_layer_replaced(gpt: GPTModel, forward: Callable) -> Iterator[None]:
+    """Within the block, GPTModel.forward calls `forward` (hidden [s, b, H], weight=..., ...) ->
+    (output, bias) in place of its output layer's."""
+    gpt.output_layer.forward = forward
     try:
         yield
     finally:
         del gpt.output_layer.forward
+
+
+def _bypass(hidden: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+    """An output layer that returns its input: GPTModel.forward then returns the final hidden states."""
+    return hidden, None
+
+
+def response_logits(model: torch.nn.Module, inputs: dict, logit_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[sequences, response tokens, V/TP]``: `model` (a GPTModel, possibly wrapped) on `inputs`, its
+    output layer applied only at the positions that predict response tokens.
+
+    `logit_index` is [sequences, response tokens]; with one packed row, every sequence reads it.
+    Prompt positions never get logits, and no full ``[b, s, V/TP]`` tensor exists to be gathered
+    from (nor, in backward, a zero-filled one to scatter into). The vocabulary padding columns are
+    set to -inf so they carry no probability mass.
+    """
+    gpt = get_attr_wrapped_model(model, "output_layer", return_model_obj=True)
+    output_forward = gpt.output_layer.forward
+
+    def output_layer_at_responses(hidden: torch.Tensor, *args, **kwargs):
+        rows = torch.arange(hidden.shape[1], device=hidden.device)[:, None]
+        # As [sequences x response tokens, 1, H]: GPTModel's [s, b] -> [b, s] transpose of the
+        # logits (and its backward) is then free, not a copy of them.
+        picked = hidden[logit_index, rows].flatten(0, 1).unsqueeze(1)
+        return output_forward(picked, *args, **kwargs)
+
+    with _output_layer_replaced(gpt, output_layer_at_responses):
+        logits = model(**inputs).view(*logit_index.shape, -1)
+    padding = padding_vocab_slice(vocab_size)
+    if padding.start < padding.stop:  # even an empty in-place write costs backward a copy of the gradient
+        logits[..., padding] = float("-inf")
+    return logits
 
 
 def _output_weight(gpt: GPTModel) -> torch.Tensor:
@@ -114,20 +134,21 @@ class DistillStage(torch.nn.Module):
             self.teacher.set_input_tensor(self._received[student_length:].detach())
         if self.is_last_stage and self.fused_output_layer:
             return self._fused_outputs(batch)
+        if self.is_last_stage:
+            with torch.no_grad():
+                teacher_logits = response_logits(self.teacher, _stream_inputs(batch, "teacher"), batch.teacher_logit_index, self.vocab_size)
+            student_logits = response_logits(self.module, _stream_inputs(batch, "student"), batch.student_logit_index, self.vocab_size)
+            return student_logits, teacher_logits
         with torch.no_grad():
             teacher_out = self.teacher(**_stream_inputs(batch, "teacher"))
-            if self.is_last_stage:
-                teacher_out = pick_response_logits(teacher_out, batch.teacher_logit_index, self.vocab_size)
         student_out = self.module(**_stream_inputs(batch, "student"))
-        if self.is_last_stage:
-            return pick_response_logits(student_out, batch.student_logit_index, self.vocab_size), teacher_out
         return torch.cat([student_out, teacher_out], dim=0)
 
     def _fused_outputs(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         student_gpt = get_attr_wrapped_model(self.module, "output_layer", return_model_obj=True)
-        with torch.no_grad(), _output_layer_bypassed(self.teacher):
+        with torch.no_grad(), _output_layer_replaced(self.teacher, _bypass):
             teacher_hidden = self.teacher(**_stream_inputs(batch, "teacher"))
-        with _output_layer_bypassed(student_gpt):
+        with _output_layer_replaced(student_gpt, _bypass):
             student_hidden = self.module(**_stream_inputs(batch, "student"))
         teacher_weight = _output_weight(self.teacher)
         if self.teacher_stream is not None:

@@ -49,8 +49,8 @@ _COLUMN_ALIGNMENT = 256
 """Chunks are whole multiples of 256 columns: a logits chunk whose row length is not a multiple of
 8 elements drops cuBLAS off its tensor-core paths (measured 4x slower on an H200)."""
 # Bytes per logit element alive within a chunk: student, teacher and gradient chunks in a 2-byte
-# dtype, plus the torch backend's fp32 block temporaries (13 bytes, see reverse_kl.py).
-_BYTES_PER_ELEMENT = {"triton": 6, "torch": 19}
+# dtype, plus the torch backend's fp32 block temporaries (12 bytes, see reverse_kl.py).
+_BYTES_PER_ELEMENT = {"triton": 6, "torch": 18}
 
 
 def _chunk_columns(n_tokens: int, hidden: int, vocab_shard: int, backend: str, chunk_bytes: int | None) -> int:

@@ -135,13 +135,13 @@ def resolve_backend(backend: Backend, *tensors: Tensor) -> Literal["torch", "tri
 
 
 # Chunking. The fp32 work runs over blocks of tokens so that its temporaries stay a small fraction
-# of the logits: a block holds at most three fp32 [rows, V/TP] buffers plus one bool mask, i.e.
-# 13 bytes per element in fp32 (25 in fp64). The default byte budget for one block is
+# of the logits: a block holds at most three fp32 [rows, V/TP] buffers, i.e. 12 bytes per element
+# in fp32 (24 in fp64). The default byte budget for one block is
 # _CHUNK_FRACTION of one bf16 copy of the logits (so the temporaries add <= 0.2x of a bf16 shard at
 # any T), but never less than _MIN_CHUNK_BYTES (tiny inputs still run in one or a few blocks).
 _CHUNK_FRACTION = 0.2
 _MIN_CHUNK_BYTES = 16 << 20
-_BYTES_PER_ELEMENT = {torch.float32: 13, torch.float64: 25}
+_BYTES_PER_ELEMENT = {torch.float32: 12, torch.float64: 24}
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
@@ -170,17 +170,11 @@ def _shifted(logits: Tensor, shift: Tensor, out: Tensor) -> Tensor:
 class _Workspace:
     """One block's fp32 temporaries, allocated once and reused by every block (no allocator churn)."""
 
-    def __init__(
-        self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, with_mask: bool, buffers: int = 3
-    ) -> None:
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, buffers: int) -> None:
         self.buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(buffers)]
-        self.buffers += [self.buffers[-1]] * (3 - buffers)  # unused slots alias; callers skip them
-        self.mask = torch.empty(rows, vocab, dtype=torch.bool, device=device) if with_mask else None
 
-    def views(self, block: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        n = block.stop - block.start
-        mask = None if self.mask is None else self.mask[:n]
-        return self.buffers[0][:n], self.buffers[1][:n], self.buffers[2][:n], mask
+    def views(self, block: slice) -> list[Tensor]:
+        return [buffer[: block.stop - block.start] for buffer in self.buffers]
 
 
 def _safe_shift(maxima: Tensor) -> Tensor:
@@ -196,17 +190,17 @@ def _local_statistics_torch(x_logits: Tensor, y_logits: Tensor, dtype: torch.dty
     torch.amax(x_logits, dim=-1, out=local[0]) if x_logits.dtype == dtype else local[0].copy_(x_logits.amax(-1))
     torch.amax(y_logits, dim=-1, out=local[1]) if y_logits.dtype == dtype else local[1].copy_(y_logits.amax(-1))
     shift_x, shift_y = _safe_shift(local[0]), _safe_shift(local[1])
-    work = _Workspace(rows, x_logits.shape[1], dtype, x_logits.device, with_mask=True)
+    work = _Workspace(rows, x_logits.shape[1], dtype, x_logits.device, buffers=3)
     for block in _blocks(n_rows, rows):
-        shifted_x, diff, probs, mask = work.views(block)
+        shifted_x, diff, probs = work.views(block)
         _shifted(x_logits[block], shift_x[block], shifted_x)  # fp32 from any dtype
         _shifted(y_logits[block], shift_y[block], diff)
         torch.sum(torch.exp(diff, out=probs), dim=-1, out=local[3, block])  # z_y
         torch.sub(shifted_x, diff, out=diff)  # diff := (x - mu_x) - (y - mu_y)
         torch.sum(torch.exp(shifted_x, out=probs), dim=-1, out=local[2, block])  # z_x; probs: un-normalized p_x
-        # Zero-probability columns (padding: -inf - (-inf) = nan) contribute exactly 0.
-        diff.masked_fill_(torch.eq(probs, 0, out=mask), 0.0)
-        torch.sum(probs.mul_(diff), dim=-1, out=local[4, block])
+        # Zero-probability columns contribute exactly 0: where one side is -inf, 0 * (+-inf or nan)
+        # is nan there, and nansum skips it. (A nan logit still makes the KL nan: z_x or z_y is.)
+        torch.nansum(probs.mul_(diff), dim=-1, out=local[4, block])
     return local
 
 
@@ -286,22 +280,25 @@ def reverse_kl_grad_into(
 
         triton_grad_into(grad, student, teacher, stats.shift_x, stats.shift_y, stats.log_z_x, stats.c, scale)
         return
-    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, with_mask=True)
+    # -inf logits become the most negative finite value: p_s stays exactly 0 there, and (a - b) stays
+    # finite, so those columns get 0 * finite = 0 (a row whose KL is not finite gets a non-finite
+    # gradient either way). Cheaper than masking by p_s == 0 (a bool pass and a masked write).
+    lowest = torch.finfo(stats.c.dtype).min
+    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, buffers=2)
     for block in _blocks(student.shape[0], rows):
-        shifted_s, diff, _, mask = work.views(block)
-        _shifted(student[block], stats.shift_x[block], shifted_s)
-        _shifted(teacher[block], stats.shift_y[block], diff)
+        shifted_s, diff = work.views(block)
+        _shifted(student[block], stats.shift_x[block], shifted_s).clamp_min_(lowest)
+        _shifted(teacher[block], stats.shift_y[block], diff).clamp_min_(lowest)
         torch.sub(shifted_s, diff, out=diff).sub_(stats.c[block].unsqueeze(-1))  # log p_s - log p_t - KL
         probs_s = shifted_s.sub_(stats.log_z_x[block].unsqueeze(-1)).exp_()
-        diff.masked_fill_(torch.eq(probs_s, 0, out=mask), 0.0)
         grad[block].copy_(probs_s.mul_(diff).mul_(scale[block].unsqueeze(-1)))
 
 
 def _forward_kl_grad_into(grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor, rows: int) -> None:
     """``grad := (p_s - p_t) * scale``; ``stats`` are those of KL(p_t || p_s)."""
-    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, with_mask=False, buffers=2)
+    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, buffers=2)
     for block in _blocks(student.shape[0], rows):
-        probs_s, probs_t, _, _ = work.views(block)
+        probs_s, probs_t = work.views(block)
         # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
         # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
         _shifted(student[block], stats.shift_y[block], probs_s)
