@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -175,6 +176,8 @@ def run_cli(setup, out, *overrides):
         (["data.max_prompt_tokens=10"], "more than data.max_prompt_tokens = 10"),
         (["data.train_prompts=BROKEN"], "broken.jsonl:2: invalid JSON"),
         (["model.hf_path=/nonexistent"], "has no config.json"),
+        pytest.param(["model.params_dtype=bf16"], "model.params_dtype = bf16 needs a CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 trains where there is a GPU")),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(setup, tmp_path, overrides, message):

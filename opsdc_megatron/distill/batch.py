@@ -137,6 +137,15 @@ def make_micro_batch(
     )
 
 
+def stream_widths(group: list[ScoredSequence], packed: bool, token_multiple: int = 1) -> tuple[int, int]:
+    """Student and teacher tokens per row of a micro-batch of `group`, as `make_micro_batch` lays
+    them out: summed when packed, the longest sequence when padded; rounded up to `token_multiple`."""
+    student = [len(s.student_prompt_ids) + len(s.response_ids) for s in group]
+    teacher = [len(s.teacher_prompt_ids) + len(s.response_ids) for s in group]
+    widths = (sum(student), sum(teacher)) if packed else (max(student), max(teacher))
+    return round_up(widths[0], token_multiple), round_up(widths[1], token_multiple)
+
+
 def make_micro_batches(
     sequences: list[ScoredSequence], micro_batch_sequences: int, pad_id: int, same_shape: bool = False,
     token_multiple: int = 1,
@@ -148,12 +157,7 @@ def make_micro_batches(
     order that gloo (which pairs messages between two ranks in posting order) mismatches when the
     previous and next pipeline rank are the same process, so there all shapes must be equal.
     """
-    widths = (0, 0)
-    if same_shape:
-        widths = (
-            max(len(s.student_prompt_ids) + len(s.response_ids) for s in sequences),
-            max(len(s.teacher_prompt_ids) + len(s.response_ids) for s in sequences),
-        )
+    widths = stream_widths(sequences, packed=False) if same_shape else (0, 0)
     return [
         make_micro_batch(sequences[start : start + micro_batch_sequences], pad_id, *widths, token_multiple=token_multiple)
         for start in range(0, len(sequences), micro_batch_sequences)
@@ -211,15 +215,8 @@ def pack_micro_batches(
             "(an attention backend that takes packed sequences: te or sdpa)"
         )
 
-    def stream_widths(group: list[ScoredSequence]) -> tuple[int, int]:
-        """Student and teacher tokens per row, as make_micro_batch lays them out."""
-        student = [len(s.student_prompt_ids) + len(s.response_ids) for s in group]
-        teacher = [len(s.teacher_prompt_ids) + len(s.response_ids) for s in group]
-        widths = (sum(student), sum(teacher)) if packed else (max(student), max(teacher))
-        return round_up(widths[0], token_multiple), round_up(widths[1], token_multiple)
-
     def budget_tokens(group: list[ScoredSequence]) -> int:
-        return (1 if packed else len(group)) * sum(stream_widths(group))
+        return (1 if packed else len(group)) * sum(stream_widths(group, packed, token_multiple))
 
     too_long = [budget_tokens([s]) for s in sequences if budget_tokens([s]) > micro_batch_tokens]
     if too_long:
@@ -249,7 +246,7 @@ def pack_micro_batches(
     message_tokens = max(budget_tokens(group) for group in groups)
     micro_batches = []
     for group in groups:
-        student_tokens = stream_widths(group)[0]
+        student_tokens = stream_widths(group, packed, token_multiple)[0]
         micro_batches.append(make_micro_batch(
             group, pad_id, teacher_width=message_tokens - student_tokens, packed=True, token_multiple=token_multiple,
         ))

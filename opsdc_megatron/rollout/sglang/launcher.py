@@ -16,6 +16,7 @@ attention and sampling, a bounded KV cache, no warm-up, an idle scheduler that s
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -113,7 +114,7 @@ class ManagedProcess:
                 with urllib.request.urlopen(self.ready_url, timeout=5) as response:
                     if response.status == 200:
                         return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            except (urllib.error.URLError, http.client.HTTPException, OSError):  # still starting
                 pass
             time.sleep(0.5)
         self.stop()
