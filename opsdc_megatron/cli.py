@@ -48,25 +48,12 @@ def preflight(config: RunConfig) -> None:
         load_prompts(config.data.eval_prompts)
 
 
-def check_this_machine(config: RunConfig) -> None:
-    """What the machine that trains must have (not checked by `opsdc slurm plan` on a login node)."""
-    import torch
-
-    if config.model.params_dtype == "bf16" and not torch.cuda.is_available():
-        raise ConfigError(
-            "model.params_dtype = bf16 needs a CUDA GPU: megatron-core's mixed-precision optimizer (fp32 main "
-            "weights for the bf16 ones) takes CUDA tensors only; on a CPU set model.params_dtype=fp32 "
-            "(as recipes/toy_cpu.yaml does)"
-        )
-
-
 def train_command(recipe: str, overrides: list[str]) -> None:
     under_launcher = "LOCAL_RANK" in os.environ
     try:
         config = load_config(recipe, overrides)
         if not under_launcher:
             preflight(config)
-            check_this_machine(config)
     except INPUT_ERRORS as error:
         print(f"opsdc train: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -26,8 +26,9 @@ One spot is not a torch call: ``clip_grad_by_total_norm_fp32`` asserts
 `_clip_grad_by_total_norm_fp32`, which checks the dtype instead and scales with megatron's own
 multi-tensor helper, as upstream does.
 
-Two more are tensor methods. ``DistributedOptimizer.__init__`` sorts parameters by
-``param.type()`` strings ("torch.cuda.FloatTensor", ...) and rejects any other; while it runs,
+Two more are tensor methods. ``DistributedOptimizer.__init__`` and, for bf16 weights without the
+distributed optimizer, ``Float16OptimizerWithFloat16Params.__init__`` sort parameters by
+``param.type()`` strings ("torch.cuda.FloatTensor", ...) and reject any other; while they run,
 ``Tensor.type()`` without arguments names a CPU tensor's CUDA counterpart (the sorting only looks at
 the dtype; nothing is moved). Its ``get_parameter_state_dp_zero`` (the gather behind the
 "fully_reshardable" checkpoint format) moves buffers with ``Tensor.cuda()``. And with tied embeddings and pipeline stages, GPTModel's constructor runs
@@ -36,8 +37,7 @@ embedding with ``weight.data.cuda()`` before all-reducing it with the first stag
 runs with ``Tensor.cuda`` leaving a CPU tensor where it is, and so does the gather above (only
 during those calls).
 
-Not covered (not needed by this project on CPU): the bf16/fp16 mixed-precision optimizer without
-the distributed optimizer (it classifies parameters by CUDA type strings too), async checkpoint
+Not covered (not needed by this project on CPU): fp16 with its loss scaler, async checkpoint
 saves, CUDA graphs, and sequence parallelism (needs apex or Transformer Engine norms).
 
 Upstream code moves between releases. ``apply_cpu_platform`` imports every adapted module, checks
@@ -288,6 +288,8 @@ def _with_tensor_method(name: str, replacement: Callable[..., Any]) -> Callable[
 _TENSOR_METHOD_ADAPTATIONS = (
     ("megatron.core.models.common.language_module.language_module", "LanguageModule",
      "setup_embeddings_and_output_layer", _with_tensor_method("cuda", _keep_on_cpu)),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__",
+     _with_tensor_method("type", _cuda_type_name)),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__",
      _with_tensor_method("type", _cuda_type_name)),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero",
