@@ -12,9 +12,9 @@ layer at response positions, the full-vocabulary KL against a cross-entropy), so
 on how much of the model's work the vocabulary is: the bench prints the output layer's share of a
 token's matmuls for the model it runs and for Qwen3-8B (8%). The defaults (hidden 512, 16 layers, a
 vocabulary of 8,192) have Qwen3-8B's share; ``--hidden 256 --layers 4 --vocab 32768``, the
-vocabulary-heavy toy (73%), shows the KL's own cost. On a GPU pass the real shape. Both steps are timed in the same process, in alternation (best of the timed
-rounds after one warm-up step: the machines are shared), TP=1, on a random Qwen3-shaped model built
-on the fly.
+vocabulary-heavy toy (73%), shows the KL's own cost. On a GPU pass the real shape. Both steps are
+timed in the same process, in alternation (best of the timed rounds after one warm-up step: the
+machines are shared), TP=1, on a random Qwen3-shaped model built on the fly.
 
 Usage: ``python bench/step.py [--hidden 512] [--layers 16] [--vocab 8192] [--sequences 8]
 [--prompt-tokens 64] [--response-tokens 256] [--micro-batch 2] [--reps 5] [--dtype fp32|bf16]``
