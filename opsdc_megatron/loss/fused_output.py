@@ -91,15 +91,14 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         columns: int,
         backend: Literal["torch", "triton"],
     ) -> Tensor:
-        local = None
+        chunk_statistics = []
         n_tokens = student_hidden.shape[0]
         for chunk in _column_chunks(student_weight.shape[0], columns):
             student = _chunk_logits(student_hidden, student_weight, chunk, padding)
             teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, padding)
-            chunk_local = local_statistics(student, teacher, backend, n_tokens)
-            local = chunk_local if local is None else combine_local_statistics(local, chunk_local)
+            chunk_statistics.append(local_statistics(student, teacher, backend, n_tokens))
             del student, teacher
-        stats = merge_statistics(local, group)
+        stats = merge_statistics(combine_local_statistics(torch.stack(chunk_statistics)), group)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, *stats[1:])
         ctx.padding, ctx.columns, ctx.backend = padding, columns, backend
         return stats.kl
@@ -112,7 +111,7 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=student_hidden.device) if want_hidden else None
         grad_weight = torch.empty_like(student_weight) if want_weight else None
-        scale = grad_kl.to(stats.c.dtype)
+        scale = grad_kl.to(stats.c.dtype).contiguous()  # once, not per chunk (kl.sum() sends a stride-0 one)
         for chunk in _column_chunks(student_weight.shape[0], ctx.columns):
             student = _chunk_logits(student_hidden, student_weight, chunk, ctx.padding)
             teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, ctx.padding)

@@ -216,22 +216,26 @@ class KLStatistics(NamedTuple):
 
 
 def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
-    """``(z_x, z_y, w)`` of ``local`` (shifted by its own maxima) re-expressed in the shift of
-    ``maxima`` (>= the local ones): ``alpha z_x``, ``e^{mu_y - m_y} z_y``, ``alpha (w + delta z_x)``."""
-    offset = _safe_shift(local[:2]) - _safe_shift(maxima)  # <= 0 wherever there is mass
-    z_x, z_y, w = local[2], local[3], local[4]
+    """``(z_x, z_y, w)`` of ``local`` ``[..., 5, N]`` (shifted by its own maxima) re-expressed in the
+    shift of ``maxima`` ``[2, N]`` (>= the local ones): ``alpha z_x``, ``e^{mu_y - m_y} z_y``,
+    ``alpha (w + delta z_x)``."""
+    offset = _safe_shift(local[..., :2, :]) - _safe_shift(maxima)  # <= 0 wherever there is mass
+    offset_x, offset_y = offset.unbind(-2)
+    z_x, z_y, w = local[..., 2:, :].unbind(-2)
+    alpha = offset_x.exp()
     has_x = z_x > 0
     return torch.stack([
-        torch.where(has_x, z_x * offset[0].exp(), 0.0),
-        torch.where(z_y > 0, z_y * offset[1].exp(), 0.0),
-        torch.where(has_x, offset[0].exp() * (w + (offset[0] - offset[1]) * z_x), 0.0),
-    ])
+        torch.where(has_x, alpha * z_x, 0.0),
+        torch.where(z_y > 0, offset_y.exp() * z_y, 0.0),
+        torch.where(has_x, alpha * (w + (offset_x - offset_y) * z_x), 0.0),
+    ], dim=-2)
 
 
-def combine_local_statistics(first: Tensor, second: Tensor) -> Tensor:
-    """Local statistics of two disjoint column ranges merged into those of their union."""
-    maxima = torch.maximum(first[:2], second[:2])
-    return torch.cat([maxima, _rescaled_sums(first, maxima) + _rescaled_sums(second, maxima)])
+def combine_local_statistics(parts: Tensor) -> Tensor:
+    """``[k, 5, N]`` local statistics of k disjoint column ranges merged into the ``[5, N]`` of their
+    union, all k at once (a few kernels however many ranges: the fused output layer has dozens)."""
+    maxima = parts[:, :2].amax(0)
+    return torch.cat([maxima, _rescaled_sums(parts, maxima).sum(0)])
 
 
 def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch", "triton"], rows: int) -> Tensor:
@@ -246,12 +250,13 @@ def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch
 
 def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
     """Shard statistics from ``local_statistics`` to global ones: one MAX and one SUM all-reduce."""
-    maxima = local[:2].clone()
     if _is_parallel(group):
+        maxima = local[:2].clone()
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    sums = _rescaled_sums(local, maxima)
-    if _is_parallel(group):
+        sums = _rescaled_sums(local, maxima)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    else:  # the shard is the whole vocabulary: its own shifts are the global ones
+        maxima, sums = local[:2], local[2:]
     z_x, z_y, weighted = sums[0], sums[1], sums[2]
     c = weighted / z_x
     # Clamped at 0 because true KL >= 0, so this only moves a rounded value toward the truth:

@@ -102,7 +102,7 @@ def _check_tensors(*tensors: Tensor) -> None:
 
 def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int | None = None) -> Tensor:
     """``[5, N]`` fp32 rows ``(m_x, m_y, z_x, z_y, w)`` of this shard, shifted by its own maxima
-    (a maximum of ``-inf`` shifts by 0); merged over ranks by ``reverse_kl._merge_statistics``."""
+    (a maximum of ``-inf`` shifts by 0); merged over ranks by ``reverse_kl.merge_statistics``."""
     _check_tensors(x_logits, y_logits)
     n_rows, vocab = x_logits.shape
     out = torch.empty(5, n_rows, dtype=torch.float32, device=x_logits.device)
