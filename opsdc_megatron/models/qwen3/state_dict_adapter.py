@@ -344,13 +344,15 @@ def hf_shard_makers(model: GPTModel, hf_dir_or_state_dict: HFSource) -> dict[str
 
 
 def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The full Hugging Face-named state dict, identical on every rank.
+    """The full Hugging Face-named state dict in host memory, identical on every rank.
 
     `model` as in `load_hf_weights`. TP shards are all-gathered over the tensor-parallel group (one
-    collective per sharded parameter, none for replicated ones) and the vocabulary padding is
-    stripped; with pipeline parallelism each stage's tensors are then all-gathered over the
-    pipeline group (as CPU objects). Tensors are detached copies in the parameters' dtype;
-    ``lm_head.weight`` is present only with untied embeddings.
+    collective per sharded parameter, none for replicated ones), the vocabulary padding is
+    stripped, and each full tensor goes to host memory at once: the device never holds more than
+    one gathered parameter (a whole bf16 Qwen3-32B beside its shards would not fit an 80 GB GPU).
+    With pipeline parallelism the stages then exchange their tensors one at a time over the
+    pipeline group. Tensors are detached copies in the parameters' dtype; ``lm_head.weight`` is
+    present only with untied embeddings.
     """
     chunks = _chunks(model)
     geo = _Geometry(chunks[0])
@@ -367,11 +369,29 @@ def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict
                 else:
                     shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
                     dist.all_gather(shards, local, group=group)
-                state.update(zip(hf_names, _from_shards(layout, shards, geo)))
-    pipeline = parallel_state.get_pipeline_model_parallel_group()
-    if dist.get_world_size(pipeline) > 1:
-        stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pipeline)
-        dist.all_gather_object(stages, {name: tensor.cpu() for name, tensor in state.items()}, group=pipeline)
-        device = next(iter(state.values())).device if state else torch.device("cpu")
-        state = {name: tensor.to(device) for stage in stages for name, tensor in stage.items()}
+                state.update((hf_name, tensor.to("cpu", copy=True)) for hf_name, tensor in zip(hf_names, _from_shards(layout, shards, geo)))
+        pipeline = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(pipeline) > 1:
+            state = _exchange_stages(state, pipeline)
     return state
+
+
+def _exchange_stages(state: dict[str, torch.Tensor], pipeline: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Every stage's host tensors on every stage, in stage order: the names, shapes and dtypes as
+    objects, then one broadcast per tensor through the device the group's backend uses (NCCL:
+    this rank's GPU, one tensor at a time; gloo: host memory)."""
+    manifests: list[list[tuple[str, tuple[int, ...], torch.dtype]] | None] = [None] * dist.get_world_size(pipeline)
+    dist.all_gather_object(manifests, [(name, tuple(t.shape), t.dtype) for name, t in state.items()], group=pipeline)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pipeline) == "nccl" else torch.device("cpu")
+    stage, ranks = dist.get_rank(pipeline), dist.get_process_group_ranks(pipeline)
+    everything: dict[str, torch.Tensor] = {}
+    for source, manifest in enumerate(manifests):
+        for name, shape, dtype in manifest:
+            if source == stage:
+                dist.broadcast(state[name].to(device), src=ranks[source], group=pipeline)
+                everything[name] = state[name]
+            else:
+                received = torch.empty(shape, dtype=dtype, device=device)
+                dist.broadcast(received, src=ranks[source], group=pipeline)
+                everything[name] = received.to("cpu")
+    return everything
