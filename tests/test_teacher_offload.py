@@ -137,6 +137,26 @@ def test_fused_output_layer_gets_the_output_weight_on_the_device(one_rank) -> No
     assert host_pointers(model) == host
 
 
+def test_first_micro_batch_flag_reaches_student_and_teacher_layers(one_rank) -> None:
+    """megatron's schedules call `set_is_first_microbatch` on the chunk they run (if it has one);
+    with FP8, every Transformer Engine layer of student and teacher must see it, or they reuse the
+    FP8 weights cached at their first forward forever. TE is not installed here: a plain attribute
+    `is_first_microbatch` on two layers stands in for TE's (megatron sets every module's that has one)."""
+    student, teacher = student_and_streamed_teacher(tied=False)
+    stage = DistillStage(student, teacher.model[0], VOCAB, teacher_stream=teacher.streams[0])
+    layers = [student.decoder.layers[0].mlp.linear_fc1, teacher.model[0].decoder.layers[-1].self_attention.linear_qkv]
+    for layer in layers:
+        layer.is_first_microbatch = False
+    for model in (student, teacher.model[0]):
+        model.config.fp8 = "hybrid"  # megatron only sets the flags for FP8 models
+    try:
+        stage.set_is_first_microbatch()
+    finally:
+        for model in (student, teacher.model[0]):
+            model.config.fp8 = None
+    assert [layer.is_first_microbatch for layer in layers] == [True, True]
+
+
 def test_checkpoint_saves_and_restores_the_host_teacher(one_rank, tmp_path) -> None:
     """train/checkpoint.py with an offloaded teacher: saved from host memory, loaded back into the
     same pinned-or-not host tensors (a refresh in between is undone)."""

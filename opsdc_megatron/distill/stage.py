@@ -127,6 +127,14 @@ class DistillStage(torch.nn.Module):
     def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor | None] | None) -> None:
         self._received = tensor[0] if isinstance(tensor, list) else tensor
 
+    def set_is_first_microbatch(self) -> None:
+        """Called by megatron's schedules at each step's first micro-batch (they look for it on the
+        chunk they are given): with FP8, Transformer Engine layers then re-quantize their weights,
+        the student's after the optimizer step and the teacher's after a refresh, instead of
+        reusing the FP8 copies cached at the first forward ever."""
+        get_attr_wrapped_model(self.module, "set_is_first_microbatch")()
+        self.teacher.set_is_first_microbatch()
+
     def forward(self, batch: MicroBatch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self._received is not None:  # not the first stage: split the stream back into its halves
             student_length = batch.student_tokens.shape[1]
