@@ -140,3 +140,22 @@ def test_packing_follows_the_attention_backend() -> None:
     if not te_available:
         with pytest.raises(ValueError, match="'te' needs Transformer Engine"):
             supports_packed_sequences("te")
+
+
+@pytest.mark.parametrize("backend", ["local", "sdpa"])
+def test_final_norm_is_the_layers_norm_whatever_imports(one_rank, monkeypatch, backend) -> None:
+    """megatron picks a bare layer spec's final norm by what imports: apex's FusedLayerNorm where
+    apex does and Transformer Engine does not. FusedLayerNorm is LayerNorm only, so the RMSNorm
+    models would fail to build there. That choice is forced here (apex is not installed); the
+    decoder spec must give the final norm the layers' own class."""
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.transformer import transformer_block
+
+    from opsdc_megatron.models.qwen3.model import build_gpt_model
+
+    monkeypatch.setattr(transformer_block, "LayerNormImpl", FusedLayerNorm)
+    hf_config = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    model = build_gpt_model(hf_config, 1, attention_backend=backend)
+    assert type(model.decoder.final_layernorm) is type(model.decoder.layers[0].input_layernorm)
+    assert "final_layernorm.weight" in dict(model.decoder.named_parameters())

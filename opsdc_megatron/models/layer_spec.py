@@ -8,6 +8,8 @@ import copy
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from opsdc_megatron.models.sdpa_attention import SDPAttention
 from opsdc_megatron.models.transformer_engine import guard_broken_transformer_engine
@@ -59,3 +61,20 @@ def gpt_layer_spec(attention_backend: str = "auto", qk_layernorm: bool = True) -
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def gpt_decoder_spec(
+    attention_backend: str, qk_layernorm: bool, config: TransformerConfig, vp_stage: int | None = None
+) -> ModuleSpec:
+    """This pipeline stage's decoder block of `gpt_layer_spec` layers.
+
+    For the local layers (local, sdpa) the block's final norm is the layers' own norm class. Given a
+    bare layer spec, megatron picks the final norm by what imports: Transformer Engine's norm when TE
+    does, and apex's FusedLayerNorm when only apex does. FusedLayerNorm is LayerNorm only, so it
+    fails on these RMSNorm models.
+    """
+    layer = gpt_layer_spec(attention_backend, qk_layernorm)
+    if resolve_attention_backend(attention_backend) == "te":
+        return layer
+    layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=layer.submodules.input_layernorm))

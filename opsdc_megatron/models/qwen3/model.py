@@ -35,7 +35,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
-from opsdc_megatron.models.layer_spec import gpt_layer_spec
+from opsdc_megatron.models.layer_spec import gpt_decoder_spec
 from opsdc_megatron.models.registry import Architecture, architecture_of
 from opsdc_megatron.models.transformer_engine import FP8Config, fp8_transformer_config_fields
 
@@ -261,7 +261,7 @@ def build_gpt_model(
     rope_scaling_factor = _rope_scaling_factor(config)
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=gpt_layer_spec(attention_backend, qk_layernorm=architecture.qk_layernorm),
+        transformer_layer_spec=gpt_decoder_spec(attention_backend, architecture.qk_layernorm, transformer_config, vp_stage),
         vocab_size=padded_vocab_size(config.vocab_size, tensor_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
