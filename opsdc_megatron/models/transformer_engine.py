@@ -101,8 +101,15 @@ def fp8_token_multiple(fp8: FP8Config) -> int:
 
 
 def fp8_transformer_config_fields(fp8: FP8Config) -> dict[str, object]:
-    """The TransformerConfig fields for ``fp8`` (empty when FP8 is off)."""
+    """The TransformerConfig fields for ``fp8`` (empty when FP8 is off).
+
+    FP8 scaling factors are reduced over the tensor-parallel group only (``tp_only_amax_red``).
+    megatron's default also reduces over data parallelism, one collective per FP8 forward. Each
+    data-parallel rank packs its own rollouts into micro-batches, so the ranks may run different
+    numbers of them, and a rank that finishes first waits in the gradient all-reduce while the
+    others wait in an amax reduction: a hang.
+    """
     check_fp8(fp8)
     if fp8.format is None:
         return {}
-    return {"fp8": fp8.format, "fp8_recipe": fp8.recipe, "fp8_param": fp8.param_gather}
+    return {"fp8": fp8.format, "fp8_recipe": fp8.recipe, "fp8_param": fp8.param_gather, "tp_only_amax_red": True}
