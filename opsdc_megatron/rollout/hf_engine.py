@@ -1,7 +1,8 @@
 """In-process rollout engine on Hugging Face transformers' `generate`, fed with the trainer's weights.
 
 The embedded default for CPU runs and tests: no server, the same sampling the paper uses
-(temperature, top-p, top-k with no hidden defaults), left-padded batches.
+(temperature, top-p, top-k with no hidden defaults), left-padded batches. On a GPU machine it
+generates on this rank's GPU (one more copy of the model there; large models want SGLang).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 
 
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 class HFRolloutEngine(RolloutEngine):
     def __init__(
         self,
@@ -22,19 +27,23 @@ class HFRolloutEngine(RolloutEngine):
         stop_token_ids: list[int],
         pad_token_id: int,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> None:
+        """`device`: where the model lives and generates (default: this rank's GPU if there is one)."""
         config = AutoConfig.from_pretrained(hf_config) if isinstance(hf_config, str) else hf_config
-        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.device = torch.device(device) if device is not None else _default_device()
+        with self.device:  # built (and randomly initialised, until the first push) where it runs
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
         self._version = -1
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32) -> "HFRolloutEngine":
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "HFRolloutEngine":
         """An engine serving the weights of a Hugging Face folder (version 0)."""
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
+        engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype, device)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(Path(model_dir).glob("*.safetensors")):
             state.update(load_file(shard))
@@ -69,8 +78,8 @@ class HFRolloutEngine(RolloutEngine):
         )
         torch.manual_seed(seed)
         width = max(len(p) for p in prompt_ids)
-        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         rollouts = []
         for row, tokens in enumerate(output[:, width:].tolist()):
