@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU check that needs neither Transformer Engine nor a CUDA SGLang, in one go on one GPU:
+# the tests in tests/gpu (each skips with its reason what this machine lacks), then bench/kl.py at
+# T = 8192 and bench/step.py at Qwen3-8B's width. Logs go to OUT_DIR (default gpu_checks/).
+#
+#   bash tools/gpu_checks.sh [OUT_DIR]
+#
+# On a machine whose Python lacks the project's packages (a bare GPU image), put their wheels in
+# .whl/ (megatron-core, omegaconf, math-verify, latex2sympy2_extended, antlr4-python3-runtime): they
+# are installed into /tmp/opsdc_site and put on PYTHONPATH, leaving the machine's Python as it is.
+set -uo pipefail
+out=${1:-gpu_checks}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null && ! "$python" -c "import megatron.core" 2> /dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --target /tmp/opsdc_site .whl/*.whl
+    export PYTHONPATH=/tmp/opsdc_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+status=0
+timeout 1200 "$python" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
+timeout 300 "$python" bench/kl.py --tokens 8192 --reps 5 2>&1 | tee "$out/kl.log" || status=1
+timeout 300 "$python" bench/step.py --dtype bf16 --hidden 4096 --vocab 151936 --layers 8 --sequences 16 \
+    --response-tokens 1024 --micro-batch 4 --reps 3 2>&1 | tee "$out/step.log" || status=1
+exit $status
