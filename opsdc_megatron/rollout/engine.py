@@ -45,6 +45,12 @@ class RolloutEngine(ABC):
     @abstractmethod
     def weight_version(self) -> int: ...
 
+    @property
+    def reads_pushed_weights(self) -> bool:
+        """Whether `update_weights` on this rank reads the tensors (else an empty dict will do, and
+        the trainer does not keep a host copy of the model on this rank)."""
+        return True
+
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
         """One sampled response per prompt, in prompt order; `seed` makes the draw reproducible."""

@@ -102,7 +102,9 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(config))
     log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"], log=config.log, run_config=asdict(config))
-    pushed = export_hf_state_dict(model.student)  # the weights the engine serves (and best/final export)
+    # The weights the engine serves, and rank 0's best/final export; ranks that use neither keep none.
+    keeps_weights = rank0 or engine.reads_pushed_weights
+    pushed = export_hf_state_dict(model.student, keeps_weights)
     engine.update_weights(pushed, version=state["step"])
 
     rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
@@ -136,7 +138,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         )
         result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)
-        pushed = export_hf_state_dict(model.student)
+        pushed = export_hf_state_dict(model.student, keeps_weights)
         engine.update_weights(pushed, version=step)  # 6. weight push
         state.update(step=step, teacher_age_steps=teacher.age_steps)
         elapsed = time.perf_counter() - started

@@ -119,9 +119,11 @@ def run_layout(
             if step == 1 and save_after_step_1 is not None:
                 state = {"step": 1, "teacher_age_steps": model.teacher.age_steps}
                 save_checkpoint(out / save_after_step_1, 1, model.ddps, model.optimizer, model.teacher, state, keep_last=1)
-        weights = export_hf_state_dict(model.student)
+        weights = export_hf_state_dict(model.student, keep=dist.get_rank() == 0)  # the other ranks hold no copy
         if dist.get_rank() == 0:
             torch.save({"losses": losses, "weights": weights}, out / f"{name}.pt")
+        elif weights:
+            raise AssertionError(f"rank {dist.get_rank()} kept {len(weights)} exported tensors with keep=False")
         log(f"{name}: losses {losses}")
     finally:
         parallel_state.destroy_model_parallel()

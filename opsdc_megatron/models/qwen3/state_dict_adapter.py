@@ -343,8 +343,8 @@ def hf_shard_makers(model: GPTModel, hf_dir_or_state_dict: HFSource) -> dict[str
     return {name: maker(layout, hf_names, param.dtype) for name, param, layout, hf_names in entries}
 
 
-def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The full Hugging Face-named state dict in host memory, identical on every rank.
+def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The full Hugging Face-named state dict in host memory, identical on every rank that keeps it.
 
     `model` as in `load_hf_weights`. TP shards are all-gathered over the tensor-parallel group (one
     collective per sharded parameter, none for replicated ones), the vocabulary padding is
@@ -352,12 +352,15 @@ def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict
     one gathered parameter (a whole bf16 Qwen3-32B beside its shards would not fit an 80 GB GPU).
     With pipeline parallelism the stages then exchange their tensors one at a time over the
     pipeline group. Tensors are detached copies in the parameters' dtype; ``lm_head.weight`` is
-    present only with untied embeddings.
+    present only with untied embeddings. ``keep=False``: this rank takes part in the collectives
+    and returns an empty dict (a rank that does not use the weights holds no copy of the model).
     """
     chunks = _chunks(model)
     geo = _Geometry(chunks[0])
     group = parallel_state.get_tensor_model_parallel_group()
     state: dict[str, torch.Tensor] = {}
+    pipeline = parallel_state.get_pipeline_model_parallel_group()
+    staged = dist.get_world_size(pipeline) > 1  # this stage's tensors are sent to the others
     with torch.no_grad():
         for chunk in chunks:
             for name, param, layout, hf_names in _named_entries(chunk):
@@ -369,17 +372,17 @@ def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict
                 else:
                     shards = [torch.empty_like(local) for _ in range(geo.tp_size)]
                     dist.all_gather(shards, local, group=group)
-                state.update((hf_name, tensor.to("cpu", copy=True)) for hf_name, tensor in zip(hf_names, _from_shards(layout, shards, geo)))
-        pipeline = parallel_state.get_pipeline_model_parallel_group()
-        if dist.get_world_size(pipeline) > 1:
-            state = _exchange_stages(state, pipeline)
-    return state
+                if keep or staged:
+                    state.update((hf_name, t.to("cpu", copy=True)) for hf_name, t in zip(hf_names, _from_shards(layout, shards, geo)))
+        if staged:
+            state = _exchange_stages(state, pipeline, keep)
+    return state if keep else {}
 
 
-def _exchange_stages(state: dict[str, torch.Tensor], pipeline: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    """Every stage's host tensors on every stage, in stage order: the names, shapes and dtypes as
-    objects, then one broadcast per tensor through the device the group's backend uses (NCCL:
-    this rank's GPU, one tensor at a time; gloo: host memory)."""
+def _exchange_stages(state: dict[str, torch.Tensor], pipeline: dist.ProcessGroup, keep: bool) -> dict[str, torch.Tensor]:
+    """Every stage's host tensors on every stage that keeps them, in stage order: the names, shapes
+    and dtypes as objects, then one broadcast per tensor through the device the group's backend
+    uses (NCCL: this rank's GPU, one tensor at a time; gloo: host memory)."""
     manifests: list[list[tuple[str, tuple[int, ...], torch.dtype]] | None] = [None] * dist.get_world_size(pipeline)
     dist.all_gather_object(manifests, [(name, tuple(t.shape), t.dtype) for name, t in state.items()], group=pipeline)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pipeline) == "nccl" else torch.device("cpu")
@@ -393,5 +396,6 @@ def _exchange_stages(state: dict[str, torch.Tensor], pipeline: dist.ProcessGroup
             else:
                 received = torch.empty(shape, dtype=dtype, device=device)
                 dist.broadcast(received, src=ranks[source], group=pipeline)
-                everything[name] = received.to("cpu")
+                if keep:
+                    everything[name] = received.to("cpu")
     return everything

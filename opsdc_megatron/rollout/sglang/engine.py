@@ -134,6 +134,10 @@ class SGLangRolloutEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
+    @property
+    def reads_pushed_weights(self) -> bool:
+        return self.transport is not None  # the rank that pushes; the others only send rollouts
+
     def update_weights(self, hf_state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Pause the servers, push (bucketed, flushing the cache), resume; then every answer carries `version`."""
         if self.launch_weights_only:
