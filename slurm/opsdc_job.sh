@@ -18,7 +18,8 @@
 #
 # Environment (all optional; sbatch passes the submitting shell's environment):
 #   OPSDC_HOME              checkout to run from (default: the directory sbatch was called from)
-#   OPSDC_PYTHON            interpreter with opsdc_megatron (default: $OPSDC_HOME/.venv/bin/python, else python3)
+#   OPSDC_PYTHON            interpreter with opsdc_megatron (default: python in a container, else
+#                           $OPSDC_HOME/.venv/bin/python, else python3)
 #   OPSDC_CONTAINER_IMAGE, OPSDC_CONTAINER_MOUNTS   run every step in a pyxis/enroot container
 #   OPSDC_MAX_REQUEUES      requeues this script asks for before giving up (default 20)
 #   OPSDC_VALIDATE=1        validation mode
@@ -29,7 +30,9 @@ set -uo pipefail
 OPSDC_HOME=${OPSDC_HOME:-${SLURM_SUBMIT_DIR:?run this through sbatch}}
 cd "$OPSDC_HOME" || exit 2
 if [ -z "${OPSDC_PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then OPSDC_PYTHON=$OPSDC_HOME/.venv/bin/python; else OPSDC_PYTHON=python3; fi
+    # In a container, the image's interpreter: a host venv's python links to a host path the container lacks.
+    if [ -n "${OPSDC_CONTAINER_IMAGE:-}" ]; then OPSDC_PYTHON=python
+    elif [ -x .venv/bin/python ]; then OPSDC_PYTHON=$OPSDC_HOME/.venv/bin/python; else OPSDC_PYTHON=python3; fi
 fi
 VALIDATE=${OPSDC_VALIDATE:-0}
 RESTART=${SLURM_RESTART_COUNT:-0}
@@ -64,7 +67,7 @@ TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
 # sharing a node (and the simulated nodes of the test cluster) do not collide. SGLang ports: rollout.sglang.
 export MASTER_ADDR; MASTER_ADDR=$(node_addr "${TRAINER_HOSTS[0]}")
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000))
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: TP communication kept in order
+TRAINER_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: TP communication kept in order (trainer step only: SGLang overlaps streams)
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank ends the step, not a hang
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -140,7 +143,7 @@ else
 fi
 
 # --- 4. trainer step: one process per GPU (per task on CPU), ranks from SLURM ----------------------
-TRAINER_CMD='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$0" -m opsdc_megatron.cli train "$@"'
+TRAINER_CMD='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'; exec "$0" -m opsdc_megatron.cli train "$@"'
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
 start_step trainer --nodes="$OPSDC_TRAINER_NODES" --relative="$OPSDC_ROLLOUT_NODES" \

@@ -314,6 +314,16 @@ def test_rollout_plan_refusals(overrides, message):
     assert message in str(refused.value)
 
 
+def test_gpu_servers_need_an_sglang_interpreter_named():
+    """The repo's .venv-sglang is SGLang's CPU build: GPU servers started from it die on import."""
+    from opsdc_megatron.launch.plan import _check_sglang_interpreter
+
+    with pytest.raises(ValueError, match="GPU servers need a CUDA build of SGLang"):
+        _check_sglang_interpreter(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", []))
+    _check_sglang_interpreter(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [f"rollout.sglang.python={sys.executable}"]))
+    _check_sglang_interpreter(merge_config(ROOT / "recipes" / "toy_cpu_sglang.yaml", ["out_dir=x", "model.hf_path=x", "data.train_prompts=x"]))  # CPU servers: the default
+
+
 @pytest.mark.parametrize("size", ["8b", "14b", "32b"])
 def test_h100_recipes_use_the_layout_opsdc_plan_chooses(size):
     config = merge_config(ROOT / "recipes" / f"qwen3_{size}.yaml")

@@ -191,6 +191,11 @@ def _check_sglang_interpreter(config: RunConfig) -> None:
     from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 
     python = config.rollout.sglang.python or str(DEFAULT_SGLANG_PYTHON)
+    if config.slurm.gpus_per_node and not config.rollout.sglang.python:
+        raise ValueError(
+            f"rollout.sglang.python: GPU servers need a CUDA build of SGLang; the default {DEFAULT_SGLANG_PYTHON} is the "
+            "CPU build tools/setup_sglang.sh makes for the tests. Set rollout.sglang.python to a CUDA SGLang's interpreter"
+        )
     if not Path(python).exists() and not shutil.which(python):
         raise FileNotFoundError(f"rollout.sglang.python: SGLang interpreter {python} not found (tools/setup_sglang.sh makes .venv-sglang)")
 
