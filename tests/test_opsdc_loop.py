@@ -5,8 +5,10 @@ checkpoint. Each run is a real megatron-core job started by the CLI (torchrun fo
 """
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -29,15 +31,18 @@ def setup(tmp_path_factory):
     return root
 
 
-def train(setup, out, *overrides):
-    args = [
+def train_args(setup, out, *overrides):
+    return [
         f"out_dir={out}", f"model.hf_path={setup / 'model'}", f"data.train_prompts={setup / 'train.jsonl'}",
         f"data.eval_prompts={setup / 'eval.jsonl'}", f"distill.instruction={TOY_INSTRUCTION}",
         "rollout.max_response_tokens=24", "rollout.generation_batch_prompts=4", "eval.max_response_tokens=24",
         "eval.every_steps=2", "eval.max_prompts=8", "train.global_batch_prompts=8", "train.micro_batch_prompts=2",
         "train.lr=1e-3", "distill.teacher_refresh_every=2", "checkpoint.save_every_steps=2", *overrides,
     ]
-    proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *args],
+
+
+def train(setup, out, *overrides):
+    proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
@@ -185,6 +190,34 @@ def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
         assert resumed[3][key] == tp2_run[3][key], key
     losses = EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train/loss")  # resume purged nothing it kept, wrote step 3 once
     assert [(e.step, e.value) for e in losses] == [(s, pytest.approx(resumed[s]["loss"])) for s in (1, 2, 3)]
+
+
+def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup, tmp_path):
+    """SIGUSR1 (before a time limit) mid-run: the trainer checkpoints right after that step's optimizer
+    step and exits 75, before the weight push and the eval (in a SLURM job the rollout servers got the
+    signal too). The resumed run pushes the checkpoint's weights and first runs the skipped eval, so
+    every step and every eval is logged exactly once, and the run ends where an uninterrupted one does."""
+    out = tmp_path / "preempted"
+    every_step = ("train.steps=4", "eval.every_steps=1", "parallel.tensor_parallel_size=1", "checkpoint.save_every_steps=0")
+    command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *every_step)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and any(m["kind"] == "train" for m in read_metrics(metrics))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no train step logged"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped = json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert 1 <= stopped["step"] < 4 and stopped["eval_pending"], stopped
+    evals = [m["step"] for m in read_metrics(metrics) if m["kind"] == "eval"]
+    assert evals == list(range(stopped["step"])), "no eval of the step that stopped"
+    train(setup, out, *every_step)
+    records = read_metrics(metrics)
+    assert sorted(m["step"] for m in records if m["kind"] == "train") == [1, 2, 3, 4]
+    assert sorted(m["step"] for m in records if m["kind"] == "eval") == [0, 1, 2, 3, 4]
 
 
 def run_cli(setup, out, *overrides):

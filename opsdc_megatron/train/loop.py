@@ -95,7 +95,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
 
     checkpoints = out / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
-    state = {"step": 0, "teacher_age_steps": 0, "best": None}
+    state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
     elif rank0:
@@ -120,8 +120,8 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
             if rank0:
                 save_hf_folder(pushed, config.model.hf_path, out / "best_hf")
 
-    if config.eval.every_steps and state["step"] == 0:
-        run_eval(0)
+    if config.eval.every_steps and (state["step"] == 0 or state.get("eval_pending")):
+        run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
     preemption = PreemptionWatch()
     for step in range(state["step"] + 1, config.train.steps + 1):
         started = time.perf_counter()
@@ -138,9 +138,14 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         )
         result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # 3-5. scoring, KL, step
         refreshed = teacher.after_optimizer_step(student)
-        pushed = export_hf_state_dict(model.student, keeps_weights)
-        engine.update_weights(pushed, version=step)  # 6. weight push
-        state.update(step=step, teacher_age_steps=teacher.age_steps)
+        # SIGUSR1/SIGTERM: checkpoint now, then exit. The push and the eval are left to the resumed run:
+        # they need the rollout servers, and in a preempted job the servers got the signal too.
+        stopping = step < config.train.steps and preemption.requested()
+        eval_due = bool(config.eval.every_steps) and step % config.eval.every_steps == 0
+        if not stopping:
+            pushed = export_hf_state_dict(model.student, keeps_weights)
+            engine.update_weights(pushed, version=step)  # 6. weight push
+        state.update(step=step, teacher_age_steps=teacher.age_steps, eval_pending=stopping and eval_due)
         elapsed = time.perf_counter() - started
         lengths = [len(r.response_ids) for r in rollouts]
         texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
@@ -152,9 +157,8 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
             "response_tokens_per_s": sum(lengths) / elapsed, "rollout_s": rollout_s, "step_s": elapsed,
             "teacher_refreshed": refreshed, "teacher_age_steps": teacher.age_steps,
         })
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
+        if eval_due and not stopping:
             run_eval(step)
-        stopping = step < config.train.steps and preemption.requested()  # SIGUSR1/SIGTERM: checkpoint now, then exit
         if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
             with preemption.shielding_helper_processes():
                 save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint

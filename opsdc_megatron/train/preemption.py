@@ -1,4 +1,6 @@
-"""Stop cleanly when the scheduler asks: finish the current step, checkpoint, exit with PREEMPTED_EXIT_CODE.
+"""Stop cleanly when the scheduler asks: finish the current optimizer step, checkpoint, exit with
+PREEMPTED_EXIT_CODE. The weight push and an eval due at that step are left to the resumed run (the
+loop in train/loop.py): they need the rollout servers, which got the same signal.
 
 SLURM sends SIGTERM before killing a job (scancel, `scontrol requeue`, preemption) and, with
 `#SBATCH --signal=B:USR1@300`, SIGUSR1 to the batch script some minutes before the time limit; the
