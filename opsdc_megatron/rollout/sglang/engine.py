@@ -159,10 +159,14 @@ class SGLangRolloutEngine(RolloutEngine):
                 for url in servers:
                     post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
             self._pushed = hf_state_dict
+        # The owner (trainer rank 0) tells the other ranks which servers it pushed to: a rank probing on
+        # its own could keep a server the owner dropped, and sample stale weights from it. The
+        # broadcast also holds the other ranks back until the push is done.
+        owner_healthy: list[list[int] | None] = [sorted(self._healthy) if self.transport is not None else None]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()  # the other trainer ranks sample only once the owner has pushed
+            dist.broadcast_object_list(owner_healthy, src=0)
         if self.transport is None:
-            self._healthy = {i for i in range(len(self.urls)) if self._server_ok(i)}
+            self._healthy = set(owner_healthy[0]) if owner_healthy[0] is not None else {i for i in range(len(self.urls)) if self._server_ok(i)}
         self._version = version
 
     # ------------------------------------------------------------------ failures
