@@ -89,7 +89,8 @@ class SGLangConfig:
     dtype: str = "auto"
     """SGLang --dtype: auto, float32, bfloat16, float16."""
     mem_fraction_static: Optional[float] = None
-    """GPU memory fraction for weights + KV cache; null = SGLang's default."""
+    """GPU memory fraction for weights + KV cache; null = SGLang's default, which takes most of the GPU: allowed
+    only for servers on their own GPUs (the SLURM job's rollout nodes), required when the trainer starts them on its own."""
     max_total_tokens: Optional[int] = None
     """KV-cache tokens per server; null = SGLang's default on GPU, 8192 on CPU."""
     weight_transport: str = "tensor"

@@ -27,7 +27,7 @@ from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.rollout.sglang.client import GenerateRequest, ServerRejected, ServerUnavailable, generate_one, post_json
 from opsdc_megatron.rollout.sglang.engine import SGLangRolloutEngine
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON, ServerFleet, cpu_settings
-from opsdc_megatron.weight_push.sglang_transports import DiskTransport, DistributedTransport, TensorTransport
+from opsdc_megatron.weight_push.sglang_transports import DiskTransport, DistributedTransport, TensorTransport, WeightPushError
 
 pytestmark = [
     pytest.mark.sglang,
@@ -79,8 +79,25 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+DEAD_PROXY = {name: "http://127.0.0.1:9" for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")}
+"""A cluster-style proxy that reaches nothing (port 9 is closed here): the servers, the router and
+every client request of this module must go around it."""
+
+
 @pytest.fixture(scope="module")
-def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+def behind_dead_proxy():
+    saved = {name: os.environ.get(name) for name in DEAD_PROXY}
+    os.environ.update(DEAD_PROXY)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, behind_dead_proxy: None):
     base = free_port_pair()
     settings = cpu_settings(str(tiny_model), base_port=base, log_dir=str(tmp_path_factory.mktemp("sglang_logs")), max_total_tokens=4096,
         startup_timeout_s=900,  # ~30 s each on an idle 2-core machine; minutes when it is shared
@@ -189,6 +206,32 @@ def test_other_transports_push_exact_weights(fleet: ServerFleet, tiny_model: Pat
         state, reference = shifted_weights(tiny_model, seed=version)
         engine.update_weights(state, version=version)
         assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), version)
+    finally:
+        weights.close()
+
+
+def test_refused_broadcast_aborts_that_servers_group_and_a_new_one_works(fleet: ServerFleet, tiny_model: Path) -> None:
+    """A server that refuses a bucket never joins its broadcast: the push fails at once, naming it, and
+    the group with the pending broadcast is aborted (NCCL's watchdog would end the trainer at the timeout)."""
+    import torch.distributed as dist
+
+    url = fleet.urls[0]
+    weights = DistributedTransport(bucket_bytes=64 * 1024, timeout_s=300)
+    try:
+        weights.connect(url, 1)
+        group_name, group = weights._groups[url]
+        weights._groups[url] = ("no-such-group", group)  # the server refuses every bucket before its broadcast
+        state, reference = shifted_weights(tiny_model, seed=3)  # what the disk push left: later tests see no change
+        started = time.monotonic()
+        with pytest.raises(WeightPushError, match=rf"update_weights_from_distributed \(bucket 1/\d+, version 3\) failed: {url}: .*no-such-group"):
+            weights.push({url: 1}, state, "3")
+        assert time.monotonic() - started < 60
+        assert url not in weights._groups and group not in dist.distributed_c10d._world.pg_map
+        post_json(f"{url}/destroy_weights_update_group", {"group_name": group_name}, 10)
+
+        engine = SGLangRolloutEngine(fleet, weights, [EOS], VOCAB)  # new groups with both servers
+        engine.update_weights(state, version=3)
+        assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), 3)
     finally:
         weights.close()
 
@@ -339,6 +382,39 @@ def test_unreachable_failing_dying_and_silent_servers_fail_fast() -> None:
         assert time.monotonic() - started < 10
 
 
+class _Answers200(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"ok": true}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_requests_and_server_processes_go_around_the_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh interpreter with http_proxy set (urllib's default opener would send the request there)."""
+    import subprocess
+    import sys
+
+    from opsdc_megatron.rollout.sglang.launcher import env_reaching_directly
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers200)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/health"
+        probe = f"from opsdc_megatron.rollout.sglang.client import post_json; print(post_json({url!r}, None, 10))"
+        answered = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **DEAD_PROXY}, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert answered.returncode == 0 and "'ok': True" in answered.stdout, answered.stderr[-2000:]
+
+    monkeypatch.setenv("no_proxy", "corp.example")
+    monkeypatch.setenv("NO_PROXY", "corp.example,10.0.0.0/8")
+    env = env_reaching_directly(["node7", "", "localhost"])
+    assert env["no_proxy"] == env["NO_PROXY"] == "corp.example,10.0.0.0/8,127.0.0.1,localhost,node7"
+
+
 def test_fleet_refuses_missing_model_or_interpreter(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         ServerFleet(cpu_settings(str(tmp_path)), 1)
@@ -358,3 +434,26 @@ def test_config_selects_and_checks_the_sglang_engine(tiny_model: Path, tmp_path:
         load_config(None, [*base, "rollout.sglang.weight_transport=nccl"])
     with pytest.raises(ConfigError, match="rollout.engine must be hf or sglang, got 'vllm'"):
         load_config(None, [*base[:-1], "rollout.engine=vllm"])
+
+
+def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import opsdc_megatron.rollout.sglang.start as start
+    from opsdc_megatron.config import ConfigError, load_config
+
+    config = load_config(None, [f"out_dir={tmp_path}", f"model.hf_path={tiny_model}", "data.train_prompts=x.jsonl", "rollout.engine=sglang"])
+    one_node = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}
+    assert start.trainer_fleet_settings(config, one_node).host == start.trainer_fleet_settings(config, {}).host == "127.0.0.1"
+
+    monkeypatch.setattr(start.socket, "gethostname", lambda: "node7")
+    monkeypatch.setattr(start.socket, "gethostbyname", lambda name: {"node7": "10.1.2.7"}[name])
+    two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    assert start.trainer_fleet_settings(config, two_nodes).host == "10.1.2.7"
+    monkeypatch.setattr(start.socket, "gethostbyname", lambda name: "127.0.1.1")  # Debian's /etc/hosts entry
+    with pytest.raises(ConfigError, match="'node7' resolves to loopback .127.0.1.1.: the other nodes could not reach"):
+        start.trainer_fleet_settings(config, two_nodes)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # servers on the trainer's own GPUs
+    with pytest.raises(ConfigError, match="rollout.sglang.mem_fraction_static is required when the trainer starts"):
+        start.trainer_fleet_settings(config, one_node)
+    config.rollout.sglang.mem_fraction_static = 0.3
+    assert start.trainer_fleet_settings(config, one_node).mem_fraction_static == 0.3

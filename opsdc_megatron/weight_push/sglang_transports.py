@@ -211,6 +211,12 @@ class DistributedTransport(WeightTransport):
         self._groups[url] = (group_name, group)
 
     def disconnect(self, url: str) -> None:
+        self._drop_group(url, broadcast_pending=False)
+
+    def _drop_group(self, url: str, broadcast_pending: bool) -> None:
+        """Destroys the server's side of its group (if it still answers) and this side. A group whose
+        broadcast the server never joined is aborted instead: NCCL would keep the broadcast queued, hang
+        the group's destruction on it, and its watchdog would end this process at the timeout."""
         entry = self._groups.pop(url, None)
         if entry is None:
             return
@@ -219,7 +225,10 @@ class DistributedTransport(WeightTransport):
             post_json(f"{url}/destroy_weights_update_group", {"group_name": group_name}, 10.0)
         except (ConnectionError, ValueError):
             pass  # a dead server has no group left to destroy
-        dist.destroy_process_group(group)
+        if broadcast_pending:
+            dist.distributed_c10d._abort_process_group(group)
+        else:
+            dist.destroy_process_group(group)
 
     def push(self, servers: Mapping[str, int], state_dict: Mapping[str, torch.Tensor], version: str) -> None:
         missing = [url for url in servers if url not in self._groups]
@@ -260,7 +269,7 @@ class DistributedTransport(WeightTransport):
                     answer = {"success": False, "message": str(error)}
                 if answer.get("success") is False:
                     failed.append(f"{url}: {answer.get('message')}")
-                    self._groups.pop(url, None)  # its broadcast can never complete: drop the group
+                    self._drop_group(url, broadcast_pending=True)
                 else:
                     works[url].wait()
         if failed:

@@ -18,6 +18,17 @@ from dataclasses import dataclass
 from opsdc_megatron.rollout.engine import SamplingParams
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Servers are always reached directly. urllib's default opener routes every request through the
+http_proxy of the environment (clusters often set one for internet access), which cannot reach a
+node's server port; NO_PROXY would have to list every node."""
+
+
+def open_direct(request: urllib.request.Request | str, timeout_s: float):
+    """`urlopen` without the environment's proxies."""
+    return _DIRECT.open(request, timeout=timeout_s)
+
+
 class ServerUnavailable(ConnectionError):
     """The server did not answer in time, refused the connection or answered 5xx."""
 
@@ -31,7 +42,7 @@ def post_json(url: str, payload: dict | None, timeout_s: float) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="GET" if payload is None else "POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with open_direct(request, timeout_s) as response:
             body = response.read()
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace")[:2000]

@@ -23,11 +23,14 @@ import signal
 import subprocess
 import time
 import urllib.error
-import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
+
+from opsdc_megatron.rollout.sglang.client import open_direct
 
 CPU_STUB_DIR = Path(__file__).resolve().parent / "cpu_stub"
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -76,6 +79,19 @@ class ServerSettings:
     on_cpu: bool = field(default_factory=lambda: not torch.cuda.is_available())
 
 
+def env_reaching_directly(hosts: Iterable[str]) -> dict[str, str]:
+    """This process's environment with loopback and `hosts` added to NO_PROXY (both spellings).
+
+    A cluster's http_proxy would otherwise catch the servers' own traffic: SGLang's warm-up request
+    to itself (python requests; the server kills itself when it fails) and sglang-router's health
+    checks of its workers (reqwest) both honour it.
+    """
+    env = dict(os.environ)
+    listed = [*env.get("no_proxy", "").split(","), *env.get("NO_PROXY", "").split(","), "127.0.0.1", "localhost", *hosts]
+    env["no_proxy"] = env["NO_PROXY"] = ",".join(dict.fromkeys(host for host in listed if host))
+    return env
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -111,7 +127,7 @@ class ManagedProcess:
                 code = self.process.returncode if self.process else None
                 raise ServerStartError(f"{self.name} exited with code {code} before it was ready; log {self.log_path}:\n{_log_tail(self.log_path)}")
             try:
-                with urllib.request.urlopen(self.ready_url, timeout=5) as response:
+                with open_direct(self.ready_url, 5) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, http.client.HTTPException, OSError):  # still starting
@@ -183,8 +199,8 @@ class SGLangServer(ManagedProcess):
         return command + list(s.extra_args)
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
         s = self.settings
+        env = env_reaching_directly([s.host])
         if s.on_cpu:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUB_DIR), env.get("PYTHONPATH", "")) if p)
@@ -212,7 +228,8 @@ class SGLangRouter(ManagedProcess):
             settings.python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", settings.host,
             "--port", str(port), "--disable-retries", "--health-check-interval-secs", "2", "--health-failure-threshold", "1",
         ]
-        super().__init__(f"sglang-router ({self.url})", command, dict(os.environ), log_dir / "router.log", f"{self.url}/health")
+        env = env_reaching_directly([settings.host, *(urlsplit(url).hostname or "" for url in worker_urls)])
+        super().__init__(f"sglang-router ({self.url})", command, env, log_dir / "router.log", f"{self.url}/health")
 
 
 class ServerFleet:

@@ -9,11 +9,14 @@ server step, slurm/opsdc_job.sh): rank 0 only pushes the weights to them, and no
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
 
-from opsdc_megatron.config import RunConfig
+from opsdc_megatron.config import ConfigError, RunConfig
 from opsdc_megatron.rollout.sglang.engine import SGLangRolloutEngine
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON, ServerFleet, ServerSettings
 from opsdc_megatron.weight_push.sglang_transports import make_transport
@@ -61,13 +64,41 @@ def start_sglang_engine(config: RunConfig, stop_token_ids: list[int], vocab_size
         raise
 
 
+def trainer_fleet_settings(config: RunConfig, environ: Mapping[str, str] = os.environ) -> ServerSettings:
+    """`server_settings` for servers that trainer rank 0 starts on its own node, next to its ranks.
+
+    They listen on loopback when every trainer rank is on this node, else on this node's address
+    (torchrun's WORLD_SIZE > LOCAL_WORLD_SIZE), which the other nodes' ranks send rollouts to.
+    On GPUs they share the trainer's GPUs, so the memory fraction they take must be stated:
+    SGLang's default takes most of each GPU and the trainer would run out of memory.
+    """
+    settings = server_settings(config)
+    world_ranks = int(environ.get("WORLD_SIZE", "1"))
+    if int(environ.get("LOCAL_WORLD_SIZE", world_ranks)) < world_ranks:
+        address = socket.gethostbyname(socket.gethostname())
+        if address.startswith("127."):
+            raise ConfigError(
+                f"the trainer spans several nodes, and this node's name {socket.gethostname()!r} resolves to loopback "
+                f"({address}): the other nodes could not reach the SGLang servers trainer rank 0 starts; start them on "
+                "their own nodes (slurm.rollout_nodes, or rollout.sglang.server_urls)"
+            )
+        settings = replace(settings, host=address)
+    if not settings.on_cpu and config.rollout.sglang.mem_fraction_static is None:
+        raise ConfigError(
+            "rollout.sglang.mem_fraction_static is required when the trainer starts its SGLang servers on its own GPUs "
+            "(SGLang's default takes most of each GPU's memory, leaving the trainer none): set the fraction the servers "
+            "may use, e.g. 0.3, or start them on their own nodes (slurm.rollout_nodes, or rollout.sglang.server_urls)"
+        )
+    return settings
+
+
 def _start_fleet(config: RunConfig, owner: bool, distributed: bool) -> tuple[ServerFleet | None, list[str]]:
     """Rank 0 starts the servers; every rank gets their URLs (or the start error, re-raised on rank 0)."""
     s = config.rollout.sglang
     fleet, error = None, None
     if owner:
         try:
-            fleet = ServerFleet(server_settings(config), s.num_servers, s.router_port or None).start()
+            fleet = ServerFleet(trainer_fleet_settings(config), s.num_servers, s.router_port or None).start()
         except Exception as failure:  # re-raised below on rank 0, reported on the others
             error = failure
     if distributed:
