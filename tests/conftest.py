@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Without a GPU, the Triton KL kernels run in Triton's interpreter (tests/test_kl_triton.py). The
@@ -10,3 +11,13 @@ import torch
 # functions that the interpreter refuses to call.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process megatron world (TP = PP = 1) for a module's tests."""
+    from opsdc_megatron.parallel import destroy_distributed, init_distributed
+
+    init_distributed(1, 1, seed=0)
+    yield
+    destroy_distributed()

@@ -18,16 +18,8 @@ from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, tr
 from opsdc_megatron.models.layer_spec import gpt_layer_spec, supports_packed_sequences
 from opsdc_megatron.models.sdpa_attention import SDPAttention
 from opsdc_megatron.models.transformer_engine import guard_broken_transformer_engine
-from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 pytestmark = pytest.mark.parallel
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def _model(backend: str, hf_config: Qwen3Config) -> GPTModel:

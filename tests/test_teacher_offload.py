@@ -18,7 +18,6 @@ from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batch
 from opsdc_megatron.distill.stage import DistillStage
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.models.qwen3.model import build_gpt_model
-from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.train.build import build_training_model
 from opsdc_megatron.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.tiny_models import save_tiny_model
@@ -31,13 +30,6 @@ VOCAB = 97
 def hf_config(tied: bool) -> Qwen3Config:
     return Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=tied)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def student_and_streamed_teacher(tied: bool, stream_output_layer: bool = True):

@@ -73,8 +73,9 @@ def gpt_decoder_spec(
     does, and apex's FusedLayerNorm when only apex does. FusedLayerNorm is LayerNorm only, so it
     fails on these RMSNorm models.
     """
-    layer = gpt_layer_spec(attention_backend, qk_layernorm)
-    if resolve_attention_backend(attention_backend) == "te":
+    backend = resolve_attention_backend(attention_backend)
+    layer = gpt_layer_spec(backend, qk_layernorm)
+    if backend == "te":
         return layer
     layers = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=layer.submodules.input_layernorm))

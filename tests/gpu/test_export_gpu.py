@@ -12,16 +12,8 @@ from transformers import Qwen3Config
 
 from opsdc_megatron.models.qwen3.model import build_gpt_model
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
-from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def test_export_holds_at_most_one_parameter_on_the_device(one_rank) -> None:

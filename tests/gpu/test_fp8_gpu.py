@@ -25,15 +25,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from opsdc_megatron.parallel import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
-
-
 def _model(fp8: FP8Config):
     from megatron.core.models.gpt import GPTModel
     from transformers import Qwen3Config

@@ -16,7 +16,6 @@ from transformers import Qwen3Config
 
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.models.qwen3.model import build_gpt_model
-from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -24,13 +23,6 @@ HF_CONFIG = Qwen3Config(
     vocab_size=32000, hidden_size=2048, intermediate_size=6144, num_hidden_layers=8, num_attention_heads=16,
     num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
 )
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
