@@ -6,7 +6,7 @@
 #   bash tools/gpu_checks.sh [OUT_DIR]
 #
 # On a machine whose Python lacks the project's packages (a bare GPU image), put their wheels in
-# .whl/ (megatron-core, omegaconf, math-verify, latex2sympy2_extended, antlr4-python3-runtime): they
+# .whl/ (tools/fetch_gpu_wheels.sh: megatron-core, omegaconf, math-verify, latex2sympy2_extended, antlr4): they
 # are installed into /tmp/opsdc_site and put on PYTHONPATH, leaving the machine's Python as it is.
 set -uo pipefail
 out=${1:-gpu_checks}
