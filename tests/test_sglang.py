@@ -392,12 +392,12 @@ class _Answers200(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_requests_and_server_processes_go_around_the_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_and_server_processes_go_around_the_environment_proxy_and_leave_torchrun_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh interpreter with http_proxy set (urllib's default opener would send the request there)."""
     import subprocess
     import sys
 
-    from opsdc_megatron.rollout.sglang.launcher import env_reaching_directly
+    from opsdc_megatron.rollout.sglang.launcher import server_process_env
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers200)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -411,8 +411,11 @@ def test_requests_and_server_processes_go_around_the_environment_proxy(monkeypat
 
     monkeypatch.setenv("no_proxy", "corp.example")
     monkeypatch.setenv("NO_PROXY", "corp.example,10.0.0.0/8")
-    env = env_reaching_directly(["node7", "", "localhost"])
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # what torchrun gives the trainer's processes
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    env = server_process_env(["node7", "", "localhost"])
     assert env["no_proxy"] == env["NO_PROXY"] == "corp.example,10.0.0.0/8,127.0.0.1,localhost,node7"
+    assert "TORCHELASTIC_USE_AGENT_STORE" not in env and "MASTER_PORT" not in env and env["PATH"] == os.environ["PATH"]
 
 
 def test_fleet_refuses_missing_model_or_interpreter(tmp_path: Path, tiny_model: Path) -> None:
@@ -457,3 +460,32 @@ def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_m
         start.trainer_fleet_settings(config, one_node)
     config.rollout.sglang.mem_fraction_static = 0.3
     assert start.trainer_fleet_settings(config, one_node).mem_fraction_static == 0.3
+
+
+def test_opsdc_train_starts_pushes_to_and_stops_its_own_server(tmp_path: Path, behind_dead_proxy: None) -> None:
+    """`opsdc train` at TP=2 with rollout.engine=sglang and no server_urls: trainer rank 0 starts the
+    server, both ranks sample from it, each step's weights are pushed (the engine refuses a rollout of
+    any other version), and the server is gone when the run ends."""
+    import subprocess
+    import sys
+
+    from opsdc_megatron.toy.task import TOY_INSTRUCTION
+    from opsdc_megatron.train.metrics import read_metrics
+    from tests.tiny_models import save_toy_qwen3
+
+    root, out, port = save_toy_qwen3(tmp_path), tmp_path / "run", free_port_pair()
+    overrides = [
+        f"out_dir={out}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}", f"distill.instruction={TOY_INSTRUCTION}",
+        "rollout.engine=sglang", f"rollout.sglang.base_port={port}", "rollout.sglang.startup_timeout_s=900", "model.params_dtype=fp32",
+        "rollout.max_response_tokens=24", "rollout.generation_batch_prompts=4", "train.global_batch_prompts=8", "train.micro_batch_prompts=2",
+        "train.steps=2", "eval.every_steps=0", "parallel.tensor_parallel_size=2",
+    ]
+    run = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *overrides],
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    steps = {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
+    assert sorted(steps) == [1, 2] and all(m["mean_response_tokens"] > 0 and m["loss"] > 0 for m in steps.values())
+    server_log = (out / "sglang_logs" / "server_0.log").read_text()
+    assert server_log.count("/update_weights_from_tensor") >= 2 and "--device cpu" in server_log
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the server outlived the run"

@@ -79,14 +79,21 @@ class ServerSettings:
     on_cpu: bool = field(default_factory=lambda: not torch.cuda.is_available())
 
 
-def env_reaching_directly(hosts: Iterable[str]) -> dict[str, str]:
-    """This process's environment with loopback and `hosts` added to NO_PROXY (both spellings).
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun tells the trainer's processes about their world; not for the servers they start."""
 
-    A cluster's http_proxy would otherwise catch the servers' own traffic: SGLang's warm-up request
-    to itself (python requests; the server kills itself when it fails) and sglang-router's health
-    checks of its workers (reqwest) both honour it.
+
+def server_process_env(hosts: Iterable[str]) -> dict[str, str]:
+    """This process's environment for a server or router it starts.
+
+    Without torchrun's rank and rendezvous variables: SGLang's scheduler would read them
+    (TORCHELASTIC_USE_AGENT_STORE, MASTER_PORT) and wait forever on the trainer's rendezvous store.
+    With loopback and `hosts` added to NO_PROXY (both spellings): a cluster's http_proxy would
+    otherwise catch the servers' own traffic, SGLang's warm-up request to itself (python requests;
+    the server kills itself when it fails) and sglang-router's health checks of its workers (reqwest).
     """
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
     listed = [*env.get("no_proxy", "").split(","), *env.get("NO_PROXY", "").split(","), "127.0.0.1", "localhost", *hosts]
     env["no_proxy"] = env["NO_PROXY"] = ",".join(dict.fromkeys(host for host in listed if host))
     return env
@@ -200,7 +207,7 @@ class SGLangServer(ManagedProcess):
 
     def _env(self) -> dict[str, str]:
         s = self.settings
-        env = env_reaching_directly([s.host])
+        env = server_process_env([s.host])
         if s.on_cpu:
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUB_DIR), env.get("PYTHONPATH", "")) if p)
@@ -228,7 +235,7 @@ class SGLangRouter(ManagedProcess):
             settings.python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", settings.host,
             "--port", str(port), "--disable-retries", "--health-check-interval-secs", "2", "--health-failure-threshold", "1",
         ]
-        env = env_reaching_directly([settings.host, *(urlsplit(url).hostname or "" for url in worker_urls)])
+        env = server_process_env([settings.host, *(urlsplit(url).hostname or "" for url in worker_urls)])
         super().__init__(f"sglang-router ({self.url})", command, env, log_dir / "router.log", f"{self.url}/health")
 
 
