@@ -43,6 +43,9 @@ def preflight(config: RunConfig) -> None:
         from opsdc_megatron.convert.checks import check_megatron_checkpoint
 
         check_megatron_checkpoint(Path(config.model.megatron_checkpoint))
+    from opsdc_megatron.train.checkpoint import check_fresh_start
+
+    check_fresh_start(Path(config.out_dir) / "checkpoints", config.checkpoint.resume)
     PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)

@@ -183,8 +183,10 @@ class CheckpointConfig:
     save_every_steps: int = 50
     """0 saves only at the end of the run."""
     keep_last: int = 2
+    """Complete checkpoints kept (the newest); at least 1."""
     resume: bool = True
-    """Continue from out_dir/checkpoints/latest when it exists."""
+    """Continue from out_dir/checkpoints/latest when it exists. A run that does not resume refuses an
+    out_dir whose checkpoints/ already holds checkpoints (another run's): it would mix them with its own."""
 
 
 @dataclass
@@ -298,9 +300,28 @@ def validate(config: RunConfig) -> None:
         ("train.micro_batch_prompts", t.micro_batch_prompts),
         ("train.steps", t.steps),
         ("rollout.max_response_tokens", config.rollout.max_response_tokens),
+        ("rollout.generation_batch_prompts", config.rollout.generation_batch_prompts),
+        ("data.max_prompt_tokens", config.data.max_prompt_tokens),
+        ("eval.max_prompts", config.eval.max_prompts),
+        ("eval.max_response_tokens", config.eval.max_response_tokens),
+        ("checkpoint.keep_last", config.checkpoint.keep_last),
     ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in (
+        ("checkpoint.save_every_steps", config.checkpoint.save_every_steps),
+        ("eval.every_steps", config.eval.every_steps),
+        ("train.micro_batch_tokens", t.micro_batch_tokens),
+        ("train.seed", t.seed),
+    ):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for name, sampling in (("rollout", config.rollout), ("eval", config.eval)):
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+            raise ConfigError(
+                f"{name}: temperature must be >= 0, top_p in (0, 1] and top_k >= 0 (0 = off), got temperature="
+                f"{sampling.temperature}, top_p={sampling.top_p}, top_k={sampling.top_k}"
+            )
     if p.virtual_pipeline_chunks > 1 and p.pipeline_parallel_size == 1:
         raise ConfigError(
             f"parallel.virtual_pipeline_chunks ({p.virtual_pipeline_chunks}) > 1 needs "
@@ -318,7 +339,7 @@ def validate(config: RunConfig) -> None:
             f"data-parallel rank ({per_rank} = global_batch_prompts / data_parallel_size)"
         )
     longest_sequence = 2 * (config.data.max_prompt_tokens + config.rollout.max_response_tokens)
-    if t.micro_batch_tokens < 0 or 0 < t.micro_batch_tokens < longest_sequence:
+    if 0 < t.micro_batch_tokens < longest_sequence:
         raise ConfigError(
             f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 or hold the longest sequence: "
             f"2 x (data.max_prompt_tokens + rollout.max_response_tokens) = {longest_sequence}"

@@ -1,5 +1,7 @@
 """Recipes: precedence, unknown keys, malformed YAML, layout checks -- and the CLI's one-line errors."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +51,13 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["rollout.sglang.server_urls=[a:1]"], "server_urls: expected http://HOST:PORT, got 'a:1'"),
         ("out_dir: x\n", ["distill.teacher_offload=true", "model.fp8.format=hybrid", "model.fp8.param_gather=true"],
          "distill.teacher_offload does not support model.fp8.param_gather"),
+        ("out_dir: x\n", ["rollout.generation_batch_prompts=0"], "rollout.generation_batch_prompts must be >= 1, got 0"),
+        ("out_dir: x\n", ["eval.max_prompts=0"], "eval.max_prompts must be >= 1, got 0"),
+        ("out_dir: x\n", ["checkpoint.keep_last=-1"], "checkpoint.keep_last must be >= 1, got -1"),
+        ("out_dir: x\n", ["checkpoint.save_every_steps=-5"], "checkpoint.save_every_steps must be >= 0, got -5"),
+        ("out_dir: x\n", ["train.micro_batch_tokens=-1"], "train.micro_batch_tokens must be >= 0, got -1"),
+        ("out_dir: x\n", ["eval.top_p=0"], "eval: temperature must be >= 0, top_p in \\(0, 1\\] and top_k >= 0 \\(0 = off\\), got temperature=1.0, top_p=0.0"),
+        ("out_dir: x\n", ["rollout.temperature=-0.5"], "rollout: temperature must be >= 0"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
@@ -82,3 +91,47 @@ def test_cli_reports_bad_recipe_in_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2
     assert "train.stepz" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
+    """Saving step 10 among another run's step 100 would prune its own checkpoint (names sort by step)."""
+    from tests.tiny_models import save_toy_qwen3
+
+    root = save_toy_qwen3(tmp_path)
+    earlier = tmp_path / "run" / "checkpoints" / "step_000100"
+    earlier.mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_000200.tmp").mkdir()  # an unfinished save is not a checkpoint
+    args = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}",
+            f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}", "eval.every_steps=0"]
+    for resume, reason in (("false", "checkpoint.resume is false"), ("true", "there is no .*checkpoints/latest")):
+        proc = subprocess.run([*args, f"checkpoint.resume={resume}"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert re.search(rf"checkpoints holds checkpoints of another run \(step_000100\), and this run starts from step 0 \({reason}\)", proc.stderr)
+    assert earlier.is_dir() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_metrics_log_drops_a_cut_last_line_and_names_a_bad_one(tmp_path):
+    from opsdc_megatron.train.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kin')
+    assert read_metrics(path) == [{"step": 1, "kind": "train"}]
+    path.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kin\n{"step": 3, "kind": "train"}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics(path)
+
+
+def test_a_launcher_of_the_users_must_start_the_recipes_process_count(tmp_path):
+    """torchrun --nproc-per-node 2 for a one-process layout: each rank would train on half the step's rollouts."""
+    from tests.tiny_models import save_toy_qwen3
+
+    root = save_toy_qwen3(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m", "opsdc_megatron.cli", "train",
+         "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}",
+         "eval.every_steps=0", "parallel.tensor_parallel_size=1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    assert "2 processes, but the recipe's layout needs 1 = parallel.tensor_parallel_size x pipeline_parallel_size x data_parallel_size (1 x 1 x 1)" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -76,7 +76,7 @@ class HFRolloutEngine(RolloutEngine):
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
         )
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % 2**63)  # derived seeds (engine.generate_across_ranks) outgrow int64 from train.seed ~1.8e7
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)

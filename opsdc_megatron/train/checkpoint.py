@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from opsdc_megatron.config import ConfigError
 from opsdc_megatron.distill.teacher import TeacherSnapshot
 from opsdc_megatron.files import write_text_atomic
 
@@ -66,11 +67,30 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         write_text_atomic(root / LATEST, final.name)
-        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in complete[:-keep_last]:
+        for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The step folders a save finished (not `.tmp`), oldest first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def check_fresh_start(root: Path, resume: bool) -> None:
+    """A run that starts at step 0 refuses checkpoints it did not write: saving and pruning among
+    another run's (a later step sorts last) would delete its own and resume the other's."""
+    if resume and (root / LATEST).exists():
+        return
+    earlier = complete_checkpoints(root)
+    if earlier:
+        reason = "checkpoint.resume is false" if not resume else f"there is no {root / LATEST}"
+        raise ConfigError(
+            f"{root} holds checkpoints of another run ({', '.join(p.name for p in earlier)}), and this run starts "
+            f"from step 0 ({reason}): give another out_dir, or remove them"
+        )
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from transformers import AutoConfig, AutoTokenizer
 
-from opsdc_megatron.config import RunConfig, to_yaml
+from opsdc_megatron.config import ConfigError, RunConfig, to_yaml
 from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.eval.evaluate import evaluate
@@ -33,7 +33,7 @@ from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
-from opsdc_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opsdc_megatron.train.checkpoint import check_fresh_start, latest_checkpoint, load_checkpoint, save_checkpoint
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
@@ -49,6 +49,12 @@ def run(config: RunConfig) -> None:
     init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, seed=config.train.seed, virtual_pipeline_chunks=p.virtual_pipeline_chunks)
     engine = None
     try:
+        if dist.get_world_size() != config.world_size:  # a launcher of the user's (torchrun, srun) chose the process count
+            raise ConfigError(
+                f"{dist.get_world_size()} processes, but the recipe's layout needs {config.world_size} = "
+                f"parallel.tensor_parallel_size x pipeline_parallel_size x data_parallel_size ({p.tensor_parallel_size} x "
+                f"{p.pipeline_parallel_size} x {p.data_parallel_size}): set parallel.data_parallel_size, or start {config.world_size}"
+            )
         engine = build_rollout_engine(config)
         train(config, engine)
     finally:
@@ -94,6 +100,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     token_multiple = fp8_token_multiple(config.model.fp8)
 
     checkpoints = out / "checkpoints"
+    check_fresh_start(checkpoints, config.checkpoint.resume)
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
     state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
@@ -101,7 +108,8 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     elif rank0:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(config))
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=state["step"], log=config.log, run_config=asdict(config))
+    keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=keep_through_step, log=config.log, run_config=asdict(config))
     # The weights the engine serves, and rank 0's best/final export; ranks that use neither keep none.
     keeps_weights = rank0 or engine.reads_pushed_weights
     pushed = export_hf_state_dict(model.student, keeps_weights)

@@ -43,9 +43,7 @@ class MetricsLog:
         self.file = self.tensorboard = self.wandb_run = None
         if not enabled:
             return
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= keep_through_step]
+        kept = [line for line, record in _records(path) if record["step"] <= keep_through_step] if path.exists() else []
         write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.file = path.open("a", encoding="utf-8")
         if log.tensorboard:
@@ -92,5 +90,18 @@ def _start_wandb(out_dir: Path, log: LogConfig, run_config: dict):
     return wandb.init(project=log.wandb_project, name=log.wandb_run_name, id=run_id, resume="allow", dir=str(out_dir), config=run_config)
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line; a last line cut short (a crash or a full disk mid-write) is dropped."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
+    return records
+
+
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [record for _, record in _records(path)]

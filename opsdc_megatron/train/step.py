@@ -63,6 +63,11 @@ def wrap_for_training(
         ),
         ddps,
     )
+    # megatron's param groups say how much decay each gets (wd_mult: 0 for norms and biases, as in
+    # Megatron-LM); its OptimizerParamScheduler applies that. Runs here have a constant learning rate
+    # and no scheduler, so it is applied once; without it every group, norms included, decays.
+    for group in optimizer.param_groups:
+        group["weight_decay"] = train.weight_decay * group["wd_mult"]
     return ddps, optimizer
 
 
