@@ -28,10 +28,10 @@ def preflight(config: RunConfig) -> None:
     hf_path = Path(config.model.hf_path)
     if not (hf_path / "config.json").is_file():  # before the imports (~10 s), so a wrong path fails at once
         raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
-    from opsdc_megatron.prompts import load_prompts
+    from opsdc_megatron.prompts import load_prompts, load_tokenizer
     from opsdc_megatron.train.prompt_stream import PromptStream
 
     parallel = config.parallel
@@ -46,7 +46,7 @@ def preflight(config: RunConfig) -> None:
     from opsdc_megatron.train.checkpoint import check_fresh_start
 
     check_fresh_start(Path(config.out_dir) / "checkpoints", config.checkpoint.resume)
-    PromptStream(load_prompts(config.data.train_prompts), AutoTokenizer.from_pretrained(hf_path), config)
+    PromptStream(load_prompts(config.data.train_prompts), load_tokenizer(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)
 

@@ -30,8 +30,12 @@ class PromptRecord:
 def read_json_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSON Lines file; a bad line raises PromptFileError naming file:line."""
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise PromptFileError(f"{path}:{line_number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -71,6 +75,27 @@ def write_prompts(path: str | Path, records: list[PromptRecord]) -> None:
         for record in records:
             out.write(json.dumps({"prompt": record.prompt, "answer": record.answer, **record.extra}) + "\n")
     tmp.replace(path)
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a Hugging Face folder, checked for what OPSDC needs from it.
+
+    Prompts are formatted with its chat template, so one must exist. Without a pad token (Llama 3's
+    tokenizers have none) the end-of-sequence token pads: padding is masked wherever it is used.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise PromptFileError(
+            f"{model_dir}: the tokenizer has no chat template (chat_template in tokenizer_config.json, or "
+            "chat_template.jinja); prompts are formatted with it: use an instruct or reasoning model's folder, or add one"
+        )
+    if tokenizer.eos_token_id is None:
+        raise PromptFileError(f"{model_dir}: the tokenizer has no end-of-sequence token (eos_token); rollouts stop at it")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def user_message(prompt: str, instruction: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """`opsdc eval` end to end on a tiny toy model: result files, mean@k bookkeeping, seeds, megatron checkpoints, input errors."""
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -115,6 +116,16 @@ def test_input_errors(toy, tmp_path, capsys):
     expect_input_error(capsys, ["eval", "--model", str(tmp_path / "empty"), "--data", str(data)], "missing config.json, *.safetensors")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(tmp_path / "none.jsonl")], "data file not found")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--samples", "0"], "--samples must be >= 1, got 0")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--limit", "0"], "--limit must be >= 1, got 0")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--temperature", "-0.5"],
+                       "--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0, got -0.5, 0.95, 20")
+    no_template = tmp_path / "no_template"
+    shutil.copytree(model, no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((no_template / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    expect_input_error(capsys, ["eval", "--model", str(no_template), "--data", str(data)], f"{no_template}: the tokenizer has no chat template")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--layout", "math500"], "line 1: missing field 'problem'")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--prompt-template", "Solve:"], "--prompt-template must contain {problem}")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--hf-config", str(model)], "--hf-config is for a megatron checkpoint")
@@ -122,14 +133,34 @@ def test_input_errors(toy, tmp_path, capsys):
                        f"--engine sglang: SGLang interpreter {tmp_path / 'no' / 'python'} not found")
 
 
+def test_each_pass_is_saved_as_it_ends(toy, tmp_path, monkeypatch):
+    """The plain pass's results survive a failure in the instructed pass that follows it."""
+    import opsdc_megatron.eval.evaluate as evaluate_module
+
+    model, data = toy
+    real_evaluate = evaluate_module.evaluate
+
+    def fails_on_the_instructed_pass(*args, **kwargs):
+        if args[6] is not None:  # the instruction text
+            raise RuntimeError("node lost")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fails_on_the_instructed_pass)
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_eval(model, data, tmp_path / "out", "--instruction", "both", "--limit", "2", "--samples", "1")
+    summary, responses = read(tmp_path / "out", "none")
+    assert summary["result"]["n"] == 2 and len(responses) == 2 and not list((tmp_path / "out").glob("*.concise.json"))
+
+
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory):
-    """A 1-step `opsdc train` run (TP=1) from the toy model: checkpoints/step_000001 and `latest`."""
+    """A 1-step `opsdc train` run (TP=1) from the toy model: checkpoints/step_000001 and `latest`. The model
+    path is given relative to the working directory: the run records it so that it is found from any other."""
     model, _ = toy
     root = tmp_path_factory.mktemp("trained")
     write_prompts(root / "train.jsonl", toy_prompts(0, 4, "train"))
     overrides = [
-        f"out_dir={root / 'run'}", f"model.hf_path={model}", f"data.train_prompts={root / 'train.jsonl'}", "parallel.tensor_parallel_size=1",
+        f"out_dir={root / 'run'}", f"model.hf_path={os.path.relpath(model)}", f"data.train_prompts={root / 'train.jsonl'}", "parallel.tensor_parallel_size=1",
         "train.steps=1", "train.lr=1e-3", "train.global_batch_prompts=4", "rollout.max_response_tokens=16", "rollout.generation_batch_prompts=4",
         "eval.every_steps=0",
     ]
@@ -142,6 +173,7 @@ def test_megatron_checkpoint_evaluates_as_its_exported_folder(toy, trained, tmp_
     """`--model RUN/checkpoints` (the step `latest` names) gives exactly what the converter's export of it gives."""
     _, data = toy
     step = trained / "checkpoints" / "step_000001"
+    monkeypatch.chdir(tmp_path)  # not where the run was started: its config.yaml holds the start model's absolute path
     assert main_status(["convert", "megatron-to-hf", "--ckpt", str(step), "--out", str(tmp_path / "exported")]) == 0
     temporary = tmp_path / "tmp"
     temporary.mkdir()

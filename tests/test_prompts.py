@@ -30,3 +30,26 @@ def test_bad_lines_name_file_and_line(tmp_path, lines, message):
 def test_missing_file(tmp_path):
     with pytest.raises(PromptFileError, match="not found"):
         load_prompts(tmp_path / "nope.jsonl")
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(PromptFileError, match=r"p.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_prompts(path)
+
+
+def test_tokenizer_needs_a_chat_template_and_pads_with_eos_without_a_pad_token(tmp_path):
+    """Llama 3's tokenizers have no pad token; a base model's may have no chat template."""
+    from opsdc_megatron.prompts import load_tokenizer
+    from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "no_pad")
+    loaded = load_tokenizer(tmp_path / "no_pad")
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "no_template")
+    with pytest.raises(PromptFileError, match=r"no_template: the tokenizer has no chat template"):
+        load_tokenizer(tmp_path / "no_template")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from opsdc_megatron.config import PAPER_INSTRUCTION_V1
 from opsdc_megatron.eval.datasets import LAYOUTS, load_dataset_file
+from opsdc_megatron.prompts import load_tokenizer
 
 if TYPE_CHECKING:
     from opsdc_megatron.eval.evaluate import EvalResult
@@ -144,11 +145,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     try:
         for flag, value in (
-            ("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit or 1),
+            ("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit if args.limit is not None else 1),
             ("--sglang-servers", args.sglang_servers),
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+            raise ValueError(f"--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0, got {args.temperature}, {args.top_p}, {args.top_k}")
         if "{problem}" not in args.prompt_template:
             raise ValueError(f"--prompt-template must contain {{problem}}, got {args.prompt_template!r}")
         model, data = Path(args.model), Path(args.data)
@@ -158,6 +161,7 @@ def eval_command(args: argparse.Namespace) -> None:
             if args.hf_config is not None:
                 raise ValueError(f"--hf-config is for a megatron checkpoint; --model {model} is a Hugging Face folder")
         hf_config = checkpoint_hf_config(checkpoint, args.hf_config) if checkpoint is not None else None
+        load_tokenizer(hf_config or model)  # has a chat template and an end-of-sequence token
         server_options = sglang_server_options(args) if args.engine == "sglang" else None
         layout, records = load_dataset_file(data, args.layout)
     except ValueError as error:
@@ -176,18 +180,19 @@ def eval_command(args: argparse.Namespace) -> None:
     names = ("none", "concise") if args.instruction == "both" else (args.instruction,)
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    out = Path(args.out)
+    out, evaluated = Path(args.out), checkpoint or model
+
+    def save(name: str, result) -> None:  # each pass as it ends: a later pass's failure keeps it
+        path = write_result(out, benchmark, evaluated, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result)
+        print_result(f"{benchmark}, {evaluated.name}, instruction {name}: mean@{args.samples}", result)
+        Console().print(f"wrote {path}")
+
     try:
         with folder_to_evaluate(model, checkpoint, hf_config) as model_dir:
-            results = evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype, server_options)
+            evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype, server_options, save)
     except ModelFolderError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
         sys.exit(2)
-    model = checkpoint or model
-    for name, result in results.items():
-        path = write_result(out, benchmark, model, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result)
-        print_result(f"{benchmark}, {model.name}, instruction {name}: mean@{args.samples}", result)
-        Console().print(f"wrote {path}")
 
 
 @contextmanager

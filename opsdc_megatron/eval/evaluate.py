@@ -8,15 +8,16 @@ single-sample evaluation with the same seed (the demo's and the training loop's)
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from opsdc_megatron.eval.scoring import score_paths
-from opsdc_megatron.prompts import PromptRecord, encode_prompt
+from opsdc_megatron.prompts import PromptRecord, encode_prompt, load_tokenizer
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 
@@ -132,7 +133,7 @@ def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32, 
     if name == "sglang":
         from opsdc_megatron.rollout.sglang.start import serve_hf_folder
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         vocab_size = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
         sglang_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
         return serve_hf_folder(model_dir, [tokenizer.eos_token_id], vocab_size, sglang_dtype, **server_options)
@@ -142,18 +143,21 @@ def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32, 
 def evaluate_model(
     model_dir: str | Path, records: list[PromptRecord], instructions: dict[str, str | None], sampling: SamplingParams,
     seed: int, block_prompts: int = 64, samples_per_prompt: int = 1, engine: str = "hf", dtype: torch.dtype = torch.float32,
-    server_options: dict | None = None,
+    server_options: dict | None = None, on_result: Callable[[str, EvalResult], None] | None = None,
 ) -> dict[str, EvalResult]:
     """One model folder on the same records and seeds under each named instruction (None: plain prompts).
 
     The engine is started for this call and stopped after it (`server_options`: see make_engine).
+    `on_result(name, result)` runs as each instruction's pass ends (to save it before the next one starts).
     """
+    tokenizer = load_tokenizer(model_dir)  # before the engine: a folder it cannot serve fails at once
     rollout_engine = make_engine(engine, Path(model_dir), dtype, **(server_options or {}))
+    results = {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return {
-            name: evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt)
-            for name, text in instructions.items()
-        }
+        for name, text in instructions.items():
+            results[name] = evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt)
+            if on_result is not None:
+                on_result(name, results[name])
+        return results
     finally:
         rollout_engine.close()

@@ -10,14 +10,15 @@ training (answers only score the logged accuracy).
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from opsdc_megatron.config import ConfigError, RunConfig, to_yaml
 from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
@@ -30,7 +31,7 @@ from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.models.transformer_engine import fp8_token_multiple
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
-from opsdc_megatron.prompts import load_prompts
+from opsdc_megatron.prompts import load_prompts, load_tokenizer
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import check_fresh_start, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -65,7 +66,7 @@ def run(config: RunConfig) -> None:
 
 def build_rollout_engine(config: RunConfig) -> RolloutEngine:
     """rollout.engine: hf (in-process) or sglang (servers started by rank 0, stopped by close())."""
-    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    tokenizer = load_tokenizer(config.model.hf_path)
     hf_config = AutoConfig.from_pretrained(config.model.hf_path)
     if config.rollout.engine == "sglang":
         from opsdc_megatron.rollout.sglang.start import start_sglang_engine
@@ -78,7 +79,7 @@ def build_rollout_engine(config: RunConfig) -> RolloutEngine:
 def train(config: RunConfig, engine: RolloutEngine) -> None:
     out = Path(config.out_dir)
     rank0 = dist.get_rank() == 0
-    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    tokenizer = load_tokenizer(config.model.hf_path)
     prompts = PromptStream(load_prompts(config.data.train_prompts), tokenizer, config)
     eval_records = load_prompts(config.data.eval_prompts)[: config.eval.max_prompts] if config.eval.every_steps else []
 
@@ -107,7 +108,9 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
     elif rank0:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(config))
+        # The run's record: `opsdc report` and `opsdc convert` read the start model from it, from any directory.
+        recorded = replace(config, model=replace(config.model, hf_path=os.path.abspath(config.model.hf_path)))
+        write_text_atomic(out / "config.yaml", to_yaml(recorded))
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
     log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=keep_through_step, log=config.log, run_config=asdict(config))
     # The weights the engine serves, and rank 0's best/final export; ranks that use neither keep none.
