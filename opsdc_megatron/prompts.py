@@ -98,6 +98,21 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def stop_token_ids(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Where a response ends, as transformers' generate decides it: the tokenizer's end-of-sequence token
+    and those listed in generation_config.json (Qwen3 lists <|im_end|> and <|endoftext|>, Llama 3
+    Instruct <|eot_id|> besides <|end_of_text|>); a response running past one of them would be trained on."""
+    ids = [tokenizer.eos_token_id]
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            listed = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except json.JSONDecodeError as error:
+            raise PromptFileError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from None
+        ids += listed if isinstance(listed, list) else [] if listed is None else [listed]
+    return list(dict.fromkeys(ids))
+
+
 def user_message(prompt: str, instruction: str | None = None) -> str:
     """The user turn: the prompt, with the teacher's instruction prepended when given."""
     return prompt if not instruction else f"{instruction}\n\n{prompt}"

@@ -53,3 +53,22 @@ def test_tokenizer_needs_a_chat_template_and_pads_with_eos_without_a_pad_token(t
     tokenizer.save_pretrained(tmp_path / "no_template")
     with pytest.raises(PromptFileError, match=r"no_template: the tokenizer has no chat template"):
         load_tokenizer(tmp_path / "no_template")
+
+
+def test_responses_stop_at_every_end_of_sequence_token_of_the_generation_config(tmp_path):
+    """Qwen3's generation_config.json lists <|im_end|> and <|endoftext|>; the tokenizer names one."""
+    import json
+
+    from opsdc_megatron.prompts import stop_token_ids
+    from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    eos = tokenizer.eos_token_id
+    assert stop_token_ids(tmp_path, tokenizer) == [eos]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos + 5, eos, eos + 7]}))
+    assert stop_token_ids(tmp_path, tokenizer) == [eos, eos + 5, eos + 7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos + 5}))
+    assert stop_token_ids(tmp_path, tokenizer) == [eos, eos + 5]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1,')
+    with pytest.raises(PromptFileError, match=r"generation_config.json: invalid JSON"):
+        stop_token_ids(tmp_path, tokenizer)

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from opsdc_megatron.eval.scoring import score_paths
-from opsdc_megatron.prompts import PromptRecord, encode_prompt, load_tokenizer
+from opsdc_megatron.prompts import PromptRecord, encode_prompt, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 
@@ -136,7 +136,7 @@ def make_engine(name: str, model_dir: Path, dtype: torch.dtype = torch.float32, 
         tokenizer = load_tokenizer(model_dir)
         vocab_size = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
         sglang_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-        return serve_hf_folder(model_dir, [tokenizer.eos_token_id], vocab_size, sglang_dtype, **server_options)
+        return serve_hf_folder(model_dir, stop_token_ids(model_dir, tokenizer), vocab_size, sglang_dtype, **server_options)
     raise ValueError(f"unknown rollout engine {name!r}, expected hf or sglang")
 
 

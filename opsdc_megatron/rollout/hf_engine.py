@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from opsdc_megatron.prompts import load_tokenizer
+from opsdc_megatron.prompts import load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 
 
@@ -44,7 +44,7 @@ class HFRolloutEngine(RolloutEngine):
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> "HFRolloutEngine":
         """An engine serving the weights of a Hugging Face folder (version 0)."""
         tokenizer = load_tokenizer(model_dir)
-        engine = cls(model_dir, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype, device)
+        engine = cls(model_dir, stop_token_ids(model_dir, tokenizer), tokenizer.pad_token_id, dtype, device)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(Path(model_dir).glob("*.safetensors")):
             state.update(load_file(shard))

@@ -31,7 +31,7 @@ from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.models.transformer_engine import fp8_token_multiple
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
-from opsdc_megatron.prompts import load_prompts, load_tokenizer
+from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import check_fresh_start, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -71,9 +71,9 @@ def build_rollout_engine(config: RunConfig) -> RolloutEngine:
     if config.rollout.engine == "sglang":
         from opsdc_megatron.rollout.sglang.start import start_sglang_engine
 
-        return start_sglang_engine(config, [tokenizer.eos_token_id], hf_config.vocab_size)
+        return start_sglang_engine(config, stop_token_ids(config.model.hf_path, tokenizer), hf_config.vocab_size)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.model.params_dtype]
-    return HFRolloutEngine(hf_config, [tokenizer.eos_token_id], tokenizer.pad_token_id, dtype)
+    return HFRolloutEngine(hf_config, stop_token_ids(config.model.hf_path, tokenizer), tokenizer.pad_token_id, dtype)
 
 
 def train(config: RunConfig, engine: RolloutEngine) -> None:
