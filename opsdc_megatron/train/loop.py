@@ -134,7 +134,19 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     if config.eval.every_steps and (state["step"] == 0 or state.get("eval_pending")):
         run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
     preemption = PreemptionWatch()
+    saved_step = state["step"] if resume_from is not None else None
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        with preemption.shielding_helper_processes():
+            save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+        saved_step = step
+
     for step in range(state["step"] + 1, config.train.steps + 1):
+        if preemption.requested():  # the signal came after the last step's check: during its push, eval or save
+            if saved_step != state["step"]:
+                save(state["step"])
+            preemption.exit_after_checkpoint(state["step"])
         started = time.perf_counter()
         batch = prompts.batch(step)  # 1. prompts
         rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
@@ -171,8 +183,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         if eval_due and not stopping:
             run_eval(step)
         if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
-            with preemption.shielding_helper_processes():
-                save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+            save(step)
         if stopping:
             preemption.exit_after_checkpoint(step)
     if rank0:
