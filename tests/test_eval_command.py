@@ -133,23 +133,41 @@ def test_input_errors(toy, tmp_path, capsys):
                        f"--engine sglang: SGLang interpreter {tmp_path / 'no' / 'python'} not found")
 
 
-def test_each_pass_is_saved_as_it_ends(toy, tmp_path, monkeypatch):
-    """The plain pass's results survive a failure in the instructed pass that follows it."""
+def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(toy, tmp_path, monkeypatch, capsys):
+    """mean@2 on plain and instructed prompts, interrupted while drawing the instructed pass's second sample:
+    the plain pass's files are written, the instructed pass's first sample is kept, and the rerun draws only
+    the missing sample and gives exactly the uninterrupted run's results."""
     import opsdc_megatron.eval.evaluate as evaluate_module
 
     model, data = toy
-    real_evaluate = evaluate_module.evaluate
+    flags = ("--instruction", "both", "--limit", "3", "--samples", "2", "--seed", "4")
+    run_eval(model, data, tmp_path / "whole", *flags)
+    real_generate = evaluate_module.generate_across_ranks
+    calls = []
 
-    def fails_on_the_instructed_pass(*args, **kwargs):
-        if args[6] is not None:  # the instruction text
+    def generate(*args, **kwargs):
+        calls.append(args[3])  # the sample's seed
+        if len(calls) == 4 and fail:
             raise RuntimeError("node lost")
-        return real_evaluate(*args, **kwargs)
+        return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "evaluate", fails_on_the_instructed_pass)
+    monkeypatch.setattr(evaluate_module, "generate_across_ranks", generate)
+    fail = True
     with pytest.raises(RuntimeError, match="node lost"):
-        run_eval(model, data, tmp_path / "out", "--instruction", "both", "--limit", "2", "--samples", "1")
-    summary, responses = read(tmp_path / "out", "none")
-    assert summary["result"]["n"] == 2 and len(responses) == 2 and not list((tmp_path / "out").glob("*.concise.json"))
+        run_eval(model, data, tmp_path / "out", *flags)
+    assert read(tmp_path / "out", "none") == read(tmp_path / "whole", "none")
+    assert not list((tmp_path / "out").glob("*.concise.json")) and len(list((tmp_path / "out").glob("*.partial.jsonl"))) == 2
+    fail, calls[:] = False, []
+    run_eval(model, data, tmp_path / "out", *flags)
+    assert calls == [5], "only the instructed pass's second sample is drawn again"
+    assert read(tmp_path / "out", "concise") == read(tmp_path / "whole", "concise")
+    assert not list((tmp_path / "out").glob("*.partial.jsonl"))
+
+    other = tmp_path / "other" / data.name  # another benchmark file of the same name
+    other.parent.mkdir()
+    other.write_text(data.read_text().splitlines()[0] + "\n")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(other), "--out", str(tmp_path / "out")],
+                       f"holds the evaluation of {model.resolve()} on {data.resolve()}, which this one")
 
 
 @pytest.fixture(scope="module")

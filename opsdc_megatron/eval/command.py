@@ -17,12 +17,14 @@ servers from .venv-sglang, started on the folder for this command and stopped af
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -171,7 +173,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from opsdc_megatron.eval.evaluate import evaluate_model
-    from opsdc_megatron.eval.results import write_result
+    from opsdc_megatron.eval.results import PARTIAL_SUFFIX, SampleStore, result_stem, write_result
     from opsdc_megatron.rollout.engine import SamplingParams
 
     records = [replace(r, prompt=args.prompt_template.replace("{problem}", r.prompt)) for r in records[: args.limit]]
@@ -181,6 +183,22 @@ def eval_command(args: argparse.Namespace) -> None:
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out, evaluated = Path(args.out), checkpoint or model
+    for name in names:  # another model's or benchmark's results of the same name (two test.jsonl files) stay
+        previous = out / f"{result_stem(benchmark, evaluated, name)}.json"
+        recorded = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else {}
+        if recorded and (recorded.get("model"), recorded.get("data")) != (str(evaluated.resolve()), str(data.resolve())):
+            print(f"opsdc eval: error: {previous} holds the evaluation of {recorded.get('model')} on {recorded.get('data')}, which this "
+                  f"one ({evaluated} on {data}) would replace: give --name or another --out", file=sys.stderr)
+            sys.exit(2)
+    # What a pass's finished samples were drawn from: an interrupted run resumes with them only if all of it is the same.
+    run_key = {
+        "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()),
+        "prompts": hashlib.sha256(json.dumps([(r.prompt, r.answer) for r in records]).encode()).hexdigest(),
+        "sampling": asdict(sampling), "seed": args.seed, "engine": args.engine, "dtype": args.dtype,
+    }
+
+    def store_for(name: str) -> SampleStore:
+        return SampleStore(out / f"{result_stem(benchmark, evaluated, name)}{PARTIAL_SUFFIX}", {**run_key, "instruction_text": instructions[name]})
 
     def save(name: str, result) -> None:  # each pass as it ends: a later pass's failure keeps it
         path = write_result(out, benchmark, evaluated, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result)
@@ -189,10 +207,18 @@ def eval_command(args: argparse.Namespace) -> None:
 
     try:
         with folder_to_evaluate(model, checkpoint, hf_config) as model_dir:
-            evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype, server_options, save)
+            evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype,
+                           server_options, save, store_for)
+        for name in names:  # kept until every pass is written: a rerun after a later pass failed redraws nothing of the earlier
+            store_for(name).remove()
     except ModelFolderError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _files_signature(folder: Path) -> list[tuple[str, int, int]]:
+    """(name, bytes, mtime in ns) of the files in a model folder or checkpoint: changes when it is rewritten."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import numpy
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from opsdc_megatron.eval.results import SampleStore
 from opsdc_megatron.eval.scoring import score_paths
 from opsdc_megatron.prompts import PromptRecord, encode_prompt, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
@@ -102,23 +103,33 @@ def evaluate(
     instruction: str | None = None,
     progress: str | None = None,
     samples_per_prompt: int = 1,
+    store: SampleStore | None = None,
 ) -> EvalResult:
     """`samples_per_prompt` sampled responses per record, scored dual-path; `instruction` evaluates instructed prompts.
 
     Under torch.distributed the prompts are shared across ranks and every rank gets the result.
+    `store` (one process only) keeps each finished sample and hands back those an interrupted run left.
     """
     prompt_ids = [encode_prompt(tokenizer, r.prompt, instruction) for r in records]
+    done = store.finished() if store is not None else {}
     responses = []
     for sample in range(samples_per_prompt):
+        if sample in done:
+            responses += done[sample]
+            continue
         label = f"{progress} (sample {sample + 1}/{samples_per_prompt})" if progress and samples_per_prompt > 1 else progress
         rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed + sample, block_prompts, label)
+        drawn = []
         for record, rollout in zip(records, rollouts):
             text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
             answer_line_correct, boxed_correct = score_paths(text, record.answer)
-            responses.append(ScoredResponse(
+            drawn.append(ScoredResponse(
                 rollout.prompt_index, sample, len(rollout.response_ids), rollout.finish_reason == "length",
                 answer_line_correct or boxed_correct, answer_line_correct, boxed_correct, text,
             ))
+        if store is not None:
+            store.save(sample, drawn)
+        responses += drawn
     return summarize(records, responses, samples_per_prompt)
 
 
@@ -144,18 +155,21 @@ def evaluate_model(
     model_dir: str | Path, records: list[PromptRecord], instructions: dict[str, str | None], sampling: SamplingParams,
     seed: int, block_prompts: int = 64, samples_per_prompt: int = 1, engine: str = "hf", dtype: torch.dtype = torch.float32,
     server_options: dict | None = None, on_result: Callable[[str, EvalResult], None] | None = None,
+    store_for: Callable[[str], SampleStore] | None = None,
 ) -> dict[str, EvalResult]:
     """One model folder on the same records and seeds under each named instruction (None: plain prompts).
 
     The engine is started for this call and stopped after it (`server_options`: see make_engine).
-    `on_result(name, result)` runs as each instruction's pass ends (to save it before the next one starts).
+    `on_result(name, result)` runs as each instruction's pass ends (to save it before the next one starts);
+    `store_for(name)` gives the pass its SampleStore (see `evaluate`).
     """
     tokenizer = load_tokenizer(model_dir)  # before the engine: a folder it cannot serve fails at once
     rollout_engine = make_engine(engine, Path(model_dir), dtype, **(server_options or {}))
     results = {}
     try:
         for name, text in instructions.items():
-            results[name] = evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt)
+            store = store_for(name) if store_for is not None else None
+            results[name] = evaluate(rollout_engine, tokenizer, records, sampling, seed, block_prompts, text, f"{name} prompts", samples_per_prompt, store)
             if on_result is not None:
                 on_result(name, results[name])
         return results

@@ -2,6 +2,7 @@
 
     <dir>/<benchmark>.<model>.<instruction>.json             what was evaluated, how, and the summary
     <dir>/<benchmark>.<model>.<instruction>.responses.jsonl  one line per response (tokens, scores, text)
+    <dir>/<benchmark>.<model>.<instruction>.partial.jsonl    while `opsdc eval` runs: its finished samples
 
 `opsdc eval` and `opsdc demo` write them; `opsdc report` reads them. Both files are written atomically.
 """
@@ -9,19 +10,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from opsdc_megatron.files import write_text_atomic
 
 if TYPE_CHECKING:  # annotations only: `opsdc report` reads results without importing torch
-    from opsdc_megatron.eval.evaluate import EvalResult
+    from opsdc_megatron.eval.evaluate import EvalResult, ScoredResponse
     from opsdc_megatron.rollout.engine import SamplingParams
 
 RESPONSES_SUFFIX = ".responses.jsonl"
+PARTIAL_SUFFIX = ".partial.jsonl"
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
 
 
+def result_stem(benchmark: str, model: Path, instruction: str) -> str:
+    return f"{_slug(benchmark)}.{_slug(model.name)}.{instruction}"
+
+
 def write_result(
     out_dir: Path, benchmark: str, model: Path, data: Path, layout: str, instruction: str,
     instruction_text: str | None, sampling: SamplingParams, seed: int, engine: str, result: EvalResult,
 ) -> Path:
     """The summary and the responses of one evaluation; returns the summary's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{_slug(benchmark)}.{_slug(model.name)}.{instruction}"
+    stem = result_stem(benchmark, model, instruction)
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in result.responses)
     write_text_atomic(out_dir / f"{stem}{RESPONSES_SUFFIX}", lines)
     summary = {
@@ -79,3 +85,48 @@ def read_results(directory: Path) -> list[ResultFile]:
 def read_responses(result: ResultFile) -> list[dict]:
     path = result.path.with_name(result.path.name.removesuffix(".json") + RESPONSES_SUFFIX)
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class SampleStore:
+    """The finished samples of one evaluation pass, kept until the command's result files are all written.
+
+    A long evaluation (k samples of 30K-token responses) that is interrupted resumes with the samples
+    it has: sample s is drawn with seed + s, so the result is the one an uninterrupted run gives. The
+    first line holds `key` (what was evaluated and how); a file with another key is another
+    evaluation's, and is started over. A sample is one line, appended and synced; a line cut short
+    by a crash is dropped.
+    """
+
+    def __init__(self, path: Path, key: dict) -> None:
+        self.path, self.key = path, json.loads(json.dumps(key))  # as it reads back (tuples become lists)
+
+    def finished(self) -> dict[int, list[ScoredResponse]]:
+        from opsdc_megatron.eval.evaluate import ScoredResponse
+
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        if not lines or _json_or_none(lines[0]) != self.key:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(self.key) + "\n")
+            return {}
+        samples = {}
+        for line in lines[1:]:
+            entry = _json_or_none(line)
+            if entry is not None:
+                samples[entry["sample"]] = [ScoredResponse(**r) for r in entry["responses"]]
+        return samples
+
+    def save(self, sample: int, responses: list[ScoredResponse]) -> None:
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps({"sample": sample, "responses": [asdict(r) for r in responses]}) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
