@@ -20,8 +20,8 @@ def test_label_set_covers_the_tricky_cases():
     assert len(LABELS) >= 40
     assert len({row["id"] for row in LABELS}) == len(LABELS)
     categories = {row["category"] for row in LABELS}
-    assert {"fraction", "frac-decimal", "units", "several-boxes", "disagree", "no-answer", "truncated"} <= categories
-    for category in ("fraction", "frac-decimal", "units", "several-boxes", "disagree"):
+    assert {"fraction", "frac-decimal", "units", "several-boxes", "several-spans", "variable", "disagree", "no-answer", "truncated"} <= categories
+    for category in ("fraction", "frac-decimal", "units", "several-boxes", "several-spans", "variable", "disagree"):
         assert {row["correct"] for row in LABELS if row["category"] == category} == {True, False}, category
 
 

@@ -26,8 +26,13 @@ _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\\!|\\ |~| )(?=\d{3}\b)")
-_TRAILING_WORDS = re.compile(r"^([+-]?\d[\d.,/]*)\s+[A-Za-z][A-Za-z ]*$")
-"""`12 dollars`, `5 cm`: a number followed by plain words only (units); the number is the answer."""
+_TRAILING_WORDS = re.compile(r"^([+-]?\d[\d.,/]*)\s+([A-Za-z]+(?: [A-Za-z]+){0,2})$")
+"""`12 dollars`, `5 square cm`: a number followed by up to three plain words (units); the number is the answer,
+unless a word says more than a unit does (`7 is not the answer`, `3 or more`: _NOT_UNITS)."""
+_NOT_UNITS = frozenset("is are was not no or and nor but than more less least most at either neither maybe possibly".split())
+_MATH_SPAN = re.compile(r"(?<!\\)\$([^$]+?)(?<!\\)\$")
+_VARIABLE = re.compile(r"^([a-zA-Z])=")
+"""`x=5` (after normalize): the answer names its variable."""
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
 PARSE_TIMEOUT_S = 5
 """math-verify's per-call limit (it uses SIGALRM, so only in the main thread; elsewhere no limit)."""
@@ -79,22 +84,33 @@ def normalize(answer: str) -> str:
     text = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ ", "", text)
     text = re.sub(r"\s+", "", text)
     text = text.rstrip(".")
-    text = re.sub(r"^[a-zA-Z]=", "", text)  # "x = 5"
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     if _THOUSANDS.match(text):
         text = text.replace(",", "")
     return text
 
 
-def _latex_candidate(answer: str) -> str:
-    """The answer as a LaTeX math environment for math-verify: markup and units stripped."""
-    text = answer.strip().replace("**", "").replace("\\$", "").strip()
-    text = _DIGIT_GROUP_SPACE.sub("", text)
+def _without_variable(text: str) -> str:
+    return re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", text)
+
+
+def _latex_candidate(answer: str) -> str | None:
+    """The answer as a LaTeX math environment for math-verify: markup, units and a leading `x =` stripped.
+
+    Several math spans (`$x=3$ or $x=5$`, `$2$, not $6$`) become one list (`$3, 5$`, `$2, 6$`): the
+    answer is all of them, never just the one math-verify would pick."""
+    text = answer.strip().replace("**", "").strip()
+    spans = _MATH_SPAN.findall(text)
+    if len(spans) > 1:
+        return "$" + ", ".join(_without_variable(span).strip() for span in spans) + "$"
+    text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
-    text = text.rstrip(".").strip()
+    text = _without_variable(text.rstrip(".").strip())
     words = _TRAILING_WORDS.match(text)
     if words:
+        if _NOT_UNITS & set(words.group(2).lower().split()):
+            return None  # a number qualified in words is no number: math-verify would read its first one
         text = words.group(1)
     return text if "$" in text else f"${text}$"
 
@@ -110,12 +126,23 @@ def _parse(latex: str) -> tuple:
 
 
 def answers_match(candidate: str | None, gold: str) -> bool:
-    """Equal canonical strings, or equivalent by math-verify (gold first: its comparison is asymmetric)."""
+    """Equal canonical strings, or equivalent by math-verify (gold first: its comparison is asymmetric).
+
+    `x = 5` equals `5`, but never `y = 5`: an answer that names another variable is another answer."""
     if candidate is None or not normalize(candidate):
         return False
-    if normalize(candidate) == normalize(gold):
+    candidate_form, gold_form = normalize(candidate), normalize(gold)
+    if candidate_form == gold_form:
         return True
-    gold_parsed, candidate_parsed = _parse(_latex_candidate(gold)), _parse(_latex_candidate(candidate))
+    named = [_VARIABLE.match(form) for form in (candidate_form, gold_form)]
+    if all(named) and named[0].group(1) != named[1].group(1):
+        return False
+    if _VARIABLE.sub("", candidate_form) == _VARIABLE.sub("", gold_form):
+        return True
+    gold_latex, candidate_latex = _latex_candidate(gold), _latex_candidate(candidate)
+    if gold_latex is None or candidate_latex is None:
+        return False
+    gold_parsed, candidate_parsed = _parse(gold_latex), _parse(candidate_latex)
     if not gold_parsed or not candidate_parsed:
         return False
     return verify(list(gold_parsed), list(candidate_parsed), timeout_seconds=_timeout_s())
