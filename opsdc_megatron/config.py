@@ -17,7 +17,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, fp8_token_multiple
 
 PAPER_INSTRUCTION_V1 = (
     "Solve the following math problem concisely and correctly. Be direct — avoid unnecessary "
@@ -377,6 +377,14 @@ def validate(config: RunConfig) -> None:
         check_fp8(config.model.fp8)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    multiple = fp8_token_multiple(config.model.fp8)
+    rounded = 2 * -(-(longest_sequence // 2) // multiple) * multiple  # each of the two streams rounded up
+    if 0 < t.micro_batch_tokens < rounded:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold the longest sequence with FP8, whose GEMMs "
+            f"take each stream's tokens in multiples of {multiple}: 2 x round_up(data.max_prompt_tokens + "
+            f"rollout.max_response_tokens, {multiple}) = {rounded}"
+        )
     if config.rollout.engine not in ("hf", "sglang"):
         raise ConfigError(f"rollout.engine must be hf or sglang, got {config.rollout.engine!r}")
     if config.rollout.sglang.weight_transport not in ("tensor", "distributed", "disk"):

@@ -135,3 +135,15 @@ def test_a_launcher_of_the_users_must_start_the_recipes_process_count(tmp_path):
     assert proc.returncode != 0
     assert "2 processes, but the recipe's layout needs 1 = parallel.tensor_parallel_size x pipeline_parallel_size x data_parallel_size (1 x 1 x 1)" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_token_budget_with_fp8_holds_the_longest_sequence_rounded_up_to_fp8_gemm_sizes(tmp_path, monkeypatch):
+    """Each stream of a micro-batch is padded to a multiple of 16 for FP8: a budget of exactly 2 x (P + R) can
+    still refuse a sequence at some step, on the one data-parallel rank that drew it."""
+    import opsdc_megatron.models.transformer_engine as te
+
+    monkeypatch.setattr(te, "guard_broken_transformer_engine", lambda: te.TransformerEngineStatus(True, ""))  # FP8 needs TE, absent here
+    fp8 = ["model.fp8.format=hybrid", "data.max_prompt_tokens=100", "rollout.max_response_tokens=1001"]
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(2202\) must hold the longest sequence with FP8.* = 2208"):
+        load_config(write(tmp_path, "out_dir: x\n"), [*fp8, "train.micro_batch_tokens=2202"])
+    assert load_config(write(tmp_path, "out_dir: x\n"), [*fp8, "train.micro_batch_tokens=2208"]).train.micro_batch_tokens == 2208
