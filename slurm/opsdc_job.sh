@@ -90,9 +90,16 @@ start_step() {  # start_step NAME SRUN_ARGS...: a background srun step named NAM
 }
 
 stop_steps() {
-    local name
+    # srun passes SIGTERM to its tasks; a step still running 60 s later (a server stuck in teardown) is
+    # killed, so that this script always goes on to its exit status or requeue (the job's end or the
+    # requeue then ends whatever that step left).
+    local name deadline=$((SECONDS + 60))
     for name in "${!STEP_PIDS[@]}"; do
         [ "$name" = trainer ] || kill -TERM "${STEP_PIDS[$name]}" 2>/dev/null
+    done
+    for name in "${!STEP_PIDS[@]}"; do
+        while kill -0 "${STEP_PIDS[$name]}" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 1; done
+        kill -KILL "${STEP_PIDS[$name]}" 2>/dev/null
     done
     wait 2>/dev/null
 }
@@ -127,7 +134,8 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
     if [ "$VALIDATE" != 1 ]; then
         deadline=$((SECONDS + OPSDC_SERVER_STARTUP_TIMEOUT_S))  # rollout.sglang.startup_timeout_s
         for url in "${READY_URLS[@]}"; do
-            until curl -sf "$url/health" >/dev/null; do
+            # Straight to the node (a cluster's http_proxy cannot reach it), and never longer than 10 s a try.
+            until curl --noproxy '*' -sf --max-time 10 "$url/health" >/dev/null; do
                 if ! kill -0 "${STEP_PIDS[sglang_servers]}" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
                     log "FAILED: rollout server $url did not answer /health (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
                 fi

@@ -188,10 +188,14 @@ def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, execut
 @pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
 def test_toy_recipe_with_an_sglang_server_step(cluster, toy):
     """slurm/toy_cpu_sglang.sbatch: a real SGLang server (CPU) as one step of the job on node 1, the trainer
-    (TP=2) as another on node 2; the trainer's rollouts come from that server and its weights go back to it."""
+    (TP=2) as another on node 2; the trainer's rollouts come from that server and its weights go back to it.
+    The job runs behind a cluster-style http_proxy that reaches nothing: the script's readiness check, the
+    trainer's requests and the server's own go around it."""
     out = toy / "sglang"
     port = free_port()
-    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", toy / "sglang.log", *toy_overrides(toy, out, f"rollout.sglang.base_port={port}", "rollout.sglang.startup_timeout_s=900"))
+    dead_proxy = {name: "http://127.0.0.1:9" for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")}
+    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", toy / "sglang.log", *toy_overrides(toy, out, f"rollout.sglang.base_port={port}", "rollout.sglang.startup_timeout_s=900"),
+                         extra_env=dead_proxy)
     log = (toy / "sglang.log").read_text()
     assert status == 0, log[-5000:]
     assert f"rollout servers ready: http://127.0.0.1:{port}" in log and "trainer finished" in log

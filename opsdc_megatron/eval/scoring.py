@@ -26,11 +26,15 @@ _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\\!|\\ |~| )(?=\d{3}\b)")
-_TRAILING_WORDS = re.compile(r"^([+-]?\d[\d.,/]*)\s+([A-Za-z]+(?: [A-Za-z]+){0,2})$")
-"""`12 dollars`, `5 square cm`: a number followed by up to three plain words (units); the number is the answer,
-unless a word says more than a unit does (`7 is not the answer`, `3 or more`: _NOT_UNITS)."""
+_TRAILING_WORDS = re.compile(r"^([+-]?\d[\d.,/]*)\s+([A-Za-z][A-Za-z ]*)$")
+"""`12 dollars`, `5 square cm per second`: a number followed by plain words only (units); the number is the
+answer, unless a word says more than a unit does (`7 is not the answer`, `3 or more`: _NOT_UNITS)."""
 _NOT_UNITS = frozenset("is are was not no or and nor but than more less least most at either neither maybe possibly".split())
 _MATH_SPAN = re.compile(r"(?<!\\)\$([^$]+?)(?<!\\)\$")
+_LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNORECASE)
+"""What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
+_HEDGES = frozenset("not no nor neither either maybe possibly perhaps".split())
+"""Words between math spans that take the first one back or leave the answer open (`$2$, not $6$`)."""
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
@@ -97,12 +101,19 @@ def _without_variable(text: str) -> str:
 def _latex_candidate(answer: str) -> str | None:
     """The answer as a LaTeX math environment for math-verify: markup, units and a leading `x =` stripped.
 
-    Several math spans (`$x=3$ or $x=5$`, `$2$, not $6$`) become one list (`$3, 5$`, `$2, 6$`): the
-    answer is all of them, never just the one math-verify would pick."""
+    Several math spans joined by `,`, `;`, `and` or `or` are one list (`$x=3$ or $x=5$` is `$3, 5$`);
+    otherwise the first span is the answer and the rest comment on it (`$5$ because $2+3=5$`), unless
+    the words between them take it back (`$2$, not $6$`: no answer). math-verify alone would pick one."""
     text = answer.strip().replace("**", "").strip()
-    spans = _MATH_SPAN.findall(text)
+    spans = list(_MATH_SPAN.finditer(text))
     if len(spans) > 1:
-        return "$" + ", ".join(_without_variable(span).strip() for span in spans) + "$"
+        between = [text[left.end() : right.start()] for left, right in zip(spans, spans[1:])]
+        contents = [_without_variable(span.group(1)).strip() for span in spans]
+        if all(_LIST_SEPARATOR.match(words) for words in between):
+            return "$" + ", ".join(contents) + "$"
+        if any(_HEDGES & set(re.findall(r"[a-z]+", words.lower())) for words in between):
+            return None
+        return f"${contents[0]}$"
     text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
