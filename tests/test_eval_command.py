@@ -224,3 +224,21 @@ def main_status(argv: list[str]) -> int:
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+def test_sample_store_drops_a_line_cut_by_a_crash_and_appends_after_it(tmp_path):
+    from opsdc_megatron.eval.evaluate import ScoredResponse
+    from opsdc_megatron.eval.results import SampleStore
+
+    key = {"model": "m", "files": [("a", 1, 2)]}
+    response = ScoredResponse(0, 0, 3, False, True, True, False, "Answer: 1")
+    store = SampleStore(tmp_path / "x.partial.jsonl", key)
+    assert store.finished() == {}
+    store.save(0, [response])
+    with store.path.open("a") as file:
+        file.write('{"sample": 1, "respon')  # the crash
+    assert SampleStore(store.path, key).finished() == {0: [response]}
+    store.save(2, [response])
+    assert SampleStore(store.path, key).finished() == {0: [response], 2: [response]}
+    assert SampleStore(store.path, {**key, "model": "other"}).finished() == {}, "another evaluation's samples"
+    assert store.path.read_text() == json.dumps({"model": "other", "files": [["a", 1, 2]]}) + "\n"

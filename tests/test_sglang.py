@@ -444,6 +444,7 @@ def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_m
     from opsdc_megatron.config import ConfigError, load_config
 
     config = load_config(None, [f"out_dir={tmp_path}", f"model.hf_path={tiny_model}", "data.train_prompts=x.jsonl", "rollout.engine=sglang"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU servers first, also on a machine with GPUs
     one_node = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}
     assert start.trainer_fleet_settings(config, one_node).host == start.trainer_fleet_settings(config, {}).host == "127.0.0.1"
 

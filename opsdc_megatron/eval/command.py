@@ -194,7 +194,8 @@ def eval_command(args: argparse.Namespace) -> None:
     run_key = {
         "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()),
         "prompts": hashlib.sha256(json.dumps([(r.prompt, r.answer) for r in records]).encode()).hexdigest(),
-        "sampling": asdict(sampling), "seed": args.seed, "engine": args.engine, "dtype": args.dtype,
+        "sampling": asdict(sampling), "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
+        "hf_config_files": _files_signature(hf_config) if hf_config is not None else None,
     }
 
     def store_for(name: str) -> SampleStore:

@@ -108,12 +108,11 @@ class SampleStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps(self.key) + "\n")
             return {}
-        samples = {}
-        for line in lines[1:]:
-            entry = _json_or_none(line)
-            if entry is not None:
-                samples[entry["sample"]] = [ScoredResponse(**r) for r in entry["responses"]]
-        return samples
+        entries = [_json_or_none(line) for line in lines[1:]]
+        if None in entries:  # a line cut by a crash: keep the others, so that the next append starts a line of its own
+            entries = [entry for entry in entries if entry is not None]
+            write_text_atomic(self.path, "".join(json.dumps(line) + "\n" for line in [self.key, *entries]))
+        return {entry["sample"]: [ScoredResponse(**r) for r in entry["responses"]] for entry in entries}
 
     def save(self, sample: int, responses: list[ScoredResponse]) -> None:
         with self.path.open("a", encoding="utf-8") as file:

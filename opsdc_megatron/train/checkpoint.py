@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -74,29 +75,31 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """The step folders a save finished (not `.tmp`), oldest first."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()] if root.is_dir() else []
+    """The step folders a save finished (renamed from `.tmp`, trainer state inside), oldest first."""
+    found = [p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / TRAINER_STATE).is_file()] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def check_fresh_start(root: Path, resume: bool) -> None:
-    """A run that starts at step 0 refuses checkpoints it did not write: saving and pruning among
-    another run's (a later step sorts last) would delete its own and resume the other's."""
-    if resume and (root / LATEST).exists():
-        return
+    """A run told not to resume refuses checkpoints already there: saving and pruning among another
+    run's (a later step sorts last) would delete its own, and a later resume would take the other's."""
     earlier = complete_checkpoints(root)
-    if earlier:
-        reason = "checkpoint.resume is false" if not resume else f"there is no {root / LATEST}"
+    if not resume and earlier:
         raise ConfigError(
             f"{root} holds checkpoints of another run ({', '.join(p.name for p in earlier)}), and this run starts "
-            f"from step 0 ({reason}): give another out_dir, or remove them"
+            f"from step 0 (checkpoint.resume is false): give another out_dir, or remove them"
         )
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` names; without the marker, the newest complete one (a save stopped
+    between its folder's rename and the marker's write, e.g. by SIGKILL after SIGTERM)."""
     marker = root / LATEST
     if not marker.exists():
-        return None
+        complete = complete_checkpoints(root)
+        if complete and dist.get_rank() == 0:
+            print(f"opsdc train: {marker} is missing; resuming from the newest complete checkpoint, {complete[-1]}", file=sys.stderr, flush=True)
+        return complete[-1] if complete else None
     path = root / marker.read_text(encoding="utf-8").strip()
     if not (path / TRAINER_STATE).exists():
         raise FileNotFoundError(f"{marker} names {path}, which is not a complete checkpoint")

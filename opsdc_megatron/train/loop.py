@@ -39,7 +39,7 @@ from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
 from opsdc_megatron.train.build import build_training_model
-from opsdc_megatron.train.step import optimizer_step
+from opsdc_megatron.train.step import apply_weight_decay, optimizer_step
 
 EVAL_SEED = 20_260_303
 
@@ -106,6 +106,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
+        apply_weight_decay(model.optimizer, config.train.weight_decay)
     elif rank0:
         out.mkdir(parents=True, exist_ok=True)
         # The run's record: `opsdc report` and `opsdc convert` read the start model from it, from any directory.

@@ -63,12 +63,19 @@ def wrap_for_training(
         ),
         ddps,
     )
-    # megatron's param groups say how much decay each gets (wd_mult: 0 for norms and biases, as in
-    # Megatron-LM); its OptimizerParamScheduler applies that. Runs here have a constant learning rate
-    # and no scheduler, so it is applied once; without it every group, norms included, decays.
-    for group in optimizer.param_groups:
-        group["weight_decay"] = train.weight_decay * group["wd_mult"]
+    apply_weight_decay(optimizer, train.weight_decay)
     return ddps, optimizer
+
+
+def apply_weight_decay(optimizer: MegatronOptimizer, weight_decay: float) -> None:
+    """Each param group's decay from megatron's wd_mult (0 for norms and biases, as in Megatron-LM).
+
+    megatron's OptimizerParamScheduler applies it; runs here have a constant learning rate and no
+    scheduler, so this does, after the optimizer is built and after a checkpoint is loaded (the load
+    restores the groups' saved values, and checkpoints written before this decayed every group).
+    """
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * group["wd_mult"]
 
 
 def _finalize_student_grads(ddps: list[DistributedDataParallel], _stages, num_tokens, **kwargs) -> None:
