@@ -236,6 +236,22 @@ def test_refused_broadcast_aborts_that_servers_group_and_a_new_one_works(fleet: 
         weights.close()
 
 
+def test_an_answer_with_other_weights_is_sent_again_elsewhere(fleet: ServerFleet, tiny_model: Path, tmp_path: Path) -> None:
+    """A trainer rank that is not the owner meets a server the owner restarted and has not yet brought to the
+    current weights: those answers are not used, the server leaves that rank's pool, the prompts go elsewhere."""
+    state, _ = shifted_weights(tiny_model, seed=3)  # what both servers hold, at version 3
+    restarted, current = fleet.urls
+    weights = DiskTransport(tmp_path / "pushed", tiny_model)
+    weights.push({restarted: 1}, state, "launch")
+    try:
+        other_rank = SGLangRolloutEngine(fleet.urls, None, [EOS], VOCAB)
+        other_rank.update_weights(state, version=3)  # the owner's broadcast: version 3, both servers healthy
+        results = other_rank.sample(PROMPTS * 4, SamplingParams(max_new_tokens=4), seed=5)
+        assert {(r.server_url, r.weight_version) for r in results} == {(current, "3")}
+    finally:
+        weights.push({restarted: 1}, state, "3")
+
+
 def test_router_routes_to_the_servers(fleet: ServerFleet) -> None:
     answer = post_json(
         f"{fleet.router.url}/generate",
@@ -416,6 +432,20 @@ def test_requests_and_server_processes_go_around_the_environment_proxy_and_leave
     env = server_process_env(["node7", "", "localhost"])
     assert env["no_proxy"] == env["NO_PROXY"] == "corp.example,10.0.0.0/8,127.0.0.1,localhost,node7"
     assert "TORCHELASTIC_USE_AGENT_STORE" not in env and "MASTER_PORT" not in env and env["PATH"] == os.environ["PATH"]
+
+
+def test_a_port_in_use_is_refused_before_any_server_starts(tiny_model: Path) -> None:
+    """Another run's server there would answer the readiness probe, and take this run's rollouts and weights."""
+    from opsdc_megatron.rollout.sglang.launcher import ServerStartError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fleet = ServerFleet(cpu_settings(str(tiny_model), base_port=port), 1)
+        with pytest.raises(ServerStartError, match=f"port {port} is already in use"):
+            fleet.start()
+        assert not fleet.servers[0].alive()
 
 
 def test_fleet_refuses_missing_model_or_interpreter(tmp_path: Path, tiny_model: Path) -> None:

@@ -16,7 +16,10 @@ Design choices:
   pushes the current weights before it takes requests again. Servers started outside the trainer
   (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on.
 * Every answer carries the server's weight version; an answer made with any other version than the
-  last pushed one (or with two versions, i.e. a push mid-request) raises `StaleRolloutError`.
+  last pushed one (or with two versions, i.e. a push mid-request) is not used: its server leaves this
+  rank's pool and the prompt is sent again. That is a server the owner restarted and has not yet
+  brought to the current weights (other ranks learn of the restart at the next push). `sample`
+  checks every answer once more and raises `StaleRolloutError` on any other version.
 * An owner given no transport serves the weights its fleet was launched with (evaluation): its
   rollouts are version 0, answers must carry the launch version, and `update_weights` is refused.
 """
@@ -104,6 +107,9 @@ class SGLangRolloutEngine(RolloutEngine):
         self._recoveries: dict[int, threading.Thread] = {}
         self._recovery_errors: list[BaseException] = []
         self._lock = threading.Lock()
+        self._transport_lock = threading.Lock()
+        """One transport call at a time: recoveries of two servers at once, or one during a push, would
+        share the disk transport's folder and interleave the weight-update sessions."""
         self.restarts = 0
         """How many servers were restarted after a failure (for logs and tests)."""
         for url in self.urls:
@@ -154,7 +160,8 @@ class SGLangRolloutEngine(RolloutEngine):
             for url in servers:
                 post_json(f"{url}/pause_generation", {"mode": "abort"}, HEALTH_TIMEOUT_S * 6)
             try:
-                self.transport.push(servers, hf_state_dict, str(version))
+                with self._transport_lock:
+                    self.transport.push(servers, hf_state_dict, str(version))
             finally:
                 for url in servers:
                     post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
@@ -202,13 +209,15 @@ class SGLangRolloutEngine(RolloutEngine):
         server = self.fleet.servers[index]
         try:
             if self.transport is not None:
-                self.transport.disconnect(server.url)
+                with self._transport_lock:
+                    self.transport.disconnect(server.url)
             self.fleet.restart(index)
             self._check_vocabulary(server.url)
             if self.transport is not None:
-                self.transport.connect(server.url, self.fleet.settings.tensor_parallel_size)
-            if self._pushed is not None:
-                self.transport.push({server.url: self.fleet.settings.tensor_parallel_size}, self._pushed, str(self._version))
+                with self._transport_lock:
+                    self.transport.connect(server.url, self.fleet.settings.tensor_parallel_size)
+                    if self._pushed is not None:
+                        self.transport.push({server.url: self.fleet.settings.tensor_parallel_size}, self._pushed, str(self._version))
             with self._lock:
                 self._healthy.add(index)
                 self.restarts += 1
@@ -310,6 +319,11 @@ class SGLangRolloutEngine(RolloutEngine):
                         if server in self._healthy and not self._server_ok(server):
                             self._mark_failed(server)
                         retry(i, str(error))
+                        continue
+                    versions = set(result.weight_versions_in_response) | {result.weight_version}
+                    if versions != {self._served_version}:
+                        self._mark_failed(server)
+                        retry(i, f"{self.urls[server]} answered with weight versions {sorted(versions)}, expected {self._served_version}")
                         continue
                     if i in results:
                         raise RuntimeError(f"prompt {i} answered twice ({results[i].rollout_id}, {result.rollout_id})")

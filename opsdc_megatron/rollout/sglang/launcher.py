@@ -20,6 +20,7 @@ import http.client
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -116,6 +117,16 @@ class ManagedProcess:
     def start(self) -> None:
         if self.alive():
             raise RuntimeError(f"{self.name} is already running (pid {self.process.pid})")
+        # Another run's server on this port would answer the readiness probe (SGLang binds its port
+        # last, after loading the model), and this run would sample from it and push weights into it.
+        address = urlsplit(self.ready_url)
+        with socket.socket() as probe:
+            probe.settimeout(2)
+            if probe.connect_ex(("127.0.0.1" if address.hostname == "0.0.0.0" else address.hostname, address.port)) == 0:
+                raise ServerStartError(
+                    f"{self.name}: port {address.port} is already in use (another run's server?); choose another "
+                    "rollout.sglang.base_port (router_port for the router, --sglang-base-port for opsdc eval)"
+                )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
