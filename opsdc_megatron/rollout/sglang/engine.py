@@ -48,7 +48,7 @@ from opsdc_megatron.rollout.sglang.client import (
     post_json,
 )
 from opsdc_megatron.rollout.sglang.launcher import LAUNCH_WEIGHT_VERSION, ServerFleet
-from opsdc_megatron.weight_push.sglang_transports import WeightTransport
+from opsdc_megatron.weight_push.sglang_transports import WeightPushError, WeightTransport
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -154,18 +154,9 @@ class SGLangRolloutEngine(RolloutEngine):
         if self.transport is not None:
             self.wait_for_recovery()
             self._probe_all()
-            servers = self._servers_tp
-            if not servers:
-                raise RolloutFailedError("no healthy SGLang server to push weights to")
-            for url in servers:
-                post_json(f"{url}/pause_generation", {"mode": "abort"}, HEALTH_TIMEOUT_S * 6)
-            try:
-                with self._transport_lock:
-                    self.transport.push(servers, hf_state_dict, str(version))
-            finally:
-                for url in servers:
-                    post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
-            self._pushed = hf_state_dict
+            # Set first: a server that dies during the push is restarted and brought to these weights.
+            self._pushed, self._version = hf_state_dict, version
+            self._push_to_healthy(hf_state_dict, str(version))
         # The owner (trainer rank 0) tells the other ranks which servers it pushed to: a rank probing on
         # its own could keep a server the owner dropped, and sample stale weights from it. The
         # broadcast also holds the other ranks back until the push is done.
@@ -175,6 +166,36 @@ class SGLangRolloutEngine(RolloutEngine):
         if self.transport is None:
             self._healthy = set(owner_healthy[0]) if owner_healthy[0] is not None else {i for i in range(len(self.urls)) if self._server_ok(i)}
         self._version = version
+
+    def _push_to_healthy(self, hf_state_dict: Mapping[str, torch.Tensor], version: str) -> None:
+        """Pause, push, continue on every healthy server. A server that dies meanwhile leaves the pool (its
+        recovery pushes these weights) and the push is made again to the others; a live server's refusal raises."""
+        while True:
+            servers = self._servers_tp
+            if not servers:
+                raise RolloutFailedError("no healthy SGLang server to push weights to")
+            try:
+                for url in servers:
+                    post_json(f"{url}/pause_generation", {"mode": "abort"}, HEALTH_TIMEOUT_S * 6)
+                try:
+                    with self._transport_lock:
+                        self.transport.push(servers, hf_state_dict, version)
+                finally:
+                    unpaused = []
+                    for url in servers:
+                        try:
+                            post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
+                        except ServerUnavailable as error:
+                            unpaused.append(error)
+                    if unpaused:
+                        raise unpaused[0]
+                return
+            except (ServerUnavailable, WeightPushError):
+                dead = [i for i in sorted(self._healthy) if not self._server_ok(i)]
+                if not dead:
+                    raise
+                for index in dead:
+                    self._mark_failed(index)
 
     # ------------------------------------------------------------------ failures
 
