@@ -358,20 +358,27 @@ class SGLangRolloutEngine(RolloutEngine):
         self, running: dict[Future, tuple[int, int]], in_flight: dict[int, int], last_progress: dict[int, float], retry: Callable[[int, str], None]
     ) -> None:
         """A server with work but no answer for stall_timeout_s is probed; if it fails the probe (hung), it
-        leaves the pool and its requests are sent elsewhere (their late answers, if any, are ignored)."""
+        leaves the pool. The requests of a server out of the pool (this way, or after another request of
+        it failed) are sent elsewhere at once, not left to their timeout (late answers are ignored)."""
         now = time.monotonic()
         for server, count in list(in_flight.items()):
-            if count == 0 or server not in self._healthy or now - last_progress[server] < self.stall_timeout_s:
+            if count == 0:
                 continue
-            if self._server_ok(server):
-                last_progress[server] = now  # slow, not hung
-                continue
-            self._mark_failed(server)
+            if server in self._healthy:
+                if now - last_progress[server] < self.stall_timeout_s:
+                    continue
+                if self._server_ok(server):
+                    last_progress[server] = now  # slow, not hung
+                    continue
+                self._mark_failed(server)
+                reason = f"{self.urls[server]} made no progress for {self.stall_timeout_s:.0f} s and failed its health probe"
+            else:
+                reason = f"{self.urls[server]} left the pool with this request in flight"
             for future, (i, owner) in list(running.items()):
                 if owner == server:
                     running.pop(future)
                     in_flight[server] -= 1
-                    retry(i, f"{self.urls[server]} made no progress for {self.stall_timeout_s:.0f} s and failed its health probe")
+                    retry(i, reason)
 
     def close(self) -> None:
         """Waits for restarts in progress, then closes the transport's groups and stops the servers it started (owner only)."""
