@@ -282,25 +282,31 @@ def fault_before_request(monkeypatch: pytest.MonkeyPatch, url: str, request_numb
     monkeypatch.setattr(engine_module, "generate_one", generate_one_with_fault)
 
 
-def test_a_server_killed_during_a_push_is_restarted_with_the_new_weights(fleet: ServerFleet, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Server 0 dies as the push starts: the push completes on server 1, server 0 is restarted and brought to
-    the pushed weights, and both answer with them."""
-    state, reference = shifted_weights(tiny_model, seed=7)
+@pytest.mark.parametrize("killed", [[0], [0, 1]], ids=["one", "all"])
+def test_servers_killed_during_a_push_are_restarted_with_the_new_weights(
+    fleet: ServerFleet, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: list[int]
+) -> None:
+    """Servers die as the push starts: the push completes on the others, or, with none left, through the
+    restarts, which bring every restarted server to the pushed weights; all answer with them."""
+    state, reference = shifted_weights(tiny_model, seed=7 + len(killed))
+    version = 7 + len(killed)
     weights = DiskTransport(tmp_path / "pushed", tiny_model)
     engine = SGLangRolloutEngine(fleet, weights, [EOS], VOCAB)
     real_push, pushes = weights.push, []
 
-    def push_as_server_0_dies(servers, state_dict, version):
+    def push_as_servers_die(servers, state_dict, version):
         pushes.append(sorted(servers))
         if len(pushes) == 1:
-            fleet.servers[0].kill()
+            for index in killed:
+                fleet.servers[index].kill()
         return real_push(servers, state_dict, version)
 
-    monkeypatch.setattr(weights, "push", push_as_server_0_dies)
-    engine.update_weights(state, version=7)
+    monkeypatch.setattr(weights, "push", push_as_servers_die)
+    engine.update_weights(state, version=version)
     engine.wait_for_recovery()
-    assert engine.restarts == 1 and pushes[:2] == [sorted(fleet.urls), [fleet.urls[1]]], pushes
-    assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), 7)
+    survivors = [[url] for index, url in enumerate(fleet.urls) if index not in killed]
+    assert engine.restarts == len(killed) and pushes[: 1 + len(survivors)] == [sorted(fleet.urls), *survivors], pushes
+    assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), version)
 
 
 def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -169,33 +169,45 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def _push_to_healthy(self, hf_state_dict: Mapping[str, torch.Tensor], version: str) -> None:
         """Pause, push, continue on every healthy server. A server that dies meanwhile leaves the pool (its
-        recovery pushes these weights) and the push is made again to the others; a live server's refusal raises."""
+        recovery pushes these weights) and the push is made again to the others, at most once per server;
+        when none is left, the push is the recoveries'. A live server's refusal raises."""
+        targets = set(self._healthy)
         while True:
-            servers = self._servers_tp
+            servers = {self.urls[i]: self.server_tensor_parallel_size for i in sorted(targets & self._healthy)}
             if not servers:
+                self.wait_for_recovery()
+                if self._healthy:
+                    return
                 raise RolloutFailedError("no healthy SGLang server to push weights to")
             try:
-                for url in servers:
-                    post_json(f"{url}/pause_generation", {"mode": "abort"}, HEALTH_TIMEOUT_S * 6)
-                try:
-                    with self._transport_lock:
-                        self.transport.push(servers, hf_state_dict, version)
-                finally:
-                    unpaused = []
-                    for url in servers:
-                        try:
-                            post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
-                        except ServerUnavailable as error:
-                            unpaused.append(error)
-                    if unpaused:
-                        raise unpaused[0]
+                self._pause_push_continue(servers, hf_state_dict, version)
                 return
             except (ServerUnavailable, WeightPushError):
-                dead = [i for i in sorted(self._healthy) if not self._server_ok(i)]
+                dead = [i for i in sorted(targets & self._healthy) if not self._server_ok(i)]
                 if not dead:
                     raise
                 for index in dead:
                     self._mark_failed(index)
+                    targets.discard(index)
+
+    def _pause_push_continue(self, servers: dict[str, int], hf_state_dict: Mapping[str, torch.Tensor], version: str) -> None:
+        """Every server paused is continued, whatever fails; the first error (the push's before any continue's) is raised."""
+        paused, error = [], None
+        try:
+            for url in servers:
+                post_json(f"{url}/pause_generation", {"mode": "abort"}, HEALTH_TIMEOUT_S * 6)
+                paused.append(url)
+            with self._transport_lock:
+                self.transport.push(servers, hf_state_dict, version)
+        except BaseException as failure:
+            error = failure
+        for url in paused:
+            try:
+                post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
+            except ServerUnavailable as failure:
+                error = error or failure
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ failures
 
