@@ -134,10 +134,6 @@ class SGLangRolloutEngine(RolloutEngine):
         """The weight version every answer must carry."""
         return LAUNCH_WEIGHT_VERSION if self.launch_weights_only else str(self._version)
 
-    @property
-    def _servers_tp(self) -> dict[str, int]:
-        return {self.urls[i]: self.server_tensor_parallel_size for i in sorted(self._healthy)}
-
     # ------------------------------------------------------------------ weights
 
     @property
