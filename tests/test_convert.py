@@ -7,6 +7,7 @@ The command-line tests run `opsdc convert` itself (hf-to-megatron starts its own
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -17,12 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.cli import main
+from opsdc_megatron.convert.checks import check_hf_folder
+from opsdc_megatron.models.layer_spec import gpt_decoder_spec
+from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
+from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.toy.task import toy_prompts
+from opsdc_megatron.train.checkpoint import load_model_weights
 from tests.launch import torchrun
 from tests.tiny_models import SHARDED_INPUT, TINY_MODELS, VOCAB, save_tiny_model
 
@@ -136,6 +145,38 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     assert not [p.name for p in tmp_path.iterdir() if "out_" in p.name]  # no output, no temporary folder
 
 
+@pytest.mark.parametrize(
+    ("config_change", "message"),
+    [
+        ({"tie_word_embeddings": True}, r"output_layer\.weight"),
+        ({"vocab_size": 150}, r"a larger vocabulary than the config's 150 tokens \(embedding\.word_embeddings\.weight has 175 rows, output_layer\.weight has 175 rows"),
+    ],
+    ids=["tied-config-untied-checkpoint", "smaller-vocabulary"],
+)
+def test_a_checkpoint_of_another_model_is_refused_not_cut(
+    hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str
+) -> None:
+    """Checkpoint tensors the config has no place for (a trained output layer under a tied config,
+    vocabulary rows past the config's) stop export and `opsdc train`'s load instead of being dropped."""
+    from opsdc_megatron.models.qwen3.model import build_gpt_model
+
+    ckpt, config_dir = tmp_path / "ckpt", tmp_path / "other_config"
+    status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(hf_models / "qwen2"), "--out", str(ckpt))
+    assert status == 0, output[-3000:]
+    shutil.copytree(hf_models / "qwen2", config_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    config = json.loads((config_dir / "config.json").read_text())
+    (config_dir / "config.json").write_text(json.dumps({**config, **config_change}))
+    status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--hf-config", str(config_dir))
+    assert status == 2 and re.search(message, output), output[-3000:]
+    assert not (tmp_path / "out").exists()
+    init_distributed(1, 1)
+    try:
+        with pytest.raises(ValueError, match=message):
+            load_model_weights(ckpt, [build_gpt_model(config_dir, 1, 1)])
+    finally:
+        destroy_distributed()
+
+
 def _missing_shard(folder: Path) -> None:
     sorted(folder.glob("model-*.safetensors"))[1].unlink()
 
@@ -143,6 +184,24 @@ def _missing_shard(folder: Path) -> None:
 def _mismatched_config(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+
+
+def _float64_weights(folder: Path) -> None:
+    for file in folder.glob("*.safetensors"):
+        save_file({name: tensor.double() for name, tensor in load_file(file).items()}, str(file), metadata={"format": "pt"})
+
+
+def test_saved_rope_tables_pass_the_input_check(hf_models: Path, tmp_path: Path) -> None:
+    """Older transformers saved the non-persistent RoPE buffer; loading ignores it, and so do we."""
+    folder = tmp_path / "source"
+    shutil.copytree(hf_models / SHARDED_INPUT, folder)
+    first = sorted(folder.glob("model-*.safetensors"))[0]
+    state = load_file(first) | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    save_file(state, str(first), metadata={"format": "pt"})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.self_attn.rotary_emb.inv_freq"] = first.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert check_hf_folder(folder).config.num_hidden_layers == 2
 
 
 def _unsupported_architecture(folder: Path) -> None:
@@ -158,9 +217,14 @@ def _unsupported_architecture(folder: Path) -> None:
         (_unsupported_architecture, [], r"architectures: expected one of \['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\], got \['MistralForCausalLM'\]"),
         (None, ["--tp", "3"], r"num_attention_heads: expected a multiple of tensor_parallel_size = 3, got 4"),
         (None, ["--pp", "2", "--vp", "2"], r"num_hidden_layers: expected a multiple of pipeline x virtual pipeline size = 4, got 2"),
+        (None, ["--tp", "0"], r"tensor_parallel_size: expected >= 1, got 0"),
+        (_float64_weights, [], r"model.embed_tokens.weight is stored as F64; expected one of \['BF16', 'F16', 'F32'\]"),
         ("exists", [], r"output folder exists"),
     ],
-    ids=["missing-shard", "config-mismatch", "unsupported-architecture", "tp-not-dividing-heads", "vp-not-dividing-layers", "output-exists"],
+    ids=[
+        "missing-shard", "config-mismatch", "unsupported-architecture", "tp-not-dividing-heads", "vp-not-dividing-layers",
+        "tp-zero", "float64-weights", "output-exists",
+    ],
 )
 def test_bad_input_is_named_and_writes_nothing(hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture, break_input, extra_args: list[str], message: str) -> None:
     source = tmp_path / "source"
@@ -201,3 +265,67 @@ def test_hf_to_megatron_streams_with_peak_memory_near_the_largest_tensor(tmp_pat
     growth = int(re.search(r"PEAK GROWTH (\d+)", result.stdout).group(1))
     assert sum(file.stat().st_size for file in out.glob("*.distcp")) > total  # the model was written
     assert growth < 2.5 * largest, f"peak memory grew {growth / largest:.2f}x the largest tensor ({growth / 1e6:.0f} MB; model {total / 1e6:.0f} MB)"
+
+
+class _NormedColumnParallelLinear(ColumnParallelLinear):
+    """Stand-in for Transformer Engine's TELayerNormColumnParallelLinear, which cannot be installed
+    here: the layer's RMSNorm runs first and its weight is a parameter of the layer,
+    ``layer_norm_weight``, as in TE's layer."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs) -> None:
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size))
+        self.eps = config.layernorm_epsilon
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        normed = torch.nn.functional.rms_norm(input_, (input_.shape[-1],), self.layer_norm_weight, self.eps)
+        return super().forward(normed, *args, **kwargs)
+
+
+def _te_named_decoder_spec(attention_backend: str, qk_layernorm: bool, config, vp_stage=None) -> ModuleSpec:
+    """The local decoder with its pre-norms fused into linear_qkv and linear_fc1, named as Transformer
+    Engine's layer names them (what `gpt_layer_spec` builds wherever TE imports)."""
+    block = gpt_decoder_spec("local", qk_layernorm, config, vp_stage)
+    layer = copy.deepcopy(block.submodules.layer_specs[0])
+    layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = IdentityOp
+    layer.submodules.self_attention.submodules.linear_qkv = _NormedColumnParallelLinear
+    layer.submodules.mlp.submodules.linear_fc1 = _NormedColumnParallelLinear
+    layer.submodules.sharded_state_dict_keys_map = {}
+    block.submodules.layer_specs = [layer] * len(block.submodules.layer_specs)
+    return block
+
+
+@pytest.mark.parametrize("name", ["qwen3_untied", "qwen2", "llama3"])
+def test_transformer_engine_layer_names_load_export_and_share_checkpoints(
+    hf_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """With Transformer Engine's layer the pre-norm weights are ``linear_qkv.layer_norm_weight`` and
+    ``linear_fc1.layer_norm_weight``: HF weights load into them (same logits as transformers), export
+    back unchanged, and a checkpoint converted with the local layer loads into them."""
+    from opsdc_megatron.models.qwen3 import model as model_module
+
+    source = hf_models / name
+    ckpt = tmp_path / "ckpt"
+    status = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "convert", "hf-to-megatron", "--hf", str(source), "--out", str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr[-3000:]
+    monkeypatch.setattr(model_module, "gpt_decoder_spec", _te_named_decoder_spec)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand_as(tokens)
+    init_distributed(1, 1)
+    try:
+        from_hf = model_module.build_gpt_model(source, 1, 1)
+        fused_norms = [n for n, _ in from_hf.named_parameters() if n.endswith("layer_norm_weight")]
+        assert len(fused_norms) == 2 * TINY_MODELS[name][1].num_hidden_layers, fused_norms
+        load_hf_weights(from_hf, source)
+        exported = export_hf_state_dict(from_hf)
+        from_ckpt = model_module.build_gpt_model(source, 1, 1)
+        load_model_weights(ckpt, [from_ckpt])
+        with torch.no_grad():
+            megatron_logits = [m.eval()(tokens, positions, None)[..., :VOCAB] for m in (from_hf, from_ckpt)]
+    finally:
+        destroy_distributed()
+    original = safetensors_state(source)
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    expected = logits(source, tokens)
+    for megatron in megatron_logits:
+        torch.testing.assert_close(megatron, expected, rtol=1e-4, atol=1e-4)

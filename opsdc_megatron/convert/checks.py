@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from opsdc_megatron.models.qwen3.model import load_hf_config
-from opsdc_megatron.models.qwen3.state_dict_adapter import hf_tensor_shapes
+from opsdc_megatron.models.qwen3.state_dict_adapter import IGNORED_HF_TENSORS, hf_tensor_shapes
 
 DIST_CHECKPOINT_METADATA = "metadata.json"
 _EMBEDDING = "model.embed_tokens.weight"
@@ -54,6 +54,7 @@ def check_hf_folder(folder: Path) -> HFModelFolder:
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config)
     expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    shapes = {name: shape for name, shape in shapes.items() if not IGNORED_HF_TENSORS.match(name)}
     if config.tie_word_embeddings:
         expected.pop(_TIED_LM_HEAD, None)
         shapes = {name: shape for name, shape in shapes.items() if name != _TIED_LM_HEAD}
@@ -74,7 +75,10 @@ def _stored_dtype(folder: Path, name: str) -> torch.dtype:
     file = json.loads(index.read_text(encoding="utf-8"))["weight_map"][name] if index.exists() else "model.safetensors"
     with safe_open(folder / file, framework="pt", device="cpu") as handle:
         dtype = handle.get_slice(name).get_dtype()
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    if dtype not in dtypes:
+        raise ConversionError(f"{folder / file}: {name} is stored as {dtype}; expected one of {sorted(dtypes)}")
+    return dtypes[dtype]
 
 
 def check_megatron_checkpoint(ckpt: Path) -> None:

@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 
 from opsdc_megatron.convert.checks import ConversionError, check_megatron_checkpoint, require_new_output
 from opsdc_megatron.convert.hf_to_megatron import HF_FILES, bounded_groups, checkpoint_slices, copy_hf_files
+from opsdc_megatron.distill.teacher import TEACHER_PREFIX
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
 from opsdc_megatron.models.qwen3.state_dict_adapter import Layout, _expected_hf_shapes, _from_shards, _Geometry, _named_entries
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
@@ -113,6 +114,7 @@ def export_megatron_to_hf(
     sharded = model.sharded_state_dict()
     entries = [(name, layout, hf_names, param) for name, param, layout, hf_names in _named_entries(model)]
     _check_matches(entries, sharded, metadata, ckpt, hf_config_dir)
+    check_vocabulary_padding(ckpt, config.vocab_size)
     out_dtype = dtype or stored_dtype
     shards = _plan_shards(entries, geo, out_dtype, max_shard_bytes)
 
@@ -159,12 +161,44 @@ def _stored_dtype(metadata: Metadata, key: str, ckpt: Path) -> torch.dtype:
     return entry.properties.dtype
 
 
+VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+TRAINING_STATE_PREFIXES = ("optimizer.", TEACHER_PREFIX)
+"""Keys of a training checkpoint that are not the student: the optimizer's state (megatron's prefix)
+and the teacher snapshot (train/checkpoint.py)."""
+
+
+def check_vocabulary_padding(ckpt: Path, vocab_size: int) -> None:
+    """Rows past the config's vocabulary in the checkpoint's embedding and output layer are zero (the
+    tensor-parallel padding), not tokens of a larger vocabulary that a load would silently cut off.
+
+    Reads only those rows. Raises:
+        ConversionError: a padding row holds weights.
+    """
+    reader = dcp.FileSystemReader(str(ckpt))
+    requests = []
+    for key, stored in reader.read_metadata().state_dict_metadata.items():
+        if key in VOCABULARY_KEYS and isinstance(stored, TensorStorageMetadata) and stored.size[0] > vocab_size:
+            rows = torch.empty((stored.size[0] - vocab_size, *stored.size[1:]), dtype=stored.properties.dtype)
+            requests.append((key, (vocab_size, *[0] * (len(stored.size) - 1)), rows))
+    if requests:
+        dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
+    nonzero = [f"{key} has {vocab_size + rows.shape[0]} rows" for key, _, rows in requests if rows.any()]
+    if nonzero:
+        raise ConversionError(
+            f"{ckpt}: a larger vocabulary than the config's {vocab_size} tokens ({', '.join(nonzero)}, "
+            f"and the rows past {vocab_size} are not zero padding): pass the config of the model the checkpoint was made from"
+        )
+
+
 def _check_matches(entries, sharded: dict, metadata: Metadata, ckpt: Path, hf_config_dir: Path) -> None:
-    """Every tensor the config implies is in the checkpoint, with its global shape (vocabulary rows may be padded)."""
-    problems = []
+    """The checkpoint holds exactly the model the config implies: each of its tensors with its global
+    shape (vocabulary rows may be padded, see `check_vocabulary_padding`) and no other model tensor
+    (an untied output layer under a tied config, QK-norms under a config without them)."""
+    problems, read = [], set()
     for name, _, _, _ in entries:
         pieces = sharded[name].build() if isinstance(sharded[name], ShardedTensorFactory) else [sharded[name]]
         for piece in pieces:
+            read.add(piece.key)
             stored = metadata.state_dict_metadata.get(piece.key)
             if stored is None:
                 problems.append(f"missing {piece.key}")
@@ -173,6 +207,11 @@ def _check_matches(entries, sharded: dict, metadata: Metadata, ckpt: Path, hf_co
             padded_rows_ok = piece.allow_shape_mismatch and size[1:] == expected[1:] and size[0] >= expected[0]
             if size != expected and not padded_rows_ok:
                 problems.append(f"{piece.key}: config implies {expected}, checkpoint has {size}")
+    unused = [
+        key for key, stored in metadata.state_dict_metadata.items()
+        if isinstance(stored, TensorStorageMetadata) and key not in read and not key.startswith(TRAINING_STATE_PREFIXES)
+    ]
+    problems += [f"{key}: in the checkpoint, not in the model the config describes" for key in unused]
     if problems:
         unique = sorted(set(problems))
         raise ConversionError(f"{ckpt} does not match {hf_config_dir / 'config.json'}:\n  " + "\n  ".join(unique))

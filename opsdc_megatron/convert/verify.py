@@ -25,9 +25,10 @@ def max_logit_difference(hf_dir: Path, ckpt: Path, sequences: int = 2, tokens_pe
     positions = torch.arange(tokens_per_sequence).unsqueeze(0).expand_as(tokens)
 
     megatron_model = build_gpt_model(config, 1, 1, params_dtype=torch.float32)
-    load_model_weights(ckpt, megatron_model)
+    load_model_weights(ckpt, [megatron_model])
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    device = next(megatron_model.parameters()).device  # a GPU where there is one
     with torch.no_grad():
-        megatron_logits = megatron_model.eval()(tokens, positions, None)[..., : config.vocab_size]
+        megatron_logits = megatron_model.eval()(tokens.to(device), positions.to(device), None)[..., : config.vocab_size].cpu()
         hf_logits = hf_model.eval()(tokens).logits
     return (megatron_logits - hf_logits).abs().max().item()

@@ -13,6 +13,9 @@ import torch
 
 from opsdc_megatron.distill.teacher_offload import TeacherWeightStream
 
+TEACHER_PREFIX = "teacher."
+"""Keeps the teacher's tensors apart from the student's in one training checkpoint."""
+
 
 class TeacherSnapshot:
     """`model`: a ModuleList of this rank's teacher chunks (GPTModels). `offload`: keep their weights

@@ -57,8 +57,7 @@ def build_training_model(
     sizes = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, params_dtype, parallel.virtual_pipeline_chunks)
     student = build_model_chunks(hf_config, *sizes, **(model_options or {}))
     if megatron_checkpoint:
-        for chunk in student:
-            load_model_weights(Path(megatron_checkpoint), chunk)
+        load_model_weights(Path(megatron_checkpoint), student)
     else:
         load_hf_weights(student, hf_path)
     ddps, optimizer = wrap_for_training(student, train, parallel.distributed_optimizer)

@@ -17,18 +17,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from opsdc_megatron.config import ConfigError
-from opsdc_megatron.distill.teacher import TeacherSnapshot
+from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
+from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
 from opsdc_megatron.files import write_text_atomic
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
-
-
-TEACHER_PREFIX = "teacher."
-"""Keeps the teacher's tensors apart from the student's in one checkpoint."""
 
 
 def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
@@ -150,10 +149,30 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
     return trainer_state
 
 
-def load_model_weights(path: Path, model) -> None:
-    """Collective: a model's weights from a torch_dist checkpoint of any TP/PP layout, in place.
+def load_model_weights(path: Path, chunks: list) -> None:
+    """Collective: this rank's model chunks' weights from a torch_dist checkpoint of any TP/PP layout,
+    in place (all chunks in one load, so that every model tensor of the checkpoint is read by some chunk).
 
     The checkpoint may hold only the model (`opsdc convert hf-to-megatron`) or be a training
     checkpoint (its student is read; optimizer and teacher are ignored).
+
+    Raises:
+        ValueError: the checkpoint is of another model: it lacks a tensor the model has, holds a
+            model tensor the model has no place for (an untied output layer for a tied config, QK-norms
+            for a config without them), or a larger vocabulary (`check_vocabulary_padding`).
     """
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
+    check_vocabulary_padding(path, chunks[0].hf_vocab_size)
+    sharded = {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
+    # RETURN_ALL: (state, checkpoint tensors no rank asked for, asked-for tensors the checkpoint lacks)
+    try:
+        loaded, not_read, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
+    except CheckpointingException as error:  # e.g. "Global shape mismatch" of another architecture's tensor
+        raise ValueError(f"{path}: not a checkpoint of this model config: {error}") from None
+    not_read = {key for key in not_read if not key.startswith(TRAINING_STATE_PREFIXES)}
+    if not_read or absent:
+        raise ValueError(
+            f"{path}: not a checkpoint of this model config: "
+            + "; ".join(f"{what}: {sorted(keys)}" for what, keys in (("missing", absent), ("no place for", not_read)) if keys)
+        )
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"chunk{index}"])

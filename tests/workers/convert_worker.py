@@ -87,7 +87,7 @@ def main(work: Path) -> None:
     last_layout = {name: layout for name, layout in CONVERSIONS}
     for name, (_, config) in TINY_MODELS.items():
         model = build_gpt_model(config, 2, 1, params_dtype=torch.float32)
-        load_model_weights(megatron / f"{name}_{last_layout[name]}", model)
+        load_model_weights(megatron / f"{name}_{last_layout[name]}", [model])
         exported, source = export_hf_state_dict(model), hf_state(hf / name)
         source.pop("lm_head.weight", None) if config.tie_word_embeddings else None
         assert exported.keys() == source.keys(), f"{name}: {sorted(exported.keys() ^ source.keys())}"

@@ -116,6 +116,13 @@ def transformer_config_from_hf(
     Raises:
         ValueError: a field the parallel sizes do not divide, or an unsupported architecture or feature.
     """
+    for name, size in (
+        ("tensor_parallel_size", tensor_parallel_size),
+        ("pipeline_parallel_size", pipeline_parallel_size),
+        ("virtual_pipeline_chunks", virtual_pipeline_chunks),
+    ):
+        if size < 1:
+            raise ValueError(f"{name}: expected >= 1, got {size}")
     config = load_hf_config(hf_config)
     architecture = architecture_of(config.to_dict())
     _require_divisible("num_attention_heads", config.num_attention_heads, "tensor_parallel_size", tensor_parallel_size)

@@ -74,12 +74,21 @@ NAME_MAP: NameMap = {
 
 # Hugging Face tensors that carry no weights of their own: non-persistent RoPE tables some older
 # checkpoints saved, and lm_head when embeddings are tied (transformers also ignores it then).
-_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 _TIED_LM_HEAD = "lm_head.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 _EMBEDDING = "embedding.word_embeddings.weight"
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+# Transformer Engine's layer fuses each pre-norm into the linear layer after it
+# (TELayerNormColumnParallelLinear); its weight is a parameter of that layer, under these names. The
+# local layer keeps them as separate norms and checkpoints them under the fused names (megatron's
+# sharded_state_dict_keys_map), so both layers share checkpoints and the name map lists one name.
+_TE_FUSED_NORMS = {
+    "decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight": "decoder.layers.{i}.input_layernorm.weight",
+    "decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight": "decoder.layers.{i}.pre_mlp_layernorm.weight",
+}
 
 HFSource = str | Path | Mapping[str, torch.Tensor]
 """A Hugging Face model folder (safetensors, single or sharded) or an HF-named state dict."""
@@ -143,6 +152,7 @@ def _named_entries(model: GPTModel) -> list[tuple[str, torch.nn.Parameter, Layou
     for name, param in model.named_parameters():
         match = _LAYER.match(name)
         template = _LAYER.sub("decoder.layers.{i}.", name) if match else name
+        template = _TE_FUSED_NORMS.get(template, template)
         if _is_tied_output_copy(model, name):
             template = _EMBEDDING
         if template not in name_map:
@@ -294,7 +304,7 @@ def _checked_reader(gpt: GPTModel, entries: list, source: HFSource) -> Callable[
             elif shapes[hf_name] != tuple(expected):
                 misshaped.append(f"{hf_name}: expected {tuple(expected)}, got {shapes[hf_name]}")
     ignorable = {_TIED_LM_HEAD} if gpt.share_embeddings_and_output_weights else set()
-    unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not _IGNORED_HF.match(n))
+    unexpected = sorted(n for n in shapes if n not in used and n not in ignorable and not IGNORED_HF_TENSORS.match(n))
     if missing or misshaped or unexpected:
         problems = [("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)]
         raise ValueError(
