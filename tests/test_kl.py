@@ -165,6 +165,25 @@ def test_zero_probability_on_one_side() -> None:
 
 @pytest.mark.kl
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_block(direction: str) -> None:
+    """A shard whose sampled side is finite where the other side is -inf has w = +inf; when its
+    maximum is ~200 below the global one its mass underflows in fp32 in the merge (alpha = 0). It
+    counts 0 there, as the same columns do in one block, not 0 * inf = nan. The two shards are merged
+    by `combine_local_statistics`, the arithmetic of the MAX and SUM all-reduces."""
+    from opsdc_megatron.loss import reverse_kl
+
+    sampled, other = torch.zeros(2, 8), _logits((2, 8), 30)
+    sampled[:, :4], other[:, :4] = -200.0, -INF
+    student, teacher = (sampled, other) if direction == "reverse" else (other, sampled)
+    whole, _ = _value_and_grad(direction, student, teacher)
+    x, y = (student, teacher) if direction == "reverse" else (teacher, student)
+    halves = torch.stack([reverse_kl.local_statistics(x[:, cols], y[:, cols], "torch", 2) for cols in (slice(0, 4), slice(4, 8))])
+    merged = reverse_kl.merge_statistics(reverse_kl.combine_local_statistics(halves), None)
+    assert torch.isfinite(whole).all() and torch.equal(merged.kl, whole), (merged.kl, whole)
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_degenerate_row_does_not_touch_other_rows(direction: str) -> None:
     """A row that is all -inf is the caller's business, but the finite rows stay exact."""
     student, teacher = _logits((5, 31), 20), _logits((5, 31), 21)

@@ -73,6 +73,27 @@ def test_fused_matches_float64_reference() -> None:
     assert (grad_weight[PADDING] == 0).all()
 
 
+def test_float64_is_float64_throughout() -> None:
+    """fp64 inputs (finite-difference checks): the hidden-state gradient is accumulated in fp64 too."""
+    tensors, weight = _case(4, torch.float64)
+    student_hidden, student_weight, teacher_hidden, teacher_weight = tensors
+    real = slice(0, PADDING.start)
+    ref_kl, ref_grad_logits = reference_kl((student_hidden @ student_weight.t())[:, real], (teacher_hidden @ teacher_weight.t())[:, real], "reverse", weight)
+    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=7 * N_TOKENS * 19)
+    assert grad_hidden.dtype == torch.float64 and rel_err(grad_hidden, ref_grad_logits @ student_weight[real]) <= 1e-12
+    assert rel_err(kl, ref_kl) <= 1e-12 and rel_err(grad_weight[real], ref_grad_logits.t() @ student_hidden) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_tokens(backend: str) -> None:
+    (student_hidden, student_weight, teacher_hidden, teacher_weight), _ = _case(5)
+    hidden = student_hidden[:0].clone().requires_grad_(True)
+    out_weight = student_weight.clone().requires_grad_(True)
+    kl = fused_output_reverse_kl(hidden, out_weight, teacher_hidden[:0], teacher_weight, backend=backend)
+    kl.sum().backward()
+    assert kl.shape == (0,) and hidden.grad.shape == (0, HIDDEN) and (out_weight.grad == 0).all()
+
+
 def test_bf16_runs_in_bf16_matmuls_with_fp32_statistics() -> None:
     tensors, weight = _case(2, torch.bfloat16)
     kl, grad_hidden, grad_weight = _fused(*tensors, weight)

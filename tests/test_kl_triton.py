@@ -74,6 +74,18 @@ def test_online_tiles_match_torch_statistics(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.kl
+def test_tile_whose_mass_underflows_later_counts_zero() -> None:
+    """A first tile with the student finite where the teacher is -inf (w = +inf) and a maximum ~200
+    below a later tile's: its mass underflows on rescaling and counts 0, as in the torch path (was
+    0 * inf = nan)."""
+    x, y = torch.zeros(2, 8, device=DEVICE), _logits((2, 8), 3)
+    x[:, :4], y[:, :4] = -200.0, -INF
+    triton_stats = _statistics("triton", x, y, block_columns=4)
+    torch_stats = _statistics("torch", x, y, block_columns=4)
+    assert torch.isfinite(triton_stats.kl).all() and torch.allclose(triton_stats.kl, torch_stats.kl, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.kl
 @pytest.mark.parametrize("shape", [(17, 257), (2, 3, 101), (3, 9000)])
 def test_fp32_matches_float64_reference(shape: tuple[int, ...]) -> None:
     """Default 4096-column tiles; (3, 9000) spans three tiles."""

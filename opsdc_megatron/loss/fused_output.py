@@ -92,11 +92,11 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         backend: Literal["torch", "triton"],
     ) -> Tensor:
         chunk_statistics = []
-        n_tokens = student_hidden.shape[0]
+        rows = max(1, student_hidden.shape[0])  # the torch backend's token block: all of them
         for chunk in _column_chunks(student_weight.shape[0], columns):
             student = _chunk_logits(student_hidden, student_weight, chunk, padding)
             teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, padding)
-            chunk_statistics.append(local_statistics(student, teacher, backend, n_tokens))
+            chunk_statistics.append(local_statistics(student, teacher, backend, rows))
             del student, teacher
         stats = merge_statistics(combine_local_statistics(torch.stack(chunk_statistics)), group)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, *stats[1:])
@@ -109,14 +109,15 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         student_hidden, student_weight, teacher_hidden, teacher_weight, *saved = ctx.saved_tensors
         stats = KLStatistics(None, *saved)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=student_hidden.device) if want_hidden else None
+        accumulator_dtype = torch.promote_types(torch.float32, student_hidden.dtype)  # fp64 stays fp64
+        grad_hidden = torch.zeros(student_hidden.shape, dtype=accumulator_dtype, device=student_hidden.device) if want_hidden else None
         grad_weight = torch.empty_like(student_weight) if want_weight else None
         scale = grad_kl.to(stats.c.dtype).contiguous()  # once, not per chunk (kl.sum() sends a stride-0 one)
         for chunk in _column_chunks(student_weight.shape[0], ctx.columns):
             student = _chunk_logits(student_hidden, student_weight, chunk, ctx.padding)
             teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, ctx.padding)
             grad_logits = torch.empty_like(student)
-            reverse_kl_grad_into(grad_logits, student, teacher, stats, scale, ctx.backend, student.shape[0])
+            reverse_kl_grad_into(grad_logits, student, teacher, stats, scale, ctx.backend, max(1, student.shape[0]))
             del student, teacher
             if want_hidden:
                 grad_hidden += grad_logits @ student_weight[chunk]

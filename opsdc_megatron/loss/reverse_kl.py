@@ -223,7 +223,9 @@ def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
     offset_x, offset_y = offset.unbind(-2)
     z_x, z_y, w = local[..., 2:, :].unbind(-2)
     alpha = offset_x.exp()
-    has_x = z_x > 0
+    # Mass that underflows to 0 in the new shift contributes 0, as it does within one block: its w
+    # may be +inf (the other side -inf there), and alpha * inf with alpha = 0 would be nan.
+    has_x = alpha * z_x > 0
     return torch.stack([
         torch.where(has_x, alpha * z_x, 0.0),
         torch.where(z_y > 0, offset_y.exp() * z_y, 0.0),

@@ -52,9 +52,11 @@ def _local_statistics_kernel(
         # Shift by 0 while a maximum is still -inf (all columns so far carry no mass).
         shift_x = tl.where(new_m_x == -float("inf"), 0.0, new_m_x)
         shift_y = tl.where(new_m_y == -float("inf"), 0.0, new_m_y)
-        # Rescale the running sums to the new shifts; a sum of zero mass stays exactly zero.
-        w = tl.where(z_x > 0, tl.exp(m_x - shift_x) * (w + ((m_x - shift_x) - (m_y - shift_y)) * z_x), 0.0)
-        z_x = z_x * tl.exp(m_x - shift_x)
+        # Rescale the running sums to the new shifts; a sum of zero mass, or of mass that underflows
+        # in the new shift (its w may be +inf), contributes exactly zero.
+        alpha_x = tl.exp(m_x - shift_x)
+        w = tl.where(z_x * alpha_x > 0, alpha_x * (w + ((m_x - shift_x) - (m_y - shift_y)) * z_x), 0.0)
+        z_x = z_x * alpha_x
         z_y = z_y * tl.exp(m_y - shift_y)
         a = x - shift_x
         b = y - shift_y
