@@ -71,6 +71,21 @@ def train_command(recipe: str, overrides: list[str]) -> None:
     torchrun([f"--nproc-per-node={config.world_size}", "--standalone", "-m", "opsdc_megatron.cli", "train", recipe, *overrides])
 
 
+def demo_command(args: argparse.Namespace) -> None:
+    from subprocess import CalledProcessError
+
+    from opsdc_megatron.demo import run_demo
+
+    try:
+        run_demo(Path(args.out), Path(args.cache) if args.cache else None, [f"rollout.engine={args.rollout}", *args.overrides])
+    except INPUT_ERRORS as error:
+        print(f"opsdc demo: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except CalledProcessError as error:
+        print(f"opsdc demo: opsdc train failed with exit status {error.returncode} (its output is above)", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="opsdc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     elif hasattr(args, "handler"):
         args.handler(args)
     elif args.command == "demo":
-        from opsdc_megatron.demo import run_demo
-
-        run_demo(Path(args.out), Path(args.cache) if args.cache else None, [f"rollout.engine={args.rollout}", *args.overrides])
+        demo_command(args)
     else:
         train_command(args.recipe, args.overrides)
 

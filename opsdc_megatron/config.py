@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.nodes import AnyNode, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, fp8_token_multiple
@@ -231,11 +232,24 @@ class RunConfig:
         return p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -278,7 +292,7 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
             source = f"override '{override}'"
             if "=" not in override:
                 raise ConfigError(f"{source}: expected key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            merged = _apply_override(merged, *override.split("=", 1), source)
         source = f"{path or 'config'} with overrides" if overrides else str(path or "config")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -286,6 +300,22 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
         message = str(error).splitlines()[0]
         raise ConfigError(f"{source}: {message}" + (f" (key: {key})" if key else "")) from None
     return config
+
+
+def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> DictConfig:
+    """One ``key=value``: the value's text as it is for a scalar field (OmegaConf converts it to the
+    field's type), ``null`` for None; YAML only for list and mapping fields. Read as YAML, a string
+    loses what follows '#', 'a: b' is a syntax error and '1:30' becomes 90."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(merged, parent_key) if parent_key else merged
+    node = parent._get_node(leaf, throw_on_missing_key=False) if isinstance(parent, DictConfig) else None
+    if isinstance(node, ValueNode) and not isinstance(node, AnyNode):
+        OmegaConf.update(merged, key, None if value == "null" else value, merge=True)
+        return merged
+    try:
+        return OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: malformed YAML value: {getattr(error, 'problem', None) or error}") from None
 
 
 def validate(config: RunConfig) -> None:

@@ -29,7 +29,8 @@ from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.report import write_report
 from opsdc_megatron.rollout.engine import SamplingParams
-from opsdc_megatron.toy.base_model import BuildSettings, ensure_base_model
+from opsdc_megatron.toy.base_model import BuildSettings, ensure_base_model, make_config
+from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
 from opsdc_megatron.toy.task import toy_prompts
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy_cpu.yaml"
@@ -64,26 +65,36 @@ def print_table(summary: dict) -> None:
 def run_demo(
     out: Path, cache: Path | None = None, overrides: list[str] = (), test_prompts: int = TEST_PROMPTS, base_settings: BuildSettings | None = None
 ) -> dict:
-    """`overrides` go to the training recipe (and its eval settings); the smaller sizes serve the smoke test."""
+    """`overrides` go to the training recipe (and its eval settings); the smaller sizes serve the smoke test.
+
+    Raises:
+        ConfigError, ValueError: overrides the recipe or the toy model's layout refuses, before anything is built or written.
+        subprocess.CalledProcessError: `opsdc train` failed (it printed why).
+    """
+    from opsdc_megatron.config import load_config
+    from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
+
+    data = out / "data"
+    paths = [f"out_dir={out / 'train'}", f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}"]
+    checked = load_config(RECIPE, [*paths, "model.hf_path=the toy base model", *overrides])
+    transformer_config_from_hf(
+        make_config(base_settings or BuildSettings(), build_toy_tokenizer()), checked.parallel.tensor_parallel_size,
+        checked.parallel.pipeline_parallel_size, virtual_pipeline_chunks=checked.parallel.virtual_pipeline_chunks,
+    )
+
     console = Console()
     console.rule("1. toy base model")
     base = ensure_base_model(cache or default_cache(), settings=base_settings)
     console.print(f"base model: {base}")
 
     console.rule("2. toy prompts")
-    data = out / "data"
     heldout = toy_prompts(DATA_SEED, VALIDATION_PROMPTS + test_prompts, "heldout")
     write_prompts(data / "train.jsonl", toy_prompts(DATA_SEED, TRAIN_PROMPTS, "train"))
     write_prompts(data / "validation.jsonl", heldout[:VALIDATION_PROMPTS])
     test = heldout[VALIDATION_PROMPTS:]
     write_prompts(data / "test.jsonl", test)
 
-    from opsdc_megatron.config import load_config
-
-    overrides = [
-        f"out_dir={out / 'train'}", f"model.hf_path={base}",
-        f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}", *overrides,
-    ]
+    overrides = [*paths, f"model.hf_path={base}", *overrides]
     recipe = load_config(RECIPE, overrides)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=recipe.eval.max_response_tokens)
     instructions = {"plain": None, "instructed": recipe.distill.instruction}

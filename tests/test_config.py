@@ -58,11 +58,25 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["train.micro_batch_tokens=-1"], "train.micro_batch_tokens must be >= 0, got -1"),
         ("out_dir: x\n", ["eval.top_p=0"], "eval: temperature must be >= 0, top_p in \\(0, 1\\] and top_k >= 0 \\(0 = off\\), got temperature=1.0, top_p=0.0"),
         ("out_dir: x\n", ["rollout.temperature=-0.5"], "rollout: temperature must be >= 0"),
+        ("out_dir: x\ntrain:\n  steps: 3\nlog:\n  tensorboard: false\ntrain:\n  lr: 1.0\n", [], "recipe.yaml:10:1: malformed YAML: key 'train' appears twice"),
+        ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1"], "override 'rollout.sglang.server_urls=[http://a:1': malformed YAML value"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(write(tmp_path, text), overrides)
+
+
+def test_override_values_are_taken_as_written(tmp_path):
+    """A scalar override is its text, converted to the field's type: YAML would cut a string at '#',
+    fail on ': ' and turn 1:30 into 90 (the paper's instruction holds 'Answer: $Answer')."""
+    config = load_config(write(tmp_path, ""), [
+        "out_dir=runs/exp #2", "distill.instruction=Be brief. Last line: Answer: $Answer", "log.wandb_run_name=1:30",
+        "train.steps=017", "train.lr=1e-5", "log.tensorboard=false", "model.megatron_checkpoint=null",
+    ])
+    assert (config.out_dir, config.distill.instruction) == ("runs/exp #2", "Be brief. Last line: Answer: $Answer")
+    assert (config.log.wandb_run_name, config.train.steps, config.train.lr) == ("1:30", 17, 1e-5)
+    assert config.log.tensorboard is False and config.model.megatron_checkpoint is None
 
 
 def test_shipped_recipes_load():

@@ -59,3 +59,17 @@ def test_opsdc_eval_reproduces_the_demo_numbers(demo, tmp_path):
             [path] = out.glob(f"*.{instruction}.json")
             result = json.loads(path.read_text())["result"]
             assert {k: result[k] for k in ("accuracy", "mean_tokens", "n")} == summary[when][kind], (when, kind)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.stpes=3", "Key 'stpes' not in 'TrainConfig'"), ("parallel.tensor_parallel_size=3", "num_attention_heads: expected a multiple of tensor_parallel_size = 3")],
+)
+def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, override, message):
+    """Before the base model (~7 min on a fresh machine) or any file: one line, exit status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"), override])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "opsdc demo: error: " in error and message in error and "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []
