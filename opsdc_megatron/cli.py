@@ -35,14 +35,24 @@ def preflight(config: RunConfig) -> None:
     from opsdc_megatron.train.prompt_stream import PromptStream
 
     parallel = config.parallel
+    try:
+        hf_config = AutoConfig.from_pretrained(hf_path)
+    except OSError as error:  # what transformers raises for an unreadable or malformed config.json
+        raise ValueError(f"model.hf_path: {hf_path / 'config.json'}: {error}") from None
     transformer_config_from_hf(
-        AutoConfig.from_pretrained(hf_path), parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
-        virtual_pipeline_chunks=parallel.virtual_pipeline_chunks,
+        hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, virtual_pipeline_chunks=parallel.virtual_pipeline_chunks,
     )
     if config.model.megatron_checkpoint:
         from opsdc_megatron.convert.checks import check_megatron_checkpoint
 
         check_megatron_checkpoint(Path(config.model.megatron_checkpoint))
+    else:  # the weights come from the folder: its safetensors must be there (their headers are read)
+        from opsdc_megatron.models.qwen3.state_dict_adapter import hf_tensor_shapes
+
+        try:
+            hf_tensor_shapes(hf_path)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"model.hf_path: {error}") from None
     from opsdc_megatron.train.checkpoint import check_fresh_start
 
     check_fresh_start(Path(config.out_dir) / "checkpoints", config.checkpoint.resume)

@@ -107,6 +107,28 @@ def test_cli_reports_bad_recipe_in_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("break_model", "message"),
+    [
+        (lambda model: next(model.glob("*.safetensors")).unlink(), "model.hf_path: .*: no model.safetensors or model.safetensors.index.json"),
+        (lambda model: (model / "config.json").write_text("{not json"), "model.hf_path: .*config.json: "),
+    ],
+    ids=["no-weights", "malformed-config"],
+)
+def test_cli_names_a_broken_model_folder_before_starting(tmp_path, capsys, break_model, message):
+    from opsdc_megatron.cli import main
+    from tests.tiny_models import save_toy_qwen3
+
+    root = save_toy_qwen3(tmp_path)
+    break_model(root / "model")
+    overrides = [f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}", "eval.every_steps=0"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", RECIPE, *overrides])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.search("opsdc train: error: " + message, error), error
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
     """Saving step 10 among another run's step 100 would prune its own checkpoint (names sort by step)."""
     from tests.tiny_models import save_toy_qwen3

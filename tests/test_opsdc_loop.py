@@ -5,6 +5,7 @@ checkpoint. Each run is a real megatron-core job started by the CLI (torchrun fo
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
@@ -160,6 +162,8 @@ def test_bf16_distributed_optimizer_follows_tp1_and_resumes_exactly(setup):
     resumed = train(setup, resumed_out, "train.steps=3", *bf16, *dp2)
     for key in ("loss", "grad_norm", "mean_response_tokens"):
         assert resumed[3][key] == dp2_run[3][key], key
+    recorded = yaml.safe_load((resumed_out / "config.yaml").read_text())  # the resumed run's settings, the start model kept
+    assert recorded["train"]["steps"] == 3 and recorded["model"]["hf_path"] == os.path.abspath(setup / "model")
     final, resumed_final = (load_file(out / "final_hf" / "model.safetensors") for out in (setup / "bf16_dp2", resumed_out))
     assert final.keys() == resumed_final.keys()
     for name, tensor in final.items():

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from opsdc_megatron.config import merge_config
 from opsdc_megatron.launch.plan import Allocation, PlanError, check_allocation, plan_job
@@ -182,6 +183,22 @@ def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, execut
     for step in nemo:
         for key in COMPARED:
             assert nemo[step][key] == uninterrupted[step][key], (step, key)
+
+
+def test_launcher_keeps_each_runs_recipe_beside_the_run(toy, tmp_path):
+    """Two jobs under one NEMORUN_HOME: each SLURM task reads its own resolved recipe (a shared path
+    made job A train into job B's out_dir). Dry runs: nothing is submitted."""
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "shared_home"))
+    for run in ("a", "b"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", "slurm", "--dryrun",
+             *toy_overrides(toy, tmp_path / run)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for run in ("a", "b"):
+        recipe = tmp_path / run / "launcher" / "toy_cpu.yaml"
+        assert yaml.safe_load(recipe.read_text())["out_dir"] == str(tmp_path / run)
 
 
 @pytest.mark.sglang

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     import nemo_run as run
 
     name = f"opsdc-{Path(recipe).stem}"
-    resolved_recipe = Path(os.environ["NEMORUN_HOME"]) / f"{Path(recipe).stem}.yaml"
+    # Beside the run, whatever NEMORUN_HOME is: jobs that share one would read each other's recipe.
+    resolved_recipe = out_dir / "launcher" / f"{Path(recipe).stem}.yaml"
     resolved_recipe.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(resolved_recipe, to_yaml(config))
     if args.executor == "slurm":

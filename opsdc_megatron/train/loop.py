@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import parallel_state
 from transformers import AutoConfig
 
@@ -107,11 +108,14 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
         apply_weight_decay(model.optimizer, config.train.weight_decay)
-    elif rank0:
+    if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        # The run's record: `opsdc report` and `opsdc convert` read the start model from it, from any directory.
-        recorded = replace(config, model=replace(config.model, hf_path=os.path.abspath(config.model.hf_path)))
-        write_text_atomic(out / "config.yaml", to_yaml(recorded))
+        # The run's record, rewritten on resume (steps, layout may change): `opsdc report` and `opsdc
+        # convert` read the start model from it, from any directory; it stays the first start's.
+        start_model = os.path.abspath(config.model.hf_path)
+        if resume_from is not None and (out / "config.yaml").is_file():
+            start_model = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["model"]["hf_path"]
+        write_text_atomic(out / "config.yaml", to_yaml(replace(config, model=replace(config.model, hf_path=start_model))))
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
     log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=keep_through_step, log=config.log, run_config=asdict(config))
     # The weights the engine serves, and rank 0's best/final export; ranks that use neither keep none.
