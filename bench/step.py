@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func

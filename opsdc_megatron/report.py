@@ -97,16 +97,34 @@ def plot_accuracy_vs_length(metrics: list[dict], pairs: dict[str, tuple[ResultFi
     save_figure(figure, path)
 
 
-def plot_length_distribution(pairs: dict[str, tuple[ResultFile | None, ResultFile | None]], path: Path) -> None:
+def response_lengths(pairs: dict[str, tuple[ResultFile | None, ResultFile | None]]) -> dict[str, dict[str, list[int]]]:
+    """benchmark -> {"before"/"after": response tokens of every response} from the results' responses files.
+
+    Raises:
+        RunFolderError: a result's responses file is missing or unreadable.
+    """
+    lengths = {}
+    for name, (before, after) in pairs.items():
+        lengths[name] = {}
+        for label, result in (("before", before), ("after", after)):
+            if result is None:
+                continue
+            try:
+                lengths[name][label] = [r["response_tokens"] for r in read_responses(result)]
+            except (OSError, ValueError, KeyError) as error:
+                raise RunFolderError(f"{result.path}: its responses file cannot be read ({type(error).__name__}: {error})") from None
+    return lengths
+
+
+def plot_length_distribution(lengths_by_benchmark: dict[str, dict[str, list[int]]], path: Path) -> None:
     """Histogram of response tokens per benchmark, before and after, on plain prompts."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
-    for axis, (name, (before, after)) in zip(axes.flat, pairs.items()):
-        lengths = {label: [r["response_tokens"] for r in read_responses(result)] for label, result in (("before", before), ("after", after)) if result}
-        top = max(max(values) for values in lengths.values())
+    figure, axes = plt.subplots(1, len(lengths_by_benchmark), figsize=(6 * len(lengths_by_benchmark), 4), squeeze=False)
+    for axis, (name, lengths) in zip(axes.flat, lengths_by_benchmark.items()):
+        top = max(max(values, default=0) for values in lengths.values())
         bins = list(range(0, top + top // 30 + 2, max(1, top // 30)))
         for label, values in lengths.items():
-            axis.hist(values, bins=bins, alpha=0.5, label=f"{label} (mean {sum(values) / len(values):.0f})")
+            axis.hist(values, bins=bins, alpha=0.5, label=f"{label} (mean {sum(values) / max(1, len(values)):.0f})")
         axis.set(xlabel="response tokens", ylabel="responses", title=name)
         axis.legend()
     figure.tight_layout()
@@ -126,6 +144,15 @@ def _classify(results: list[ResultFile], run_dir: Path, base_model: Path) -> dic
         elif model in rank and (pair[1] is None or rank[model] < rank[Path(pair[1].model)]):
             pair[1] = result
     return {key: (before, after) for key, (before, after) in pairs.items() if before or after}
+
+
+def _unlike(before: ResultFile, after: ResultFile) -> list[str]:
+    """What makes two evaluations of one benchmark not comparable: other data, prompts, samples or sampling."""
+    settings = {
+        "data": lambda r: r.data, "prompts": lambda r: r.result["n"], "samples": lambda r: r.result["samples_per_prompt"],
+        "sampling": lambda r: r.sampling, "instruction text": lambda r: r.instruction_text,
+    }
+    return [name for name, get in settings.items() if get(before) != get(after)]
 
 
 def _cell(result: ResultFile | None, key: str, digits: int) -> str:
@@ -155,12 +182,16 @@ def markdown(run_dir: Path, config: dict, metrics: list[dict], pairs: dict, plot
                   "| benchmark | prompts x samples | accuracy before | accuracy after | change (points) | tokens before | tokens after | compression | truncated before | truncated after |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, (before, after) in rows.items():
-            either = before or after
-            size = f"{either.result['n']} x {either.result['samples_per_prompt']}"
+            sizes = list(dict.fromkeys(f"{r.result['n']} x {r.result['samples_per_prompt']}" for r in (before, after) if r))
+            size = " -> ".join(sizes)
             change = compression = "—"
-            if before and after:
+            unlike = _unlike(before, after) if before and after else []
+            if unlike:
+                change = compression = f"not comparable ({', '.join(unlike)} differ)"
+            elif before and after:
                 change = f"{100 * (after.result['accuracy'] - before.result['accuracy']):+.1f}"
-                compression = f"{100 * (1 - after.result['mean_tokens'] / before.result['mean_tokens']):.1f}%"
+                if before.result["mean_tokens"] > 0:
+                    compression = f"{100 * (1 - after.result['mean_tokens'] / before.result['mean_tokens']):.1f}%"
             lines.append(
                 f"| {name} | {size} | {_cell(before, 'accuracy', 3)} | {_cell(after, 'accuracy', 3)} | {change} | "
                 f"{_cell(before, 'mean_tokens', 1)} | {_cell(after, 'mean_tokens', 1)} | {compression} | "
@@ -189,12 +220,13 @@ def write_report(run_dir: str | Path) -> Path:
     results = read_results(run_dir / "eval") if (run_dir / "eval").is_dir() else []
     pairs = _classify(results, run_dir, Path(config["model"]["hf_path"]).resolve())
     plain = {name: pair for (name, instruction), pair in pairs.items() if instruction == "none"}
+    lengths = response_lengths(plain)  # read before any file is written
     plots = ["training_curves.png", "accuracy_vs_length.png"]
     plot_training_curves(metrics, run_dir / plots[0])
     plot_accuracy_vs_length(metrics, plain, run_dir / plots[1])
     if plain:
         plots.append("length_distribution.png")
-        plot_length_distribution(plain, run_dir / plots[2])
+        plot_length_distribution(lengths, run_dir / plots[2])
     path = run_dir / "report.md"
     write_text_atomic(path, markdown(run_dir, config, metrics, pairs, plots))
     return path

@@ -104,7 +104,7 @@ def test_input_errors(toy, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "best_hf").mkdir(parents=True)
     (run / "config.yaml").write_text("out_dir: x\n")
-    expect_input_error(capsys, ["eval", "--model", str(run), "--data", str(data)], f"this is a training run folder; expected a Hugging Face folder")
+    expect_input_error(capsys, ["eval", "--model", str(run), "--data", str(data)], "this is a training run folder; expected a Hugging Face folder")
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step_10").mkdir(parents=True)
     expect_input_error(capsys, ["eval", "--model", str(checkpoints), "--data", str(data)], "a checkpoints folder without a 'latest' marker; pass one of its step_N folders")

@@ -4,7 +4,6 @@ The demo's real toy run is rendered in tests/test_demo.py; here the inputs are w
 the table's numbers can be checked exactly.
 """
 
-import json
 from pathlib import Path
 
 import matplotlib.image
@@ -12,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from opsdc_megatron.cli import main
-from opsdc_megatron.config import ConfigError, LogConfig, RunConfig, load_config, to_yaml
+from opsdc_megatron.config import ConfigError, LogConfig, load_config, to_yaml
 from opsdc_megatron.eval.evaluate import ScoredResponse, summarize
 from opsdc_megatron.eval.results import write_result
 from opsdc_megatron.prompts import PromptRecord
@@ -83,6 +82,25 @@ def test_report_without_evaluations_still_plots_training(run_dir):
     main(["report", str(run_dir)])
     assert "No evaluation results in" in (run_dir / "report.md").read_text()
     assert (run_dir / "training_curves.png").stat().st_size > 10_000 and not (run_dir / "length_distribution.png").exists()
+
+
+def test_unlike_evaluations_are_not_compared(run_dir, tmp_path):
+    """best_hf evaluated on 8 prompts at another temperature: both sizes shown, no change or compression."""
+    other_sampling = SamplingParams(1.0, 0.95, 20, 64)
+    write_result(run_dir / "eval", "MATH-500", run_dir / "best_hf", tmp_path / "math.jsonl", "math500", "none", None, other_sampling, 0, "hf",
+                 fake_result([20] * 8, [True] * 8))
+    main(["report", str(run_dir)])
+    report = (run_dir / "report.md").read_text()
+    unlike = "not comparable (prompts, sampling differ)"
+    assert f"| MATH-500 | 4 x 1 -> 8 x 1 | 0.500 | 1.000 | {unlike} | 46.0 | 20.0 | {unlike} | 0.250 | 0.000 |" in report
+
+
+def test_a_missing_responses_file_is_named_before_anything_is_written(run_dir, capsys):
+    next((run_dir / "eval").glob("*best-hf.none*.responses.jsonl")).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir)])
+    assert exit_info.value.code == 2 and "its responses file cannot be read (FileNotFoundError" in capsys.readouterr().err
+    assert not [p.name for p in run_dir.iterdir() if p.suffix in (".png", ".md")]
 
 
 def test_report_errors(tmp_path, capsys):
