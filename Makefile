@@ -21,7 +21,7 @@ test: $(STAMP) $(STAMP_SGLANG)
 
 # SGLang rollout servers run from their own environment, .venv-sglang/ (tools/setup_sglang.sh:
 # SGLang 0.5.23 + sglang-router; it pins torch 2.14.1). The sglang tests (-m sglang) start real servers.
-$(STAMP_SGLANG): tools/setup_sglang.sh
+$(STAMP_SGLANG): tools/setup_sglang.sh tools/sglang_cpu_requirements.txt
 	PYTHON=$(PYTHON) bash tools/setup_sglang.sh
 
 env-sglang: $(STAMP_SGLANG)

@@ -6,15 +6,17 @@
 #   bash tools/gpu_checks.sh [OUT_DIR]
 #
 # On a machine whose Python lacks the project's packages (a bare GPU image), put their wheels in
-# .whl/ (tools/fetch_gpu_wheels.sh: megatron-core, omegaconf, math-verify, latex2sympy2_extended, antlr4): they
+# .whl/ (tools/fetch_gpu_wheels.sh: megatron-core, omegaconf, antlr4, math-verify, latex2sympy2_extended): they
 # are installed into /tmp/opsdc_site and put on PYTHONPATH, leaving the machine's Python as it is.
 set -uo pipefail
-out=${1:-gpu_checks}
+out=$(realpath -m "${1:-gpu_checks}")
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null && ! "$python" -c "import megatron.core" 2> /dev/null; then
-    "$python" -m pip install -q --no-index --no-deps --target /tmp/opsdc_site .whl/*.whl
-    export PYTHONPATH=/tmp/opsdc_site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package itself, for the benches
+if compgen -G ".whl/*.whl" > /dev/null && ! "$python" -c "import megatron.core, omegaconf, math_verify" 2> /dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --upgrade --target /tmp/opsdc_site .whl/*.whl || { echo "gpu_checks.sh: installing .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH=/tmp/opsdc_site:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 status=0

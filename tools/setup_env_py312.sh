@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates the second virtual environment at .venv-py312/ (Python 3.12, torch 2.14.1, megatron-core 0.19.2),
 # so the Megatron tests also run against the newest megatron-core line (0.17+ needs Python >= 3.12).
-# PyPI has no CPU-only torch wheel, so this is the CUDA build (~4.8 GB venv); it runs on CPU.
-# torch is installed first and pinned so that no range in pyproject.toml picks another release.
+# PyPI has no CPU-only torch wheel, so this is the CUDA build (several GB); it runs on CPU.
+# torch is installed first and pinned so that no range in pyproject.toml picks another release; transformers
+# is pinned as in .venv/ (tools/setup_env.sh), so both lines test the same transformers.
 # Python 3.12 comes from pyenv when `python3.12` is not on PATH as such.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +12,15 @@ if [ -z "${PYTHON:-}" ]; then
     if python3.12 -V >/dev/null 2>&1; then
         PYTHON=python3.12
     else
-        PYTHON=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 | sort -V | tail -n 1)
+        root=${PYENV_ROOT:-$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")}
+        PYTHON=$(ls -d "$root"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$PYTHON" ] || { echo "setup_env_py312.sh: no python3.12 on PATH and none under $root/versions; set PYTHON312=/path/to/python3.12" >&2; exit 1; }
     fi
 fi
 VENV=.venv-py312
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# bin/pip, not bin/python: an interrupted `python -m venv` leaves the interpreter without pip.
+[ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
-"$VENV/bin/pip" install --quiet "torch==2.14.1" "megatron-core==0.19.2"
+"$VENV/bin/pip" install --quiet "torch==2.14.1" "megatron-core==0.19.2" "transformers==5.24.0"
 "$VENV/bin/pip" install --quiet -e ".[test]"
 touch "$VENV/.installed"

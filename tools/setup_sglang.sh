@@ -11,19 +11,20 @@
 #
 # SGLang's CPU path imports sgl_kernel and torchvision at module level without calling them; on CPU
 # the launcher puts their stand-ins (opsdc_megatron/rollout/sglang/cpu_stub) first on the server's PYTHONPATH.
-# Idempotent: a re-run with the stamp present and the same pins does nothing.
+# Idempotent: a re-run with the stamp present and this script and the requirements unchanged does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV_SGLANG:-.venv-sglang}
-PINS="sglang==0.5.23 sglang-router==0.3.2 torch==2.13.0 $(sha1sum tools/sglang_cpu_requirements.txt | cut -c1-12)"
+PINS="$(cat tools/setup_sglang.sh tools/sglang_cpu_requirements.txt | sha1sum | cut -c1-12)"  # this script and its requirements
 STAMP="$VENV/.installed"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$PINS" ]; then
     touch "$STAMP"
     exit 0
 fi
 export PIP_NO_CACHE_DIR=1
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# bin/pip, not bin/python: an interrupted `python -m venv` leaves the interpreter without pip.
+[ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "torch==2.13.0"
 "$VENV/bin/pip" install --quiet --no-deps "sglang==0.5.23" "sglang-router==0.3.2"
