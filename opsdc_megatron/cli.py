@@ -84,13 +84,16 @@ def train_command(recipe: str, overrides: list[str]) -> None:
 def demo_command(args: argparse.Namespace) -> None:
     from subprocess import CalledProcessError
 
-    from opsdc_megatron.demo import run_demo
+    from opsdc_megatron.demo import check_demo_inputs, run_demo
 
+    overrides = [f"rollout.engine={args.rollout}", *args.overrides]
     try:
-        run_demo(Path(args.out), Path(args.cache) if args.cache else None, [f"rollout.engine={args.rollout}", *args.overrides])
+        check_demo_inputs(Path(args.out), overrides)
     except INPUT_ERRORS as error:
         print(f"opsdc demo: error: {error}", file=sys.stderr)
         sys.exit(2)
+    try:
+        run_demo(Path(args.out), Path(args.cache) if args.cache else None, overrides)
     except CalledProcessError as error:
         print(f"opsdc demo: opsdc train failed with exit status {error.returncode} (its output is above)", file=sys.stderr)
         sys.exit(1)

@@ -9,6 +9,7 @@ Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -239,6 +240,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own construct_mapping names it
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
             seen.add(key)
@@ -303,14 +306,16 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
 
 
 def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> DictConfig:
-    """One ``key=value``: the value's text as it is for a scalar field (OmegaConf converts it to the
-    field's type), ``null`` for None; YAML only for list and mapping fields. Read as YAML, a string
-    loses what follows '#', 'a: b' is a syntax error and '1:30' becomes 90."""
+    """One ``key=value``. For a scalar field the value's text as it is (OmegaConf converts it to the
+    field's type): read as YAML, a string loses what follows '#', 'a: b' is a syntax error and '1:30'
+    becomes 90. ``null`` or nothing is None; a value in quotes is a YAML string (escapes such as \\n
+    apply). List and mapping fields are YAML."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(merged, parent_key) if parent_key else merged
     node = parent._get_node(leaf, throw_on_missing_key=False) if isinstance(parent, DictConfig) else None
-    if isinstance(node, ValueNode) and not isinstance(node, AnyNode):
-        OmegaConf.update(merged, key, None if value == "null" else value, merge=True)
+    quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+    if isinstance(node, ValueNode) and not isinstance(node, AnyNode) and not quoted:
+        OmegaConf.update(merged, key, None if value in ("", "null") else value, merge=True)
         return merged
     try:
         return OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))

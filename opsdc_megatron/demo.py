@@ -62,25 +62,38 @@ def print_table(summary: dict) -> None:
     )
 
 
-def run_demo(
-    out: Path, cache: Path | None = None, overrides: list[str] = (), test_prompts: int = TEST_PROMPTS, base_settings: BuildSettings | None = None
-) -> dict:
-    """`overrides` go to the training recipe (and its eval settings); the smaller sizes serve the smoke test.
+def _recipe_paths(out: Path) -> list[str]:
+    data = out / "data"
+    return [f"out_dir={out / 'train'}", f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}"]
+
+
+def check_demo_inputs(out: Path, overrides: list[str] = (), base_settings: BuildSettings | None = None) -> None:
+    """What `run_demo` would refuse late (after the ~7-minute base model): the recipe with these
+    overrides, and its parallel layout against the toy model.
 
     Raises:
-        ConfigError, ValueError: overrides the recipe or the toy model's layout refuses, before anything is built or written.
-        subprocess.CalledProcessError: `opsdc train` failed (it printed why).
+        ConfigError, ValueError: naming the key or the model field.
     """
     from opsdc_megatron.config import load_config
     from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
 
-    data = out / "data"
-    paths = [f"out_dir={out / 'train'}", f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}"]
-    checked = load_config(RECIPE, [*paths, "model.hf_path=the toy base model", *overrides])
+    recipe = load_config(RECIPE, [*_recipe_paths(out), "model.hf_path=the toy base model", *overrides])
     transformer_config_from_hf(
-        make_config(base_settings or BuildSettings(), build_toy_tokenizer()), checked.parallel.tensor_parallel_size,
-        checked.parallel.pipeline_parallel_size, virtual_pipeline_chunks=checked.parallel.virtual_pipeline_chunks,
+        make_config(base_settings or BuildSettings(), build_toy_tokenizer()), recipe.parallel.tensor_parallel_size,
+        recipe.parallel.pipeline_parallel_size, virtual_pipeline_chunks=recipe.parallel.virtual_pipeline_chunks,
     )
+
+
+def run_demo(
+    out: Path, cache: Path | None = None, overrides: list[str] = (), test_prompts: int = TEST_PROMPTS, base_settings: BuildSettings | None = None
+) -> dict:
+    """`overrides` go to the training recipe (and its eval settings); the smaller sizes serve the smoke test.
+    `opsdc demo` runs `check_demo_inputs` first.
+
+    Raises:
+        subprocess.CalledProcessError: `opsdc train` failed (it printed why).
+    """
+    from opsdc_megatron.config import load_config
 
     console = Console()
     console.rule("1. toy base model")
@@ -88,13 +101,14 @@ def run_demo(
     console.print(f"base model: {base}")
 
     console.rule("2. toy prompts")
+    data = out / "data"
     heldout = toy_prompts(DATA_SEED, VALIDATION_PROMPTS + test_prompts, "heldout")
     write_prompts(data / "train.jsonl", toy_prompts(DATA_SEED, TRAIN_PROMPTS, "train"))
     write_prompts(data / "validation.jsonl", heldout[:VALIDATION_PROMPTS])
     test = heldout[VALIDATION_PROMPTS:]
     write_prompts(data / "test.jsonl", test)
 
-    overrides = [*paths, f"model.hf_path={base}", *overrides]
+    overrides = [*_recipe_paths(out), f"model.hf_path={base}", *overrides]
     recipe = load_config(RECIPE, overrides)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=recipe.eval.max_response_tokens)
     instructions = {"plain": None, "instructed": recipe.distill.instruction}

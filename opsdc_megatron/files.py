@@ -14,7 +14,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     tmp.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path, files: bool = False) -> None:
+    """Flush a folder's entries (renames, new files) to disk, and with ``files`` its files' data too."""
+    if files:
+        for path in folder.iterdir():
+            if path.is_file():
+                with open(path, "rb") as file:
+                    os.fsync(file.fileno())
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:

@@ -1,5 +1,6 @@
 """Recipes: precedence, unknown keys, malformed YAML, layout checks -- and the CLI's one-line errors."""
 
+import json
 import os
 import re
 import subprocess
@@ -73,7 +74,11 @@ def test_override_values_are_taken_as_written(tmp_path):
     config = load_config(write(tmp_path, ""), [
         "out_dir=runs/exp #2", "distill.instruction=Be brief. Last line: Answer: $Answer", "log.wandb_run_name=1:30",
         "train.steps=017", "train.lr=1e-5", "log.tensorboard=false", "model.megatron_checkpoint=null",
+        "rollout.sglang.max_total_tokens=", 'data.eval_prompts="x.jsonl"',
     ])
+    assert (config.rollout.sglang.max_total_tokens, config.data.eval_prompts) == (None, "x.jsonl")  # empty: None; quoted: YAML
+    quoted = load_config(write(tmp_path, ""), ["out_dir=x", 'distill.instruction="Be brief.\\nAnswer: $Answer"', "log.wandb_run_name='a: b'"])
+    assert (quoted.distill.instruction, quoted.log.wandb_run_name) == ("Be brief.\nAnswer: $Answer", "a: b")
     assert (config.out_dir, config.distill.instruction) == ("runs/exp #2", "Be brief. Last line: Answer: $Answer")
     assert (config.log.wandb_run_name, config.train.steps, config.train.lr) == ("1:30", 17, 1e-5)
     assert config.log.tensorboard is False and config.model.megatron_checkpoint is None
@@ -175,6 +180,19 @@ def test_metrics_log_drops_a_cut_last_line_and_names_a_bad_one(tmp_path):
         read_metrics(path)
 
 
+def test_metrics_of_a_resume_that_redoes_a_deferred_eval(tmp_path):
+    """Preempted at step 2 (its eval deferred), resumed, evaluated step 2 and crashed at step 4 before a
+    save: the next resume starts at step 2 again and redoes that eval, which must not be logged twice."""
+    from opsdc_megatron.config import LogConfig
+    from opsdc_megatron.train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [(0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "eval")]
+    path.write_text("".join(json.dumps({"step": step, "kind": kind}) + "\n" for step, kind in records))
+    MetricsLog(path, enabled=True, keep_through_step=2, log=LogConfig(tensorboard=False), run_config={}, redo_eval_step=2).close()
+    assert [(r["step"], r["kind"]) for r in read_metrics(path)] == [(0, "eval"), (1, "train"), (2, "train")]
+
+
 def test_a_launcher_of_the_users_must_start_the_recipes_process_count(tmp_path):
     """torchrun --nproc-per-node 2 for a one-process layout: each rank would train on half the step's rollouts."""
     from tests.tiny_models import save_toy_qwen3
@@ -201,3 +219,47 @@ def test_token_budget_with_fp8_holds_the_longest_sequence_rounded_up_to_fp8_gemm
     with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(2202\) must hold the longest sequence with FP8.* = 2208"):
         load_config(write(tmp_path, "out_dir: x\n"), [*fp8, "train.micro_batch_tokens=2202"])
     assert load_config(write(tmp_path, "out_dir: x\n"), [*fp8, "train.micro_batch_tokens=2208"]).train.micro_batch_tokens == 2208
+
+
+def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
+    """Resumed from step 10 with a complete step 20 left by a save stopped before its marker: saving
+    step 15 with keep_last=1 pruned step 15 itself (it kept the highest numbers) and every later
+    resume failed. Older checkpoints only are pruned; step 20 is replaced when the run reaches it."""
+    import torch.distributed as dist
+
+    from opsdc_megatron.train import checkpoint
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(checkpoint, "_sharded_state_dict", lambda *args, **kwargs: {})
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", lambda state, path: None)
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 20):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        (root / f"step_{step:06d}" / "trainer_state.json").write_text("{}")
+    (root / checkpoint.LATEST).write_text("step_000010")
+    checkpoint.save_checkpoint(root, 15, [], None, None, {"step": 15}, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000010", "step_000015", "step_000020"]
+    checkpoint.save_checkpoint(root, 16, [], None, None, {"step": 16}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016", "step_000020"]
+    assert checkpoint.latest_checkpoint(root) == root / "step_000016"
+
+
+def test_hf_folder_replaces_one_left_by_a_crash(tmp_path):
+    """A crash between a replacement's rename and its clean-up leaves best_hf.old: every later save of
+    best_hf (and final_hf at the end) failed on it ('Directory not empty')."""
+    import torch
+    from safetensors.torch import load_file
+
+    from opsdc_megatron.models.hf_folder import save_hf_folder
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    save_hf_folder({"w": torch.zeros(2)}, source, tmp_path / "best_hf")
+    (tmp_path / "best_hf.old").mkdir()
+    (tmp_path / "best_hf.old" / "model.safetensors").write_text("stale")
+    for value in (1.0, 2.0):
+        save_hf_folder({"w": torch.full((2,), value)}, source, tmp_path / "best_hf")
+        assert torch.equal(load_file(tmp_path / "best_hf" / "model.safetensors")["w"], torch.full((2,), value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_hf", "source"]

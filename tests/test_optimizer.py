@@ -42,3 +42,31 @@ def test_a_resumed_run_applies_the_decay_again_over_what_a_checkpoint_restores(o
     assert {g["weight_decay"] for g in model.optimizer.param_groups} == {0.1}
     apply_weight_decay(model.optimizer, 0.1)
     assert {(g["wd_mult"], g["weight_decay"]) for g in model.optimizer.param_groups} == {(1.0, 0.1), (0.0, 0.0)}
+
+
+@pytest.mark.parametrize(("params_dtype", "distributed_optimizer"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_nan_gradients_stop_the_step_before_the_update(one_rank, tmp_path: Path, params_dtype: torch.dtype, distributed_optimizer: bool) -> None:
+    """megatron's optimizer skips non-finite gradients only under a loss scaler; without one the nan
+    reached the weights, which the run then pushed, saved and exported."""
+    from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
+    from opsdc_megatron.distill.forward import make_forward_step
+    from opsdc_megatron.train.step import optimizer_step
+
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    model = build_training_model(config, str(tmp_path), ParallelConfig(distributed_optimizer=distributed_optimizer), params_dtype,
+                                 TrainConfig(), teacher_refresh_every=0)
+    forward_step = make_forward_step("reverse_kl")
+
+    def nan_loss(data_iterator, stage):
+        output, loss = forward_step(data_iterator, stage)
+        return output, lambda per_token: loss(per_token * float("nan"))
+
+    micro_batches = micro_batches_for_rank([ScoredSequence([1, 2, 3], [1, 4, 2, 3], [5, 6, 7])] * 2, 0, 1, 2, 0, 0)
+    before = {name: param.detach().clone() for name, param in model.student[0].named_parameters()}
+    with pytest.raises(FloatingPointError, match="non-finite gradients"):
+        optimizer_step(model.stages, model.optimizer, nan_loss, micro_batches)
+    assert all(torch.equal(param, before[name]) for name, param in model.student[0].named_parameters())
+    result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # a finite step still trains
+    assert result.response_tokens == 6 and any(not torch.equal(p, before[n]) for n, p in model.student[0].named_parameters())

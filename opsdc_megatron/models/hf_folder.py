@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from opsdc_megatron.files import fsync_folder
+
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -23,7 +25,8 @@ COPIED_FILES = (
 
 
 def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path) -> Path:
-    """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically."""
+    """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically (a
+    crash leaves the old folder or the new one, both complete on disk) and durably."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -32,9 +35,12 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
         if (source_dir / name).exists():
             shutil.copy2(source_dir / name, tmp / name)
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    fsync_folder(tmp, files=True)
     old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash after the last replacement
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
+    fsync_folder(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir

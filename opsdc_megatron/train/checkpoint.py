@@ -67,16 +67,23 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         write_text_atomic(root / LATEST, final.name)
-        for old in complete_checkpoints(root)[:-keep_last]:
+        # Only checkpoints older than this one: a later step can be on disk when a save was stopped
+        # before its marker and the run resumed from the one before (it is replaced when reached).
+        older = [p for p in complete_checkpoints(root) if _step_of(p) < step]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
     dist.barrier()
     return final
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step_"))
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """The step folders a save finished (renamed from `.tmp`, trainer state inside), oldest first."""
     found = [p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / TRAINER_STATE).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+    return sorted(found, key=_step_of)
 
 
 def check_fresh_start(root: Path, resume: bool) -> None:
@@ -168,7 +175,9 @@ def load_model_weights(path: Path, chunks: list) -> None:
         loaded, not_read, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
     except CheckpointingException as error:  # e.g. "Global shape mismatch" of another architecture's tensor
         raise ValueError(f"{path}: not a checkpoint of this model config: {error}") from None
-    not_read = {key for key in not_read if not key.startswith(TRAINING_STATE_PREFIXES)}
+    # Layers' _extra_state (Transformer Engine's FP8 metadata) holds no weights; TE and local layers differ in it.
+    not_read = {key for key in not_read if not key.startswith(TRAINING_STATE_PREFIXES) and "_extra_state" not in key}
+    absent = {key for key in absent if "_extra_state" not in key}
     if not_read or absent:
         raise ValueError(
             f"{path}: not a checkpoint of this model config: "

@@ -117,7 +117,10 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
             start_model = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["model"]["hf_path"]
         write_text_atomic(out / "config.yaml", to_yaml(replace(config, model=replace(config.model, hf_path=start_model))))
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=keep_through_step, log=config.log, run_config=asdict(config))
+    # The eval a preempted run's stop deferred (done below); a record of it from a resumed attempt that crashed is dropped.
+    redo_eval_step = state["step"] if config.eval.every_steps and state.get("eval_pending") else None
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank0, keep_through_step=keep_through_step, log=config.log, run_config=asdict(config),
+                     redo_eval_step=redo_eval_step)
     # The weights the engine serves, and rank 0's best/final export; ranks that use neither keep none.
     keeps_weights = rank0 or engine.reads_pushed_weights
     pushed = export_hf_state_dict(model.student, keeps_weights)
@@ -136,7 +139,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
             if rank0:
                 save_hf_folder(pushed, config.model.hf_path, out / "best_hf")
 
-    if config.eval.every_steps and (state["step"] == 0 or state.get("eval_pending")):
+    if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
         run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
     preemption = PreemptionWatch()
     saved_step = state["step"] if resume_from is not None else None
@@ -171,6 +174,7 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
         stopping = step < config.train.steps and preemption.requested()
         eval_due = bool(config.eval.every_steps) and step % config.eval.every_steps == 0
         if not stopping:
+            pushed.clear()  # the last step's host copy goes first: one copy of the model in host memory, not two
             pushed = export_hf_state_dict(model.student, keeps_weights)
             engine.update_weights(pushed, version=step)  # 6. weight push
         state.update(step=step, teacher_age_steps=teacher.age_steps, eval_pending=stopping and eval_due)

@@ -37,13 +37,20 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool, keep_through_step: int, log: LogConfig, run_config: dict) -> None:
+    def __init__(
+        self, path: Path, enabled: bool, keep_through_step: int, log: LogConfig, run_config: dict, redo_eval_step: int | None = None
+    ) -> None:
+        """``redo_eval_step``: the resumed run evaluates that step again (an eval a stop deferred), so an
+        eval record of it from an earlier attempt that crashed before the next save is dropped."""
         self.enabled = enabled
         self.console = Console(highlight=False, soft_wrap=True)
         self.file = self.tensorboard = self.wandb_run = None
         if not enabled:
             return
-        kept = [line for line, record in _records(path) if record["step"] <= keep_through_step] if path.exists() else []
+        kept = [
+            line for line, record in (_records(path) if path.exists() else [])
+            if record["step"] <= keep_through_step and not (record["kind"] == "eval" and record["step"] == redo_eval_step)
+        ]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.file = path.open("a", encoding="utf-8")
         if log.tensorboard:

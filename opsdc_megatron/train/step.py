@@ -82,6 +82,20 @@ def _finalize_student_grads(ddps: list[DistributedDataParallel], _stages, num_to
     finalize_model_grads(ddps, num_tokens, **kwargs)
 
 
+def gradients_are_finite(stages: list[DistillStage]) -> bool:
+    """Collective over all ranks: whether every gradient buffer of every rank is finite.
+
+    megatron's optimizer checks gradients only under a loss scaler (fp16, which runs here do not use):
+    in bf16 and fp32 it applies nan or inf gradients, and the run would push, save and export the
+    broken weights.
+    """
+    buffers = [buffer.grad_data for stage in stages for buffer in stage.module.buffers + stage.module.expert_parallel_buffers]
+    finite = torch.stack([torch.isfinite(grads).all() for grads in buffers]).all() if buffers else torch.tensor(True)
+    flag = finite.to(dtype=torch.float32, device=buffers[0].device if buffers else None).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float
@@ -103,6 +117,7 @@ def optimizer_step(
         ValueError: interleaved stages (several chunks) with micro-batches that send messages of
             different shapes between stages (build them with ``micro_batches_for_rank(...,
             interleaved_pipeline_size=...)``).
+        FloatingPointError: a gradient is nan or inf on some rank (raised on every rank, before the update).
     """
     interleaved = len(stages) > 1
     # What DistillStage sends between stages: [student + teacher tokens, rows, hidden].
@@ -129,9 +144,9 @@ def optimizer_step(
         micro_batch_size=max(b.student_tokens.shape[0] for b in micro_batches),
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    if not update_successful:
-        raise FloatingPointError("optimizer step skipped: non-finite gradients")
+    if not gradients_are_finite(stages):
+        raise FloatingPointError("non-finite gradients (nan or inf) in this step; the weights were not updated")
+    _, grad_norm, _ = optimizer.step()
     # Only the last pipeline stage sees the losses: sum there, share over the pipeline, then over
     # data-parallel ranks.
     totals = torch.tensor([
