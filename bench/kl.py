@@ -122,7 +122,7 @@ def _proc_status_kib(key: str) -> int:
 
 
 def measure_cpu_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
-    """In this process: peak extra RSS of one forward+backward, then the median time of `reps`."""
+    """In this process: peak extra RSS of one forward+backward, then the best time of `reps`."""
     fn = FUNCTIONS[impl]
     small_s, small_t = _inputs(8, vocab, "cpu")
     _step(fn, small_s, small_t)  # warm-up: autograd engine, thread pools, lazy init

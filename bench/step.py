@@ -40,7 +40,7 @@ from opsdc_megatron.distill.forward import make_forward_step, masked_sum_loss
 from opsdc_megatron.distill.stage import response_logits
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.train.build import build_training_model
-from opsdc_megatron.train.step import optimizer_step
+from opsdc_megatron.train.step import gradients_are_finite, optimizer_step
 
 INSTRUCTION_TOKENS = 24
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,6 +69,8 @@ def sft_step(model, forward_step, micro_batches) -> None:
         num_microbatches=len(micro_batches), seq_length=micro_batches[0].student_tokens.shape[1],
         micro_batch_size=micro_batches[0].student_tokens.shape[0], forward_only=False,
     )
+    if not gradients_are_finite(model.stages):  # as optimizer_step does: the same bookkeeping on both sides
+        raise FloatingPointError("non-finite gradients")
     model.optimizer.step()
 
 
@@ -152,7 +154,6 @@ def main() -> None:
     print(f"device {device}, {args.dtype}; {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; "
           f"{args.sequences} sequences x ({args.prompt_tokens} prompt + {args.response_tokens} response) tokens, "
           f"micro-batch {args.micro_batch}")
-    print(f"sft   step {sft * 1e3:8.1f} ms  ({tokens / sft:,.0f} student tokens/s)")
     print(f"output layer: {output_layer_share(hf_config):.0%} of a token's matmuls (Qwen3-8B: {output_layer_share(QWEN3_8B):.0%})")
     teacher_alone = 1 + (INSTRUCTION_TOKENS + args.prompt_tokens + args.response_tokens) / (3 * (args.prompt_tokens + args.response_tokens))
     print(f"sft   step {sft * 1e3:8.1f} ms  ({tokens / sft:,.0f} student tokens/s)")

@@ -11,7 +11,7 @@ import pytest
 
 from opsdc_megatron.plan import GIB, H100_80GB_GIB, ModelShape, Workload, choose, estimate
 
-pytestmark = pytest.mark.parallel
+pytestmark = pytest.mark.plan
 
 MODELS = Path(__file__).resolve().parents[1] / "recipes" / "models"
 

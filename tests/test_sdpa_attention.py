@@ -19,7 +19,6 @@ from opsdc_megatron.models.layer_spec import gpt_layer_spec, supports_packed_seq
 from opsdc_megatron.models.sdpa_attention import SDPAttention
 from opsdc_megatron.models.transformer_engine import guard_broken_transformer_engine
 
-pytestmark = pytest.mark.parallel
 
 
 def _model(backend: str, hf_config: Qwen3Config) -> GPTModel:

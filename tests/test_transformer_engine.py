@@ -17,7 +17,6 @@ import pytest
 from opsdc_megatron.config import ConfigError, load_config
 from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
 
-pytestmark = pytest.mark.parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_MODEL = """
