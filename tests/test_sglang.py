@@ -261,6 +261,17 @@ def test_router_routes_to_the_servers(fleet: ServerFleet) -> None:
     assert len(answer["output_ids"]) >= 1 and {answer["meta_info"]["weight_version"]} == served
 
 
+def test_a_server_that_cannot_open_a_session_leaves_no_other_open(fleet: ServerFleet, tiny_model: Path) -> None:
+    """A push to a live server and one that is gone: the live one's session is closed again (SGLang
+    refuses to open a second one, so every later push to it failed), and the next push succeeds."""
+    live, gone = fleet.urls[0], f"http://127.0.0.1:{free_port_pair()}"
+    state, _ = shifted_weights(tiny_model, seed=3)  # what the servers hold (version 3): nothing changes
+    with pytest.raises(WeightPushError, match=rf"begin_weight_update failed on 1 of 2 servers: {gone}"):
+        TensorTransport().push({live: 1, gone: 1}, state, "3")
+    TensorTransport().push({live: 1}, state, "3")
+    assert post_json(f"{live}/model_info", None, 10)["weight_version"] == "3"
+
+
 def fault_before_request(monkeypatch: pytest.MonkeyPatch, url: str, request_number: int, fault: Callable[[], None]) -> None:
     """Runs `fault` once, in the request thread, just before the `request_number`-th request to `url` is
     sent: mid-batch on any machine, however fast, with that request (and any still unanswered before it)

@@ -8,7 +8,7 @@ version, which SGLang stamps on every later `/generate` answer.
 * `TensorTransport` (colocated: trainer and server share a host): buckets of tensors in shared
   memory, `/update_weights_from_tensor` inside `/begin_weight_update` ... `/end_weight_update`.
   The payload is SGLang's wire format: torch's ForkingPickler (file_system sharing strategy), base64,
-  one copy per server TP rank; a flattened bucket is {"flattened_tensor", "metadata"} with metadata
+  one pickle per server TP rank; a flattened bucket is {"flattened_tensor", "metadata"} with metadata
   records carrying the fields SGLang's FlattenedTensorMetadata has (name, shape, dtype, start_idx,
   end_idx, numel), as `types.SimpleNamespace`, which SGLang's safe unpickler admits. The wire format
   is written here with torch alone rather than by importing SGLang's MultiprocessingSerializer /
@@ -76,25 +76,36 @@ class WeightTransport(ABC):
     @contextmanager
     def _update_session(self, urls: list[str]) -> Iterator[None]:
         """`/begin_weight_update` ... `/end_weight_update`: SGLang 0.5.23 refuses tensor and distributed
-        updates outside such a session (400); it is closed even when a bucket fails, so the next push can open one."""
-        self._post_all(urls, "/begin_weight_update", lambda url: {}, "begin_weight_update")
+        updates outside such a session (400) and refuses to open a second one: every session opened is
+        closed, also when a bucket fails or another server could not open its own, so the next push can open one."""
+        errors = self._post_each(urls, "/begin_weight_update", lambda url: {})
+        opened = [url for url, error in errors.items() if error is None]
         try:
+            self._raise_failures(errors, "begin_weight_update")
             yield
         finally:
-            self._post_all(urls, "/end_weight_update", lambda url: {}, "end_weight_update")
+            self._post_all(opened, "/end_weight_update", lambda url: {}, "end_weight_update")
 
     def _post_all(self, urls: list[str], path: str, payload_for: Callable[[str], dict], what: str) -> None:
         """The same kind of call to every server at once; raises naming each failed server."""
+        self._raise_failures(self._post_each(urls, path, payload_for), what)
+
+    def _post_each(self, urls: list[str], path: str, payload_for: Callable[[str], dict]) -> dict[str, BaseException | None]:
+        """The same kind of call to every server at once: {url: its error, or None}."""
         def call(url: str) -> None:
             answer = post_json(f"{url}{path}", payload_for(url), self.timeout_s)
             if answer.get("success") is False:
                 raise WeightPushError(f"{url}{path}: {answer.get('message')}")
 
         with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
-            errors = [f.exception() for f in [pool.submit(call, url) for url in urls]]
-        failed = [str(e) for e in errors if e is not None]
+            futures = {url: pool.submit(call, url) for url in urls}
+        return {url: future.exception() for url, future in futures.items()}
+
+    @staticmethod
+    def _raise_failures(errors: dict[str, BaseException | None], what: str) -> None:
+        failed = [str(error) for error in errors.values() if error is not None]
         if failed:
-            raise WeightPushError(f"{what} failed on {len(failed)} of {len(urls)} servers: " + "; ".join(failed))
+            raise WeightPushError(f"{what} failed on {len(failed)} of {len(errors)} servers: " + "; ".join(failed))
 
 
 def serialize_for_sglang(obj: object) -> str:
@@ -130,7 +141,10 @@ class TensorTransport(WeightTransport):
                 last = index == len(parts) - 1
                 cpu_part = [(name, tensor.detach().cpu()) for name, tensor in part]
                 payload_object = flattened_bucket(cpu_part) if self.flattened else cpu_part
-                serialized = serialize_for_sglang(payload_object)
+                # One pickle per receiving rank, as SGLang's own client makes: with the file_system
+                # strategy each pickling adds a reference to the shared-memory file and each unpickling
+                # drops one, so one pickle read by three ranks unlinked the file under the third.
+                serialized = {url: [serialize_for_sglang(payload_object) for _ in range(tp)] for url, tp in servers.items()}
                 body = {
                     "load_format": "flattened_bucket" if self.flattened else None,
                     "flush_cache": last,
@@ -138,17 +152,24 @@ class TensorTransport(WeightTransport):
                 }
                 self._post_all(
                     list(servers), "/update_weights_from_tensor",
-                    lambda url: {**body, "serialized_named_tensors": [serialized] * servers[url]},
+                    lambda url: {**body, "serialized_named_tensors": serialized[url]},
                     f"update_weights_from_tensor (bucket {index + 1}/{len(parts)}, version {version})",
                 )
                 # Dropping the last reference unlinks the shared-memory file.
                 del payload_object, cpu_part
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
+def _free_port(address: str) -> int:
+    """A port free on `address`'s family (IPv6 when it is an IPv6 literal)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind(("::" if family == socket.AF_INET6 else "", 0))
         return sock.getsockname()[1]
+
+
+def _url_host(address: str) -> str:
+    """An address as the host part of a URL: an IPv6 literal goes in brackets."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
 def join_weight_update_group(backend: str, address: str, port: int, world_size: int, group_name: str, timeout_s: float) -> dist.ProcessGroup:
@@ -162,7 +183,7 @@ def join_weight_update_group(backend: str, address: str, port: int, world_size: 
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", 0, world_size, timeout=timeout))
+    store, rank, world_size = next(rendezvous(f"tcp://{_url_host(address)}:{port}", 0, world_size, timeout=timeout))
     store.set_timeout(timeout)
     group, _ = _new_process_group_helper(
         world_size, rank, [], Backend(backend), PrefixStore(group_name, store), group_name=group_name, backend_options=None, timeout=timeout
@@ -185,7 +206,7 @@ class DistributedTransport(WeightTransport):
         if url in self._groups:
             self.disconnect(url)
         group_name = f"opsdc-weights-{uuid.uuid4().hex[:12]}"
-        port = _free_port()
+        port = _free_port(self.master_address)
         request = {
             "master_address": self.master_address, "master_port": port, "rank_offset": 1,
             "world_size": 1 + tensor_parallel_size, "group_name": group_name, "backend": self.backend,

@@ -295,8 +295,15 @@ class ServerFleet:
         server.wait_ready(self.settings.startup_timeout_s)
 
     def stop(self) -> None:
+        """Stops the router and every server, also after one of them would not stop; then raises the first error."""
+        errors = []
         for process in ([self.router] if self.router else []) + self.servers:
-            process.stop()
+            try:
+                process.stop()
+            except Exception as error:  # noqa: BLE001 - the others must still be stopped
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "ServerFleet":
         return self.start()
