@@ -8,6 +8,7 @@ The command-line tests run `opsdc convert` itself (hf-to-megatron starts its own
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -289,7 +290,8 @@ def _te_named_decoder_spec(attention_backend: str, qk_layernorm: bool, config, v
     layer = copy.deepcopy(block.submodules.layer_specs[0])
     layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = IdentityOp
     layer.submodules.self_attention.submodules.linear_qkv = _NormedColumnParallelLinear
-    layer.submodules.mlp.submodules.linear_fc1 = _NormedColumnParallelLinear
+    mlp = layer.submodules.mlp  # megatron-core 0.19 wraps the MLP's spec in a functools.partial
+    (mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules).linear_fc1 = _NormedColumnParallelLinear
     layer.submodules.sharded_state_dict_keys_map = {}
     block.submodules.layer_specs = [layer] * len(block.submodules.layer_specs)
     return block

@@ -80,6 +80,57 @@ def test_mean_at_k_result_files_both_instructions(toy, evaluated):
     assert read(evaluated / "k2", "none")[1] != read(evaluated / "k2", "concise")[1]
 
 
+def save_model_that_answers(folder: Path, answer: str) -> Path:
+    """A real Qwen3 whose weights make it answer every prompt with `answer` at any temperature <= 1.
+
+    Every decoder weight is zero, so each position's final hidden state is its token's embedding
+    (one-hot, hidden size >= vocabulary) through the final norm; the untied output layer maps the
+    embedding of token a to a large logit of the token after a in the chain <|assistant|> (the
+    prompt's last token) -> the answer's tokens -> <eos>.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    vocab = len(tokenizer)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=vocab + 3, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, head_dim=8, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = Qwen3ForCausalLM(config)
+    chain = [tokenizer.convert_tokens_to_ids("<|assistant|>"), *tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        for norm in (model.model.norm, model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
+            norm.weight.fill_(1.0)
+        for before, after in zip(chain, chain[1:]):
+            model.lm_head.weight[after, before] = 10.0  # logit 10 * sqrt(hidden) ~ 133 over 0 for every other token
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_scores_the_answers_the_model_gives(tmp_path):
+    """Every response is 'Answer : 7': correct exactly for the prompts whose gold answer is 7, on the
+    answer-line path only (the toy models of the other tests never answer right, so they cannot tell)."""
+    model = save_model_that_answers(tmp_path / "model", "Answer : 7")
+    records = toy_prompts(3, 40, "heldout")
+    golds = ["7" if index % 3 == 0 else "8" for index in range(len(records))]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": record.prompt, "answer": gold}) + "\n" for record, gold in zip(records, golds)))
+    run_eval(model, data, tmp_path / "out", "--samples", "2")
+    summary, responses = read(tmp_path / "out", "none")
+    result = summary["result"]
+    assert {r["text"] for r in responses} == {"Answer : 7"} and {r["response_tokens"] for r in responses} == {4}
+    expected = golds.count("7") / len(golds)
+    assert 0 < expected < 1 and result["accuracy"] == pytest.approx(expected) and result["accuracy_answer_line"] == pytest.approx(expected)
+    assert result["accuracy_boxed"] == 0 and result["truncated"] == 0
+    assert [r["correct"] for r in responses] == [golds[r["prompt_index"]] == "7" for r in responses]
+
+
 def test_sample_s_is_drawn_with_seed_plus_s(evaluated):
     """mean@2 at seed 5 holds, as its sample 1, exactly the single-sample evaluation at seed 6."""
     _, two = read(evaluated / "k2", "none")

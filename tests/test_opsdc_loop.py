@@ -226,6 +226,12 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
     records = read_metrics(metrics)
     assert sorted(m["step"] for m in records if m["kind"] == "train") == [1, 2, 3, 4]
     assert sorted(m["step"] for m in records if m["kind"] == "eval") == [0, 1, 2, 3, 4]
+    # best_hf: the highest validation accuracy after step 0, fewer tokens breaking ties, then the earlier step
+    best_step = -max((m["accuracy"], -m["mean_tokens"], -m["step"]) for m in records if m["kind"] == "eval" and m["step"] > 0)[2]
+    final_state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert final_state["best"]["step"] == best_step, (final_state["best"], records)
+    best, final = (load_file(out / name / "model.safetensors") for name in ("best_hf", "final_hf"))
+    assert all(torch.equal(best[k], final[k]) for k in final) == (best_step == 4)
 
 
 def run_cli(setup, out, *overrides):

@@ -70,3 +70,33 @@ def test_nan_gradients_stop_the_step_before_the_update(one_rank, tmp_path: Path,
     assert all(torch.equal(param, before[name]) for name, param in model.student[0].named_parameters())
     result = optimizer_step(model.stages, model.optimizer, forward_step, micro_batches)  # a finite step still trains
     assert result.response_tokens == 6 and any(not torch.equal(p, before[n]) for n, p in model.student[0].named_parameters())
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_the_step_trains_the_divergence_it_is_given(one_rank, tmp_path: Path, divergence: str) -> None:
+    """distill.divergence picks what the forward step returns (recipes/toy_cpu_forward_kl.yaml is the
+    forward-KL ablation): the per-token values equal the float64 reference of that direction on the
+    stage's own logits, and not the other direction's."""
+    from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
+    from opsdc_megatron.distill.forward import make_forward_step
+    from tests.workers.kl_worker import reference_kl, rel_err
+
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    model = build_training_model(config, str(tmp_path), ParallelConfig(), torch.float32, TrainConfig(), teacher_refresh_every=0)
+    stage = model.stages[0]
+    with torch.no_grad():  # a teacher unlike the student, so the two directions differ
+        for param in stage.teacher.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    (batch,) = micro_batches_for_rank([ScoredSequence([1, 2, 3], [1, 4, 2, 3], [5, 6, 7, 8])], 0, 1, 1, 0, 0)
+    with torch.no_grad():
+        student_logits, teacher_logits = stage(batch)
+        per_token, _ = make_forward_step(divergence)(iter([batch]), stage)
+    flat = [logits.reshape(-1, logits.shape[-1]) for logits in (student_logits, teacher_logits)]
+    mask = batch.response_mask.reshape(-1).bool()
+    got = per_token.reshape(-1)[mask]
+    direction, other = ("forward", "reverse") if divergence == "forward_kl" else ("reverse", "forward")
+    want = reference_kl(*flat, direction)[0][mask]
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, reference_kl(*flat, other)[0][mask]) > 1e-2

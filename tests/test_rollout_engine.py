@@ -54,8 +54,13 @@ def test_same_seed_same_rollouts_and_weight_push_changes_them(tiny):
     sampling = SamplingParams(max_new_tokens=8)
     first = engine.generate([[5, 6, 7]] * 8, sampling, seed=4)
     assert engine.generate([[5, 6, 7]] * 8, sampling, seed=4) == first
-    # train.seed 20260303 at step 1, block 0: the derived seed is past int64, and torch.manual_seed's range
-    assert engine.generate([[5, 6, 7]] * 8, sampling, seed=(20_260_303 * 1_000_003 + 1) * 1_000_003) is not None
+    # train.seed 20260303 at step 1: derived seeds past int64, torch.manual_seed's range; each still
+    # reproduces its rollouts, and the next block's seed gives others
+    big = (20_260_303 * 1_000_003 + 1) * 1_000_003
+    assert big >= 2**63
+    at_big = engine.generate([[5, 6, 7]] * 8, sampling, seed=big)
+    assert engine.generate([[5, 6, 7]] * 8, sampling, seed=big) == at_big
+    assert [r.response_ids for r in engine.generate([[5, 6, 7]] * 8, sampling, seed=big + 1)] != [r.response_ids for r in at_big]
     config, weights = tiny
     shifted = {k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}
     engine.update_weights(shifted, version=4)
