@@ -59,6 +59,7 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["train.micro_batch_tokens=-1"], "train.micro_batch_tokens must be >= 0, got -1"),
         ("out_dir: x\n", ["eval.top_p=0"], "eval: temperature must be >= 0, top_p in \\(0, 1\\] and top_k >= 0 \\(0 = off\\), got temperature=1.0, top_p=0.0"),
         ("out_dir: x\n", ["rollout.temperature=-0.5"], "rollout: temperature must be >= 0"),
+        ("out_dir: x\n", ["train.seed=18446744073709551619"], "train.seed must be < 2\\*\\*32"),
         ("out_dir: x\ntrain:\n  steps: 3\nlog:\n  tensorboard: false\ntrain:\n  lr: 1.0\n", [], "recipe.yaml:10:1: malformed YAML: key 'train' appears twice"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1"], "override 'rollout.sglang.server_urls=[http://a:1': malformed YAML value"),
     ],
