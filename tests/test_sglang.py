@@ -239,9 +239,10 @@ def test_refused_broadcast_aborts_that_servers_group_and_a_new_one_works(fleet: 
 def test_an_answer_with_other_weights_is_sent_again_elsewhere(fleet: ServerFleet, tiny_model: Path, tmp_path: Path) -> None:
     """A trainer rank that is not the owner meets a server the owner restarted and has not yet brought to the
     current weights: those answers are not used, the server leaves that rank's pool, the prompts go elsewhere."""
-    state, _ = shifted_weights(tiny_model, seed=3)  # what both servers hold, at version 3
+    state, _ = shifted_weights(tiny_model, seed=3)  # the current weights, version 3
     restarted, current = fleet.urls
     weights = DiskTransport(tmp_path / "pushed", tiny_model)
+    TensorTransport().push({current: 1}, state, "3")  # whatever the tests before left there (the disk push would move its model path)
     weights.push({restarted: 1}, state, "launch")
     try:
         other_rank = SGLangRolloutEngine(fleet.urls, None, [EOS], VOCAB)
