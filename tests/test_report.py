@@ -124,6 +124,14 @@ def test_tensorboard_has_every_metric_and_resume_purges(tmp_path):
     assert [(m["kind"], m["step"]) for m in read_metrics(path)] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)]
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 7.0)]
+    # resume from step 2 again, its eval deferred by a stop: that eval is redone, once in each log
+    log = MetricsLog(path, enabled=True, keep_through_step=2, log=LogConfig(), run_config={}, redo_eval_step=2)
+    log.write({"step": 2, "kind": "eval", "accuracy": 0.9, "mean_tokens": 9.0, "truncated": 0.0, "per_level": {}})
+    log.close()
+    assert [(m["kind"], m["step"]) for m in read_metrics(path)] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(0, 0.5), (2, pytest.approx(0.9))]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5)]
 
 
 def test_wandb_configured_but_missing_is_a_config_error():

@@ -48,15 +48,21 @@ class MetricsLog:
         if not enabled:
             return
         kept = [
-            line for line, record in (_records(path) if path.exists() else [])
+            (line, record) for line, record in (_records(path) if path.exists() else [])
             if record["step"] <= keep_through_step and not (record["kind"] == "eval" and record["step"] == redo_eval_step)
         ]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line, _ in kept))
         self.file = path.open("a", encoding="utf-8")
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"), purge_step=keep_through_step + 1)
+            # TensorBoard purges every tag from a step on: from the redone eval's step, whose kept
+            # records (that step's train record) are written again.
+            purge_step = keep_through_step + 1 if redo_eval_step is None else redo_eval_step
+            self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge_step)
+            for _, record in kept:
+                if record["step"] >= purge_step:
+                    self._to_tensorboard(record)
         if log.wandb_project:
             self.wandb_run = _start_wandb(path.parent, log, run_config)
 
@@ -67,13 +73,16 @@ class MetricsLog:
         self.file.flush()
         numbers = scalars(record)
         if self.tensorboard is not None:
-            for name, value in numbers.items():
-                self.tensorboard.add_scalar(name, value, record["step"])
-            self.tensorboard.flush()
+            self._to_tensorboard(record)
         if self.wandb_run is not None:
             self.wandb_run.log(numbers, step=record["step"])
         shown = "  ".join(f"{k} {record[k]:.4g}" for k in SHOWN if k in record)
         self.console.print(f"[bold]{record['kind']:>5} step {record['step']:>4}[/bold]  {shown}")
+
+    def _to_tensorboard(self, record: dict) -> None:
+        for name, value in scalars(record).items():
+            self.tensorboard.add_scalar(name, value, record["step"])
+        self.tensorboard.flush()
 
     def close(self) -> None:
         if self.file is not None:
