@@ -33,7 +33,7 @@ def read_json_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
     with path.open("rb") as lines:
         for line_number, raw in enumerate(lines, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as error:
                 raise PromptFileError(f"{path}:{line_number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
             if not line.strip():
@@ -59,6 +59,9 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
             if not isinstance(row.get(key), str):
                 got = "missing" if key not in row else type(row[key]).__name__
                 raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string, got {got}")
+            surrogates = [char for char in row[key] if 0xD800 <= ord(char) <= 0xDFFF]
+            if surrogates:  # JSON admits an unpaired \ud800 escape; UTF-8 and the tokenizer do not
+                raise PromptFileError(f"{path}:{line_number}: field '{key}' holds an unpaired surrogate \\u{ord(surrogates[0]):04x}")
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
         records.append(PromptRecord(row["prompt"], row["answer"], extra))
     if not records:
@@ -73,7 +76,7 @@ def write_prompts(path: str | Path, records: list[PromptRecord]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as out:
         for record in records:
-            out.write(json.dumps({"prompt": record.prompt, "answer": record.answer, **record.extra}) + "\n")
+            out.write(json.dumps({**record.extra, "prompt": record.prompt, "answer": record.answer}) + "\n")
     tmp.replace(path)
 
 

@@ -17,6 +17,7 @@ def test_round_trip_keeps_extra_fields(tmp_path):
         (['{"prompt": "a"}'], r"p.jsonl:1: field 'answer' must be a string, got missing"),
         (['{"prompt": 3, "answer": "1"}'], r"p.jsonl:1: field 'prompt' must be a string, got int"),
         (['[1, 2]'], r"p.jsonl:1: expected a JSON object"),
+        (['{"prompt": "a", "answer": "1"}', '{"prompt": "a\\ud800", "answer": "1"}'], r"p.jsonl:2: field 'prompt' holds an unpaired surrogate \\ud800"),
         ([""], r"no prompts"),
     ],
 )
@@ -25,6 +26,15 @@ def test_bad_lines_name_file_and_line(tmp_path, lines, message):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(PromptFileError, match=message):
         load_prompts(path)
+
+
+def test_a_byte_order_mark_and_extra_fields_named_like_the_record_ones(tmp_path):
+    """Editors on Windows open files with a BOM; `extra` keys never replace the prompt or answer."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
+    assert load_prompts(path) == [PromptRecord("a", "1")]
+    write_prompts(path, [PromptRecord("real", "1", {"prompt": "overwritten", "level": 2})])
+    assert load_prompts(path) == [PromptRecord("real", "1", {"level": 2})]
 
 
 def test_missing_file(tmp_path):

@@ -212,7 +212,7 @@ def test_build_writes_a_loadable_model_dir_atomically(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_ensure_base_model_caches_by_recipe(tmp_path: Path) -> None:
+def test_ensure_base_model_caches_by_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = BuildSettings(steps=2, batch_size=4, bucket_batches=1, warmup_steps=1)
     path = ensure_base_model(tmp_path, settings=settings)
     assert path.name == f"toy_base-{recipe_hash(settings, 0)}"
@@ -221,3 +221,7 @@ def test_ensure_base_model_caches_by_recipe(tmp_path: Path) -> None:
     assert (path / BUILD_INFO).stat().st_mtime_ns == stamp  # not rebuilt
     assert recipe_hash(BuildSettings(steps=3), 0) != recipe_hash(BuildSettings(steps=2), 0)
     assert recipe_hash(settings, 1) != recipe_hash(settings, 0)
+    # an edit to the task's ranges, texts or split is another model, though settings and vocabulary stay
+    before, real_read = recipe_hash(settings, 0), Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: "edited" if self.name == "task.py" else real_read(self, encoding=encoding))
+    assert recipe_hash(settings, 0) != before

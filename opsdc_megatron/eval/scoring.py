@@ -85,8 +85,11 @@ def normalize(answer: str) -> str:
         text = boxed
     text = text.replace("\\$", "").replace("$", "").replace("**", "")
     text = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
+    text = _DIGIT_GROUP_SPACE.sub("", text)  # `1 000 000` and `1\,000` are one number
     text = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ ", "", text)
-    text = re.sub(r"\s+", "", text)
+    # Other spaces go, except between two digits: `1 7` is two numbers, not 17.
+    text = re.sub(r"(?<=\d)\s+(?=\d)", " ", text)
+    text = re.sub(r"(?<![\d ])\s+|\s+(?!\d)", "", text)
     text = text.rstrip(".")
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     if _THOUSANDS.match(text):

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,8 +38,9 @@ from opsdc_megatron.eval.evaluate import evaluate_model
 from opsdc_megatron.prompts import encode_prompt
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.toy import task
+from opsdc_megatron.toy import tokenizer as toy_tokenizer
 from opsdc_megatron.toy.task import TOY_INSTRUCTION, concise_solution, sample_problems, toy_prompts, verbose_solution
-from opsdc_megatron.toy.tokenizer import CHAT_TEMPLATE, build_toy_tokenizer, toy_vocabulary
+from opsdc_megatron.toy.tokenizer import build_toy_tokenizer, toy_vocabulary
 
 BUILD_INFO = "toy_build.json"
 """Recipe, hash, parameter count and build time, written next to the weights for traceability."""
@@ -72,20 +74,14 @@ class BuildSettings:
 
 
 def recipe_hash(settings: BuildSettings, seed: int) -> str:
-    """Short hash of the full recipe: settings, seed, task version and rates, tokenizer vocabulary."""
+    """Short hash of the full recipe: settings, seed, and the source of the task, tokenizer and this
+    builder (any change to their texts, ranges, rates, split or training code is a new model)."""
+    sources = [Path(module.__file__).read_text(encoding="utf-8") for module in (task, toy_tokenizer, sys.modules[__name__])]
     recipe = {
         "settings": asdict(settings),
         "seed": seed,
-        "task": {
-            "version": task.TASK_VERSION,
-            "levels": task.LEVELS,
-            "verify_rate": task.VERIFY_RATE,
-            "slip_rate": task.SLIP_RATE,
-            "max_value": task.MAX_VALUE,
-            "instruction": TOY_INSTRUCTION,
-        },
+        "sources": [hashlib.sha256(source.encode("utf-8")).hexdigest() for source in sources],
         "vocabulary": toy_vocabulary(),
-        "chat_template": CHAT_TEMPLATE,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()[:10]
 

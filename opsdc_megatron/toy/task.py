@@ -160,8 +160,8 @@ def _slip(rng: random.Random, value: int, remaining: tuple[tuple[str, int], ...]
 def verbose_solution(problem: ToyProblem, rng: random.Random) -> str:
     """Restate, compute each step, and re-check steps at random; a slipped re-check is carried on.
 
-    The final answer is wrong exactly when some re-check slipped (add, subtract and double are
-    injective, so one slip always changes the result).
+    One slip always changes the final answer (add, subtract and double are injective); two slips
+    can cancel (-1 then +1), so a slipped solution may still end right.
     """
     name, obj = problem.name, problem.obj
     restated = " , then ".join(_op_phrase(op) for op in problem.ops)
