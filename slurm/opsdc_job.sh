@@ -40,6 +40,29 @@ OVERRIDES=("$@")
 
 log() { echo "[opsdc $(date +%T) job $SLURM_JOB_ID restart $RESTART] $*"; }
 
+# Signals, trapped from the start: SIGUSR1's default action would end this script during the checks or
+# the servers' start-up, leaving the job neither requeued nor cleaned up. SIGUSR1 (only this script gets
+# it, from --signal=B:USR1@...) is forwarded through srun to every trainer process once there is one;
+# before that the job is requeued when the servers are up (nothing to checkpoint yet). SIGTERM (scancel,
+# requeue, preemption): SLURM sends it to every process of the job itself; it is not forwarded, because
+# srun answers a SIGTERM during a job kill by killing its step at once.
+declare -A STEP_PIDS
+REQUEUE_ASKED=0
+on_usr1() {
+    log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
+    REQUEUE_ASKED=1
+    [ -n "${STEP_PIDS[trainer]:-}" ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
+}
+trap on_usr1 USR1
+TERM_RECEIVED=0
+trap 'TERM_RECEIVED=1; log "received SIGTERM: the trainer finishes its step and checkpoints if SLURM waits long enough (KillWait)"' TERM
+requeue() {  # requeue REASON: ask SLURM to run the job again; exit 75 when it refuses (--no-requeue, site policy)
+    log "$1; requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    log "FAILED to requeue (scontrol requeue refused: the job was submitted with --no-requeue, or site policy); submit it again to resume"
+    exit 75
+}
+
 CONTAINER=()
 if [ -n "${OPSDC_CONTAINER_IMAGE:-}" ]; then
     CONTAINER=(--container-image="$OPSDC_CONTAINER_IMAGE" --container-workdir="$OPSDC_HOME" --no-container-mount-home)
@@ -61,6 +84,7 @@ eval "$PLAN"
 # --- 2. addresses, ports, NCCL -------------------------------------------------------------------
 mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 node_addr() { scontrol show node "$1" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p'; }
+url_host() { if [[ $1 == *:* ]]; then echo "[$1]"; else echo "$1"; fi; }  # an IPv6 address goes in brackets
 ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
 TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
 # torch.distributed rendezvous on the first trainer node; its port from the job id so that jobs
@@ -68,6 +92,7 @@ TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
 export MASTER_ADDR; MASTER_ADDR=$(node_addr "${TRAINER_HOSTS[0]}")
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000))
 TRAINER_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: TP communication kept in order (trainer step only: SGLang overlaps streams)
+unset CUDA_DEVICE_MAX_CONNECTIONS  # a value from the submitting shell would reach the server step too
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank ends the step, not a hang
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -77,7 +102,6 @@ LOG_DIR=$OPSDC_OUT_DIR/slurm_logs/job_${SLURM_JOB_ID}_restart_${RESTART}
 [ "$VALIDATE" = 1 ] || mkdir -p "$LOG_DIR"
 log "rollout nodes: ${ROLLOUT_HOSTS[*]:-none}; trainer nodes: ${TRAINER_HOSTS[*]}; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; logs in $LOG_DIR"
 
-declare -A STEP_PIDS
 # Each step states its task count: srun would otherwise take the job's (SLURM_NTASKS) for a step on fewer nodes.
 start_step() {  # start_step NAME SRUN_ARGS...: a background srun step named NAME (validation mode: print it)
     local name=$1; shift
@@ -112,6 +136,9 @@ TRAINER_OVERRIDES=()
 if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
     log "rollout step: $OPSDC_ROLLOUT_NODES node(s) x $OPSDC_SERVERS_PER_ROLLOUT_NODE SGLang server(s)," \
         "rollout.sglang.tensor_parallel_size=$OPSDC_GPUS_PER_SERVER, router port $OPSDC_ROUTER_PORT (0: none)"
+    # Servers listen on every address of their node: IPv6 ones too when a rollout node's address is IPv6.
+    export OPSDC_BIND_HOST=0.0.0.0
+    for host in "${ROLLOUT_HOSTS[@]}"; do [[ $(node_addr "$host") == *:* ]] && OPSDC_BIND_HOST=::; done
     SERVER_GPU_ARGS=()
     [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && SERVER_GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
     start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --relative=0 --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
@@ -121,11 +148,11 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
     WORKER_URLS=()
     for host in "${ROLLOUT_HOSTS[@]}"; do
         addr=$(node_addr "$host")
-        for ((i = 0; i < OPSDC_SERVERS_PER_ROLLOUT_NODE; i++)); do WORKER_URLS+=("http://$addr:$((OPSDC_SERVER_BASE_PORT + i))"); done
+        for ((i = 0; i < OPSDC_SERVERS_PER_ROLLOUT_NODE; i++)); do WORKER_URLS+=("http://$(url_host "$addr"):$((OPSDC_SERVER_BASE_PORT + i))"); done
     done
     READY_URLS=("${WORKER_URLS[@]}")
     if [ "$OPSDC_ROUTER_PORT" -gt 0 ]; then
-        ROUTER_URL="http://$(node_addr "${ROLLOUT_HOSTS[0]}"):$OPSDC_ROUTER_PORT"
+        ROUTER_URL="http://$(url_host "$(node_addr "${ROLLOUT_HOSTS[0]}")"):$OPSDC_ROUTER_PORT"
         start_step sglang_router --nodes=1 --ntasks=1 --relative=0 --overlap --output="$LOG_DIR/sglang_router.log" \
             "${CONTAINER[@]}" "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step router --recipe "$OPSDC_RECIPE" \
             --worker-urls "$(IFS=,; echo "${WORKER_URLS[*]}")" "${OVERRIDES[@]}"
@@ -136,7 +163,11 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
         for url in "${READY_URLS[@]}"; do
             # Straight to the node (a cluster's http_proxy cannot reach it), and never longer than 10 s a try.
             until curl --noproxy '*' -sf --max-time 10 "$url/health" >/dev/null; do
-                if ! kill -0 "${STEP_PIDS[sglang_servers]}" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+                step_gone=0
+                for step in sglang_servers sglang_router; do
+                    [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null && step_gone=1
+                done
+                if [ $step_gone = 1 ] || [ $SECONDS -ge $deadline ]; then
                     log "FAILED: rollout server $url did not answer /health (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
                 fi
                 sleep 2
@@ -151,6 +182,9 @@ else
 fi
 
 # --- 4. trainer step: one process per GPU (per task on CPU), ranks from SLURM ----------------------
+if [ "$REQUEUE_ASKED" = 1 ] && [ "$VALIDATE" != 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
+    stop_steps; requeue "SIGUSR1 came before the trainer started (nothing to checkpoint)"
+fi
 TRAINER_CMD='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'; exec "$0" -m opsdc_megatron.cli train "$@"'
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
@@ -163,19 +197,8 @@ if [ "$VALIDATE" = 1 ]; then
     exit 0
 fi
 
-# --- 5. wait; forward the scheduler's signals to the trainer ---------------------------------------
-# SIGUSR1 (only this script gets it, from --signal=B:USR1@...): forwarded through srun to every trainer
-# process. SIGTERM (scancel, requeue, preemption): SLURM sends it to every process of the job itself;
-# it is not forwarded, because srun answers a SIGTERM during a job kill by killing its step at once.
-REQUEUE_ASKED=0
-on_usr1() {
-    log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
-    REQUEUE_ASKED=1
-    kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
-}
-trap on_usr1 USR1
-TERM_RECEIVED=0
-trap 'TERM_RECEIVED=1; log "received SIGTERM: the trainer finishes its step and checkpoints if SLURM waits long enough (KillWait)"' TERM
+# --- 5. wait for the trainer (the signal traps are set at the top) --------------------------------------
+[ "$REQUEUE_ASKED" = 1 ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null  # it came as the step started (srun may not pass it on yet)
 log "trainer started ($OPSDC_TRAINER_NODES node(s) x $OPSDC_TRAINER_TASKS_PER_NODE processes)"
 while true; do
     wait "${STEP_PIDS[trainer]}"; STATUS=$?
@@ -187,9 +210,7 @@ stop_steps
 if [ "$STATUS" = 0 ]; then
     log "trainer finished"; exit 0
 elif [ "$REQUEUE_ASKED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
-    log "trainer stopped on SIGUSR1 (status $STATUS); requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    requeue "trainer stopped on SIGUSR1 (status $STATUS)"
 elif [ "$TERM_RECEIVED" = 1 ]; then
     log "trainer stopped on SIGTERM (status $STATUS); SLURM requeues or ends the job"; exit "$STATUS"
 elif [ "$STATUS" = 75 ]; then

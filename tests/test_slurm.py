@@ -66,9 +66,11 @@ def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def sbatch(env: dict, script: str, log: Path, *args: str, extra_env: dict | None = None, wait: bool = True) -> tuple[int, str]:
-    """Submits slurm/<script> from the checkout; returns (exit status of the job with --wait, job id)."""
-    command = ["sbatch", "--parsable", f"--output={log}", *(["--wait"] if wait else []), str(ROOT / "slurm" / script), *args]
+def sbatch(
+    env: dict, script: str, log: Path, *args: str, extra_env: dict | None = None, wait: bool = True, extra_args: list[str] = ()
+) -> tuple[int, str]:
+    """Submits slurm/<script> from the checkout (`extra_args`: sbatch options); returns (exit status of the job with --wait, job id)."""
+    command = ["sbatch", "--parsable", f"--output={log}", *(["--wait"] if wait else []), *extra_args, str(ROOT / "slurm" / script), *args]
     proc = subprocess.run(command, cwd=ROOT, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=900)
     job = proc.stdout.strip().split(";")[0]
     assert job, f"sbatch refused {script}: {proc.stderr}"
@@ -167,6 +169,35 @@ def test_requeue_resumes_from_the_checkpoint_without_losing_or_repeating_a_step(
     for step in requeued:
         for key in COMPARED:
             assert requeued[step][key] == uninterrupted[step][key], (step, key)
+
+
+def test_sigusr1_before_the_trainer_runs_requeues_the_job(cluster, toy):
+    """SIGUSR1 while the script still checks the recipe (its default action ended the batch script there,
+    neither requeued nor cleaned up): the job is requeued and the next run trains to the end."""
+    out, log = toy / "early_signal", toy / "early_signal.log"
+    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out), wait=False)
+    wait_until(lambda: log.exists() and "[opsdc" in log.read_text(), "the batch script to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_until(lambda: job_field(cluster, job, "Restarts") == "1" and job_field(cluster, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+               "the requeued job to end", poll_s=1)
+    batch_log = log.read_text()
+    assert job_field(cluster, job, "JobState") == "COMPLETED", batch_log[-5000:]
+    assert "received SIGUSR1" in batch_log and "requeueing the job" in batch_log
+    assert sorted(train_metrics(out)) == list(range(1, STEPS + 1))
+
+
+def test_a_refused_requeue_is_a_failed_job_not_a_completed_one(cluster, toy):
+    """Submitted with --no-requeue, SIGUSR1 checkpoints the run but SLURM will not requeue it: the job
+    must not end as COMPLETED (it did, and never resumed); exit 75 says 'rerun to resume'."""
+    out, log = toy / "no_requeue", toy / "no_requeue.log"
+    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out, "checkpoint.save_every_steps=1"), wait=False, extra_args=["--no-requeue"])
+    step = wait_until(lambda: latest_step(out), "the first checkpoint")
+    assert step < STEPS - 1, f"the job reached step {step} before the signal; raise STEPS"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_until(lambda: job_field(cluster, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", poll_s=1)
+    batch_log = log.read_text()
+    assert job_field(cluster, job, "JobState") == "FAILED" and job_field(cluster, job, "ExitCode") == "75:0", batch_log[-5000:]
+    assert "FAILED to requeue" in batch_log and (out / "checkpoints" / "latest").exists()
 
 
 @pytest.mark.parametrize("executor, executor_args", [("slurm", ["--time", "00:20:00", "--mem", "4G"]), ("local", [])])

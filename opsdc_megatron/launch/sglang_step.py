@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     from opsdc_megatron.rollout.sglang.launcher import SGLangRouter, SGLangServer
     from opsdc_megatron.rollout.sglang.start import server_settings
 
-    settings = replace(server_settings(config), host="0.0.0.0")
+    # Every address of the node (slurm/opsdc_job.sh sets "::" when a rollout node's address is IPv6).
+    settings = replace(server_settings(config), host=os.environ.get("OPSDC_BIND_HOST", "0.0.0.0"))
     if not Path(settings.python).exists() and not shutil.which(settings.python):
         sys.exit(f"opsdc sglang step: error: rollout.sglang.python: SGLang interpreter {settings.python} not found")
     log_dir = Path(settings.log_dir)  # unused: srun's --output collects what the exec'd process prints
