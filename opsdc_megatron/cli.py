@@ -18,6 +18,7 @@ from opsdc_megatron.convert import cli as convert_cli
 from opsdc_megatron.eval.command import add_parser as add_eval_parser
 from opsdc_megatron.prompts import PromptFileError
 from opsdc_megatron.report import add_parser as add_report_parser
+from opsdc_megatron.train.preemption import PreemptionWatch
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 """What a bad recipe, model folder or prompt file raises during preflight."""
@@ -63,6 +64,7 @@ def preflight(config: RunConfig) -> None:
 
 def train_command(recipe: str, overrides: list[str]) -> None:
     under_launcher = "LOCAL_RANK" in os.environ
+    preemption = PreemptionWatch() if under_launcher else None  # a trainer process: signals from now on stop it cleanly
     try:
         config = load_config(recipe, overrides)
         if not under_launcher:
@@ -73,7 +75,7 @@ def train_command(recipe: str, overrides: list[str]) -> None:
     if under_launcher or config.world_size == 1:
         from opsdc_megatron.train.loop import run
 
-        run(config)
+        run(config, preemption or PreemptionWatch())
         return
     from torch.distributed.run import main as torchrun
 

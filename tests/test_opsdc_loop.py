@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,10 +44,18 @@ def train_args(setup, out, *overrides):
     ]
 
 
+FORK_GUARD = Path(__file__).parent / "fork_guard"
+
+
 def train(setup, out, *overrides):
+    """`opsdc train`; no process of it may fork (tests/fork_guard: a fork from its threads can hang the child)."""
+    forks = out.parent / f"{out.name}.forks"
+    forks.mkdir(exist_ok=True)
+    env = dict(os.environ, OPSDC_TEST_FORK_LOG=str(forks), PYTHONPATH=os.pathsep.join(filter(None, [str(FORK_GUARD), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert not any(forks.iterdir()), "the trainer forked:\n" + "\n".join(p.read_text() for p in sorted(forks.iterdir()))
     return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
 
 

@@ -39,15 +39,8 @@ from typing import TypeVar
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
-from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
@@ -57,6 +50,7 @@ from opsdc_megatron.models.hf_folder import COPIED_FILES
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config, transformer_config_from_hf
 from opsdc_megatron.models.qwen3.state_dict_adapter import hf_shard_makers
 from opsdc_megatron.models.registry import architecture_of
+from opsdc_megatron.torch_dist_save import InProcessTorchDistSave, PlansInMetadataPlanner
 
 HF_FILES = "hf"
 """Subfolder of a converted checkpoint with the source's config and tokenizer files."""
@@ -93,38 +87,26 @@ def save_megatron_checkpoint(hf_dir: Path, out: Path, params_dtype: torch.dtype)
     dist_checkpointing.save(model.sharded_state_dict(), str(out), sharded_strategy=_StreamingTorchDistSave(make_slice))
 
 
-class _StreamingTorchDistSave(TorchDistSaveShardedStrategy):
-    """megatron's torch_dist save, synchronous, with tensors made by `make_slice(key, global offset)`.
-
-    The state dict is translated by megatron's own functions (`_replace_state_dict_keys_with_sharded_keys`
-    is private in megatron-core 0.16 and 0.19 alike); only the writer and the planner differ.
-    """
+class _StreamingTorchDistSave(InProcessTorchDistSave):
+    """The in-process torch_dist save, with tensors made by `make_slice(key, global offset)`."""
 
     def __init__(self, make_slice: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
-        super().__init__("torch_dist", 1)
+        super().__init__()
         self.make_slice = make_slice
 
-    def save(self, sharded_state_dict: dict, checkpoint_dir: Path) -> None:
-        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-        dcp.save(
-            mcore_to_pyt_state_dict(by_key, is_loading=False),
-            storage_writer=_BoundedFileWriter(checkpoint_dir, per_thread_copy_ahead=0),  # 0: no read-ahead
-            planner=_StreamingSavePlanner(self.make_slice),
-        )
+    def writer(self, checkpoint_dir: Path) -> dcp.FileSystemWriter:
+        return _BoundedFileWriter(checkpoint_dir, per_thread_copy_ahead=0)  # 0: no read-ahead
+
+    def planner(self) -> PlansInMetadataPlanner:
+        return _StreamingSavePlanner(self.make_slice)
 
 
-class _StreamingSavePlanner(MCoreSavePlanner):
-    """megatron's save planner, except that each tensor is made when the writer asks for it."""
+class _StreamingSavePlanner(PlansInMetadataPlanner):
+    """The save planner, except that each tensor is made when the writer asks for it."""
 
     def __init__(self, make_slice: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)  # as megatron's strategy
+        super().__init__()
         self.make_slice = make_slice
-
-    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        """As megatron's save: the ranks' plans are kept in the metadata (its metadata reuse reads them)."""
-        plans, metadata = super().create_global_plan(all_plans)
-        metadata.all_local_plans = all_plans
-        return plans, metadata
 
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:

@@ -25,6 +25,7 @@ from opsdc_megatron.config import ConfigError
 from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
 from opsdc_megatron.files import write_text_atomic
+from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -60,7 +61,8 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(ddps, optimizer, teacher, is_loading=False), str(tmp))
+    state = _sharded_state_dict(ddps, optimizer, teacher, is_loading=False)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=InProcessTorchDistSave())  # megatron's own writer forks
     dist.barrier()
     if rank0:
         write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))

@@ -45,8 +45,8 @@ from opsdc_megatron.train.step import apply_weight_decay, optimizer_step
 EVAL_SEED = 20_260_303
 
 
-def run(config: RunConfig) -> None:
-    """Entry point on every rank (torchrun or a single process)."""
+def run(config: RunConfig, preemption: PreemptionWatch) -> None:
+    """Entry point on every rank (torchrun or a single process); `preemption` watches for stop signals."""
     p = config.parallel
     init_distributed(p.tensor_parallel_size, p.pipeline_parallel_size, seed=config.train.seed, virtual_pipeline_chunks=p.virtual_pipeline_chunks)
     engine = None
@@ -58,7 +58,7 @@ def run(config: RunConfig) -> None:
                 f"{p.pipeline_parallel_size} x {p.data_parallel_size}): set parallel.data_parallel_size, or start {config.world_size}"
             )
         engine = build_rollout_engine(config)
-        train(config, engine)
+        train(config, engine, preemption)
     finally:
         if engine is not None:
             engine.close()
@@ -77,7 +77,7 @@ def build_rollout_engine(config: RunConfig) -> RolloutEngine:
     return HFRolloutEngine(hf_config, stop_token_ids(config.model.hf_path, tokenizer), tokenizer.pad_token_id, dtype)
 
 
-def train(config: RunConfig, engine: RolloutEngine) -> None:
+def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch) -> None:
     out = Path(config.out_dir)
     rank0 = dist.get_rank() == 0
     tokenizer = load_tokenizer(config.model.hf_path)
@@ -141,13 +141,11 @@ def train(config: RunConfig, engine: RolloutEngine) -> None:
 
     if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
         run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
-    preemption = PreemptionWatch()
     saved_step = state["step"] if resume_from is not None else None
 
     def save(step: int) -> None:
         nonlocal saved_step
-        with preemption.shielding_helper_processes():
-            save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+        save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
         saved_step = step
 
     for step in range(state["step"] + 1, config.train.steps + 1):

@@ -18,11 +18,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import torch
-import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 75
 """EX_TEMPFAIL from sysexits.h: stopped early on request, a checkpoint was saved, run again to resume."""
@@ -30,8 +25,18 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+STOPPED_LINE = "checkpoint saved, exit"
+"""Part of the line rank 0 prints when it stops on request; slurm/opsdc_job.sh requeues a job after
+SIGUSR1 only when its trainer log has it (a trainer that crashed instead is reported, not requeued)."""
+
+
 class PreemptionWatch:
-    """Records SIGUSR1/SIGTERM; `requested()` is collective and true on every rank once any rank got one."""
+    """Records SIGUSR1/SIGTERM; `requested()` is collective and true on every rank once any rank got one.
+
+    Made first thing in the trainer process (cli.py, before torch is imported), so that a signal
+    during start-up (imports, model build, server start) is recorded instead of killing the process:
+    the loop then checkpoints and stops at its first check.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -41,22 +46,10 @@ class PreemptionWatch:
     def _record(self, number: int, _frame) -> None:
         self.received = signal.Signals(number).name
 
-    @contextmanager
-    def shielding_helper_processes(self) -> Iterator[None]:
-        """Blocks the stop signals in this thread while checkpoint writers start.
-
-        SLURM signals every process of a job step, so the helper processes dist_checkpointing starts
-        during a save (a multiprocessing Manager and writers) would die of the same SIGTERM/SIGUSR1
-        mid-save. Processes started here inherit the blocked mask and ignore them; this process still
-        records the signal (another thread takes it, or it is delivered when the mask is restored).
-        """
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
     def requested(self) -> bool:
+        import torch  # here, not at the top: the watch is made before the ~2 s torch import
+        import torch.distributed as dist
+
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
@@ -66,7 +59,9 @@ class PreemptionWatch:
 
     def exit_after_checkpoint(self, step: int) -> None:
         """Called after the checkpoint of `step` is complete on every rank."""
+        import torch.distributed as dist
+
         if dist.get_rank() == 0:
             print(f"opsdc train: stopping after step {step} on {self.received or 'a signal to another rank'}; "
-                  f"checkpoint saved, exit {PREEMPTED_EXIT_CODE} (run again to resume)", file=sys.stderr, flush=True)
+                  f"{STOPPED_LINE} {PREEMPTED_EXIT_CODE} (run again to resume)", file=sys.stderr, flush=True)
         raise SystemExit(PREEMPTED_EXIT_CODE)
