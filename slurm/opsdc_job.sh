@@ -13,7 +13,7 @@
 # Checkpoint and requeue: `#SBATCH --signal=B:USR1@SECONDS` sends SIGUSR1 here before the time limit;
 # it is forwarded to the trainer, which finishes its step, checkpoints and exits 75
 # (opsdc_megatron/train/preemption.py); this script then requeues the job, and the next run resumes
-# from OUT/checkpoints/latest. SIGTERM (scancel, `scontrol requeue`, preemption) checkpoints the same
+# from OUT/checkpoints/latest (a trainer that exits without that checkpoint fails the job instead). SIGTERM (scancel, `scontrol requeue`, preemption) checkpoints the same
 # way; SLURM decides whether the job comes back.
 #
 # Environment (all optional; sbatch passes the submitting shell's environment):
@@ -206,11 +206,17 @@ while true; do
 done
 stop_steps
 # After SIGUSR1 the exit status is not enough: the first rank to exit 75 makes srun (--kill-on-bad-exit)
-# terminate the others, so srun may report 143. The next run resumes from checkpoints/latest either way.
+# terminate the others, so srun may report 143. The line rank 0 prints when it has checkpointed and
+# stops on request (train/preemption.py) tells a stop from a crash, which is reported, not requeued.
+STOPPED=0
+grep -q "checkpoint saved, exit 75" "$LOG_DIR/trainer.log" 2>/dev/null && STOPPED=1
 if [ "$STATUS" = 0 ]; then
     log "trainer finished"; exit 0
-elif [ "$REQUEUE_ASKED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
+elif [ "$REQUEUE_ASKED" = 1 ] && [ "$STOPPED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
     requeue "trainer stopped on SIGUSR1 (status $STATUS)"
+elif [ "$REQUEUE_ASKED" = 1 ] && [ "$STOPPED" = 0 ]; then
+    log "FAILED: after SIGUSR1 the trainer exited with status $STATUS without its stop checkpoint (see $LOG_DIR/trainer.log); not requeued"
+    exit "$STATUS"
 elif [ "$TERM_RECEIVED" = 1 ]; then
     log "trainer stopped on SIGTERM (status $STATUS); SLURM requeues or ends the job"; exit "$STATUS"
 elif [ "$STATUS" = 75 ]; then

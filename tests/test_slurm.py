@@ -200,6 +200,26 @@ def test_a_refused_requeue_is_a_failed_job_not_a_completed_one(cluster, toy):
     assert "FAILED to requeue" in batch_log and (out / "checkpoints" / "latest").exists()
 
 
+def test_a_trainer_that_fails_after_sigusr1_is_reported_not_requeued(cluster, toy):
+    """SIGUSR1, then the trainer's stop checkpoint fails (a file stands where the step's folder goes): the
+    job ends FAILED with the trainer's status and is not requeued (every exit after SIGUSR1 was requeued,
+    up to OPSDC_MAX_REQUEUES times)."""
+    out, log = toy / "fails_after_signal", toy / "fails_after_signal.log"
+    (out / "checkpoints").mkdir(parents=True)
+    for step in range(STEPS + 1):
+        (out / "checkpoints" / f"step_{step:06d}").write_text("not a checkpoint folder\n")
+    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out), wait=False)
+    trainer_log = out / "slurm_logs" / f"job_{job}_restart_0" / "trainer.log"
+    wait_until(lambda: trainer_log.exists() and logged_steps(trainer_log), "the first step")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_until(lambda: job_field(cluster, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", poll_s=1)
+    batch_log, trainer_output = log.read_text(), trainer_log.read_text()
+    assert max(logged_steps(trainer_log)) < STEPS, "the run ended before the signal; raise STEPS"
+    assert job_field(cluster, job, "JobState") == "FAILED" and job_field(cluster, job, "Restarts") == "0", batch_log[-5000:]
+    assert "received SIGUSR1" in batch_log and "without its stop checkpoint" in batch_log and "requeueing the job" not in batch_log
+    assert "NotADirectoryError" in trainer_output and "checkpoint saved, exit" not in trainer_output
+
+
 @pytest.mark.parametrize("executor, executor_args", [("slurm", ["--time", "00:20:00", "--mem", "4G"]), ("local", [])])
 def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, executor, executor_args):
     """SlurmExecutor (sbatch on the test cluster) and LocalExecutor (torchrun here) reproduce the sbatch run."""
