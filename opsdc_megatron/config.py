@@ -353,6 +353,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.seed >= 2**32:  # torch.manual_seed takes < 2**64, and megatron adds offsets per rank
         raise ConfigError(f"train.seed must be < 2**32, got {t.seed}")
+    if not t.clip_grad > 0:  # megatron computes the grad norm (logged, checked) only when it clips
+        raise ConfigError(f"train.clip_grad must be > 0 (a large value never clips), got {t.clip_grad}")
     for name, sampling in (("rollout", config.rollout), ("eval", config.eval)):
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise ConfigError(

@@ -60,6 +60,8 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["eval.top_p=0"], "eval: temperature must be >= 0, top_p in \\(0, 1\\] and top_k >= 0 \\(0 = off\\), got temperature=1.0, top_p=0.0"),
         ("out_dir: x\n", ["rollout.temperature=-0.5"], "rollout: temperature must be >= 0"),
         ("out_dir: x\n", ["train.seed=18446744073709551619"], "train.seed must be < 2\\*\\*32"),
+        ("out_dir: x\n", ["train.seed=4294967296"], "train.seed must be < 2\\*\\*32, got 4294967296"),
+        ("out_dir: x\n", ["train.clip_grad=0"], "train.clip_grad must be > 0 \\(a large value never clips\\), got 0"),
         ("out_dir: x\ntrain:\n  steps: 3\nlog:\n  tensorboard: false\ntrain:\n  lr: 1.0\n", [], "recipe.yaml:10:1: malformed YAML: key 'train' appears twice"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1"], "override 'rollout.sglang.server_urls=[http://a:1': malformed YAML value"),
     ],
@@ -233,7 +235,7 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(checkpoint, "_sharded_state_dict", lambda *args, **kwargs: {})
-    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", lambda state, path: None)
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", lambda state, path, sharded_strategy: None)
     root = tmp_path / "checkpoints"
     for step in (5, 10, 20):
         (root / f"step_{step:06d}").mkdir(parents=True)

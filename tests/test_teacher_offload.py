@@ -110,22 +110,24 @@ def test_refresh_writes_the_host_copy_and_the_next_forward_uses_it(one_rank) -> 
     assert torch.equal(after, logits(student, ids))
 
 
-def test_fused_output_layer_gets_the_output_weight_on_the_device(one_rank) -> None:
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fused_output_layer_gets_the_output_weight_on_the_device(one_rank, tied) -> None:
     """With the fused output layer the teacher's output layer is not streamed; the stage hands the
-    loss a copy of its weight (the tied embedding here) and the host copy stays where it was."""
-    student, teacher = student_and_streamed_teacher(tied=True, stream_output_layer=False)
+    loss a copy of its weight (the tied embedding, or the output layer's own) and the host copy stays
+    where it was. Untied, the stream was refused at build (it took the embedding for the output weight)."""
+    student, teacher = student_and_streamed_teacher(tied=tied, stream_output_layer=False)
     model, stream = teacher.model[0], teacher.streams[0]
     assert "output_layer" not in [unit.name for unit in stream.units]
     host = host_pointers(model)
     sequences = [ScoredSequence([5, 6, 7], [1, 2, 5, 6, 7], [8, 9, 10, 11]), ScoredSequence([12, 13], [1, 2, 12, 13], [14, 15])]
     batch = make_micro_batch(sequences, pad_id=0)
     streamed = DistillStage(student, model, VOCAB, fused_output_layer=True, teacher_stream=stream)(batch)
-    reference_teacher = build_gpt_model(hf_config(True), 1)
+    reference_teacher = build_gpt_model(hf_config(tied), 1)
     reference_teacher.load_state_dict(student.state_dict())
     reference = DistillStage(student, reference_teacher, VOCAB, fused_output_layer=True)(batch)
     for got, expected in zip(streamed, reference):
         assert torch.equal(got, expected)
-    assert streamed[3].data_ptr() != host["embedding.word_embeddings.weight"], "a copy, not the host tensor"
+    assert streamed[3].data_ptr() != host["embedding.word_embeddings.weight" if tied else "output_layer.weight"], "a copy, not the host tensor"
     assert host_pointers(model) == host
 
 

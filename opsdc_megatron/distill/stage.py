@@ -35,7 +35,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from opsdc_megatron.distill.batch import MicroBatch
 from opsdc_megatron.distill.teacher_offload import TeacherWeightStream
-from opsdc_megatron.models.qwen3.model import padding_vocab_slice
+from opsdc_megatron.models.qwen3.model import output_weight, padding_vocab_slice
 
 
 def _stream_inputs(batch: MicroBatch, side: str) -> dict:
@@ -86,11 +86,6 @@ def response_logits(model: torch.nn.Module, inputs: dict, logit_index: torch.Ten
     if padding.start < padding.stop:  # even an empty in-place write costs backward a copy of the gradient
         logits[..., padding] = float("-inf")
     return logits
-
-
-def _output_weight(gpt: GPTModel) -> torch.Tensor:
-    """This rank's shard of the output weight (the embedding when tied)."""
-    return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
 
 
 def pick_response_hidden(hidden: torch.Tensor, logit_index: torch.Tensor) -> torch.Tensor:
@@ -158,10 +153,10 @@ class DistillStage(torch.nn.Module):
             teacher_hidden = self.teacher(**_stream_inputs(batch, "teacher"))
         with _output_layer_replaced(student_gpt, _bypass):
             student_hidden = self.module(**_stream_inputs(batch, "student"))
-        teacher_weight = _output_weight(self.teacher)
+        teacher_weight = output_weight(self.teacher)
         if self.teacher_stream is not None:
             teacher_weight = self.teacher_stream.on_device(teacher_weight)
         return (
-            pick_response_hidden(student_hidden, batch.student_logit_index), _output_weight(student_gpt),
+            pick_response_hidden(student_hidden, batch.student_logit_index), output_weight(student_gpt),
             pick_response_hidden(teacher_hidden, batch.teacher_logit_index), teacher_weight,
         )

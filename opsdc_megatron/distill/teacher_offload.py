@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.models.gpt import GPTModel
 
+from opsdc_megatron.models.qwen3.model import output_weight
+
 
 @dataclass
 class _Unit:
@@ -79,8 +81,8 @@ class TeacherWeightStream:
         model.register_forward_hook(lambda *_: self.release_all(), always_call=True)
 
         streamed = {id(t) for unit in self.units for t in unit.tensors}
-        output_weight = model.shared_embedding_or_output_weight() if model.post_process and not stream_output_layer else None
-        missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in streamed and t is not output_weight]
+        unstreamed_output = output_weight(model) if model.post_process and not stream_output_layer else None
+        missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in streamed and t is not unstreamed_output]
         if missing:
             raise ValueError(f"teacher offload: tensors outside the streamed units (embedding, layers, final norm, output layer): {missing}")
 

@@ -199,6 +199,12 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
     return -(-vocab_size // tensor_parallel_size) * tensor_parallel_size
 
 
+def output_weight(gpt: GPTModel) -> torch.Tensor:
+    """This rank's shard of the output layer's weight: the embedding's when tied (megatron's
+    `shared_embedding_or_output_weight` returns the embedding on a first stage even when untied)."""
+    return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+
+
 def padding_vocab_slice(
     vocab_size: int,
     tensor_parallel_size: int | None = None,
