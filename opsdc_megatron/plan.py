@@ -66,6 +66,12 @@ class ModelShape:
         missing = [key for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size") if key not in config]
         if missing:
             raise ValueError(f"{file}: missing fields {missing}")
+        from opsdc_megatron.models.registry import architecture_of  # here: it imports megatron (~3 s)
+
+        try:  # a model the trainer cannot build (a mixture of experts, say) would get a dense model's estimate
+            architecture_of(config)
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from None
         heads = config["num_attention_heads"]
         return cls(
             layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
@@ -145,8 +151,8 @@ def candidates(model: ModelShape, work: Workload, gpus: int, gpus_per_node: int)
     """Every layout the model, the GPU count and the batch allow, smallest model-parallel first."""
     plans = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or model.heads % tp or model.kv_heads % tp or model.ffn % tp:
-            continue
+        if tp > gpus_per_node or (gpus > gpus_per_node and gpus_per_node % tp) or model.heads % tp or model.kv_heads % tp or model.ffn % tp:
+            continue  # a tensor-parallel group stays within one node
         for pp in range(1, model.layers + 1):
             if model.layers % pp or gpus % (tp * pp):
                 continue
@@ -159,8 +165,10 @@ def candidates(model: ModelShape, work: Workload, gpus: int, gpus_per_node: int)
 
 def choose(model: ModelShape, work: Workload, gpus: int, gpus_per_node: int, gpu_memory_gib: float) -> tuple[Plan, list[Plan]]:
     """The chosen plan and all candidates; raises ValueError saying why nothing fits."""
-    if gpus < 1 or gpus_per_node < 1:
-        raise ValueError(f"--gpus and --gpus-per-node must be >= 1, got {gpus} and {gpus_per_node}")
+    for flag, value in (("--gpus", gpus), ("--gpus-per-node", gpus_per_node), ("--seq", work.seq_tokens),
+                        ("--global-batch-prompts", work.global_batch_prompts), ("--micro-batch-prompts", work.micro_batch_prompts)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if gpus > gpus_per_node and gpus % gpus_per_node:
         raise ValueError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}")
     plans = candidates(model, work, gpus, gpus_per_node)
@@ -217,5 +225,9 @@ def plan_command(args: argparse.Namespace) -> None:
         values = " | ".join(f"{plan.memory_gib[key]:.1f}" for key in keys)
         recompute = "full" if plan.recompute else "none"
         print(f"| {plan.tp} | {plan.pp} | {plan.dp} | {plan.micro_batches_per_rank} | {recompute} | {values} | {plan.total_gib:.1f} | {mark} |")
+    # Every setting the estimate assumes: a recipe without one of them needs more memory than estimated.
     print(f"recipe: parallel.tensor_parallel_size={chosen.tp} parallel.pipeline_parallel_size={chosen.pp} "
-          f"parallel.data_parallel_size={chosen.dp} model.activation_recompute={'full' if chosen.recompute else 'none'}")
+          f"parallel.data_parallel_size={chosen.dp} parallel.distributed_optimizer=true "
+          f"model.activation_recompute={'full' if chosen.recompute else 'none'} "
+          f"distill.fused_output_layer={str(work.fused_output_layer).lower()} distill.teacher_offload={str(work.teacher_offload).lower()} "
+          f"train.global_batch_prompts={work.global_batch_prompts} train.micro_batch_prompts={work.micro_batch_prompts}")

@@ -3,6 +3,7 @@ and named errors. The estimate itself is a model; these tests pin its rules, not
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,15 @@ def test_cli_prints_the_table_and_the_recipe_line() -> None:
     proc = _plan("--model", str(MODELS / "qwen3-8b.json"), "--gpus", "16", "--seq", "9216")
     assert proc.returncode == 0, proc.stderr
     assert "**chosen**" in proc.stdout
-    assert "recipe: parallel.tensor_parallel_size=4 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=4" in proc.stdout
+    assert ("recipe: parallel.tensor_parallel_size=4 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=4 "
+            "parallel.distributed_optimizer=true model.activation_recompute=none distill.fused_output_layer=true "
+            "distill.teacher_offload=false train.global_batch_prompts=32 train.micro_batch_prompts=2") in proc.stdout
+
+
+def test_tensor_parallel_groups_stay_within_a_node() -> None:
+    """12 GPUs on nodes of 6: TP=4 would put ranks 4-7 on two nodes (launch/plan.py refuses that layout)."""
+    _, plans = choose(ModelShape.from_hf_config(MODELS / "qwen3-8b.json"), Workload(4096, global_batch_prompts=24), 12, 6, 1000)
+    assert {plan.tp for plan in plans} == {1, 2}
 
 
 @pytest.mark.parametrize(
@@ -66,9 +75,14 @@ def test_cli_prints_the_table_and_the_recipe_line() -> None:
         (["--model", "qwen3-8b.json", "--gpus", "12", "--seq", "4096"], "is not a whole number of nodes"),
         (["--model", "missing.json", "--gpus", "8", "--seq", "4096"], "is not a config.json"),
         (["--model", "qwen3-8b.json", "--gpus", "8", "--seq", "4096", "--global-batch-prompts", "3"], "no layout of 8 GPUs divides"),
+        (["--model", "qwen3-8b.json", "--gpus", "8", "--seq", "4096", "--micro-batch-prompts", "0"], "--micro-batch-prompts must be >= 1, got 0"),
+        (["--model", "qwen3-8b.json", "--gpus", "8", "--seq", "-100"], "--seq must be >= 1, got -100"),
+        (["--model", "moe.json", "--gpus", "8", "--seq", "4096"], "moe.json: architectures: expected one of"),
     ],
 )
-def test_refusals_are_named(args: list[str], message: str) -> None:
-    args = [str(MODELS / a) if a.endswith(".json") else a for a in args]
+def test_refusals_are_named(args: list[str], message: str, tmp_path: Path) -> None:
+    moe = json.loads((MODELS / "qwen3-8b.json").read_text()) | {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
+    (tmp_path / "moe.json").write_text(json.dumps(moe))
+    args = [str(tmp_path / a) if a == "moe.json" else str(MODELS / a) if a.endswith(".json") else a for a in args]
     proc = _plan(*args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
