@@ -22,14 +22,17 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"(?:final\s+)?answer\s*:", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\\!|\\ |~| )(?=\d{3}\b)")
 _TRAILING_WORDS = re.compile(r"^([+-]?\d[\d.,/]*)\s+([A-Za-z][A-Za-z ]*)$")
 """`12 dollars`, `5 square cm per second`: a number followed by plain words only (units); the number is the
-answer, unless a word says more than a unit does (`7 is not the answer`, `3 or more`: _NOT_UNITS)."""
-_NOT_UNITS = frozenset("is are was not no or and nor but than more less least most at either neither maybe possibly".split())
+answer, unless a word says more than a unit does (`7 is not the answer`, `3 or more`, `5 thousand`: _NOT_UNITS)."""
+_NOT_UNITS = frozenset(
+    "is are was not no or and nor but than more less least most at either neither maybe possibly "
+    "hundred hundreds thousand thousands million millions billion billions dozen squared cubed times".split()
+)
 _MATH_SPAN = re.compile(r"(?<!\\)\$([^$]+?)(?<!\\)\$")
 _LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNORECASE)
 """What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
@@ -48,7 +51,7 @@ def answer_line(response: str) -> str | None:
     When the marker ends its line (`**Answer:**` then the answer below it), the next non-blank line
     is the answer. None when there is no marker or nothing follows it (a response cut off there).
     """
-    markers = list(_ANSWER_MARKER.finditer(response))
+    markers = [marker for marker in _ANSWER_MARKER.finditer(response) if _opens_answer(response, marker.start())]
     if not markers:
         return None
     rest = response[markers[-1].end() :]
@@ -57,6 +60,14 @@ def answer_line(response: str) -> str | None:
         if text:
             return text
     return None
+
+
+def _opens_answer(response: str, start: int) -> bool:
+    """The marker starts a line, a sentence or a clause (`. Answer :` in the toy task's one-line texts,
+    `= 16 Answer : 16`), not a phrase of the reasoning: an `answer:` after a word (`To check the
+    answer: 12 x 3 = 36`, `Is 12 the answer: 12?`) is not the Answer line."""
+    before = response[:start].rstrip(" \t*#>_")
+    return not before or not before[-1].isalpha()
 
 
 def last_boxed(response: str) -> str | None:
@@ -83,18 +94,24 @@ def normalize(answer: str) -> str:
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
-    text = text.replace("\\$", "").replace("$", "").replace("**", "")
+    text = _unbold(text.replace("\\$", "").replace("$", ""))
     text = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
     text = _DIGIT_GROUP_SPACE.sub("", text)  # `1 000 000` and `1\,000` are one number
     text = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ ", "", text)
+    thousands = _THOUSANDS.match(text.strip().rstrip("."))  # before spaces go: `1, 234` is a list, not 1234
     # Other spaces go, except between two digits: `1 7` is two numbers, not 17.
     text = re.sub(r"(?<=\d)\s+(?=\d)", " ", text)
     text = re.sub(r"(?<![\d ])\s+|\s+(?!\d)", "", text)
     text = text.rstrip(".")
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
-    if _THOUSANDS.match(text):
+    if thousands:
         text = text.replace(",", "")
     return text
+
+
+def _unbold(text: str) -> str:
+    """Markdown bold (`**5**`) unwrapped; a power (`2**3`) kept."""
+    return re.sub(r"\*\*(.+?)\*\*", r"\1", text)
 
 
 def _without_variable(text: str) -> str:
@@ -107,7 +124,7 @@ def _latex_candidate(answer: str) -> str | None:
     Several math spans joined by `,`, `;`, `and` or `or` are one list (`$x=3$ or $x=5$` is `$3, 5$`);
     otherwise the first span is the answer and the rest comment on it (`$5$ because $2+3=5$`), unless
     the words between them take it back (`$2$, not $6$`: no answer). math-verify alone would pick one."""
-    text = answer.strip().replace("**", "").strip()
+    text = _unbold(answer.strip()).strip()
     spans = list(_MATH_SPAN.finditer(text))
     if len(spans) > 1:
         between = [text[left.end() : right.start()] for left, right in zip(spans, spans[1:])]
