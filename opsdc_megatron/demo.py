@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opsdc_megatron.eval.evaluate import evaluate_model
-from opsdc_megatron.eval.results import write_result
+from opsdc_megatron.eval.results import prompts_digest, write_result
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.report import write_report
@@ -117,7 +117,7 @@ def run_demo(
         results = evaluate_model(model, test, instructions, sampling, TEST_SEED, recipe.rollout.generation_batch_prompts)
         for kind, result in results.items():
             write_result(out / "train" / "eval", BENCHMARK, model, data / "test.jsonl", "opsdc", RESULT_INSTRUCTION[kind],
-                         instructions[kind], sampling, TEST_SEED, "hf", result)
+                         instructions[kind], sampling, TEST_SEED, "hf", result, prompts_sha256=prompts_digest(test))
         return results
 
     console.rule("3. evaluate the base model")

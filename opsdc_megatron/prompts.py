@@ -59,14 +59,21 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
             if not isinstance(row.get(key), str):
                 got = "missing" if key not in row else type(row[key]).__name__
                 raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string, got {got}")
-            surrogates = [char for char in row[key] if 0xD800 <= ord(char) <= 0xDFFF]
-            if surrogates:  # JSON admits an unpaired \ud800 escape; UTF-8 and the tokenizer do not
-                raise PromptFileError(f"{path}:{line_number}: field '{key}' holds an unpaired surrogate \\u{ord(surrogates[0]):04x}")
+            surrogate = unpaired_surrogate(row[key])
+            if surrogate:
+                raise PromptFileError(f"{path}:{line_number}: field '{key}' {surrogate}")
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
         records.append(PromptRecord(row["prompt"], row["answer"], extra))
     if not records:
         raise PromptFileError(f"{path}: no prompts")
     return records
+
+
+def unpaired_surrogate(text: str) -> str | None:
+    """'holds an unpaired surrogate \\udXXX' when `text` has one, else None: JSON admits such an escape,
+    but UTF-8 and the tokenizer do not (it failed only when the prompt was encoded, after the model loaded)."""
+    surrogates = [char for char in text if 0xD800 <= ord(char) <= 0xDFFF]
+    return f"holds an unpaired surrogate \\u{ord(surrogates[0]):04x}" if surrogates else None
 
 
 def write_prompts(path: str | Path, records: list[PromptRecord]) -> None:

@@ -147,10 +147,13 @@ def _classify(results: list[ResultFile], run_dir: Path, base_model: Path) -> dic
 
 
 def _unlike(before: ResultFile, after: ResultFile) -> list[str]:
-    """What makes two evaluations of one benchmark not comparable: other data, prompts, samples or sampling."""
+    """What makes two evaluations of one benchmark not comparable: other data, prompts (which ones, as
+    sent), samples, sampling, instruction or dtype. Older result files recorded neither the prompts'
+    digest nor the template nor the dtype; those are compared only when both files have them."""
     settings = {
-        "data": lambda r: r.data, "prompts": lambda r: r.result["n"], "samples": lambda r: r.result["samples_per_prompt"],
-        "sampling": lambda r: r.sampling, "instruction text": lambda r: r.instruction_text,
+        "data": lambda r: r.data, "prompts": lambda r: (r.result["n"], r.prompts_sha256 if before.prompts_sha256 and after.prompts_sha256 else None),
+        "samples": lambda r: r.result["samples_per_prompt"], "sampling": lambda r: r.sampling, "instruction text": lambda r: r.instruction_text,
+        "dtype": lambda r: r.dtype if before.dtype and after.dtype else None,
     }
     return [name for name, get in settings.items() if get(before) != get(after)]
 

@@ -217,8 +217,21 @@ def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(t
     other = tmp_path / "other" / data.name  # another benchmark file of the same name
     other.parent.mkdir()
     other.write_text(data.read_text().splitlines()[0] + "\n")
-    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(other), "--out", str(tmp_path / "out")],
-                       f"holds the evaluation of {model.resolve()} on {data.resolve()}, which this one")
+    with pytest.raises(SystemExit):
+        run_eval(model, other, tmp_path / "out", *flags)
+    assert f"holds the evaluation of {model.resolve()} on {data.resolve()} with other data, prompts_sha256, which this one" in capsys.readouterr().err
+    # The same model and data at another token budget (or template, seed, dtype, samples) is another evaluation, not a replacement.
+    with pytest.raises(SystemExit):
+        run_eval(model, data, tmp_path / "out", *flags, "--max-tokens", "7")
+    assert f"holds the evaluation of {model.resolve()} on {data.resolve()} with other sampling, which this one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_eval(model, data, tmp_path / "out", *flags, "--samples", "3")
+    assert "with other samples, which this one" in capsys.readouterr().err
+    summary = next((tmp_path / "out").glob("*.none.json"))
+    summary.write_text('{"benchmark": "cut sh')
+    with pytest.raises(SystemExit):
+        run_eval(model, data, tmp_path / "out", *flags)
+    assert f"{summary}: not an evaluation result file" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def test_aime2024_parquet_with_integer_answers():
 
 def test_aime2025_jsonl():
     layout, records = load_dataset_file(DATA / "aime2025-I.jsonl")
-    assert (layout.name, layout.benchmark) == ("aime2025", "AIME 2025")
+    assert (layout.name, layout.benchmark) == ("aime2025", None)  # question/answer fields are any Q/A file's (GSM8K): the file names it
     assert [r.answer for r in records] == ["70", "16"] and records[0].prompt.startswith("Find the sum of all integer bases")
 
 
@@ -95,3 +95,20 @@ def test_file_errors(tmp_path):
     with pytest.raises(DatasetLayoutError, match=r"broken\.parquet: not a readable Parquet file"):
         load_dataset_file(tmp_path / "broken.parquet")
     assert issubclass(DatasetLayoutError, PromptFileError)  # the CLI reports both as input errors
+
+
+def test_a_closed_layout_with_an_added_column_is_read_as_the_open_one(tmp_path):
+    layout, records = load_dataset_file(write_jsonl(tmp_path / "math.jsonl", [MATH_ROW | {"idx": 7}]))
+    assert layout.name == "problem_answer" and records[0].extra["idx"] == 7
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"problem": "2+2\ud800?", "answer": "4"}, "problem"),
+    ({"prompt": "2+2?", "answer": "4\udfff"}, "answer"),
+])
+def test_an_unpaired_surrogate_is_named(tmp_path, row, field):
+    """JSON admits the escape; the tokenizer failed on it only after the model or the servers were up."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(row) + "\n")  # the lone surrogate as a \udXXX escape
+    with pytest.raises(DatasetLayoutError, match=rf"s\.jsonl: line 1: field '{field}' holds an unpaired surrogate"):
+        load_dataset_file(path)

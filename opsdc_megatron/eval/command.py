@@ -17,7 +17,6 @@ servers from .venv-sglang, started on the folder for this command and stopped af
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -173,7 +172,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from opsdc_megatron.eval.evaluate import evaluate_model
-    from opsdc_megatron.eval.results import PARTIAL_SUFFIX, SampleStore, result_stem, write_result
+    from opsdc_megatron.eval.results import PARTIAL_SUFFIX, SampleStore, prompts_digest, result_stem, write_result
     from opsdc_megatron.rollout.engine import SamplingParams
 
     records = [replace(r, prompt=args.prompt_template.replace("{problem}", r.prompt)) for r in records[: args.limit]]
@@ -182,18 +181,29 @@ def eval_command(args: argparse.Namespace) -> None:
     names = ("none", "concise") if args.instruction == "both" else (args.instruction,)
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    out, evaluated = Path(args.out), checkpoint or model
-    for name in names:  # another model's or benchmark's results of the same name (two test.jsonl files) stay
+    out, evaluated, digest = Path(args.out), checkpoint or model, prompts_digest(records)
+    for name in names:  # another evaluation's results of the same name (other settings, two test.jsonl files) stay
         previous = out / f"{result_stem(benchmark, evaluated, name)}.json"
-        recorded = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else {}
-        if recorded and (recorded.get("model"), recorded.get("data")) != (str(evaluated.resolve()), str(data.resolve())):
-            print(f"opsdc eval: error: {previous} holds the evaluation of {recorded.get('model')} on {recorded.get('data')}, which this "
-                  f"one ({evaluated} on {data}) would replace: give --name or another --out", file=sys.stderr)
+        try:
+            recorded = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            print(f"opsdc eval: error: {previous}: not an evaluation result file ({error}); remove it or give another --out", file=sys.stderr)
+            sys.exit(2)
+        planned = {
+            "model": str(evaluated.resolve()), "data": str(data.resolve()), "prompts_sha256": digest, "sampling": asdict(sampling),
+            "seed": args.seed, "engine": args.engine, "dtype": args.dtype, "instruction_text": instructions[name],
+        }
+        differ = [key for key, value in planned.items() if key in recorded and recorded[key] != value]
+        if recorded.get("result", {}).get("samples_per_prompt", args.samples) != args.samples:
+            differ.append("samples")
+        if differ:
+            print(f"opsdc eval: error: {previous} holds the evaluation of {recorded.get('model')} on {recorded.get('data')} with other "
+                  f"{', '.join(differ)}, which this one ({evaluated} on {data}) would replace: give --name or another --out, or remove it",
+                  file=sys.stderr)
             sys.exit(2)
     # What a pass's finished samples were drawn from: an interrupted run resumes with them only if all of it is the same.
     run_key = {
-        "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()),
-        "prompts": hashlib.sha256(json.dumps([(r.prompt, r.answer) for r in records]).encode()).hexdigest(),
+        "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()), "prompts": digest,
         "sampling": asdict(sampling), "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
         "hf_config_files": _files_signature(hf_config) if hf_config is not None else None,
     }
@@ -202,7 +212,8 @@ def eval_command(args: argparse.Namespace) -> None:
         return SampleStore(out / f"{result_stem(benchmark, evaluated, name)}{PARTIAL_SUFFIX}", {**run_key, "instruction_text": instructions[name]})
 
     def save(name: str, result) -> None:  # each pass as it ends: a later pass's failure keeps it
-        path = write_result(out, benchmark, evaluated, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result)
+        path = write_result(out, benchmark, evaluated, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result,
+                            prompts_sha256=digest, prompt_template=args.prompt_template, dtype=args.dtype)
         print_result(f"{benchmark}, {evaluated.name}, instruction {name}: mean@{args.samples}", result)
         Console().print(f"wrote {path}")
 

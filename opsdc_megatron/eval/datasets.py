@@ -6,7 +6,7 @@ Supported layouts (column names as published on the Hugging Face hub):
 |---|---|---|
 | math500 | HuggingFaceH4/MATH-500 (test.jsonl) | problem, solution, answer, subject, level, unique_id |
 | aime2024 | Maxwell-Jia/AIME_2024 | ID, Problem, Solution, Answer |
-| aime2025 | opencompass/AIME2025 (aime2025-I/II.jsonl) | question, answer |
+| aime2025 | opencompass/AIME2025 (aime2025-I/II.jsonl; benchmark named by the file) | question, answer |
 | problem_answer | HuggingFaceH4/aime_2024, math-ai/aime25 and the like | problem, answer (+ any) |
 | dapo | BytedTsinghua-SIA/DAPO-Math-17k (parquet) | data_source, prompt (chat messages), ability, reward_model {ground_truth, style}, extra_info |
 | opsdc | this project's prompt files | prompt, answer (+ any) |
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects
+from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects, unpaired_surrogate
 
 
 class DatasetLayoutError(PromptFileError):
@@ -41,10 +41,14 @@ class Layout:
     """Row -> record; the second argument formats an error message with the file and row."""
 
 
-def _text(row: dict, key: str, where: Callable[[str], str]) -> str:
+def _text(row: dict, key: str, where: Callable[[str], str], integers: bool = True) -> str:
     value = row[key]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DatasetLayoutError(where(f"field '{key}' must be a string or an integer, got {type(value).__name__}"))
+    if isinstance(value, bool) or not isinstance(value, (str, int) if integers else str):
+        kinds = "a string or an integer" if integers else "a string"
+        raise DatasetLayoutError(where(f"field '{key}' must be {kinds}, got {type(value).__name__}"))
+    surrogate = unpaired_surrogate(str(value))
+    if surrogate:
+        raise DatasetLayoutError(where(f"field '{key}' {surrogate}"))
     return str(value)
 
 
@@ -67,9 +71,8 @@ def _problem_answer(row: dict, where: Callable[[str], str]) -> PromptRecord:
 
 
 def _opsdc(row: dict, where: Callable[[str], str]) -> PromptRecord:
-    if not isinstance(row["prompt"], str):
-        raise DatasetLayoutError(where(f"field 'prompt' must be a string, got {type(row['prompt']).__name__}"))
-    return PromptRecord(row["prompt"], _text(row, "answer", where), {k: v for k, v in row.items() if k not in ("prompt", "answer")})
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+    return PromptRecord(_text(row, "prompt", where, integers=False), _text(row, "answer", where), extra)
 
 
 def _dapo(row: dict, where: Callable[[str], str]) -> PromptRecord:
@@ -77,15 +80,15 @@ def _dapo(row: dict, where: Callable[[str], str]) -> PromptRecord:
     messages = row["prompt"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise DatasetLayoutError(where("field 'prompt' must be a list of chat messages {role, content}"))
-    user = [m["content"] for m in messages if m["role"] == "user"]
-    if len(user) != 1 or not isinstance(user[0], str):
+    user = [m for m in messages if m["role"] == "user"]
+    if len(user) != 1 or not isinstance(user[0]["content"], str):
         raise DatasetLayoutError(where(f"field 'prompt' must hold exactly one user message, got {len(user)}"))
     reward = row["reward_model"]
     if not isinstance(reward, dict) or reward.get("ground_truth") is None:
         raise DatasetLayoutError(where("field 'reward_model' must be a mapping with 'ground_truth'"))
     extra_info = row["extra_info"] if isinstance(row["extra_info"], dict) else {}
     extra = {"source": row["data_source"], "id": extra_info.get("index")}
-    return PromptRecord(user[0], _text(reward, "ground_truth", where), extra)
+    return PromptRecord(_text(user[0], "content", where, integers=False), _text(reward, "ground_truth", where), extra)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -94,7 +97,7 @@ LAYOUTS: dict[str, Layout] = {
         Layout("dapo", "DAPO-Math-17k", ("data_source", "prompt", "ability", "reward_model", "extra_info"), False, _dapo),
         Layout("math500", "MATH-500", ("problem", "solution", "answer", "subject", "level", "unique_id"), False, _math500),
         Layout("aime2024", "AIME 2024", ("ID", "Problem", "Solution", "Answer"), False, _aime2024),
-        Layout("aime2025", "AIME 2025", ("question", "answer"), False, _aime2025),
+        Layout("aime2025", None, ("question", "answer"), False, _aime2025),  # fields any Q/A file has (GSM8K): the file names it
         Layout("problem_answer", None, ("problem", "answer"), True, _problem_answer),
         Layout("opsdc", None, ("prompt", "answer"), True, _opsdc),
     )
@@ -118,8 +121,10 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def detect_layout(path: Path, first_row: dict) -> Layout:
+    """The first layout the row fits: all its fields, and no others for a closed one (a MATH-500 copy with
+    an added column is read as problem_answer, not refused as MATH-500)."""
     for layout in LAYOUTS.values():
-        if all(key in first_row for key in layout.required):
+        if all(key in first_row for key in layout.required) and (layout.open_ended or set(first_row) == set(layout.required)):
             return layout
     known = "; ".join(f"{l.name}: {', '.join(l.required)}" for l in LAYOUTS.values())
     raise DatasetLayoutError(f"{path}: the first row has fields {sorted(first_row)}, which match no known layout ({known})")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -41,7 +42,16 @@ class ResultFile:
     engine: str
     result: dict
     """EvalResult.as_dict()."""
+    prompts_sha256: str | None = None
+    """`prompts_digest` of the prompts as sent (template applied) and their answers; None in older files."""
+    prompt_template: str | None = None
+    dtype: str | None = None
     path: Path | None = None
+
+
+def prompts_digest(records: list) -> str:
+    """SHA-256 of the prompts (as sent) and their answers: which problems an evaluation asked, not just how many."""
+    return hashlib.sha256(json.dumps([(r.prompt, r.answer) for r in records]).encode()).hexdigest()
 
 
 def _slug(text: str) -> str:
@@ -55,6 +65,7 @@ def result_stem(benchmark: str, model: Path, instruction: str) -> str:
 def write_result(
     out_dir: Path, benchmark: str, model: Path, data: Path, layout: str, instruction: str,
     instruction_text: str | None, sampling: SamplingParams, seed: int, engine: str, result: EvalResult,
+    *, prompts_sha256: str, prompt_template: str = "{problem}", dtype: str = "fp32",
 ) -> Path:
     """The summary and the responses of one evaluation; returns the summary's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +76,7 @@ def write_result(
         "benchmark": benchmark, "model": str(model.resolve()), "data": str(data.resolve()), "layout": layout,
         "instruction": instruction, "instruction_text": instruction_text, "sampling": asdict(sampling),
         "seed": seed, "engine": engine, "result": result.as_dict(),
+        "prompts_sha256": prompts_sha256, "prompt_template": prompt_template, "dtype": dtype,
     }
     path = out_dir / f"{stem}.json"
     write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
