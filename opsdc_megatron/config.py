@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.nodes import AnyNode, ValueNode
+from omegaconf.nodes import AnyNode, StringNode, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, fp8_token_multiple
@@ -315,6 +315,8 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
     node = parent._get_node(leaf, throw_on_missing_key=False) if isinstance(parent, DictConfig) else None
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
     if isinstance(node, ValueNode) and not isinstance(node, AnyNode) and not quoted:
+        if isinstance(node, StringNode):
+            value = value.replace("${", "\\${")  # as written: OmegaConf would resolve `${x}` as an interpolation
         OmegaConf.update(merged, key, None if value in ("", "null") else value, merge=True)
         return merged
     try:
@@ -431,6 +433,14 @@ def validate(config: RunConfig) -> None:
     for key in ("num_servers", "tensor_parallel_size", "bucket_mib", "max_concurrent_requests", "max_attempts"):
         if getattr(config.rollout.sglang, key) < 1:
             raise ConfigError(f"rollout.sglang.{key} must be >= 1, got {getattr(config.rollout.sglang, key)}")
+    servers = config.rollout.sglang
+    last_server_port = servers.base_port + servers.num_servers - 1
+    if not 1 <= servers.base_port <= last_server_port <= 65535:
+        raise ConfigError(f"rollout.sglang.base_port: servers listen on base_port .. base_port + num_servers - 1, which must be ports "
+                          f"(1-65535), got {servers.base_port}..{last_server_port}")
+    if servers.router_port and not (1 <= servers.router_port <= 65535 and not servers.base_port <= servers.router_port <= last_server_port):
+        raise ConfigError(f"rollout.sglang.router_port must be 0 (no router) or a port (1-65535) outside the servers' "
+                          f"{servers.base_port}..{last_server_port}, got {servers.router_port}")
     urls = config.rollout.sglang.server_urls
     if urls and len(urls) != config.rollout.sglang.num_servers:
         raise ConfigError(f"rollout.sglang.server_urls lists {len(urls)} servers, rollout.sglang.num_servers is {config.rollout.sglang.num_servers}")
@@ -450,4 +460,12 @@ def validate(config: RunConfig) -> None:
 
 
 def to_yaml(config: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The config as a recipe that loads back to the same config (a `${` in a string stays text)."""
+    def escaped(value):
+        if isinstance(value, str):
+            return value.replace("${", "\\${")
+        if isinstance(value, dict):
+            return {key: escaped(item) for key, item in value.items()}
+        return [escaped(item) for item in value] if isinstance(value, list) else value
+
+    return OmegaConf.to_yaml(OmegaConf.create(escaped(asdict(config))))

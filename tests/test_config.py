@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from opsdc_megatron.config import ConfigError, load_config
+from opsdc_megatron.config import ConfigError, load_config, to_yaml
 
 RECIPE = "recipes/toy_cpu.yaml"
 
@@ -62,6 +62,9 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["train.seed=18446744073709551619"], "train.seed must be < 2\\*\\*32"),
         ("out_dir: x\n", ["train.seed=4294967296"], "train.seed must be < 2\\*\\*32, got 4294967296"),
         ("out_dir: x\n", ["train.clip_grad=0"], "train.clip_grad must be > 0 \\(a large value never clips\\), got 0"),
+        ("out_dir: x\n", ["rollout.sglang.router_port=30001", "rollout.sglang.num_servers=4"],
+         "rollout.sglang.router_port must be 0 \\(no router\\) or a port \\(1-65535\\) outside the servers' 30000..30003, got 30001"),
+        ("out_dir: x\n", ["rollout.sglang.base_port=65535", "rollout.sglang.num_servers=2"], "which must be ports \\(1-65535\\), got 65535..65536"),
         ("out_dir: x\ntrain:\n  steps: 3\nlog:\n  tensorboard: false\ntrain:\n  lr: 1.0\n", [], "recipe.yaml:10:1: malformed YAML: key 'train' appears twice"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1"], "override 'rollout.sglang.server_urls=[http://a:1': malformed YAML value"),
     ],
@@ -85,6 +88,10 @@ def test_override_values_are_taken_as_written(tmp_path):
     assert (config.out_dir, config.distill.instruction) == ("runs/exp #2", "Be brief. Last line: Answer: $Answer")
     assert (config.log.wandb_run_name, config.train.steps, config.train.lr) == ("1:30", 17, 1e-5)
     assert config.log.tensorboard is False and config.model.megatron_checkpoint is None
+    braces = load_config(write(tmp_path, ""), ["out_dir=x", "distill.instruction=Use ${x}, not $y"])
+    assert braces.distill.instruction == "Use ${x}, not $y"  # not an OmegaConf interpolation
+    (tmp_path / "kept.yaml").write_text(to_yaml(braces))
+    assert load_config(tmp_path / "kept.yaml", []) == braces  # the recipe the launcher and the run folder keep
 
 
 def test_shipped_recipes_load():
