@@ -3,13 +3,14 @@ CPU, to answer toy arithmetic problems concisely without losing accuracy.
 
 1. build (or load from the cache) the toy base model: verbose on plain prompts, concise when told;
 2. write toy prompt files: train, validation (best-checkpoint selection), test (before/after);
-3. evaluate the base model on test prompts, plain and instructed, sampled at temperature 1;
+3. evaluate the base model on test prompts, plain and instructed, sampled with the recipe's eval settings (temperature 1);
 4. run `opsdc train recipes/toy_cpu.yaml` in 2 processes (TP=2);
 5. evaluate the best checkpoint the same way; print the table, write summary.json and the run's report.
 
 The before/after evaluations are written as result files in <out>/train/eval/ (what `opsdc eval`
 writes), from which <out>/train/report.md is rendered (`opsdc report`); `opsdc eval --data
-<out>/data/test.jsonl` with the same settings reproduces the numbers.
+<out>/data/test.jsonl` with the same settings, `--batch-prompts 16` included (samples are drawn per
+block of prompts), reproduces the numbers.
 """
 
 from __future__ import annotations
@@ -110,14 +111,15 @@ def run_demo(
 
     overrides = [*_recipe_paths(out), f"model.hf_path={base}", *overrides]
     recipe = load_config(RECIPE, overrides)
-    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=recipe.eval.max_response_tokens)
+    sampling = SamplingParams(recipe.eval.temperature, recipe.eval.top_p, recipe.eval.top_k, recipe.eval.max_response_tokens)
     instructions = {"plain": None, "instructed": recipe.distill.instruction}
 
     def evaluate_and_record(model: Path) -> dict:
         results = evaluate_model(model, test, instructions, sampling, TEST_SEED, recipe.rollout.generation_batch_prompts)
         for kind, result in results.items():
             write_result(out / "train" / "eval", BENCHMARK, model, data / "test.jsonl", "opsdc", RESULT_INSTRUCTION[kind],
-                         instructions[kind], sampling, TEST_SEED, "hf", result, prompts_sha256=prompts_digest(test))
+                         instructions[kind], sampling, TEST_SEED, "hf", result, prompts_sha256=prompts_digest(test),
+                         batch_prompts=recipe.rollout.generation_batch_prompts)
         return results
 
     console.rule("3. evaluate the base model")

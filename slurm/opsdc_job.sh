@@ -49,13 +49,14 @@ log() { echo "[opsdc $(date +%T) job $SLURM_JOB_ID restart $RESTART] $*"; }
 declare -A STEP_PIDS
 REQUEUE_ASKED=0
 on_usr1() {
+    INTERRUPTED=1
     log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
     REQUEUE_ASKED=1
     [ -n "${STEP_PIDS[trainer]:-}" ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
 }
 trap on_usr1 USR1
 TERM_RECEIVED=0
-trap 'TERM_RECEIVED=1; log "received SIGTERM: the trainer finishes its step and checkpoints if SLURM waits long enough (KillWait)"' TERM
+trap 'TERM_RECEIVED=1; INTERRUPTED=1; log "received SIGTERM: the trainer finishes its step and checkpoints if SLURM waits long enough (KillWait)"' TERM
 requeue() {  # requeue REASON: ask SLURM to run the job again; exit 75 when it refuses (--no-requeue, site policy)
     log "$1; requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
@@ -200,26 +201,29 @@ fi
 # --- 5. wait for the trainer (the signal traps are set at the top) --------------------------------------
 [ "$REQUEUE_ASKED" = 1 ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null  # it came as the step started (srun may not pass it on yet)
 log "trainer started ($OPSDC_TRAINER_NODES node(s) x $OPSDC_TRAINER_TASKS_PER_NODE processes)"
-while true; do
+while true; do  # a trapped signal interrupts wait (status 128 + signal); the step's own status comes from waiting again
+    INTERRUPTED=0
     wait "${STEP_PIDS[trainer]}"; STATUS=$?
-    kill -0 "${STEP_PIDS[trainer]}" 2>/dev/null || break  # else a trapped signal interrupted wait
+    [ "$INTERRUPTED" = 1 ] || break
 done
 stop_steps
 # After SIGUSR1 the exit status is not enough: the first rank to exit 75 makes srun (--kill-on-bad-exit)
-# terminate the others, so srun may report 143. The line rank 0 prints when it has checkpointed and
-# stops on request (train/preemption.py) tells a stop from a crash, which is reported, not requeued.
+# terminate the others, so srun may report 143. The line rank 0 prints when it stops on request
+# (train/preemption.py) tells a clean stop from a crash, which is reported, not requeued.
 STOPPED=0
-grep -q "checkpoint saved, exit 75" "$LOG_DIR/trainer.log" 2>/dev/null && STOPPED=1
+grep -q "opsdc train: stopping" "$LOG_DIR/trainer.log" 2>/dev/null && STOPPED=1
+MAX_REQUEUES=${OPSDC_MAX_REQUEUES:-20}
 if [ "$STATUS" = 0 ]; then
     log "trainer finished"; exit 0
-elif [ "$REQUEUE_ASKED" = 1 ] && [ "$STOPPED" = 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
+elif [ "$STOPPED" = 1 ] && [ "$REQUEUE_ASKED" = 1 ] && [ "$RESTART" -lt "$MAX_REQUEUES" ]; then
     requeue "trainer stopped on SIGUSR1 (status $STATUS)"
-elif [ "$REQUEUE_ASKED" = 1 ] && [ "$STOPPED" = 0 ]; then
-    log "FAILED: after SIGUSR1 the trainer exited with status $STATUS without its stop checkpoint (see $LOG_DIR/trainer.log); not requeued"
-    exit "$STATUS"
 elif [ "$TERM_RECEIVED" = 1 ]; then
     log "trainer stopped on SIGTERM (status $STATUS); SLURM requeues or ends the job"; exit "$STATUS"
-elif [ "$STATUS" = 75 ]; then
+elif [ "$STOPPED" = 1 ]; then
+    [ "$REQUEUE_ASKED" = 1 ] && log "OPSDC_MAX_REQUEUES ($MAX_REQUEUES) reached"
     log "trainer checkpointed and stopped (exit 75); rerun the same command to resume"; exit 75
+elif [ "$REQUEUE_ASKED" = 1 ]; then
+    log "FAILED: after SIGUSR1 the trainer exited with status $STATUS without its stop checkpoint (see $LOG_DIR/trainer.log); not requeued"
+    exit "$STATUS"
 fi
 log "FAILED: trainer exited with status $STATUS (see $LOG_DIR/trainer.log)"; exit "$STATUS"

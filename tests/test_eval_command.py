@@ -179,6 +179,8 @@ def test_input_errors(toy, tmp_path, capsys):
     expect_input_error(capsys, ["eval", "--model", str(no_template), "--data", str(data)], f"{no_template}: the tokenizer has no chat template")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--layout", "math500"], "line 1: missing field 'problem'")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--prompt-template", "Solve:"], "--prompt-template must contain {problem}")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--instruction", "concise", "--instruction-text", " "],
+                       "--instruction concise needs an instruction, but --instruction-text is empty")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--hf-config", str(model)], "--hf-config is for a megatron checkpoint")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--engine", "sglang", "--sglang-python", str(tmp_path / "no" / "python")],
                        f"--engine sglang: SGLang interpreter {tmp_path / 'no' / 'python'} not found")
@@ -227,6 +229,9 @@ def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(t
     with pytest.raises(SystemExit):
         run_eval(model, data, tmp_path / "out", *flags, "--samples", "3")
     assert "with other samples, which this one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # samples are drawn per block of prompts with one seed
+        run_eval(model, data, tmp_path / "out", *flags, "--batch-prompts", "2")
+    assert "with other batch_prompts, which this one" in capsys.readouterr().err
     summary = next((tmp_path / "out").glob("*.none.json"))
     summary.write_text('{"benchmark": "cut sh')
     with pytest.raises(SystemExit):

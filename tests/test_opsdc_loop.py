@@ -47,15 +47,25 @@ def train_args(setup, out, *overrides):
 FORK_GUARD = Path(__file__).parent / "fork_guard"
 
 
-def train(setup, out, *overrides):
-    """`opsdc train`; no process of it may fork (tests/fork_guard: a fork from its threads can hang the child)."""
+def fork_guarded(out) -> dict:
+    """The environment for an `opsdc train` into `out` in which any fork is recorded (tests/fork_guard):
+    a fork from the trainer's threads can hang the child, so the trainer must not fork."""
     forks = out.parent / f"{out.name}.forks"
     forks.mkdir(exist_ok=True)
-    env = dict(os.environ, OPSDC_TEST_FORK_LOG=str(forks), PYTHONPATH=os.pathsep.join(filter(None, [str(FORK_GUARD), os.environ.get("PYTHONPATH")])))
+    return dict(os.environ, OPSDC_TEST_FORK_LOG=str(forks), PYTHONPATH=os.pathsep.join(filter(None, [str(FORK_GUARD), os.environ.get("PYTHONPATH")])))
+
+
+def assert_no_forks(out) -> None:
+    forks = sorted((out.parent / f"{out.name}.forks").iterdir())
+    assert not forks, "the trainer forked:\n" + "\n".join(p.read_text() for p in forks)
+
+
+def train(setup, out, *overrides):
+    """`opsdc train`, fork-guarded; the train records by step."""
     proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=600, env=fork_guarded(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert not any(forks.iterdir()), "the trainer forked:\n" + "\n".join(p.read_text() for p in sorted(forks.iterdir()))
+    assert_no_forks(out)
     return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
 
 
@@ -216,7 +226,7 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
     out = tmp_path / "preempted"
     every_step = ("train.steps=4", "eval.every_steps=1", "parallel.tensor_parallel_size=1", "checkpoint.save_every_steps=0")
     command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *every_step)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fork_guarded(out))
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and any(m["kind"] == "train" for m in read_metrics(metrics))):
@@ -224,10 +234,11 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
         time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]
+    assert proc.returncode == 75 and "opsdc train: stopping after step" in stderr, stderr[-3000:]
+    assert_no_forks(out)
     latest = (out / "checkpoints" / "latest").read_text().strip()
     stopped = json.loads((out / "checkpoints" / latest / "trainer_state.json").read_text())
-    assert 1 <= stopped["step"] < 4, stopped
+    assert 1 <= stopped["step"] <= 4, stopped  # at step 4, the last, too: the resumed run pushes, evaluates and exports
     evals = [m["step"] for m in read_metrics(metrics) if m["kind"] == "eval"]
     evaluated_through = stopped["step"] - 1 if stopped["eval_pending"] else stopped["step"]
     assert evals == list(range(evaluated_through + 1)), (evals, stopped)
@@ -241,6 +252,33 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
     assert final_state["best"]["step"] == best_step, (final_state["best"], records)
     best, final = (load_file(out / name / "model.safetensors") for name in ("best_hf", "final_hf"))
     assert all(torch.equal(best[k], final[k]) for k in final) == (best_step == 4)
+
+
+def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(setup, tmp_path):
+    """SIGUSR1 during start-up (here once the run folder's config is written, before the step-0 eval):
+    the watch, made first thing in the process, records it; the run stops before step 1 without a
+    checkpoint (step 0 has no optimizer state to save; a step-0 one could not be loaded) and exits 75;
+    the same command then runs from the start."""
+    out = tmp_path / "early"
+    overrides = ("train.steps=1", "eval.every_steps=1", "eval.max_response_tokens=64", "parallel.tensor_parallel_size=1")
+    command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fork_guarded(out))
+    deadline = time.monotonic() + 300
+    while not (out / "config.yaml").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run folder was not written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    if "opsdc train: stopping before step 1 on SIGUSR1; nothing to checkpoint" in stderr:  # during the step-0 eval, as a rule
+        assert not list(out.glob("checkpoints/step_*"))
+    else:  # a machine fast enough to finish that eval first stops at step 1, the last one: its push, eval and export are left
+        assert "opsdc train: stopping after step 1 on SIGUSR1; checkpoint saved" in stderr, stderr[-3000:]
+        assert json.loads((out / "checkpoints" / "step_000001" / "trainer_state.json").read_text())["eval_pending"]
+        assert not (out / "final_hf").exists()
+    assert train(setup, out, *overrides).keys() == {1}
+    assert sorted(m["step"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "eval") == [0, 1]
+    assert (out / "final_hf" / "model.safetensors").is_file()
 
 
 def run_cli(setup, out, *overrides):

@@ -56,9 +56,9 @@ def run_dir(tmp_path):
         tmp_path / "other": fake_result([1, 1, 1, 1], [True] * 4),
     }
     for model, result in results.items():
-        write_result(run / "eval", "MATH-500", model, data, "math500", "none", None, SAMPLING, 0, "hf", result, prompts_sha256="four")
+        write_result(run / "eval", "MATH-500", model, data, "math500", "none", None, SAMPLING, 0, "hf", result, prompts_sha256="four", batch_prompts=4)
     write_result(run / "eval", "MATH-500", base, data, "math500", "concise", "be concise", SAMPLING, 0, "hf", fake_result([30] * 4, [True] * 4),
-                 prompts_sha256="four")
+                 prompts_sha256="four", batch_prompts=4)
     return run
 
 
@@ -89,7 +89,7 @@ def test_unlike_evaluations_are_not_compared(run_dir, tmp_path):
     """best_hf evaluated on 8 prompts at another temperature: both sizes shown, no change or compression."""
     other_sampling = SamplingParams(1.0, 0.95, 20, 64)
     write_result(run_dir / "eval", "MATH-500", run_dir / "best_hf", tmp_path / "math.jsonl", "math500", "none", None, other_sampling, 0, "hf",
-                 fake_result([20] * 8, [True] * 8), prompts_sha256="eight")
+                 fake_result([20] * 8, [True] * 8), prompts_sha256="eight", batch_prompts=4)
     main(["report", str(run_dir)])
     report = (run_dir / "report.md").read_text()
     unlike = "not comparable (prompts, sampling differ)"
@@ -99,7 +99,7 @@ def test_unlike_evaluations_are_not_compared(run_dir, tmp_path):
 def test_evaluations_of_other_prompts_are_not_compared(run_dir, tmp_path):
     """best_hf evaluated on 4 other prompts (another template, say) at the same settings: as many prompts is not the same ones."""
     write_result(run_dir / "eval", "MATH-500", run_dir / "best_hf", tmp_path / "math.jsonl", "math500", "none", None, SAMPLING, 0, "hf",
-                 fake_result([20, 10, 30, 20], [True, True, True, False]), prompts_sha256="four others", prompt_template="{problem} Be brief.")
+                 fake_result([20, 10, 30, 20], [True, True, True, False]), prompts_sha256="four others", batch_prompts=4, prompt_template="{problem} Be brief.")
     main(["report", str(run_dir)])
     assert "| MATH-500 | 4 x 1 | 0.500 | 0.750 | not comparable (prompts differ) |" in (run_dir / "report.md").read_text()
 

@@ -74,3 +74,13 @@ def test_push_with_wrong_names_is_refused(tiny):
     config, weights = tiny
     with pytest.raises(KeyError, match="model.norm.weight"):
         engine.update_weights({k: v for k, v in weights.items() if k != "model.norm.weight"}, version=5)
+
+
+def test_sampling_leaves_the_trainers_random_stream_alone(tiny):
+    """A rollout's seed is set in a forked generator state: the process's stream goes on as if no rollout ran."""
+    engine = engine_for(tiny, stop=[1])
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    engine.generate([[5, 6, 7]] * 2, SamplingParams(max_new_tokens=3), seed=4)
+    assert torch.equal(torch.rand(4), expected)

@@ -155,6 +155,8 @@ def eval_command(args: argparse.Namespace) -> None:
             raise ValueError(f"--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0, got {args.temperature}, {args.top_p}, {args.top_k}")
         if "{problem}" not in args.prompt_template:
             raise ValueError(f"--prompt-template must contain {{problem}}, got {args.prompt_template!r}")
+        if args.instruction != "none" and not args.instruction_text.strip():
+            raise ValueError(f"--instruction {args.instruction} needs an instruction, but --instruction-text is empty")
         model, data = Path(args.model), Path(args.data)
         checkpoint = find_megatron_checkpoint(model)
         if checkpoint is None:
@@ -191,7 +193,8 @@ def eval_command(args: argparse.Namespace) -> None:
             sys.exit(2)
         planned = {
             "model": str(evaluated.resolve()), "data": str(data.resolve()), "prompts_sha256": digest, "sampling": asdict(sampling),
-            "seed": args.seed, "engine": args.engine, "dtype": args.dtype, "instruction_text": instructions[name],
+            "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
+            "instruction_text": instructions[name],
         }
         differ = [key for key, value in planned.items() if key in recorded and recorded[key] != value]
         if recorded.get("result", {}).get("samples_per_prompt", args.samples) != args.samples:
@@ -213,7 +216,7 @@ def eval_command(args: argparse.Namespace) -> None:
 
     def save(name: str, result) -> None:  # each pass as it ends: a later pass's failure keeps it
         path = write_result(out, benchmark, evaluated, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result,
-                            prompts_sha256=digest, prompt_template=args.prompt_template, dtype=args.dtype)
+                            prompts_sha256=digest, batch_prompts=args.batch_prompts, prompt_template=args.prompt_template, dtype=args.dtype)
         print_result(f"{benchmark}, {evaluated.name}, instruction {name}: mean@{args.samples}", result)
         Console().print(f"wrote {path}")
 

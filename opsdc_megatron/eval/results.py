@@ -46,6 +46,8 @@ class ResultFile:
     """`prompts_digest` of the prompts as sent (template applied) and their answers; None in older files."""
     prompt_template: str | None = None
     dtype: str | None = None
+    batch_prompts: int | None = None
+    """Prompts sampled as one batch with one seed: the samples depend on it."""
     path: Path | None = None
 
 
@@ -65,7 +67,7 @@ def result_stem(benchmark: str, model: Path, instruction: str) -> str:
 def write_result(
     out_dir: Path, benchmark: str, model: Path, data: Path, layout: str, instruction: str,
     instruction_text: str | None, sampling: SamplingParams, seed: int, engine: str, result: EvalResult,
-    *, prompts_sha256: str, prompt_template: str = "{problem}", dtype: str = "fp32",
+    *, prompts_sha256: str, batch_prompts: int, prompt_template: str = "{problem}", dtype: str = "fp32",
 ) -> Path:
     """The summary and the responses of one evaluation; returns the summary's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def write_result(
         "benchmark": benchmark, "model": str(model.resolve()), "data": str(data.resolve()), "layout": layout,
         "instruction": instruction, "instruction_text": instruction_text, "sampling": asdict(sampling),
         "seed": seed, "engine": engine, "result": result.as_dict(),
-        "prompts_sha256": prompts_sha256, "prompt_template": prompt_template, "dtype": dtype,
+        "prompts_sha256": prompts_sha256, "prompt_template": prompt_template, "dtype": dtype, "batch_prompts": batch_prompts,
     }
     path = out_dir / f"{stem}.json"
     write_text_atomic(path, json.dumps(summary, indent=2) + "\n")

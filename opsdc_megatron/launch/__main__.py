@@ -30,11 +30,13 @@ from opsdc_megatron.config import ConfigError, merge_config, to_yaml
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.launch.plan import JobPlan, PlanError, plan_job, trainer_checks
 
-# Each task: its rank from SLURM, the rendezvous on the first node's address (NodeAddr, which also
-# works where node names do not resolve), then the trainer, which sees LOCAL_RANK and runs in place.
+# Each task: its rank from SLURM, the rendezvous on the address of the node srun was started from (the
+# batch script's, the allocation's first node, which holds task 0; an address, so unresolvable node
+# names do not matter, and no SLURM client tools are needed inside a container image), then the
+# trainer, which sees LOCAL_RANK and runs in place.
 SLURM_TASK = """\
 export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
-export MASTER_ADDR=$(scontrol show node "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" -o | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')
+export MASTER_ADDR=$SLURM_LAUNCH_NODE_IPADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000)) OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 export CUDA_DEVICE_MAX_CONNECTIONS=${{CUDA_DEVICE_MAX_CONNECTIONS:-1}} TORCH_NCCL_ASYNC_ERROR_HANDLING=${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}}
 cd {home}

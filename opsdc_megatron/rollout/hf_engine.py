@@ -77,11 +77,14 @@ class HFRolloutEngine(RolloutEngine):
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
         )
-        torch.manual_seed(seed % 2**63)  # derived seeds (engine.generate_across_ranks) outgrow int64 from train.seed ~1.8e7
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
+        # The sampling seed in a forked generator state: the trainer's own random streams (dropout, if
+        # ever enabled) are not reset to it by every rollout.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed % 2**63)  # derived seeds (engine.generate_across_ranks) outgrow int64 from train.seed ~1.8e7
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         rollouts = []
         for row, tokens in enumerate(output[:, width:].tolist()):
             response, reason = [], "length"

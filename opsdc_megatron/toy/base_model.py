@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.eval.evaluate import evaluate_model
-from opsdc_megatron.prompts import encode_prompt
+from opsdc_megatron.prompts import encode_prompt, user_message
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.toy import task
 from opsdc_megatron.toy import tokenizer as toy_tokenizer
@@ -75,8 +76,10 @@ class BuildSettings:
 
 def recipe_hash(settings: BuildSettings, seed: int) -> str:
     """Short hash of the full recipe: settings, seed, and the source of the task, tokenizer and this
-    builder (any change to their texts, ranges, rates, split or training code is a new model)."""
+    builder, and of the prompt layout it trains on (any change to their texts, ranges, rates, split,
+    prompt format or training code is a new model)."""
     sources = [Path(module.__file__).read_text(encoding="utf-8") for module in (task, toy_tokenizer, sys.modules[__name__])]
+    sources += [inspect.getsource(function) for function in (encode_prompt, user_message)]
     recipe = {
         "settings": asdict(settings),
         "seed": seed,

@@ -24,7 +24,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from opsdc_megatron.config import ConfigError
 from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
-from opsdc_megatron.files import write_text_atomic
+from opsdc_megatron.files import fsync_folder, write_text_atomic
 from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
 
 LATEST = "latest"
@@ -65,6 +65,7 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
     dist_checkpointing.save(state, str(tmp), sharded_strategy=InProcessTorchDistSave())  # megatron's own writer forks
     dist.barrier()
     if rank0:
+        fsync_folder(tmp, files=True)  # megatron's common.pt and metadata.json are not synced: the marker below must not precede them
         write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

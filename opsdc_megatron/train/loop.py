@@ -149,8 +149,8 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         saved_step = step
 
     for step in range(state["step"] + 1, config.train.steps + 1):
-        if preemption.requested():  # the signal came after the last step's check: during its push, eval or save
-            if saved_step != state["step"]:
+        if preemption.requested():  # during start-up, or after the last step's check: during its push, eval or save
+            if saved_step != state["step"] and state["step"] > 0:  # step 0 has no optimizer state to save, nor anything to lose
                 save(state["step"])
             preemption.exit_after_checkpoint(state["step"])
         started = time.perf_counter()
@@ -169,7 +169,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         refreshed = teacher.after_optimizer_step(student)
         # SIGUSR1/SIGTERM: checkpoint now, then exit. The push and the eval are left to the resumed run:
         # they need the rollout servers, and in a preempted job the servers got the signal too.
-        stopping = step < config.train.steps and preemption.requested()
+        stopping = preemption.requested()  # at the last step too: the resumed run does its push, eval and final export
         eval_due = bool(config.eval.every_steps) and step % config.eval.every_steps == 0
         if not stopping:
             pushed.clear()  # the last step's host copy goes first: one copy of the model in host memory, not two

@@ -25,8 +25,8 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-STOPPED_LINE = "checkpoint saved, exit"
-"""Part of the line rank 0 prints when it stops on request; slurm/opsdc_job.sh requeues a job after
+STOPPED_LINE = "opsdc train: stopping"
+"""How the line rank 0 prints when it stops on request begins; slurm/opsdc_job.sh requeues a job after
 SIGUSR1 only when its trainer log has it (a trainer that crashed instead is reported, not requeued)."""
 
 
@@ -58,10 +58,13 @@ class PreemptionWatch:
         return bool(flag.item())
 
     def exit_after_checkpoint(self, step: int) -> None:
-        """Called after the checkpoint of `step` is complete on every rank."""
+        """Called after the checkpoint of `step` is complete on every rank; step 0 (a fresh run stopped
+        before its first step) has none: a new start gives the same run."""
         import torch.distributed as dist
 
         if dist.get_rank() == 0:
-            print(f"opsdc train: stopping after step {step} on {self.received or 'a signal to another rank'}; "
-                  f"{STOPPED_LINE} {PREEMPTED_EXIT_CODE} (run again to resume)", file=sys.stderr, flush=True)
+            done = f"after step {step}" if step else "before step 1"
+            saved = "checkpoint saved" if step else "nothing to checkpoint"
+            print(f"{STOPPED_LINE} {done} on {self.received or 'a signal to another rank'}; {saved}, exit {PREEMPTED_EXIT_CODE} "
+                  f"(run again to resume)", file=sys.stderr, flush=True)
         raise SystemExit(PREEMPTED_EXIT_CODE)
