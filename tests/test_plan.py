@@ -43,6 +43,31 @@ def test_memory_model_rules() -> None:
     assert recomputed.memory_gib["activations"] < one.memory_gib["activations"] / 4
 
 
+def test_pipeline_stage_rules() -> None:
+    """1F1B keeps min(PP, micro-batches) micro-batches in flight on a stage of layers / PP layers; the
+    first stage holds the embedding only (the output layer is on the last), and a stage's parameters
+    are its share of the layers."""
+    model = ModelShape.from_hf_config(MODELS / "qwen3-8b.json")
+    work = Workload(seq_tokens=9216)
+    flat, piped = estimate(model, work, tp=1, pp=1, dp=8), estimate(model, work, tp=1, pp=4, dp=2)
+    per_layer = flat.memory_gib["activations"] / model.layers  # PP = 1: one micro-batch of every layer in flight
+    assert piped.micro_batches_per_rank == 8
+    assert piped.memory_gib["activations"] == pytest.approx(per_layer * model.layers / 4 * 4)
+    embedding_gib = model.vocab * model.hidden / GIB
+    layers_gib = model.layers * model.layer_params / GIB
+    assert piped.memory_gib["weights"] == pytest.approx(2 * (layers_gib / 4 + embedding_gib))
+    assert flat.memory_gib["weights"] == pytest.approx(2 * (layers_gib + 2 * embedding_gib))  # untied: both ends on the one stage
+
+
+def test_teacher_offload_lets_a_smaller_layout_fit() -> None:
+    """Qwen3-14B on 8 GPUs: nothing fits at TP=2 with a resident teacher; streamed, TP=2 x DP=4 does (with recompute)."""
+    model = ModelShape.from_hf_config(MODELS / "qwen3-14b.json")
+    resident, _ = choose(model, Workload(9216), 8, 8, H100_80GB_GIB)
+    streamed, _ = choose(model, Workload(9216, teacher_offload=True), 8, 8, H100_80GB_GIB)
+    assert (resident.tp, resident.dp) == (4, 2) and (streamed.tp, streamed.pp, streamed.dp, streamed.recompute) == (2, 1, 4, True)
+    assert streamed.memory_gib["teacher"] < resident.memory_gib["teacher"] / 4
+
+
 def test_choices_for_the_recipes_models() -> None:
     """Smallest model-parallel group that fits an H100 80GB; full recompute only when needed."""
     chosen = {}
