@@ -159,10 +159,11 @@ def test_packed_rank_split_covers_every_response_token():
         "no token budget: padded groups of micro_batch_prompts"
 
 
-def response_tokens_read(batch) -> list[list[int]]:
-    """The response tokens each sequence's student logit index predicts, read back from the packed row."""
+def response_tokens_read(batch, stream: str = "student") -> list[list[int]]:
+    """The response tokens each sequence's logit index in `stream` predicts, read back from its packed row."""
+    tokens, index = getattr(batch, f"{stream}_tokens"), getattr(batch, f"{stream}_logit_index")
     return [
-        batch.student_tokens[0, batch.student_logit_index[row, : int(batch.response_mask[row].sum())] + 1].tolist()
+        tokens[0, index[row, : int(batch.response_mask[row].sum())] + 1].tolist()
         for row in range(batch.response_mask.shape[0])
     ]
 
@@ -179,8 +180,9 @@ def test_interleaved_token_budget_micro_batches_share_one_message_shape(pipeline
     assert len(messages) == 1 and next(iter(messages))[0] <= 60, messages
     assert any(len(b.teacher_packing.cu_seqlens_q) == len(b.response_mask) + 1 for b in batches), \
         "padded to the largest micro-batch, which has no padding segment"
-    read = sorted(r for b in batches for r in response_tokens_read(b) if r)
-    assert read == sorted(s.response_ids for s in sequences), "every response once, at the right positions"
+    for stream in ("student", "teacher"):  # the teacher rows are padded to the message width too
+        read = sorted(r for b in batches for r in response_tokens_read(b, stream) if r)
+        assert read == sorted(s.response_ids for s in sequences), f"{stream}: every response once, at the right positions"
     for batch in batches:
         teacher = batch.teacher_packing.cu_seqlens_q.tolist()
         assert teacher[-1] == batch.teacher_tokens.shape[1] and batch.teacher_packing.max_seqlen_q == max(
