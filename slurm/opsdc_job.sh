@@ -89,9 +89,18 @@ url_host() { if [[ $1 == *:* ]]; then echo "[$1]"; else echo "$1"; fi; }  # an I
 ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
 TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
 # torch.distributed rendezvous on the first trainer node; its port from the job id so that jobs
-# sharing a node (and the simulated nodes of the test cluster) do not collide. SGLang ports: rollout.sglang.
+# sharing a node (and the simulated nodes of the test cluster) do not collide. SGLang's ports: the recipe's
+# (rollout.sglang.base_port, router_port) shifted by 100 x (job id mod 20) for the same reason; a job on
+# another's ports would take that job's servers, which answer /health, for its own.
 export MASTER_ADDR; MASTER_ADDR=$(node_addr "${TRAINER_HOSTS[0]}")
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000))
+PORT_SHIFT=$((SLURM_JOB_ID % 20 * 100))
+OPSDC_SERVER_BASE_PORT=$((OPSDC_SERVER_BASE_PORT + PORT_SHIFT))
+[ "$OPSDC_ROUTER_PORT" -gt 0 ] && OPSDC_ROUTER_PORT=$((OPSDC_ROUTER_PORT + PORT_SHIFT))
+if [ $((OPSDC_SERVER_BASE_PORT + OPSDC_SERVERS_PER_ROLLOUT_NODE)) -gt 65536 ] || [ "$OPSDC_ROUTER_PORT" -gt 65535 ]; then
+    log "FAILED before starting anything: rollout.sglang.base_port/router_port + $PORT_SHIFT (this job's shift) pass 65535; lower them"; exit 2
+fi
+[ "$OPSDC_ROLLOUT_ENGINE" = sglang ] && OVERRIDES+=("rollout.sglang.base_port=$OPSDC_SERVER_BASE_PORT" "rollout.sglang.router_port=$OPSDC_ROUTER_PORT")
 TRAINER_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: TP communication kept in order (trainer step only: SGLang overlaps streams)
 unset CUDA_DEVICE_MAX_CONNECTIONS  # a value from the submitting shell would reach the server step too
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead rank ends the step, not a hang
@@ -102,6 +111,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LOG_DIR=$OPSDC_OUT_DIR/slurm_logs/job_${SLURM_JOB_ID}_restart_${RESTART}
 [ "$VALIDATE" = 1 ] || mkdir -p "$LOG_DIR"
 log "rollout nodes: ${ROLLOUT_HOSTS[*]:-none}; trainer nodes: ${TRAINER_HOSTS[*]}; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; logs in $LOG_DIR"
+[ "$OPSDC_ROLLOUT_ENGINE" = sglang ] && log "SGLang ports: servers from $OPSDC_SERVER_BASE_PORT, router $OPSDC_ROUTER_PORT (0: none): the recipe's + $PORT_SHIFT for this job"
 
 # Each step states its task count: srun would otherwise take the job's (SLURM_NTASKS) for a step on fewer nodes.
 start_step() {  # start_step NAME SRUN_ARGS...: a background srun step named NAME (validation mode: print it)

@@ -268,7 +268,7 @@ def test_toy_recipe_with_an_sglang_server_step(cluster, toy):
                          extra_env=dead_proxy)
     log = (toy / "sglang.log").read_text()
     assert status == 0, log[-5000:]
-    assert f"rollout servers ready: http://127.0.0.1:{port}" in log and "trainer finished" in log
+    assert f"rollout servers ready: http://127.0.0.1:{port + int(job) % 20 * 100}" in log and "trainer finished" in log
     steps = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", "JobID,JobName,NodeList"], env=cluster, capture_output=True, text=True).stdout
     named = {line.split("|")[1]: line.split("|")[2] for line in steps.splitlines() if "." in line.split("|")[0]}
     assert named.get("sglang_servers") == "node1" and named.get("trainer") == "node2", steps
@@ -309,7 +309,9 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     router = steps["sglang_router"]
     assert "opsdc_megatron.launch.sglang_step" in router and "router" in router
     worker_urls = router[router.index("--worker-urls") + 1].split(",")
-    assert worker_urls == [f"http://127.0.0.1:{30000 + i}" for i in range(servers_per_node)]
+    shift = int(job) % 20 * 100  # jobs sharing a node do not share SGLang ports
+    assert worker_urls == [f"http://127.0.0.1:{30000 + shift + i}" for i in range(servers_per_node)]
+    assert f"rollout.sglang.base_port={30000 + shift}" in servers and f"rollout.sglang.router_port={30999 + shift}" in router
     assert f"rollout.sglang.server_urls=[{','.join(worker_urls)}]" in trainer
     assert "trainer inputs not checked here: model.hf_path: models/Qwen3-" in text  # no checkpoint on the test cluster
     assert not (tmp_path / "run" / "slurm_logs").exists()
