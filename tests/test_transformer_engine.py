@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from opsdc_megatron.config import ConfigError, load_config
-from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, guard_broken_transformer_engine
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ warnings.simplefilter("always")
 from megatron.core.models.gpt import GPTModel
 from opsdc_megatron.models.layer_spec import gpt_layer_spec
 from opsdc_megatron.models.sdpa_attention import SDPAttention
-from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8
+from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, guard_broken_transformer_engine
 spec = gpt_layer_spec("sdpa")
 assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
 assert gpt_layer_spec("auto").submodules.self_attention.submodules.core_attention is not SDPAttention  # CPU: local
@@ -68,6 +69,7 @@ def test_broken_transformer_engine_is_reported_not_fatal(tmp_path: Path, kind: s
     assert "TE SPEC ERROR: attention backend 'te' needs Transformer Engine" in guarded.stdout
 
 
+@pytest.mark.skipif(guard_broken_transformer_engine().available, reason="Transformer Engine is installed here: FP8 is no error")
 def test_fp8_without_transformer_engine_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.fp8.format='hybrid' needs Transformer Engine: transformer_engine is not installed"):
         load_config(ROOT / "recipes" / "toy_cpu.yaml", ["model.hf_path=x", "out_dir=x", "data.train_prompts=x", "model.fp8.format=hybrid"])
@@ -84,3 +86,40 @@ def test_fp8_token_multiple_follows_megatron_alignment() -> None:
 
     assert fp8_token_multiple(FP8Config()) == 1
     assert {fp8_token_multiple(FP8Config(format="hybrid", recipe=recipe)) for recipe in FP8_RECIPES} == {16}
+
+
+def _attach_fp8_initial_value_copy(param) -> None:
+    """What Transformer Engine's `fp8_model_init(preserve_high_precision_init_val=True)` gives each FP8
+    parameter (with `model.fp8.param_gather`), stood in for because TE cannot be installed here: a
+    high-precision copy of its random initial value and a getter, from which megatron's distributed
+    optimizer takes its fp32 main weights."""
+    param._high_precision_init_val = torch.randn_like(param.detach())
+    param.get_high_precision_init_val = lambda: param._high_precision_init_val
+
+
+def test_loaded_weights_reach_the_fp8_parameters_initial_value_copy(one_rank, tmp_path: Path) -> None:
+    """Hugging Face and torch_dist loads write the copy too: left random, the first optimizer step of a
+    param_gather run would put the random initial weights back into the model."""
+    from megatron.core import dist_checkpointing
+
+    from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+    from opsdc_megatron.models.qwen3.state_dict_adapter import load_hf_weights
+    from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
+    from opsdc_megatron.train.checkpoint import load_model_weights
+    from tests.tiny_models import save_tiny_model
+
+    hf = save_tiny_model("qwen3_untied", tmp_path / "hf")
+    model = build_gpt_model(load_hf_config(hf), 1)
+    params = dict(model.named_parameters())
+    watched = [params[name] for name in ("decoder.layers.0.self_attention.linear_qkv.weight", "output_layer.weight")]
+    for param in watched:
+        _attach_fp8_initial_value_copy(param)
+    load_hf_weights(model, hf)
+    assert all(torch.equal(param.get_high_precision_init_val(), param.detach()) for param in watched)
+
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"), sharded_strategy=InProcessTorchDistSave())
+    for param in watched:
+        _attach_fp8_initial_value_copy(param)
+    load_model_weights(tmp_path / "ckpt", [model])
+    assert all(torch.equal(param.get_high_precision_init_val(), param.detach()) for param in watched)

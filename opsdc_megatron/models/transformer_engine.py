@@ -113,3 +113,16 @@ def fp8_transformer_config_fields(fp8: FP8Config) -> dict[str, object]:
     if fp8.format is None:
         return {}
     return {"fp8": fp8.format, "fp8_recipe": fp8.recipe, "fp8_param": fp8.param_gather, "tp_only_amax_red": True}
+
+
+def keep_as_fp8_initial_value(param, value) -> None:
+    """Loaded weights into Transformer Engine's high-precision copy of an FP8 parameter's initial value.
+
+    With `model.fp8.param_gather`, megatron builds the layers under TE's `fp8_model_init(preserve_high_precision_init_val=True)`,
+    and its distributed optimizer takes the fp32 main weights from that copy (`get_high_precision_init_val`), not from
+    the FP8 parameter. Weights loaded after the build (Hugging Face or torch_dist) reach only the parameter, so the first
+    optimizer step would write the random initial values back into the model. No-op for other parameters.
+    """
+    kept = param.get_high_precision_init_val() if hasattr(param, "get_high_precision_init_val") else None
+    if kept is not None:
+        kept.copy_(value)

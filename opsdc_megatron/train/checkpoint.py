@@ -25,6 +25,7 @@ from opsdc_megatron.config import ConfigError
 from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
 from opsdc_megatron.files import fsync_folder, write_text_atomic
+from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
 from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
 
 LATEST = "latest"
@@ -187,4 +188,8 @@ def load_model_weights(path: Path, chunks: list) -> None:
             + "; ".join(f"{what}: {sorted(keys)}" for what, keys in (("missing", absent), ("no place for", not_read)) if keys)
         )
     for index, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"chunk{index}"])
+        state = loaded[f"chunk{index}"]
+        chunk.load_state_dict(state)
+        with torch.no_grad():
+            for name, param in chunk.named_parameters():
+                keep_as_fp8_initial_value(param, state[name])

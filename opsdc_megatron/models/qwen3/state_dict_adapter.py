@@ -41,6 +41,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from safetensors import safe_open
 
+from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
+
 Layout = Literal["replicated", "vocab", "row", "qkv", "gate_up"]
 
 NameMap = dict[str, tuple[Layout, tuple[str, ...]]]
@@ -330,7 +332,9 @@ def load_hf_weights(model: torch.nn.Module | list[torch.nn.Module], hf_dir_or_st
     read = _checked_reader(chunks[0], entries, hf_dir_or_state_dict)
     with torch.no_grad():
         for _, param, layout, hf_names in entries:
-            param.copy_(_to_shard(layout, [read(n) for n in hf_names], geo))
+            shard = _to_shard(layout, [read(n) for n in hf_names], geo)
+            param.copy_(shard)
+            keep_as_fp8_initial_value(param, shard)
 
 
 def hf_shard_makers(model: GPTModel, hf_dir_or_state_dict: HFSource) -> dict[str, Callable[[], torch.Tensor]]:
