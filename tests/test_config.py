@@ -273,3 +273,9 @@ def test_hf_folder_replaces_one_left_by_a_crash(tmp_path):
         save_hf_folder({"w": torch.full((2,), value)}, source, tmp_path / "best_hf")
         assert torch.equal(load_file(tmp_path / "best_hf" / "model.safetensors")["w"], torch.full((2,), value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_hf", "source"]
+    # A crash between the two renames leaves only best_hf.old, the complete folder: it is best_hf again before
+    # anything else happens, so a second crash (here: a save that fails) cannot leave no folder at all.
+    (tmp_path / "best_hf").rename(tmp_path / "best_hf.old")
+    with pytest.raises(AttributeError, match="'str' object has no attribute 'detach'"):
+        save_hf_folder({"w": "not a tensor"}, source, tmp_path / "best_hf")
+    assert torch.equal(load_file(tmp_path / "best_hf" / "model.safetensors")["w"], torch.full((2,), 2.0))

@@ -6,10 +6,12 @@ share one 2-process launch: see tests/workers/model_parity_worker.py.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 from transformers import Qwen3Config
 
@@ -87,3 +89,49 @@ def test_init_distributed_rejects_sizes_before_starting_process_groups() -> None
     with pytest.raises(ValueError, match=r"pipeline_parallel_size must be >= 1, got 0"):
         init_distributed(tensor_parallel_size=1, pipeline_parallel_size=0)
     assert not dist.is_initialized()
+
+
+def llama3_config(**rope: Any) -> dict[str, Any]:
+    """A tiny Llama 3.1 config.json as a dict, its RoPE scaling overridden by `rope`."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return qwen3_config(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0, max_position_embeddings=131072,
+                        tie_word_embeddings=False, rope_scaling={**scaling, **rope})
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (qwen3_config(hidden_act="gelu"), "hidden_act: expected 'silu', got 'gelu'"),
+    (qwen3_config(mlp_bias=True), "mlp_bias: expected false, got true"),
+    (qwen3_config(attention_bias=True), "attention_bias: expected false, got true"),
+    (qwen3_config(use_sliding_window=True), "use_sliding_window: expected false, got true"),
+    (qwen3_config(partial_rotary_factor=0.5), "partial_rotary_factor: expected 1.0 (RoPE on the whole head), got 0.5"),
+    (qwen3_config(attention_dropout=0.1), "attention_dropout: expected 0.0 (training here runs without dropout), got 0.1"),
+    (llama3_config(original_max_position_embeddings=4096), "rope_parameters.original_max_position_embeddings: expected 8192 (megatron-core's fixed value), got 4096"),
+    (llama3_config(low_freq_factor=2.0), "rope_parameters.low_freq_factor: expected 1.0"),
+    (qwen3_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}), "rope_type: expected 'default', got 'llama3'"),
+])
+def test_config_fields_the_model_would_not_honour_are_refused(config: dict[str, Any], message: str) -> None:
+    """Each of these changes what the model computes; built anyway, megatron's model would silently differ from HF's."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        transformer_config_from_hf(config, 1)
+    transformer_config_from_hf(llama3_config(), 1)  # the shipped Llama 3.1 settings are honoured
+
+
+def test_llama3_rope_scaling_gives_transformers_frequencies() -> None:
+    """Llama 3.1's scaling changes only wavelengths over 2048 tokens, which short parity prompts barely see
+    (dropping it moved 32-token logits by 3e-5): the frequencies are compared instead."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from opsdc_megatron.models.qwen3.model import build_gpt_model
+    from opsdc_megatron.parallel import destroy_distributed
+    from tests.tiny_models import TINY_MODELS
+
+    _, config = TINY_MODELS["llama3"]
+    unscaled = type(config)(**{**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
+    init_distributed(tensor_parallel_size=1)
+    try:
+        scaled_freq, plain_freq = (build_gpt_model(c, 1).rotary_pos_emb.inv_freq for c in (config, unscaled))
+    finally:
+        destroy_distributed()
+    assert torch.equal(scaled_freq.float(), LlamaRotaryEmbedding(config=config).inv_freq.float())
+    assert (scaled_freq - plain_freq).abs().max() > 1e-4  # the scaling is there to see

@@ -28,7 +28,9 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
     """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically (a
     crash leaves the old folder or the new one, both complete on disk) and durably."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    if old.exists() and not out_dir.exists():  # a crash between the two renames below: the old folder is the complete one
+        old.rename(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in COPIED_FILES:
@@ -36,7 +38,6 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
             shutil.copy2(source_dir / name, tmp / name)
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     fsync_folder(tmp, files=True)
-    old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)  # left by a crash after the last replacement
     if out_dir.exists():
         out_dir.rename(old)

@@ -141,6 +141,11 @@ def transformer_config_from_hf(
         raise ValueError("mlp_bias: expected false, got true")
     if getattr(config, "use_sliding_window", False):
         raise ValueError("use_sliding_window: expected false, got true")
+    partial_rotary = _rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if partial_rotary not in (None, 1, 1.0):  # megatron's rotary_percent is 1 here
+        raise ValueError(f"partial_rotary_factor: expected 1.0 (RoPE on the whole head), got {partial_rotary!r}")
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(f"attention_dropout: expected 0.0 (training here runs without dropout), got {config.attention_dropout!r}")
     _rope_theta(config)  # rejects RoPE scaling here, where a TransformerConfig is made
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype: expected float32, bfloat16 or float16, got {params_dtype}")
