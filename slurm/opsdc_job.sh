@@ -174,6 +174,7 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
         for url in "${READY_URLS[@]}"; do
             # Straight to the node (a cluster's http_proxy cannot reach it), and never longer than 10 s a try.
             until curl --noproxy '*' -sf --max-time 10 "$url/health" >/dev/null; do
+                [ "$REQUEUE_ASKED" = 1 ] && break 2  # SIGUSR1: nothing to wait for, the job is requeued below
                 step_gone=0
                 for step in sglang_servers sglang_router; do
                     [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null && step_gone=1
@@ -184,7 +185,7 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
                 sleep 2
             done
         done
-        log "rollout servers ready: ${WORKER_URLS[*]}${ROUTER_URL:+ (router $ROUTER_URL)}"
+        [ "$REQUEUE_ASKED" = 1 ] || log "rollout servers ready: ${WORKER_URLS[*]}${ROUTER_URL:+ (router $ROUTER_URL)}"
     fi
     TRAINER_OVERRIDES+=("rollout.sglang.server_urls=[$(IFS=,; echo "${WORKER_URLS[*]}")]")
 else

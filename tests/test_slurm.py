@@ -283,6 +283,25 @@ def test_toy_recipe_with_an_sglang_server_step(cluster, toy):
     assert "/generate" in server_log
 
 
+@pytest.mark.sglang
+@pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
+def test_sigusr1_while_the_servers_start_requeues_without_waiting_for_them(cluster, toy):
+    """The script waited for every server's /health (up to rollout.sglang.startup_timeout_s, longer than the
+    signal's margin in the H100 recipes) before acting on a SIGUSR1 that came meanwhile."""
+    out, log = toy / "signal_at_servers", toy / "signal_at_servers.log"
+    _, job = sbatch(cluster, "toy_cpu_sglang.sbatch", log, *toy_overrides(toy, out, f"rollout.sglang.base_port={free_port()}",
+                                                                          "rollout.sglang.startup_timeout_s=900"), wait=False)
+    try:
+        wait_until(lambda: log.exists() and "rollout step:" in log.read_text(), "the server step to start")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+        wait_until(lambda: "requeueing the job" in log.read_text(), "the requeue")
+        first_run = log.read_text().split("requeueing the job")[0]
+        assert "SIGUSR1 came before the trainer started" in first_run and "rollout servers ready" not in first_run, first_run[-3000:]
+    finally:
+        subprocess.run(["scancel", job], env=cluster)
+        wait_until(lambda: job_field(cluster, job, "JobState") in ("CANCELLED", "COMPLETED", "FAILED"), "the job to end", poll_s=1)
+
+
 @pytest.mark.parametrize(
     "script, nodes, trainer_nodes, servers_per_node, gpus_per_server",
     [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
