@@ -459,6 +459,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("log.wandb_project is set but the wandb package is not installed (pip install wandb)")
 
 
+def read_saved_config(path: str | Path) -> dict:
+    """A config.yaml that `to_yaml` wrote, as plain data (an escaped `${` read back as the text it was)."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def to_yaml(config: RunConfig) -> str:
     """The config as a recipe that loads back to the same config (a `${` in a string stays text)."""
     def escaped(value):

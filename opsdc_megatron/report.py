@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 
+from opsdc_megatron.config import read_saved_config
 from opsdc_megatron.eval.results import ResultFile, read_responses, read_results
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.train.metrics import read_metrics
@@ -218,7 +218,7 @@ def write_report(run_dir: str | Path) -> Path:
     for needed in ("config.yaml", "metrics.jsonl"):
         if not (run_dir / needed).is_file():
             raise RunFolderError(f"{run_dir}: no {needed}; expected a training run folder (the out_dir of `opsdc train`)")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    config = read_saved_config(run_dir / "config.yaml")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     results = read_results(run_dir / "eval") if (run_dir / "eval").is_dir() else []
     pairs = _classify(results, run_dir, Path(config["model"]["hf_path"]).resolve())

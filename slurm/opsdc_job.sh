@@ -97,7 +97,8 @@ export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000))
 PORT_SHIFT=$((SLURM_JOB_ID % 20 * 100))
 OPSDC_SERVER_BASE_PORT=$((OPSDC_SERVER_BASE_PORT + PORT_SHIFT))
 [ "$OPSDC_ROUTER_PORT" -gt 0 ] && OPSDC_ROUTER_PORT=$((OPSDC_ROUTER_PORT + PORT_SHIFT))
-if [ $((OPSDC_SERVER_BASE_PORT + OPSDC_SERVERS_PER_ROLLOUT_NODE)) -gt 65536 ] || [ "$OPSDC_ROUTER_PORT" -gt 65535 ]; then
+# As the recipe's check (config.py): base_port + num_servers - 1 and router_port must be ports.
+if [ $((OPSDC_SERVER_BASE_PORT + OPSDC_ROLLOUT_NODES * OPSDC_SERVERS_PER_ROLLOUT_NODE)) -gt 65536 ] || [ "$OPSDC_ROUTER_PORT" -gt 65535 ]; then
     log "FAILED before starting anything: rollout.sglang.base_port/router_port + $PORT_SHIFT (this job's shift) pass 65535; lower them"; exit 2
 fi
 [ "$OPSDC_ROLLOUT_ENGINE" = sglang ] && OVERRIDES+=("rollout.sglang.base_port=$OPSDC_SERVER_BASE_PORT" "rollout.sglang.router_port=$OPSDC_ROUTER_PORT")

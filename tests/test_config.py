@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from opsdc_megatron.config import ConfigError, load_config, to_yaml
+from opsdc_megatron.config import ConfigError, load_config, read_saved_config, to_yaml
 
 RECIPE = "recipes/toy_cpu.yaml"
 
@@ -92,6 +92,7 @@ def test_override_values_are_taken_as_written(tmp_path):
     assert braces.distill.instruction == "Use ${x}, not $y"  # not an OmegaConf interpolation
     (tmp_path / "kept.yaml").write_text(to_yaml(braces))
     assert load_config(tmp_path / "kept.yaml", []) == braces  # the recipe the launcher and the run folder keep
+    assert read_saved_config(tmp_path / "kept.yaml")["distill"]["instruction"] == "Use ${x}, not $y"  # how the run folder's is read
 
 
 def test_shipped_recipes_load():

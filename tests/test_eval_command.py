@@ -237,6 +237,15 @@ def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(t
     with pytest.raises(SystemExit):
         run_eval(model, data, tmp_path / "out", *flags)
     assert f"{summary}: not an evaluation result file" in capsys.readouterr().err
+    summary.write_text("[]")
+    with pytest.raises(SystemExit):
+        run_eval(model, data, tmp_path / "out", *flags)
+    assert "not an evaluation result file (a JSON list, not an object)" in capsys.readouterr().err
+    older = {key: value for key, value in read(tmp_path / "whole", "none")[0].items() if key != "prompts_sha256"}
+    summary.write_text(json.dumps(older))  # written before prompts were recorded by digest: the count still tells
+    with pytest.raises(SystemExit):
+        run_eval(model, data, tmp_path / "out", *flags[:2], "--limit", "2", *flags[4:])
+    assert "with other prompt count, which this one" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from safetensors.torch import save_file
 from torch.distributed import checkpoint as dcp
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from transformers import GenerationConfig
 
+from opsdc_megatron.config import read_saved_config
 from opsdc_megatron.convert.checks import ConversionError, check_megatron_checkpoint, require_new_output
 from opsdc_megatron.convert.hf_to_megatron import HF_FILES, bounded_groups, checkpoint_slices, copy_hf_files
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX
@@ -85,7 +85,7 @@ def find_hf_config(ckpt: Path) -> Path:
         return ckpt / HF_FILES
     run_config = ckpt.parent.parent / "config.yaml"  # out_dir/checkpoints/step_N
     if run_config.is_file():
-        return Path(yaml.safe_load(run_config.read_text(encoding="utf-8"))["model"]["hf_path"])
+        return Path(read_saved_config(run_config)["model"]["hf_path"])
     raise ConversionError(
         f"{ckpt}: no {HF_FILES}/config.json and no training run's config.yaml two levels up; "
         f"pass --hf-config with the Hugging Face folder the checkpoint came from"

@@ -188,7 +188,9 @@ def eval_command(args: argparse.Namespace) -> None:
         previous = out / f"{result_stem(benchmark, evaluated, name)}.json"
         try:
             recorded = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            if not isinstance(recorded, dict):
+                raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
             print(f"opsdc eval: error: {previous}: not an evaluation result file ({error}); remove it or give another --out", file=sys.stderr)
             sys.exit(2)
         planned = {
@@ -199,6 +201,8 @@ def eval_command(args: argparse.Namespace) -> None:
         differ = [key for key, value in planned.items() if key in recorded and recorded[key] != value]
         if recorded.get("result", {}).get("samples_per_prompt", args.samples) != args.samples:
             differ.append("samples")
+        if recorded and "prompts_sha256" not in recorded and recorded.get("result", {}).get("n") != len(records):
+            differ.append("prompt count")  # a file written before prompts were recorded by digest
         if differ:
             print(f"opsdc eval: error: {previous} holds the evaluation of {recorded.get('model')} on {recorded.get('data')} with other "
                   f"{', '.join(differ)}, which this one ({evaluated} on {data}) would replace: give --name or another --out, or remove it",

@@ -22,7 +22,9 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-_ANSWER_MARKER = re.compile(r"(?:final\s+)?answer\s*:", re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
+_LEAD_WORDS = frozenset("so thus hence therefore then and in conclusion summary the my our final correct overall".split())
+"""Words that may open the clause of an Answer line (`So the final answer: 42`, `In conclusion, the answer: 7`)."""
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\\!|\\ |~| )(?=\d{3}\b)")
@@ -63,11 +65,12 @@ def answer_line(response: str) -> str | None:
 
 
 def _opens_answer(response: str, start: int) -> bool:
-    """The marker starts a line, a sentence or a clause (`. Answer :` in the toy task's one-line texts,
-    `= 16 Answer : 16`), not a phrase of the reasoning: an `answer:` after a word (`To check the
-    answer: 12 x 3 = 36`, `Is 12 the answer: 12?`) is not the Answer line."""
-    before = response[:start].rstrip(" \t*#>_")
-    return not before or not before[-1].isalpha()
+    """The marker opens its line, sentence or clause, after nothing but connectives and articles
+    (`Answer:`, `**Final Answer:**`, `So the final answer: 42`, the toy's `. Answer : 16` and
+    `= 8 Answer : 8`), not inside a phrase of the reasoning (`To check the answer: 12 x 3 = 36`,
+    `Is 12 the answer: 12?`)."""
+    clause = re.split(r"[.!?;:\n]", response[:start])[-1]
+    return set(re.findall(r"[a-z]{2,}", clause.lower())) <= _LEAD_WORDS  # one letter is math (`x = 5 Answer: 5`)
 
 
 def last_boxed(response: str) -> str | None:

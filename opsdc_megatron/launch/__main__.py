@@ -5,7 +5,7 @@ The recipe is checked first, on the submitting machine (`launch/plan.py`: parall
 
 - slurm: a nemo-run SlurmExecutor job of slurm.trainer_nodes nodes, one srun task per GPU (per process
   on CPU) running `opsdc train` with RANK/WORLD_SIZE/LOCAL_RANK from SLURM, MASTER_ADDR on the first
-  node. `--signal-before-limit-s` asks SLURM for SIGUSR1 on every task before the time limit: the
+  node (SLURM_LAUNCH_NODE_IPADDR). `--signal-before-limit-s` asks SLURM for SIGUSR1 on every task before the time limit: the
   trainer checkpoints and exits 75, and nemo-run's batch script requeues the job (`--retries`), which
   resumes from OUT/checkpoints/latest. LocalTunnel submits on this machine (a login node).
 - local: a nemo-run LocalExecutor running `opsdc train` under torchrun with tensor x pipeline x data processes.

@@ -82,7 +82,7 @@ class HFRolloutEngine(RolloutEngine):
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         # The sampling seed in a forked generator state: the trainer's own random streams (dropout, if
         # ever enabled) are not reset to it by every rollout.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if self.device.type == "cuda" else []):  # manual_seed seeds them all
             torch.manual_seed(seed % 2**63)  # derived seeds (engine.generate_across_ranks) outgrow int64 from train.seed ~1.8e7
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         rollouts = []

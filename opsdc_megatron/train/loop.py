@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core import parallel_state
 from transformers import AutoConfig
 
-from opsdc_megatron.config import ConfigError, RunConfig, to_yaml
+from opsdc_megatron.config import ConfigError, RunConfig, read_saved_config, to_yaml
 from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.eval.evaluate import evaluate
@@ -114,7 +113,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         # convert` read the start model from it, from any directory; it stays the first start's.
         start_model = os.path.abspath(config.model.hf_path)
         if resume_from is not None and (out / "config.yaml").is_file():
-            start_model = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["model"]["hf_path"]
+            start_model = read_saved_config(out / "config.yaml")["model"]["hf_path"]
         write_text_atomic(out / "config.yaml", to_yaml(replace(config, model=replace(config.model, hf_path=start_model))))
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
     # The eval a preempted run's stop deferred (done below); a record of it from a resumed attempt that crashed is dropped.
@@ -139,8 +138,6 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             if rank0:
                 save_hf_folder(pushed, config.model.hf_path, out / "best_hf")
 
-    if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
-        run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
     saved_step = state["step"] if resume_from is not None else None
 
     def save(step: int) -> None:
@@ -148,11 +145,19 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
         saved_step = step
 
-    for step in range(state["step"] + 1, config.train.steps + 1):
-        if preemption.requested():  # during start-up, or after the last step's check: during its push, eval or save
-            if saved_step != state["step"] and state["step"] > 0:  # step 0 has no optimizer state to save, nor anything to lose
+    def stop_if_requested() -> None:
+        """A stop signal that came during start-up, or after the last step's check (during its push, eval
+        or save): checkpoint the current step unless it is saved (step 0 has nothing to save), then exit 75."""
+        if preemption.requested():
+            if saved_step != state["step"] and state["step"] > 0:
                 save(state["step"])
             preemption.exit_after_checkpoint(state["step"])
+
+    stop_if_requested()  # before the start's eval, which can outlast a time limit's signal margin (a deferred one stays deferred)
+    if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
+        run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
+    for step in range(state["step"] + 1, config.train.steps + 1):
+        stop_if_requested()
         started = time.perf_counter()
         batch = prompts.batch(step)  # 1. prompts
         rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
