@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,25 @@ def cluster(tmp_path_factory):
 def toy(tmp_path_factory) -> Path:
     """A tiny random Qwen3 with the toy tokenizer, and toy prompts."""
     return save_toy_qwen3(tmp_path_factory.mktemp("slurm_toy"))
+
+
+def sglang_base_port() -> int:
+    """A base port free at every shift the job script may add (100 x (job id mod 20)): the job id is not
+    known before submission."""
+    for _ in range(100):
+        base = free_port()
+        if base + 1900 <= 65535 and all(_port_is_free(base + shift) for shift in range(0, 2000, 100)):
+            return base
+    raise AssertionError("no free SGLang base port found for every job shift")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
@@ -262,7 +282,7 @@ def test_toy_recipe_with_an_sglang_server_step(cluster, toy):
     The job runs behind a cluster-style http_proxy that reaches nothing: the script's readiness check, the
     trainer's requests and the server's own go around it."""
     out = toy / "sglang"
-    port = free_port()
+    port = sglang_base_port()
     dead_proxy = {name: "http://127.0.0.1:9" for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")}
     status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", toy / "sglang.log", *toy_overrides(toy, out, f"rollout.sglang.base_port={port}", "rollout.sglang.startup_timeout_s=900"),
                          extra_env=dead_proxy)
@@ -289,7 +309,7 @@ def test_sigusr1_while_the_servers_start_requeues_without_waiting_for_them(clust
     """The script waited for every server's /health (up to rollout.sglang.startup_timeout_s, longer than the
     signal's margin in the H100 recipes) before acting on a SIGUSR1 that came meanwhile."""
     out, log = toy / "signal_at_servers", toy / "signal_at_servers.log"
-    _, job = sbatch(cluster, "toy_cpu_sglang.sbatch", log, *toy_overrides(toy, out, f"rollout.sglang.base_port={free_port()}",
+    _, job = sbatch(cluster, "toy_cpu_sglang.sbatch", log, *toy_overrides(toy, out, f"rollout.sglang.base_port={sglang_base_port()}",
                                                                           "rollout.sglang.startup_timeout_s=900"), wait=False)
     try:
         wait_until(lambda: log.exists() and "rollout step:" in log.read_text(), "the server step to start")
