@@ -17,6 +17,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_base_port(offsets: range) -> int:
+    """A base port with base + offset free for every offset (a server fleet's ports, a job's port shifts)."""
+    for _ in range(100):
+        base = free_port()
+        if base + offsets[-1] <= 65535 and all(_port_is_free(base + offset) for offset in offsets):
+            return base
+    raise AssertionError(f"no free base port with all of base + {offsets} free")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def torchrun(worker: str, nproc: int, *args: str, timeout_s: float = 600) -> str:
     """Launch tests/workers/<worker> on `nproc` local CPU processes; returns combined output.
 

@@ -28,6 +28,7 @@ from opsdc_megatron.rollout.sglang.client import GenerateRequest, ServerRejected
 from opsdc_megatron.rollout.sglang.engine import SGLangRolloutEngine
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON, ServerFleet, cpu_settings
 from opsdc_megatron.weight_push.sglang_transports import DiskTransport, DistributedTransport, TensorTransport, WeightPushError
+from tests.launch import free_base_port
 
 pytestmark = [
     pytest.mark.sglang,
@@ -42,22 +43,7 @@ LOGPROB_TOL = 1e-4
 
 def free_port_pair() -> int:
     """A base port with base and base + 1 free (two servers), and base + 2 (router)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + 3 < 65535 and all(_port_free(base + k) for k in range(3)):
-            return base
-    raise RuntimeError("no three consecutive free ports")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return free_base_port(range(3))
 
 
 @pytest.fixture(scope="module")

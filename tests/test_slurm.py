@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from opsdc_megatron.plan import H100_80GB_GIB, ModelShape, Workload, choose
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 from opsdc_megatron.toy.task import TOY_INSTRUCTION
 from opsdc_megatron.train.metrics import read_metrics
-from tests.launch import free_port
+from tests.launch import free_base_port
 from tests.tiny_models import save_toy_qwen3
 
 pytestmark = pytest.mark.slurm
@@ -61,20 +60,7 @@ def toy(tmp_path_factory) -> Path:
 def sglang_base_port() -> int:
     """A base port free at every shift the job script may add (100 x (job id mod 20)): the job id is not
     known before submission."""
-    for _ in range(100):
-        base = free_port()
-        if base + 1900 <= 65535 and all(_port_is_free(base + shift) for shift in range(0, 2000, 100)):
-            return base
-    raise AssertionError("no free SGLang base port found for every job shift")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return free_base_port(range(0, 2000, 100))
 
 
 def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
