@@ -316,13 +316,18 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
     if isinstance(node, ValueNode) and not isinstance(node, AnyNode) and not quoted:
         if isinstance(node, StringNode):
-            value = value.replace("${", "\\${")  # as written: OmegaConf would resolve `${x}` as an interpolation
+            value = _as_text(value)
         OmegaConf.update(merged, key, None if value in ("", "null") else value, merge=True)
         return merged
     try:
         return OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: malformed YAML value: {getattr(error, 'problem', None) or error}") from None
+
+
+def _as_text(value: str) -> str:
+    """`value` for OmegaConf as written: a `${x}` in it escaped, which OmegaConf would resolve as an interpolation."""
+    return value.replace("${", "\\${")
 
 
 def validate(config: RunConfig) -> None:
@@ -468,7 +473,7 @@ def to_yaml(config: RunConfig) -> str:
     """The config as a recipe that loads back to the same config (a `${` in a string stays text)."""
     def escaped(value):
         if isinstance(value, str):
-            return value.replace("${", "\\${")
+            return _as_text(value)
         if isinstance(value, dict):
             return {key: escaped(item) for key, item in value.items()}
         return [escaped(item) for item in value] if isinstance(value, list) else value
