@@ -309,7 +309,7 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
     """One ``key=value``. For a scalar field the value's text as it is (OmegaConf converts it to the
     field's type): read as YAML, a string loses what follows '#', 'a: b' is a syntax error and '1:30'
     becomes 90. ``null`` or nothing is None; a value in quotes is a YAML string (escapes such as \\n
-    apply). List and mapping fields are YAML."""
+    apply). List and mapping fields are YAML. A `${` is text everywhere in an override."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(merged, parent_key) if parent_key else merged
     node = parent._get_node(leaf, throw_on_missing_key=False) if isinstance(parent, DictConfig) else None
@@ -320,7 +320,8 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
         OmegaConf.update(merged, key, None if value in ("", "null") else value, merge=True)
         return merged
     try:
-        return OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]), resolve=False)
+        return OmegaConf.merge(merged, _escaped(parsed))
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: malformed YAML value: {getattr(error, 'problem', None) or error}") from None
 
@@ -328,6 +329,15 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
 def _as_text(value: str) -> str:
     """`value` for OmegaConf as written: a `${x}` in it escaped, which OmegaConf would resolve as an interpolation."""
     return value.replace("${", "\\${")
+
+
+def _escaped(value):
+    """`value` (plain data) with `_as_text` applied to every string in it."""
+    if isinstance(value, str):
+        return _as_text(value)
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    return [_escaped(item) for item in value] if isinstance(value, list) else value
 
 
 def validate(config: RunConfig) -> None:
@@ -471,11 +481,4 @@ def read_saved_config(path: str | Path) -> dict:
 
 def to_yaml(config: RunConfig) -> str:
     """The config as a recipe that loads back to the same config (a `${` in a string stays text)."""
-    def escaped(value):
-        if isinstance(value, str):
-            return _as_text(value)
-        if isinstance(value, dict):
-            return {key: escaped(item) for key, item in value.items()}
-        return [escaped(item) for item in value] if isinstance(value, list) else value
-
-    return OmegaConf.to_yaml(OmegaConf.create(escaped(asdict(config))))
+    return OmegaConf.to_yaml(OmegaConf.create(_escaped(asdict(config))))

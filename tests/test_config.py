@@ -90,6 +90,10 @@ def test_override_values_are_taken_as_written(tmp_path):
     assert config.log.tensorboard is False and config.model.megatron_checkpoint is None
     braces = load_config(write(tmp_path, ""), ["out_dir=x", "distill.instruction=Use ${x}, not $y"])
     assert braces.distill.instruction == "Use ${x}, not $y"  # not an OmegaConf interpolation
+    yaml_braces = load_config(write(tmp_path, ""), [
+        "out_dir=x", "distill.instruction='Use ${out_dir}'", "rollout.sglang.server_urls=['http://h:1/${out_dir}']",
+    ])  # quoted and list values are YAML, and their `${` is text too
+    assert (yaml_braces.distill.instruction, yaml_braces.rollout.sglang.server_urls) == ("Use ${out_dir}", ["http://h:1/${out_dir}"])
     (tmp_path / "kept.yaml").write_text(to_yaml(braces))
     assert load_config(tmp_path / "kept.yaml", []) == braces  # the recipe the launcher and the run folder keep
     assert read_saved_config(tmp_path / "kept.yaml")["distill"]["instruction"] == "Use ${x}, not $y"  # how the run folder's is read
