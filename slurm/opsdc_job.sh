@@ -42,8 +42,10 @@ log() { echo "[opsdc $(date +%T) job $SLURM_JOB_ID restart $RESTART] $*"; }
 
 # Signals, trapped from the start: SIGUSR1's default action would end this script during the checks or
 # the servers' start-up, leaving the job neither requeued nor cleaned up. SIGUSR1 (only this script gets
-# it, from --signal=B:USR1@...) is forwarded through srun to every trainer process once there is one;
-# before that the job is requeued when the servers are up (nothing to checkpoint yet). SIGTERM (scancel,
+# it, from --signal=B:USR1@...) is forwarded through srun to every trainer process once there is one,
+# and written down in STOP_FILE, which the trainer also reads: its processes ignore SIGUSR1 until the
+# handler is in place (a signal during Python's start-up would otherwise kill them), and the file
+# stands in for a signal they ignored. Before the trainer starts, the job is requeued when the servers are up (nothing to checkpoint yet). SIGTERM (scancel,
 # requeue, preemption): SLURM sends it to every process of the job itself; it is not forwarded, because
 # srun answers a SIGTERM during a job kill by killing its step at once.
 declare -A STEP_PIDS
@@ -52,6 +54,7 @@ on_usr1() {
     INTERRUPTED=1
     log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
     REQUEUE_ASKED=1
+    [ -n "${STOP_FILE:-}" ] && : > "$STOP_FILE"
     [ -n "${STEP_PIDS[trainer]:-}" ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
 }
 trap on_usr1 USR1
@@ -111,6 +114,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 LOG_DIR=$OPSDC_OUT_DIR/slurm_logs/job_${SLURM_JOB_ID}_restart_${RESTART}
 [ "$VALIDATE" = 1 ] || mkdir -p "$LOG_DIR"
+export OPSDC_STOP_FILE=$LOG_DIR/stop_requested  # read by train/preemption.py
+[ "$VALIDATE" = 1 ] || STOP_FILE=$OPSDC_STOP_FILE
+[ "$REQUEUE_ASKED" = 1 ] && [ -n "${STOP_FILE:-}" ] && : > "$STOP_FILE"
 log "rollout nodes: ${ROLLOUT_HOSTS[*]:-none}; trainer nodes: ${TRAINER_HOSTS[*]}; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; logs in $LOG_DIR"
 [ "$OPSDC_ROLLOUT_ENGINE" = sglang ] && log "SGLang ports: servers from $OPSDC_SERVER_BASE_PORT, router $OPSDC_ROUTER_PORT (0: none): the recipe's + $PORT_SHIFT for this job"
 
@@ -198,7 +204,7 @@ fi
 if [ "$REQUEUE_ASKED" = 1 ] && [ "$VALIDATE" != 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
     stop_steps; requeue "SIGUSR1 came before the trainer started (nothing to checkpoint)"
 fi
-TRAINER_CMD='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'; exec "$0" -m opsdc_megatron.cli train "$@"'
+TRAINER_CMD='trap "" USR1; export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'; exec "$0" -m opsdc_megatron.cli train "$@"'
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
 start_step trainer --nodes="$OPSDC_TRAINER_NODES" --relative="$OPSDC_ROLLOUT_NODES" \

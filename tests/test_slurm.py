@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from opsdc_megatron.config import merge_config
-from opsdc_megatron.launch.plan import Allocation, PlanError, check_allocation, plan_job
+from opsdc_megatron.launch.plan import Allocation, PlanError, check_allocation, hf_rollout_memory_notes, plan_job
 from opsdc_megatron.plan import H100_80GB_GIB, ModelShape, Workload, choose
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 from opsdc_megatron.toy.task import TOY_INSTRUCTION
@@ -190,6 +190,33 @@ def test_sigusr1_before_the_trainer_runs_requeues_the_job(cluster, toy):
     assert job_field(cluster, job, "JobState") == "COMPLETED", batch_log[-5000:]
     assert "received SIGUSR1" in batch_log and "requeueing the job" in batch_log
     assert sorted(train_metrics(out)) == list(range(1, STEPS + 1))
+
+
+def test_sigusr1_while_the_trainer_process_starts_is_a_clean_stop(cluster, toy):
+    """SIGUSR1 after the trainer step started but before Python installed the stop handler (imports take
+    seconds on a cluster filesystem). Its default action killed the trainer and the job failed; now the
+    trainer starts with SIGUSR1 ignored and finds the job script's stop file at its first check. Here the
+    interpreter is a wrapper that holds the trainer 5 s before Python starts, so the signal lands there."""
+    out, log = toy / "signal_at_start", toy / "signal_at_start.log"
+    started = toy / "signal_at_start.trainer_started"
+    wrapper = toy / "slow_start_python"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$2" = opsdc_megatron.cli ] && [ ! -e {started} ]; then : > {started}; sleep 5; fi\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    _, job = sbatch(cluster, "toy_cpu.sbatch", log, *toy_overrides(toy, out), wait=False, extra_env={"OPSDC_PYTHON": str(wrapper)})
+    wait_until(started.exists, "the trainer step to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_until(lambda: job_field(cluster, job, "JobState") == "FAILED" or (  # FAILED: the signal killed the trainer
+        job_field(cluster, job, "Restarts") == "1" and job_field(cluster, job, "JobState") in ("COMPLETED", "CANCELLED")),
+               "the requeued job to end", poll_s=1)
+    batch_log = log.read_text()
+    first_trainer_log = (out / "slurm_logs" / f"job_{job}_restart_0" / "trainer.log").read_text()
+    assert job_field(cluster, job, "JobState") == "COMPLETED", batch_log[-5000:]
+    assert "opsdc train: stopping before step 1 on SIGUSR1 to the job" in first_trainer_log, first_trainer_log[-3000:]
+    assert "trainer stopped on SIGUSR1" in batch_log and sorted(train_metrics(out)) == list(range(1, STEPS + 1))
 
 
 def test_a_refused_requeue_is_a_failed_job_not_a_completed_one(cluster, toy):
@@ -400,6 +427,21 @@ def test_recipe_resource_math(recipe, trainer_nodes, tasks_per_node, servers_per
         with pytest.raises(PlanError, match="this allocation has 4 GPU"):
             check_allocation(plan, Allocation(plan.nodes, 4, 64))
     check_allocation(plan, Allocation(plan.nodes, plan.gpus_per_node, 64))
+
+
+def test_hf_rollouts_on_gpus_note_the_memory_opsdc_plan_does_not_count():
+    """rollout.engine=hf on GPUs (the nemo-run launcher's engine) keeps the whole model and its KV cache on
+    every trainer GPU; Qwen3-8B: 8.19 B parameters, 36 layers x 2 x 8 KV heads x 128 x 2 bytes = 144 KiB per token."""
+    config = merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [
+        "rollout.engine=hf", "slurm.rollout_nodes=0", f"model.hf_path={ROOT / 'recipes' / 'models' / 'qwen3-8b.json'}",
+        "rollout.generation_batch_prompts=4", "data.max_prompt_tokens=1024", "rollout.max_response_tokens=1024",
+    ])
+    [note] = hf_rollout_memory_notes(config)
+    assert f"15.3 GiB of bf16 weights and up to {4 * 2048 * 144 / 2**20:.1f} GiB of KV cache" in note, note
+    assert "8192 tokens" in note
+    assert hf_rollout_memory_notes(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [])) == []  # SGLang servers hold their own
+    cpu = merge_config(ROOT / "recipes" / "toy_cpu.yaml", ["out_dir=x", "model.hf_path=m", "data.train_prompts=t.jsonl"])
+    assert hf_rollout_memory_notes(cpu) == []
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -4,7 +4,9 @@ loop in train/loop.py): they need the rollout servers, which got the same signal
 
 SLURM sends SIGTERM before killing a job (scancel, `scontrol requeue`, preemption) and, with
 `#SBATCH --signal=B:USR1@300`, SIGUSR1 to the batch script some minutes before the time limit; the
-sbatch scripts (slurm/opsdc_job.sh) forward it to the trainer step. The handler only records the
+sbatch scripts (slurm/opsdc_job.sh) forward it to the trainer step and also write it down in the file
+named by $OPSDC_STOP_FILE: the trainer's processes start with SIGUSR1 ignored, so that one arriving
+before this module's handler is in place does not kill them, and the file stands in for it. The handler only records the
 signal; the loop asks once per step, and the ranks agree through one all-reduce, so every rank
 stops after the same step and the checkpoint stays collective. The exit status tells the batch
 script to requeue the job, which then resumes from `checkpoints/latest`.
@@ -16,6 +18,7 @@ Either way the periodic checkpoints bound what is lost, and resume is exact.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -23,6 +26,9 @@ PREEMPTED_EXIT_CODE = 75
 """EX_TEMPFAIL from sysexits.h: stopped early on request, a checkpoint was saved, run again to resume."""
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+STOP_FILE_ENV = "OPSDC_STOP_FILE"
+"""Names a file whose existence asks the trainer to stop as SIGUSR1 does (set by slurm/opsdc_job.sh)."""
 
 
 STOPPED_LINE = "opsdc train: stopping"
@@ -40,6 +46,7 @@ class PreemptionWatch:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.stop_file = os.environ.get(STOP_FILE_ENV) or None
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, self._record)
 
@@ -50,6 +57,8 @@ class PreemptionWatch:
         import torch  # here, not at the top: the watch is made before the ~2 s torch import
         import torch.distributed as dist
 
+        if not self.received and self.stop_file and os.path.exists(self.stop_file):
+            self.received = f"SIGUSR1 to the job ({self.stop_file})"
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
