@@ -28,7 +28,7 @@ from pathlib import Path
 
 from opsdc_megatron.config import ConfigError, merge_config, to_yaml
 from opsdc_megatron.files import write_text_atomic
-from opsdc_megatron.launch.plan import JobPlan, PlanError, plan_job, trainer_checks
+from opsdc_megatron.launch.plan import JobPlan, PlanError, hf_rollout_memory_notes, plan_job, trainer_checks
 
 # Each task: its rank from SLURM, the rendezvous on the address of the node srun was started from (the
 # batch script's, the allocation's first node, which holds task 0; an address, so unresolvable node
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PlanError) as error:
         print(f"opsdc launch: error: {error}", file=sys.stderr)
         sys.exit(2)
+    for note in hf_rollout_memory_notes(config):
+        print(f"opsdc launch: note: {note}", file=sys.stderr)
     out_dir = Path(config.out_dir).resolve()
     # nemo-run reads NEMORUN_HOME when imported; its records of this run live beside the run. (nemo-run 0.11.1
     # doubles the job paths of a LocalTunnel when NEMORUN_HOME contains "nemo_run", hence the name.)

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PlanError) as error:
         print(f"opsdc slurm plan: error: {error}", file=sys.stderr)
         sys.exit(2)
-    for note in notes:
+    for note in notes + hf_rollout_memory_notes(config):
         print(f"opsdc slurm plan: note: {note}", file=sys.stderr)
     sys.stdout.write(plan.shell())
 
@@ -185,6 +185,26 @@ def trainer_checks(config: RunConfig, strict: bool) -> list[str]:
             raise PlanError(str(error)) from None
         return [f"trainer inputs not checked here: {error}"]
     return []
+
+
+def hf_rollout_memory_notes(config: RunConfig) -> list[str]:
+    """rollout.engine=hf on GPUs: what each trainer GPU holds besides what `opsdc plan` counts."""
+    if config.rollout.engine != "hf" or not config.slurm.gpus_per_node:
+        return []
+    from opsdc_megatron.plan import GIB, ModelShape
+
+    what = "the whole model unsharded plus its KV cache for a generation block"
+    try:
+        model = ModelShape.from_hf_config(Path(config.model.hf_path))
+    except (OSError, ValueError):
+        return [f"rollout.engine=hf on GPUs: every trainer GPU also holds {what}, which `opsdc plan` does not count"]
+    value_bytes = 2 if config.model.params_dtype == "bf16" else 4
+    block_tokens = config.rollout.generation_batch_prompts * (config.data.max_prompt_tokens + config.rollout.max_response_tokens)
+    kv_cache = block_tokens * model.layers * 2 * model.kv_heads * model.head_dim * value_bytes
+    return [f"rollout.engine=hf on GPUs: every trainer GPU also holds {what}, which `opsdc plan` does not count: "
+            f"{model.params * value_bytes / GIB:.1f} GiB of {config.model.params_dtype} weights and up to {kv_cache / GIB:.1f} GiB "
+            f"of KV cache (rollout.generation_batch_prompts x (data.max_prompt_tokens + rollout.max_response_tokens) = "
+            f"{block_tokens} tokens); large models want rollout.engine=sglang (slurm/<recipe>.sbatch)"]
 
 
 def _check_sglang_interpreter(config: RunConfig) -> None:
