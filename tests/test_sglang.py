@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def assert_logprob_parity(engine: SGLangRolloutEngine, score, version: int) -> N
         reference = score(prompt, result.output_ids)
         worst = max(worst, (torch.tensor(result.logprobs) - reference).abs().max().item())
     assert worst <= LOGPROB_TOL, f"SGLang vs trainer logprobs differ by {worst:.2e} at version {version}"
-    assert {r.server_url for r in results} == set(engine.fleet.urls), "both servers should have answered"
+    assert {r.server_url for r in results} == set(engine.urls), "both servers should have answered"
 
 
 def test_logprob_parity_before_and_after_an_optimizer_step(fleet: ServerFleet, trainer) -> None:
@@ -307,6 +308,27 @@ def test_servers_killed_during_a_push_are_restarted_with_the_new_weights(
     assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), version)
 
 
+def test_a_rank_without_the_fleet_waits_while_rank_0_restarts_every_server(fleet: ServerFleet, tiny_model: Path, tmp_path: Path) -> None:
+    """Both servers die between batches. Another trainer rank (URLs only) finds none left: it waits while
+    rank 0, the fleet's owner, restarts them with the current weights, then carries on (it gave up at once)."""
+    state, reference = shifted_weights(tiny_model, seed=21)
+    owner = SGLangRolloutEngine(fleet, DiskTransport(tmp_path / "pushed", tiny_model), [EOS], VOCAB, backoff_s=0.2)
+    other_rank = SGLangRolloutEngine(fleet.urls, None, [EOS], VOCAB, backoff_s=0.2, owner_restart_wait_s=600)
+    owner.update_weights(state, version=21)
+    other_rank.update_weights({}, version=21)  # what the owner's broadcast does on a real other rank
+    for server in fleet.servers:
+        server.kill()
+    with ThreadPoolExecutor(1) as pool:
+        other_batch = pool.submit(other_rank.sample, PROMPTS, SamplingParams(max_new_tokens=8), 3)
+        owner.sample(PROMPTS, SamplingParams(max_new_tokens=8), seed=4)  # rank 0's own batch finds them dead and restarts them
+        owner.wait_for_recovery()
+        results = other_batch.result(timeout=600)
+    assert owner.restarts == 2 and all(r.weight_version == "21" for r in results)
+    assert all(not r.rollout_id.endswith("-a0") for r in results), "the first attempts went to dead servers"
+    other_rank.update_weights({}, version=21)  # the next push: the server it had not yet taken back joins too
+    assert_logprob_parity(other_rank, lambda p, r: transformers_logprobs(reference, p, r), 21)
+
+
 def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 0 is SIGKILLed while the batch runs: its prompts go to server 1, it restarts, gets the weights."""
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
@@ -421,6 +443,43 @@ def test_unreachable_failing_dying_and_silent_servers_fail_fast() -> None:
         with pytest.raises(ServerUnavailable, match="timed out|timeout"):
             generate_one(f"http://127.0.0.1:{silent.getsockname()[1]}", request, timeout_s=1.0)
         assert time.monotonic() - started < 10
+
+
+class _RefusesGroups(http.server.BaseHTTPRequestHandler):
+    """Answers /init_weights_update_group at once with SGLang's refusal (a 400 before it joins the group:
+    a backend it cannot make, an address it cannot reach)."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        self.send_response(400)
+        self.end_headers()
+        self.wfile.write(b'{"success": false, "message": "Failed to initialize custom process group: no route to trainer."}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_refused_weight_update_group_is_reported_at_once_with_the_servers_reason() -> None:
+    """The join waited the whole timeout (600 s in a run) for a server that had already refused, then
+    raised the store's timeout, without the URL or the server's message."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusesGroups)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, raised = f"http://127.0.0.1:{server.server_address[1]}", []
+
+    def connect() -> None:
+        try:
+            DistributedTransport(timeout_s=600).connect(url, 1)
+        except Exception as error:
+            raised.append(error)
+
+    try:
+        attempt = threading.Thread(target=connect, daemon=True)
+        attempt.start()
+        attempt.join(120)
+        assert not attempt.is_alive(), "connect still waits for a server that refused"
+    finally:
+        server.shutdown()
+    assert len(raised) == 1 and isinstance(raised[0], WeightPushError), raised
+    assert url in str(raised[0]) and "no route to trainer" in str(raised[0])
 
 
 class _Answers200(http.server.BaseHTTPRequestHandler):

@@ -213,23 +213,38 @@ class DistributedTransport(WeightTransport):
         }
         answer: dict = {}
         failure: list[BaseException] = []
+        joined: list = []
 
         def ask_server() -> None:
             try:
                 answer.update(post_json(f"{url}/init_weights_update_group", request, self.timeout_s))
-            except BaseException as error:  # reported below, after the join
+            except BaseException as error:
                 failure.append(error)
 
-        # The server joins inside the request, so the request must be in flight while we join.
-        thread = threading.Thread(target=ask_server, daemon=True)
-        thread.start()
-        try:
-            group = join_weight_update_group(self.backend, self.master_address, port, 1 + tensor_parallel_size, group_name, self.timeout_s)
-        finally:
-            thread.join(self.timeout_s)
-        if failure or answer.get("success") is False:
-            raise WeightPushError(f"{url}/init_weights_update_group: {failure[0] if failure else answer.get('message')}")
-        self._groups[url] = (group_name, group)
+        def join() -> None:
+            try:
+                joined.append(join_weight_update_group(self.backend, self.master_address, port, 1 + tensor_parallel_size, group_name, self.timeout_s))
+            except BaseException as error:
+                joined.append(error)
+
+        # The server joins inside the request, so the request is in flight while we join. A server that
+        # refuses never joins: its answer ends the wait (the join thread then times out on its own).
+        asking, joining = (threading.Thread(target=target, daemon=True) for target in (ask_server, join))
+        asking.start()
+        joining.start()
+        refused = lambda: not asking.is_alive() and (failure or answer.get("success") is False)  # noqa: E731
+        while joining.is_alive() and not refused():
+            joining.join(0.1)
+        if not refused():
+            asking.join(self.timeout_s)
+        if refused() or asking.is_alive():
+            if joined and isinstance(joined[0], dist.ProcessGroup):
+                dist.destroy_process_group(joined[0])
+            reason = failure[0] if failure else answer.get("message") if refused() else f"no answer in {self.timeout_s:.0f} s"
+            raise WeightPushError(f"{url}/init_weights_update_group: {reason}")
+        if isinstance(joined[0], BaseException):
+            raise WeightPushError(f"{url}/init_weights_update_group: joining the group failed: {joined[0]}") from joined[0]
+        self._groups[url] = (group_name, joined[0])
 
     def disconnect(self, url: str) -> None:
         self._drop_group(url, broadcast_pending=False)

@@ -13,7 +13,9 @@ Design choices:
   the pool. The probe runs when a request to it fails, and when it has requests in flight but has
   answered none for `stall_timeout_s` (a hang that keeps connections open); its requests are resent.
   The engine owning the fleet restarts it in the background, reconnects the transport and
-  pushes the current weights before it takes requests again. Servers started outside the trainer
+  pushes the current weights before it takes requests again. A rank without the fleet whose pool
+  runs empty waits up to `owner_restart_wait_s` for such a restart: a server rejoins its pool once it
+  answers /health with the current weight version. Servers started outside the trainer
   (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on.
 * Every answer carries the server's weight version; an answer made with any other version than the
   last pushed one (or with two versions, i.e. a push mid-request) is not used: its server leaves this
@@ -86,6 +88,7 @@ class SGLangRolloutEngine(RolloutEngine):
         backoff_s: float = 0.5,
         stall_timeout_s: float = 60.0,
         server_tensor_parallel_size: int = 1,
+        owner_restart_wait_s: float = 0.0,
     ) -> None:
         # fleet + transport: trainer rank 0, which started the servers, pushes weights and restarts failed ones.
         # URLs + transport: rank 0 with servers started outside the trainer (the SLURM job's server step).
@@ -100,6 +103,9 @@ class SGLangRolloutEngine(RolloutEngine):
         self.vocab_size = vocab_size
         self.max_concurrent_requests, self.request_timeout_s = max_concurrent_requests, request_timeout_s
         self.max_attempts, self.backoff_s, self.stall_timeout_s = max_attempts, backoff_s, stall_timeout_s
+        self.owner_restart_wait_s = owner_restart_wait_s
+        """A rank without the fleet: how long to wait for trainer rank 0 to restart the servers when none is
+        left in this rank's pool (0: nobody restarts them)."""
         self.tag = uuid.uuid4().hex[:8]
         self._version = 0 if self.launch_weights_only else -1
         self._pushed: Mapping[str, torch.Tensor] | None = None
@@ -263,6 +269,25 @@ class SGLangRolloutEngine(RolloutEngine):
             error = self._recovery_errors.pop(0)
             raise RolloutFailedError(f"restarting a failed SGLang server failed: {error}") from error
 
+    def _rejoin_restarted(self) -> bool:
+        """Waits up to owner_restart_wait_s for servers that serve the current weights again (restarted by
+        the owner) and takes them back into the pool; false if none came back."""
+        deadline = time.monotonic() + self.owner_restart_wait_s
+        while time.monotonic() < deadline:
+            for index, url in enumerate(self.urls):
+                try:
+                    post_json(f"{url}/health", None, HEALTH_TIMEOUT_S)
+                    served = str(post_json(f"{url}/model_info", None, HEALTH_TIMEOUT_S).get("weight_version"))
+                except (ServerUnavailable, ServerRejected):
+                    continue
+                if served == self._served_version:
+                    with self._lock:
+                        self._healthy.add(index)
+            if self._healthy:
+                return True
+            time.sleep(1.0)
+        return False
+
     # ------------------------------------------------------------------ rollouts
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
@@ -331,7 +356,7 @@ class SGLangRolloutEngine(RolloutEngine):
                     in_flight[server] = in_flight.get(server, 0) + 1
                     running[pool.submit(generate_one, self.urls[server], request, self.request_timeout_s)] = (i, server)
                 if not running:
-                    if not self._healthy and not self._recoveries:
+                    if not self._healthy and not self._recoveries and not self._rejoin_restarted():
                         raise RolloutFailedError(f"no healthy SGLang server left; {len(pending)} prompts unanswered")
                     time.sleep(0.05)
                     continue

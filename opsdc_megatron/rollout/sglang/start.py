@@ -49,7 +49,9 @@ def start_sglang_engine(config: RunConfig, stop_token_ids: list[int], vocab_size
         server_tensor_parallel_size=s.tensor_parallel_size,
     )
     if not owner:
-        return SGLangRolloutEngine(urls, None, **engine_args)
+        # Rank 0 restarts the servers it started (their start-up, then the current weights' push): wait for that.
+        restart_wait_s = 0.0 if s.server_urls else 2 * s.startup_timeout_s
+        return SGLangRolloutEngine(urls, None, **engine_args, owner_restart_wait_s=restart_wait_s)
     try:
         # Servers on other hosts join the weight-update groups at this process's address: the job's
         # rendezvous address is trainer rank 0's (torchrun, slurm/opsdc_job.sh), loopback for one process.
