@@ -22,7 +22,8 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"answer[*_]*\s*:", re.IGNORECASE)
+"""`Answer:`, also with the word in bold or italics and the colon outside (`**Answer**:`)."""
 _LEAD_WORDS = frozenset("so thus hence therefore then and in conclusion summary the my our final correct overall".split())
 """Words that may open the clause of an Answer line (`So the final answer: 42`, `In conclusion, the answer: 7`)."""
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -40,6 +41,11 @@ _LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNOR
 """What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
 _HEDGES = frozenset("not no nor neither either maybe possibly perhaps".split())
 """Words between math spans that take the first one back or leave the answer open (`$2$, not $6$`)."""
+_REMARK = re.compile(r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e\.g\.)\b.*$|\s+\(([^()]*)\)\.?$", re.IGNORECASE)
+"""A remark after a plain-text answer (`24, since ...`, `8 (from x + 8 = 16)`): the answer is what precedes it."""
+_DISPLAY_MATH = re.compile(r"^\s*(?:\\\[|\\\(|\$\$)\s*(.*?)\s*(?:\\\]|\\\)|\$\$)\s*\.?\s*$", re.DOTALL)
+"""`\\[ ... \\]`, `\\( ... \\)`, `$$ ... $$` around a whole answer."""
+_PERCENT_AT_END = re.compile(r"\\?%(?=\s*\$?\s*\.?\s*$)")
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
@@ -51,14 +57,21 @@ def answer_line(response: str) -> str | None:
     """What follows the last `Answer:` (any case, any spacing before the colon) up to the end of its line.
 
     When the marker ends its line (`**Answer:**` then the answer below it), the next non-blank line
-    is the answer. None when there is no marker or nothing follows it (a response cut off there).
+    is the answer, or the display-math block (`\\[` ... `\\]`) it opens. None when there is no marker or
+    nothing follows it (a response cut off there).
     """
     markers = [marker for marker in _ANSWER_MARKER.finditer(response) if _opens_answer(response, marker.start())]
     if not markers:
         return None
-    rest = response[markers[-1].end() :]
-    for line in rest.split("\n"):
-        text = line.strip().strip("*").strip()
+    lines = response[markers[-1].end() :].split("\n")
+    for index, line in enumerate(lines):
+        text = line.strip().removeprefix("**")  # the bold the marker opened (`**Answer:** **42**`)
+        text = _unbold(text).strip().strip("*").strip()
+        if text in ("\\[", "$$"):
+            closing = "\\]" if text == "\\[" else "$$"
+            block = [rest.strip() for rest in lines[index + 1 :]]
+            end = next((i for i, rest in enumerate(block) if rest.startswith(closing)), None)
+            return None if end is None else f"{text} {' '.join(block[:end])} {closing}"  # None: cut off inside the block
         if text:
             return text
     return None
@@ -97,6 +110,9 @@ def normalize(answer: str) -> str:
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
+    display = _DISPLAY_MATH.match(text)
+    if display:
+        text = display.group(1)
     text = _unbold(text.replace("\\$", "").replace("$", ""))
     text = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
     text = _DIGIT_GROUP_SPACE.sub("", text)  # `1 000 000` and `1\,000` are one number
@@ -128,6 +144,9 @@ def _latex_candidate(answer: str) -> str | None:
     otherwise the first span is the answer and the rest comment on it (`$5$ because $2+3=5$`), unless
     the words between them take it back (`$2$, not $6$`: no answer). math-verify alone would pick one."""
     text = _unbold(answer.strip()).strip()
+    display = _DISPLAY_MATH.match(text)
+    if display:
+        text = display.group(1)
     spans = list(_MATH_SPAN.finditer(text))
     if len(spans) > 1:
         between = [text[left.end() : right.start()] for left, right in zip(spans, spans[1:])]
@@ -140,13 +159,25 @@ def _latex_candidate(answer: str) -> str | None:
     text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
-    text = _without_variable(text.rstrip(".").strip())
+    text = _without_variable(_without_remark(text).rstrip(".").strip())
     words = _TRAILING_WORDS.match(text)
     if words:
         if _NOT_UNITS & set(words.group(2).lower().split()):
             return None  # a number qualified in words is no number: math-verify would read its first one
         text = words.group(1)
     return text if "$" in text else f"${text}$"
+
+
+def _without_remark(text: str) -> str:
+    """`text` without a trailing remark: a clause (`, since ...`) or a parenthesis with words or an equation
+    in it (`(8 each)`, `(from x + 8 = 16)`); `2 (x + 1)` stays a product."""
+    remark = _REMARK.search(text)
+    if remark is None or not text[: remark.start()].strip():
+        return text
+    parenthesis = remark.group(1)
+    if parenthesis is not None and "=" not in parenthesis and not re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", parenthesis):
+        return text
+    return text[: remark.start()]
 
 
 def _timeout_s() -> int | None:
@@ -162,8 +193,16 @@ def _parse(latex: str) -> tuple:
 def answers_match(candidate: str | None, gold: str) -> bool:
     """Equal canonical strings, or equivalent by math-verify (gold first: its comparison is asymmetric).
 
-    `x = 5` equals `5`, but never `y = 5`: an answer that names another variable is another answer."""
-    if candidate is None or not normalize(candidate):
+    `x = 5` equals `5`, but never `y = 5`: an answer that names another variable is another answer.
+    A percent sign the gold answer lacks may be left out (`12.5%` for 12.5; math-verify reads 0.125)."""
+    if candidate is None:
+        return False
+    without_percent = _PERCENT_AT_END.sub("", candidate) if "%" not in gold else candidate
+    return _equivalent(candidate, gold) or (without_percent != candidate and _equivalent(without_percent, gold))
+
+
+def _equivalent(candidate: str, gold: str) -> bool:
+    if not normalize(candidate):
         return False
     candidate_form, gold_form = normalize(candidate), normalize(gold)
     if candidate_form == gold_form:
