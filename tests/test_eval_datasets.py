@@ -8,6 +8,7 @@ import pyarrow.parquet
 import pytest
 
 from opsdc_megatron.eval.datasets import DatasetLayoutError, load_dataset_file
+from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import PromptFileError
 
 pytestmark = pytest.mark.eval
@@ -34,6 +35,17 @@ def test_aime2025_jsonl():
     layout, records = load_dataset_file(DATA / "aime2025-I.jsonl")
     assert (layout.name, layout.benchmark) == ("aime2025", None)  # question/answer fields are any Q/A file's (GSM8K): the file names it
     assert [r.answer for r in records] == ["70", "16"] and records[0].prompt.startswith("Find the sum of all integer bases")
+
+
+def test_gsm8k_gold_is_the_number_after_the_hashes(tmp_path):
+    """GSM8K's answer field is the worked solution; read whole, math-verify took a number from its text
+    (here the first `$...$` span: 3), and a right `Answer: 1027` scored wrong."""
+    solution = ("He pays 2*5=$<<2*5=10>>10 for apples and 3*4=$<<3*4=12>>12 for pears.\n"
+                "Milk costs $<<2=2>>2 and eggs cost $<<1003=1003>>1,003.\nIn all 10+12+2+1003=<<10+12+2+1003=1027>>1027\n#### 1,027")
+    path = write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": "How much does he pay?", "answer": solution}])
+    layout, records = load_dataset_file(path)
+    assert layout.name == "aime2025" and records[0].answer == "1027"
+    assert score("Answer: 1027", records[0].answer) and score("\\boxed{1,027}", records[0].answer)
 
 
 def test_dapo_parquet_keeps_the_published_user_message():

@@ -6,7 +6,7 @@ Supported layouts (column names as published on the Hugging Face hub):
 |---|---|---|
 | math500 | HuggingFaceH4/MATH-500 (test.jsonl) | problem, solution, answer, subject, level, unique_id |
 | aime2024 | Maxwell-Jia/AIME_2024 | ID, Problem, Solution, Answer |
-| aime2025 | opencompass/AIME2025 (aime2025-I/II.jsonl; benchmark named by the file) | question, answer |
+| aime2025 | opencompass/AIME2025 (aime2025-I/II.jsonl; benchmark named by the file); also openai/gsm8k, whose gold is the number after `####` | question, answer |
 | problem_answer | HuggingFaceH4/aime_2024, math-ai/aime25 and the like | problem, answer (+ any) |
 | dapo | BytedTsinghua-SIA/DAPO-Math-17k (parquet) | data_source, prompt (chat messages), ability, reward_model {ground_truth, style}, extra_info |
 | opsdc | this project's prompt files | prompt, answer (+ any) |
@@ -62,7 +62,11 @@ def _aime2024(row: dict, where: Callable[[str], str]) -> PromptRecord:
 
 
 def _aime2025(row: dict, where: Callable[[str], str]) -> PromptRecord:
-    return PromptRecord(_text(row, "question", where), _text(row, "answer", where), {})
+    """A question/answer file; GSM8K's answer is a worked solution ending `#### 1,234`: the gold is that number."""
+    answer = _text(row, "answer", where)
+    if "####" in answer:
+        answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return PromptRecord(_text(row, "question", where), answer, {})
 
 
 def _problem_answer(row: dict, where: Callable[[str], str]) -> PromptRecord:
@@ -97,7 +101,7 @@ LAYOUTS: dict[str, Layout] = {
         Layout("dapo", "DAPO-Math-17k", ("data_source", "prompt", "ability", "reward_model", "extra_info"), False, _dapo),
         Layout("math500", "MATH-500", ("problem", "solution", "answer", "subject", "level", "unique_id"), False, _math500),
         Layout("aime2024", "AIME 2024", ("ID", "Problem", "Solution", "Answer"), False, _aime2024),
-        Layout("aime2025", None, ("question", "answer"), False, _aime2025),  # fields any Q/A file has (GSM8K): the file names it
+        Layout("aime2025", None, ("question", "answer"), False, _aime2025),  # fields any Q/A file has (GSM8K too): the file names it
         Layout("problem_answer", None, ("problem", "answer"), True, _problem_answer),
         Layout("opsdc", None, ("prompt", "answer"), True, _opsdc),
     )
