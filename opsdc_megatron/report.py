@@ -20,12 +20,9 @@ from pathlib import Path
 
 
 from opsdc_megatron.config import read_saved_config
-from opsdc_megatron.eval.results import ResultFile, read_responses, read_results
+from opsdc_megatron.eval.results import RUN_EXPORTS, ResultFile, read_responses, read_results
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.train.metrics import read_metrics
-
-AFTER_FOLDERS = ("best_hf", "final_hf")
-"""The run's exported models, in order of preference for the "after" column."""
 
 
 class RunFolderError(ValueError):
@@ -134,7 +131,7 @@ def plot_length_distribution(lengths_by_benchmark: dict[str, dict[str, list[int]
 def _classify(results: list[ResultFile], run_dir: Path, base_model: Path) -> dict[tuple[str, str], tuple[ResultFile | None, ResultFile | None]]:
     """(benchmark, instruction) -> (before, after); results of other models are left out."""
     pairs: dict[tuple[str, str], list] = {}
-    rank = {run_dir / folder: position for position, folder in enumerate(AFTER_FOLDERS)}
+    rank = {run_dir / folder: position for position, folder in enumerate(RUN_EXPORTS)}
     for result in results:
         model = Path(result.model)
         key = (result.benchmark, result.instruction)

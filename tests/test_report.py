@@ -77,6 +77,24 @@ def test_report_table_and_plots(run_dir):
     assert not list(run_dir.glob("*.tmp"))
 
 
+def test_a_run_started_from_another_runs_best_hf_is_reported_before_and_after(tmp_path):
+    """Both models are folders named best_hf, evaluated into one --out: the second result file replaced
+    the first's name (`math-500.best-hf.none`), and `opsdc eval` refused it."""
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    for folder in (first / "best_hf", second / "best_hf"):
+        folder.mkdir(parents=True)
+    config = load_config(None, [f"out_dir={second}", f"model.hf_path={first / 'best_hf'}", "data.train_prompts=t.jsonl"])
+    (second / "config.yaml").write_text(to_yaml(config))
+    write_metrics(second / "metrics.jsonl", steps=2)
+    for model, result in ((first / "best_hf", fake_result([64, 40, 60, 20], [True, False, True, False])),
+                          (second / "best_hf", fake_result([20, 10, 30, 20], [True, True, True, False]))):
+        write_result(second / "eval", "MATH-500", model, tmp_path / "math.jsonl", "math500", "none", None, SAMPLING, 0, "hf", result,
+                     prompts_sha256="four", batch_prompts=4)
+    assert len(list((second / "eval").glob("*.json"))) == 2
+    main(["report", str(second)])
+    assert "| MATH-500 | 4 x 1 | 0.500 | 0.750 | +25.0 | 46.0 | 20.0 | 56.5% | 0.250 | 0.000 |" in (second / "report.md").read_text()
+
+
 def test_report_without_evaluations_still_plots_training(run_dir):
     for path in (run_dir / "eval").iterdir():
         path.unlink()

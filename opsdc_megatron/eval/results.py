@@ -60,8 +60,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
 
 
+RUN_EXPORTS = ("best_hf", "final_hf")
+"""The Hugging Face folders a training run writes, best first; their name alone does not say which run."""
+
+
 def result_stem(benchmark: str, model: Path, instruction: str) -> str:
-    return f"{_slug(benchmark)}.{_slug(model.name)}.{instruction}"
+    """`benchmark.model.instruction`; a run's export is named with its run folder (`run1-best-hf`): a
+    second run started from the first's best_hf writes its own best_hf, evaluated into the same folder."""
+    name = f"{model.resolve().parent.name}-{model.name}" if model.name in RUN_EXPORTS else model.name
+    return f"{_slug(benchmark)}.{_slug(name)}.{instruction}"
 
 
 def write_result(
