@@ -25,23 +25,28 @@ def test_norms_do_not_decay_and_matrices_do(one_rank, tmp_path: Path, distribute
         assert decay == {(1, 0.0), (2, 0.1)}, decay  # 1-D: RMSNorm and QK-norm weights; 2-D: every matrix
 
 
-def test_a_resumed_run_applies_the_decay_again_over_what_a_checkpoint_restores(one_rank, tmp_path: Path) -> None:
-    """Loading an optimizer state restores each group's saved decay; checkpoints written before wd_mult was
-    applied hold 0.1 for the norms too. (The loop calls apply_weight_decay again after load_checkpoint.)"""
-    from opsdc_megatron.train.step import apply_weight_decay
+def test_a_resumed_run_takes_the_recipes_optimizer_settings_over_what_a_checkpoint_restores(one_rank, tmp_path: Path) -> None:
+    """Loading an optimizer state restores each group's saved learning rate, betas, eps and decay: a run
+    resumed with a lower `train.lr` kept training at the old one while its config.yaml said the new one,
+    and checkpoints written before wd_mult was applied hold 0.1 for the norms too. (The loop calls
+    apply_optimizer_settings again after load_checkpoint.)"""
+    from opsdc_megatron.train.step import apply_optimizer_settings
 
     config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
     Qwen3ForCausalLM(config).save_pretrained(tmp_path)
-    model = build_training_model(config, str(tmp_path), ParallelConfig(), torch.float32, TrainConfig(weight_decay=0.1), teacher_refresh_every=0)
+    first = TrainConfig(lr=1e-3, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.1)
+    model = build_training_model(config, str(tmp_path), ParallelConfig(), torch.float32, first, teacher_refresh_every=0)
     for group in model.optimizer.param_groups:  # as an older run saved them
         group["weight_decay"] = 0.1
     saved = model.optimizer.state_dict()
-    apply_weight_decay(model.optimizer, 0.1)
+    resumed = TrainConfig(lr=1e-5, adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.05)
+    apply_optimizer_settings(model.optimizer, resumed)
     model.optimizer.load_state_dict(saved)
-    assert {g["weight_decay"] for g in model.optimizer.param_groups} == {0.1}
-    apply_weight_decay(model.optimizer, 0.1)
-    assert {(g["wd_mult"], g["weight_decay"]) for g in model.optimizer.param_groups} == {(1.0, 0.1), (0.0, 0.0)}
+    assert {(g["lr"], g["betas"][1], g["weight_decay"]) for g in model.optimizer.param_groups} == {(1e-3, 0.999, 0.1)}
+    apply_optimizer_settings(model.optimizer, resumed)
+    settings = {(g["wd_mult"], g["weight_decay"], g["lr"], g["betas"], g["eps"]) for g in model.optimizer.param_groups}
+    assert settings == {(1.0, 0.05, 1e-5, (0.9, 0.95), 1e-6), (0.0, 0.0, 1e-5, (0.9, 0.95), 1e-6)}
 
 
 @pytest.mark.parametrize(("params_dtype", "distributed_optimizer"), [(torch.float32, False), (torch.bfloat16, True)])

@@ -39,7 +39,7 @@ from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
 from opsdc_megatron.train.build import build_training_model
-from opsdc_megatron.train.step import apply_weight_decay, optimizer_step
+from opsdc_megatron.train.step import apply_optimizer_settings, optimizer_step
 
 EVAL_SEED = 20_260_303
 
@@ -106,7 +106,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
-        apply_weight_decay(model.optimizer, config.train.weight_decay)
+        apply_optimizer_settings(model.optimizer, config.train)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         # The run's record, rewritten on resume (steps, layout may change): `opsdc report` and `opsdc

@@ -63,19 +63,24 @@ def wrap_for_training(
         ),
         ddps,
     )
-    apply_weight_decay(optimizer, train.weight_decay)
+    apply_optimizer_settings(optimizer, train)
     return ddps, optimizer
 
 
-def apply_weight_decay(optimizer: MegatronOptimizer, weight_decay: float) -> None:
-    """Each param group's decay from megatron's wd_mult (0 for norms and biases, as in Megatron-LM).
+def apply_optimizer_settings(optimizer: MegatronOptimizer, train: TrainConfig) -> None:
+    """The recipe's learning rate, Adam betas and eps in every param group, and each group's decay from
+    megatron's wd_mult (0 for norms and biases, as in Megatron-LM).
 
-    megatron's OptimizerParamScheduler applies it; runs here have a constant learning rate and no
-    scheduler, so this does, after the optimizer is built and after a checkpoint is loaded (the load
-    restores the groups' saved values, and checkpoints written before this decayed every group).
+    megatron's OptimizerParamScheduler sets learning rate and decay each step; runs here have a constant
+    learning rate and no scheduler, so this does, after the optimizer is built and after a checkpoint is
+    loaded: the load restores the groups' saved values, so a run resumed with another `train.lr` kept
+    the old one (and checkpoints written before wd_mult was applied decay every group).
     """
     for group in optimizer.param_groups:
-        group["weight_decay"] = weight_decay * group["wd_mult"]
+        group["weight_decay"] = train.weight_decay * group["wd_mult"]
+        group["lr"] = group["max_lr"] = group["min_lr"] = train.lr * group["lr_mult"]
+        group["betas"] = (train.adam_beta1, train.adam_beta2)
+        group["eps"] = train.adam_eps
 
 
 def _finalize_student_grads(ddps: list[DistributedDataParallel], _stages, num_tokens, **kwargs) -> None:
