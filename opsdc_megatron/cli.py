@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from opsdc_megatron.convert import cli as convert_cli
 from opsdc_megatron.eval.command import add_parser as add_eval_parser
 from opsdc_megatron.prompts import PromptFileError
 from opsdc_megatron.report import add_parser as add_report_parser
-from opsdc_megatron.train.preemption import PreemptionWatch
+from opsdc_megatron.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 """What a bad recipe, model folder or prompt file raises during preflight."""
@@ -64,7 +65,7 @@ def preflight(config: RunConfig) -> None:
 
 def train_command(recipe: str, overrides: list[str]) -> None:
     under_launcher = "LOCAL_RANK" in os.environ
-    preemption = PreemptionWatch() if under_launcher else None  # a trainer process: signals from now on stop it cleanly
+    preemption = PreemptionWatch()  # first: a stop signal during the checks below is recorded, not fatal
     try:
         config = load_config(recipe, overrides)
         if not under_launcher:
@@ -75,12 +76,33 @@ def train_command(recipe: str, overrides: list[str]) -> None:
     if under_launcher or config.world_size == 1:
         from opsdc_megatron.train.loop import run
 
-        run(config, preemption or PreemptionWatch())
+        run(config, preemption)
         return
+    _start_workers(config.world_size, recipe, overrides, preemption)
+
+
+def _start_workers(world_size: int, recipe: str, overrides: list[str], preemption: PreemptionWatch) -> None:
+    """One trainer process per rank on this machine, through torchrun. torchrun starts them in sessions
+    of their own, out of reach of a signal to this process: a SIGUSR1/SIGTERM here reaches them through
+    their stop file (train/preemption.py); they checkpoint and exit 75, and so does this process."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torchrun([f"--nproc-per-node={config.world_size}", "--standalone", "-m", "opsdc_megatron.cli", "train", recipe, *overrides])
+    with tempfile.TemporaryDirectory(prefix="opsdc-stop-") as folder:
+        stop_file = Path(folder) / "stop_requested"
+        preemption.forward_to(stop_file)
+        os.environ[STOP_FILE_ENV] = str(stop_file)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        try:  # torchrun leaves SIGTERM and SIGUSR1 to the watch: its own handler would kill the workers
+            torchrun([f"--nproc-per-node={world_size}", "--standalone", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
+                      "-m", "opsdc_megatron.cli", "train", recipe, *overrides])
+        except ChildFailedError as error:
+            exit_codes = {failure.exitcode for failure in error.failures.values()}
+            if PREEMPTED_EXIT_CODE in exit_codes and exit_codes <= {PREEMPTED_EXIT_CODE, -signal.SIGTERM}:
+                sys.exit(PREEMPTED_EXIT_CODE)  # stopped on request after a checkpoint (torchrun may end the last ranks)
+            raise
 
 
 def demo_command(args: argparse.Namespace) -> None:

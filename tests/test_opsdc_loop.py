@@ -281,6 +281,31 @@ def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(
     assert (out / "final_hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tmp_path, stop_signal):
+    """`opsdc train` at TP=2 without a launcher starts its ranks through torchrun, in sessions of their own:
+    SIGUSR1 killed this process and left the ranks training unattended; SIGTERM made torchrun end them
+    and exit 1. Now they checkpoint after their step, exit 75, and so does `opsdc train`."""
+    import psutil
+
+    out = tmp_path / stop_signal.name
+    overrides = ("train.steps=20", "eval.every_steps=0", "checkpoint.save_every_steps=0", "parallel.tensor_parallel_size=2")
+    command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fork_guarded(out))
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and any(m["kind"] == "train" for m in read_metrics(out / "metrics.jsonl"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no train step was logged"
+        time.sleep(0.1)
+    ranks = psutil.Process(proc.pid).children()
+    proc.send_signal(stop_signal)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "opsdc train: stopping after step" in stderr and f"on {stop_signal.name} to opsdc train; checkpoint saved" in stderr, stderr[-3000:]
+    stopped = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert 1 <= stopped["step"] < 20 and len(ranks) == 2 and not [rank for rank in ranks if rank.is_running()]
+    assert_no_forks(out)
+
+
 def run_cli(setup, out, *overrides):
     args = [f"out_dir={out}", f"model.hf_path={setup / 'model'}", f"data.train_prompts={setup / 'train.jsonl'}",
             f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides]

@@ -6,7 +6,9 @@ SLURM sends SIGTERM before killing a job (scancel, `scontrol requeue`, preemptio
 `#SBATCH --signal=B:USR1@300`, SIGUSR1 to the batch script some minutes before the time limit; the
 sbatch scripts (slurm/opsdc_job.sh) forward it to the trainer step and also write it down in the file
 named by $OPSDC_STOP_FILE: the trainer's processes start with SIGUSR1 ignored, so that one arriving
-before this module's handler is in place does not kill them, and the file stands in for it. The handler only records the
+before this module's handler is in place does not kill them, and the file stands in for it. `opsdc
+train` run without a launcher at world size > 1 writes the same file for the processes it starts
+(torchrun puts them in sessions of their own, out of reach of a signal to it). The handler only records the
 signal; the loop asks once per step, and the ranks agree through one all-reduce, so every rank
 stops after the same step and the checkpoint stays collective. The exit status tells the batch
 script to requeue the job, which then resumes from `checkpoints/latest`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 PREEMPTED_EXIT_CODE = 75
 """EX_TEMPFAIL from sysexits.h: stopped early on request, a checkpoint was saved, run again to resume."""
@@ -28,7 +31,8 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 STOP_FILE_ENV = "OPSDC_STOP_FILE"
-"""Names a file whose existence asks the trainer to stop as SIGUSR1 does (set by slurm/opsdc_job.sh)."""
+"""Names a file whose existence asks the trainer to stop as SIGUSR1 does; it holds what asked (set by
+slurm/opsdc_job.sh, and by `opsdc train` for the processes it starts)."""
 
 
 STOPPED_LINE = "opsdc train: stopping"
@@ -47,18 +51,31 @@ class PreemptionWatch:
     def __init__(self) -> None:
         self.received: str | None = None
         self.stop_file = os.environ.get(STOP_FILE_ENV) or None
+        self.forward_file: Path | None = None
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, self._record)
 
     def _record(self, number: int, _frame) -> None:
         self.received = signal.Signals(number).name
+        if self.forward_file is not None:
+            self.forward_file.write_text(f"{self.received} to opsdc train\n")
+
+    def forward_to(self, stop_file: Path) -> None:
+        """From now on (and for a signal already received) a stop signal is written to `stop_file`, for
+        processes that read it as their $OPSDC_STOP_FILE."""
+        self.forward_file = stop_file
+        if self.received:
+            stop_file.write_text(f"{self.received} to opsdc train\n")
 
     def requested(self) -> bool:
         import torch  # here, not at the top: the watch is made before the ~2 s torch import
         import torch.distributed as dist
 
-        if not self.received and self.stop_file and os.path.exists(self.stop_file):
-            self.received = f"SIGUSR1 to the job ({self.stop_file})"
+        if not self.received and self.stop_file:
+            try:
+                self.received = Path(self.stop_file).read_text(encoding="utf-8").strip() or f"a stop request ({self.stop_file})"
+            except FileNotFoundError:
+                pass
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
