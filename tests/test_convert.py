@@ -151,8 +151,9 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     [
         ({"tie_word_embeddings": True}, r"output_layer\.weight"),
         ({"vocab_size": 150}, r"a larger vocabulary than the config's 150 tokens \(embedding\.word_embeddings\.weight has 175 rows, output_layer\.weight has 175 rows"),
+        ({"vocab_size": 200}, r"has 175 rows, fewer than the config's vocabulary of 200 tokens"),
     ],
-    ids=["tied-config-untied-checkpoint", "smaller-vocabulary"],
+    ids=["tied-config-untied-checkpoint", "smaller-vocabulary", "larger-vocabulary"],
 )
 def test_a_checkpoint_of_another_model_is_refused_not_cut(
     hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str

@@ -203,7 +203,10 @@ def convert_hf_to_megatron(
             "-m", "opsdc_megatron.convert.hf_to_megatron", "--hf", str(hf_dir), "--out", str(tmp),
             "--tp", str(tensor_parallel_size), "--pp", str(pipeline_parallel_size), "--dtype", _dtype_name(source.weights_dtype),
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        # The ranks stream tensors through host memory and build the model on the meta device: on CPU, with
+        # gloo. Visible GPUs would make them take one each (fewer GPUs than ranks: "invalid device ordinal")
+        # and move a tied output layer's meta weight to CUDA, which fails.
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), CUDA_VISIBLE_DEVICES="")
         if subprocess.run(command, env=env).returncode != 0:
             raise RuntimeError(f"conversion processes failed (see their output above); nothing written to {out}")
         copy_hf_files(hf_dir, tmp / HF_FILES)

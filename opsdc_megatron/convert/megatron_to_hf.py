@@ -172,11 +172,17 @@ def check_vocabulary_padding(ckpt: Path, vocab_size: int) -> None:
     tensor-parallel padding), not tokens of a larger vocabulary that a load would silently cut off.
 
     Reads only those rows. Raises:
-        ConversionError: a padding row holds weights.
+        ConversionError: a padding row holds weights, or the checkpoint has fewer rows than the config's
+            vocabulary (padding only adds rows: another model, whose missing rows a load fills with zeros).
     """
     reader = dcp.FileSystemReader(str(ckpt))
     requests = []
     for key, stored in reader.read_metadata().state_dict_metadata.items():
+        if key in VOCABULARY_KEYS and isinstance(stored, TensorStorageMetadata) and stored.size[0] < vocab_size:
+            raise ConversionError(
+                f"{ckpt}: {key} has {stored.size[0]} rows, fewer than the config's vocabulary of {vocab_size} tokens: "
+                f"pass the config of the model the checkpoint was made from"
+            )
         if key in VOCABULARY_KEYS and isinstance(stored, TensorStorageMetadata) and stored.size[0] > vocab_size:
             rows = torch.empty((stored.size[0] - vocab_size, *stored.size[1:]), dtype=stored.properties.dtype)
             requests.append((key, (vocab_size, *[0] * (len(stored.size) - 1)), rows))
