@@ -9,6 +9,7 @@ Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from omegaconf.nodes import AnyNode, StringNode, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, fp8_token_multiple
+
+SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+"""SGLang 0.5.23's --dtype choices."""
 
 PAPER_INSTRUCTION_V1 = (
     "Solve the following math problem concisely and correctly. Be direct — avoid unnecessary "
@@ -89,7 +93,7 @@ class SGLangConfig:
     router_port: int = 0
     """Port of sglang-router in front of the servers (for clients outside the trainer); 0 = no router."""
     dtype: str = "auto"
-    """SGLang --dtype: auto, float32, bfloat16, float16."""
+    """SGLang --dtype (SGLANG_DTYPES); auto: model.params_dtype."""
     mem_fraction_static: Optional[float] = None
     """GPU memory fraction for weights + KV cache; null = SGLang's default, which takes most of the GPU: allowed
     only for servers on their own GPUs (the SLURM job's rollout nodes), required when the trainer starts them on its own."""
@@ -372,8 +376,19 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.seed must be < 2**32, got {t.seed}")
     if not t.clip_grad > 0:  # megatron computes the grad norm (logged, checked) only when it clips
         raise ConfigError(f"train.clip_grad must be > 0 (a large value never clips), got {t.clip_grad}")
+    # Comparisons written so that nan fails them. Transformer Engine's FusedAdam checks none of these, and
+    # torch's AdamW (without TE) only once the model is built and loaded.
+    for key, value, fits, expected in (
+        ("train.lr", t.lr, 0 < t.lr < math.inf, "> 0"),
+        ("train.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "in [0, 1)"),
+        ("train.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "in [0, 1)"),
+        ("train.adam_eps", t.adam_eps, 0 < t.adam_eps < math.inf, "> 0"),
+        ("train.weight_decay", t.weight_decay, 0 <= t.weight_decay < math.inf, ">= 0"),
+    ):
+        if not fits:
+            raise ConfigError(f"{key} must be {expected}, got {value}")
     for name, sampling in (("rollout", config.rollout), ("eval", config.eval)):
-        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+        if not 0 <= sampling.temperature < math.inf or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise ConfigError(
                 f"{name}: temperature must be >= 0, top_p in (0, 1] and top_k >= 0 (0 = off), got temperature="
                 f"{sampling.temperature}, top_p={sampling.top_p}, top_k={sampling.top_k}"
@@ -449,6 +464,13 @@ def validate(config: RunConfig) -> None:
         if getattr(config.rollout.sglang, key) < 1:
             raise ConfigError(f"rollout.sglang.{key} must be >= 1, got {getattr(config.rollout.sglang, key)}")
     servers = config.rollout.sglang
+    for key in ("request_timeout_s", "stall_timeout_s", "startup_timeout_s"):
+        if not getattr(servers, key) > 0:
+            raise ConfigError(f"rollout.sglang.{key} must be > 0, got {getattr(servers, key)}")
+    if servers.dtype not in SGLANG_DTYPES:
+        raise ConfigError(f"rollout.sglang.dtype must be one of SGLang's --dtype choices {', '.join(SGLANG_DTYPES)}, got {servers.dtype!r}")
+    if servers.mem_fraction_static is not None and not 0 < servers.mem_fraction_static <= 1:
+        raise ConfigError(f"rollout.sglang.mem_fraction_static must be in (0, 1] or null, got {servers.mem_fraction_static}")
     last_server_port = servers.base_port + servers.num_servers - 1
     if not 1 <= servers.base_port <= last_server_port <= 65535:
         raise ConfigError(f"rollout.sglang.base_port: servers listen on base_port .. base_port + num_servers - 1, which must be ports "

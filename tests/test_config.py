@@ -67,6 +67,17 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["rollout.sglang.base_port=65535", "rollout.sglang.num_servers=2"], "which must be ports \\(1-65535\\), got 65535..65536"),
         ("out_dir: x\ntrain:\n  steps: 3\nlog:\n  tensorboard: false\ntrain:\n  lr: 1.0\n", [], "recipe.yaml:10:1: malformed YAML: key 'train' appears twice"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1"], "override 'rollout.sglang.server_urls=[http://a:1': malformed YAML value"),
+        # Each passed validation and failed after the model load (torch's AdamW), or never (TE's FusedAdam, SGLang's argparse)
+        ("out_dir: x\n", ["train.lr=-1e-6"], "train.lr must be > 0, got -1e-06"),
+        ("out_dir: x\n", ["train.lr=nan"], "train.lr must be > 0, got nan"),
+        ("out_dir: x\n", ["train.adam_beta2=1.5"], "train.adam_beta2 must be in .0, 1., got 1.5"),
+        ("out_dir: x\n", ["train.adam_eps=0"], "train.adam_eps must be > 0, got 0"),
+        ("out_dir: x\n", ["train.weight_decay=-1"], "train.weight_decay must be >= 0, got -1"),
+        ("out_dir: x\n", ["rollout.temperature=nan"], "rollout: temperature must be >= 0"),
+        ("out_dir: x\n", ["rollout.sglang.dtype=bf16"], "rollout.sglang.dtype must be one of SGLang's --dtype choices auto, half, float16, bfloat16, float, float32, got 'bf16'"),
+        ("out_dir: x\n", ["rollout.sglang.mem_fraction_static=1.5"], "rollout.sglang.mem_fraction_static must be in .0, 1. or null, got 1.5"),
+        ("out_dir: x\n", ["rollout.sglang.startup_timeout_s=0"], "rollout.sglang.startup_timeout_s must be > 0, got 0"),
+        ("out_dir: x\n", ["rollout.sglang.request_timeout_s=0"], "rollout.sglang.request_timeout_s must be > 0, got 0"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
