@@ -9,6 +9,7 @@ The only stand-ins are the GPUs and the network between nodes (all nodes are thi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -457,14 +458,44 @@ def test_rollout_plan_refusals(overrides, message):
     assert message in str(refused.value)
 
 
-def test_gpu_servers_need_an_sglang_interpreter_named():
-    """The repo's .venv-sglang is SGLang's CPU build: GPU servers started from it die on import."""
+@pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
+def test_the_sglang_environment_is_checked_before_the_job_starts(tmp_path, monkeypatch):
+    """GPU servers need an interpreter named (the repo's .venv-sglang is SGLang's CPU build), with sglang,
+    with sglang_router when the recipe starts a router (`pip install sglang==0.5.23` does not bring it: the
+    router step died and the job blamed server 0), and, for the NCCL weight push, the trainer's NCCL version
+    (sglang 0.5.23 pins torch 2.14.1, whose NCCL differs from torch 2.13.0's: NCCL refuses the group)."""
+    import torch
+
     from opsdc_megatron.launch.plan import _check_sglang_interpreter
 
+    def recipe(python=None, *overrides):
+        return merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [f"rollout.sglang.python={python}"] * bool(python) + list(overrides))
+
+    def environment(name, sglang=True, router=True, nccl=None):
+        """An interpreter that answers the probe as an SGLang environment on a GPU cluster would (none here)."""
+        answer = {"sglang": sglang, "sglang_router": router, "torch": "2.14.1+cu130", "nccl": nccl}
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\necho '{json.dumps(answer)}'\n")
+        path.chmod(0o755)
+        return str(path)
+
     with pytest.raises(ValueError, match="GPU servers need a CUDA build of SGLang"):
-        _check_sglang_interpreter(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", []))
-    _check_sglang_interpreter(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [f"rollout.sglang.python={sys.executable}"]))
-    _check_sglang_interpreter(merge_config(ROOT / "recipes" / "toy_cpu_sglang.yaml", ["out_dir=x", "model.hf_path=x", "data.train_prompts=x"]))  # CPU servers: the default
+        _check_sglang_interpreter(recipe())
+    with pytest.raises(ValueError, match=f"{sys.executable} has no sglang package"):
+        _check_sglang_interpreter(recipe(sys.executable))
+    with pytest.raises(ValueError, match="router_port is set, but .* has no sglang_router package"):
+        _check_sglang_interpreter(recipe(environment("no_router", router=False)))
+    _check_sglang_interpreter(recipe(environment("no_router", router=False), "rollout.sglang.router_port=0"))
+    _check_sglang_interpreter(recipe(str(DEFAULT_SGLANG_PYTHON)))  # the real environment: sglang and sglang_router import
+    _check_sglang_interpreter(merge_config(ROOT / "recipes" / "toy_cpu_sglang.yaml", ["out_dir=x", "model.hf_path=x", "data.train_prompts=x"]))
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # this trainer as a CUDA build linking NCCL 2.29.7 (torch 2.13.0's)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 29, 7))
+    newer = environment("newer_nccl", nccl=[2, 30, 7])
+    with pytest.raises(ValueError, match="links NCCL 2.29.7, .* links NCCL 2.30.7, and NCCL refuses a group"):
+        _check_sglang_interpreter(recipe(newer))
+    _check_sglang_interpreter(recipe(newer, "rollout.sglang.weight_transport=disk"))
+    _check_sglang_interpreter(recipe(environment("same_nccl", nccl=[2, 29, 7])))
 
 
 @pytest.mark.parametrize("size", ["8b", "14b", "32b"])

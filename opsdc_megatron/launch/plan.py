@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def trainer_checks(config: RunConfig, strict: bool) -> list[str]:
-    """The trainer's own checks (config.validate, then model and prompt files); in validation mode failures become notes."""
+    """The trainer's own checks (config.validate, then model and prompt files, then the SGLang environment);
+    in validation mode failures become notes, every one of them."""
     from opsdc_megatron.cli import INPUT_ERRORS, preflight
 
     try:
@@ -176,15 +177,18 @@ def trainer_checks(config: RunConfig, strict: bool) -> list[str]:
         if strict:
             raise
         return [f"the trainer refuses this recipe: {error}"]
-    try:
-        preflight(config)
-        if config.rollout.engine == "sglang":
-            _check_sglang_interpreter(config)
-    except INPUT_ERRORS as error:
-        if strict:
-            raise PlanError(str(error)) from None
-        return [f"trainer inputs not checked here: {error}"]
-    return []
+    checks = [("trainer inputs not checked here", preflight)]
+    if config.rollout.engine == "sglang":
+        checks.append(("the SGLang environment", _check_sglang_interpreter))
+    notes = []
+    for what, check in checks:
+        try:
+            check(config)
+        except INPUT_ERRORS as error:
+            if strict:
+                raise PlanError(str(error)) from None
+            notes.append(f"{what}: {error}")
+    return notes
 
 
 def hf_rollout_memory_notes(config: RunConfig) -> list[str]:
@@ -207,17 +211,54 @@ def hf_rollout_memory_notes(config: RunConfig) -> list[str]:
             f"{block_tokens} tokens); large models want rollout.engine=sglang (slurm/<recipe>.sbatch)"]
 
 
+ENVIRONMENT_PROBE = (
+    "import importlib.util, json, torch; print(json.dumps({"
+    "'sglang': importlib.util.find_spec('sglang') is not None, 'sglang_router': importlib.util.find_spec('sglang_router') is not None, "
+    "'torch': torch.__version__, 'nccl': list(torch.cuda.nccl.version()) if torch.version.cuda else None}))"
+)
+"""What `_check_sglang_interpreter` asks the SGLang interpreter: its packages and the NCCL its torch links."""
+
+
 def _check_sglang_interpreter(config: RunConfig) -> None:
+    """The SGLang interpreter exists, has sglang (and sglang_router when the recipe starts a router), and for a
+    weight push over NCCL (distributed transport on GPUs) links the NCCL version this trainer's torch does:
+    NCCL refuses a communicator whose ranks run different versions, and the push would fail only after the
+    servers' start and the model load."""
+    import json
+    import subprocess
+
+    import torch
+
     from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 
-    python = config.rollout.sglang.python or str(DEFAULT_SGLANG_PYTHON)
-    if config.slurm.gpus_per_node and not config.rollout.sglang.python:
+    servers = config.rollout.sglang
+    python = servers.python or str(DEFAULT_SGLANG_PYTHON)
+    if config.slurm.gpus_per_node and not servers.python:
         raise ValueError(
             f"rollout.sglang.python: GPU servers need a CUDA build of SGLang; the default {DEFAULT_SGLANG_PYTHON} is the "
             "CPU build tools/setup_sglang.sh makes for the tests. Set rollout.sglang.python to a CUDA SGLang's interpreter"
         )
     if not Path(python).exists() and not shutil.which(python):
         raise FileNotFoundError(f"rollout.sglang.python: SGLang interpreter {python} not found (tools/setup_sglang.sh makes .venv-sglang)")
+    probe = subprocess.run([python, "-c", ENVIRONMENT_PROBE], capture_output=True, text=True, timeout=300)
+    try:
+        found = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise ValueError(f"rollout.sglang.python: {python} could not import torch (exit status {probe.returncode}): "
+                         f"{probe.stderr.strip()[-500:]}") from None
+    if not found["sglang"]:
+        raise ValueError(f"rollout.sglang.python: {python} has no sglang package (pip install sglang==0.5.23)")
+    if servers.router_port and not found["sglang_router"]:
+        raise ValueError(f"rollout.sglang.router_port is set, but {python} has no sglang_router package "
+                         f"(pip install sglang-router), or set rollout.sglang.router_port=0")
+    ours = list(torch.cuda.nccl.version()) if torch.version.cuda else None
+    if config.slurm.gpus_per_node and servers.weight_transport == "distributed" and ours and found["nccl"] and ours != found["nccl"]:
+        raise ValueError(
+            f"rollout.sglang.weight_transport=distributed: the trainer's torch {torch.__version__} links NCCL "
+            f"{'.'.join(map(str, ours))}, {python}'s torch {found['torch']} links NCCL {'.'.join(map(str, found['nccl']))}, and NCCL "
+            f"refuses a group whose ranks run different versions: install the same nvidia-nccl wheel in both "
+            f"environments, or use rollout.sglang.weight_transport=disk"
+        )
 
 
 if __name__ == "__main__":
