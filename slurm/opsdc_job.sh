@@ -182,12 +182,14 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
             # Straight to the node (a cluster's http_proxy cannot reach it), and never longer than 10 s a try.
             until curl --noproxy '*' -sf --max-time 10 "$url/health" >/dev/null; do
                 [ "$REQUEUE_ASKED" = 1 ] && break 2  # SIGUSR1: nothing to wait for, the job is requeued below
-                step_gone=0
                 for step in sglang_servers sglang_router; do
-                    [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null && step_gone=1
+                    if [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null; then
+                        log "FAILED: the $step step ended while waiting for $url/health (see $LOG_DIR/$step.log)"; stop_steps; exit 1
+                    fi
                 done
-                if [ $step_gone = 1 ] || [ $SECONDS -ge $deadline ]; then
-                    log "FAILED: rollout server $url did not answer /health (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
+                if [ $SECONDS -ge $deadline ]; then
+                    log "FAILED: $url did not answer /health within rollout.sglang.startup_timeout_s = $OPSDC_SERVER_STARTUP_TIMEOUT_S s (see $LOG_DIR/sglang_*.log)"
+                    stop_steps; exit 1
                 fi
                 sleep 2
             done
