@@ -17,6 +17,7 @@ from opsdc_megatron import plan
 from opsdc_megatron.config import ConfigError, RunConfig, load_config
 from opsdc_megatron.convert import cli as convert_cli
 from opsdc_megatron.eval.command import add_parser as add_eval_parser
+from opsdc_megatron.eval.datasets import add_data_parser
 from opsdc_megatron.prompts import PromptFileError
 from opsdc_megatron.report import add_parser as add_report_parser
 from opsdc_megatron.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     plan.add_parser(commands)
     convert_cli.add_parser(commands)
     add_eval_parser(commands)
+    add_data_parser(commands)
     add_report_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "convert":

@@ -7,9 +7,10 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
+from opsdc_megatron.cli import main
 from opsdc_megatron.eval.datasets import DatasetLayoutError, load_dataset_file
 from opsdc_megatron.eval.scoring import score
-from opsdc_megatron.prompts import PromptFileError
+from opsdc_megatron.prompts import PromptFileError, load_prompts
 
 pytestmark = pytest.mark.eval
 
@@ -84,6 +85,32 @@ MATH_ROW = {"problem": "1+1?", "solution": "2", "answer": "2", "subject": "Algeb
 def test_wrong_layout_names_file_row_and_field(tmp_path, rows, message):
     with pytest.raises(DatasetLayoutError, match=message):
         load_dataset_file(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_dapo_rows_repeated_in_the_parquet_are_read_once_and_split_apart(tmp_path, capsys):
+    """The published parquet holds each prompt ~100 times: read whole, `opsdc eval` scored every copy, and an
+    80/20 split of the rows put nearly every validation prompt into training too."""
+    template = pyarrow.parquet.read_table(DATA / "dapo_math_17k_sample.parquet").to_pylist()[0]
+    distinct = []
+    for index in range(10):
+        row = json.loads(json.dumps(template))
+        row["prompt"][0]["content"] += f" (variant {index})"
+        row["reward_model"]["ground_truth"] = str(index)
+        distinct.append(row)
+    source = tmp_path / "dapo.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([row for _ in range(30) for row in distinct]), source)
+    layout, records = load_dataset_file(source)
+    assert layout.name == "dapo" and [r.answer for r in records] == [str(i) for i in range(10)]
+
+    main(["data", "split", str(source), "--out", str(tmp_path / "split"), "--seed", "3"])
+    train, validation = (load_prompts(tmp_path / "split" / f"{name}.jsonl") for name in ("train", "validation"))
+    assert (len(train), len(validation)) == (8, 2) and not {r.prompt for r in train} & {r.prompt for r in validation}
+    assert {r.answer for r in train + validation} == {str(i) for i in range(10)}
+    assert "10 distinct prompts -> 8 in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # the files are there: nothing is replaced
+        main(["data", "split", str(source), "--out", str(tmp_path / "split"), "--seed", "4"])
+    assert refused.value.code == 2 and "already exist" in capsys.readouterr().err
+    assert load_prompts(tmp_path / "split" / "train.jsonl") == train
 
 
 def test_wrong_dapo_rows_name_the_parquet_row(tmp_path):

@@ -14,15 +14,23 @@ Supported layouts (column names as published on the Hugging Face hub):
 Files are JSON Lines (.jsonl) or Parquet (.parquet). The layout is detected from the first row
 unless given; every row is checked against it, and a row that does not fit raises
 DatasetLayoutError naming the file, the row and the missing, unexpected or mistyped field.
+The published DAPO-Math-17k parquet holds each of its ~17.9k prompts about 100 times: a dapo file's
+rows are read once per prompt (the first row of a prompt is kept).
+
+`opsdc data split FILE --out DIR` writes a training and a validation prompt file from any of these (the
+recipes' `data/dapo_math_17k/{train,validation}.jsonl`: the paper's 80/20 split of DAPO-Math-17k).
 """
 
 from __future__ import annotations
 
+import argparse
+import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects, unpaired_surrogate
+from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects, unpaired_surrogate, write_prompts
 
 
 class DatasetLayoutError(PromptFileError):
@@ -160,4 +168,59 @@ def load_dataset_file(path: str | Path, layout: str = "auto") -> tuple[Layout, l
         if unexpected and not chosen.open_ended:
             raise DatasetLayoutError(where(f"unexpected field '{unexpected[0]}'"))
         records.append(chosen.to_record(row, where))
+    if chosen.name == "dapo":
+        records = unique_prompts(records)
     return chosen, records
+
+
+def unique_prompts(records: list[PromptRecord]) -> list[PromptRecord]:
+    """The first record of each prompt text, in file order."""
+    seen: set[str] = set()
+    unique = []
+    for record in records:
+        if record.prompt not in seen:
+            seen.add(record.prompt)
+            unique.append(record)
+    return unique
+
+
+def split_records(records: list[PromptRecord], validation_fraction: float, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(train, validation): distinct prompts (a prompt in both would make validation measure training),
+    shuffled with `seed`, the validation part round(fraction x prompts) of them."""
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"--validation-fraction must be in (0, 1), got {validation_fraction}")
+    shuffled = unique_prompts(records)
+    random.Random(seed).shuffle(shuffled)
+    validation_size = round(validation_fraction * len(shuffled))
+    if not 0 < validation_size < len(shuffled):
+        raise ValueError(f"{len(shuffled)} distinct prompts leave no {'validation' if not validation_size else 'training'} "
+                         f"prompt at --validation-fraction {validation_fraction}")
+    return shuffled[validation_size:], shuffled[:validation_size]
+
+
+def add_data_parser(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="prepare prompt files").add_subparsers(dest="data_command", required=True)
+    split = data.add_parser("split", help="a data file (any layout above) -> DIR/train.jsonl and DIR/validation.jsonl, distinct prompts")
+    split.add_argument("source", type=Path, help=".jsonl or .parquet, e.g. DAPO-Math-17k's parquet")
+    split.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and validation.jsonl (must not hold them)")
+    split.add_argument("--validation-fraction", type=float, default=0.2, help="share of the prompts for validation (default 0.2, the paper's)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--layout", default="auto", help=f"auto (default) or one of {', '.join(LAYOUTS)}")
+    split.set_defaults(handler=split_command)
+
+
+def split_command(args: argparse.Namespace) -> None:
+    targets = [args.out / "train.jsonl", args.out / "validation.jsonl"]
+    try:
+        existing = [str(path) for path in targets if path.exists()]
+        if existing:
+            raise ValueError(f"{', '.join(existing)} already exist: remove them or choose another --out")
+        layout, records = load_dataset_file(args.source, args.layout)
+        train, validation = split_records(records, args.validation_fraction, args.seed)
+    except ValueError as error:  # PromptFileError included
+        print(f"opsdc data split: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for path, part in zip(targets, (train, validation)):
+        write_prompts(path, part)
+    print(f"{args.source} ({layout.name}): {len(records)} distinct prompts -> {len(train)} in {targets[0]}, "
+          f"{len(validation)} in {targets[1]} (seed {args.seed})")
