@@ -260,6 +260,26 @@ def test_a_server_that_cannot_open_a_session_leaves_no_other_open(fleet: ServerF
     assert post_json(f"{live}/model_info", None, 10)["weight_version"] == "3"
 
 
+def test_external_servers_left_by_a_trainer_killed_mid_push_serve_the_next_one(fleet: ServerFleet, tiny_model: Path) -> None:
+    """Servers started outside the trainer (rollout.sglang.server_urls) outlive a trainer killed during a push:
+    here one is left paused, the other with its weight-update session open. The next trainer's engine undoes
+    both; before, the paused server failed its /health probe and the open session refused every push."""
+    paused, in_session = fleet.urls
+    post_json(f"{paused}/pause_generation", {"mode": "abort"}, 30)
+    post_json(f"{in_session}/begin_weight_update", {}, 30)
+    state, reference = shifted_weights(tiny_model, seed=3)  # what the servers hold (version 3): nothing changes
+    try:
+        engine = SGLangRolloutEngine(list(fleet.urls), TensorTransport(), [EOS], VOCAB)
+        engine.update_weights(state, version=3)
+        assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), 3)
+    finally:  # a failed test must not leave a paused server or an open session to the tests after it
+        post_json(f"{paused}/continue_generation", {}, 30)
+        try:
+            post_json(f"{in_session}/end_weight_update", {}, 30)
+        except ServerRejected:
+            pass
+
+
 def fault_before_request(monkeypatch: pytest.MonkeyPatch, url: str, request_number: int, fault: Callable[[], None]) -> None:
     """Runs `fault` once, in the request thread, just before the `request_number`-th request to `url` is
     sent: mid-batch on any machine, however fast, with that request (and any still unanswered before it)

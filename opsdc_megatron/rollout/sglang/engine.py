@@ -121,6 +121,8 @@ class SGLangRolloutEngine(RolloutEngine):
         for url in self.urls:
             self._check_vocabulary(url)
             if self.transport is not None:
+                if self.fleet is None:
+                    self._undo_an_unfinished_push(url)
                 self.transport.connect(url, self.server_tensor_parallel_size)
 
     def _check_vocabulary(self, url: str) -> None:
@@ -130,6 +132,17 @@ class SGLangRolloutEngine(RolloutEngine):
                 f"{url} serves {model_path} with a vocabulary of {served} tokens, the trainer's model has "
                 f"{self.vocab_size}: rollouts would be sampled from another model's token ids"
             )
+
+    def _undo_an_unfinished_push(self, url: str) -> None:
+        """Servers started outside the trainer outlive it: one killed mid-push leaves them paused (their
+        /health then waits on the pause) or with a weight-update session open (every later one is refused).
+        Whatever such a push loaded is replaced by this trainer's first push, before any rollout."""
+        post_json(f"{url}/continue_generation", {}, HEALTH_TIMEOUT_S * 6)
+        try:
+            post_json(f"{url}/end_weight_update", {}, HEALTH_TIMEOUT_S * 6)
+        except ServerRejected as error:
+            if "no weight-update session is open" not in str(error):
+                raise
 
     @property
     def weight_version(self) -> int:
