@@ -323,9 +323,9 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
             value = _as_text(value)
         OmegaConf.update(merged, key, None if value in ("", "null") else value, merge=True)
         return merged
-    try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]), resolve=False)
-        return OmegaConf.merge(merged, _escaped(parsed))
+    try:  # parsed here, not by OmegaConf, whose interpolation grammar would refuse an unbalanced `${`
+        OmegaConf.update(merged, key, _escaped(yaml.safe_load(value)), merge=True)
+        return merged
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: malformed YAML value: {getattr(error, 'problem', None) or error}") from None
 
@@ -379,7 +379,7 @@ def validate(config: RunConfig) -> None:
     # Comparisons written so that nan fails them. Transformer Engine's FusedAdam checks none of these, and
     # torch's AdamW (without TE) only once the model is built and loaded.
     for key, value, fits, expected in (
-        ("train.lr", t.lr, 0 < t.lr < math.inf, "> 0"),
+        ("train.lr", t.lr, 0 <= t.lr < math.inf, ">= 0"),
         ("train.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "in [0, 1)"),
         ("train.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "in [0, 1)"),
         ("train.adam_eps", t.adam_eps, 0 < t.adam_eps < math.inf, "> 0"),

@@ -68,8 +68,8 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\ntrain:\n  steps: 3\nlog:\n  tensorboard: false\ntrain:\n  lr: 1.0\n", [], "recipe.yaml:10:1: malformed YAML: key 'train' appears twice"),
         ("out_dir: x\n", ["rollout.sglang.server_urls=[http://a:1"], "override 'rollout.sglang.server_urls=[http://a:1': malformed YAML value"),
         # Each passed validation and failed after the model load (torch's AdamW), or never (TE's FusedAdam, SGLang's argparse)
-        ("out_dir: x\n", ["train.lr=-1e-6"], "train.lr must be > 0, got -1e-06"),
-        ("out_dir: x\n", ["train.lr=nan"], "train.lr must be > 0, got nan"),
+        ("out_dir: x\n", ["train.lr=-1e-6"], "train.lr must be >= 0, got -1e-06"),
+        ("out_dir: x\n", ["train.lr=nan"], "train.lr must be >= 0, got nan"),
         ("out_dir: x\n", ["train.adam_beta2=1.5"], "train.adam_beta2 must be in .0, 1., got 1.5"),
         ("out_dir: x\n", ["train.adam_eps=0"], "train.adam_eps must be > 0, got 0"),
         ("out_dir: x\n", ["train.weight_decay=-1"], "train.weight_decay must be >= 0, got -1"),
@@ -105,6 +105,9 @@ def test_override_values_are_taken_as_written(tmp_path):
         "out_dir=x", "distill.instruction='Use ${out_dir}'", "rollout.sglang.server_urls=['http://h:1/${out_dir}']",
     ])  # quoted and list values are YAML, and their `${` is text too
     assert (yaml_braces.distill.instruction, yaml_braces.rollout.sglang.server_urls) == ("Use ${out_dir}", ["http://h:1/${out_dir}"])
+    unbalanced = load_config(write(tmp_path, ""), ["out_dir=x", "distill.instruction='Pay ${5 now'", "rollout.sglang.server_urls=['http://a:1/${x']"])
+    assert (unbalanced.distill.instruction, unbalanced.rollout.sglang.server_urls) == ("Pay ${5 now", ["http://a:1/${x"])
+    assert load_config(write(tmp_path, ""), ["out_dir=x", "train.lr=0"]).train.lr == 0  # frozen weights: a check that the start model is right
     (tmp_path / "kept.yaml").write_text(to_yaml(braces))
     assert load_config(tmp_path / "kept.yaml", []) == braces  # the recipe the launcher and the run folder keep
     assert read_saved_config(tmp_path / "kept.yaml")["distill"]["instruction"] == "Use ${x}, not $y"  # how the run folder's is read

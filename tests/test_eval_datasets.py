@@ -10,7 +10,7 @@ import pytest
 from opsdc_megatron.cli import main
 from opsdc_megatron.eval.datasets import DatasetLayoutError, load_dataset_file
 from opsdc_megatron.eval.scoring import score
-from opsdc_megatron.prompts import PromptFileError, load_prompts
+from opsdc_megatron.prompts import PromptFileError, load_prompts, write_prompts
 
 pytestmark = pytest.mark.eval
 
@@ -106,6 +106,10 @@ def test_dapo_rows_repeated_in_the_parquet_are_read_once_and_split_apart(tmp_pat
     train, validation = (load_prompts(tmp_path / "split" / f"{name}.jsonl") for name in ("train", "validation"))
     assert (len(train), len(validation)) == (8, 2) and not {r.prompt for r in train} & {r.prompt for r in validation}
     assert {r.answer for r in train + validation} == {str(i) for i in range(10)}
+    assert "10 distinct prompts -> 8 in" in capsys.readouterr().out
+    copies = tmp_path / "copies.jsonl"  # another layout: the split reads each prompt once as well
+    write_prompts(copies, records * 3)
+    main(["data", "split", str(copies), "--out", str(tmp_path / "copies_split")])
     assert "10 distinct prompts -> 8 in" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:  # the files are there: nothing is replaced
         main(["data", "split", str(source), "--out", str(tmp_path / "split"), "--seed", "4"])

@@ -483,6 +483,8 @@ def test_the_sglang_environment_is_checked_before_the_job_starts(tmp_path, monke
         _check_sglang_interpreter(recipe())
     with pytest.raises(ValueError, match=f"{sys.executable} has no sglang package"):
         _check_sglang_interpreter(recipe(sys.executable))
+    with pytest.raises(ValueError, match=f"rollout.sglang.python: {tmp_path} could not be run: .*Permission denied"):
+        _check_sglang_interpreter(recipe(str(tmp_path)))  # a folder (the venv's, say), not its interpreter
     with pytest.raises(ValueError, match="router_port is set, but .* has no sglang_router package"):
         _check_sglang_interpreter(recipe(environment("no_router", router=False)))
     _check_sglang_interpreter(recipe(environment("no_router", router=False), "rollout.sglang.router_port=0"))

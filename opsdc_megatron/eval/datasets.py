@@ -222,5 +222,5 @@ def split_command(args: argparse.Namespace) -> None:
         sys.exit(2)
     for path, part in zip(targets, (train, validation)):
         write_prompts(path, part)
-    print(f"{args.source} ({layout.name}): {len(records)} distinct prompts -> {len(train)} in {targets[0]}, "
+    print(f"{args.source} ({layout.name}): {len(train) + len(validation)} distinct prompts -> {len(train)} in {targets[0]}, "
           f"{len(validation)} in {targets[1]} (seed {args.seed})")

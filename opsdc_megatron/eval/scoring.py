@@ -43,8 +43,10 @@ _HEDGES = frozenset("not no nor neither either maybe possibly perhaps".split())
 """Words between math spans that take the first one back or leave the answer open (`$2$, not $6$`)."""
 _REMARK = re.compile(r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e\.g\.)\b.*$|\s+\(([^()]*)\)\.?$", re.IGNORECASE)
 """A remark after a plain-text answer (`24, since ...`, `8 (from x + 8 = 16)`): the answer is what precedes it."""
-_DISPLAY_MATH = re.compile(r"^\s*(?:\\\[|\\\(|\$\$)\s*(.*?)\s*(?:\\\]|\\\)|\$\$)\s*\.?\s*$", re.DOTALL)
-"""`\\[ ... \\]`, `\\( ... \\)`, `$$ ... $$` around a whole answer."""
+_DISPLAY_MATH = re.compile(r"^\s*(?:\\\[|\\\(|\$\$)\s*((?:(?!\\\]|\\\)|\$\$).)*?)\s*(?:\\\]|\\\)|\$\$)\s*\.?\s*$", re.DOTALL)
+"""`\\[ ... \\]`, `\\( ... \\)`, `$$ ... $$` around a whole answer (one math block, no closing delimiter inside)."""
+_INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.DOTALL)
+"""`\\( ... \\)`: the same as a `$ ... $` span."""
 _PERCENT_AT_END = re.compile(r"\\?%(?=\s*\$?\s*\.?\s*$)")
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
@@ -147,6 +149,7 @@ def _latex_candidate(answer: str) -> str | None:
     display = _DISPLAY_MATH.match(text)
     if display:
         text = display.group(1)
+    text = _INLINE_MATH.sub(r"$\1$", text)
     spans = list(_MATH_SPAN.finditer(text))
     if len(spans) > 1:
         between = [text[left.end() : right.start()] for left, right in zip(spans, spans[1:])]
@@ -194,11 +197,19 @@ def answers_match(candidate: str | None, gold: str) -> bool:
     """Equal canonical strings, or equivalent by math-verify (gold first: its comparison is asymmetric).
 
     `x = 5` equals `5`, but never `y = 5`: an answer that names another variable is another answer.
-    A percent sign the gold answer lacks may be left out (`12.5%` for 12.5; math-verify reads 0.125)."""
+    A percent sign may be left out when the gold answer is a number of at least 1 without one (`12.5%` for
+    12.5; math-verify reads 0.125); below 1 the gold may be a probability, which 0.5% is not."""
     if candidate is None:
         return False
-    without_percent = _PERCENT_AT_END.sub("", candidate) if "%" not in gold else candidate
+    without_percent = _PERCENT_AT_END.sub("", candidate) if "%" not in gold and abs(_number(gold) or 0) >= 1 else candidate
     return _equivalent(candidate, gold) or (without_percent != candidate and _equivalent(without_percent, gold))
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(normalize(text))
+    except ValueError:
+        return None
 
 
 def _equivalent(candidate: str, gold: str) -> bool:

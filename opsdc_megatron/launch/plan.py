@@ -240,7 +240,10 @@ def _check_sglang_interpreter(config: RunConfig) -> None:
         )
     if not Path(python).exists() and not shutil.which(python):
         raise FileNotFoundError(f"rollout.sglang.python: SGLang interpreter {python} not found (tools/setup_sglang.sh makes .venv-sglang)")
-    probe = subprocess.run([python, "-c", ENVIRONMENT_PROBE], capture_output=True, text=True, timeout=300)
+    try:
+        probe = subprocess.run([python, "-c", ENVIRONMENT_PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ValueError(f"rollout.sglang.python: {python} could not be run: {error}") from None
     try:
         found = json.loads(probe.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
