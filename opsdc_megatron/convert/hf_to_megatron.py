@@ -70,6 +70,9 @@ def save_megatron_checkpoint(hf_dir: Path, out: Path, params_dtype: torch.dtype)
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             empty_on_host=True,  # allocated on the default device (meta), not on a GPU, never initialised
+            # local layers: Transformer Engine's need CUDA, which the ranks do not see; the checkpoint keys
+            # are the same for every backend (megatron's sharded_state_dict_keys_map), so TE runs load it
+            attention_backend="local",
         )
     makers = hf_shard_makers(model, hf_dir)  # checks the HF files first
     layout = model.sharded_state_dict()  # a second one: `save` rewrites the one it is given
