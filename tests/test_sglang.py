@@ -329,8 +329,10 @@ def test_servers_killed_during_a_push_are_restarted_with_the_new_weights(
 
 
 def test_a_rank_without_the_fleet_waits_while_rank_0_restarts_every_server(fleet: ServerFleet, tiny_model: Path, tmp_path: Path) -> None:
-    """Both servers die between batches. Another trainer rank (URLs only) finds none left: it waits while
-    rank 0, the fleet's owner, restarts them with the current weights, then carries on (it gave up at once)."""
+    """Both servers die while rank 0, the fleet's owner, has finished its rollouts and waits for the other
+    ranks' (generate_across_ranks holds `serving_other_ranks` around the gather). Another trainer rank
+    (URLs only) finds no server left: it waits while rank 0 notices and restarts them with the current
+    weights, then carries on. It gave up at once; and rank 0, blocked in the gather, restarted nothing."""
     state, reference = shifted_weights(tiny_model, seed=21)
     owner = SGLangRolloutEngine(fleet, DiskTransport(tmp_path / "pushed", tiny_model), [EOS], VOCAB, backoff_s=0.2)
     other_rank = SGLangRolloutEngine(fleet.urls, None, [EOS], VOCAB, backoff_s=0.2, owner_restart_wait_s=600)
@@ -338,11 +340,8 @@ def test_a_rank_without_the_fleet_waits_while_rank_0_restarts_every_server(fleet
     other_rank.update_weights({}, version=21)  # what the owner's broadcast does on a real other rank
     for server in fleet.servers:
         server.kill()
-    with ThreadPoolExecutor(1) as pool:
-        other_batch = pool.submit(other_rank.sample, PROMPTS, SamplingParams(max_new_tokens=8), 3)
-        owner.sample(PROMPTS, SamplingParams(max_new_tokens=8), seed=4)  # rank 0's own batch finds them dead and restarts them
-        owner.wait_for_recovery()
-        results = other_batch.result(timeout=600)
+    with ThreadPoolExecutor(1) as pool, owner.serving_other_ranks():
+        results = pool.submit(other_rank.sample, PROMPTS, SamplingParams(max_new_tokens=8), 3).result(timeout=600)
     assert owner.restarts == 2 and all(r.weight_version == "21" for r in results)
     assert all(not r.rollout_id.endswith("-a0") for r in results), "the first attempts went to dead servers"
     other_rank.update_weights({}, version=21)  # the next push: the server it had not yet taken back joins too

@@ -9,6 +9,7 @@ backend implements the same interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,11 @@ class RolloutEngine(ABC):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
         """One sampled response per prompt, in prompt order; `seed` makes the draw reproducible."""
 
+    def serving_other_ranks(self) -> AbstractContextManager:
+        """Held while this rank waits for the other ranks' rollouts: an engine that owns servers they use
+        keeps them up meanwhile (the other ranks cannot restart them)."""
+        return nullcontext()
+
     def close(self) -> None:
         """Releases what the engine started (servers, process groups); in-process engines hold nothing."""
 
@@ -84,7 +90,8 @@ def generate_across_ranks(
     gathered: list[list[Rollout]] = [local]
     if world > 1:
         gathered = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, local)
+        with engine.serving_other_ranks():
+            dist.all_gather_object(gathered, local)
     rollouts = sorted((r for part in gathered for r in part), key=lambda r: r.prompt_index)
     if [r.prompt_index for r in rollouts] != list(range(len(prompt_ids))):
         raise RuntimeError("rollout bookkeeping error: a prompt was lost or answered twice")

@@ -15,7 +15,8 @@ Design choices:
   The engine owning the fleet restarts it in the background, reconnects the transport and
   pushes the current weights before it takes requests again. A rank without the fleet whose pool
   runs empty waits up to `owner_restart_wait_s` for such a restart: a server rejoins its pool once it
-  answers /health with the current weight version. Servers started outside the trainer
+  answers /health with the current weight version. While the owner waits for the other ranks' rollouts
+  it probes its servers every few seconds, so a server that dies then is restarted too. Servers started outside the trainer
   (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on.
 * Every answer carries the server's weight version; an answer made with any other version than the
   last pushed one (or with two versions, i.e. a push mid-request) is not used: its server leaves this
@@ -33,6 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -272,6 +274,33 @@ class SGLangRolloutEngine(RolloutEngine):
         except BaseException as error:  # surfaced by wait_for_recovery / generate
             with self._lock:
                 self._recovery_errors.append(error)
+
+    @contextmanager
+    def serving_other_ranks(self):
+        """The owner, waiting in a collective for other ranks that still sample from its servers: a thread
+        probes them every HEALTH_TIMEOUT_S and restarts those that fail (the others cannot); the
+        restarts are joined on the way out."""
+        if self.fleet is None:
+            yield
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(HEALTH_TIMEOUT_S):
+                with self._lock:
+                    serving = sorted(self._healthy)
+                for index in serving:
+                    if not self._server_ok(index):
+                        self._mark_failed(index)
+
+        watcher = threading.Thread(target=watch, name="sglang-watch", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+            self.wait_for_recovery()
 
     def wait_for_recovery(self) -> None:
         """Joins the restarts in progress; raises the first that failed."""
