@@ -6,6 +6,7 @@ checkpoint. Each run is a real megatron-core job started by the CLI (torchrun fo
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,13 +61,84 @@ def assert_no_forks(out) -> None:
     assert not forks, "the trainer forked:\n" + "\n".join(p.read_text() for p in forks)
 
 
-def train(setup, out, *overrides):
-    """`opsdc train`, fork-guarded; the train records by step."""
+def train(setup, out, *overrides, ran_steps: list[int] | None = None):
+    """`opsdc train`, fork-guarded; the train records by step. `ran_steps`: the steps this invocation must
+    have trained (its console lines), e.g. only the steps after a resumed checkpoint: a fresh rerun would
+    reproduce the records of a resume exactly."""
     proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)],
                           capture_output=True, text=True, timeout=600, env=fork_guarded(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert_no_forks(out)
+    if ran_steps is not None:
+        assert [int(step) for step in re.findall(r"train step\s+(\d+)", proc.stdout)] == ran_steps, proc.stdout[-3000:]
     return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
+
+
+def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_the_instructed_teacher(setup, tmp_path, monkeypatch):
+    """The other loop tests compare one layout with another, which all run this code: a teacher and student
+    swapped, or rollouts sampled from the teacher's prompt, would pass them. One step at TP=1 in this
+    process, recording what the loop sends: rollouts come from the plain prompts, and the step's loss is
+    the mean per-token KL(student || teacher) over the response tokens, the teacher reading the toy
+    instruction before the prompt, computed here in float64 with transformers on those rollouts. The toy
+    model's weights are scaled up first: at its small random weights the two directions of the KL agree to
+    1e-5, and a swap passed."""
+    import shutil
+
+    from opsdc_megatron.cli import main
+    from opsdc_megatron.config import load_config
+    from opsdc_megatron.prompts import encode_prompt, load_prompts, load_tokenizer
+    from opsdc_megatron.train import loop
+    from opsdc_megatron.train.prompt_stream import PromptStream
+
+    recorded = {}
+    real_generate, real_step = loop.generate_across_ranks, loop.optimizer_step
+
+    def generate(engine, prompt_ids, *args, **kwargs):
+        rollouts = real_generate(engine, prompt_ids, *args, **kwargs)
+        recorded.update(prompts=prompt_ids, rollouts=rollouts)
+        return rollouts
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        recorded["loss"] = result.loss
+        return result
+
+    monkeypatch.setattr(loop, "generate_across_ranks", generate)
+    monkeypatch.setattr(loop, "optimizer_step", step)
+    sharp = tmp_path / "sharp_model"
+    shutil.copytree(setup / "model", sharp, ignore=shutil.ignore_patterns("*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(setup / "model", dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.mul_(4.0)
+    model.save_pretrained(sharp)
+    args = [*train_args(setup, tmp_path / "one_step", "train.steps=1", "eval.every_steps=0", "parallel.tensor_parallel_size=1"),
+            f"model.hf_path={sharp}"]
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        main(["train", "recipes/toy_cpu.yaml", *args])
+    finally:  # `opsdc train` records stop signals; this process goes on with pytest's handlers
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+    tokenizer = load_tokenizer(sharp)
+    config = load_config("recipes/toy_cpu.yaml", args)
+    batch = [b.record.prompt for b in PromptStream(load_prompts(setup / "train.jsonl"), tokenizer, config).batch(1)]
+    assert recorded["prompts"] == [encode_prompt(tokenizer, prompt) for prompt in batch]
+    model = AutoModelForCausalLM.from_pretrained(sharp, dtype=torch.float64).eval()
+    total, tokens = 0.0, 0
+    for prompt, rollout in zip(batch, recorded["rollouts"]):
+        response = rollout.response_ids
+        log_probs = []
+        for context in (encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt, TOY_INSTRUCTION)):
+            with torch.no_grad():
+                logits = model(torch.tensor([context + response])).logits[0]
+            log_probs.append(torch.log_softmax(logits[len(context) - 1 : len(context) - 1 + len(response)], dim=-1))
+        student, teacher = log_probs
+        total += (student.exp() * (student - teacher)).sum().item()
+        tokens += len(response)
+    assert recorded["loss"] == pytest.approx(total / tokens, rel=1e-5)  # measured 3e-8; the roles swapped differ by 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +250,7 @@ def test_bf16_distributed_optimizer_follows_tp1_and_resumes_exactly(setup):
             assert dp2_run[step][key] == pytest.approx(tp1_run[step][key], rel=1e-2), (step, key)
     resumed_out = setup / "bf16_dp2_resumed"
     train(setup, resumed_out, "train.steps=2", *bf16, *dp2)
-    resumed = train(setup, resumed_out, "train.steps=3", *bf16, *dp2)
+    resumed = train(setup, resumed_out, "train.steps=3", *bf16, *dp2, ran_steps=[3])
     for key in ("loss", "grad_norm", "mean_response_tokens"):
         assert resumed[3][key] == dp2_run[3][key], key
     recorded = yaml.safe_load((resumed_out / "config.yaml").read_text())  # the resumed run's settings, the start model kept
@@ -207,7 +279,7 @@ def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
     out = setup / "resumed"
     first = train(setup, out, "train.steps=2", "parallel.tensor_parallel_size=2")
     assert first[2]["loss"] == tp2_run[2]["loss"]
-    resumed = train(setup, out, "train.steps=3", "parallel.tensor_parallel_size=2")
+    resumed = train(setup, out, "train.steps=3", "parallel.tensor_parallel_size=2", ran_steps=[3])
     assert sorted(resumed) == [1, 2, 3]
     for key in ("loss", "grad_norm", "mean_response_tokens", "teacher_age_steps"):
         assert resumed[3][key] == tp2_run[3][key], key
@@ -242,7 +314,7 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
     evals = [m["step"] for m in read_metrics(metrics) if m["kind"] == "eval"]
     evaluated_through = stopped["step"] - 1 if stopped["eval_pending"] else stopped["step"]
     assert evals == list(range(evaluated_through + 1)), (evals, stopped)
-    train(setup, out, *every_step)
+    train(setup, out, *every_step, ran_steps=list(range(stopped["step"] + 1, 5)))
     records = read_metrics(metrics)
     assert sorted(m["step"] for m in records if m["kind"] == "train") == [1, 2, 3, 4]
     assert sorted(m["step"] for m in records if m["kind"] == "eval") == [0, 1, 2, 3, 4]
