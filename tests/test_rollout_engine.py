@@ -34,6 +34,34 @@ def test_no_hidden_top_k(tiny):
     assert len({r.response_ids[0] for r in capped}) <= 20
 
 
+def test_temperature_and_top_p_reach_the_sampler(tiny):
+    """Every other test samples at temperature 1 and top_p 1 (or greedily): an engine that dropped the
+    recipe's eval settings (0.6 / 0.95 / 20) would pass them. Near-zero temperature gives the argmax;
+    top_p keeps the smallest set of tokens holding that much probability."""
+    config, weights = tiny
+    engine = engine_for(tiny, stop=[1])
+    model = Qwen3ForCausalLM(config).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.tensor([[5, 6, 7]])).logits[0, -1].double(), dim=-1)
+    ordered = torch.sort(probabilities, descending=True)
+    nucleus = set(ordered.indices[: int((ordered.values.cumsum(0) < 0.05).sum()) + 1].tolist())
+    assert 2 <= len(nucleus) < 20  # a test of top_p, not of the argmax
+    greedy = engine.generate([[5, 6, 7]] * 64, SamplingParams(0.01, 1.0, 0, 1), seed=0)
+    assert {r.response_ids[0] for r in greedy} == {int(probabilities.argmax())}
+    top_p = engine.generate([[5, 6, 7]] * 256, SamplingParams(1.0, 0.05, 0, 1), seed=0)
+    assert {r.response_ids[0] for r in top_p} <= nucleus and len({r.response_ids[0] for r in top_p}) > 1
+
+
+def test_sglang_requests_carry_the_sampling_settings():
+    from opsdc_megatron.rollout.sglang.client import GenerateRequest, generate_payload
+
+    payload = generate_payload(GenerateRequest("r", [5, 6], SamplingParams(0.6, 0.95, 20, 64), (1, 2), seed=7))
+    assert payload["sampling_params"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 64,
+                                          "stop_token_ids": [1, 2], "sampling_seed": 7}
+    assert generate_payload(GenerateRequest("r", [5], SamplingParams(top_k=0), (1,), seed=0))["sampling_params"]["top_k"] == -1  # SGLang's "off"
+
+
 def test_stop_tokens_and_lengths(tiny):
     stop = list(range(20))
     engine = engine_for(tiny, stop)
