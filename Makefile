@@ -31,7 +31,8 @@ env-sglang: $(STAMP_SGLANG)
 PYTHON312 ?=
 VENV312 := .venv-py312
 STAMP312 := $(VENV312)/.installed
-MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py tests/test_convert.py tests/test_pipeline.py tests/test_packing.py
+MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py tests/test_convert.py tests/test_pipeline.py tests/test_packing.py \
+	tests/test_optimizer.py tests/test_sdpa_attention.py tests/test_teacher_offload.py tests/test_kl_fused.py tests/test_transformer_engine.py
 
 $(STAMP312): pyproject.toml tools/setup_env_py312.sh
 	PYTHON=$(PYTHON312) bash tools/setup_env_py312.sh

@@ -74,11 +74,13 @@ def apply_optimizer_settings(optimizer: MegatronOptimizer, train: TrainConfig) -
     megatron's OptimizerParamScheduler sets learning rate and decay each step; runs here have a constant
     learning rate and no scheduler, so this does, after the optimizer is built and after a checkpoint is
     loaded: the load restores the groups' saved values, so a run resumed with another `train.lr` kept
-    the old one (and checkpoints written before wd_mult was applied decay every group).
+    the old one (and checkpoints written before wd_mult was applied decay every group). `max_lr` and
+    `min_lr` stay as built: megatron-core 0.19 finds a checkpoint's param groups by them (and so refuses
+    a checkpoint saved with another `train.lr`; 0.16 loads it, and this applies the new rate).
     """
     for group in optimizer.param_groups:
         group["weight_decay"] = train.weight_decay * group["wd_mult"]
-        group["lr"] = group["max_lr"] = group["min_lr"] = train.lr * group["lr_mult"]
+        group["lr"] = train.lr * group["lr_mult"]
         group["betas"] = (train.adam_beta1, train.adam_beta2)
         group["eps"] = train.adam_eps
 
