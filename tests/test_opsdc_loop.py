@@ -275,6 +275,22 @@ def test_teacher_refresh_cadence_and_outputs(setup, tp2_run):
     assert json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())["step"] == 3
 
 
+def test_a_run_resumed_with_another_learning_rate_takes_it(setup, tmp_path, tp1_run):
+    """`train.lr` lowered on resume: the optimizer's load restored the old rate (megatron-core 0.16) or
+    refused the checkpoint outright (0.19, which finds the saved param groups by their lr bounds). Step 3's
+    update (Adam and decoupled decay, from the same moments and gradient) is then exactly a tenth of
+    the uninterrupted run's."""
+    import shutil
+
+    out = tmp_path / "lower_lr"
+    train(setup, out, "train.steps=2", "parallel.tensor_parallel_size=1")
+    shutil.copytree(out / "final_hf", tmp_path / "step2_hf")
+    train(setup, out, "train.steps=3", "parallel.tensor_parallel_size=1", "train.lr=1e-4", ran_steps=[3])
+    step2, lowered, uninterrupted = (load_file(folder / "model.safetensors") for folder in (tmp_path / "step2_hf", out / "final_hf", setup / "tp1" / "final_hf"))
+    norm = lambda state: sum(float((state[key].double() - step2[key].double()).square().sum()) for key in step2) ** 0.5  # noqa: E731
+    assert norm(lowered) == pytest.approx(0.1 * norm(uninterrupted), rel=0.02)
+
+
 def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
     out = setup / "resumed"
     first = train(setup, out, "train.steps=2", "parallel.tensor_parallel_size=2")

@@ -51,6 +51,10 @@ def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_load
     return state
 
 
+LR_BOUNDS = "param_group_lr_bounds"
+"""trainer_state.json's [max_lr, min_lr] of each optimizer param group, as saved (see load_checkpoint)."""
+
+
 def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
@@ -67,7 +71,8 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
     dist.barrier()
     if rank0:
         fsync_folder(tmp, files=True)  # megatron's common.pt and metadata.json are not synced: the marker below must not precede them
-        write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        lr_bounds = [[group["max_lr"], group["min_lr"]] for group in optimizer.param_groups]
+        write_text_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, LR_BOUNDS: lr_bounds}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         write_text_atomic(root / LATEST, final.name)
@@ -152,10 +157,16 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
         ddp.module.load_state_dict(state)
     for chunk, state in zip(teacher.model, loaded["teacher"]):
         chunk.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in state.items()})
+    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    # megatron-core 0.19 finds the saved param groups by their max_lr/min_lr: a run resumed with another
+    # train.lr builds its groups with other ones (the loop then applies the new rate to `lr`).
+    saved_bounds = trainer_state.pop(LR_BOUNDS, None)
+    if saved_bounds is not None and len(saved_bounds) == len(optimizer.param_groups):
+        for group, (max_lr, min_lr) in zip(optimizer.param_groups, saved_bounds):
+            group["max_lr"], group["min_lr"] = max_lr, min_lr
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
-    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher.age_steps = trainer_state["teacher_age_steps"]
     return trainer_state
 
@@ -189,7 +200,9 @@ def load_model_weights(path: Path, chunks: list) -> None:
         )
     for index, chunk in enumerate(chunks):
         state = loaded[f"chunk{index}"]
-        chunk.load_state_dict(state)
+        # Not strict: a layer's _extra_state that the checkpoint lacks (made with local layers, loaded into
+        # TE's) stays as built; every weight was checked above.
+        chunk.load_state_dict(state, strict=False)
         with torch.no_grad():
             for name, param in chunk.named_parameters():
                 keep_as_fp8_initial_value(param, state[name])

@@ -75,8 +75,8 @@ def apply_optimizer_settings(optimizer: MegatronOptimizer, train: TrainConfig) -
     learning rate and no scheduler, so this does, after the optimizer is built and after a checkpoint is
     loaded: the load restores the groups' saved values, so a run resumed with another `train.lr` kept
     the old one (and checkpoints written before wd_mult was applied decay every group). `max_lr` and
-    `min_lr` stay as built: megatron-core 0.19 finds a checkpoint's param groups by them (and so refuses
-    a checkpoint saved with another `train.lr`; 0.16 loads it, and this applies the new rate).
+    `min_lr` are left alone: megatron-core 0.19 finds a checkpoint's param groups by them, and
+    load_checkpoint sets them to the saved ones.
     """
     for group in optimizer.param_groups:
         group["weight_decay"] = train.weight_decay * group["wd_mult"]
