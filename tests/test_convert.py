@@ -284,12 +284,35 @@ class _NormedColumnParallelLinear(ColumnParallelLinear):
         return super().forward(normed, *args, **kwargs)
 
 
+class _NormWithExtraState(torch.nn.Module):
+    """Stand-in for Transformer Engine's RMSNorm (QK-norms, final norm): the same weight, and the
+    `_extra_state` every TE module keeps (FP8 metadata), which a local layer's checkpoint lacks."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(input_, (input_.shape[-1],), self.weight, self.eps)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
 def _te_named_decoder_spec(attention_backend: str, qk_layernorm: bool, config, vp_stage=None) -> ModuleSpec:
     """The local decoder with its pre-norms fused into linear_qkv and linear_fc1, named as Transformer
-    Engine's layer names them (what `gpt_layer_spec` builds wherever TE imports)."""
+    Engine's layer names them (what `gpt_layer_spec` builds wherever TE imports), and norms that keep
+    extra state as TE's do."""
     block = gpt_decoder_spec("local", qk_layernorm, config, vp_stage)
+    block.submodules.layer_norm = _NormWithExtraState
     layer = copy.deepcopy(block.submodules.layer_specs[0])
     layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = IdentityOp
+    if qk_layernorm:
+        layer.submodules.self_attention.submodules.q_layernorm = layer.submodules.self_attention.submodules.k_layernorm = _NormWithExtraState
     layer.submodules.self_attention.submodules.linear_qkv = _NormedColumnParallelLinear
     mlp = layer.submodules.mlp  # megatron-core 0.19 wraps the MLP's spec in a functools.partial
     (mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules).linear_fc1 = _NormedColumnParallelLinear
