@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -331,8 +332,9 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
 
 
 def _as_text(value: str) -> str:
-    """`value` for OmegaConf as written: a `${x}` in it escaped, which OmegaConf would resolve as an interpolation."""
-    return value.replace("${", "\\${")
+    """`value` for OmegaConf as written: a `${x}` in it escaped, which OmegaConf would resolve as an
+    interpolation; backslashes before it doubled, which OmegaConf would read as escapes."""
+    return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
 
 
 def _escaped(value):

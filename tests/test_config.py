@@ -105,6 +105,10 @@ def test_override_values_are_taken_as_written(tmp_path):
         "out_dir=x", "distill.instruction='Use ${out_dir}'", "rollout.sglang.server_urls=['http://h:1/${out_dir}']",
     ])  # quoted and list values are YAML, and their `${` is text too
     assert (yaml_braces.distill.instruction, yaml_braces.rollout.sglang.server_urls) == ("Use ${out_dir}", ["http://h:1/${out_dir}"])
+    backslashed = load_config(write(tmp_path, ""), ["out_dir=x", "distill.instruction=Cost: \\${out_dir} or \\\\${x}", "log.wandb_run_name='a\\${x}'"])
+    assert (backslashed.distill.instruction, backslashed.log.wandb_run_name) == ("Cost: \\${out_dir} or \\\\${x}", "a\\${x}")
+    (tmp_path / "backslashed.yaml").write_text(to_yaml(backslashed))
+    assert load_config(tmp_path / "backslashed.yaml", []) == backslashed
     unbalanced = load_config(write(tmp_path, ""), ["out_dir=x", "distill.instruction='Pay ${5 now'", "rollout.sglang.server_urls=['http://a:1/${x']"])
     assert (unbalanced.distill.instruction, unbalanced.rollout.sglang.server_urls) == ("Pay ${5 now", ["http://a:1/${x"])
     assert load_config(write(tmp_path, ""), ["out_dir=x", "train.lr=0"]).train.lr == 0  # frozen weights: a check that the start model is right

@@ -46,8 +46,9 @@ _REMARK = re.compile(r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e
 _DISPLAY_MATH = re.compile(r"^\s*(?:\\\[|\\\(|\$\$)\s*((?:(?!\\\]|\\\)|\$\$).)*?)\s*(?:\\\]|\\\)|\$\$)\s*\.?\s*$", re.DOTALL)
 """`\\[ ... \\]`, `\\( ... \\)`, `$$ ... $$` around a whole answer (one math block, no closing delimiter inside)."""
 _INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.DOTALL)
-"""`\\( ... \\)`: the same as a `$ ... $` span."""
-_PERCENT_AT_END = re.compile(r"\\?%(?=\s*\$?\s*\.?\s*$)")
+"""`\\( ... \\)`: the same as a `$ ... $` span, unless it holds only a unit (`5 \\(\\text{cm}\\)`): then it goes."""
+_UNIT_ONLY = re.compile(r"^\s*\\(?:text|mathrm|mbox)\s*\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*$")
+_PERCENT_AT_END = re.compile(r"\\?%(?=\s*(?:\$|\\\)|\\\])?\s*\.?\s*$)")
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
@@ -149,7 +150,7 @@ def _latex_candidate(answer: str) -> str | None:
     display = _DISPLAY_MATH.match(text)
     if display:
         text = display.group(1)
-    text = _INLINE_MATH.sub(r"$\1$", text)
+    text = _INLINE_MATH.sub(lambda span: "" if _UNIT_ONLY.match(span.group(1)) else f"${span.group(1)}$", text)
     spans = list(_MATH_SPAN.finditer(text))
     if len(spans) > 1:
         between = [text[left.end() : right.start()] for left, right in zip(spans, spans[1:])]
