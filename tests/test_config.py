@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -266,14 +267,15 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(checkpoint, "_sharded_state_dict", lambda *args, **kwargs: {})
     monkeypatch.setattr(checkpoint.dist_checkpointing, "save", lambda state, path, sharded_strategy: None)
+    no_optimizer = SimpleNamespace(param_groups=[])  # what the saved trainer state reads of it
     root = tmp_path / "checkpoints"
     for step in (5, 10, 20):
         (root / f"step_{step:06d}").mkdir(parents=True)
         (root / f"step_{step:06d}" / "trainer_state.json").write_text("{}")
     (root / checkpoint.LATEST).write_text("step_000010")
-    checkpoint.save_checkpoint(root, 15, [], None, None, {"step": 15}, keep_last=2)
+    checkpoint.save_checkpoint(root, 15, [], no_optimizer, None, {"step": 15}, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000010", "step_000015", "step_000020"]
-    checkpoint.save_checkpoint(root, 16, [], None, None, {"step": 16}, keep_last=1)
+    checkpoint.save_checkpoint(root, 16, [], no_optimizer, None, {"step": 16}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016", "step_000020"]
     assert checkpoint.latest_checkpoint(root) == root / "step_000016"
 
