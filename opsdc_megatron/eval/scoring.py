@@ -46,8 +46,9 @@ _REMARK = re.compile(r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e
 _DISPLAY_MATH = re.compile(r"^\s*(?:\\\[|\\\(|\$\$)\s*((?:(?!\\\]|\\\)|\$\$).)*?)\s*(?:\\\]|\\\)|\$\$)\s*\.?\s*$", re.DOTALL)
 """`\\[ ... \\]`, `\\( ... \\)`, `$$ ... $$` around a whole answer (one math block, no closing delimiter inside)."""
 _INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.DOTALL)
-"""`\\( ... \\)`: the same as a `$ ... $` span, unless it holds only a unit (`5 \\(\\text{cm}\\)`): then it goes."""
-_UNIT_ONLY = re.compile(r"^\s*\\(?:text|mathrm|mbox)\s*\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*$")
+"""`\\( ... \\)`: the same as a `$ ... $` span."""
+_WORDS_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\\(\s*\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*\\\)")
+"""`5 \\(\\text{cm}\\)`: words in inline math right after a number, read as the plain words (`5 cm`)."""
 _PERCENT_AT_END = re.compile(r"\\?%(?=\s*(?:\$|\\\)|\\\])?\s*\.?\s*$)")
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
@@ -150,7 +151,7 @@ def _latex_candidate(answer: str) -> str | None:
     display = _DISPLAY_MATH.match(text)
     if display:
         text = display.group(1)
-    text = _INLINE_MATH.sub(lambda span: "" if _UNIT_ONLY.match(span.group(1)) else f"${span.group(1)}$", text)
+    text = _INLINE_MATH.sub(r"$\1$", _WORDS_AFTER_NUMBER.sub(lambda words: f" {words.group(1).strip()}", text))
     spans = list(_MATH_SPAN.finditer(text))
     if len(spans) > 1:
         between = [text[left.end() : right.start()] for left, right in zip(spans, spans[1:])]
