@@ -57,15 +57,17 @@ class PreemptionWatch:
 
     def _record(self, number: int, _frame) -> None:
         self.received = signal.Signals(number).name
-        if self.forward_file is not None:
-            self.forward_file.write_text(f"{self.received} to opsdc train\n")
+        self._forward()
 
     def forward_to(self, stop_file: Path) -> None:
         """From now on (and for a signal already received) a stop signal is written to `stop_file`, for
         processes that read it as their $OPSDC_STOP_FILE."""
         self.forward_file = stop_file
-        if self.received:
-            stop_file.write_text(f"{self.received} to opsdc train\n")
+        self._forward()
+
+    def _forward(self) -> None:
+        if self.forward_file is not None and self.received:
+            self.forward_file.write_text(f"{self.received} to opsdc train\n")
 
     def requested(self) -> bool:
         import torch  # here, not at the top: the watch is made before the ~2 s torch import
