@@ -317,8 +317,9 @@ class SGLangRolloutEngine(RolloutEngine):
         deadline = time.monotonic() + self.owner_restart_wait_s
         while time.monotonic() < deadline:
             for index, url in enumerate(self.urls):
+                if not self._server_ok(index):
+                    continue
                 try:
-                    post_json(f"{url}/health", None, HEALTH_TIMEOUT_S)
                     served = str(post_json(f"{url}/model_info", None, HEALTH_TIMEOUT_S).get("weight_version"))
                 except (ServerUnavailable, ServerRejected):
                     continue
