@@ -215,9 +215,9 @@ def _number(text: str) -> float | None:
 
 
 def _equivalent(candidate: str, gold: str) -> bool:
-    if not normalize(candidate):
-        return False
     candidate_form, gold_form = normalize(candidate), normalize(gold)
+    if not candidate_form:
+        return False
     if candidate_form == gold_form:
         return True
     named = [_VARIABLE.match(form) for form in (candidate_form, gold_form)]
