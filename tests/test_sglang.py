@@ -413,14 +413,22 @@ def test_server_error_answer_is_raised_with_its_message(fleet: ServerFleet) -> N
         generate_one(fleet.urls[1], request, timeout_s=30)
 
 
-class _Always500(http.server.BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 (http.server API)
-        self.send_response(500)
-        self.end_headers()
-        self.wfile.write(b"internal error")
+def _answering(status: int, body: bytes) -> type[http.server.BaseHTTPRequestHandler]:
+    """A server's handler that answers every POST with `status` and `body`."""
 
-    def log_message(self, *args: object) -> None:
-        pass
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+_Always500 = _answering(500, b"internal error")
 
 
 class _DiesMidAnswer(http.server.BaseHTTPRequestHandler):
@@ -464,17 +472,9 @@ def test_unreachable_failing_dying_and_silent_servers_fail_fast() -> None:
         assert time.monotonic() - started < 10
 
 
-class _RefusesGroups(http.server.BaseHTTPRequestHandler):
-    """Answers /init_weights_update_group at once with SGLang's refusal (a 400 before it joins the group:
-    a backend it cannot make, an address it cannot reach)."""
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server API)
-        self.send_response(400)
-        self.end_headers()
-        self.wfile.write(b'{"success": false, "message": "Failed to initialize custom process group: no route to trainer."}')
-
-    def log_message(self, *args: object) -> None:
-        pass
+# SGLang's refusal of /init_weights_update_group: a 400 before it joins the group (a backend it cannot
+# make, an address it cannot reach).
+_RefusesGroups = _answering(400, b'{"success": false, "message": "Failed to initialize custom process group: no route to trainer."}')
 
 
 def test_a_refused_weight_update_group_is_reported_at_once_with_the_servers_reason() -> None:
