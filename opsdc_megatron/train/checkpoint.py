@@ -51,10 +51,6 @@ def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_load
     return state
 
 
-LR_BOUNDS = "param_group_lr_bounds"
-"""trainer_state.json's [max_lr, min_lr] of each optimizer param group, as saved (see load_checkpoint)."""
-
-
 def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
@@ -71,8 +67,7 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
     dist.barrier()
     if rank0:
         fsync_folder(tmp, files=True)  # megatron's common.pt and metadata.json are not synced: the marker below must not precede them
-        lr_bounds = [[group["max_lr"], group["min_lr"]] for group in optimizer.param_groups]
-        write_text_atomic(tmp / TRAINER_STATE, json.dumps({**trainer_state, LR_BOUNDS: lr_bounds}, indent=2))
+        write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         write_text_atomic(root / LATEST, final.name)
@@ -149,6 +144,27 @@ def _restore_adam_steps(optimizer) -> None:
                         state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype, device=state["step"].device)
 
 
+def _saved_param_groups(saved_optimizer: dict) -> list[dict]:
+    """The param groups of an optimizer's loaded state: torch's own, under megatron's wrappers'
+    "optimizer" key, or of each optimizer of a megatron ChainedOptimizer, by index."""
+    if "param_groups" in saved_optimizer:
+        return saved_optimizer["param_groups"]
+    if "optimizer" in saved_optimizer:
+        return _saved_param_groups(saved_optimizer["optimizer"])
+    return [group for index in sorted(saved_optimizer) for group in _saved_param_groups(saved_optimizer[index])]
+
+
+def _take_saved_lr_bounds(path: Path, optimizer, saved_optimizer: dict) -> None:
+    """megatron-core 0.19 finds the saved param groups by their max_lr/min_lr, so a run resumed with
+    another train.lr (whose groups are built with other bounds) would be refused: the groups take the
+    checkpoint's bounds, in order, before the load (the loop then applies the new rate to `lr`)."""
+    saved_groups = _saved_param_groups(saved_optimizer)
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"{path}: the checkpoint's optimizer has {len(saved_groups)} param groups, this run's has {len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group["max_lr"], group["min_lr"] = saved["max_lr"], saved["min_lr"]
+
+
 def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
     _create_distributed_optimizer_state(optimizer)
@@ -158,12 +174,7 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
     for chunk, state in zip(teacher.model, loaded["teacher"]):
         chunk.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in state.items()})
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    # megatron-core 0.19 finds the saved param groups by their max_lr/min_lr: a run resumed with another
-    # train.lr builds its groups with other ones (the loop then applies the new rate to `lr`).
-    saved_bounds = trainer_state.pop(LR_BOUNDS, None)
-    if saved_bounds is not None and len(saved_bounds) == len(optimizer.param_groups):
-        for group, (max_lr, min_lr) in zip(optimizer.param_groups, saved_bounds):
-            group["max_lr"], group["min_lr"] = max_lr, min_lr
+    _take_saved_lr_bounds(path, optimizer, loaded["optimizer"])
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
