@@ -128,6 +128,12 @@ def user_message(prompt: str, instruction: str | None = None) -> str:
     return prompt if not instruction else f"{instruction}\n\n{prompt}"
 
 
+CHAT_TEMPLATE_DATE = "26 Jul 2024"
+"""The `date_string` given to chat templates: Llama 3.1/3.2's write today's date into every prompt otherwise
+(transformers' `strftime_now`), and a run resumed, or an eval finished, on another day would sample from
+other prompt tokens. This is those templates' own fallback date."""
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, instruction: str | None = None) -> list[int]:
     """Token ids of the chat-formatted prompt, ending where the model's response begins."""
     ids = tokenizer.apply_chat_template(
@@ -135,5 +141,6 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, instruction: 
         add_generation_prompt=True,
         tokenize=True,
         return_dict=False,
+        date_string=CHAT_TEMPLATE_DATE,
     )
     return list(ids)

@@ -82,3 +82,34 @@ def test_responses_stop_at_every_end_of_sequence_token_of_the_generation_config(
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1,')
     with pytest.raises(PromptFileError, match=r"generation_config.json: invalid JSON"):
         stop_token_ids(tmp_path, tokenizer)
+
+
+def test_prompt_tokens_do_not_depend_on_the_day():
+    """Llama 3.1/3.2 chat templates write today's date (transformers' strftime_now) unless given a date_string:
+    a run resumed the next day sampled from other prompt tokens."""
+    import datetime
+    from unittest import mock
+
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    from opsdc_megatron.prompts import CHAT_TEMPLATE_DATE, encode_prompt
+    from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    tokenizer.chat_template = (  # the date header of Llama 3.2 Instruct's template, then the messages
+        "{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+        "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}{%- endif %}"
+        "{{ date_string }} {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+
+    def on(day: int) -> list[int]:
+        class Clock(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return datetime.datetime(2026, 11, day, 12, 0)
+
+        with mock.patch.object(chat_template_utils, "datetime", Clock):
+            return encode_prompt(tokenizer, "1 + 2")
+
+    assert on(27) == on(28)
+    assert tokenizer.decode(on(27)).startswith(CHAT_TEMPLATE_DATE.split()[0])
