@@ -473,6 +473,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang.dtype must be one of SGLang's --dtype choices {', '.join(SGLANG_DTYPES)}, got {servers.dtype!r}")
     if servers.mem_fraction_static is not None and not 0 < servers.mem_fraction_static <= 1:
         raise ConfigError(f"rollout.sglang.mem_fraction_static must be in (0, 1] or null, got {servers.mem_fraction_static}")
+    if servers.max_total_tokens is not None and servers.max_total_tokens < 1:
+        raise ConfigError(f"rollout.sglang.max_total_tokens must be >= 1 or null, got {servers.max_total_tokens}")
     last_server_port = servers.base_port + servers.num_servers - 1
     if not 1 <= servers.base_port <= last_server_port <= 65535:
         raise ConfigError(f"rollout.sglang.base_port: servers listen on base_port .. base_port + num_servers - 1, which must be ports "

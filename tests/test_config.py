@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -77,6 +76,7 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["rollout.temperature=nan"], "rollout: temperature must be >= 0"),
         ("out_dir: x\n", ["rollout.sglang.dtype=bf16"], "rollout.sglang.dtype must be one of SGLang's --dtype choices auto, half, float16, bfloat16, float, float32, got 'bf16'"),
         ("out_dir: x\n", ["rollout.sglang.mem_fraction_static=1.5"], "rollout.sglang.mem_fraction_static must be in .0, 1. or null, got 1.5"),
+        ("out_dir: x\n", ["rollout.sglang.max_total_tokens=0"], "rollout.sglang.max_total_tokens must be >= 1 or null, got 0"),
         ("out_dir: x\n", ["rollout.sglang.startup_timeout_s=0"], "rollout.sglang.startup_timeout_s must be > 0, got 0"),
         ("out_dir: x\n", ["rollout.sglang.request_timeout_s=0"], "rollout.sglang.request_timeout_s must be > 0, got 0"),
     ],
@@ -258,7 +258,8 @@ def test_token_budget_with_fp8_holds_the_longest_sequence_rounded_up_to_fp8_gemm
 def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     """Resumed from step 10 with a complete step 20 left by a save stopped before its marker: saving
     step 15 with keep_last=1 pruned step 15 itself (it kept the highest numbers) and every later
-    resume failed. Older checkpoints only are pruned; step 20 is replaced when the run reaches it."""
+    resume failed. Older checkpoints only are pruned; step 20 is replaced when the run reaches it.
+    A save's unfinished folders (`.tmp`) go at the next save."""
     import torch.distributed as dist
 
     from opsdc_megatron.train import checkpoint
@@ -267,15 +268,16 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(checkpoint, "_sharded_state_dict", lambda *args, **kwargs: {})
     monkeypatch.setattr(checkpoint.dist_checkpointing, "save", lambda state, path, sharded_strategy: None)
-    no_optimizer = SimpleNamespace(param_groups=[])  # what the saved trainer state reads of it
     root = tmp_path / "checkpoints"
     for step in (5, 10, 20):
         (root / f"step_{step:06d}").mkdir(parents=True)
         (root / f"step_{step:06d}" / "trainer_state.json").write_text("{}")
     (root / checkpoint.LATEST).write_text("step_000010")
-    checkpoint.save_checkpoint(root, 15, [], no_optimizer, None, {"step": 15}, keep_last=2)
+    (root / "step_000013.tmp").mkdir()  # a save killed before its rename: nothing else would ever remove it
+    (root / "step_000013.tmp" / "0_0.distcp").write_text("half")
+    checkpoint.save_checkpoint(root, 15, [], None, None, {"step": 15}, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000010", "step_000015", "step_000020"]
-    checkpoint.save_checkpoint(root, 16, [], no_optimizer, None, {"step": 16}, keep_last=1)
+    checkpoint.save_checkpoint(root, 16, [], None, None, {"step": 16}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016", "step_000020"]
     assert checkpoint.latest_checkpoint(root) == root / "step_000016"
 

@@ -59,7 +59,9 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # This step's, and those of saves killed before their rename (a stop's save, redone never): each a whole checkpoint
+        for unfinished in root.glob("step_*.tmp"):
+            shutil.rmtree(unfinished, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state_dict(ddps, optimizer, teacher, is_loading=False)
