@@ -119,6 +119,21 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     status, output = run_cli(capsys, "verify", "--hf", str(other), "--ckpt", str(ckpt))
     assert status == 1 and ": FAIL" in output, output[-3000:]
 
+    # ... and passes a correct conversion of a model with large logits, whose kernels' difference is larger
+    # in absolute terms (a trained model's logits of 20-40 differ by a few 1e-5, beyond the old absolute 1e-5)
+    # (the tiny models' logits agree exactly; head_dim 128 and a wider MLP make the kernels differ)
+    torch.manual_seed(0)
+    large = Qwen3ForCausalLM(Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=128, max_position_embeddings=64, tie_word_embeddings=False))
+    with torch.no_grad():
+        large.model.norm.weight.mul_(30.0)  # logits of about 40, as a trained model's
+    large.save_pretrained(tmp_path / "qwen3_large")
+    status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(tmp_path / "qwen3_large"), "--out", str(tmp_path / "qwen3_large_megatron"))
+    assert status == 0, output[-3000:]
+    status, output = run_cli(capsys, "verify", "--hf", str(tmp_path / "qwen3_large"), "--ckpt", str(tmp_path / "qwen3_large_megatron"))
+    largest = float(re.search(r"max \|logit difference\| = ([0-9.e+-]+)", output).group(1))
+    assert status == 0 and ": OK" in output and largest > 1e-5, output[-3000:]
+
     # `opsdc train` starts from the converted checkpoint, not from model.hf_path's weights: with lr=0
     # the final export equals the converted model bit for bit, though hf_path holds another model
     write_prompts(tmp_path / "prompts.jsonl", toy_prompts(0, 4, "train"))

@@ -42,7 +42,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     verify = actions.add_parser("verify", help="largest logit difference between a HF folder and a megatron checkpoint")
     verify.add_argument("--hf", type=Path, required=True)
     verify.add_argument("--ckpt", type=Path, required=True)
-    verify.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |logit difference| (default 1e-5)")
+    verify.add_argument("--tolerance", type=float, default=1e-5,
+                        help="largest allowed |logit difference| relative to the largest |logit| (default 1e-5)")
     verify.add_argument("--tokens", type=int, default=32, help="tokens per sequence, 2 sequences (default 32)")
     verify.set_defaults(handler=_verify)
 
@@ -78,17 +79,18 @@ def _megatron_to_hf(args: argparse.Namespace) -> None:
 
 def _verify(args: argparse.Namespace) -> None:
     from opsdc_megatron.convert.checks import check_hf_folder, check_megatron_checkpoint
-    from opsdc_megatron.convert.verify import max_logit_difference
+    from opsdc_megatron.convert.verify import logit_difference
     from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
     check_hf_folder(args.hf)
     check_megatron_checkpoint(args.ckpt)
     init_distributed(1, 1)
     try:
-        difference = max_logit_difference(args.hf, args.ckpt, tokens_per_sequence=args.tokens)
+        difference = logit_difference(args.hf, args.ckpt, tokens_per_sequence=args.tokens)
     finally:
         destroy_distributed()
-    within = difference <= args.tolerance
-    print(f"max |logit difference| = {difference:.3e} (tolerance {args.tolerance:.1e}): {'OK' if within else 'FAIL'}")
+    within = difference.relative <= args.tolerance
+    print(f"max |logit difference| = {difference.largest:.3e}, {difference.relative:.2e} of the largest |logit| "
+          f"({difference.largest_logit:.3g}; tolerance {args.tolerance:.1e}): {'OK' if within else 'FAIL'}")
     if not within:
         sys.exit(1)
