@@ -446,6 +446,12 @@ def validate(config: RunConfig) -> None:
             "tensor subclasses, which the host copies of distill/teacher_offload.py were not built or tested for); "
             "set model.fp8.param_gather=false"
         )
+    if config.model.fp8.format is not None and config.model.fp8.param_gather and not config.parallel.distributed_optimizer:
+        raise ConfigError(
+            "model.fp8.param_gather needs parallel.distributed_optimizer=true (as megatron's --fp8-param-gather does): only the "
+            "distributed optimizer takes its fp32 main weights from the high-precision initial values; the other would "
+            "start from the FP8-rounded weights"
+        )
     try:
         check_fp8(config.model.fp8)
     except ValueError as error:
