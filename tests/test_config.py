@@ -284,6 +284,26 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     assert checkpoint.latest_checkpoint(root) == root / "step_000016"
 
 
+def test_hf_folder_config_names_the_dtype_of_its_weights(tmp_path):
+    """final_hf/best_hf of an fp32 run from a bf16 checkpoint: config.json kept bfloat16, so transformers
+    loaded the trained weights in bf16 by default (rounding away updates of lr 1e-6)."""
+    import json
+
+    import torch
+    from transformers import AutoConfig
+
+    from opsdc_megatron.models.hf_folder import save_hf_folder
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text('{"model_type": "qwen3", "dtype": "bfloat16"}')
+    save_hf_folder({"w": torch.zeros(2, dtype=torch.float32)}, source, tmp_path / "final_hf")
+    assert json.loads((tmp_path / "final_hf" / "config.json").read_text())["dtype"] == "float32"
+    assert AutoConfig.from_pretrained(tmp_path / "final_hf").dtype == torch.float32
+    save_hf_folder({"w": torch.zeros(2, dtype=torch.bfloat16)}, source, tmp_path / "bf16_hf")  # already right: the source's bytes
+    assert (tmp_path / "bf16_hf" / "config.json").read_bytes() == (source / "config.json").read_bytes()
+
+
 def test_hf_folder_replaces_one_left_by_a_crash(tmp_path):
     """A crash between a replacement's rename and its clean-up leaves best_hf.old: every later save of
     best_hf (and final_hf at the end) failed on it ('Directory not empty')."""

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 
 from opsdc_megatron.convert.checks import ConversionError, check_hf_folder, require_new_output
-from opsdc_megatron.files import write_text_atomic
+from opsdc_megatron.files import fsync_folder, write_text_atomic
 from opsdc_megatron.models.hf_folder import COPIED_FILES
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config, transformer_config_from_hf
 from opsdc_megatron.models.qwen3.state_dict_adapter import hf_shard_makers
@@ -219,7 +219,10 @@ def convert_hf_to_megatron(
             "virtual_pipeline_size": virtual_pipeline_size, "params_dtype": _dtype_name(source.weights_dtype),
         }
         write_text_atomic(tmp / CONVERSION_RECORD, json.dumps(record, indent=2))
+        for folder in (tmp / HF_FILES, tmp):  # megatron's metadata.json and common.pt are not synced: on disk before the rename
+            fsync_folder(folder, files=True)
         tmp.rename(out)
+        fsync_folder(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

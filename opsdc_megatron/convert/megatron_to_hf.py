@@ -33,6 +33,8 @@ from opsdc_megatron.config import read_saved_config
 from opsdc_megatron.convert.checks import ConversionError, check_megatron_checkpoint, require_new_output
 from opsdc_megatron.convert.hf_to_megatron import HF_FILES, bounded_groups, checkpoint_slices, copy_hf_files
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX
+from opsdc_megatron.files import fsync_folder
+from opsdc_megatron.models.hf_folder import write_config_dtype
 from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
 from opsdc_megatron.models.qwen3.state_dict_adapter import Layout, _expected_hf_shapes, _from_shards, _Geometry, _named_entries
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
@@ -132,7 +134,9 @@ def export_megatron_to_hf(
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _write_configs(hf_config_dir, tmp, config, out_dtype)
+        fsync_folder(tmp, files=True)  # on disk before the rename: `out` appears complete or not at all
         tmp.rename(out)
+        fsync_folder(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -254,11 +258,6 @@ def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torc
 
 def _write_configs(source: Path, target: Path, config, dtype: torch.dtype) -> None:
     copy_hf_files(source, target)
-    config_json = json.loads((target / "config.json").read_text(encoding="utf-8"))
-    dtype_name = str(dtype).removeprefix("torch.")
-    dtype_keys = [key for key in ("dtype", "torch_dtype") if key in config_json] or ["torch_dtype"]
-    if any(config_json.get(key) != dtype_name for key in dtype_keys):  # else the source's file, byte for byte
-        config_json.update(dict.fromkeys(dtype_keys, dtype_name))
-        (target / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_config_dtype(target, dtype)
     if not (target / "generation_config.json").is_file():
         GenerationConfig.from_model_config(config).save_pretrained(target)

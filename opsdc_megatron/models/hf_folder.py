@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,19 @@ COPIED_FILES = (
 )
 
 
+def write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype the weights are stored in (transformers loads them in it by default: an
+    fp32-trained model whose config said bfloat16 lost its small updates); a file that already does stays
+    byte for byte."""
+    path = folder / "config.json"
+    config_json = json.loads(path.read_text(encoding="utf-8"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    keys = [key for key in ("dtype", "torch_dtype") if key in config_json] or ["torch_dtype"]
+    if any(config_json.get(key) != dtype_name for key in keys):
+        config_json.update(dict.fromkeys(keys, dtype_name))
+        path.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path) -> Path:
     """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically (a
     crash leaves the old folder or the new one, both complete on disk) and durably."""
@@ -37,6 +51,9 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
         if (source_dir / name).exists():
             shutil.copy2(source_dir / name, tmp / name)
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    floating = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+    if (tmp / "config.json").is_file() and len(floating) == 1:
+        write_config_dtype(tmp, floating.pop())
     fsync_folder(tmp, files=True)
     shutil.rmtree(old, ignore_errors=True)  # left by a crash after the last replacement
     if out_dir.exists():
