@@ -210,6 +210,11 @@ def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(t
         run_eval(model, data, tmp_path / "out", *flags)
     assert read(tmp_path / "out", "none") == read(tmp_path / "whole", "none")
     assert not list((tmp_path / "out").glob("*.concise.json")) and len(list((tmp_path / "out").glob("*.partial.jsonl"))) == 2
+    partials = {path: path.read_bytes() for path in (tmp_path / "out").glob("*.partial.jsonl")}
+    with pytest.raises(SystemExit):  # the unfinished pass at another token budget: its samples were started over, silently
+        run_eval(model, data, tmp_path / "out", "--instruction", "concise", *flags[2:], "--max-tokens", "7")
+    assert "concise.partial.jsonl holds the unfinished evaluation of" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in partials} == partials
     fail, calls[:] = False, []
     run_eval(model, data, tmp_path / "out", *flags)
     assert calls == [5], "only the instructed pass's second sample is drawn again"

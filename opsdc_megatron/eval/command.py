@@ -184,6 +184,16 @@ def eval_command(args: argparse.Namespace) -> None:
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out, evaluated, digest = Path(args.out), checkpoint or model, prompts_digest(records)
+    # What a pass's finished samples were drawn from: an interrupted run resumes with them only if all of it is the same.
+    run_key = {
+        "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()), "prompts": digest,
+        "sampling": asdict(sampling), "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
+        "hf_config_files": _files_signature(hf_config) if hf_config is not None else None,
+    }
+
+    def store_for(name: str) -> SampleStore:
+        return SampleStore(out / f"{result_stem(benchmark, evaluated, name)}{PARTIAL_SUFFIX}", {**run_key, "instruction_text": instructions[name]})
+
     for name in names:  # another evaluation's results of the same name (other settings, two test.jsonl files) stay
         previous = out / f"{result_stem(benchmark, evaluated, name)}.json"
         try:
@@ -208,15 +218,15 @@ def eval_command(args: argparse.Namespace) -> None:
                   f"{', '.join(differ)}, which this one ({evaluated} on {data}) would replace: give --name or another --out, or remove it",
                   file=sys.stderr)
             sys.exit(2)
-    # What a pass's finished samples were drawn from: an interrupted run resumes with them only if all of it is the same.
-    run_key = {
-        "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()), "prompts": digest,
-        "sampling": asdict(sampling), "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
-        "hf_config_files": _files_signature(hf_config) if hf_config is not None else None,
-    }
-
-    def store_for(name: str) -> SampleStore:
-        return SampleStore(out / f"{result_stem(benchmark, evaluated, name)}{PARTIAL_SUFFIX}", {**run_key, "instruction_text": instructions[name]})
+        # ... and so do the samples of one interrupted (those of a model whose files changed since are of no model left)
+        store = store_for(name)
+        unfinished = store.recorded_key() or {}
+        differ = [key for key, value in store.key.items() if key in unfinished and key not in ("model_files", "hf_config_files") and unfinished[key] != value]
+        if differ:
+            print(f"opsdc eval: error: {store.path} holds the unfinished evaluation of {unfinished.get('model')} on {unfinished.get('data')} "
+                  f"with other {', '.join(differ)}, which this one would start over: rerun that one to finish it, give --name or "
+                  f"another --out, or remove it", file=sys.stderr)
+            sys.exit(2)
 
     def save(name: str, result) -> None:  # each pass as it ends: a later pass's failure keeps it
         path = write_result(out, benchmark, evaluated, data, layout.name, name, instructions[name], sampling, args.seed, args.engine, result,

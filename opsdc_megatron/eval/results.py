@@ -114,12 +114,20 @@ class SampleStore:
     A long evaluation (k samples of 30K-token responses) that is interrupted resumes with the samples
     it has: sample s is drawn with seed + s, so the result is the one an uninterrupted run gives. The
     first line holds `key` (what was evaluated and how); a file with another key is another
-    evaluation's, and is started over. A sample is one line, appended and synced; a line cut short
+    evaluation's, and is started over (`opsdc eval` first refuses one of other settings). A sample is one line, appended and synced; a line cut short
     by a crash is dropped.
     """
 
     def __init__(self, path: Path, key: dict) -> None:
         self.path, self.key = path, json.loads(json.dumps(key))  # as it reads back (tuples become lists)
+
+    def recorded_key(self) -> dict | None:
+        """The key of the samples on disk (None: no file, or no readable key)."""
+        if not self.path.is_file():
+            return None
+        with self.path.open(encoding="utf-8") as file:
+            key = _json_or_none(file.readline())
+        return key if isinstance(key, dict) else None
 
     def finished(self) -> dict[int, list[ScoredResponse]]:
         from opsdc_megatron.eval.evaluate import ScoredResponse
