@@ -58,7 +58,7 @@ def preflight(config: RunConfig) -> None:
             raise ValueError(f"model.hf_path: {error}") from None
     from opsdc_megatron.train.checkpoint import check_fresh_start
 
-    check_fresh_start(Path(config.out_dir) / "checkpoints", config.checkpoint.resume)
+    check_fresh_start(Path(config.out_dir), config.checkpoint.resume)
     PromptStream(load_prompts(config.data.train_prompts), load_tokenizer(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,31 @@ def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"checkpoints holds checkpoints of another run \(step_000100\), and this run starts from step 0 \(checkpoint.resume is false\)", proc.stderr)
     assert earlier.is_dir() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # Another run's exports and no checkpoint to resume from: its best_hf would stay beside this run's metrics
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "best_hf").mkdir()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "run holds best_hf of another run and no checkpoint to resume from: give another out_dir, or remove them" in proc.stderr
+
+
+def test_best_hf_is_the_export_of_the_best_eval_a_checkpoint_recorded(tmp_path):
+    """An eval's new best waits as best_hf.step_N until a checkpoint records it: a run killed between the
+    eval and its next checkpoint, resumed from the one before, redoes that eval and may score it lower; best_hf
+    then held weights of an attempt the metrics no longer describe, and the recorded best's were lost."""
+    from opsdc_megatron.train.checkpoint import best_candidate, settle_best_export
+
+    out = tmp_path / "run"
+    for step in (2, 3):
+        best_candidate(out, step).mkdir(parents=True)
+        (best_candidate(out, step) / "model.safetensors").write_text(f"step {step}")
+    (out / "best_hf.step_000004.tmp").mkdir()  # an export killed mid-write
+    settle_best_export(out, best_step=2)  # the checkpoint records step 2 as the best: step 3's eval is not in it
+    assert sorted(p.name for p in out.iterdir()) == ["best_hf"]
+    assert (out / "best_hf" / "model.safetensors").read_text() == "step 2"
+    settle_best_export(out, best_step=2)  # nothing waiting: best_hf stays
+    assert (out / "best_hf" / "model.safetensors").read_text() == "step 2"
 
 
 def test_without_the_latest_marker_the_newest_complete_checkpoint_resumes(tmp_path, monkeypatch):

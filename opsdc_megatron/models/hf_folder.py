@@ -42,9 +42,8 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
     """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically (a
     crash leaves the old folder or the new one, both complete on disk) and durably."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    if old.exists() and not out_dir.exists():  # a crash between the two renames below: the old folder is the complete one
-        old.rename(out_dir)
+    _take_back_old(out_dir)  # first: a save that fails must not leave no folder at all
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in COPIED_FILES:
@@ -55,10 +54,25 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
     if (tmp / "config.json").is_file() and len(floating) == 1:
         write_config_dtype(tmp, floating.pop())
     fsync_folder(tmp, files=True)
+    return replace_folder(tmp, out_dir)
+
+
+def _take_back_old(out_dir: Path) -> None:
+    """A crash between replace_folder's two renames leaves only `out_dir.old`, the complete folder."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if old.exists() and not out_dir.exists():
+        old.rename(out_dir)
+
+
+def replace_folder(new: Path, out_dir: Path) -> Path:
+    """Renames the complete folder `new` to `out_dir`, replacing it so that a crash leaves one of the two whole
+    (`out_dir.old` while they swap, taken back here the next time)."""
+    _take_back_old(out_dir)
+    old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)  # left by a crash after the last replacement
     if out_dir.exists():
         out_dir.rename(old)
-    tmp.rename(out_dir)
+    new.rename(out_dir)
     fsync_folder(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -10,6 +10,7 @@ seeded from (train.seed, step), and the teacher's age comes back with the traine
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,11 +26,13 @@ from opsdc_megatron.config import ConfigError
 from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
 from opsdc_megatron.files import fsync_folder, write_text_atomic
+from opsdc_megatron.models.hf_folder import replace_folder
 from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
 from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+BEST_EXPORT, FINAL_EXPORT = "best_hf", "final_hf"
 
 
 def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
@@ -92,15 +95,38 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def check_fresh_start(root: Path, resume: bool) -> None:
+def check_fresh_start(out: Path, resume: bool) -> None:
     """A run told not to resume refuses checkpoints already there: saving and pruning among another
-    run's (a later step sorts last) would delete its own, and a later resume would take the other's."""
-    earlier = complete_checkpoints(root)
+    run's (a later step sorts last) would delete its own, and a later resume would take the other's.
+    A run that resumes nothing refuses another run's best_hf/final_hf, which would stay beside its metrics."""
+    earlier = complete_checkpoints(out / "checkpoints")
     if not resume and earlier:
         raise ConfigError(
-            f"{root} holds checkpoints of another run ({', '.join(p.name for p in earlier)}), and this run starts "
+            f"{out / 'checkpoints'} holds checkpoints of another run ({', '.join(p.name for p in earlier)}), and this run starts "
             f"from step 0 (checkpoint.resume is false): give another out_dir, or remove them"
         )
+    exports = [name for name in (BEST_EXPORT, FINAL_EXPORT) if (out / name).exists()]
+    if exports and not earlier:
+        raise ConfigError(
+            f"{out} holds {' and '.join(exports)} of another run and no checkpoint to resume from: give another out_dir, or remove them"
+        )
+
+
+def best_candidate(out: Path, step: int) -> Path:
+    """Where the export of an eval's new best waits until a checkpoint records that eval (settle_best_export)."""
+    return out / f"{BEST_EXPORT}.step_{step:06d}"
+
+
+def settle_best_export(out: Path, best_step: int | None) -> None:
+    """best_hf is the export of the best eval that a checkpoint recorded (trainer state `best`): that eval's
+    candidate replaces it; the other candidates go, evals of steps no checkpoint recorded (a run that
+    resumes from an earlier checkpoint redoes them, and may score them otherwise)."""
+    for candidate in out.glob(f"{BEST_EXPORT}.step_*"):
+        step = re.fullmatch(rf"{BEST_EXPORT}\.step_(\d+)", candidate.name)
+        if step and int(step.group(1)) == best_step:
+            replace_folder(candidate, out / BEST_EXPORT)
+        else:
+            shutil.rmtree(candidate, ignore_errors=True)  # also a candidate's unfinished .tmp
 
 
 def latest_checkpoint(root: Path) -> Path | None:

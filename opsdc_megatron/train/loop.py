@@ -34,7 +34,9 @@ from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
-from opsdc_megatron.train.checkpoint import check_fresh_start, latest_checkpoint, load_checkpoint, save_checkpoint
+from opsdc_megatron.train.checkpoint import (
+    FINAL_EXPORT, best_candidate, check_fresh_start, latest_checkpoint, load_checkpoint, save_checkpoint, settle_best_export,
+)
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
@@ -101,7 +103,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     token_multiple = fp8_token_multiple(config.model.fp8)
 
     checkpoints = out / "checkpoints"
-    check_fresh_start(checkpoints, config.checkpoint.resume)
+    check_fresh_start(out, config.checkpoint.resume)
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
     state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
@@ -109,6 +111,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         apply_optimizer_settings(model.optimizer, config.train)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
+        settle_best_export(out, (state["best"] or {}).get("step"))  # a candidate the checkpoint recorded, or none
         # The run's record, rewritten on resume (steps, layout may change): `opsdc report` and `opsdc
         # convert` read the start model from it, from any directory; it stays the first start's.
         start_model = os.path.abspath(config.model.hf_path)
@@ -135,14 +138,16 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         best = state["best"]
         if step > 0 and (best is None or (result.accuracy, -result.mean_tokens) > (best["accuracy"], -best["mean_tokens"])):
             state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens}
-            if rank0:
-                save_hf_folder(pushed, config.model.hf_path, out / "best_hf")
+            if rank0:  # best_hf once a checkpoint records this eval: a resume from an earlier one may score otherwise
+                save_hf_folder(pushed, config.model.hf_path, best_candidate(out, step))
 
     saved_step = state["step"] if resume_from is not None else None
 
     def save(step: int) -> None:
         nonlocal saved_step
         save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
+        if rank0:
+            settle_best_export(out, (state["best"] or {}).get("step"))
         saved_step = step
 
     def stop_if_requested() -> None:
@@ -199,5 +204,5 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         if stopping:
             preemption.exit_after_checkpoint(step)
     if rank0:
-        save_hf_folder(pushed, config.model.hf_path, out / "final_hf")
+        save_hf_folder(pushed, config.model.hf_path, out / FINAL_EXPORT)
     log.close()
