@@ -28,14 +28,21 @@ _LEAD_WORDS = frozenset("so thus hence therefore then and in conclusion summary 
 """Words that may open the clause of an Answer line (`So the final answer: 42`, `In conclusion, the answer: 7`)."""
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_LIST_OF_GROUPS = re.compile(r"^[+-]?\d{1,3}(,[1-9]\d{2})+$")
+"""`120,240`: one number by the thousands rule, or a list written without spaces (no element of a list starts with 0)."""
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\\!|\\ |~| )(?=\d{3}\b)")
 _TRAILING_WORDS = re.compile(r"^([+-]?\d[\d.,/]*)\s+([A-Za-z][A-Za-z ]*)$")
 """`12 dollars`, `5 square cm per second`: a number followed by plain words only (units); the number is the
 answer, unless a word says more than a unit does (`7 is not the answer`, `3 or more`, `5 thousand`: _NOT_UNITS)."""
 _NOT_UNITS = frozenset(
     "is are was not no or and nor but than more less least most at either neither maybe possibly "
-    "hundred hundreds thousand thousands million millions billion billions dozen squared cubed times".split()
+    "hundred hundreds thousand thousands million millions billion billions dozen squared cubed times "
+    "factorial half halves minus plus over choose sqrt root roots x y z n k i".split()  # math words and variables: `7 x`
 )
+_PI_WORD = re.compile(r"(?<![\\A-Za-z])pi\b")
+_SQRT_SIGN = re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\{[^{}]*\})")
+"""`2 pi`, `π` and `√3`, `2√3`, `√{x+1}` in a plain-text answer: LaTeX's `\\pi` and `\\sqrt{}` for math-verify, which stops
+reading at them (`2√3` was 2, and `2 pi` the number 2 with a unit)."""
 _MATH_SPAN = re.compile(r"(?<!\\)\$([^$]+?)(?<!\\)\$")
 _LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNORECASE)
 """What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
@@ -165,6 +172,7 @@ def _latex_candidate(answer: str) -> str | None:
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
     text = _without_variable(_without_remark(text).rstrip(".").strip())
+    text = _SQRT_SIGN.sub(lambda root: "\\sqrt{" + root.group(1).strip("{}") + "}", _PI_WORD.sub(r"\\pi", text).replace("π", "\\pi "))
     words = _TRAILING_WORDS.match(text)
     if words:
         if _NOT_UNITS & set(words.group(2).lower().split()):
@@ -200,11 +208,22 @@ def answers_match(candidate: str | None, gold: str) -> bool:
 
     `x = 5` equals `5`, but never `y = 5`: an answer that names another variable is another answer.
     A percent sign may be left out when the gold answer is a number of at least 1 without one (`12.5%` for
-    12.5; math-verify reads 0.125); below 1 the gold may be a probability, which 0.5% is not."""
+    12.5; math-verify reads 0.125); below 1 the gold may be a probability, which 0.5% is not. Digit groups
+    joined by commas without spaces (`120,240`) are one number, or the list they may be."""
     if candidate is None:
         return False
     without_percent = _PERCENT_AT_END.sub("", candidate) if "%" not in gold and abs(_number(gold) or 0) >= 1 else candidate
-    return _equivalent(candidate, gold) or (without_percent != candidate and _equivalent(without_percent, gold))
+    if _equivalent(candidate, gold) or (without_percent != candidate and _equivalent(without_percent, gold)):
+        return True
+    as_lists = _list_reading(candidate), _list_reading(gold)  # `120,240` against `120, 240`: the space alone decided
+    return any(as_lists) and _equivalent(as_lists[0] or candidate, as_lists[1] or gold)
+
+
+def _list_reading(answer: str) -> str | None:
+    """An answer of digit groups joined by commas without spaces, as the list it may be (`120,240` -> `120, 240`)."""
+    boxed = last_boxed(answer)
+    text = (boxed if boxed is not None else answer).strip().strip("$").strip().rstrip(".")
+    return text.replace(",", ", ") if _LIST_OF_GROUPS.match(text) else None
 
 
 def _number(text: str) -> float | None:
