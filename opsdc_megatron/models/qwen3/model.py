@@ -64,9 +64,7 @@ def _head_dim(config: PretrainedConfig) -> int:
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
-    params = getattr(config, "rope_parameters", None)  # transformers >= 5
-    if params is None:  # transformers 4.x
-        params = dict(getattr(config, "rope_scaling", None) or {}, rope_theta=config.rope_theta)
+    params = config.rope_parameters
     return dict(params, rope_type=params.get("rope_type", params.get("type", "default")))
 
 
