@@ -111,6 +111,14 @@ def parse_generate_response(request: GenerateRequest, answer: dict, server_url: 
     if reason not in ("stop", "length"):
         raise ServerRejected(f"{server_url}: request {request.rollout_id}: unexpected finish_reason {meta.get('finish_reason')!r}")
     output_ids = list(answer["output_ids"])
+    if reason == "length" and len(output_ids) < request.sampling.max_new_tokens:
+        # SGLang lowers max_new_tokens to what its context and KV cache leave, with only a warning in its log at start.
+        raise ServerRejected(
+            f"{server_url}: request {request.rollout_id}: the server ended the response at {len(output_ids)} tokens "
+            f"(finish_reason 'length'), short of max_new_tokens = {request.sampling.max_new_tokens} after a "
+            f"{len(request.input_ids)}-token prompt: its KV cache or context length is smaller than prompt + response; "
+            f"raise rollout.sglang.max_total_tokens (or mem_fraction_static) or lower the response budget"
+        )
     logprobs = None
     if request.return_logprob:
         pairs = meta["output_token_logprobs"]
