@@ -36,7 +36,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.config import ParallelConfig, TrainConfig
 from opsdc_megatron.distill.batch import ScoredSequence, make_micro_batches
-from opsdc_megatron.distill.forward import make_forward_step, masked_sum_loss
+from opsdc_megatron.distill.forward import make_forward_step, masked_loss
 from opsdc_megatron.distill.stage import response_logits
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.train.build import build_training_model
@@ -55,7 +55,7 @@ def sft_forward_step(vocab_size: int):
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
         labels = tokens[rows, batch.student_logit_index + 1]
         per_token = vocab_parallel_cross_entropy(picked.float(), labels)
-        return per_token, partial(masked_sum_loss, batch.response_mask)
+        return per_token, partial(masked_loss, batch.response_mask)
 
     return forward_step
 

@@ -25,6 +25,7 @@ from opsdc_megatron.models.transformer_engine import FP8Config, check_fp8, fp8_t
 
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 """SGLang 0.5.23's --dtype choices."""
+LOSS_NORMALIZATIONS = ("step_tokens", "micro_batch")
 
 PAPER_INSTRUCTION_V1 = (
     "Solve the following math problem concisely and correctly. Be direct — avoid unnecessary "
@@ -142,6 +143,11 @@ class DistillConfig:
     """Optimizer steps between hard copies of the student into the teacher; 0 keeps it frozen."""
     divergence: str = "reverse_kl"
     """reverse_kl (the method) or forward_kl (an ablation that collapses in the paper)."""
+    loss_normalization: str = "step_tokens"
+    """step_tokens: the mean per-token divergence over every response token of the optimizer step, the same
+    objective for any micro-batch, data-parallel or packing split; micro_batch: each micro-batch's mean,
+    averaged over the step's micro-batches (the paper's, verl's token-mean: a token weighs 1 / the response
+    tokens of its micro-batch). distill/forward.py says more."""
     fused_output_layer: bool = False
     """Compute the output layer inside the reverse KL, chunk by chunk, so the [tokens, V/TP] logits
     never exist as one tensor (loss/fused_output.py); reverse_kl only."""
@@ -496,6 +502,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang.server_urls: expected http://HOST:PORT, got {bad_urls[0]!r}")
     if config.distill.divergence not in ("reverse_kl", "forward_kl"):
         raise ConfigError(f"distill.divergence must be reverse_kl or forward_kl, got {config.distill.divergence!r}")
+    if config.distill.loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ConfigError(f"distill.loss_normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {config.distill.loss_normalization!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":
         raise ConfigError(f"distill.fused_output_layer computes the reverse KL only, but distill.divergence is {config.distill.divergence!r}")
     if config.distill.teacher_refresh_every < 0:

@@ -80,6 +80,7 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["rollout.sglang.dtype=bf16"], "rollout.sglang.dtype must be one of SGLang's --dtype choices auto, half, float16, bfloat16, float, float32, got 'bf16'"),
         ("out_dir: x\n", ["rollout.sglang.mem_fraction_static=1.5"], "rollout.sglang.mem_fraction_static must be in .0, 1. or null, got 1.5"),
         ("out_dir: x\n", ["rollout.sglang.max_total_tokens=0"], "rollout.sglang.max_total_tokens must be >= 1 or null, got 0"),
+        ("out_dir: x\n", ["distill.loss_normalization=tokens"], "distill.loss_normalization must be one of step_tokens, micro_batch, got 'tokens'"),
         ("out_dir: x\n", ["rollout.sglang.startup_timeout_s=0"], "rollout.sglang.startup_timeout_s must be > 0, got 0"),
         ("out_dir: x\n", ["rollout.sglang.request_timeout_s=0"], "rollout.sglang.request_timeout_s must be > 0, got 0"),
     ],

@@ -74,14 +74,16 @@ def train(setup, out, *overrides, ran_steps: list[int] | None = None):
     return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
 
 
-def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_the_instructed_teacher(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("normalization", ["step_tokens", "micro_batch"])
+def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_the_instructed_teacher(setup, tmp_path, monkeypatch, normalization):
     """The other loop tests compare one layout with another, which all run this code: a teacher and student
     swapped, or rollouts sampled from the teacher's prompt, would pass them. One step at TP=1 in this
     process, recording what the loop sends: rollouts come from the plain prompts, and the step's loss is
     the mean per-token KL(student || teacher) over the response tokens, the teacher reading the toy
     instruction before the prompt, computed here in float64 with transformers on those rollouts. The toy
     model's weights are scaled up first: at its small random weights the two directions of the KL agree to
-    1e-5, and a swap passed."""
+    1e-5, and a swap passed. With the paper's normalization (micro_batch) and one rollout per micro-batch,
+    the loss is the mean over rollouts of each one's mean per-token KL."""
     import shutil
 
     from opsdc_megatron.cli import main
@@ -100,7 +102,7 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
 
     def step(*args, **kwargs):
         result = real_step(*args, **kwargs)
-        recorded["loss"] = result.loss
+        recorded.update(loss=result.loss, grad_norm=result.grad_norm)
         return result
 
     monkeypatch.setattr(loop, "generate_across_ranks", generate)
@@ -113,7 +115,8 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
             if "norm" not in name:
                 parameter.mul_(4.0)
     model.save_pretrained(sharp)
-    args = [*train_args(setup, tmp_path / "one_step", "train.steps=1", "eval.every_steps=0", "parallel.tensor_parallel_size=1"),
+    args = [*train_args(setup, tmp_path / "one_step", "train.steps=1", "eval.every_steps=0", "parallel.tensor_parallel_size=1",
+                        f"distill.loss_normalization={normalization}", "train.micro_batch_prompts=1"),
             f"model.hf_path={sharp}"]
     handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -127,18 +130,26 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
     batch = [b.record.prompt for b in PromptStream(load_prompts(setup / "train.jsonl"), tokenizer, config).batch(1)]
     assert recorded["prompts"] == [encode_prompt(tokenizer, prompt) for prompt in batch]
     model = AutoModelForCausalLM.from_pretrained(sharp, dtype=torch.float64).eval()
-    total, tokens = 0.0, 0
+    model.model.embed_tokens.padding_idx = None  # torch leaves the pad row without gradient; megatron does not (sampled <pad> tokens)
+    kl_sums, lengths = [], []
     for prompt, rollout in zip(batch, recorded["rollouts"]):
         response = rollout.response_ids
         log_probs = []
-        for context in (encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt, TOY_INSTRUCTION)):
-            with torch.no_grad():
+        for context, student_side in ((encode_prompt(tokenizer, prompt), True), (encode_prompt(tokenizer, prompt, TOY_INSTRUCTION), False)):
+            with torch.set_grad_enabled(student_side):  # the teacher takes no gradient
                 logits = model(torch.tensor([context + response])).logits[0]
             log_probs.append(torch.log_softmax(logits[len(context) - 1 : len(context) - 1 + len(response)], dim=-1))
         student, teacher = log_probs
-        total += (student.exp() * (student - teacher)).sum().item()
-        tokens += len(response)
-    assert recorded["loss"] == pytest.approx(total / tokens, rel=1e-5)  # measured 3e-8; the roles swapped differ by 1e-3
+        kl_sums.append((student.exp() * (student - teacher)).sum())
+        lengths.append(len(response))
+    token_mean = sum(kl_sums) / sum(lengths)
+    rollout_mean = sum(kl / n for kl, n in zip(kl_sums, lengths)) / len(lengths)
+    objective = token_mean if normalization == "step_tokens" else rollout_mean
+    objective.backward()
+    grad_norm = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None) ** 0.5
+    assert recorded["loss"] == pytest.approx(objective.item(), rel=1e-5)  # measured 3e-8; the roles swapped differ by 1e-3
+    assert recorded["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    assert abs(token_mean.item() - rollout_mean.item()) > 1e-3 * objective.item(), "the two normalizations agree here"
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,16 @@
 schedules; the model it receives is a `DistillStage` (student and teacher chunks together). Logits
 stay vocabulary-sharded ([sequences, response tokens, V/TP] on each tensor-parallel rank).
 
-Loss normalization: the divergence is summed over the response tokens of the micro-batch and
-returned with their count; megatron (``calculate_per_token_loss``) sums these over micro-batches and
-data-parallel ranks and divides the gradient once by the step's total response tokens. The loss is
-thus the mean per-token divergence over every response token of the optimizer step, whatever the
-split into micro-batches, data-parallel ranks or packed sequences. The paper (and verl's
-"token-mean") divides each micro-batch by its own token count and averages over micro-batches,
-which weights a token by 1 / (tokens of its micro-batch): it changes with the micro-batch size, the
-data-parallel size and how sequences are packed, so it cannot stay the same objective across
-layouts. Both agree when every micro-batch holds the same number of response tokens.
+Loss normalization (`distill.loss_normalization`): the loss function returns a sum and its weight;
+megatron (``calculate_per_token_loss``) sums both over micro-batches and data-parallel ranks and
+divides the gradient once by the total weight.
+- step_tokens (default): the divergence summed over a micro-batch's response tokens, weighted by their
+  count: the loss is the mean per-token divergence over every response token of the optimizer step,
+  whatever the split into micro-batches, data-parallel ranks or packed sequences.
+- micro_batch: each micro-batch's mean, weight 1: the mean of the micro-batch means, the paper's
+  (verl's "token-mean"). A token weighs 1 / (response tokens of its micro-batch), so the objective
+  changes with the micro-batch size, the data-parallel size and packing.
+Both agree when every micro-batch holds the same number of response tokens.
 
 With `distill.fused_output_layer` the last stage stops at the final hidden states (the output layer
 is bypassed for the call, see `DistillStage`) and `loss.fused_output_reverse_kl` applies the output
@@ -37,15 +38,22 @@ from opsdc_megatron.models.qwen3.model import padding_vocab_slice
 DIVERGENCES = {"reverse_kl": vocab_parallel_reverse_kl, "forward_kl": vocab_parallel_forward_kl}
 
 
-def masked_sum_loss(response_mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(divergence summed over the response tokens, their count, metrics), as megatron's
-    per-token-loss schedules expect."""
+def masked_loss(
+    response_mask: torch.Tensor, per_token: torch.Tensor, per_micro_batch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the divergence summed over the response tokens or, `per_micro_batch`, their mean; its weight;
+    metrics), as megatron's per-token-loss schedules expect. A micro-batch without response tokens (a
+    pipeline schedule's filler) weighs 0 either way."""
     tokens = response_mask.sum().to(torch.int)
     total = torch.where(response_mask.bool(), per_token, 0.0).sum()
-    return total, tokens, {"kl_sum": total.detach(), "response_tokens": tokens}
+    if per_micro_batch:
+        objective, weight = total / tokens.clamp(min=1), (tokens > 0).to(torch.int)
+    else:
+        objective, weight = total, tokens
+    return objective, weight, {"objective": objective.detach(), "weight": weight, "response_tokens": tokens}
 
 
-def make_forward_step(divergence: str, fused_output_layer: bool = False) -> Callable:
+def make_forward_step(divergence: str, fused_output_layer: bool = False, loss_normalization: str = "step_tokens") -> Callable:
     if fused_output_layer and divergence != "reverse_kl":
         raise ValueError(f"the fused output layer computes the reverse KL only, not {divergence}")
 
@@ -67,6 +75,6 @@ def make_forward_step(divergence: str, fused_output_layer: bool = False) -> Call
         else:
             student_logits, teacher_logits = output
             per_token = DIVERGENCES[divergence](student_logits, teacher_logits, tp_group)
-        return per_token, partial(masked_sum_loss, batch.response_mask)
+        return per_token, partial(masked_loss, batch.response_mask, per_micro_batch=loss_normalization == "micro_batch")
 
     return forward_step

@@ -96,7 +96,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         fused_output_layer=config.distill.fused_output_layer, teacher_offload=config.distill.teacher_offload,
     )
     student, teacher = torch.nn.ModuleList(model.student), model.teacher
-    forward_step = make_forward_step(config.distill.divergence, config.distill.fused_output_layer)
+    forward_step = make_forward_step(config.distill.divergence, config.distill.fused_output_layer, config.distill.loss_normalization)
     block = config.rollout.generation_batch_prompts
     packed = supports_packed_sequences(config.model.attention_backend)  # with train.micro_batch_tokens
     interleaved_pipeline_size = config.parallel.pipeline_parallel_size if len(model.stages) > 1 else 0

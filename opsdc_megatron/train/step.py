@@ -32,9 +32,9 @@ def wrap_for_training(
     because it would cast the vocabulary-sized logits to fp32, which the divergence does not need.
     """
     config = chunks[0].config
-    # The loss function returns (divergence sum, response tokens); the schedules and
-    # finalize_model_grads then divide the summed gradient once by the step's response tokens over
-    # all micro-batches and data-parallel ranks (distill/forward.py says why). DDP reads this flag
+    # The loss function returns (a sum, its weight: response tokens, or 1 per micro-batch); the schedules
+    # and finalize_model_grads then divide the summed gradient once by the step's total weight over all
+    # micro-batches and data-parallel ranks (distill/forward.py says why). DDP reads this flag
     # when it is built, to sum rather than average gradients over data-parallel ranks.
     config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
@@ -107,7 +107,8 @@ def gradients_are_finite(stages: list[DistillStage]) -> bool:
 @dataclass(frozen=True)
 class StepResult:
     loss: float
-    """Per-token divergence averaged over every response token of the step, all ranks."""
+    """The step's objective, all ranks: the per-token divergence averaged over every response token of the
+    step, or over each micro-batch's first and then over micro-batches (distill.loss_normalization)."""
     grad_norm: float
     response_tokens: int
     """Response tokens of the step, all data-parallel ranks."""
@@ -158,12 +159,13 @@ def optimizer_step(
     # Only the last pipeline stage sees the losses: sum there, share over the pipeline, then over
     # data-parallel ranks.
     totals = torch.tensor([
-        sum(float(o["kl_sum"]) for o in outputs),
+        sum(float(o["objective"]) for o in outputs),
+        sum(float(o["weight"]) for o in outputs),
         sum(float(o["response_tokens"]) for o in outputs),
     ], dtype=torch.float64, device=device)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         totals.zero_()
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    kl_sum, tokens = totals.tolist()
-    return StepResult(kl_sum / tokens, float(grad_norm), int(tokens))
+    objective, weight, tokens = totals.tolist()
+    return StepResult(objective / weight, float(grad_norm), int(tokens))
