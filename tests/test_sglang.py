@@ -280,6 +280,31 @@ def test_external_servers_left_by_a_trainer_killed_mid_push_serve_the_next_one(f
             pass
 
 
+def test_an_external_server_that_failed_a_probe_rejoins_at_the_next_push(fleet: ServerFleet, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server started outside the trainer fails one probe (a network hiccup, stood in for by a refused /health)
+    and leaves the pool; once it answers again, the next push takes it back with the current weights. It stayed
+    out for the rest of the run (the trainer does not restart such servers), and one hiccup per server ended it."""
+    import opsdc_megatron.rollout.sglang.engine as engine_module
+
+    hiccup, steady = fleet.urls
+    real_post_json, unreachable = engine_module.post_json, [True]
+
+    def post_json(url, *args, **kwargs):
+        if url == f"{hiccup}/health" and unreachable[0]:
+            raise ServerUnavailable(f"{url}: connection reset (test)")
+        return real_post_json(url, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "post_json", post_json)
+    engine = SGLangRolloutEngine(list(fleet.urls), TensorTransport(), [EOS], VOCAB)
+    engine.update_weights(shifted_weights(tiny_model, seed=4)[0], version=4)
+    assert [post_json(f"{url}/model_info", None, 10)["weight_version"] == "4" for url in (hiccup, steady)] == [False, True]
+    unreachable[0] = False
+    state, reference = shifted_weights(tiny_model, seed=5)
+    engine.update_weights(state, version=5)
+    assert [post_json(f"{url}/model_info", None, 10)["weight_version"] for url in (hiccup, steady)] == ["5", "5"]
+    assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), 5)
+
+
 def fault_before_request(monkeypatch: pytest.MonkeyPatch, url: str, request_number: int, fault: Callable[[], None]) -> None:
     """Runs `fault` once, in the request thread, just before the `request_number`-th request to `url` is
     sent: mid-batch on any machine, however fast, with that request (and any still unanswered before it)

@@ -17,7 +17,8 @@ Design choices:
   runs empty waits up to `owner_restart_wait_s` for such a restart: a server rejoins its pool once it
   answers /health with the current weight version. While the owner waits for the other ranks' rollouts
   it probes its servers every few seconds, so a server that dies then is restarted too. Servers started outside the trainer
-  (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on.
+  (the SLURM job's server step, `rollout.sglang.server_urls`) are not restarted: the others carry on, and
+  one that answers /health again rejoins at the next push, which brings it to the current weights.
 * Every answer carries the server's weight version; an answer made with any other version than the
   last pushed one (or with two versions, i.e. a push mid-request) is not used: its server leaves this
   rank's pool and the prompt is sent again. That is a server the owner restarted and has not yet
@@ -170,6 +171,8 @@ class SGLangRolloutEngine(RolloutEngine):
             raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
         if self.transport is not None:
             self.wait_for_recovery()
+            if self.fleet is None:
+                self._readmit_answering()
             self._probe_all()
             # Set first: a server that dies during the push is restarted and brought to these weights.
             self._pushed, self._version = hf_state_dict, version
@@ -177,7 +180,7 @@ class SGLangRolloutEngine(RolloutEngine):
         # The owner (trainer rank 0) tells the other ranks which servers it pushed to: a rank probing on
         # its own could keep a server the owner dropped, and sample stale weights from it. The
         # broadcast also holds the other ranks back until the push is done.
-        owner_healthy: list[list[int] | None] = [sorted(self._healthy) if self.transport is not None else None]
+        owner_healthy: list[list[int] | None] = [self._serving() if self.transport is not None else None]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(owner_healthy, src=0)
         if self.transport is None:
@@ -237,11 +240,34 @@ class SGLangRolloutEngine(RolloutEngine):
             return False
         return True
 
+    def _serving(self) -> list[int]:
+        """The pool now (recovery threads add to it)."""
+        with self._lock:
+            return sorted(self._healthy)
+
     def _probe_all(self) -> None:
-        for index in sorted(self._healthy):
+        for index in self._serving():
             if not self._server_ok(index):
                 self._mark_failed(index)
         self.wait_for_recovery()
+
+    def _readmit_answering(self) -> None:
+        """Servers started outside the trainer that left the pool (a failed probe: a hiccup, or a restart by
+        whoever runs them) and answer again rejoin it before a push, which brings them to its weights: nobody
+        else would take them back. One that still fails a step of the way stays out until the next push."""
+        for index in sorted(set(range(len(self.urls))) - set(self._serving())):
+            url = self.urls[index]
+            if not self._server_ok(index):
+                continue
+            self._check_vocabulary(url)
+            try:
+                self._undo_an_unfinished_push(url)
+                with self._transport_lock:
+                    self.transport.connect(url, self.server_tensor_parallel_size)
+            except (ServerUnavailable, ServerRejected, WeightPushError):
+                continue
+            with self._lock:
+                self._healthy.add(index)
 
     def _mark_failed(self, index: int) -> None:
         """Takes the server out of the pool; the owner restarts it in the background."""
@@ -287,9 +313,7 @@ class SGLangRolloutEngine(RolloutEngine):
 
         def watch() -> None:
             while not done.wait(HEALTH_TIMEOUT_S):
-                with self._lock:
-                    serving = sorted(self._healthy)
-                for index in serving:
+                for index in self._serving():
                     if not self._server_ok(index):
                         self._mark_failed(index)
 
@@ -353,8 +377,7 @@ class SGLangRolloutEngine(RolloutEngine):
         return [results[i] for i in range(len(prompt_ids))]
 
     def _pick_server(self, in_flight: dict[int, int]) -> int | None:
-        with self._lock:
-            healthy = sorted(self._healthy)
+        healthy = self._serving()
         return min(healthy, key=lambda i: in_flight.get(i, 0)) if healthy else None
 
     def _dispatch(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> dict[int, GenerateResult]:
