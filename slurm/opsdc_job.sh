@@ -29,6 +29,7 @@ set -uo pipefail
 : "${OPSDC_RECIPE:?set OPSDC_RECIPE before sourcing slurm/opsdc_job.sh}"
 OPSDC_HOME=${OPSDC_HOME:-${SLURM_SUBMIT_DIR:?run this through sbatch}}
 cd "$OPSDC_HOME" || exit 2
+OPSDC_HOME=$PWD  # a relative one named the checkout from the submit directory, which this script just left
 if [ -z "${OPSDC_PYTHON:-}" ]; then
     # In a container, the image's interpreter: a host venv's python links to a host path the container lacks.
     if [ -n "${OPSDC_CONTAINER_IMAGE:-}" ]; then OPSDC_PYTHON=python
@@ -89,6 +90,7 @@ eval "$PLAN"
 mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 node_addr() { scontrol show node "$1" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p'; }
 url_host() { if [[ $1 == *:* ]]; then echo "[$1]"; else echo "$1"; fi; }  # an IPv6 address goes in brackets
+yaml_strings() { local items=() item; for item in "$@"; do items+=("'$item'"); done; (IFS=,; echo "[${items[*]}]"); }  # [ in a URL is YAML too
 ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
 TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
 # torch.distributed rendezvous on the first trainer node; its port from the job id so that jobs
@@ -196,7 +198,7 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
         done
         [ "$REQUEUE_ASKED" = 1 ] || log "rollout servers ready: ${WORKER_URLS[*]}${ROUTER_URL:+ (router $ROUTER_URL)}"
     fi
-    TRAINER_OVERRIDES+=("rollout.sglang.server_urls=[$(IFS=,; echo "${WORKER_URLS[*]}")]")
+    TRAINER_OVERRIDES+=("rollout.sglang.server_urls=$(yaml_strings "${WORKER_URLS[@]}")")
 else
     log "no rollout server step: rollout.engine=$OPSDC_ROLLOUT_ENGINE generates inside the trainer processes" \
         "(opsdc_megatron/rollout/hf_engine.py); set rollout.engine=sglang and slurm.rollout_nodes to serve from SGLang"

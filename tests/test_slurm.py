@@ -74,11 +74,12 @@ def toy_overrides(toy: Path, out: Path, *extra: str) -> list[str]:
 
 
 def sbatch(
-    env: dict, script: str, log: Path, *args: str, extra_env: dict | None = None, wait: bool = True, extra_args: list[str] = ()
+    env: dict, script: str, log: Path, *args: str, extra_env: dict | None = None, wait: bool = True, extra_args: list[str] = (),
+    submit_dir: Path = ROOT,
 ) -> tuple[int, str]:
-    """Submits slurm/<script> from the checkout (`extra_args`: sbatch options); returns (exit status of the job with --wait, job id)."""
+    """Submits slurm/<script> from `submit_dir` (`extra_args`: sbatch options); returns (exit status of the job with --wait, job id)."""
     command = ["sbatch", "--parsable", f"--output={log}", *(["--wait"] if wait else []), *extra_args, str(ROOT / "slurm" / script), *args]
-    proc = subprocess.run(command, cwd=ROOT, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, cwd=submit_dir, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=900)
     job = proc.stdout.strip().split(";")[0]
     assert job, f"sbatch refused {script}: {proc.stderr}"
     return proc.returncode, job
@@ -256,8 +257,10 @@ def test_a_trainer_that_fails_after_sigusr1_is_reported_not_requeued(cluster, to
 
 @pytest.mark.parametrize("executor, executor_args", [("slurm", ["--time", "00:20:00", "--mem", "4G"]), ("local", [])])
 def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, executor, executor_args):
-    """SlurmExecutor (sbatch on the test cluster) and LocalExecutor (torchrun here) reproduce the sbatch run."""
-    out = toy / f"through_launcher_{executor}"  # (not "nemo_run": see NEMORUN_HOME in opsdc_megatron/launch/__main__.py)
+    """SlurmExecutor (sbatch on the test cluster) and LocalExecutor (torchrun here) reproduce the sbatch run. The
+    local run's out_dir has a space (nemo-run's own torchrun launcher got the recipe path with shell quotes in it;
+    its SLURM submission cannot take one, see the next test)."""
+    out = toy / f"through{' ' if executor == 'local' else '_'}launcher_{executor}"  # (not "nemo_run": see NEMORUN_HOME in launch/__main__.py)
     proc = subprocess.run(
         [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", executor,
          *executor_args, *toy_overrides(toy, out)],
@@ -274,18 +277,31 @@ def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, execut
 
 def test_launcher_keeps_each_runs_recipe_beside_the_run(toy, tmp_path):
     """Two jobs under one NEMORUN_HOME: each SLURM task reads its own resolved recipe (a shared path
-    made job A train into job B's out_dir). Dry runs: nothing is submitted."""
+    made job A train into job B's out_dir). Dry runs: nothing is submitted. The interpreter's path has a
+    space: the task script left it unquoted (`exec /path/sp ace/bin/python` ran /path/sp)."""
     env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "shared_home"))
+    python = tmp_path / "sp ace" / "python"
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)
     for run in ("a", "b"):
         proc = subprocess.run(
             [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", "slurm", "--dryrun",
-             *toy_overrides(toy, tmp_path / run)],
+             "--python", str(python), *toy_overrides(toy, tmp_path / run)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run in ("a", "b"):
         recipe = tmp_path / run / "launcher" / "toy_cpu.yaml"
         assert yaml.safe_load(recipe.read_text())["out_dir"] == str(tmp_path / run)
+    refused = subprocess.run(  # nemo-run 0.11.1 hands sbatch its script's path unquoted: "Batch script is empty!"
+        [sys.executable, "-m", "opsdc_megatron.launch", "--recipe", "recipes/toy_cpu.yaml", "--executor", "slurm", "--dryrun",
+         *toy_overrides(toy, tmp_path / "c")], cwd=ROOT, env=dict(env, NEMORUN_HOME=str(tmp_path / "home with space")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 2 and "contains a space, and nemo-run 0.11.1" in refused.stderr, refused.stderr[-3000:]
+    script = next((tmp_path / "shared_home").rglob("trainer.sh"))  # the task nemo-run runs on each node
+    exec_line = next(line for line in script.read_text().splitlines() if "-m opsdc_megatron.cli train" in line)
+    assert shlex.split(exec_line)[1] == str(python), exec_line
 
 
 @pytest.mark.sglang
@@ -341,8 +357,11 @@ def test_sigusr1_while_the_servers_start_requeues_without_waiting_for_them(clust
     [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
 )
 def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script, nodes, trainer_nodes, servers_per_node, gpus_per_server):
+    """Submitted from the checkout's parent with a relative OPSDC_HOME (the default interpreter was then
+    looked up relative to the checkout, after the script's cd into it: not found)."""
     log = tmp_path / "validate.log"
-    status, job = sbatch(cluster, script, log, f"out_dir={tmp_path / 'run'}", extra_env={"OPSDC_VALIDATE": "1"})
+    status, job = sbatch(cluster, script, log, f"out_dir={tmp_path / 'run'}", extra_env={"OPSDC_VALIDATE": "1", "OPSDC_HOME": ROOT.name},
+                         submit_dir=ROOT.parent)
     text = log.read_text()
     assert status == 0, text[-4000:]
     assert job_field(cluster, job, "NumNodes") == str(nodes)
@@ -365,7 +384,7 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     shift = int(job) % 20 * 100  # jobs sharing a node do not share SGLang ports
     assert worker_urls == [f"http://127.0.0.1:{30000 + shift + i}" for i in range(servers_per_node)]
     assert f"rollout.sglang.base_port={30000 + shift}" in servers and f"rollout.sglang.router_port={30999 + shift}" in router
-    assert f"rollout.sglang.server_urls=[{','.join(worker_urls)}]" in trainer
+    assert "rollout.sglang.server_urls=[" + ",".join(f"'{url}'" for url in worker_urls) + "]" in trainer
     assert "trainer inputs not checked here: model.hf_path: models/Qwen3-" in text  # no checkpoint on the test cluster
     assert not (tmp_path / "run" / "slurm_logs").exists()
 
@@ -451,11 +470,34 @@ def test_hf_rollouts_on_gpus_note_the_memory_opsdc_plan_does_not_count():
     (["rollout.sglang.tensor_parallel_size=3"], "rollout.sglang.tensor_parallel_size (3) must divide slurm.gpus_per_node (8)"),
     (["rollout.sglang.weight_transport=tensor"], "weight_transport=tensor shares memory with servers on the trainer's host"),
     (["slurm.rollout_nodes=0"], "rollout.engine=sglang needs slurm.rollout_nodes >= 1"),
+    # Values the trainer's checks refuse, which the plan runs before: they were a ZeroDivisionError and an OverflowError
+    (["rollout.sglang.tensor_parallel_size=0"], "rollout.sglang.tensor_parallel_size must be >= 1, got 0"),
+    (["parallel.tensor_parallel_size=0"], "parallel.tensor_parallel_size must be >= 1, got 0"),
+    (["rollout.sglang.startup_timeout_s=inf"], "rollout.sglang.startup_timeout_s must be a number of seconds > 0, got inf"),
 ])
 def test_rollout_plan_refusals(overrides, message):
     with pytest.raises(PlanError) as refused:
         plan_job(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", overrides))
     assert message in str(refused.value)
+
+
+def test_the_job_script_hands_the_trainer_ipv6_server_urls_it_can_read():
+    """Nodes whose NodeAddr is IPv6: the URLs carry brackets, which an unquoted YAML list read as nested lists
+    (every trainer rank exited 2 after the servers' start-up)."""
+    script = (ROOT / "slurm" / "opsdc_job.sh").read_text()
+    functions = "\n".join(line for line in script.splitlines() if line.startswith(("url_host()", "yaml_strings()")))
+    built = subprocess.run(
+        ["bash", "-c", functions + '\nurls=(); for addr in fd00::12 10.0.0.3; do urls+=("http://$(url_host $addr):30000"); done\n'
+                                   'echo "rollout.sglang.server_urls=$(yaml_strings "${urls[@]}")"'],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    config = merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [built, "rollout.sglang.num_servers=2"])
+    assert config.rollout.sglang.server_urls == ["http://[fd00::12]:30000", "http://10.0.0.3:30000"]
+
+
+def test_a_fractional_server_startup_timeout_is_rounded_up_for_the_job_script():
+    """The script waits whole seconds: 0.5 s became 0, and the job failed its first /health wait at once."""
+    assert plan_job(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", ["rollout.sglang.startup_timeout_s=0.5"])).server_startup_timeout_s == 1
 
 
 @pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")

@@ -8,11 +8,12 @@ The recipe is checked first, on the submitting machine (`launch/plan.py`: parall
   node (SLURM_LAUNCH_NODE_IPADDR). `--signal-before-limit-s` asks SLURM for SIGUSR1 on every task before the time limit: the
   trainer checkpoints and exits 75, and nemo-run's batch script requeues the job (`--retries`), which
   resumes from OUT/checkpoints/latest. LocalTunnel submits on this machine (a login node).
-- local: a nemo-run LocalExecutor running `opsdc train` under torchrun with tensor x pipeline x data processes.
+- local: a nemo-run LocalExecutor running one `opsdc train`, which starts tensor x pipeline x data
+  processes under torchrun itself (and forwards stop signals to them). nemo-run's own torchrun launcher is
+  not used: nemo-run 0.11.1 hands it arguments with shell quotes in them, which break paths with spaces.
 
 Both run the recipe as checked: the recipe with its overrides applied is written to
-OUT/launcher/<recipe>.yaml and the tasks get that one file (nemo-run 0.11.1 passes arguments with
-spaces to LocalExecutor's torchrun with shell quotes in them).
+OUT/launcher/<recipe>.yaml and the tasks get that one file.
 
 The SGLang rollout servers (rollout.engine=sglang) are started by slurm/opsdc_job.sh only; this
 launcher refuses such recipes with a message saying so.
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"opsdc launch: error: NEMORUN_HOME ({os.environ['NEMORUN_HOME']}) contains 'nemo_run', which makes nemo-run "
               f"0.11.1 write its SLURM job paths wrongly; choose another out_dir or NEMORUN_HOME", file=sys.stderr)
         sys.exit(2)
+    if args.executor == "slurm" and any(char.isspace() for char in os.environ["NEMORUN_HOME"]):
+        print(f"opsdc launch: error: NEMORUN_HOME ({os.environ['NEMORUN_HOME']}) contains a space, and nemo-run 0.11.1 "
+              f"passes its sbatch script's path there to sbatch unquoted; choose another out_dir or NEMORUN_HOME", file=sys.stderr)
+        sys.exit(2)
     import nemo_run as run
 
     name = f"opsdc-{Path(recipe).stem}"
@@ -96,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.executor == "slurm":
         executor = slurm_executor(run, plan, args)
         python = args.python or ("python" if args.container_image else sys.executable)
-        task = run.Script(inline=SLURM_TASK.format(home=_quote([os.getcwd()])[0], python=python, recipe=_quote([str(resolved_recipe)])[0]))
+        home, python, recipe_path = _quote([os.getcwd(), python, str(resolved_recipe)])
+        task = run.Script(inline=SLURM_TASK.format(home=home, python=python, recipe=recipe_path))
     else:
-        # `torchrun` and `python` resolved in this interpreter's environment, activated or not.
+        # `python` resolved in this interpreter's environment, activated or not.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        executor = run.LocalExecutor(ntasks_per_node=config.world_size, launcher="torchrun" if config.world_size > 1 else None,
-                                     env_vars={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PATH": path})
+        executor = run.LocalExecutor(ntasks_per_node=1, env_vars={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PATH": path})
         task = run.Script(path="opsdc_megatron.cli", m=True, entrypoint="python", args=["train", str(resolved_recipe)])
     with run.Experiment(name, log_level="WARN") as experiment:
         experiment.add(task, executor=executor, name="trainer")

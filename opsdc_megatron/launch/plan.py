@@ -16,6 +16,7 @@ a cluster without GPUs or checkpoints.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import shutil
 import sys
@@ -58,7 +59,16 @@ class JobPlan:
 
 
 def plan_job(config: RunConfig) -> JobPlan:
-    p, s = config.parallel, config.slurm
+    p, s, servers = config.parallel, config.slurm, config.rollout.sglang
+    # What the plan divides by and hands the script, checked here: it runs before the trainer's own checks
+    # (config.validate), whose refusals validation mode reports as notes.
+    for key, value in (("parallel.tensor_parallel_size", p.tensor_parallel_size), ("parallel.pipeline_parallel_size", p.pipeline_parallel_size),
+                       ("parallel.data_parallel_size", p.data_parallel_size), ("rollout.sglang.num_servers", servers.num_servers),
+                       ("rollout.sglang.tensor_parallel_size", servers.tensor_parallel_size)):
+        if value < 1:
+            raise PlanError(f"{key} must be >= 1, got {value}")
+    if not 0 < servers.startup_timeout_s < math.inf:
+        raise PlanError(f"rollout.sglang.startup_timeout_s must be a number of seconds > 0, got {servers.startup_timeout_s}")
     processes = p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
     layout = (f"parallel: tensor {p.tensor_parallel_size} x pipeline {p.pipeline_parallel_size} x "
               f"data {p.data_parallel_size} = {processes} trainer processes")
@@ -79,7 +89,6 @@ def plan_job(config: RunConfig) -> JobPlan:
         if processes % s.trainer_nodes:
             raise PlanError(f"{layout}, which slurm.trainer_nodes ({s.trainer_nodes}) does not divide")
         tasks_per_node = processes // s.trainer_nodes
-    servers = config.rollout.sglang
     if config.rollout.engine == "hf":
         if s.rollout_nodes:
             raise PlanError(f"slurm.rollout_nodes is {s.rollout_nodes}, but rollout.engine=hf generates inside the "
@@ -92,7 +101,7 @@ def plan_job(config: RunConfig) -> JobPlan:
     return JobPlan(
         rollout_engine=config.rollout.engine, rollout_nodes=s.rollout_nodes, servers_per_rollout_node=servers_per_node,
         gpus_per_server=servers.tensor_parallel_size, server_base_port=servers.base_port, router_port=servers.router_port,
-        server_startup_timeout_s=int(servers.startup_timeout_s),
+        server_startup_timeout_s=math.ceil(servers.startup_timeout_s),
         trainer_nodes=s.trainer_nodes, trainer_tasks_per_node=tasks_per_node,
         gpus_per_node=s.gpus_per_node, out_dir=config.out_dir, model_path=config.model.hf_path,
     )
@@ -197,16 +206,15 @@ def hf_rollout_memory_notes(config: RunConfig) -> list[str]:
         return []
     from opsdc_megatron.plan import GIB, ModelShape
 
-    what = "the whole model unsharded plus its KV cache for a generation block"
+    note = "rollout.engine=hf on GPUs: every trainer GPU also holds the whole model unsharded plus its KV cache for a generation block, which `opsdc plan` does not count"
     try:
         model = ModelShape.from_hf_config(Path(config.model.hf_path))
     except (OSError, ValueError):
-        return [f"rollout.engine=hf on GPUs: every trainer GPU also holds {what}, which `opsdc plan` does not count"]
+        return [note]
     value_bytes = 2 if config.model.params_dtype == "bf16" else 4
     block_tokens = config.rollout.generation_batch_prompts * (config.data.max_prompt_tokens + config.rollout.max_response_tokens)
     kv_cache = block_tokens * model.layers * 2 * model.kv_heads * model.head_dim * value_bytes
-    return [f"rollout.engine=hf on GPUs: every trainer GPU also holds {what}, which `opsdc plan` does not count: "
-            f"{model.params * value_bytes / GIB:.1f} GiB of {config.model.params_dtype} weights and up to {kv_cache / GIB:.1f} GiB "
+    return [f"{note}: {model.params * value_bytes / GIB:.1f} GiB of {config.model.params_dtype} weights and up to {kv_cache / GIB:.1f} GiB "
             f"of KV cache (rollout.generation_batch_prompts x (data.max_prompt_tokens + rollout.max_response_tokens) = "
             f"{block_tokens} tokens); large models want rollout.engine=sglang (slurm/<recipe>.sbatch)"]
 
