@@ -37,10 +37,12 @@ answer, unless a word says more than a unit does (`7 is not the answer`, `3 or m
 _NOT_UNITS = frozenset(
     "is are was not no or and nor but than more less least most at either neither maybe possibly "
     "hundred hundreds thousand thousands million millions billion billions dozen squared cubed times "
-    "factorial half halves minus plus over choose sqrt root roots x y z n k i".split()  # math words and variables: `7 x`
+    "factorial half halves minus plus over choose sqrt root roots pi".split()  # math words (`5 factorial`)
 )
-_PI_WORD = re.compile(r"(?<![\\A-Za-z])pi\b")
-_SQRT_SIGN = re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\{[^{}]*\})")
+_VARIABLES = frozenset("x y z n k i".split())
+"""Lower-case letters after a number that are variables (`7 x`), compared case-sensitively: `10 N`, `300 K` are units."""
+_PI_WORD = re.compile(r"(?<![\\A-Za-z])pi\b", re.IGNORECASE)
+_SQRT_SIGN = re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\{[^{}]*\}|\([^()]*\))")
 """`2 pi`, `π` and `√3`, `2√3`, `√{x+1}` in a plain-text answer: LaTeX's `\\pi` and `\\sqrt{}` for math-verify, which stops
 reading at them (`2√3` was 2, and `2 pi` the number 2 with a unit)."""
 _MATH_SPAN = re.compile(r"(?<!\\)\$([^$]+?)(?<!\\)\$")
@@ -172,10 +174,10 @@ def _latex_candidate(answer: str) -> str | None:
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
     text = _without_variable(_without_remark(text).rstrip(".").strip())
-    text = _SQRT_SIGN.sub(lambda root: "\\sqrt{" + root.group(1).strip("{}") + "}", _PI_WORD.sub(r"\\pi", text).replace("π", "\\pi "))
+    text = _SQRT_SIGN.sub(lambda root: "\\sqrt{" + root.group(1).strip("{}()") + "}", _PI_WORD.sub(r"\\pi", text).replace("π", "\\pi "))
     words = _TRAILING_WORDS.match(text)
     if words:
-        if _NOT_UNITS & set(words.group(2).lower().split()):
+        if _NOT_UNITS & set(words.group(2).lower().split()) or _VARIABLES & set(words.group(2).split()):
             return None  # a number qualified in words is no number: math-verify would read its first one
         text = words.group(1)
     return text if "$" in text else f"${text}$"
@@ -215,8 +217,12 @@ def answers_match(candidate: str | None, gold: str) -> bool:
     without_percent = _PERCENT_AT_END.sub("", candidate) if "%" not in gold and abs(_number(gold) or 0) >= 1 else candidate
     if _equivalent(candidate, gold) or (without_percent != candidate and _equivalent(without_percent, gold)):
         return True
-    as_lists = _list_reading(candidate), _list_reading(gold)  # `120,240` against `120, 240`: the space alone decided
-    return any(as_lists) and _equivalent(as_lists[0] or candidate, as_lists[1] or gold)
+    # `120,240` against the list `120, 240`: the space alone decided. In order, and only against a side that is no
+    # such number itself (`240,120` is not `120,240`).
+    as_lists = _list_reading(candidate), _list_reading(gold)
+    if all(as_lists) or not any(as_lists):
+        return False
+    return normalize(as_lists[0] or candidate) == normalize(as_lists[1] or gold)
 
 
 def _list_reading(answer: str) -> str | None:
