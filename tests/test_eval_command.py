@@ -253,6 +253,40 @@ def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(t
     assert "with other prompt count, which this one" in capsys.readouterr().err
 
 
+def test_unfinished_samples_are_neither_dropped_nor_kept_for_a_changed_model(toy, tmp_path, monkeypatch, capsys):
+    """Interrupted after 2 of 3 samples: a rerun with --samples 1 used sample 0 and deleted the partial file with
+    sample 1 (the interrupted evaluation could not finish in that folder any more); it is refused. Once the
+    model's files change, those samples are of no model left: a rerun with other settings starts over."""
+    import shutil
+
+    import opsdc_megatron.eval.evaluate as evaluate_module
+
+    model, data = toy
+    model = Path(shutil.copytree(model, tmp_path / "model"))
+    flags = ("--instruction", "none", "--limit", "3", "--seed", "4")
+    real_generate, calls = evaluate_module.generate_across_ranks, []
+
+    def generate(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 3:
+            raise RuntimeError("node lost")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate_across_ranks", generate)
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_eval(model, data, tmp_path / "out", *flags, "--samples", "3")
+    [partial] = (tmp_path / "out").glob("*.partial.jsonl")
+    kept = partial.read_bytes()
+    with pytest.raises(SystemExit):
+        run_eval(model, data, tmp_path / "out", *flags, "--samples", "1")
+    assert "holds samples [0, 1] of this evaluation, unfinished; --samples 1 would keep only those below 1" in capsys.readouterr().err
+    assert partial.read_bytes() == kept
+    os.utime(model / "model.safetensors")  # the model changed (a run replaced its best_hf)
+    calls[:] = []
+    run_eval(model, data, tmp_path / "out", *flags, "--samples", "1", "--max-tokens", "7")
+    assert calls == [4] and not partial.exists()
+
+
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory):
     """A 1-step `opsdc train` run (TP=1) from the toy model: checkpoints/step_000001 and `latest`. The model

@@ -221,10 +221,17 @@ def eval_command(args: argparse.Namespace) -> None:
         # ... and so do the samples of one interrupted (those of a model whose files changed since are of no model left)
         store = store_for(name)
         unfinished = store.recorded_key() or {}
-        differ = [key for key, value in store.key.items() if key in unfinished and key not in ("model_files", "hf_config_files") and unfinished[key] != value]
+        model_changed = any(key in unfinished and unfinished[key] != store.key[key] for key in ("model_files", "hf_config_files"))
+        differ = [] if model_changed else [key for key, value in store.key.items() if key in unfinished and unfinished[key] != value]
         if differ:
             print(f"opsdc eval: error: {store.path} holds the unfinished evaluation of {unfinished.get('model')} on {unfinished.get('data')} "
                   f"with other {', '.join(differ)}, which this one would start over: rerun that one to finish it, give --name or "
+                  f"another --out, or remove it", file=sys.stderr)
+            sys.exit(2)
+        drawn = sorted(store.finished()) if unfinished == store.key else []
+        if drawn and drawn[-1] >= args.samples:  # the result would use the first --samples and the partial file would go
+            print(f"opsdc eval: error: {store.path} holds samples {drawn} of this evaluation, unfinished; --samples {args.samples} "
+                  f"would keep only those below {args.samples}: rerun with --samples {drawn[-1] + 1} or more, give --name or "
                   f"another --out, or remove it", file=sys.stderr)
             sys.exit(2)
 
