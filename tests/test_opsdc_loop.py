@@ -152,6 +152,52 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
     assert abs(token_mean.item() - rollout_mean.item()) > 1e-3 * objective.item(), "the two normalizations agree here"
 
 
+def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, tmp_path, monkeypatch):
+    """In this process, TP=1, an eval every step (each scoring better, stood in for), no periodic checkpoints.
+    Run 1 stops right after its last step's optimizer step: the checkpoint defers that step's eval. Run 2
+    redoes it; no later save comes. Candidates of best_hf never pile up (one full model copy each, until a
+    checkpoint), and the redone eval's best reaches best_hf and the checkpoint's state (it stayed a
+    best_hf.step_N candidate, the eval pending again at every rerun)."""
+    from dataclasses import replace
+
+    from opsdc_megatron.cli import main
+    from opsdc_megatron.train import loop
+    from opsdc_megatron.train.preemption import PreemptionWatch
+
+    out = tmp_path / "run"
+    real_evaluate, real_step, real_requested = loop.evaluate, loop.optimizer_step, PreemptionWatch.requested
+    candidates_seen, steps_done, stop_after = [], [], [4]
+
+    def evaluate(*args, **kwargs):
+        candidates_seen.append(sorted(p.name for p in out.glob("best_hf.step_*")))
+        return replace(real_evaluate(*args, **kwargs), accuracy=len(candidates_seen) / 10)  # each eval better
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        steps_done.append(1)
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "optimizer_step", step)
+    monkeypatch.setattr(PreemptionWatch, "requested", lambda watch: len(steps_done) == stop_after[0] or real_requested(watch))
+    args = ["train", "recipes/toy_cpu.yaml", *train_args(setup, out, "train.steps=4", "eval.every_steps=1", "checkpoint.save_every_steps=0",
+                                                          "parallel.tensor_parallel_size=1")]
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+        assert stopped.value.code == 75
+        stop_after[0] = -1
+        main(args)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert max(len(seen) for seen in candidates_seen) <= 1, candidates_seen
+    state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert state["best"]["step"] == 4 and not state["eval_pending"]
+    assert (out / "best_hf" / "model.safetensors").exists() and not list(out.glob("best_hf.step_*"))
+
+
 @pytest.fixture(scope="module")
 def tp2_run(setup):
     return train(setup, setup / "tp2", "train.steps=3", "parallel.tensor_parallel_size=2")

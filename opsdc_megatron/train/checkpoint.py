@@ -117,16 +117,28 @@ def best_candidate(out: Path, step: int) -> Path:
     return out / f"{BEST_EXPORT}.step_{step:06d}"
 
 
+_CANDIDATE = re.compile(rf"{BEST_EXPORT}\.step_(\d{{6}})(\.tmp|\.old)?")
+"""A candidate's folder as best_candidate names it, or its save's unfinished `.tmp` / `.old`: other names are the user's."""
+
+
 def settle_best_export(out: Path, best_step: int | None) -> None:
     """best_hf is the export of the best eval that a checkpoint recorded (trainer state `best`): that eval's
     candidate replaces it; the other candidates go, evals of steps no checkpoint recorded (a run that
-    resumes from an earlier checkpoint redoes them, and may score them otherwise)."""
-    for candidate in out.glob(f"{BEST_EXPORT}.step_*"):
-        step = re.fullmatch(rf"{BEST_EXPORT}\.step_(\d+)", candidate.name)
-        if step and int(step.group(1)) == best_step:
+    resumes from an earlier checkpoint redoes them, and may score them otherwise). `best_step` None: drop them all."""
+    for candidate in sorted(out.glob(f"{BEST_EXPORT}.step_*")):
+        name = _CANDIDATE.fullmatch(candidate.name)
+        if name is None or not candidate.exists():
+            continue
+        if name.group(2) is None and int(name.group(1)) == best_step:
             replace_folder(candidate, out / BEST_EXPORT)
         else:
-            shutil.rmtree(candidate, ignore_errors=True)  # also a candidate's unfinished .tmp
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def record_trainer_state(checkpoint: Path, trainer_state: dict) -> None:
+    """Rewrites a checkpoint's trainer state (rank 0): the eval a stop deferred, redone after the resume, belongs
+    to that checkpoint's step, and when no later step saves one it would otherwise be recorded nowhere."""
+    write_text_atomic(checkpoint / TRAINER_STATE, json.dumps(trainer_state, indent=2))
 
 
 def latest_checkpoint(root: Path) -> Path | None:

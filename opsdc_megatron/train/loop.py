@@ -35,7 +35,8 @@ from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import (
-    FINAL_EXPORT, best_candidate, check_fresh_start, latest_checkpoint, load_checkpoint, save_checkpoint, settle_best_export,
+    FINAL_EXPORT, best_candidate, check_fresh_start, latest_checkpoint, load_checkpoint, record_trainer_state, save_checkpoint,
+    settle_best_export,
 )
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
@@ -139,6 +140,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         if step > 0 and (best is None or (result.accuracy, -result.mean_tokens) > (best["accuracy"], -best["mean_tokens"])):
             state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens}
             if rank0:  # best_hf once a checkpoint records this eval: a resume from an earlier one may score otherwise
+                settle_best_export(out, None)  # earlier candidates: no checkpoint recorded them (each save settles), and this one is better
                 save_hf_folder(pushed, config.model.hf_path, best_candidate(out, step))
 
     saved_step = state["step"] if resume_from is not None else None
@@ -161,6 +163,11 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     stop_if_requested()  # before the start's eval, which can outlast a time limit's signal margin (a deferred one stays deferred)
     if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
         run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
+    if redo_eval_step is not None:  # recorded in the checkpoint of its step: no later save may come (a stop at the last step)
+        state["eval_pending"] = False
+        if rank0:
+            record_trainer_state(resume_from, state)
+            settle_best_export(out, (state["best"] or {}).get("step"))
     for step in range(state["step"] + 1, config.train.steps + 1):
         stop_if_requested()
         started = time.perf_counter()
