@@ -64,13 +64,15 @@ def test_sglang_requests_carry_the_sampling_settings():
 
 def test_an_sglang_response_cut_short_of_the_budget_is_an_error():
     """SGLang lowers max_new_tokens to what its KV cache and context leave (only a start-up warning in its log)
-    and answers finish_reason 'length': the run would train on, or evaluate, shorter responses than configured."""
+    and answers finish_reason 'length': the run would train on, or evaluate, shorter responses than configured.
+    A response that reaches the model's context ends 2 tokens short (SGLang's context arithmetic): accepted."""
     from opsdc_megatron.rollout.sglang.client import GenerateRequest, ServerRejected, parse_generate_response
 
     request = GenerateRequest("r", [5, 6], SamplingParams(max_new_tokens=64), (1,), seed=0, return_logprob=False)
     answer = lambda ids, reason: {"output_ids": ids, "meta_info": {"finish_reason": {"type": reason}, "weight_version": "3"}}  # noqa: E731
     assert parse_generate_response(request, answer(list(range(64)), "length"), "http://s").finish_reason == "length"
     assert parse_generate_response(request, answer([7, 1], "stop"), "http://s").output_ids == [7, 1]
+    assert len(parse_generate_response(request, answer(list(range(62)), "length"), "http://s").output_ids) == 62  # at the context's end
     with pytest.raises(ServerRejected, match="ended the response at 10 tokens .* short of max_new_tokens = 64 after a 2-token prompt"):
         parse_generate_response(request, answer(list(range(10)), "length"), "http://s")
 

@@ -10,6 +10,7 @@ Needs .venv-sglang (make env-sglang).
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -247,6 +248,28 @@ def test_router_routes_to_the_servers(fleet: ServerFleet) -> None:
     )
     served = {post_json(f"{url}/model_info", None, 10)["weight_version"] for url in fleet.urls}
     assert len(answer["output_ids"]) >= 1 and {answer["meta_info"]["weight_version"]} == served
+
+
+def test_a_second_router_on_the_host_starts(fleet: ServerFleet, tmp_path: Path) -> None:
+    """Two routers on one host (two jobs on a node): the second died binding Prometheus' default port 29000,
+    here held the way the first router holds it."""
+    from opsdc_megatron.rollout.sglang.launcher import SGLangRouter
+
+    with socket.socket() as metrics:
+        metrics.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            metrics.bind(("0.0.0.0", 29000))
+            metrics.listen()
+        except OSError:
+            pass  # already taken: the case itself
+        router = SGLangRouter(list(fleet.urls), fleet.settings, free_base_port(range(1)), tmp_path)
+        try:
+            router.start()
+            router.wait_ready(60.0)
+            answer = post_json(f"{router.url}/generate", {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 2}}, 60)
+            assert len(answer["output_ids"]) >= 1
+        finally:
+            router.stop()
 
 
 def test_a_server_that_cannot_open_a_session_leaves_no_other_open(fleet: ServerFleet, tiny_model: Path) -> None:
@@ -495,6 +518,67 @@ def test_unreachable_failing_dying_and_silent_servers_fail_fast() -> None:
         with pytest.raises(ServerUnavailable, match="timed out|timeout"):
             generate_one(f"http://127.0.0.1:{silent.getsockname()[1]}", request, timeout_s=1.0)
         assert time.monotonic() - started < 10
+
+
+def _stub_server(model_path: Path) -> tuple[str, dict, http.server.ThreadingHTTPServer]:
+    """An SGLang stand-in for the engine's bookkeeping: /health (503 unless state["healthy"]), /model_info, and
+    disk pushes, which move its model path to the pushed folder, as SGLang's do."""
+    state = {"model_path": str(model_path), "version": "0", "healthy": True, "model_info_status": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            if self.path == "/health":
+                self._answer(200 if state["healthy"] else 503, {})
+            else:
+                self._answer(state["model_info_status"], {"model_path": state["model_path"], "weight_version": state["version"]})
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            if self.path == "/update_weights_from_disk":
+                state.update(model_path=body["model_path"], version=body["weight_version"])
+            self._answer(200, {"success": True})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", state, server
+
+
+def test_an_external_server_back_after_a_disk_push_rejoins(tiny_model: Path, tmp_path: Path) -> None:
+    """Servers outside the trainer, disk weight push (stand-ins: the engine's bookkeeping only). B misses push 2,
+    whose transport then deletes v1, the folder B still names as its model; B answers again at push 3. Its
+    vocabulary could not be read there, and the run ended with every server up; it now rejoins and gets v3."""
+    (a, _, server_a), (b, b_state, server_b) = _stub_server(tiny_model), _stub_server(tiny_model)
+    try:
+        engine = SGLangRolloutEngine([a, b], DiskTransport(tmp_path / "pushed", tiny_model), [EOS], VOCAB)
+        weights = shifted_weights(tiny_model, seed=6)[0]
+        engine.update_weights(weights, version=1)
+        b_state["healthy"] = False
+        engine.update_weights(weights, version=2)
+        assert b_state["version"] == "1" and not Path(b_state["model_path"]).exists()
+        b_state["healthy"] = True
+        engine.update_weights(weights, version=3)
+        assert b_state["version"] == "3"
+        b_state["healthy"] = False
+        engine.update_weights(weights, version=4)
+        b_state.update(healthy=True, model_info_status=503)  # back, but not yet answering everything: stays out, the run goes on
+        engine.update_weights(weights, version=5)
+        assert b_state["version"] == "3"
+        b_state["model_info_status"] = 200
+        engine.update_weights(weights, version=6)
+        assert b_state["version"] == "6"
+    finally:
+        server_a.shutdown()
+        server_b.shutdown()
 
 
 # SGLang's refusal of /init_weights_update_group: a 400 before it joins the group (a backend it cannot

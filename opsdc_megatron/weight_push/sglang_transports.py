@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -43,7 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing  # registers torch's tensor reductions with ForkingPickler
 
 from opsdc_megatron.models.hf_folder import save_hf_folder
-from opsdc_megatron.rollout.sglang.client import post_json
+from opsdc_megatron.rollout.sglang.client import free_port, post_json
 from opsdc_megatron.weight_push.buckets import DEFAULT_BUCKET_BYTES, buckets
 
 TRANSPORTS = ("tensor", "distributed", "disk")
@@ -159,14 +158,6 @@ class TensorTransport(WeightTransport):
                 del payload_object, cpu_part
 
 
-def _free_port(address: str) -> int:
-    """A port free on `address`'s family (IPv6 when it is an IPv6 literal)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind(("::" if family == socket.AF_INET6 else "", 0))
-        return sock.getsockname()[1]
-
-
 def _url_host(address: str) -> str:
     """An address as the host part of a URL: an IPv6 literal goes in brackets."""
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
@@ -206,7 +197,7 @@ class DistributedTransport(WeightTransport):
         if url in self._groups:
             self.disconnect(url)
         group_name = f"opsdc-weights-{uuid.uuid4().hex[:12]}"
-        port = _free_port(self.master_address)
+        port = free_port(self.master_address)
         request = {
             "master_address": self.master_address, "master_port": port, "rank_offset": 1,
             "world_size": 1 + tensor_parallel_size, "group_name": group_name, "backend": self.backend,

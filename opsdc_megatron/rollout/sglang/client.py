@@ -37,6 +37,14 @@ class ServerRejected(ValueError):
     """The server answered 4xx: the request (or the served model) does not fit."""
 
 
+def free_port(address: str) -> int:
+    """A port free on `address`'s family (IPv6 when it is an IPv6 literal)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind(("::" if family == socket.AF_INET6 else "", 0))
+        return sock.getsockname()[1]
+
+
 def post_json(url: str, payload: dict | None, timeout_s: float) -> dict:
     """POST a JSON body (GET when `payload` is None) and decode the JSON answer."""
     data = None if payload is None else json.dumps(payload).encode()
@@ -103,6 +111,11 @@ def generate_payload(request: GenerateRequest) -> dict:
     }
 
 
+CONTEXT_END_TOKENS = 2
+"""How far short of max_new_tokens SGLang 0.5.23 ends a response that reaches the model's context: it admits
+prompt + max_new_tokens <= context length, then caps generation at context length - 2 - prompt."""
+
+
 def parse_generate_response(request: GenerateRequest, answer: dict, server_url: str) -> GenerateResult:
     meta = answer.get("meta_info") or {}
     reason = (meta.get("finish_reason") or {}).get("type")
@@ -111,13 +124,14 @@ def parse_generate_response(request: GenerateRequest, answer: dict, server_url: 
     if reason not in ("stop", "length"):
         raise ServerRejected(f"{server_url}: request {request.rollout_id}: unexpected finish_reason {meta.get('finish_reason')!r}")
     output_ids = list(answer["output_ids"])
-    if reason == "length" and len(output_ids) < request.sampling.max_new_tokens:
-        # SGLang lowers max_new_tokens to what its context and KV cache leave, with only a warning in its log at start.
+    if reason == "length" and len(output_ids) < request.sampling.max_new_tokens - CONTEXT_END_TOKENS:
+        # SGLang lowers max_new_tokens to what its KV cache and context leave, with only a warning in its log at start.
         raise ServerRejected(
             f"{server_url}: request {request.rollout_id}: the server ended the response at {len(output_ids)} tokens "
             f"(finish_reason 'length'), short of max_new_tokens = {request.sampling.max_new_tokens} after a "
-            f"{len(request.input_ids)}-token prompt: its KV cache or context length is smaller than prompt + response; "
-            f"raise rollout.sglang.max_total_tokens (or mem_fraction_static) or lower the response budget"
+            f"{len(request.input_ids)}-token prompt: its KV cache (or the model's context length) is smaller than prompt + "
+            f"response; raise rollout.sglang.max_total_tokens (or mem_fraction_static), or lower the response budget "
+            f"(rollout.max_response_tokens, eval.max_response_tokens, opsdc eval --max-tokens)"
         )
     logprobs = None
     if request.return_logprob:

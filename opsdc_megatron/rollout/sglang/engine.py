@@ -78,6 +78,10 @@ def served_vocab_size(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
     return int(text_config["vocab_size"]), info["model_path"]
 
 
+class VocabularyMismatchError(ValueError):
+    """A server serves a model of another vocabulary than the trainer's."""
+
+
 class SGLangRolloutEngine(RolloutEngine):
     def __init__(
         self,
@@ -131,7 +135,7 @@ class SGLangRolloutEngine(RolloutEngine):
     def _check_vocabulary(self, url: str) -> None:
         served, model_path = served_vocab_size(url)
         if served != self.vocab_size:
-            raise ValueError(
+            raise VocabularyMismatchError(
                 f"{url} serves {model_path} with a vocabulary of {served} tokens, the trainer's model has "
                 f"{self.vocab_size}: rollouts would be sampled from another model's token ids"
             )
@@ -259,7 +263,14 @@ class SGLangRolloutEngine(RolloutEngine):
             url = self.urls[index]
             if not self._server_ok(index):
                 continue
-            self._check_vocabulary(url)
+            try:
+                self._check_vocabulary(url)
+            except (ServerUnavailable, ServerRejected):
+                continue
+            except VocabularyMismatchError:
+                raise
+            except ValueError:  # its model's config.json is gone: the disk transport's pushed folder, replaced since
+                pass
             try:
                 self._undo_an_unfinished_push(url)
                 with self._transport_lock:

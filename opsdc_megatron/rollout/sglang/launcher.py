@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from opsdc_megatron.rollout.sglang.client import open_direct
+from opsdc_megatron.rollout.sglang.client import free_port, open_direct
 
 CPU_STUB_DIR = Path(__file__).resolve().parent / "cpu_stub"
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -237,7 +237,8 @@ class SGLangRouter(ManagedProcess):
     """sglang-router in front of the servers: one URL for clients outside the trainer (eval, tools).
 
     Fails fast on a dead worker (no router-side retries, health checked every 2 s) so that clients
-    retry with their own budget instead of waiting out the router's ~28 s circuit breaker.
+    retry with their own budget instead of waiting out the router's ~28 s circuit breaker. Its Prometheus
+    metrics listen on a free port: on the default 29000 a second router on the host (another job's) died.
     """
 
     def __init__(self, worker_urls: list[str], settings: ServerSettings, port: int, log_dir: Path) -> None:
@@ -245,9 +246,11 @@ class SGLangRouter(ManagedProcess):
         command = [
             settings.python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", settings.host,
             "--port", str(port), "--disable-retries", "--health-check-interval-secs", "2", "--health-failure-threshold", "1",
+            "--prometheus-port", str(free_port(settings.host)),
         ]
         env = server_process_env([settings.host, *(urlsplit(url).hostname or "" for url in worker_urls)])
-        super().__init__(f"sglang-router ({self.url})", command, env, log_dir / "router.log", f"{self.url}/health")
+        # Ready once it routes: its /health answers before it has registered the workers (in the background).
+        super().__init__(f"sglang-router ({self.url})", command, env, log_dir / "router.log", f"{self.url}/readiness")
 
 
 class ServerFleet:
