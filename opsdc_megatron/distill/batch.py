@@ -269,8 +269,9 @@ def micro_batches_for_rank(
     of `micro_batch_sequences` (`packed` does not apply). `interleaved_pipeline_size` > 0: the
     interleaved schedule runs on that many pipeline ranks (micro-batches of one message shape).
     `token_multiple`: each stream's tokens per micro-batch a multiple of it (FP8).
-    The loss is a per-token mean over the whole step (distill/forward.py), so neither the split nor
-    the layout changes it.
+    With `distill.loss_normalization=step_tokens` the loss is a per-token mean over the whole step
+    (distill/forward.py), so neither the split nor the layout changes it; with `micro_batch` it is the
+    mean over these micro-batches, whatever split them (the budget, the interleaved schedule's splits).
     """
     if micro_batch_tokens:
         mine = [sequences[i] for i in balance_over_ranks(sequences, dp_size)[dp_rank]]
