@@ -4,6 +4,7 @@ The demo's real toy run is rendered in tests/test_demo.py; here the inputs are w
 the table's numbers can be checked exactly.
 """
 
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -136,6 +137,10 @@ def test_report_errors(tmp_path, capsys):
     assert exit_info.value.code == 2 and "no config.yaml; expected a training run folder" in capsys.readouterr().err
 
 
+def _next_second() -> None:
+    time.sleep(1.01 - time.time() % 1)
+
+
 def test_tensorboard_has_every_metric_and_resume_purges(tmp_path):
     path = tmp_path / "metrics.jsonl"
     write_metrics(path, steps=4)
@@ -144,7 +149,9 @@ def test_tensorboard_has_every_metric_and_resume_purges(tmp_path):
     assert {"train/loss", "train/mean_kl", "train/grad_norm", "train/mean_response_tokens", "train/rollout_accuracy",
             "train/truncated", "train/teacher_refreshed", "eval/accuracy", "eval/mean_tokens", "eval/per_level/1/accuracy"} <= tags
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, pytest.approx(1.0 / s)) for s in range(1, 5)]
-    # resume from step 2: later records leave metrics.jsonl and TensorBoard
+    # resume from step 2: later records leave metrics.jsonl and TensorBoard. Each writer in a second of its own: TensorBoard
+    # reads event files in name order, and names of one second and process end in a counter that sorts 10 before 9.
+    _next_second()
     log = MetricsLog(path, enabled=True, keep_through_step=2, log=LogConfig(), run_config={})
     log.write({"step": 3, "kind": "train", "loss": 7.0})
     log.close()
@@ -152,6 +159,7 @@ def test_tensorboard_has_every_metric_and_resume_purges(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 7.0)]
     # resume from step 2 again, its eval deferred by a stop: that eval is redone, once in each log
+    _next_second()
     log = MetricsLog(path, enabled=True, keep_through_step=2, log=LogConfig(), run_config={}, redo_eval_step=2)
     log.write({"step": 2, "kind": "eval", "accuracy": 0.9, "mean_tokens": 9.0, "truncated": 0.0, "per_level": {}})
     log.close()
