@@ -64,9 +64,10 @@ def test_the_weight_update_group_joins_over_ipv6() -> None:
     SGLang brackets the address on its side."""
     import torch.distributed as dist
 
-    from opsdc_megatron.weight_push.sglang_transports import _free_port, join_weight_update_group
+    from opsdc_megatron.rollout.sglang.client import free_port
+    from opsdc_megatron.weight_push.sglang_transports import join_weight_update_group
 
-    group = join_weight_update_group("gloo", "::1", _free_port("::1"), 1, "opsdc-ipv6-test", 30.0)
+    group = join_weight_update_group("gloo", "::1", free_port("::1"), 1, "opsdc-ipv6-test", 30.0)
     try:
         flat = torch.arange(4.0)
         dist.broadcast(flat, src=0, group=group)
