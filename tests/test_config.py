@@ -208,10 +208,10 @@ def test_best_hf_is_the_export_of_the_best_eval_a_checkpoint_recorded(tmp_path):
         (best_candidate(out, step) / "model.safetensors").write_text(f"step {step}")
     (out / "best_hf.step_000004.tmp").mkdir()  # an export killed mid-write
     (out / "best_hf.step_40_before_lr_change").mkdir()  # the user's own copy: not a candidate
-    settle_best_export(out, best_step=2)  # the checkpoint records step 2 as the best: step 3's eval is not in it
+    settle_best_export(out, {"step": 2})  # the checkpoint records step 2 as the best: step 3's eval is not in it
     assert sorted(p.name for p in out.iterdir()) == ["best_hf", "best_hf.step_40_before_lr_change"]
     assert (out / "best_hf" / "model.safetensors").read_text() == "step 2"
-    settle_best_export(out, best_step=2)  # nothing waiting: best_hf stays
+    settle_best_export(out, {"step": 2})  # nothing waiting: best_hf stays
     assert (out / "best_hf" / "model.safetensors").read_text() == "step 2"
 
 

@@ -72,7 +72,7 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
     dist.barrier()
     if rank0:
         fsync_folder(tmp, files=True)  # megatron's common.pt and metadata.json are not synced: the marker below must not precede them
-        write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        record_trainer_state(tmp, trainer_state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         write_text_atomic(root / LATEST, final.name)
@@ -121,10 +121,11 @@ _CANDIDATE = re.compile(rf"{BEST_EXPORT}\.step_(\d{{6}})(\.tmp|\.old)?")
 """A candidate's folder as best_candidate names it, or its save's unfinished `.tmp` / `.old`: other names are the user's."""
 
 
-def settle_best_export(out: Path, best_step: int | None) -> None:
+def settle_best_export(out: Path, best: dict | None) -> None:
     """best_hf is the export of the best eval that a checkpoint recorded (trainer state `best`): that eval's
     candidate replaces it; the other candidates go, evals of steps no checkpoint recorded (a run that
-    resumes from an earlier checkpoint redoes them, and may score them otherwise). `best_step` None: drop them all."""
+    resumes from an earlier checkpoint redoes them, and may score them otherwise). `best` None: drop them all."""
+    best_step = best["step"] if best else None
     for candidate in sorted(out.glob(f"{BEST_EXPORT}.step_*")):
         name = _CANDIDATE.fullmatch(candidate.name)
         if name is None or not candidate.exists():
@@ -136,8 +137,8 @@ def settle_best_export(out: Path, best_step: int | None) -> None:
 
 
 def record_trainer_state(checkpoint: Path, trainer_state: dict) -> None:
-    """Rewrites a checkpoint's trainer state (rank 0): the eval a stop deferred, redone after the resume, belongs
-    to that checkpoint's step, and when no later step saves one it would otherwise be recorded nowhere."""
+    """Writes a checkpoint's trainer state (rank 0), the last file of a save; also rewritten after a resume when
+    the eval a stop deferred, redone, belongs to that checkpoint's step and no later step saves one."""
     write_text_atomic(checkpoint / TRAINER_STATE, json.dumps(trainer_state, indent=2))
 
 

@@ -112,7 +112,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         apply_optimizer_settings(model.optimizer, config.train)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        settle_best_export(out, (state["best"] or {}).get("step"))  # a candidate the checkpoint recorded, or none
+        settle_best_export(out, state["best"])  # a candidate the checkpoint recorded, or none
         # The run's record, rewritten on resume (steps, layout may change): `opsdc report` and `opsdc
         # convert` read the start model from it, from any directory; it stays the first start's.
         start_model = os.path.abspath(config.model.hf_path)
@@ -149,7 +149,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         nonlocal saved_step
         save_checkpoint(checkpoints, step, model.ddps, model.optimizer, teacher, state, config.checkpoint.keep_last)  # 7. checkpoint
         if rank0:
-            settle_best_export(out, (state["best"] or {}).get("step"))
+            settle_best_export(out, state["best"])
         saved_step = step
 
     def stop_if_requested() -> None:
@@ -167,7 +167,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         state["eval_pending"] = False
         if rank0:
             record_trainer_state(resume_from, state)
-            settle_best_export(out, (state["best"] or {}).get("step"))
+            settle_best_export(out, state["best"])
     for step in range(state["step"] + 1, config.train.steps + 1):
         stop_if_requested()
         started = time.perf_counter()
