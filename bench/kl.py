@@ -74,6 +74,7 @@ PAPER_CHUNK = 256
 CPU_IMPLS = ("naive", "chunked256", "ours")
 CUDA_IMPLS = ("naive", "chunked256", "compiled", "ours_torch", "ours")
 OUTPUT_IMPLS = ("matmuls", "unfused", "fused")
+CPU_HIDDEN = 512
 
 
 def naive_reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -143,21 +144,22 @@ def measure_cpu_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str,
     return {"extra_bytes": extra, "logits_bytes": logits_bytes, "time_s": min(times) if times else 0.0}
 
 
-def _subprocess_case(impl: str, tokens: int, vocab: int, reps: int, fixed_mmap: bool) -> dict[str, float]:
+def _subprocess_case(impl: str, tokens: int, vocab: int, reps: int, fixed_mmap: bool, hidden: int) -> dict[str, float]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     if fixed_mmap:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", impl, str(tokens), str(vocab), "--reps", str(reps)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", impl, str(tokens), str(vocab), "--reps", str(reps), "--hidden", str(hidden)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_cpu_case(impl: str, tokens: int, vocab: int, reps: int = 0) -> dict[str, float]:
+def run_cpu_case(impl: str, tokens: int, vocab: int, reps: int = 0, hidden: int = CPU_HIDDEN) -> dict[str, float]:
     """Memory from a fresh subprocess with the fixed mmap threshold (own RSS high-water mark);
-    time from another fresh subprocess with glibc's default malloc (how the code normally runs)."""
-    result = _subprocess_case(impl, tokens, vocab, 0, fixed_mmap=True)
+    time from another fresh subprocess with glibc's default malloc (how the code normally runs).
+    `hidden`: the output-layer cases' hidden size."""
+    result = _subprocess_case(impl, tokens, vocab, 0, True, hidden)
     if reps:
-        result["time_s"] = _subprocess_case(impl, tokens, vocab, reps, fixed_mmap=False)["time_s"]
+        result["time_s"] = _subprocess_case(impl, tokens, vocab, reps, False, hidden)["time_s"]
     return result
 
 
@@ -196,13 +198,18 @@ def measure_cuda_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str
     return {"extra_bytes": extra, "logits_bytes": tokens * vocab * 2, "time_s": time_s}
 
 
-def measure_cuda_output_case(impl: str, tokens: int, vocab: int, hidden: int, reps: int) -> dict[str, float]:
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    student_hidden = torch.randn(tokens, hidden, generator=generator, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    teacher_hidden = torch.randn(tokens, hidden, generator=generator, device="cuda", dtype=torch.bfloat16)
-    student_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device="cuda", dtype=torch.bfloat16)).requires_grad_(True)
-    teacher_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device="cuda", dtype=torch.bfloat16))
-    upstream = torch.randn(tokens, vocab, generator=generator, device="cuda", dtype=torch.bfloat16) if impl == "matmuls" else None
+def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -> tuple[Callable[[], None], int]:
+    """One output-layer case's step (hidden states, weights and, for ``fused``, megatron DDP's fp32
+    ``main_grad`` made first, as in training) and the bytes of the gradients it leaves besides."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    student_hidden = torch.randn(tokens, hidden, generator=generator, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    teacher_hidden = torch.randn(tokens, hidden, generator=generator, device=device, dtype=torch.bfloat16)
+    student_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device=device, dtype=torch.bfloat16)).requires_grad_(True)
+    teacher_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device=device, dtype=torch.bfloat16))
+    upstream = torch.randn(tokens, vocab, generator=generator, device=device, dtype=torch.bfloat16) if impl == "matmuls" else None
+    token_weights = torch.ones(tokens, device=device)
+    if impl == "fused":
+        student_weight.main_grad = torch.zeros(vocab, hidden, device=device)
 
     def step() -> None:
         if impl == "matmuls":
@@ -214,15 +221,42 @@ def measure_cuda_output_case(impl: str, tokens: int, vocab: int, hidden: int, re
                 teacher_logits = teacher_hidden @ teacher_weight.t()
             vocab_parallel_reverse_kl(student_hidden @ student_weight.t(), teacher_logits).sum().backward()
         else:
-            fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight).sum().backward()
+            fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights).loss.backward()
         student_hidden.grad = student_weight.grad = None
 
-    time_s, extra = _cuda_time_and_peak(step, reps)
-    del upstream
-    torch.cuda.empty_cache()
-    grad_bytes = (tokens + vocab) * hidden * 2
+    # fused: the weight's gradient is in the preallocated main_grad, not among the extra bytes
+    return step, (tokens + (0 if impl == "fused" else vocab)) * hidden * 2
+
+
+def _output_result(impl: str, tokens: int, vocab: int, hidden: int, time_s: float, extra: int, grad_bytes: int) -> dict[str, float]:
     return {"extra_bytes": extra, "grad_bytes": grad_bytes, "logits_bytes": tokens * vocab * 2, "time_s": time_s,
-            "matmul_flop": 2 * tokens * vocab * hidden * (4 if impl == "matmuls" else 6 if impl == "fused" else 4)}
+            "matmul_flop": 2 * tokens * vocab * hidden * 4}
+
+
+def measure_cuda_output_case(impl: str, tokens: int, vocab: int, hidden: int, reps: int) -> dict[str, float]:
+    step, grad_bytes = _output_case(impl, tokens, vocab, hidden, "cuda")
+    time_s, extra = _cuda_time_and_peak(step, reps)
+    del step
+    torch.cuda.empty_cache()
+    return _output_result(impl, tokens, vocab, hidden, time_s, extra, grad_bytes)
+
+
+def measure_cpu_output_case(impl: str, tokens: int, vocab: int, hidden: int, reps: int) -> dict[str, float]:
+    """In this process, as `measure_cpu_case`: peak extra RSS of one step, then the best time of `reps`."""
+    _output_case(impl, 8, vocab, hidden, "cpu")[0]()  # warm-up
+    step, grad_bytes = _output_case(impl, tokens, vocab, hidden, "cpu")
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _proc_status_kib("VmRSS")
+    step()
+    extra = (_proc_status_kib("VmHWM") - before) * 1024
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return _output_result(impl, tokens, vocab, hidden, min(times) if times else 0.0, extra, grad_bytes)
 
 
 def cuda_copy_bandwidth(bytes_: int = 4 << 30) -> float:
@@ -239,14 +273,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vocab", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=4096, help="hidden size of the output-layer table (CUDA)")
+    parser.add_argument("--hidden", type=int, default=None, help=f"hidden size of the output-layer table (4096 on CUDA, {CPU_HIDDEN} on CPU)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "T", "V"), help="internal: one CPU case, JSON out")
     args = parser.parse_args()
     if args.case:
         impl, tokens, vocab = args.case[0], int(args.case[1]), int(args.case[2])
-        print(json.dumps(measure_cpu_case(impl, tokens, vocab, args.reps)))
+        if impl in OUTPUT_IMPLS:
+            print(json.dumps(measure_cpu_output_case(impl, tokens, vocab, args.hidden or CPU_HIDDEN, args.reps)))
+        else:
+            print(json.dumps(measure_cpu_case(impl, tokens, vocab, args.reps)))
         return
     cuda = args.device == "cuda"
     vocab = args.vocab or (151936 if cuda else 32768)
@@ -271,13 +308,16 @@ def main() -> None:
                 f"{r['extra_bytes'] / base['extra_bytes']:.3f} |{floor}",
                 flush=True,
             )
-    if not cuda:
-        return
-    print(f"\noutput layer + reverse KL fwd+bwd, hidden {args.hidden}, bf16; extra memory includes the hidden and weight gradients")
+    hidden = args.hidden or (4096 if cuda else CPU_HIDDEN)
+    print(f"\noutput layer + reverse KL fwd+bwd, hidden {hidden}, bf16; extra memory includes the hidden and weight gradients "
+          "(fused: the weight's is in megatron DDP's preallocated fp32 main_grad, not counted)")
     print("| T | impl | time | TFLOP/s (matmuls) | extra memory | x bf16 logits | w/o grads x logits | time / matmuls |")
     print("|" + "---|" * 8)
     for tokens in args.tokens:
-        results = {impl: measure_cuda_output_case(impl, tokens, vocab, args.hidden, args.reps) for impl in OUTPUT_IMPLS}
+        results = {
+            impl: measure_cuda_output_case(impl, tokens, vocab, hidden, args.reps) if cuda else run_cpu_case(impl, tokens, vocab, args.reps, hidden)
+            for impl in OUTPUT_IMPLS
+        }
         for impl, r in results.items():
             memory = "n/a (holds a [T, V] upstream gradient) | | " if impl == "matmuls" else (
                 f"{r['extra_bytes'] / 2**20:.0f} MiB | {r['extra_bytes'] / r['logits_bytes']:.2f} | "

@@ -149,8 +149,9 @@ class DistillConfig:
     averaged over the step's micro-batches (the paper's, verl's token-mean: a token weighs 1 / the response
     tokens of its micro-batch). distill/forward.py says more."""
     fused_output_layer: bool = False
-    """Compute the output layer inside the reverse KL, chunk by chunk, so the [tokens, V/TP] logits
-    never exist as one tensor (loss/fused_output.py); reverse_kl only."""
+    """Compute the output layer inside the reverse KL, token chunk by token chunk, so the [tokens, V/TP]
+    logits never exist as one tensor; the gradients are computed in forward, the output weight's
+    straight into megatron DDP's main_grad (loss/fused_output.py); reverse_kl only."""
     teacher_offload: bool = False
     """Keep the teacher's weights in (pinned) CPU memory and stream them to the GPU layer by layer,
     the next layer's copy overlapping the current layer's compute (distill/teacher_offload.py): for

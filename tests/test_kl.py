@@ -169,7 +169,7 @@ def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_block(direction
     """A shard whose sampled side is finite where the other side is -inf has w = +inf; when its
     maximum is ~200 below the global one its mass underflows in fp32 in the merge (alpha = 0). It
     counts 0 there, as the same columns do in one block, not 0 * inf = nan. The two shards are merged
-    by `combine_local_statistics`, the arithmetic of the MAX and SUM all-reduces."""
+    by the arithmetic of `merge_statistics`' MAX and SUM all-reduces."""
     from opsdc_megatron.loss import reverse_kl
 
     sampled, other = torch.zeros(2, 8), _logits((2, 8), 30)
@@ -178,7 +178,8 @@ def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_block(direction
     whole, _ = _value_and_grad(direction, student, teacher)
     x, y = (student, teacher) if direction == "reverse" else (teacher, student)
     halves = torch.stack([reverse_kl.local_statistics(x[:, cols], y[:, cols], "torch", 2) for cols in (slice(0, 4), slice(4, 8))])
-    merged = reverse_kl.merge_statistics(reverse_kl.combine_local_statistics(halves), None)
+    maxima = halves[:, :2].amax(0)  # the MAX all-reduce, then the SUM all-reduce of the rescaled sums
+    merged = reverse_kl.merge_statistics(torch.cat([maxima, reverse_kl._rescaled_sums(halves, maxima).sum(0)]), None)
     assert torch.isfinite(whole).all() and torch.equal(merged.kl, whole), (merged.kl, whole)
 
 

@@ -40,23 +40,54 @@ def _unfused(student_hidden, student_weight, teacher_hidden, teacher_weight, wei
 def _fused(student_hidden, student_weight, teacher_hidden, teacher_weight, weight, **kwargs):
     hidden, out_weight = student_hidden.clone().requires_grad_(True), student_weight.clone().requires_grad_(True)
     teacher_hidden, teacher_weight = teacher_hidden.clone().requires_grad_(True), teacher_weight.clone().requires_grad_(True)
-    kl = fused_output_reverse_kl(hidden, out_weight, teacher_hidden, teacher_weight, vocab_padding=PADDING, **kwargs)
-    (kl * weight).sum().backward()
+    loss, kl = fused_output_reverse_kl(hidden, out_weight, teacher_hidden, teacher_weight, weight, vocab_padding=PADDING, **kwargs)
+    assert not kl.requires_grad and rel_err(loss.detach(), (kl * weight).sum().double()) <= FP32_RTOL
+    loss.backward()
     assert teacher_hidden.grad is None and teacher_weight.grad is None
-    return kl.detach(), hidden.grad, out_weight.grad
+    return kl, hidden.grad, out_weight.grad
 
 
-@pytest.mark.parametrize("chunk_columns", [None, 1, 10, VOCAB])
-def test_fused_matches_unfused_fp32(chunk_columns: int | None) -> None:
-    """Vocabulary chunks of 1, 10 (the padding straddles two chunks; the last one partial) and all
-    columns: values and both gradients within 1e-5."""
+def _rows_bytes(rows: int, element_bytes: int = 4) -> int:
+    """The chunk_bytes that gives token chunks of `rows` rows (student and teacher logits)."""
+    return rows * VOCAB * 2 * element_bytes
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 10, N_TOKENS])
+def test_fused_matches_unfused_fp32(chunk_rows: int | None) -> None:
+    """Token chunks of 1, 10 (the last one partial) and all tokens: values and both gradients within 1e-5."""
     tensors, weight = _case(0)
-    chunk_bytes = None if chunk_columns is None else chunk_columns * N_TOKENS * 19
     want = _unfused(*tensors, weight)
-    got = _fused(*tensors, weight, chunk_bytes=chunk_bytes)
+    got = _fused(*tensors, weight, chunk_bytes=None if chunk_rows is None else _rows_bytes(chunk_rows))
     for name, g, w in zip(("kl", "hidden grad", "weight grad"), got, want):
         assert rel_err(g, w.double()) <= FP32_RTOL, name
     assert (got[1][5] == 0).all(), "a masked token's hidden state gets no gradient"
+
+
+def test_upstream_gradient_scales_both_gradients() -> None:
+    """The gradients are computed in forward for an upstream gradient of 1 and scaled in backward."""
+    tensors, weight = _case(6)
+    _, want_hidden, want_weight = _fused(*tensors, weight)
+    hidden, out_weight = tensors[0].clone().requires_grad_(True), tensors[1].clone().requires_grad_(True)
+    (-2.5 * fused_output_reverse_kl(hidden, out_weight, tensors[2], tensors[3], weight, vocab_padding=PADDING).loss).backward()
+    assert torch.allclose(hidden.grad, -2.5 * want_hidden) and torch.allclose(out_weight.grad, -2.5 * want_weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_goes_into_main_grad(dtype: torch.dtype) -> None:
+    """A weight with megatron DDP's fp32 ``main_grad``: the gradient is added there in forward (two
+    calls accumulate, bf16 products summed in fp32) and ``.grad`` stays empty; the hidden-state
+    gradient arrives as usual. An upstream gradient other than 1 is refused, not silently wrong."""
+    tensors, weight = _case(7, dtype)
+    _, want_hidden, want_weight = _fused(*tensors, weight)  # .grad: the fp32 sum rounded to the weight's dtype
+    hidden, out_weight = tensors[0].clone().requires_grad_(True), tensors[1].clone().requires_grad_(True)
+    out_weight.main_grad = torch.zeros(out_weight.shape)
+    for _ in range(2):
+        fused_output_reverse_kl(hidden, out_weight, tensors[2], tensors[3], weight, vocab_padding=PADDING).loss.backward()
+    tolerance = FP32_RTOL if dtype == torch.float32 else 2.0**-8
+    assert out_weight.grad is None and rel_err(out_weight.main_grad, 2 * want_weight.double()) <= tolerance
+    assert torch.equal(hidden.grad, 2 * want_hidden)
+    with pytest.raises(RuntimeError, match="main_grad in forward, for an upstream gradient of 1, but backward got 0.5"):
+        (0.5 * fused_output_reverse_kl(hidden, out_weight, tensors[2], tensors[3], weight).loss).backward()
 
 
 def test_fused_matches_float64_reference() -> None:
@@ -67,7 +98,7 @@ def test_fused_matches_float64_reference() -> None:
     logits = student_hidden.double() @ student_weight.double().t()
     ref_kl, ref_grad_logits = reference_kl(logits[:, real], (teacher_hidden.double() @ teacher_weight.double().t())[:, real], "reverse", weight)
     ref_grad_hidden = ref_grad_logits @ student_weight.double()[real]
-    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=7 * N_TOKENS * 19)
+    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=_rows_bytes(7))
     assert rel_err(kl, ref_kl) <= FP32_RTOL and rel_err(grad_hidden, ref_grad_hidden) <= FP32_RTOL
     assert rel_err(grad_weight[real], ref_grad_logits.t() @ student_hidden.double()) <= FP32_RTOL
     assert (grad_weight[PADDING] == 0).all()
@@ -79,7 +110,7 @@ def test_float64_is_float64_throughout() -> None:
     student_hidden, student_weight, teacher_hidden, teacher_weight = tensors
     real = slice(0, PADDING.start)
     ref_kl, ref_grad_logits = reference_kl((student_hidden @ student_weight.t())[:, real], (teacher_hidden @ teacher_weight.t())[:, real], "reverse", weight)
-    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=7 * N_TOKENS * 19)
+    kl, grad_hidden, grad_weight = _fused(*tensors, weight, chunk_bytes=_rows_bytes(7, 8))
     assert grad_hidden.dtype == torch.float64 and rel_err(grad_hidden, ref_grad_logits @ student_weight[real]) <= 1e-12
     assert rel_err(kl, ref_kl) <= 1e-12 and rel_err(grad_weight[real], ref_grad_logits.t() @ student_hidden) <= 1e-12
 
@@ -89,9 +120,9 @@ def test_zero_tokens(backend: str) -> None:
     (student_hidden, student_weight, teacher_hidden, teacher_weight), _ = _case(5)
     hidden = student_hidden[:0].clone().requires_grad_(True)
     out_weight = student_weight.clone().requires_grad_(True)
-    kl = fused_output_reverse_kl(hidden, out_weight, teacher_hidden[:0], teacher_weight, backend=backend)
-    kl.sum().backward()
-    assert kl.shape == (0,) and hidden.grad.shape == (0, HIDDEN) and (out_weight.grad == 0).all()
+    loss, kl = fused_output_reverse_kl(hidden, out_weight, teacher_hidden[:0], teacher_weight, torch.ones(0), backend=backend)
+    loss.backward()
+    assert loss == 0 and kl.shape == (0,) and hidden.grad.shape == (0, HIDDEN) and (out_weight.grad == 0).all()
 
 
 def test_bf16_runs_in_bf16_matmuls_with_fp32_statistics() -> None:
@@ -103,12 +134,16 @@ def test_bf16_runs_in_bf16_matmuls_with_fp32_statistics() -> None:
     assert rel_err(grad_hidden, want_hidden.double()) <= 2.0**-7 and rel_err(grad_weight, want_weight.double()) <= 2.0**-7
 
 
-def test_no_grad_call_and_bad_shapes() -> None:
-    (student_hidden, student_weight, teacher_hidden, teacher_weight), _ = _case(3)
+def test_no_grad_call_computes_no_gradient_and_bad_shapes() -> None:
+    (student_hidden, student_weight, teacher_hidden, teacher_weight), weight = _case(3)
+    student_weight.requires_grad_(True)
+    student_weight.main_grad = torch.zeros(student_weight.shape)
     with torch.no_grad():
-        kl = fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight)
-    assert not kl.requires_grad and kl.shape == (N_TOKENS,)
+        loss, kl = fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, weight)
+    assert not loss.requires_grad and kl.shape == (N_TOKENS,) and (student_weight.main_grad == 0).all()
     with pytest.raises(ValueError, match="hidden states must be"):
-        fused_output_reverse_kl(student_hidden[:3], student_weight, teacher_hidden, teacher_weight)
+        fused_output_reverse_kl(student_hidden[:3], student_weight, teacher_hidden, teacher_weight, weight)
     with pytest.raises(ValueError, match="output weights must be"):
-        fused_output_reverse_kl(student_hidden, student_weight[:, :4], teacher_hidden, teacher_weight)
+        fused_output_reverse_kl(student_hidden, student_weight[:, :4], teacher_hidden, teacher_weight, weight)
+    with pytest.raises(ValueError, match=r"token_weights must be \[N=37\], got \(36,\)"):
+        fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, weight[1:])

@@ -157,3 +157,29 @@ def test_tensor_parallel_2_triton() -> None:
     output = torchrun("kl_worker.py", 2, "triton")
     assert DONE_MARKER in output, output[-4000:]
     assert output.count("KLCHECK tp=2") >= 8, output[-4000:]
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_output_layer_writes_the_gradient_over_the_student_logits(dtype: torch.dtype) -> None:
+    """The fused output layer with the Triton kernels, whose gradient kernel writes over the student
+    logits it reads, in token chunks of 4: the torch backend's loss, per-token KL and gradients."""
+    from opsdc_megatron.loss import fused_output_reverse_kl
+
+    generator = torch.Generator().manual_seed(14)
+    hidden, teacher_hidden = torch.randn(2, 11, 8, generator=generator).to(dtype).to(DEVICE)
+    weight = torch.randn(40, 8, generator=generator).to(dtype).to(DEVICE)
+    teacher_weight = weight + 0.3 * torch.randn(40, 8, generator=generator).to(dtype).to(DEVICE)
+    token_weights = torch.rand(11, generator=generator).to(DEVICE)
+    results = {}
+    for backend, chunk_bytes in (("triton", 4 * 40 * 2 * weight.element_size()), ("torch", None)):
+        student_hidden, student_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, kl = fused_output_reverse_kl(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights,
+            vocab_padding=slice(36, 40), chunk_bytes=chunk_bytes, backend=backend,
+        )
+        loss.backward()
+        results[backend] = (loss.detach(), kl, student_hidden.grad, student_weight.grad)
+    tolerance = FP32_RTOL if dtype == torch.float32 else TRITON_BF16_GRAD_RTOL
+    for name, got, want in zip(("loss", "kl", "hidden grad", "weight grad"), results["triton"], results["torch"]):
+        assert rel_err(got, want.double()) <= tolerance, name

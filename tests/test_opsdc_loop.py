@@ -74,8 +74,11 @@ def train(setup, out, *overrides, ran_steps: list[int] | None = None):
     return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"}
 
 
+@pytest.mark.parametrize("fused_output_layer", [False, True])
 @pytest.mark.parametrize("normalization", ["step_tokens", "micro_batch"])
-def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_the_instructed_teacher(setup, tmp_path, monkeypatch, normalization):
+def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_the_instructed_teacher(
+    setup, tmp_path, monkeypatch, normalization, fused_output_layer
+):
     """The other loop tests compare one layout with another, which all run this code: a teacher and student
     swapped, or rollouts sampled from the teacher's prompt, would pass them. One step at TP=1 in this
     process, recording what the loop sends: rollouts come from the plain prompts, and the step's loss is
@@ -83,7 +86,9 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
     instruction before the prompt, computed here in float64 with transformers on those rollouts. The toy
     model's weights are scaled up first: at its small random weights the two directions of the KL agree to
     1e-5, and a swap passed. With the paper's normalization (micro_batch) and one rollout per micro-batch,
-    the loss is the mean over rollouts of each one's mean per-token KL."""
+    the loss is the mean over rollouts of each one's mean per-token KL. The fused output layer computes the
+    gradients in forward from each token's weight in the objective (its tied output weight's straight into
+    megatron DDP's main_grad): the same loss and gradient norm."""
     import shutil
 
     from opsdc_megatron.cli import main
@@ -116,7 +121,8 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
                 parameter.mul_(4.0)
     model.save_pretrained(sharp)
     args = [*train_args(setup, tmp_path / "one_step", "train.steps=1", "eval.every_steps=0", "parallel.tensor_parallel_size=1",
-                        f"distill.loss_normalization={normalization}", "train.micro_batch_prompts=1"),
+                        f"distill.loss_normalization={normalization}", "train.micro_batch_prompts=1",
+                        f"distill.fused_output_layer={str(fused_output_layer).lower()}"),
             f"model.hf_path={sharp}"]
     handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
     try:

@@ -1,20 +1,29 @@
-"""The output layer fused with the reverse KL: from final hidden states to per-token KL without
-ever holding the ``[T, V/TP]`` logits.
+"""The output layer fused with the reverse KL: from final hidden states to the weighted loss without
+ever holding the ``[T, V/TP]`` logits, in the output layer's four matmuls.
 
 At Qwen3's 151,936-token vocabulary the logits of one micro-batch (student and teacher, plus the
-gradient) outweigh the rest of the step's activations. Here this rank's vocabulary shard runs in
-chunks of columns: each chunk's student and teacher logits ``[T, columns]`` are one matmul each
-with a row block of the output weight, reduced to the local statistics of ``reverse_kl.py`` and
-freed; the chunks' statistics are merged like tensor-parallel shards (the same rescaling), then
-over the TP group by the usual two collectives. Chunking the vocabulary, not the tokens, keeps
-every matmul as tall as the micro-batch (a token chunk would re-read the whole output weight per
-chunk) and lets each chunk's weight gradient be written once into its own rows.
+gradient) outweigh the rest of the step's activations. Here the tokens run in chunks: a chunk's
+student and teacher logits ``[rows, V/TP]`` are one matmul each; their statistics are merged over
+the TP group (the two collectives of ``reverse_kl.py``) and, because the loss's per-token weights
+are known in forward, the chunk's logits gradient is written over its student logits at once and
+turned into the gradients of its hidden states (one matmul) and of the output weight (one matmul,
+accumulated in fp32). Then the chunk is freed. Four matmuls in all, as an unfused output layer
+runs (three for the student, one for the teacher); recomputing the logits in backward would cost
+six. The price: every chunk reads the whole output weight shard and adds into the whole fp32
+weight gradient, so chunks need a few hundred rows to stay matmul-bound on a GPU (the default
+budget, 1/8 of one bf16 logits tensor, gives bf16 chunks of T/16 rows: 512 at T = 8192). Extra
+memory: one chunk's student and teacher logits (the gradient overwrites the student's), plus, with
+the torch backend, its fp32 block temporaries (reverse_kl.py's default: 0.2x of the chunk's bf16
+logits, at least 16 MiB); on CPU a bf16 chunk's gradient is cast to fp32 for the weight gradient
+(torch has no mixed-dtype CPU matmul).
 
-Backward recomputes each chunk's logits (two matmuls), turns them into the logits' gradient and at
-once into the gradients of the hidden states (accumulated in fp32 over chunks) and of the weight
-rows (two matmuls). Extra memory: one chunk's logits and the fp32 ``[T, H]`` accumulator, never the
-full logits, for 1.5x the matmuls of an unfused output layer (which runs three for the student
-and one for the teacher).
+Why the gradient exists before backward: the loss is ``sum_i token_weights_i * KL_i`` and its only
+unknown in forward is the upstream scalar. The hidden-state gradient is kept (``[N, H]``, the size
+of the hidden states) and scaled by it in backward. The weight gradient goes, as megatron's
+``gradient_accumulation_fusion`` does, straight into ``weight.main_grad`` when the weight has one
+(megatron-core DDP), which needs the upstream scalar to be 1 (it is under megatron's per-token
+loss schedules; fp16 loss scaling is not supported here), and is otherwise accumulated in an fp32
+buffer of the weight's shape and returned scaled in backward.
 
 The hidden-state gradient is this rank's partial sum over its vocabulary shard; the caller
 all-reduces it over the tensor-parallel group, as megatron's ColumnParallelLinear does (pass the
@@ -23,59 +32,57 @@ hidden states through ``copy_to_tensor_model_parallel_region`` first).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from opsdc_megatron.loss.reverse_kl import (
-    Backend,
-    KLStatistics,
-    combine_local_statistics,
-    local_statistics,
-    merge_statistics,
-    resolve_backend,
-    reverse_kl_grad_into,
-)
+from opsdc_megatron.loss.reverse_kl import Backend, chunk_rows, kl_statistics, resolve_backend, reverse_kl_grad_into
 
-__all__ = ["fused_output_reverse_kl"]
+__all__ = ["FusedOutputLoss", "fused_output_reverse_kl"]
 
 _CHUNK_FRACTION = 1 / 8
-"""Default budget of the fused path's extra memory: this fraction of one bf16 copy of this rank's
-logits, shared by the fp32 hidden-state gradient accumulator and one chunk."""
-_COLUMN_ALIGNMENT = 256
-"""Chunks are whole multiples of 256 columns: a logits chunk whose row length is not a multiple of
-8 elements drops cuBLAS off its tensor-core paths (measured 4x slower on an H200)."""
-# Bytes per logit element alive within a chunk: student, teacher and gradient chunks in a 2-byte
-# dtype, plus the torch backend's fp32 block temporaries (12 bytes, see reverse_kl.py).
-_BYTES_PER_ELEMENT = {"triton": 6, "torch": 18}
+"""Default budget of one token chunk's logits: this fraction of one bf16 copy of this rank's logits."""
+_ROW_ALIGNMENT = 64
+"""Token chunks are whole multiples of 64 rows (when there are that many): the chunk's rows are the
+inner dimension of the weight-gradient matmul, which leaves the tensor-core paths when it is not a
+multiple of 8."""
 
 
-def _chunk_columns(n_tokens: int, hidden: int, vocab_shard: int, backend: str, chunk_bytes: int | None) -> int:
+class FusedOutputLoss(NamedTuple):
+    loss: Tensor
+    """0-dim float32: ``sum_i token_weights_i * KL_i`` over the tokens whose weight is not 0."""
+    kl: Tensor
+    """``[N]`` float32 per-token KL, identical on all ranks; no gradient."""
+
+
+def _chunk_rows(n_tokens: int, vocab_shard: int, element_bytes: int, chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
-        accumulator_bytes = n_tokens * hidden * 6  # fp32 [T, H] sum and one bf16 [T, H] product
-        chunk_bytes = int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard) - accumulator_bytes
-        columns = chunk_bytes // (max(1, n_tokens) * _BYTES_PER_ELEMENT[backend])
-        columns = max(_COLUMN_ALIGNMENT, columns // _COLUMN_ALIGNMENT * _COLUMN_ALIGNMENT)
-    else:
-        columns = chunk_bytes // (max(1, n_tokens) * _BYTES_PER_ELEMENT[backend])
-    return max(1, min(vocab_shard, columns))
+        chunk_bytes = int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard)
+    rows = chunk_bytes // (max(1, vocab_shard) * 2 * element_bytes)  # student and teacher logits
+    if rows >= _ROW_ALIGNMENT:
+        rows = rows // _ROW_ALIGNMENT * _ROW_ALIGNMENT
+    return max(1, min(n_tokens, rows))
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, columns: slice, padding: slice | None) -> Tensor:
-    """``hidden @ weight[columns].T`` with the vocabulary-padding columns among them set to -inf."""
-    logits = hidden @ weight[columns].t()
+def _logits(hidden: Tensor, weight: Tensor, padding: slice | None) -> Tensor:
+    """``hidden @ weight.T`` with the vocabulary-padding columns set to -inf."""
+    logits = hidden @ weight.t()
     if padding is not None:
-        first, last = max(padding.start, columns.start), min(padding.stop, columns.stop)
-        if first < last:
-            logits[:, first - columns.start : last - columns.start] = float("-inf")
+        logits[:, padding] = float("-inf")
     return logits
 
 
-def _column_chunks(vocab_shard: int, columns: int) -> list[slice]:
-    return [slice(start, min(start + columns, vocab_shard)) for start in range(0, vocab_shard, columns)]
+def _accumulate_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """``accumulator += grad_logits.T @ hidden``, the products summed in the accumulator's dtype."""
+    if accumulator.dtype == grad_logits.dtype:
+        accumulator.addmm_(grad_logits.t(), hidden)
+    elif accumulator.is_cuda:  # bf16 inputs, fp32 sum: one cuBLAS call, as apex's wgrad_gemm_accum_fp32
+        torch.addmm(accumulator, grad_logits.t(), hidden, out_dtype=accumulator.dtype, out=accumulator)
+    else:  # torch has no mixed-dtype matmul on CPU
+        accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden.to(accumulator.dtype))
 
 
 class _FusedOutputReverseKL(torch.autograd.Function):
@@ -86,46 +93,58 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         student_weight: Tensor,
         teacher_hidden: Tensor,
         teacher_weight: Tensor,
+        token_weights: Tensor,
         group: ProcessGroup | None,
         padding: slice | None,
-        columns: int,
+        rows: int,
         backend: Literal["torch", "triton"],
-    ) -> Tensor:
-        chunk_statistics = []
-        rows = max(1, student_hidden.shape[0])  # the torch backend's token block: all of them
-        for chunk in _column_chunks(student_weight.shape[0], columns):
-            student = _chunk_logits(student_hidden, student_weight, chunk, padding)
-            teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, padding)
-            chunk_statistics.append(local_statistics(student, teacher, backend, rows))
+        with_grads: bool,
+    ) -> tuple[Tensor, Tensor]:
+        want_hidden = with_grads and ctx.needs_input_grad[0]
+        want_weight = with_grads and ctx.needs_input_grad[1]
+        into_main_grad = want_weight and getattr(student_weight, "main_grad", None) is not None
+        grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
+        if into_main_grad:
+            grad_weight = student_weight.main_grad
+        elif want_weight:
+            grad_weight = torch.zeros(student_weight.shape, dtype=torch.promote_types(torch.float32, student_weight.dtype), device=student_weight.device)
+        dtype = torch.promote_types(torch.float32, student_hidden.dtype)  # of the statistics
+        scale, vocab_shard = token_weights.to(dtype), student_weight.shape[0]
+        kl = torch.empty(student_hidden.shape[0], dtype=scale.dtype, device=student_hidden.device)
+        for start in range(0, student_hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            student = _logits(student_hidden[chunk], student_weight, padding)
+            teacher = _logits(teacher_hidden[chunk], teacher_weight, padding)
+            block = chunk_rows(student.shape[0], vocab_shard, dtype, None)  # the torch backend's fp32 temporaries
+            stats = kl_statistics(student, teacher, group, backend, block)
+            kl[chunk] = stats.kl
+            if want_hidden or want_weight:
+                grad_logits = student  # written over the student logits, each block read before it is written
+                reverse_kl_grad_into(grad_logits, student, teacher, stats, scale[chunk], backend, block)
+                if want_hidden:
+                    torch.mm(grad_logits, student_weight, out=grad_hidden[chunk])
+                if want_weight:
+                    _accumulate_weight_grad(grad_weight, grad_logits, student_hidden[chunk])
             del student, teacher
-        stats = merge_statistics(combine_local_statistics(torch.stack(chunk_statistics)), group)
-        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, *stats[1:])
-        ctx.padding, ctx.columns, ctx.backend = padding, columns, backend
-        return stats.kl
+        loss = torch.where(scale != 0, scale * kl, 0.0).sum()
+        ctx.mark_non_differentiable(kl)
+        ctx.grad_hidden, ctx.into_main_grad = grad_hidden, into_main_grad
+        ctx.grad_weight = grad_weight if want_weight and not into_main_grad else None
+        ctx.weight_dtype = student_weight.dtype
+        return loss, kl
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
-        student_hidden, student_weight, teacher_hidden, teacher_weight, *saved = ctx.saved_tensors
-        stats = KLStatistics(None, *saved)
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        accumulator_dtype = torch.promote_types(torch.float32, student_hidden.dtype)  # fp64 stays fp64
-        grad_hidden = torch.zeros(student_hidden.shape, dtype=accumulator_dtype, device=student_hidden.device) if want_hidden else None
-        grad_weight = torch.empty_like(student_weight) if want_weight else None
-        scale = grad_kl.to(stats.c.dtype).contiguous()  # once, not per chunk (kl.sum() sends a stride-0 one)
-        for chunk in _column_chunks(student_weight.shape[0], ctx.columns):
-            student = _chunk_logits(student_hidden, student_weight, chunk, ctx.padding)
-            teacher = _chunk_logits(teacher_hidden, teacher_weight, chunk, ctx.padding)
-            grad_logits = torch.empty_like(student)
-            reverse_kl_grad_into(grad_logits, student, teacher, stats, scale, ctx.backend, max(1, student.shape[0]))
-            del student, teacher
-            if want_hidden:
-                grad_hidden += grad_logits @ student_weight[chunk]
-            if want_weight:
-                torch.mm(grad_logits.t(), student_hidden, out=grad_weight[chunk])
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(student_hidden.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+    def backward(ctx: Any, grad_loss: Tensor, _grad_kl: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.into_main_grad and grad_loss.item() != 1.0:
+            raise RuntimeError(
+                f"fused_output_reverse_kl added the output weight's gradient into main_grad in forward, for an "
+                f"upstream gradient of 1, but backward got {grad_loss.item()} (a scaled or divided loss)"
+            )
+        grad_hidden = None if ctx.grad_hidden is None else ctx.grad_hidden.mul_(grad_loss.to(ctx.grad_hidden.dtype))
+        grad_weight = None if ctx.grad_weight is None else ctx.grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        ctx.grad_hidden = ctx.grad_weight = None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_output_reverse_kl(
@@ -133,30 +152,34 @@ def fused_output_reverse_kl(
     student_weight: Tensor,
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
+    token_weights: Tensor,
     tp_group: ProcessGroup | None = None,
     *,
     vocab_padding: slice | None = None,
     chunk_bytes: int | None = None,
     backend: Backend = "auto",
-) -> Tensor:
-    """Per-token reverse KL(p_student || p_teacher) of ``softmax(hidden @ weight.T)`` over the full,
-    TP-sharded vocabulary, computed chunk by chunk.
+) -> FusedOutputLoss:
+    """``sum_i token_weights_i * KL(p_student,i || p_teacher,i)`` of ``softmax(hidden @ weight.T)`` over
+    the full, TP-sharded vocabulary, token chunk by token chunk, gradients computed in forward.
 
     Args:
         student_hidden: ``[N, H]`` final hidden states at the response positions (after the final
             norm); receives this rank's partial gradient (all-reduce it over ``tp_group``).
-        student_weight: ``[V/TP, H]`` this rank's shard of the output (or tied embedding) weight;
-            receives its gradient.
+        student_weight: ``[V/TP, H]`` this rank's shard of the output (or tied embedding) weight.
+            Its gradient goes into ``main_grad`` during forward when it has one (megatron-core DDP;
+            backward must then receive an upstream gradient of exactly 1), else to ``.grad``.
         teacher_hidden, teacher_weight: the teacher's, same shapes; never receive gradients.
+        token_weights: ``[N]`` each token's weight in the loss (0: masked out).
         tp_group: the group the vocabulary is split over (``None``: full vocabulary).
         vocab_padding: columns of this rank's shard that are vocabulary padding (set to ``-inf``).
-        chunk_bytes: byte budget of one chunk of vocabulary columns (default: what is left of 1/8
-            of a bf16 copy of this rank's logits after the [N, H] gradient accumulator, in whole
-            multiples of 256 columns). Results do not depend on it beyond rounding.
+        chunk_bytes: byte budget of one token chunk's student and teacher logits (and the torch
+            backend's fp32 temporaries); default 1/8 of one bf16 copy of this rank's logits.
+            Results do not depend on it beyond rounding.
         backend: as in ``vocab_parallel_reverse_kl``.
 
     Returns:
-        ``[N]`` float32, identical on all ranks; equals ``vocab_parallel_reverse_kl`` of the logits.
+        the loss (with gradient) and the per-token KL (without), which equals
+        ``vocab_parallel_reverse_kl`` of the logits.
     """
     if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden states must be [N, H] and equal in shape, got {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
@@ -165,8 +188,14 @@ def fused_output_reverse_kl(
             f"output weights must be [V/TP, H={student_hidden.shape[1]}] and equal in shape, got "
             f"{tuple(student_weight.shape)} and {tuple(teacher_weight.shape)}"
         )
+    if token_weights.shape != student_hidden.shape[:1]:
+        raise ValueError(f"token_weights must be [N={student_hidden.shape[0]}], got {tuple(token_weights.shape)}")
     resolved = resolve_backend(backend, student_hidden, teacher_hidden)
-    columns = _chunk_columns(student_hidden.shape[0], student_hidden.shape[1], student_weight.shape[0], resolved, chunk_bytes)
-    return _FusedOutputReverseKL.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, tp_group, vocab_padding, columns, resolved
+    n_tokens, vocab_shard = student_hidden.shape[0], student_weight.shape[0]
+    rows = _chunk_rows(n_tokens, vocab_shard, student_hidden.element_size(), chunk_bytes)
+    with_grads = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+    loss, kl = _FusedOutputReverseKL.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights.detach(), tp_group,
+        vocab_padding, rows, resolved, with_grads,
     )
+    return FusedOutputLoss(loss, kl)

@@ -233,13 +233,6 @@ def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
     ], dim=-2)
 
 
-def combine_local_statistics(parts: Tensor) -> Tensor:
-    """``[k, 5, N]`` local statistics of k disjoint column ranges merged into the ``[5, N]`` of their
-    union, all k at once (a few kernels however many ranges: the fused output layer has dozens)."""
-    maxima = parts[:, :2].amax(0)
-    return torch.cat([maxima, _rescaled_sums(parts, maxima).sum(0)])
-
-
 def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch", "triton"], rows: int) -> Tensor:
     """``[5, N]`` rows ``(mu_x, mu_y, z_x, z_y, w)`` of 2-D ``[N, columns]`` logits, shifted by their
     own maxima (``rows``: the torch backend's block of tokens)."""

@@ -238,7 +238,7 @@ class Checker:
     def fused_output_layer(self) -> None:
         """The output layer fused into the reverse KL, output weight split over the ranks by rows
         (last 3 of 40 rows are vocabulary padding): the float64 reference's values, the summed
-        hidden-state gradient and each rank's weight-gradient shard, chunks of 6 vocabulary columns."""
+        hidden-state gradient and each rank's weight-gradient shard, chunks of 6 tokens."""
         generator = torch.Generator().manual_seed(51)
         tokens, hidden, vocab, real = 23, 12, 40, 37
         student_hidden, teacher_hidden = torch.randn(2, tokens, hidden, generator=generator)
@@ -250,11 +250,11 @@ class Checker:
         padding = slice(min(max(real - rows.start, 0), shard), shard)
         local_hidden = student_hidden.clone().requires_grad_(True)
         local_weight = student_weight[rows].clone().requires_grad_(True)
-        kl = fused_output_reverse_kl(
-            local_hidden, local_weight, teacher_hidden, teacher_weight[rows], self.group,
-            vocab_padding=padding, chunk_bytes=6 * tokens * 19,
+        loss, kl = fused_output_reverse_kl(
+            local_hidden, local_weight, teacher_hidden, teacher_weight[rows], weight, self.group,
+            vocab_padding=padding, chunk_bytes=6 * shard * 8,
         )
-        (kl * weight).sum().backward()
+        loss.backward()
         grad_hidden = local_hidden.grad.clone()
         dist.all_reduce(grad_hidden, group=self.group)  # what copy_to_tensor_model_parallel_region does
         ref_kl, ref_grad_logits = reference_kl(
