@@ -54,13 +54,23 @@ def _rows_bytes(rows: int, element_bytes: int = 4) -> int:
 
 @pytest.mark.parametrize("chunk_rows", [None, 1, 10, N_TOKENS])
 def test_fused_matches_unfused_fp32(chunk_rows: int | None) -> None:
-    """Token chunks of 1, 10 (the last one partial) and all tokens: values and both gradients within 1e-5."""
+    """Token chunks of 1, 10 (8 after rounding to whole multiples of 8; the last one partial) and all
+    tokens: values and both gradients within 1e-5."""
     tensors, weight = _case(0)
     want = _unfused(*tensors, weight)
     got = _fused(*tensors, weight, chunk_bytes=None if chunk_rows is None else _rows_bytes(chunk_rows))
     for name, g, w in zip(("kl", "hidden grad", "weight grad"), got, want):
         assert rel_err(g, w.double()) <= FP32_RTOL, name
     assert (got[1][5] == 0).all(), "a masked token's hidden state gets no gradient"
+
+
+def test_default_chunks_are_an_eighth_of_the_logits_but_at_least_256_aligned_tokens() -> None:
+    """Qwen3's vocabulary, bf16: T/16 tokens at T = 8192 (1/8 of the logits), 256 below T = 4096 (each chunk
+    re-reads the whole output weight), all tokens when fewer; an explicit budget rounds down to multiples of 8."""
+    from opsdc_megatron.loss.fused_output import _chunk_rows
+
+    assert [_chunk_rows(tokens, 151936, 2, None) for tokens in (8192, 5000, 1000, 100)] == [512, 256, 256, 100]
+    assert _chunk_rows(8192, 151936, 2, 100 * 151936 * 4) == 64 and _chunk_rows(8192, 151936, 2, 12 * 151936 * 4) == 8
 
 
 def test_upstream_gradient_scales_both_gradients() -> None:

@@ -11,11 +11,11 @@ accumulated in fp32). Then the chunk is freed. Four matmuls in all, as an unfuse
 runs (three for the student, one for the teacher); recomputing the logits in backward would cost
 six. The price: every chunk reads the whole output weight shard and adds into the whole fp32
 weight gradient, so chunks need a few hundred rows to stay matmul-bound on a GPU (the default
-budget, 1/8 of one bf16 logits tensor, gives bf16 chunks of T/16 rows: 512 at T = 8192). Extra
-memory: one chunk's student and teacher logits (the gradient overwrites the student's), plus, with
-the torch backend, its fp32 block temporaries (reverse_kl.py's default: 0.2x of the chunk's bf16
-logits, at least 16 MiB); on CPU a bf16 chunk's gradient is cast to fp32 for the weight gradient
-(torch has no mixed-dtype CPU matmul).
+budget, 1/8 of one bf16 logits tensor, gives bf16 chunks of T/16 rows, 512 at T = 8192, and never
+fewer than 256 rows: below T = 4096 a chunk holds more than 1/8 of the logits, at most 148 MiB at
+Qwen3's vocabulary). Extra memory: one chunk's student and teacher logits (the gradient overwrites
+the student's), plus, with the torch backend, its fp32 block temporaries (reverse_kl.py's default:
+0.2x of the chunk's bf16 logits, at least 16 MiB).
 
 Why the gradient exists before backward: the loss is ``sum_i token_weights_i * KL_i`` and its only
 unknown in forward is the upstream scalar. The hidden-state gradient is kept (``[N, H]``, the size
@@ -32,6 +32,8 @@ hidden states through ``copy_to_tensor_model_parallel_region`` first).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -44,11 +46,14 @@ from opsdc_megatron.loss.reverse_kl import Backend, chunk_rows, kl_statistics, r
 __all__ = ["FusedOutputLoss", "fused_output_reverse_kl"]
 
 _CHUNK_FRACTION = 1 / 8
-"""Default budget of one token chunk's logits: this fraction of one bf16 copy of this rank's logits."""
+"""Default budget of one token chunk's logits: this fraction of one bf16 copy of this rank's logits..."""
+_MIN_CHUNK_ROWS = 256
+"""...but at least this many tokens (or all of them): every chunk re-reads the whole output weight shard
+and adds into its whole fp32 gradient, which smaller chunks would repeat for too little matmul work."""
 _ROW_ALIGNMENT = 64
-"""Token chunks are whole multiples of 64 rows (when there are that many): the chunk's rows are the
-inner dimension of the weight-gradient matmul, which leaves the tensor-core paths when it is not a
-multiple of 8."""
+"""Token chunks are whole multiples of 64 rows (of 8 below 64 rows, when there are that many): the
+chunk's rows are the inner dimension of the weight-gradient matmul, which leaves the tensor-core paths
+when it is not a multiple of 8."""
 
 
 class FusedOutputLoss(NamedTuple):
@@ -59,12 +64,13 @@ class FusedOutputLoss(NamedTuple):
 
 
 def _chunk_rows(n_tokens: int, vocab_shard: int, element_bytes: int, chunk_bytes: int | None) -> int:
+    bytes_per_row = max(1, vocab_shard) * 2 * element_bytes  # student and teacher logits
     if chunk_bytes is None:
-        chunk_bytes = int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard)
-    rows = chunk_bytes // (max(1, vocab_shard) * 2 * element_bytes)  # student and teacher logits
-    if rows >= _ROW_ALIGNMENT:
-        rows = rows // _ROW_ALIGNMENT * _ROW_ALIGNMENT
-    return max(1, min(n_tokens, rows))
+        rows = max(_MIN_CHUNK_ROWS, int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard) // bytes_per_row)
+    else:
+        rows = chunk_bytes // bytes_per_row
+    alignment = _ROW_ALIGNMENT if rows >= _ROW_ALIGNMENT else 8 if rows >= 8 else 1
+    return max(1, min(n_tokens, rows // alignment * alignment))
 
 
 def _logits(hidden: Tensor, weight: Tensor, padding: slice | None) -> Tensor:
@@ -79,10 +85,32 @@ def _accumulate_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Te
     """``accumulator += grad_logits.T @ hidden``, the products summed in the accumulator's dtype."""
     if accumulator.dtype == grad_logits.dtype:
         accumulator.addmm_(grad_logits.t(), hidden)
-    elif accumulator.is_cuda:  # bf16 inputs, fp32 sum: one cuBLAS call, as apex's wgrad_gemm_accum_fp32
+    elif accumulator.is_cuda and _cuda_mixed_addmm():  # bf16 inputs, fp32 sum: one cuBLAS call, as apex's wgrad_gemm_accum_fp32
         torch.addmm(accumulator, grad_logits.t(), hidden, out_dtype=accumulator.dtype, out=accumulator)
-    else:  # torch has no mixed-dtype matmul on CPU
-        accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden.to(accumulator.dtype))
+    else:  # each chunk's product rounded to bf16 once, as the bf16 .grad megatron DDP adds into main_grad
+        # per micro-batch is, in pieces no larger than the chunk's logits
+        piece = max(1, grad_logits.numel() // hidden.shape[1])
+        for start in range(0, accumulator.shape[0], piece):
+            accumulator[start : start + piece] += grad_logits[:, start : start + piece].t() @ hidden
+
+
+@functools.cache
+def _cuda_mixed_addmm() -> bool:
+    """Whether this torch sums bf16 products into an fp32 ``addmm`` output on CUDA (``out_dtype``,
+    accepted with an fp32 input from torch 2.10; older versions raise). Tried once on tiny tensors;
+    without it the weight gradient takes one more pass over each chunk's product, with a warning."""
+    accumulator = torch.zeros(8, 8, device="cuda")
+    factor = torch.ones(8, 8, dtype=torch.bfloat16, device="cuda")
+    try:
+        torch.addmm(accumulator, factor, factor, out_dtype=torch.float32, out=accumulator)
+    except (TypeError, RuntimeError, NotImplementedError) as error:
+        warnings.warn(
+            f"torch {torch.__version__} has no fp32-output addmm for bf16 inputs on CUDA ({error}); the fused "
+            "output layer adds each chunk's bf16 weight gradient into main_grad separately (slower; torch >= 2.10 has it)",
+            stacklevel=2,
+        )
+        return False
+    return bool((accumulator == 8).all())
 
 
 class _FusedOutputReverseKL(torch.autograd.Function):
@@ -172,9 +200,10 @@ def fused_output_reverse_kl(
         token_weights: ``[N]`` each token's weight in the loss (0: masked out).
         tp_group: the group the vocabulary is split over (``None``: full vocabulary).
         vocab_padding: columns of this rank's shard that are vocabulary padding (set to ``-inf``).
-        chunk_bytes: byte budget of one token chunk's student and teacher logits (and the torch
-            backend's fp32 temporaries); default 1/8 of one bf16 copy of this rank's logits.
-            Results do not depend on it beyond rounding.
+        chunk_bytes: byte budget of one token chunk's student and teacher logits; default 1/8 of
+            one bf16 copy of this rank's logits, but at least 256 tokens. (The torch backend's fp32
+            temporaries come on top, bounded as in ``vocab_parallel_reverse_kl``.) Results do not
+            depend on it beyond rounding.
         backend: as in ``vocab_parallel_reverse_kl``.
 
     Returns:

@@ -64,6 +64,15 @@ def test_triton_matches_torch_backend_at_magnitude_1e4() -> None:
     assert (grad_triton - grad_torch).abs().max() <= 1e-6
 
 
+def test_cuda_sums_bf16_products_into_fp32_in_one_addmm() -> None:
+    """The fused output layer's weight gradient goes into megatron's fp32 main_grad by torch.addmm with
+    out_dtype (torch >= 2.10); older torch takes a slower path with a warning."""
+    from opsdc_megatron.loss.fused_output import _cuda_mixed_addmm
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    assert _cuda_mixed_addmm() == ((major, minor) >= (2, 10))
+
+
 def test_fused_output_layer_as_accurate_as_unfused_in_bf16() -> None:
     """Qwen3-8B's hidden size, bf16 matmuls in 4 token chunks of 64, the weight gradient summed in fp32 into a
     megatron DDP ``main_grad`` (CUDA's mixed-dtype addmm): against the float64 KL of the same bf16 hidden
