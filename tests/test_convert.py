@@ -158,7 +158,26 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     next(broken.glob("*.distcp")).unlink()
     status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(broken), "--out", str(tmp_path / "out_broken"))
     assert status == 1 and "reading the checkpoint failed" in output, output[-3000:]
+    # --hf-config names config.json itself, not the model's folder (whose tokenizer files are copied too):
+    # refused before any shard is written (it failed after writing them all, naming a temporary path)
+    status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out_config_file"),
+                             "--hf-config", str(source / "config.json"))
+    assert status == 2 and "config.json: not a folder with a config.json; --hf-config takes" in output, output[-3000:]
     assert not [p.name for p in tmp_path.iterdir() if "out_" in p.name]  # no output, no temporary folder
+    status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(source), "--out", str(tmp_path / "out_vp"), "--vp", "0")
+    assert status == 2 and "--vp: the virtual pipeline size must be at least 1, got 0" in output, output[-3000:]
+
+
+def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """At TP=2 the odd vocabulary (175) is padded to 176 rows, which the export reads to check they are zero:
+    a checkpoint missing the second rank's file fails there with the named error (it was a traceback)."""
+    ckpt = tmp_path / "qwen2_tp2"
+    status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(hf_models / "qwen2"), "--out", str(ckpt), "--tp", "2")
+    assert status == 0, output[-3000:]
+    (ckpt / "__1_0.distcp").unlink()
+    status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--hf-config", str(hf_models / "qwen2"))
+    assert status == 1 and f"failed: {ckpt}: reading the checkpoint failed" in output, output[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -370,3 +389,16 @@ def test_transformer_engine_layer_names_load_export_and_share_checkpoints(
     expected = logits(source, tokens)
     for megatron in megatron_logits:
         torch.testing.assert_close(megatron, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tensors_stored_in_another_dtype_than_the_embedding_are_named(hf_models: Path, tmp_path: Path) -> None:
+    """bf16 weights with fp32 norms: megatron keeps one params dtype (the embedding's), so the norms are
+    rounded to bf16 by the conversion; that is said, not done silently."""
+    model = AutoModelForCausalLM.from_pretrained(hf_models / "qwen3_untied", dtype=torch.float32)
+    for name, parameter in model.named_parameters():
+        if "norm" not in name:
+            parameter.data = parameter.data.bfloat16()
+    model.save_pretrained(tmp_path / "mixed")
+    with pytest.warns(UserWarning, match=r"\d+ tensor\(s\) stored in another dtype than the embedding's torch.bfloat16 "
+                      r"\(e.g. model.layers.0.input_layernorm.weight: torch.float32\) are converted to torch.bfloat16"):
+        assert check_hf_folder(tmp_path / "mixed").weights_dtype == torch.bfloat16

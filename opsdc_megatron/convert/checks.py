@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -67,18 +69,37 @@ def check_hf_folder(folder: Path) -> HFModelFolder:
             f"{folder}: config.json does not match the weights:\n"
             + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
         )
-    return HFModelFolder(folder, config, _stored_dtype(folder, _EMBEDDING))
+    stored = _stored_dtypes(folder, expected)
+    dtype = stored[_EMBEDDING]
+    others = sorted(name for name, other in stored.items() if other != dtype)
+    if others:  # megatron keeps one params dtype: the embedding's (the bulk of a model's bytes)
+        warnings.warn(
+            f"{folder}: {len(others)} tensor(s) stored in another dtype than the embedding's {dtype} "
+            f"(e.g. {others[0]}: {stored[others[0]]}) are converted to {dtype}",
+            stacklevel=2,
+        )
+    return HFModelFolder(folder, config, dtype)
 
 
-def _stored_dtype(folder: Path, name: str) -> torch.dtype:
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_dtypes(folder: Path, names: Iterable[str]) -> dict[str, torch.dtype]:
+    """Name -> dtype of the named tensors, from the safetensors headers only."""
     index = folder / "model.safetensors.index.json"
-    file = json.loads(index.read_text(encoding="utf-8"))["weight_map"][name] if index.exists() else "model.safetensors"
-    with safe_open(folder / file, framework="pt", device="cpu") as handle:
-        dtype = handle.get_slice(name).get_dtype()
-    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    if dtype not in dtypes:
-        raise ConversionError(f"{folder / file}: {name} is stored as {dtype}; expected one of {sorted(dtypes)}")
-    return dtypes[dtype]
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.exists() else None
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(weight_map[name] if weight_map else "model.safetensors", []).append(name)
+    dtypes = {}
+    for file, file_names in sorted(by_file.items()):
+        with safe_open(folder / file, framework="pt", device="cpu") as handle:
+            for name in file_names:
+                stored = handle.get_slice(name).get_dtype()
+                if stored not in _DTYPES:
+                    raise ConversionError(f"{folder / file}: {name} is stored as {stored}; expected one of {sorted(_DTYPES)}")
+                dtypes[name] = _DTYPES[stored]
+    return dtypes
 
 
 def check_megatron_checkpoint(ckpt: Path) -> None:

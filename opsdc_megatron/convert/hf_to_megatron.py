@@ -191,8 +191,10 @@ def convert_hf_to_megatron(
     source = check_hf_folder(hf_dir)
     transformer_config_from_hf(source.config, tensor_parallel_size, pipeline_parallel_size)
     if virtual_pipeline_size is not None:
+        if virtual_pipeline_size < 1:
+            raise ConversionError(f"--vp: the virtual pipeline size must be at least 1, got {virtual_pipeline_size}")
         stages = pipeline_parallel_size * virtual_pipeline_size
-        if virtual_pipeline_size < 1 or source.config.num_hidden_layers % stages:
+        if source.config.num_hidden_layers % stages:
             raise ConversionError(
                 f"num_hidden_layers: expected a multiple of pipeline x virtual pipeline size = {stages}, "
                 f"got {source.config.num_hidden_layers}"

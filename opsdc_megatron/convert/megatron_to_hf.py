@@ -106,6 +106,8 @@ def export_megatron_to_hf(
     """
     require_new_output(out)
     check_megatron_checkpoint(ckpt)
+    if not (hf_config_dir / "config.json").is_file():  # its tokenizer and generation files are copied too
+        raise ConversionError(f"{hf_config_dir}: not a folder with a config.json; --hf-config takes the Hugging Face model's folder")
     config = load_hf_config(hf_config_dir)
     reader = dcp.FileSystemReader(str(ckpt))
     metadata = reader.read_metadata()
@@ -191,7 +193,10 @@ def check_vocabulary_padding(ckpt: Path, vocab_size: int) -> None:
             rows = torch.empty((stored.size[0] - vocab_size, *stored.size[1:]), dtype=stored.properties.dtype)
             requests.append((key, (vocab_size, *[0] * (len(stored.size) - 1)), rows))
     if requests:
-        dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
+        try:
+            dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
+        except CheckpointException as error:  # a BaseException: nothing above would name the checkpoint
+            raise RuntimeError(f"{ckpt}: reading the checkpoint failed: {error}") from None
     nonzero = [f"{key} has {vocab_size + rows.shape[0]} rows" for key, _, rows in requests if rows.any()]
     if nonzero:
         raise ConversionError(
