@@ -166,6 +166,15 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     assert not [p.name for p in tmp_path.iterdir() if "out_" in p.name]  # no output, no temporary folder
     status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(source), "--out", str(tmp_path / "out_vp"), "--vp", "0")
     assert status == 2 and "--vp: the virtual pipeline size must be at least 1, got 0" in output, output[-3000:]
+    status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out_shards"), "--max-shard-gb", "0")
+    assert status == 2 and "--max-shard-gb must be > 0, got 0.0" in output, output[-3000:]  # wrote one file per tensor
+    status, output = run_cli(capsys, "verify", "--hf", str(source), "--ckpt", str(ckpt), "--tokens", "0")
+    assert status == 2 and "--tokens must be >= 1, got 0" in output, output[-3000:]  # exit 1, the status of differing logits
+    # a run's checkpoints folder: named as such (the config lookup's error asked for --hf-config)
+    (tmp_path / "run_checkpoints" / "step_000002").mkdir(parents=True)
+    status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(tmp_path / "run_checkpoints"), "--out", str(tmp_path / "out_run"))
+    assert status == 2 and "a training run's checkpoints folder: pass one of its step_N folders" in output, output[-3000:]
+    assert not [p.name for p in tmp_path.iterdir() if "out_" in p.name]
 
 
 def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -391,7 +400,7 @@ def test_transformer_engine_layer_names_load_export_and_share_checkpoints(
         torch.testing.assert_close(megatron, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_tensors_stored_in_another_dtype_than_the_embedding_are_named(hf_models: Path, tmp_path: Path) -> None:
+def test_tensors_stored_in_another_dtype_than_the_embedding_are_named(hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """bf16 weights with fp32 norms: megatron keeps one params dtype (the embedding's), so the norms are
     rounded to bf16 by the conversion; that is said, not done silently."""
     model = AutoModelForCausalLM.from_pretrained(hf_models / "qwen3_untied", dtype=torch.float32)
@@ -401,4 +410,5 @@ def test_tensors_stored_in_another_dtype_than_the_embedding_are_named(hf_models:
     model.save_pretrained(tmp_path / "mixed")
     with pytest.warns(UserWarning, match=r"\d+ tensor\(s\) stored in another dtype than the embedding's torch.bfloat16 "
                       r"\(e.g. model.layers.0.input_layernorm.weight: torch.float32\) are converted to torch.bfloat16"):
-        assert check_hf_folder(tmp_path / "mixed").weights_dtype == torch.bfloat16
+        status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(tmp_path / "mixed"), "--out", str(tmp_path / "ckpt"))
+    assert status == 0, output[-3000:]

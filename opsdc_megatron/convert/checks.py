@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -30,6 +29,8 @@ class HFModelFolder:
     config: PretrainedConfig
     weights_dtype: torch.dtype
     """The dtype the weights are stored in (of the input embedding)."""
+    other_dtypes: dict[str, torch.dtype]
+    """Weights stored in another dtype than the embedding's (fp32 norms in a bf16 model, say)."""
 
 
 def require_new_output(out: Path) -> None:
@@ -71,14 +72,7 @@ def check_hf_folder(folder: Path) -> HFModelFolder:
         )
     stored = _stored_dtypes(folder, expected)
     dtype = stored[_EMBEDDING]
-    others = sorted(name for name, other in stored.items() if other != dtype)
-    if others:  # megatron keeps one params dtype: the embedding's (the bulk of a model's bytes)
-        warnings.warn(
-            f"{folder}: {len(others)} tensor(s) stored in another dtype than the embedding's {dtype} "
-            f"(e.g. {others[0]}: {stored[others[0]]}) are converted to {dtype}",
-            stacklevel=2,
-        )
-    return HFModelFolder(folder, config, dtype)
+    return HFModelFolder(folder, config, dtype, {name: other for name, other in sorted(stored.items()) if other != dtype})
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -106,7 +100,8 @@ def check_megatron_checkpoint(ckpt: Path) -> None:
     """A megatron dist checkpoint in the torch_dist format."""
     metadata = ckpt / DIST_CHECKPOINT_METADATA
     if not metadata.is_file():
-        raise ConversionError(f"{ckpt}: no {DIST_CHECKPOINT_METADATA} (expected a megatron dist checkpoint)")
+        hint = "; a training run's checkpoints folder: pass one of its step_N folders" if any(ckpt.glob("step_*")) else ""
+        raise ConversionError(f"{ckpt}: no {DIST_CHECKPOINT_METADATA} (expected a megatron dist checkpoint){hint}")
     backend = json.loads(metadata.read_text(encoding="utf-8")).get("sharded_backend")
     if backend != "torch_dist":
         raise ConversionError(f"{metadata}: sharded_backend: expected 'torch_dist', got {backend!r}")

@@ -72,6 +72,8 @@ def _megatron_to_hf(args: argparse.Namespace) -> None:
 
     from opsdc_megatron.convert.megatron_to_hf import export_in_this_process
 
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     out = export_in_this_process(args.ckpt, args.out, args.hf_config, dtype, int(args.max_shard_gb * 1024**3))
     print(f"wrote {out}")
@@ -82,6 +84,8 @@ def _verify(args: argparse.Namespace) -> None:
     from opsdc_megatron.convert.verify import logit_difference
     from opsdc_megatron.parallel import destroy_distributed, init_distributed
 
+    if args.tokens < 1:  # exit 1 is for logits that differ
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     check_hf_folder(args.hf)
     check_megatron_checkpoint(args.ckpt)
     init_distributed(1, 1)

@@ -31,6 +31,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -189,6 +190,13 @@ def convert_hf_to_megatron(
     """
     require_new_output(out)
     source = check_hf_folder(hf_dir)
+    if source.other_dtypes:  # a megatron checkpoint keeps one params dtype: the embedding's (the bulk of the bytes)
+        name, dtype = next(iter(source.other_dtypes.items()))
+        warnings.warn(
+            f"{hf_dir}: {len(source.other_dtypes)} tensor(s) stored in another dtype than the embedding's "
+            f"{source.weights_dtype} (e.g. {name}: {dtype}) are converted to {source.weights_dtype}",
+            stacklevel=2,
+        )
     transformer_config_from_hf(source.config, tensor_parallel_size, pipeline_parallel_size)
     if virtual_pipeline_size is not None:
         if virtual_pipeline_size < 1:

@@ -152,6 +152,7 @@ def export_in_this_process(
     Sets up a one-process world for the meta model and tears it down; `hf_config_dir` defaults to
     `find_hf_config(ckpt)`.
     """
+    check_megatron_checkpoint(ckpt)  # before the config lookup, whose error would send the user the wrong way
     hf_config_dir = hf_config_dir or find_hf_config(ckpt)
     init_distributed(1, 1)
     try:
