@@ -49,16 +49,19 @@ def preflight(config: RunConfig) -> None:
         from opsdc_megatron.convert.checks import check_megatron_checkpoint
 
         check_megatron_checkpoint(Path(config.model.megatron_checkpoint))
-    else:  # the weights come from the folder: its safetensors must be there (their headers are read)
-        from opsdc_megatron.models.qwen3.state_dict_adapter import hf_tensor_shapes
+    else:  # the weights come from the folder: their names and shapes must match its config (headers only)
+        from opsdc_megatron.convert.checks import check_hf_folder
 
         try:
-            hf_tensor_shapes(hf_path)
-        except (ValueError, FileNotFoundError) as error:
+            check_hf_folder(hf_path)
+        except ValueError as error:
             raise ValueError(f"model.hf_path: {error}") from None
     from opsdc_megatron.train.checkpoint import check_fresh_start
 
-    check_fresh_start(Path(config.out_dir), config.checkpoint.resume)
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
+    check_fresh_start(out_dir, config.checkpoint.resume)
     PromptStream(load_prompts(config.data.train_prompts), load_tokenizer(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)
@@ -71,6 +74,10 @@ def train_command(recipe: str, overrides: list[str]) -> None:
         config = load_config(recipe, overrides)
         if not under_launcher:
             preflight(config)
+            if config.rollout.engine == "sglang" and not config.rollout.sglang.server_urls:  # rank 0 starts the servers
+                from opsdc_megatron.launch.plan import check_sglang_interpreter
+
+                check_sglang_interpreter(config)
     except INPUT_ERRORS as error:
         print(f"opsdc train: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -70,7 +70,7 @@ def _recipe_paths(out: Path) -> list[str]:
 
 def check_demo_inputs(out: Path, overrides: list[str] = (), base_settings: BuildSettings | None = None) -> None:
     """What `run_demo` would refuse late (after the ~7-minute base model): the recipe with these
-    overrides, and its parallel layout against the toy model.
+    overrides, its parallel layout against the toy model, and the SGLang environment it would start.
 
     Raises:
         ConfigError, ValueError: naming the key or the model field.
@@ -83,6 +83,10 @@ def check_demo_inputs(out: Path, overrides: list[str] = (), base_settings: Build
         make_config(base_settings or BuildSettings(), build_toy_tokenizer()), recipe.parallel.tensor_parallel_size,
         recipe.parallel.pipeline_parallel_size, virtual_pipeline_chunks=recipe.parallel.virtual_pipeline_chunks,
     )
+    if recipe.rollout.engine == "sglang" and not recipe.rollout.sglang.server_urls:
+        from opsdc_megatron.launch.plan import check_sglang_interpreter
+
+        check_sglang_interpreter(recipe)
 
 
 def run_demo(

@@ -155,8 +155,11 @@ def test_cli_reports_bad_recipe_in_one_line_and_writes_nothing(tmp_path):
     [
         (lambda model: next(model.glob("*.safetensors")).unlink(), "model.hf_path: .*: no model.safetensors or model.safetensors.index.json"),
         (lambda model: (model / "config.json").write_text("{not json"), "model.hf_path: .*config.json: "),
+        # another model's config: every rank failed with a traceback after torchrun had started
+        (lambda model: (model / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()), "hidden_size": 32})),
+         r"model.hf_path: .*: config.json does not match the weights:\n  mis-shaped: \['model.embed_tokens.weight: config implies \(\d+, 32\), file has \(\d+, 64\)"),
     ],
-    ids=["no-weights", "malformed-config"],
+    ids=["no-weights", "malformed-config", "another-models-config"],
 )
 def test_cli_names_a_broken_model_folder_before_starting(tmp_path, capsys, break_model, message):
     from opsdc_megatron.cli import main
@@ -169,6 +172,34 @@ def test_cli_names_a_broken_model_folder_before_starting(tmp_path, capsys, break
         main(["train", RECIPE, *overrides])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and re.search("opsdc train: error: " + message, error), error
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_an_out_dir_that_is_a_file_before_starting(tmp_path, capsys):
+    from opsdc_megatron.cli import main
+    from tests.tiny_models import save_toy_qwen3
+
+    root = save_toy_qwen3(tmp_path)
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}",
+              "eval.every_steps=0"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"opsdc train: error: out_dir: {tmp_path / 'run'} exists and is not a folder" in error, error
+
+
+def test_cli_checks_the_sglang_environment_it_would_start_before_starting(tmp_path, capsys):
+    """rollout.engine=sglang without server_urls: rank 0 starts the servers, whose interpreter must exist (rank 0
+    failed with a traceback once the process group was up)."""
+    from opsdc_megatron.cli import main
+    from tests.tiny_models import save_toy_qwen3
+
+    root = save_toy_qwen3(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}",
+              "eval.every_steps=0", "rollout.engine=sglang", "rollout.sglang.python=/nonexistent/python"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "opsdc train: error: rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in error, error
     assert not (tmp_path / "run").exists()
 
 

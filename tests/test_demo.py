@@ -63,12 +63,15 @@ def test_opsdc_eval_reproduces_the_demo_numbers(demo, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("train.stpes=3", "Key 'stpes' not in 'TrainConfig'"), ("parallel.tensor_parallel_size=3", "num_attention_heads: expected a multiple of tensor_parallel_size = 3")],
+    [("train.stpes=3", "Key 'stpes' not in 'TrainConfig'"), ("parallel.tensor_parallel_size=3", "num_attention_heads: expected a multiple of tensor_parallel_size = 3"),
+     ("rollout.sglang.python=/nonexistent/python", "rollout.sglang.python: SGLang interpreter /nonexistent/python not found")],
 )
 def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, override, message):
-    """Before the base model (~7 min on a fresh machine) or any file: one line, exit status 2."""
+    """Before the base model (~7 min on a fresh machine) or any file: one line, exit status 2. Also a missing
+    SGLang environment for `--rollout sglang` (it failed after the base model and its evaluation)."""
+    rollout = ["--rollout", "sglang"] if override.startswith("rollout.sglang") else []
     with pytest.raises(SystemExit) as exit_:
-        main(["demo", "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"), override])
+        main(["demo", "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"), *rollout, override])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "opsdc demo: error: " in error and message in error and "Traceback" not in error

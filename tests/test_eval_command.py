@@ -184,6 +184,7 @@ def test_input_errors(toy, tmp_path, capsys):
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--hf-config", str(model)], "--hf-config is for a megatron checkpoint")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--engine", "sglang", "--sglang-python", str(tmp_path / "no" / "python")],
                        f"--engine sglang: SGLang interpreter {tmp_path / 'no' / 'python'} not found")
+    expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--out", str(data)], f"--out: {data} exists and is not a folder")
 
 
 def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(toy, tmp_path, monkeypatch, capsys):

@@ -115,6 +115,10 @@ def test_dapo_rows_repeated_in_the_parquet_are_read_once_and_split_apart(tmp_pat
         main(["data", "split", str(source), "--out", str(tmp_path / "split"), "--seed", "4"])
     assert refused.value.code == 2 and "already exist" in capsys.readouterr().err
     assert load_prompts(tmp_path / "split" / "train.jsonl") == train
+    for out, message in ((copies, f"--out: {copies} exists and is not a folder"), (copies / "split", "--out: [Errno 20] Not a directory")):
+        with pytest.raises(SystemExit) as refused:  # was a traceback
+            main(["data", "split", str(source), "--out", str(out)])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_wrong_dapo_rows_name_the_parquet_row(tmp_path):

@@ -508,7 +508,7 @@ def test_the_sglang_environment_is_checked_before_the_job_starts(tmp_path, monke
     (sglang 0.5.23 pins torch 2.14.1, whose NCCL differs from torch 2.13.0's: NCCL refuses the group)."""
     import torch
 
-    from opsdc_megatron.launch.plan import _check_sglang_interpreter
+    from opsdc_megatron.launch.plan import check_sglang_interpreter
 
     def recipe(python=None, *overrides):
         return merge_config(ROOT / "recipes" / "qwen3_8b.yaml", [f"rollout.sglang.python={python}"] * bool(python) + list(overrides))
@@ -522,24 +522,24 @@ def test_the_sglang_environment_is_checked_before_the_job_starts(tmp_path, monke
         return str(path)
 
     with pytest.raises(ValueError, match="GPU servers need a CUDA build of SGLang"):
-        _check_sglang_interpreter(recipe())
+        check_sglang_interpreter(recipe())
     with pytest.raises(ValueError, match=f"{sys.executable} has no sglang package"):
-        _check_sglang_interpreter(recipe(sys.executable))
+        check_sglang_interpreter(recipe(sys.executable))
     with pytest.raises(ValueError, match=f"rollout.sglang.python: {tmp_path} could not be run: .*Permission denied"):
-        _check_sglang_interpreter(recipe(str(tmp_path)))  # a folder (the venv's, say), not its interpreter
+        check_sglang_interpreter(recipe(str(tmp_path)))  # a folder (the venv's, say), not its interpreter
     with pytest.raises(ValueError, match="router_port is set, but .* has no sglang_router package"):
-        _check_sglang_interpreter(recipe(environment("no_router", router=False)))
-    _check_sglang_interpreter(recipe(environment("no_router", router=False), "rollout.sglang.router_port=0"))
-    _check_sglang_interpreter(recipe(str(DEFAULT_SGLANG_PYTHON)))  # the real environment: sglang and sglang_router import
-    _check_sglang_interpreter(merge_config(ROOT / "recipes" / "toy_cpu_sglang.yaml", ["out_dir=x", "model.hf_path=x", "data.train_prompts=x"]))
+        check_sglang_interpreter(recipe(environment("no_router", router=False)))
+    check_sglang_interpreter(recipe(environment("no_router", router=False), "rollout.sglang.router_port=0"))
+    check_sglang_interpreter(recipe(str(DEFAULT_SGLANG_PYTHON)))  # the real environment: sglang and sglang_router import
+    check_sglang_interpreter(merge_config(ROOT / "recipes" / "toy_cpu_sglang.yaml", ["out_dir=x", "model.hf_path=x", "data.train_prompts=x"]))
 
     monkeypatch.setattr(torch.version, "cuda", "13.0")  # this trainer as a CUDA build linking NCCL 2.29.7 (torch 2.13.0's)
     monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 29, 7))
     newer = environment("newer_nccl", nccl=[2, 30, 7])
     with pytest.raises(ValueError, match="links NCCL 2.29.7, .* links NCCL 2.30.7, and NCCL refuses a group"):
-        _check_sglang_interpreter(recipe(newer))
-    _check_sglang_interpreter(recipe(newer, "rollout.sglang.weight_transport=disk"))
-    _check_sglang_interpreter(recipe(environment("same_nccl", nccl=[2, 29, 7])))
+        check_sglang_interpreter(recipe(newer))
+    check_sglang_interpreter(recipe(newer, "rollout.sglang.weight_transport=disk"))
+    check_sglang_interpreter(recipe(environment("same_nccl", nccl=[2, 29, 7])))
 
 
 @pytest.mark.parametrize("size", ["8b", "14b", "32b"])

@@ -158,6 +158,8 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.instruction != "none" and not args.instruction_text.strip():
             raise ValueError(f"--instruction {args.instruction} needs an instruction, but --instruction-text is empty")
         model, data = Path(args.model), Path(args.data)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out: {args.out} exists and is not a folder")
         checkpoint = find_megatron_checkpoint(model)
         if checkpoint is None:
             check_hf_folder(model)

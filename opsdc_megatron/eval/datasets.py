@@ -212,11 +212,17 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
 def split_command(args: argparse.Namespace) -> None:
     targets = [args.out / "train.jsonl", args.out / "validation.jsonl"]
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out: {args.out} exists and is not a folder")
         existing = [str(path) for path in targets if path.exists()]
         if existing:
             raise ValueError(f"{', '.join(existing)} already exist: remove them or choose another --out")
         layout, records = load_dataset_file(args.source, args.layout)
         train, validation = split_records(records, args.validation_fraction, args.seed)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--out: {error}") from None
     except ValueError as error:  # PromptFileError included
         print(f"opsdc data split: error: {error}", file=sys.stderr)
         sys.exit(2)

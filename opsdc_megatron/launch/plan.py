@@ -188,7 +188,7 @@ def trainer_checks(config: RunConfig, strict: bool) -> list[str]:
         return [f"the trainer refuses this recipe: {error}"]
     checks = [("trainer inputs not checked here", preflight)]
     if config.rollout.engine == "sglang":
-        checks.append(("the SGLang environment", _check_sglang_interpreter))
+        checks.append(("the SGLang environment", check_sglang_interpreter))
     notes = []
     for what, check in checks:
         try:
@@ -224,10 +224,10 @@ ENVIRONMENT_PROBE = (
     "'sglang': importlib.util.find_spec('sglang') is not None, 'sglang_router': importlib.util.find_spec('sglang_router') is not None, "
     "'torch': torch.__version__, 'nccl': list(torch.cuda.nccl.version()) if torch.version.cuda else None}))"
 )
-"""What `_check_sglang_interpreter` asks the SGLang interpreter: its packages and the NCCL its torch links."""
+"""What `check_sglang_interpreter` asks the SGLang interpreter: its packages and the NCCL its torch links."""
 
 
-def _check_sglang_interpreter(config: RunConfig) -> None:
+def check_sglang_interpreter(config: RunConfig) -> None:
     """The SGLang interpreter exists, has sglang (and sglang_router when the recipe starts a router), and for a
     weight push over NCCL (distributed transport on GPUs) links the NCCL version this trainer's torch does:
     NCCL refuses a communicator whose ranks run different versions, and the push would fail only after the
