@@ -14,9 +14,10 @@ logits ``[T, V]``:
 A second table puts the output layer in front (hidden ``[T, H]``, output weights ``[V, H]`` of
 student and teacher, bf16): ``matmuls`` (the output layer alone: student forward and backward,
 teacher forward: its matmul-bound time), ``unfused`` (those logits, then ``ours``) and ``fused``
-(``opsdc_megatron.loss.fused_output_reverse_kl``). Its extra memory counts everything beyond the
-hidden states and weights, including their gradients; "w/o grads" subtracts those gradients,
-which any output layer must produce.
+(``opsdc_megatron.loss.fused_output_reverse_kl``, its weight given megatron DDP's fp32 ``main_grad``
+first, as in training). Its extra memory counts everything beyond the hidden states and weights,
+including their gradients (fused: the weight's is in ``main_grad``, not counted); "w/o grads"
+subtracts those gradients, which any output layer must produce. Hidden 4096 on CUDA, 512 on CPU.
 
 On CUDA the run also measures the device's copy bandwidth (bytes read + written per second) and
 prints each KL time against the 3-pass floor: read both logits once, write the gradient once.
@@ -323,7 +324,7 @@ def main() -> None:
                 f"{r['extra_bytes'] / 2**20:.0f} MiB | {r['extra_bytes'] / r['logits_bytes']:.2f} | "
                 f"{(r['extra_bytes'] - r['grad_bytes']) / r['logits_bytes']:.3f} | ")
             print(
-                f"| {tokens} | {impl} | {r['time_s'] * 1e3:.2f} ms | {r['matmul_flop'] / r['time_s'] / 1e12:.0f} | "
+                f"| {tokens} | {impl} | {r['time_s'] * 1e3:.2f} ms | {r['matmul_flop'] / r['time_s'] / 1e12:.3g} | "
                 f"{memory}{r['time_s'] / results['matmuls']['time_s']:.2f} |",
                 flush=True,
             )
