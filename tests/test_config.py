@@ -219,6 +219,13 @@ def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
     assert re.search(r"checkpoints holds checkpoints of another run \(step_000100\), and this run starts from step 0 \(checkpoint.resume is false\)", proc.stderr)
     assert earlier.is_dir() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
+    # A resume past train.steps (lowered to end a run early): it trained nothing and exported the step-100 weights
+    # as final_hf of a run whose config.yaml said 3 steps
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000100")
+    proc = subprocess.run([*args, "train.steps=3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"checkpoints/step_000100 is past train.steps = 3: raise train.steps, or give another out_dir", proc.stderr), proc.stderr
+
     # Another run's exports and no checkpoint to resume from: its best_hf would stay beside this run's metrics
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     (tmp_path / "run" / "best_hf").mkdir()

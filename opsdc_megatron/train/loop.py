@@ -104,7 +104,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     token_multiple = fp8_token_multiple(config.model.fp8)
 
     checkpoints = out / "checkpoints"
-    check_fresh_start(out, config.checkpoint.resume)
+    check_fresh_start(out, config.checkpoint.resume, config.train.steps)
     resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
     state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
