@@ -26,6 +26,10 @@
 #   NCCL_*, CUDA_DEVICE_MAX_CONNECTIONS, OMP_NUM_THREADS: defaults below unless already set
 
 set -uo pipefail
+# bash 4.2 (RHEL 7) calls an empty array unbound under `set -u`: every job without overrides or a container died.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+    echo "opsdc_job.sh: needs bash >= 4.4, this is $BASH_VERSION" >&2; exit 2
+fi
 : "${OPSDC_RECIPE:?set OPSDC_RECIPE before sourcing slurm/opsdc_job.sh}"
 OPSDC_HOME=${OPSDC_HOME:-${SLURM_SUBMIT_DIR:?run this through sbatch}}
 cd "$OPSDC_HOME" || exit 2
@@ -161,15 +165,23 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
     for host in "${ROLLOUT_HOSTS[@]}"; do [[ $(node_addr "$host") == *:* ]] && OPSDC_BIND_HOST=::; done
     SERVER_GPU_ARGS=()
     [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && SERVER_GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
-    start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --relative=0 --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
-        --ntasks=$((OPSDC_ROLLOUT_NODES * OPSDC_SERVERS_PER_ROLLOUT_NODE)) \
-        "${SERVER_GPU_ARGS[@]}" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" "${CONTAINER[@]}" \
-        "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step server --recipe "$OPSDC_RECIPE" "${OVERRIDES[@]}"
     WORKER_URLS=()
     for host in "${ROLLOUT_HOSTS[@]}"; do
         addr=$(node_addr "$host")
         for ((i = 0; i < OPSDC_SERVERS_PER_ROLLOUT_NODE; i++)); do WORKER_URLS+=("http://$(url_host "$addr"):$((OPSDC_SERVER_BASE_PORT + i))"); done
     done
+    if [ "$VALIDATE" != 1 ]; then  # another job's server there would answer the health wait below and serve this job
+        for url in "${WORKER_URLS[@]}"; do
+            if curl --noproxy '*' -s --max-time 5 -o /dev/null "$url/health"; then
+                log "FAILED: $url answers before this job started its servers: another job's server on that port (ports shift by job id % 20)"
+                exit 1
+            fi
+        done
+    fi
+    start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --relative=0 --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
+        --ntasks=$((OPSDC_ROLLOUT_NODES * OPSDC_SERVERS_PER_ROLLOUT_NODE)) \
+        "${SERVER_GPU_ARGS[@]}" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" "${CONTAINER[@]}" \
+        "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step server --recipe "$OPSDC_RECIPE" "${OVERRIDES[@]}"
     READY_URLS=("${WORKER_URLS[@]}")
     if [ "$OPSDC_ROUTER_PORT" -gt 0 ]; then
         ROUTER_URL="http://$(url_host "$(node_addr "${ROLLOUT_HOSTS[0]}")"):$OPSDC_ROUTER_PORT"

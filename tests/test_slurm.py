@@ -275,6 +275,36 @@ def test_nemo_run_launcher_runs_the_same_job(cluster, toy, uninterrupted, execut
             assert nemo[step][key] == uninterrupted[step][key], (step, key)
 
 
+def test_launcher_container_mounts_leave_the_overrides_alone() -> None:
+    """--container-mounts took every argument after it (nargs="*"): the overrides became mounts."""
+    from opsdc_megatron.launch.__main__ import parse_args
+
+    args = parse_args(["--recipe", "r.yaml", "--executor", "slurm", "--container-mounts", "/data:/data", "--container-mounts", "/m:/m",
+                       "out_dir=/x", "model.hf_path=/m/q"])
+    assert args.container_mounts == ["/data:/data", "/m:/m"] and args.overrides == ["out_dir=/x", "model.hf_path=/m/q"]
+
+
+def test_the_server_step_refuses_a_port_another_jobs_server_holds(tmp_path, monkeypatch, capsys) -> None:
+    """Jobs whose ids are 20 apart share shifted ports: the second job's server step exec'd SGLang anyway (which
+    then failed to bind, unseen) and its trainer used the first job's server. Now it exits, naming the port; also
+    with the IPv6 bind address (its URL lacked brackets)."""
+    import socket
+
+    from opsdc_megatron.launch.sglang_step import main as step_main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for bind_host in ("0.0.0.0", "::"):
+            monkeypatch.setenv("OPSDC_BIND_HOST", bind_host)
+            monkeypatch.setenv("SLURM_LOCALID", "0")
+            with pytest.raises(SystemExit) as exit_:
+                step_main(["server", "--recipe", str(ROOT / "recipes" / "toy_cpu_sglang.yaml"), "out_dir=x", "model.hf_path=x",
+                           "data.train_prompts=x", f"rollout.sglang.base_port={port}", f"rollout.sglang.python={sys.executable}"])
+            assert f"port {port} is already in use" in str(exit_.value.code), exit_.value.code
+
+
 def test_launcher_keeps_each_runs_recipe_beside_the_run(toy, tmp_path):
     """Two jobs under one NEMORUN_HOME: each SLURM task reads its own resolved recipe (a shared path
     made job A train into job B's out_dir). Dry runs: nothing is submitted. The interpreter's path has a
@@ -410,6 +440,29 @@ def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
     assert status == 2, text
     assert "rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in text and "would run" not in text
     assert not (tmp_path / "sglang" / "slurm_logs").exists()
+    # Another job's server on this job's ports (job ids 20 apart share them): it answered the health wait and
+    # served this job's trainer. An answering server at every shift: the job stops before its server step.
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+
+    port = sglang_base_port()
+    squatters = [http.server.ThreadingHTTPServer(("127.0.0.1", port + shift), Healthy) for shift in range(0, 2000, 100)]
+    for squatter in squatters:
+        threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "taken.log", *toy_overrides(toy, tmp_path / "taken", f"rollout.sglang.base_port={port}"))
+    finally:
+        for squatter in squatters:
+            squatter.shutdown()
+            squatter.server_close()
+    text = (tmp_path / "taken.log").read_text()
+    assert status == 1 and "answers before this job started its servers: another job's server on that port" in text, text[-3000:]
+    assert "rollout servers ready" not in text and not list((tmp_path / "taken").glob("slurm_logs/*/sglang_servers.log")), text[-3000:]
 
 
 def test_launcher_refuses_bad_inputs_before_submitting(cluster, toy, tmp_path):

@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time", default="04:00:00", help="SLURM time limit (default 04:00:00)")
     parser.add_argument("--mem", help="SLURM --mem per node, e.g. 0 (all) or 8G; default: the cluster's")
     parser.add_argument("--container-image", help="pyxis/enroot image for the trainer tasks")
-    parser.add_argument("--container-mounts", nargs="*", default=[])
+    parser.add_argument("--container-mounts", action="append", default=[], metavar="SRC:DST",
+                        help="a container mount; repeat the flag for more (one flag took the overrides after it as mounts)")
     parser.add_argument("--python", help="interpreter on the nodes (default: this one; 'python' in a container)")
     parser.add_argument("--signal-before-limit-s", type=int, default=300, help="SIGUSR1 this many seconds before the time limit")
     parser.add_argument("--retries", type=int, default=3, help="requeues after a checkpoint-and-exit or a failure")

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         sys.exit(f"opsdc sglang step: error: {error}")
 
-    from opsdc_megatron.rollout.sglang.launcher import SGLangRouter, SGLangServer
+    from opsdc_megatron.rollout.sglang.launcher import SGLangRouter, SGLangServer, ServerStartError
     from opsdc_megatron.rollout.sglang.start import server_settings
 
     # Every address of the node (slurm/opsdc_job.sh sets "::" when a rollout node's address is IPv6).
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         if not worker_urls or not config.rollout.sglang.router_port:
             sys.exit("opsdc sglang step: error: the router needs --worker-urls and rollout.sglang.router_port")
         process = SGLangRouter(worker_urls, settings, config.rollout.sglang.router_port, log_dir)
+    try:  # as the trainer's launcher does: another job's server on this node and port would serve this job
+        process.refuse_taken_port()
+    except ServerStartError as error:
+        sys.exit(f"opsdc sglang step: error: {error}")
     print(f"opsdc sglang step: {' '.join(process.command)}", flush=True)
     os.execvpe(process.command[0], process.command, process.env)
 

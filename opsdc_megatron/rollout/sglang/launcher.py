@@ -107,6 +107,11 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def _http_url(host: str, port: int) -> str:
+    """The base URL of a server on `host` (an IPv6 literal in brackets, as "::" from slurm/opsdc_job.sh)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class ManagedProcess:
     """A subprocess in its own process group, with a log file, a readiness probe and a clean stop."""
 
@@ -114,19 +119,23 @@ class ManagedProcess:
         self.name, self.command, self.env, self.log_path, self.ready_url = name, command, env, log_path, ready_url
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        if self.alive():
-            raise RuntimeError(f"{self.name} is already running (pid {self.process.pid})")
-        # Another run's server on this port would answer the readiness probe (SGLang binds its port
-        # last, after loading the model), and this run would sample from it and push weights into it.
+    def refuse_taken_port(self) -> None:
+        """Another run's server on this port would answer the readiness probe (SGLang binds its port
+        last, after loading the model), and this run would sample from it and push weights into it."""
         address = urlsplit(self.ready_url)
-        with socket.socket() as probe:
+        host = "127.0.0.1" if address.hostname in ("0.0.0.0", "::") else address.hostname  # every interface: this host
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.settimeout(2)
-            if probe.connect_ex(("127.0.0.1" if address.hostname == "0.0.0.0" else address.hostname, address.port)) == 0:
+            if probe.connect_ex((host, address.port)) == 0:
                 raise ServerStartError(
                     f"{self.name}: port {address.port} is already in use (another run's server?); choose another "
                     "rollout.sglang.base_port (router_port for the router, --sglang-base-port for opsdc eval)"
                 )
+
+    def start(self) -> None:
+        if self.alive():
+            raise RuntimeError(f"{self.name} is already running (pid {self.process.pid})")
+        self.refuse_taken_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
@@ -191,7 +200,7 @@ class SGLangServer(ManagedProcess):
     def __init__(self, index: int, settings: ServerSettings, log_dir: Path) -> None:
         self.index, self.settings = index, settings
         self.port = settings.base_port + index
-        self.url = f"http://{settings.host}:{self.port}"
+        self.url = _http_url(settings.host, self.port)
         super().__init__(f"SGLang server {index} ({self.url})", self._command(), self._env(), log_dir / f"server_{index}.log", f"{self.url}/health")
 
     def _command(self) -> list[str]:
@@ -242,7 +251,7 @@ class SGLangRouter(ManagedProcess):
     """
 
     def __init__(self, worker_urls: list[str], settings: ServerSettings, port: int, log_dir: Path) -> None:
-        self.url = f"http://{settings.host}:{port}"
+        self.url = _http_url(settings.host, port)
         command = [
             settings.python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", settings.host,
             "--port", str(port), "--disable-retries", "--health-check-interval-secs", "2", "--health-failure-threshold", "1",
