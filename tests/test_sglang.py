@@ -442,6 +442,28 @@ def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trai
     assert engine.restarts == 1 and post_json(f"{fleet.urls[1]}/model_info", None, 10)["weight_version"] == "5"
 
 
+def test_a_restart_still_running_when_the_trainer_lets_go_of_the_weights_pushes_them_first(
+    fleet: ServerFleet, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server 0 is SIGKILLed mid-batch and is still restarting when the batch is done; the trainer then does
+    what train/loop.py does before exporting the next step's weights: `release_weights`, then empties the
+    dict it pushed. The restart pushes those weights before they go (it read the emptied dict)."""
+    state, reference = shifted_weights(tiny_model, seed=13)
+    engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, backoff_s=0.2)
+    engine.update_weights(state, version=13)
+    prompts = [[2 + (i % 120), 7 + (i * 5) % 120] for i in range(48)]
+    fault_before_request(monkeypatch, fleet.urls[0], request_number=10, fault=fleet.servers[0].kill)
+    try:
+        engine.sample(prompts, SamplingParams(max_new_tokens=32), seed=8)
+        assert any(thread.is_alive() for thread in engine._recoveries.values()), "the test needs the restart to outlast the batch"
+        engine.release_weights()
+        state.clear()
+    finally:  # a failed test must not leave a server down to the tests after it
+        engine.wait_for_recovery()
+    assert engine.restarts == 1
+    assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), 13)
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 
@@ -453,6 +475,8 @@ def test_vocabulary_mismatch_is_refused(fleet: ServerFleet) -> None:
         engine.generate([[1, 2], [128]], SamplingParams(max_new_tokens=2), seed=0)
     with pytest.raises(ValueError, match="model.embed_tokens.weight has 200 rows"):
         engine.update_weights({"model.embed_tokens.weight": torch.zeros(200, 64)}, version=9)
+    with pytest.raises(ValueError, match="weight push of version 9: the state dict is empty"):
+        engine.update_weights({}, version=9)
 
 
 def test_server_error_answer_is_raised_with_its_message(fleet: ServerFleet) -> None:

@@ -52,6 +52,10 @@ class RolloutEngine(ABC):
         the trainer does not keep a host copy of the model on this rank)."""
         return True
 
+    def release_weights(self) -> None:
+        """Called before the trainer empties the dict it last passed to `update_weights` (to build the
+        next one without two host copies of the model): an engine that still reads it must let go first."""
+
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[Rollout]:
         """One sampled response per prompt, in prompt order; `seed` makes the draw reproducible."""

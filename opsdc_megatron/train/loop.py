@@ -189,6 +189,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         stopping = preemption.requested()  # at the last step too: the resumed run does its push, eval and final export
         eval_due = bool(config.eval.every_steps) and step % config.eval.every_steps == 0
         if not stopping:
+            engine.release_weights()
             pushed.clear()  # the last step's host copy goes first: one copy of the model in host memory, not two
             pushed = export_hf_state_dict(model.student, keeps_weights)
             engine.update_weights(pushed, version=step)  # 6. weight push

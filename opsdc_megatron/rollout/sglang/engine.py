@@ -174,6 +174,8 @@ class SGLangRolloutEngine(RolloutEngine):
         if embed is not None and embed.shape[0] != self.vocab_size:
             raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
         if self.transport is not None:
+            if not hf_state_dict:
+                raise ValueError(f"weight push of version {version}: the state dict is empty")
             self.wait_for_recovery()
             if self.fleet is None:
                 self._readmit_answering()
@@ -190,6 +192,12 @@ class SGLangRolloutEngine(RolloutEngine):
         if self.transport is None:
             self._healthy = set(owner_healthy[0]) if owner_healthy[0] is not None else {i for i in range(len(self.urls)) if self._server_ok(i)}
         self._version = version
+
+    def release_weights(self) -> None:
+        """A restart still running (a server that died during the rollouts) pushes the last weights to its
+        server: it finishes before they go. None is started until the next push (no rollouts in between)."""
+        self.wait_for_recovery()
+        self._pushed = None
 
     def _push_to_healthy(self, hf_state_dict: Mapping[str, torch.Tensor], version: str) -> None:
         """Pause, push, continue on every healthy server. A server that dies meanwhile leaves the pool (its
