@@ -56,12 +56,12 @@ def preflight(config: RunConfig) -> None:
             check_hf_folder(hf_path)
         except ValueError as error:
             raise ValueError(f"model.hf_path: {error}") from None
-    from opsdc_megatron.train.checkpoint import check_fresh_start
+    from opsdc_megatron.train.checkpoint import resume_point
 
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
-    check_fresh_start(out_dir, config.checkpoint.resume, config.train.steps)
+    resume_point(out_dir, config.checkpoint.resume, config.train.steps)
     PromptStream(load_prompts(config.data.train_prompts), load_tokenizer(hf_path), config)
     if config.data.eval_prompts:
         load_prompts(config.data.eval_prompts)

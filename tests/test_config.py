@@ -226,6 +226,12 @@ def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"checkpoints/step_000100 is past train.steps = 3: raise train.steps, or give another out_dir", proc.stderr), proc.stderr
 
+    # A marker naming no complete checkpoint: refused before torchrun starts (every rank raised it)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000200")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"checkpoints/latest names .*checkpoints/step_000200, which is not a complete checkpoint", proc.stderr), proc.stderr
+
     # Another run's exports and no checkpoint to resume from: its best_hf would stay beside this run's metrics
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     (tmp_path / "run" / "best_hf").mkdir()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from opsdc_megatron.models.qwen3.model import load_hf_config
-from opsdc_megatron.models.qwen3.state_dict_adapter import IGNORED_HF_TENSORS, hf_tensor_shapes
+from opsdc_megatron.models.qwen3.state_dict_adapter import IGNORED_HF_TENSORS, hf_tensor_headers
 
 DIST_CHECKPOINT_METADATA = "metadata.json"
 _EMBEDDING = "model.embed_tokens.weight"
@@ -38,6 +36,10 @@ def require_new_output(out: Path) -> None:
         raise ConversionError(f"{out}: output folder exists; remove it or choose another --out")
 
 
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""The weight dtypes a model folder may store (safetensors' names)."""
+
+
 def check_hf_folder(folder: Path) -> HFModelFolder:
     """A HF model folder whose weights (names and shapes) match its config.json.
 
@@ -51,13 +53,13 @@ def check_hf_folder(folder: Path) -> HFModelFolder:
         raise ConversionError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     try:
         config = load_hf_config(folder)
-        shapes = hf_tensor_shapes(folder)
+        headers = hf_tensor_headers(folder)
     except (ValueError, FileNotFoundError) as error:
         raise ConversionError(f"{folder}: {error}") from None
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config)
     expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
-    shapes = {name: shape for name, shape in shapes.items() if not IGNORED_HF_TENSORS.match(name)}
+    shapes = {name: header.shape for name, header in headers.items() if not IGNORED_HF_TENSORS.match(name)}
     if config.tie_word_embeddings:
         expected.pop(_TIED_LM_HEAD, None)
         shapes = {name: shape for name, shape in shapes.items() if name != _TIED_LM_HEAD}
@@ -70,30 +72,14 @@ def check_hf_folder(folder: Path) -> HFModelFolder:
             f"{folder}: config.json does not match the weights:\n"
             + "\n".join(f"  {kind}: {names}" for kind, names in problems if names)
         )
-    stored = _stored_dtypes(folder, expected)
+    stored = {}
+    for name in expected:
+        header = headers[name]
+        if header.dtype not in _DTYPES:
+            raise ConversionError(f"{folder / header.file}: {name} is stored as {header.dtype}; expected one of {sorted(_DTYPES)}")
+        stored[name] = _DTYPES[header.dtype]
     dtype = stored[_EMBEDDING]
     return HFModelFolder(folder, config, dtype, {name: other for name, other in sorted(stored.items()) if other != dtype})
-
-
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def _stored_dtypes(folder: Path, names: Iterable[str]) -> dict[str, torch.dtype]:
-    """Name -> dtype of the named tensors, from the safetensors headers only."""
-    index = folder / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.exists() else None
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(weight_map[name] if weight_map else "model.safetensors", []).append(name)
-    dtypes = {}
-    for file, file_names in sorted(by_file.items()):
-        with safe_open(folder / file, framework="pt", device="cpu") as handle:
-            for name in file_names:
-                stored = handle.get_slice(name).get_dtype()
-                if stored not in _DTYPES:
-                    raise ConversionError(f"{folder / file}: {name} is stored as {stored}; expected one of {sorted(_DTYPES)}")
-                dtypes[name] = _DTYPES[stored]
-    return dtypes
 
 
 def check_megatron_checkpoint(ckpt: Path) -> None:

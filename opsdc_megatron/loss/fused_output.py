@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from opsdc_megatron.loss.reverse_kl import Backend, chunk_rows, kl_statistics, resolve_backend, reverse_kl_grad_into
+from opsdc_megatron.loss.reverse_kl import Backend, chunk_rows, compute_dtype, kl_statistics, resolve_backend, reverse_kl_grad_into
 
 __all__ = ["FusedOutputLoss", "fused_output_reverse_kl"]
 
@@ -135,8 +135,8 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         if into_main_grad:
             grad_weight = student_weight.main_grad
         elif want_weight:
-            grad_weight = torch.zeros(student_weight.shape, dtype=torch.promote_types(torch.float32, student_weight.dtype), device=student_weight.device)
-        dtype = torch.promote_types(torch.float32, student_hidden.dtype)  # of the statistics
+            grad_weight = torch.zeros(student_weight.shape, dtype=compute_dtype(student_weight), device=student_weight.device)
+        dtype = compute_dtype(student_hidden, teacher_hidden)  # of the statistics
         scale, vocab_shard = token_weights.to(dtype), student_weight.shape[0]
         kl = torch.empty(student_hidden.shape[0], dtype=scale.dtype, device=student_hidden.device)
         for start in range(0, student_hidden.shape[0], rows):

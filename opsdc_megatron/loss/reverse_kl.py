@@ -80,7 +80,7 @@ __all__ = ["vocab_parallel_reverse_kl", "vocab_parallel_forward_kl"]
 Backend = Literal["auto", "torch", "triton"]
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """fp32 for bf16/fp16/fp32 inputs; fp64 only if an input already is (for gradcheck)."""
     dtype = torch.float32
     for tensor in tensors:
@@ -122,7 +122,7 @@ def resolve_backend(backend: Backend, *tensors: Tensor) -> Literal["torch", "tri
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend != "auto":
         return backend
-    if not all(t.is_cuda for t in tensors) or _compute_dtype(*tensors) != torch.float32:
+    if not all(t.is_cuda for t in tensors) or compute_dtype(*tensors) != torch.float32:
         return "torch"
     try:
         from opsdc_megatron.loss import triton_kernels  # noqa: F401
@@ -240,7 +240,7 @@ def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch
         from opsdc_megatron.loss import triton_kernels
 
         return triton_kernels.local_statistics(x_logits, y_logits)
-    return _local_statistics_torch(x_logits, y_logits, _compute_dtype(x_logits, y_logits), rows)
+    return _local_statistics_torch(x_logits, y_logits, compute_dtype(x_logits, y_logits), rows)
 
 
 def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
@@ -327,7 +327,7 @@ class _VocabParallelKL(torch.autograd.Function):
         reverse: bool,
         backend: Literal["torch", "triton"],
     ) -> Tensor:
-        dtype = _compute_dtype(student_logits, teacher_logits)
+        dtype = compute_dtype(student_logits, teacher_logits)
         student, teacher = _flatten(student_logits), _flatten(teacher_logits)
         rows = chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
         x, y = (student, teacher) if reverse else (teacher, student)

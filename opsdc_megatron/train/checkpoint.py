@@ -95,9 +95,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def check_fresh_start(out: Path, resume: bool, steps: int) -> None:
-    """A run told not to resume refuses checkpoints already there: saving and pruning among another
-    run's (a later step sorts last) would delete its own, and a later resume would take the other's.
+def resume_point(out: Path, resume: bool, steps: int) -> Path | None:
+    """The checkpoint a run in `out` resumes from (None: it starts at step 0), once what would mix two
+    runs is refused. A run told not to resume refuses checkpoints already there: saving and pruning among
+    another run's (a later step sorts last) would delete its own, and a later resume would take the other's.
     A run that resumes nothing refuses another run's best_hf/final_hf, which would stay beside its metrics.
     A resume from past `steps` (train.steps lowered) is refused: it would train nothing and export the
     checkpoint's later weights as final_hf of a run whose config.yaml says fewer steps."""
@@ -107,15 +108,15 @@ def check_fresh_start(out: Path, resume: bool, steps: int) -> None:
             f"{out / 'checkpoints'} holds checkpoints of another run ({', '.join(p.name for p in earlier)}), and this run starts "
             f"from step 0 (checkpoint.resume is false): give another out_dir, or remove them"
         )
-    marker = out / "checkpoints" / LATEST
-    resumed = (marker.parent / marker.read_text(encoding="utf-8").strip()) if marker.is_file() else earlier[-1] if earlier else None
-    if resume and resumed is not None and resumed.name.removeprefix("step_").isdigit() and _step_of(resumed) > steps:
-        raise ConfigError(f"{resumed} is past train.steps = {steps}: raise train.steps, or give another out_dir")
     exports = [name for name in (BEST_EXPORT, FINAL_EXPORT) if (out / name).exists()]
     if exports and not earlier:
         raise ConfigError(
             f"{out} holds {' and '.join(exports)} of another run and no checkpoint to resume from: give another out_dir, or remove them"
         )
+    resumed = latest_checkpoint(out / "checkpoints") if resume else None
+    if resumed is not None and resumed.name.removeprefix("step_").isdigit() and _step_of(resumed) > steps:
+        raise ConfigError(f"{resumed} is past train.steps = {steps}: raise train.steps, or give another out_dir")
+    return resumed
 
 
 def best_candidate(out: Path, step: int) -> Path:
@@ -154,7 +155,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     marker = root / LATEST
     if not marker.exists():
         complete = complete_checkpoints(root)
-        if complete and dist.get_rank() == 0:
+        if complete and dist.is_initialized() and dist.get_rank() == 0:  # not the launcher's preflight: rank 0 says it
             print(f"opsdc train: {marker} is missing; resuming from the newest complete checkpoint, {complete[-1]}", file=sys.stderr, flush=True)
         return complete[-1] if complete else None
     path = root / marker.read_text(encoding="utf-8").strip()

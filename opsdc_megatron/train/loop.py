@@ -35,8 +35,7 @@ from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import (
-    FINAL_EXPORT, best_candidate, check_fresh_start, latest_checkpoint, load_checkpoint, record_trainer_state, save_checkpoint,
-    settle_best_export,
+    FINAL_EXPORT, best_candidate, load_checkpoint, record_trainer_state, resume_point, save_checkpoint, settle_best_export,
 )
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
@@ -104,8 +103,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     token_multiple = fp8_token_multiple(config.model.fp8)
 
     checkpoints = out / "checkpoints"
-    check_fresh_start(out, config.checkpoint.resume, config.train.steps)
-    resume_from = latest_checkpoint(checkpoints) if config.checkpoint.resume else None
+    resume_from = resume_point(out, config.checkpoint.resume, config.train.steps)
     state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)

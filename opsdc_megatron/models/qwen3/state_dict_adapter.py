@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -248,6 +248,42 @@ def _expected_hf_shapes(layout: Layout, param: torch.Tensor, geo: _Geometry) -> 
 # Reading Hugging Face tensors.
 
 
+class TensorHeader(NamedTuple):
+    """A tensor as its safetensors header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors' name of the dtype: "BF16", "F32", ..."""
+    file: str
+    """The shard that holds it, relative to the folder."""
+
+
+def hf_tensor_headers(folder: str | Path) -> dict[str, TensorHeader]:
+    """Name -> header of every tensor in a Hugging Face folder (its shards' headers only, no data read).
+
+    Raises:
+        FileNotFoundError: no weights, or shards the index names are missing.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    missing_files = [file for file in files if not (folder / file).is_file()]
+    if missing_files:
+        raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
+    headers: dict[str, TensorHeader] = {}
+    for file in files:
+        with safe_open(folder / file, framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                headers[name] = TensorHeader(tuple(tensor.get_shape()), tensor.get_dtype(), file)
+    return headers
+
+
 def _open_source(source: HFSource) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
     """(name -> shape for every tensor in the source, a reader of one tensor by name).
 
@@ -258,35 +294,13 @@ def _open_source(source: HFSource) -> tuple[dict[str, tuple[int, ...]], Callable
     if isinstance(source, Mapping):
         return {name: tuple(t.shape) for name, t in source.items()}, source.__getitem__
     folder = Path(source)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-        weight_map = {}
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    missing_files = [file for file in files if not (folder / file).is_file()]
-    if missing_files:
-        raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(folder / file, framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-                weight_map.setdefault(name, file)
+    headers = hf_tensor_headers(folder)
 
     def read(name: str) -> torch.Tensor:
-        with safe_open(folder / weight_map[name], framework="pt", device="cpu") as handle:
+        with safe_open(folder / headers[name].file, framework="pt", device="cpu") as handle:
             return handle.get_tensor(name)
 
-    return shapes, read
-
-
-def hf_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a Hugging Face folder, from the safetensors headers only."""
-    return _open_source(folder)[0]
+    return {name: header.shape for name, header in headers.items()}, read
 
 
 def _checked_reader(gpt: GPTModel, entries: list, source: HFSource) -> Callable[[str], torch.Tensor]:
