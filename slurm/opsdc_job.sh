@@ -163,6 +163,7 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
     # Servers listen on every address of their node: IPv6 ones too when a rollout node's address is IPv6.
     export OPSDC_BIND_HOST=0.0.0.0
     for host in "${ROLLOUT_HOSTS[@]}"; do [[ $(node_addr "$host") == *:* ]] && OPSDC_BIND_HOST=::; done
+    export OPSDC_FAILED_TASK_DIR=$LOG_DIR  # a server or router task that fails writes why there (launch/sglang_step.py)
     SERVER_GPU_ARGS=()
     [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && SERVER_GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
     WORKER_URLS=()
@@ -200,6 +201,11 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
                     if [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null; then
                         log "FAILED: the $step step ended while waiting for $url/health (see $LOG_DIR/$step.log)"; stop_steps; exit 1
                     fi
+                done
+                # One task of a step failed (its step goes on: --kill-on-bad-exit=0 keeps a server's death mid-run from ending the others).
+                for failed in "$LOG_DIR"/sglang_*.failed; do
+                    [ -f "$failed" ] || continue
+                    log "FAILED while waiting for $url/health: $(cat "$failed") (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
                 done
                 if [ $SECONDS -ge $deadline ]; then
                     log "FAILED: $url did not answer /health within rollout.sglang.startup_timeout_s = $OPSDC_SERVER_STARTUP_TIMEOUT_S s (see $LOG_DIR/sglang_*.log)"

@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,7 +304,34 @@ def test_the_server_step_refuses_a_port_another_jobs_server_holds(tmp_path, monk
             with pytest.raises(SystemExit) as exit_:
                 step_main(["server", "--recipe", str(ROOT / "recipes" / "toy_cpu_sglang.yaml"), "out_dir=x", "model.hf_path=x",
                            "data.train_prompts=x", f"rollout.sglang.base_port={port}", f"rollout.sglang.python={sys.executable}"])
-            assert f"port {port} is already in use" in str(exit_.value.code), exit_.value.code
+            assert exit_.value.code == 1 and f"port {port} is already in use" in capsys.readouterr().err
+
+
+def test_a_failed_server_task_says_why_to_the_job_script_and_a_stopped_one_does_not(tmp_path, monkeypatch, capsys) -> None:
+    """The server step's tasks run SGLang to its end (they exec'd it): one that fails leaves a line in
+    $OPSDC_FAILED_TASK_DIR, named by task, with the status; one stopped by SIGTERM (the job's stop) leaves none."""
+    from opsdc_megatron.launch.sglang_step import run_task
+
+    monkeypatch.setenv("OPSDC_FAILED_TASK_DIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURMD_NODENAME", "node7")
+    with pytest.raises(SystemExit) as exit_:
+        run_task("server", [sys.executable, "-c", "import sys; sys.exit(5)"], dict(os.environ))
+    assert exit_.value.code == 5
+    assert (tmp_path / "sglang_server_task_3.failed").read_text() == f"sglang server task 3 on node7: {sys.executable} -c import sys; sys.exit(5) ... exited with status 5\n"
+
+    (tmp_path / "sglang_server_task_3.failed").unlink()
+    waiting = [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); print('up', flush=True); time.sleep(60)"]
+    stopper = threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM))  # srun passes the job's SIGTERM to the task
+    stopper.start()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_task("server", waiting, dict(os.environ))
+    finally:
+        stopper.cancel()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert exit_.value.code == 143 and not list(tmp_path.iterdir())
 
 
 def test_launcher_keeps_each_runs_recipe_beside_the_run(toy, tmp_path):
@@ -382,6 +411,33 @@ def test_sigusr1_while_the_servers_start_requeues_without_waiting_for_them(clust
         wait_until(lambda: job_field(cluster, job, "JobState") in ("CANCELLED", "COMPLETED", "FAILED"), "the job to end", poll_s=1)
 
 
+@pytest.mark.sglang
+@pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
+def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(cluster, toy, tmp_path):
+    """Two servers on the rollout node; task 1's port is held by something that never answers, and the task
+    exits. Its step goes on (--kill-on-bad-exit=0, so that a server's death mid-run leaves the others), and
+    the script waited for task 1's /health until rollout.sglang.startup_timeout_s (1800 s in the H100
+    recipes), then blamed the timeout. Now it stops at once, naming the task, its node and why."""
+    import socket
+
+    port = sglang_base_port()
+    holders = []
+    try:
+        for shift in range(0, 2000, 100):  # every shift the job id may give
+            holders.append(socket.socket())
+            holders[-1].bind(("127.0.0.1", port + shift + 1))
+            holders[-1].listen()
+        status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "failed.log", *toy_overrides(
+            toy, tmp_path / "failed", f"rollout.sglang.base_port={port}", "rollout.sglang.num_servers=2", "rollout.sglang.startup_timeout_s=120"))
+    finally:
+        for holder in holders:
+            holder.close()
+    text = (tmp_path / "failed.log").read_text()
+    task_port = port + int(job) % 20 * 100 + 1
+    assert status == 1 and re.search(rf"FAILED while waiting for \S+/health: sglang server task 1 on node1: .*port {task_port} is already in use", text), text[-3000:]
+    assert "did not answer /health" not in text and "trainer started" not in text, text[-3000:]
+
+
 @pytest.mark.parametrize(
     "script, nodes, trainer_nodes, servers_per_node, gpus_per_server",
     [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
@@ -443,7 +499,6 @@ def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
     # Another job's server on this job's ports (job ids 20 apart share them): it answered the health wait and
     # served this job's trainer. An answering server at every shift: the job stops before its server step.
     import http.server
-    import threading
 
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
