@@ -183,32 +183,33 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
         --ntasks=$((OPSDC_ROLLOUT_NODES * OPSDC_SERVERS_PER_ROLLOUT_NODE)) \
         "${SERVER_GPU_ARGS[@]}" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" "${CONTAINER[@]}" \
         "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step server --recipe "$OPSDC_RECIPE" "${OVERRIDES[@]}"
-    READY_URLS=("${WORKER_URLS[@]}")
+    READY_PROBES=()  # a server answers /health once its model is loaded
+    for url in "${WORKER_URLS[@]}"; do READY_PROBES+=("$url/health"); done
     if [ "$OPSDC_ROUTER_PORT" -gt 0 ]; then
         ROUTER_URL="http://$(url_host "$(node_addr "${ROLLOUT_HOSTS[0]}")"):$OPSDC_ROUTER_PORT"
         start_step sglang_router --nodes=1 --ntasks=1 --relative=0 --overlap --output="$LOG_DIR/sglang_router.log" \
             "${CONTAINER[@]}" "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step router --recipe "$OPSDC_RECIPE" \
             --worker-urls "$(IFS=,; echo "${WORKER_URLS[*]}")" "${OVERRIDES[@]}"
-        READY_URLS+=("$ROUTER_URL")
+        READY_PROBES+=("$ROUTER_URL/readiness")  # the router's /health answers before it has registered its workers
     fi
     if [ "$VALIDATE" != 1 ]; then
         deadline=$((SECONDS + OPSDC_SERVER_STARTUP_TIMEOUT_S))  # rollout.sglang.startup_timeout_s
-        for url in "${READY_URLS[@]}"; do
+        for probe in "${READY_PROBES[@]}"; do
             # Straight to the node (a cluster's http_proxy cannot reach it), and never longer than 10 s a try.
-            until curl --noproxy '*' -sf --max-time 10 "$url/health" >/dev/null; do
+            until curl --noproxy '*' -sf --max-time 10 "$probe" >/dev/null; do
                 [ "$REQUEUE_ASKED" = 1 ] && break 2  # SIGUSR1: nothing to wait for, the job is requeued below
                 for step in sglang_servers sglang_router; do
                     if [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null; then
-                        log "FAILED: the $step step ended while waiting for $url/health (see $LOG_DIR/$step.log)"; stop_steps; exit 1
+                        log "FAILED: the $step step ended while waiting for $probe (see $LOG_DIR/$step.log)"; stop_steps; exit 1
                     fi
                 done
                 # One task of a step failed (its step goes on: --kill-on-bad-exit=0 keeps a server's death mid-run from ending the others).
                 for failed in "$LOG_DIR"/sglang_*.failed; do
                     [ -f "$failed" ] || continue
-                    log "FAILED while waiting for $url/health: $(cat "$failed") (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
+                    log "FAILED while waiting for $probe: $(cat "$failed") (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
                 done
                 if [ $SECONDS -ge $deadline ]; then
-                    log "FAILED: $url did not answer /health within rollout.sglang.startup_timeout_s = $OPSDC_SERVER_STARTUP_TIMEOUT_S s (see $LOG_DIR/sglang_*.log)"
+                    log "FAILED: $probe did not answer within rollout.sglang.startup_timeout_s = $OPSDC_SERVER_STARTUP_TIMEOUT_S s (see $LOG_DIR/sglang_*.log)"
                     stop_steps; exit 1
                 fi
                 sleep 2

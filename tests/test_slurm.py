@@ -366,21 +366,23 @@ def test_launcher_keeps_each_runs_recipe_beside_the_run(toy, tmp_path):
 @pytest.mark.sglang
 @pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
 def test_toy_recipe_with_an_sglang_server_step(cluster, toy):
-    """slurm/toy_cpu_sglang.sbatch: a real SGLang server (CPU) as one step of the job on node 1, the trainer
-    (TP=2) as another on node 2; the trainer's rollouts come from that server and its weights go back to it.
-    The job runs behind a cluster-style http_proxy that reaches nothing: the script's readiness check, the
+    """slurm/toy_cpu_sglang.sbatch: a real SGLang server (CPU) and sglang-router as steps of the job on node 1
+    (the script waits for the router's /readiness), the trainer (TP=2) as another on node 2; the trainer's
+    rollouts come from that server and its weights go back to it. The job runs behind a cluster-style http_proxy that reaches nothing: the script's readiness check, the
     trainer's requests and the server's own go around it."""
     out = toy / "sglang"
-    port = sglang_base_port()
+    port = free_base_port(range(0, 2000, 50))  # the servers' and the router's (base + 50) at every shift
     dead_proxy = {name: "http://127.0.0.1:9" for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")}
-    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", toy / "sglang.log", *toy_overrides(toy, out, f"rollout.sglang.base_port={port}", "rollout.sglang.startup_timeout_s=900"),
+    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", toy / "sglang.log", *toy_overrides(
+        toy, out, f"rollout.sglang.base_port={port}", f"rollout.sglang.router_port={port + 50}", "rollout.sglang.startup_timeout_s=900"),
                          extra_env=dead_proxy)
     log = (toy / "sglang.log").read_text()
     assert status == 0, log[-5000:]
-    assert f"rollout servers ready: http://127.0.0.1:{port + int(job) % 20 * 100}" in log and "trainer finished" in log
+    shift = int(job) % 20 * 100
+    assert f"rollout servers ready: http://127.0.0.1:{port + shift} (router http://127.0.0.1:{port + 50 + shift})" in log and "trainer finished" in log
     steps = subprocess.run(["sacct", "-j", job, "-n", "-P", "-o", "JobID,JobName,NodeList"], env=cluster, capture_output=True, text=True).stdout
     named = {line.split("|")[1]: line.split("|")[2] for line in steps.splitlines() if "." in line.split("|")[0]}
-    assert named.get("sglang_servers") == "node1" and named.get("trainer") == "node2", steps
+    assert named.get("sglang_servers") == "node1" and named.get("sglang_router") == "node1" and named.get("trainer") == "node2", steps
     (log_dir,) = (out / "slurm_logs").iterdir()
     assert logged_steps(log_dir / "trainer.log") == list(range(1, STEPS + 1))
     assert sorted(train_metrics(out)) == list(range(1, STEPS + 1))
@@ -435,7 +437,7 @@ def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(cluster,
     text = (tmp_path / "failed.log").read_text()
     task_port = port + int(job) % 20 * 100 + 1
     assert status == 1 and re.search(rf"FAILED while waiting for \S+/health: sglang server task 1 on node1: .*port {task_port} is already in use", text), text[-3000:]
-    assert "did not answer /health" not in text and "trainer started" not in text, text[-3000:]
+    assert "did not answer within" not in text and "trainer started" not in text, text[-3000:]
 
 
 @pytest.mark.parametrize(
