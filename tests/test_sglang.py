@@ -94,6 +94,13 @@ def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, behind_dea
         yield running
 
 
+@pytest.fixture
+def pushed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a disk push to the module's servers writes. Not the test's tmp_path, which goes when the test
+    passes: the servers go on serving from the folder, and the next test's engine reads its config.json."""
+    return tmp_path_factory.mktemp("pushed")
+
+
 @pytest.fixture(scope="module")
 def trainer(tiny_model: Path):
     """megatron-core student + teacher (TP=1) with the project's optimizer, in this process."""
@@ -185,10 +192,10 @@ def transformers_logprobs(model: Qwen3ForCausalLM, prompt: list[int], response: 
 
 
 @pytest.mark.parametrize("transport", ["distributed", "disk"])
-def test_other_transports_push_exact_weights(fleet: ServerFleet, tiny_model: Path, tmp_path: Path, transport: str) -> None:
+def test_other_transports_push_exact_weights(fleet: ServerFleet, tiny_model: Path, pushed_folder: Path, transport: str) -> None:
     """gloo broadcast group and safetensors folder; checked against transformers on the pushed weights."""
     version = {"distributed": 2, "disk": 3}[transport]
-    weights = DistributedTransport(bucket_bytes=64 * 1024) if transport == "distributed" else DiskTransport(tmp_path / "pushed", tiny_model)
+    weights = DistributedTransport(bucket_bytes=64 * 1024) if transport == "distributed" else DiskTransport(pushed_folder, tiny_model)
     engine = SGLangRolloutEngine(fleet, weights, [EOS], VOCAB)
     try:
         state, reference = shifted_weights(tiny_model, seed=version)
@@ -224,12 +231,12 @@ def test_refused_broadcast_aborts_that_servers_group_and_a_new_one_works(fleet: 
         weights.close()
 
 
-def test_an_answer_with_other_weights_is_sent_again_elsewhere(fleet: ServerFleet, tiny_model: Path, tmp_path: Path) -> None:
+def test_an_answer_with_other_weights_is_sent_again_elsewhere(fleet: ServerFleet, tiny_model: Path, pushed_folder: Path) -> None:
     """A trainer rank that is not the owner meets a server the owner restarted and has not yet brought to the
     current weights: those answers are not used, the server leaves that rank's pool, the prompts go elsewhere."""
     state, _ = shifted_weights(tiny_model, seed=3)  # the current weights, version 3
     restarted, current = fleet.urls
-    weights = DiskTransport(tmp_path / "pushed", tiny_model)
+    weights = DiskTransport(pushed_folder, tiny_model)
     TensorTransport().push({current: 1}, state, "3")  # whatever the tests before left there (the disk push would move its model path)
     weights.push({restarted: 1}, state, "launch")
     try:
@@ -351,13 +358,13 @@ def fault_before_request(monkeypatch: pytest.MonkeyPatch, url: str, request_numb
 
 @pytest.mark.parametrize("killed", [[0], [0, 1]], ids=["one", "all"])
 def test_servers_killed_during_a_push_are_restarted_with_the_new_weights(
-    fleet: ServerFleet, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: list[int]
+    fleet: ServerFleet, tiny_model: Path, pushed_folder: Path, monkeypatch: pytest.MonkeyPatch, killed: list[int]
 ) -> None:
     """Servers die as the push starts: the push completes on the others, or, with none left, through the
     restarts, which bring every restarted server to the pushed weights; all answer with them."""
     state, reference = shifted_weights(tiny_model, seed=7 + len(killed))
     version = 7 + len(killed)
-    weights = DiskTransport(tmp_path / "pushed", tiny_model)
+    weights = DiskTransport(pushed_folder, tiny_model)
     engine = SGLangRolloutEngine(fleet, weights, [EOS], VOCAB)
     real_push, pushes = weights.push, []
 
@@ -376,13 +383,13 @@ def test_servers_killed_during_a_push_are_restarted_with_the_new_weights(
     assert_logprob_parity(engine, lambda p, r: transformers_logprobs(reference, p, r), version)
 
 
-def test_a_rank_without_the_fleet_waits_while_rank_0_restarts_every_server(fleet: ServerFleet, tiny_model: Path, tmp_path: Path) -> None:
+def test_a_rank_without_the_fleet_waits_while_rank_0_restarts_every_server(fleet: ServerFleet, tiny_model: Path, pushed_folder: Path) -> None:
     """Both servers die while rank 0, the fleet's owner, has finished its rollouts and waits for the other
     ranks' (generate_across_ranks holds `serving_other_ranks` around the gather). Another trainer rank
     (URLs only) finds no server left: it waits while rank 0 notices and restarts them with the current
     weights, then carries on. It gave up at once; and rank 0, blocked in the gather, restarted nothing."""
     state, reference = shifted_weights(tiny_model, seed=21)
-    owner = SGLangRolloutEngine(fleet, DiskTransport(tmp_path / "pushed", tiny_model), [EOS], VOCAB, backoff_s=0.2)
+    owner = SGLangRolloutEngine(fleet, DiskTransport(pushed_folder, tiny_model), [EOS], VOCAB, backoff_s=0.2)
     other_rank = SGLangRolloutEngine(fleet.urls, None, [EOS], VOCAB, backoff_s=0.2, owner_restart_wait_s=600)
     owner.update_weights(state, version=21)
     other_rank.update_weights({}, version=21)  # what the owner's broadcast does on a real other rank
