@@ -198,15 +198,16 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
             # Straight to the node (a cluster's http_proxy cannot reach it), and never longer than 10 s a try.
             until curl --noproxy '*' -sf --max-time 10 "$probe" >/dev/null; do
                 [ "$REQUEUE_ASKED" = 1 ] && break 2  # SIGUSR1: nothing to wait for, the job is requeued below
+                # A task that failed said why (its step may go on: --kill-on-bad-exit=0 keeps a server's death
+                # mid-run from ending the others). Read before the steps' ends: a task writes it, then exits.
+                for failed in "$LOG_DIR"/sglang_*.failed; do
+                    [ -f "$failed" ] || continue
+                    log "FAILED while waiting for $probe: $(cat "$failed") (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
+                done
                 for step in sglang_servers sglang_router; do
                     if [ -n "${STEP_PIDS[$step]:-}" ] && ! kill -0 "${STEP_PIDS[$step]}" 2>/dev/null; then
                         log "FAILED: the $step step ended while waiting for $probe (see $LOG_DIR/$step.log)"; stop_steps; exit 1
                     fi
-                done
-                # One task of a step failed (its step goes on: --kill-on-bad-exit=0 keeps a server's death mid-run from ending the others).
-                for failed in "$LOG_DIR"/sglang_*.failed; do
-                    [ -f "$failed" ] || continue
-                    log "FAILED while waiting for $probe: $(cat "$failed") (see $LOG_DIR/sglang_*.log)"; stop_steps; exit 1
                 done
                 if [ $SECONDS -ge $deadline ]; then
                     log "FAILED: $probe did not answer within rollout.sglang.startup_timeout_s = $OPSDC_SERVER_STARTUP_TIMEOUT_S s (see $LOG_DIR/sglang_*.log)"

@@ -333,6 +333,12 @@ def test_a_failed_server_task_says_why_to_the_job_script_and_a_stopped_one_does_
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert exit_.value.code == 143 and not list(tmp_path.iterdir())
 
+    # A folder the task cannot write to: the reason still reaches its log, with the command's status
+    monkeypatch.setenv("OPSDC_FAILED_TASK_DIR", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as exit_:
+        run_task("server", [sys.executable, "-c", "import sys; sys.exit(5)"], dict(os.environ))
+    assert exit_.value.code == 5 and "exited with status 5" in capsys.readouterr().err
+
 
 def test_launcher_keeps_each_runs_recipe_beside_the_run(toy, tmp_path):
     """Two jobs under one NEMORUN_HOME: each SLURM task reads its own resolved recipe (a shared path
@@ -415,11 +421,13 @@ def test_sigusr1_while_the_servers_start_requeues_without_waiting_for_them(clust
 
 @pytest.mark.sglang
 @pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
-def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(cluster, toy, tmp_path):
-    """Two servers on the rollout node; task 1's port is held by something that never answers, and the task
-    exits. Its step goes on (--kill-on-bad-exit=0, so that a server's death mid-run leaves the others), and
-    the script waited for task 1's /health until rollout.sglang.startup_timeout_s (1800 s in the H100
-    recipes), then blamed the timeout. Now it stops at once, naming the task, its node and why."""
+@pytest.mark.parametrize("servers, failing_task", [(2, 1), (1, 0)], ids=["one-of-two", "the-only-one"])
+def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(cluster, toy, tmp_path, servers, failing_task):
+    """A server task's port is held by something that never answers, and the task exits. With two servers its
+    step goes on (--kill-on-bad-exit=0, so that a server's death mid-run leaves the others), and the script
+    waited for that task's /health until rollout.sglang.startup_timeout_s (1800 s in the H100 recipes), then
+    blamed the timeout; with one, the step ends, and the script said only that. Now it stops at once, naming
+    the task, its node and why."""
     import socket
 
     port = sglang_base_port()
@@ -427,16 +435,18 @@ def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(cluster,
     try:
         for shift in range(0, 2000, 100):  # every shift the job id may give
             holders.append(socket.socket())
-            holders[-1].bind(("127.0.0.1", port + shift + 1))
+            holders[-1].bind(("127.0.0.1", port + shift + failing_task))
             holders[-1].listen()
         status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "failed.log", *toy_overrides(
-            toy, tmp_path / "failed", f"rollout.sglang.base_port={port}", "rollout.sglang.num_servers=2", "rollout.sglang.startup_timeout_s=120"))
+            toy, tmp_path / "failed", f"rollout.sglang.base_port={port}", f"rollout.sglang.num_servers={servers}", "rollout.sglang.startup_timeout_s=120"))
     finally:
         for holder in holders:
             holder.close()
     text = (tmp_path / "failed.log").read_text()
-    task_port = port + int(job) % 20 * 100 + 1
-    assert status == 1 and re.search(rf"FAILED while waiting for \S+/health: sglang server task 1 on node1: .*port {task_port} is already in use", text), text[-3000:]
+    task_port = port + int(job) % 20 * 100 + failing_task
+    assert status == 1 and re.search(
+        rf"FAILED while waiting for \S+/health: sglang server task {failing_task} on node1: .*port {task_port} is already in use", text
+    ), text[-3000:]
     assert "did not answer within" not in text and "trainer started" not in text, text[-3000:]
 
 

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -34,21 +35,31 @@ from opsdc_megatron.files import write_text_atomic
 FAILED_TASK_DIR = "OPSDC_FAILED_TASK_DIR"
 
 
+class StepError(Exception):
+    """What a task says of its failure, without a traceback (a bad recipe, a taken port)."""
+
+
 def fail_task(role: str, message: str, status: int = 1) -> NoReturn:
-    """Exit, leaving `message` for the job script in $OPSDC_FAILED_TASK_DIR (when set) and on stderr."""
+    """Exit, saying why on stderr and, when $OPSDC_FAILED_TASK_DIR is set, in a file there for the job script."""
+    print(f"opsdc sglang step: error: {message}", file=sys.stderr, flush=True)
     folder = os.environ.get(FAILED_TASK_DIR)
     if folder:
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         task = os.environ.get("SLURM_PROCID", "0")
-        write_text_atomic(Path(folder) / f"sglang_{role}_task_{task}.failed", f"sglang {role} task {task} on {node}: {message}\n")
-    print(f"opsdc sglang step: error: {message}", file=sys.stderr, flush=True)
+        try:
+            write_text_atomic(Path(folder) / f"sglang_{role}_task_{task}.failed", f"sglang {role} task {task} on {node}: {message}\n")
+        except OSError as error:  # the job script then sees the step end, or its start-up timeout
+            print(f"opsdc sglang step: could not tell the job script ({FAILED_TASK_DIR}): {error}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
 def run_task(role: str, command: list[str], env: dict[str, str]) -> NoReturn:
     """Runs `command` to its end and exits with its status. A stop signal (srun passes scancel's or the job
     script's SIGTERM to the whole task) is passed on and is no failure; any other non-zero end is."""
-    child = subprocess.Popen(command, env=env)
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as error:
+        fail_task(role, f"{command[0]}: {error}")
     stopping: list[int] = []
 
     def pass_on(signum: int, _frame) -> None:
@@ -65,6 +76,39 @@ def run_task(role: str, command: list[str], env: dict[str, str]) -> NoReturn:
     sys.exit(exit_status)
 
 
+def task_process(args: argparse.Namespace):
+    """The server or router this task runs, from the recipe, after the checks the trainer's launcher makes.
+
+    Raises:
+        StepError: naming the problem.
+    """
+    try:
+        config = merge_config(args.recipe, args.overrides)
+    except ConfigError as error:
+        raise StepError(str(error)) from None
+
+    from opsdc_megatron.rollout.sglang.launcher import SGLangRouter, SGLangServer, ServerStartError
+    from opsdc_megatron.rollout.sglang.start import server_settings
+
+    # Every address of the node (slurm/opsdc_job.sh sets "::" when a rollout node's address is IPv6).
+    settings = replace(server_settings(config), host=os.environ.get("OPSDC_BIND_HOST", "0.0.0.0"))
+    if not Path(settings.python).exists() and not shutil.which(settings.python):
+        raise StepError(f"rollout.sglang.python: SGLang interpreter {settings.python} not found")
+    log_dir = Path(settings.log_dir)  # unused: srun's --output collects what the task prints
+    if args.role == "server":
+        process = SGLangServer(int(os.environ.get("SLURM_LOCALID", "0")), settings, log_dir)
+    else:
+        worker_urls = [url for url in args.worker_urls.split(",") if url]
+        if not worker_urls or not config.rollout.sglang.router_port:
+            raise StepError("the router needs --worker-urls and rollout.sglang.router_port")
+        process = SGLangRouter(worker_urls, settings, config.rollout.sglang.router_port, log_dir)
+    try:  # as the trainer's launcher does: another job's server on this node and port would serve this job
+        process.refuse_taken_port()
+    except ServerStartError as error:
+        raise StepError(str(error)) from None
+    return process
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m opsdc_megatron.launch.sglang_step", description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=("server", "router"))
@@ -73,29 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     try:
-        config = merge_config(args.recipe, args.overrides)
-    except ConfigError as error:
+        process = task_process(args)
+    except StepError as error:
         fail_task(args.role, str(error))
-
-    from opsdc_megatron.rollout.sglang.launcher import SGLangRouter, SGLangServer, ServerStartError
-    from opsdc_megatron.rollout.sglang.start import server_settings
-
-    # Every address of the node (slurm/opsdc_job.sh sets "::" when a rollout node's address is IPv6).
-    settings = replace(server_settings(config), host=os.environ.get("OPSDC_BIND_HOST", "0.0.0.0"))
-    if not Path(settings.python).exists() and not shutil.which(settings.python):
-        fail_task(args.role, f"rollout.sglang.python: SGLang interpreter {settings.python} not found")
-    log_dir = Path(settings.log_dir)  # unused: srun's --output collects what the task prints
-    if args.role == "server":
-        process = SGLangServer(int(os.environ.get("SLURM_LOCALID", "0")), settings, log_dir)
-    else:
-        worker_urls = [url for url in args.worker_urls.split(",") if url]
-        if not worker_urls or not config.rollout.sglang.router_port:
-            fail_task(args.role, "the router needs --worker-urls and rollout.sglang.router_port")
-        process = SGLangRouter(worker_urls, settings, config.rollout.sglang.router_port, log_dir)
-    try:  # as the trainer's launcher does: another job's server on this node and port would serve this job
-        process.refuse_taken_port()
-    except ServerStartError as error:
-        fail_task(args.role, str(error))
+    except Exception as error:  # unforeseen (a GPU setting the launcher refuses, say): the job script must hear of it too
+        traceback.print_exc()
+        fail_task(args.role, f"{type(error).__name__}: {error}")
     print(f"opsdc sglang step: {' '.join(process.command)}", flush=True)
     run_task(args.role, process.command, process.env)
 
