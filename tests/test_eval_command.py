@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -216,6 +217,12 @@ def test_an_interrupted_eval_keeps_its_finished_passes_and_samples_and_resumes(t
         run_eval(model, data, tmp_path / "out", "--instruction", "concise", *flags[2:], "--max-tokens", "7")
     assert "concise.partial.jsonl holds the unfinished evaluation of" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in partials} == partials
+    twin = tmp_path / "twin" / model.name  # another model in a folder of the same name (two runs' step_000100): its files differ
+    shutil.copytree(model, twin, copy_function=shutil.copy)  # new mtimes: files of another model
+    with pytest.raises(SystemExit):  # it was taken for this model rewritten, and the unfinished samples were started over
+        run_eval(twin, data, tmp_path / "out", "--instruction", "concise", *flags[2:])
+    assert f"concise.partial.jsonl holds the unfinished evaluation of {model.resolve()}" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in partials} == partials
     fail, calls[:] = False, []
     run_eval(model, data, tmp_path / "out", *flags)
     assert calls == [5], "only the instructed pass's second sample is drawn again"
@@ -334,6 +341,33 @@ def test_megatron_checkpoint_evaluates_as_its_exported_folder(toy, trained, tmp_
     other = save_tiny_model("qwen2", tmp_path / "qwen2")
     expect_input_error(capsys, ["eval", "--model", str(lonely), "--data", str(data), "--hf-config", str(other)], f"--model {lonely}: {lonely} does not match")
     assert not list(temporary.iterdir())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_termination_signal_ends_an_eval_through_its_cleanup(toy, trained, tmp_path, signum):
+    """kill, or a closed ssh session, ended `opsdc eval` outright: the SGLang servers it started (in sessions
+    of their own) kept their GPUs and ports, and a checkpoint's temporary export stayed in $TMPDIR. Now the
+    signal ends it as Ctrl-C does; the temporary export stands for both (the same `finally`s remove them)."""
+    _, data = toy
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    sampling_forever = (  # the export is done and the evaluation is sampling when the signal comes
+        "import sys, time\nimport opsdc_megatron.eval.evaluate as evaluate\n"
+        "def sample(*args, **kwargs):\n    print('sampling', flush=True)\n    time.sleep(600)\n"
+        "evaluate.generate_across_ranks = sample\nfrom opsdc_megatron.cli import main\nmain(sys.argv[1:])\n"
+    )
+    command = [sys.executable, "-c", sampling_forever, "eval", "--model", str(trained / "checkpoints"), "--data", str(data), "--out", str(tmp_path / "out")]
+    with subprocess.Popen(command, env=dict(os.environ, TMPDIR=str(temporary)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        output = []
+        for line in proc.stdout:
+            output.append(line)
+            if line.strip() == "sampling":
+                break
+        assert list(temporary.glob("opsdc-eval-*")), "".join(output)[-3000:]
+        proc.send_signal(signum)
+        output.append(proc.communicate(timeout=120)[0])
+    assert proc.returncode == 128 + signum, "".join(output)[-3000:]
+    assert not list(temporary.iterdir()), "the temporary export was left"
 
 
 def main_status(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -220,10 +221,12 @@ def eval_command(args: argparse.Namespace) -> None:
                   f"{', '.join(differ)}, which this one ({evaluated} on {data}) would replace: give --name or another --out, or remove it",
                   file=sys.stderr)
             sys.exit(2)
-        # ... and so do the samples of one interrupted (those of a model whose files changed since are of no model left)
+        # ... and so do the samples of one interrupted (those of this model, rewritten since, are of no model left)
         store = store_for(name)
         unfinished = store.recorded_key() or {}
-        model_changed = any(key in unfinished and unfinished[key] != store.key[key] for key in ("model_files", "hf_config_files"))
+        model_changed = unfinished.get("model") == store.key["model"] and any(
+            key in unfinished and unfinished[key] != store.key[key] for key in ("model_files", "hf_config_files")
+        )
         differ = [] if model_changed else [key for key, value in store.key.items() if key in unfinished and unfinished[key] != value]
         if differ:
             print(f"opsdc eval: error: {store.path} holds the unfinished evaluation of {unfinished.get('model')} on {unfinished.get('data')} "
@@ -244,7 +247,7 @@ def eval_command(args: argparse.Namespace) -> None:
         Console().print(f"wrote {path}")
 
     try:
-        with folder_to_evaluate(model, checkpoint, hf_config) as model_dir:
+        with exit_on_termination(), folder_to_evaluate(model, checkpoint, hf_config) as model_dir:
             evaluate_model(model_dir, records, instructions, sampling, args.seed, args.batch_prompts, args.samples, args.engine, dtype,
                            server_options, save, store_for)
         for name in names:  # kept until every pass is written: a rerun after a later pass failed redraws nothing of the earlier
@@ -257,6 +260,19 @@ def eval_command(args: argparse.Namespace) -> None:
 def _files_signature(folder: Path) -> list[tuple[str, int, int]]:
     """(name, bytes, mtime in ns) of the files in a model folder or checkpoint: changes when it is rewritten."""
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
+@contextmanager
+def exit_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP (kill, a closed ssh session) end the command as Ctrl-C does, through its cleanup:
+    without it the SGLang servers it started (in sessions of their own, out of the signal's reach) kept their
+    GPUs and ports, and a checkpoint's temporary export stayed. The exit status is the shell's, 128 + signal."""
+    previous = {signum: signal.signal(signum, lambda number, _frame: sys.exit(128 + number)) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager
