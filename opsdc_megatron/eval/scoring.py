@@ -50,14 +50,25 @@ _LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNOR
 """What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
 _HEDGES = frozenset("not no nor neither either maybe possibly perhaps".split())
 """Words between math spans that take the first one back or leave the answer open (`$2$, not $6$`)."""
-_REMARK = re.compile(r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e\.g\.)\b.*$|\s+\(([^()]*)\)\.?$", re.IGNORECASE)
-"""A remark after a plain-text answer (`24, since ...`, `8 (from x + 8 = 16)`): the answer is what precedes it."""
+_REMARK = re.compile(
+    r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e\.g\.)\b.*$|\s+\(([^()]*)\)\.?$|(?<=\d)\.\s+(?-i:[A-Z]).*$", re.IGNORECASE
+)
+"""A remark after a plain-text answer (`24, since ...`, `8 (from x + 8 = 16)`, `5. This is because ...`): the answer
+is what precedes it."""
 _DISPLAY_MATH = re.compile(r"^\s*(?:\\\[|\\\(|\$\$)\s*((?:(?!\\\]|\\\)|\$\$).)*?)\s*(?:\\\]|\\\)|\$\$)\s*\.?\s*$", re.DOTALL)
 """`\\[ ... \\]`, `\\( ... \\)`, `$$ ... $$` around a whole answer (one math block, no closing delimiter inside)."""
 _INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.DOTALL)
 """`\\( ... \\)`: the same as a `$ ... $` span."""
 _WORDS_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\\(\s*\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*\\\)")
 """`5 \\(\\text{cm}\\)`: words in inline math right after a number, read as the plain words (`5 cm`)."""
+_TEXT_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*$")
+"""`5 \\text{ million}` ending an answer (inside `\\boxed{}`): the plain words, so that the checks of words after a
+number apply (`5 million` is no 5); math-verify read the number alone."""
+_SUPERSCRIPT = re.compile(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+")
+_SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+"""`2³`, `10⁶` in a plain-text answer: `2^{3}`, `10^{6}` (math-verify read the 2 and the 10)."""
+_COPULA_AT_END = re.compile(r"(?:\b(?:is|equals|are)|=)\s*$", re.IGNORECASE)
+"""Words between two math spans that make the second the value of the first (`the smallest $n$ is $5$`)."""
 _PERCENT_AT_END = re.compile(r"\\?%(?=\s*(?:\$|\\\)|\\\])?\s*\.?\s*$)")
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
@@ -169,12 +180,17 @@ def _latex_candidate(answer: str) -> str | None:
             return "$" + ", ".join(contents) + "$"
         if any(_HEDGES & set(re.findall(r"[a-z]+", words.lower())) for words in between):
             return None
-        return f"${contents[0]}$"
+        answer = 0  # the first span, or the value a chain of `$n$ is $5$` gives it
+        while answer < len(between) and _COPULA_AT_END.search(between[answer]):
+            answer += 1
+        return f"${contents[answer]}$"
     text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
     text = _without_variable(_without_remark(text).rstrip(".").strip())
     text = _SQRT_SIGN.sub(lambda root: "\\sqrt{" + root.group(1).strip("{}()") + "}", _PI_WORD.sub(r"\\pi", text).replace("π", "\\pi "))
+    text = _SUPERSCRIPT.sub(lambda power: "^{" + power.group().translate(_SUPERSCRIPT_DIGITS) + "}", text.replace("∞", "\\infty "))
+    text = _TEXT_AFTER_NUMBER.sub(lambda words: f" {words.group(1).strip()}", text)
     words = _TRAILING_WORDS.match(text)
     if words:
         if _NOT_UNITS & set(words.group(2).lower().split()) or _VARIABLES & set(words.group(2).split()):
