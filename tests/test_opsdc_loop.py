@@ -133,7 +133,7 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
 
     tokenizer = load_tokenizer(sharp)
     config = load_config("recipes/toy_cpu.yaml", args)
-    batch = [b.record.prompt for b in PromptStream(load_prompts(setup / "train.jsonl"), tokenizer, config).batch(1)]
+    batch = [b.record.prompt for b in PromptStream(load_prompts(setup / "train.jsonl"), tokenizer, config).batch(0)]
     assert recorded["prompts"] == [encode_prompt(tokenizer, prompt) for prompt in batch]
     model = AutoModelForCausalLM.from_pretrained(sharp, dtype=torch.float64).eval()
     model.model.embed_tokens.padding_idx = None  # torch leaves the pad row without gradient; megatron does not (sampled <pad> tokens)
@@ -295,6 +295,39 @@ def test_teacher_offload_matches(setup, tp1_run):
     for step in (1, 2, 3):
         for key in ("loss", "grad_norm", "mean_response_tokens"):
             assert offloaded[step][key] == tp1_run[step][key], (step, key)
+
+
+def test_a_run_resumed_with_a_larger_batch_goes_on_where_the_stream_stopped(setup, tmp_path, monkeypatch):
+    """Two steps of 4 prompts, then a resume at 8 prompts a step: step 3 takes the stream's prompts 8-15, the
+    ones after those used. Batch k was the stream's prompts (k-1) x batch size on: 16-23, skipping 8-15 (most
+    of an epoch unused while others came twice)."""
+    from opsdc_megatron.cli import main
+    from opsdc_megatron.config import load_config
+    from opsdc_megatron.prompts import load_prompts, load_tokenizer
+    from opsdc_megatron.train import loop
+    from opsdc_megatron.train.prompt_stream import PromptStream
+
+    used = []
+    real_generate = loop.generate_across_ranks
+
+    def generate(engine, prompt_ids, *args, **kwargs):
+        used.append(prompt_ids)
+        return real_generate(engine, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "generate_across_ranks", generate)
+    common = ("eval.every_steps=0", "parallel.tensor_parallel_size=1", "rollout.max_response_tokens=4")
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        main(["train", "recipes/toy_cpu.yaml", *train_args(setup, tmp_path / "run", "train.steps=2", "train.global_batch_prompts=4", *common)])
+        resumed = train_args(setup, tmp_path / "run", "train.steps=3", "train.global_batch_prompts=8", *common)
+        main(["train", "recipes/toy_cpu.yaml", *resumed])
+    finally:  # `opsdc train` records stop signals; this process goes on with pytest's handlers
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    stream = PromptStream(load_prompts(setup / "train.jsonl"), load_tokenizer(setup / "model"), load_config("recipes/toy_cpu.yaml", resumed))
+    assert len(used) == 3 and used[2] == [b.student_ids for b in stream.batch(8)]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["prompts_used"] == 16
 
 
 def test_bf16_distributed_optimizer_follows_tp1_and_resumes_exactly(setup):

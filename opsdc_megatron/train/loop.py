@@ -104,9 +104,10 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
 
     checkpoints = out / "checkpoints"
     resume_from = resume_point(out, config.checkpoint.resume, config.train.steps)
-    state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False}
+    state = {"step": 0, "teacher_age_steps": 0, "best": None, "eval_pending": False, "prompts_used": 0}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
+        state.setdefault("prompts_used", state["step"] * config.train.global_batch_prompts)  # a checkpoint from before the count
         apply_optimizer_settings(model.optimizer, config.train)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     for step in range(state["step"] + 1, config.train.steps + 1):
         stop_if_requested()
         started = time.perf_counter()
-        batch = prompts.batch(step)  # 1. prompts
+        batch = prompts.batch(state["prompts_used"])  # 1. prompts
         rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
         rollout_s = time.perf_counter() - started
         stale = {r.weight_version for r in rollouts} - {step - 1}
@@ -191,7 +192,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             pushed.clear()  # the last step's host copy goes first: one copy of the model in host memory, not two
             pushed = export_hf_state_dict(model.student, keeps_weights)
             engine.update_weights(pushed, version=step)  # 6. weight push
-        state.update(step=step, teacher_age_steps=teacher.age_steps, eval_pending=stopping and eval_due)
+        state.update(step=step, teacher_age_steps=teacher.age_steps, eval_pending=stopping and eval_due, prompts_used=state["prompts_used"] + len(batch))
         elapsed = time.perf_counter() - started
         lengths = [len(r.response_ids) for r in rollouts]
         texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)

@@ -1,8 +1,9 @@
 """The order in which training prompts are used: a fresh permutation every epoch, seeded.
 
 Prompts are tokenized once at start-up (student and teacher forms), so a prompt that is too long
-is reported before anything is trained or written. Batch k is a pure function of (seed, k), which
-makes resume exact without saving a data-loader state.
+is reported before anything is trained or written. A batch is a pure function of the seed and its
+position in the stream, the number of prompts used before it, which the trainer state records: a
+resume goes on where the run stopped, also at another train.global_batch_prompts.
 """
 
 from __future__ import annotations
@@ -49,10 +50,9 @@ class PromptStream:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.prompts), generator=generator).tolist()
 
-    def batch(self, step: int) -> list[EncodedPrompt]:
-        """The global batch of optimizer step `step` (1-based)."""
-        first = (step - 1) * self.global_batch_prompts
-        positions = (divmod(i, len(self.prompts)) for i in range(first, first + self.global_batch_prompts))
+    def batch(self, prompts_used: int) -> list[EncodedPrompt]:
+        """The next global batch after `prompts_used` prompts of the stream (epochs follow one another)."""
+        positions = (divmod(i, len(self.prompts)) for i in range(prompts_used, prompts_used + self.global_batch_prompts))
         return [self.prompts[self._epoch_order(epoch)[index]] for epoch, index in positions]
 
     def rollout_seed(self, step: int) -> int:
