@@ -116,16 +116,17 @@ def _start_workers(world_size: int, recipe: str, overrides: list[str], preemptio
 def demo_command(args: argparse.Namespace) -> None:
     from subprocess import CalledProcessError
 
-    from opsdc_megatron.demo import check_demo_inputs, run_demo
+    from opsdc_megatron.demo import check_demo_inputs, default_cache, run_demo
 
     overrides = [f"rollout.engine={args.rollout}", *args.overrides]
+    cache = Path(args.cache) if args.cache else default_cache()
     try:
-        check_demo_inputs(Path(args.out), overrides)
+        check_demo_inputs(Path(args.out), cache, overrides)
     except INPUT_ERRORS as error:
         print(f"opsdc demo: error: {error}", file=sys.stderr)
         sys.exit(2)
     try:
-        run_demo(Path(args.out), Path(args.cache) if args.cache else None, overrides)
+        run_demo(Path(args.out), cache, overrides)
     except CalledProcessError as error:
         print(f"opsdc demo: opsdc train failed with exit status {error.returncode} (its output is above)", file=sys.stderr)
         sys.exit(1)

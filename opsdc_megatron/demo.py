@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.report import write_report
 from opsdc_megatron.rollout.engine import SamplingParams
-from opsdc_megatron.toy.base_model import BuildSettings, ensure_base_model, make_config
+from opsdc_megatron.toy.base_model import BuildSettings, base_model_folder, ensure_base_model, make_config
 from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
 from opsdc_megatron.toy.task import toy_prompts
 
@@ -68,17 +69,38 @@ def _recipe_paths(out: Path) -> list[str]:
     return [f"out_dir={out / 'train'}", f"data.train_prompts={data / 'train.jsonl'}", f"data.eval_prompts={data / 'validation.jsonl'}"]
 
 
-def check_demo_inputs(out: Path, overrides: list[str] = (), base_settings: BuildSettings | None = None) -> None:
+DEMO_KEYS = ("out_dir", "model.hf_path", "data.train_prompts", "data.eval_prompts")
+"""Recipe keys the demo sets itself: overridden, training would leave the folders the evaluations read."""
+
+
+def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_settings: BuildSettings | None = None) -> None:
     """What `run_demo` would refuse late (after the ~7-minute base model): the recipe with these
-    overrides, its parallel layout against the toy model, and the SGLang environment it would start.
+    overrides, its parallel layout against the toy model, the SGLang environment it would start, and a
+    run in `out` trained from another base model (the toy's code or settings changed since), which a
+    rerun would resume and compare with the new one.
 
     Raises:
-        ConfigError, ValueError: naming the key or the model field.
+        ConfigError, ValueError: naming the key, the folder or the model field.
     """
-    from opsdc_megatron.config import load_config
+    from opsdc_megatron.config import load_config, read_saved_config
     from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
+    from opsdc_megatron.train.checkpoint import complete_checkpoints
 
+    for override in overrides:
+        if override.split("=", 1)[0].strip() in DEMO_KEYS:
+            raise ValueError(f"{override}: the demo sets {', '.join(DEMO_KEYS)} itself (its folders: --out, --cache)")
+    for flag, folder in (("--out", out), ("--cache", cache)):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{flag}: {folder} exists and is not a folder")
     recipe = load_config(RECIPE, [*_recipe_paths(out), "model.hf_path=the toy base model", *overrides])
+    saved = out / "train" / "config.yaml"
+    base = os.path.abspath(base_model_folder(cache, settings=base_settings))
+    resumable = complete_checkpoints(out / "train" / "checkpoints")
+    if resumable and saved.is_file() and (trained_from := read_saved_config(saved)["model"]["hf_path"]) != base:
+        raise ValueError(
+            f"{out / 'train'} holds a run trained from {trained_from}, and the demo's base model is now {base} (the toy's code or "
+            f"settings changed since): a rerun would resume that run and compare it with the new base model; remove {out}, or give another --out"
+        )
     transformer_config_from_hf(
         make_config(base_settings or BuildSettings(), build_toy_tokenizer()), recipe.parallel.tensor_parallel_size,
         recipe.parallel.pipeline_parallel_size, virtual_pipeline_chunks=recipe.parallel.virtual_pipeline_chunks,
@@ -87,6 +109,33 @@ def check_demo_inputs(out: Path, overrides: list[str] = (), base_settings: Build
         from opsdc_megatron.launch.plan import check_sglang_interpreter
 
         check_sglang_interpreter(recipe)
+
+
+def run_training(command: list[str]) -> None:
+    """`opsdc train` as a child process. SIGTERM and SIGHUP to the demo reach it as SIGTERM (it checkpoints
+    and exits 75) and end the demo once it has, with 128 + the signal: ended outright, the demo left it
+    training into the run folder, where a rerun started a second trainer.
+
+    Raises:
+        subprocess.CalledProcessError: it failed.
+    """
+    received: list[int] = []
+    with subprocess.Popen(command) as child:
+
+        def pass_on(signum: int, _frame) -> None:
+            received.append(signum)
+            child.send_signal(signal.SIGTERM)
+
+        previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            status = child.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    if received:
+        sys.exit(128 + received[0])
+    if status:
+        raise subprocess.CalledProcessError(status, command)
 
 
 def run_demo(
@@ -130,7 +179,7 @@ def run_demo(
     before = evaluate_and_record(base)
 
     console.rule("4. OPSDC with megatron-core, TP=2, 2 CPU processes")
-    subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", str(RECIPE), *overrides], check=True)
+    run_training([sys.executable, "-m", "opsdc_megatron.cli", "train", str(RECIPE), *overrides])
 
     console.rule("5. evaluate the best checkpoint")
     best = out / "train" / "best_hf"

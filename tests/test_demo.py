@@ -64,7 +64,10 @@ def test_opsdc_eval_reproduces_the_demo_numbers(demo, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [("train.stpes=3", "Key 'stpes' not in 'TrainConfig'"), ("parallel.tensor_parallel_size=3", "num_attention_heads: expected a multiple of tensor_parallel_size = 3"),
-     ("rollout.sglang.python=/nonexistent/python", "rollout.sglang.python: SGLang interpreter /nonexistent/python not found")],
+     ("rollout.sglang.python=/nonexistent/python", "rollout.sglang.python: SGLang interpreter /nonexistent/python not found"),
+     # the demo's own paths: training went elsewhere, or from another model, and the evaluations read the demo's
+     ("out_dir=elsewhere", "out_dir=elsewhere: the demo sets out_dir, model.hf_path, data.train_prompts, data.eval_prompts itself"),
+     ("model.hf_path=/nonexistent", "model.hf_path=/nonexistent: the demo sets")],
 )
 def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, override, message):
     """Before the base model (~7 min on a fresh machine) or any file: one line, exit status 2. Also a missing
@@ -76,3 +79,47 @@ def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, ov
     error = capsys.readouterr().err
     assert "opsdc demo: error: " in error and message in error and "Traceback" not in error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_after_the_base_model_changed_is_refused(demo, tmp_path, capsys):
+    """The base model's cache key covers the toy's code: after an update the rerun built a new base model,
+    evaluated it as "before", resumed the run trained from the old one and evaluated that as "after"."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(demo), "--cache", str(tmp_path / "another_cache"), "train.steps=2"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{demo / 'train'} holds a run trained from {demo.parent / 'cache'}" in error, error
+    assert "remove" in error and not (tmp_path / "another_cache").exists()
+
+
+def test_an_out_or_cache_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for flags in (["--out", str(tmp_path / "file")], ["--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "file")]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["demo", *flags])
+        assert exit_.value.code == 2 and f"{tmp_path / 'file'} exists and is not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_stop_signal_reaches_the_trainer_and_ends_the_demo_after_it(tmp_path):
+    """kill, or a closed ssh session, ended the demo and left its `opsdc train` training into the run folder."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from opsdc_megatron.demo import run_training
+
+    stopped = tmp_path / "stopped"
+    trainer = [sys.executable, "-c", "import signal, sys, time\n"
+               f"def stop(*_):\n    open({str(stopped)!r}, 'w').write('checkpointed')\n    sys.exit(75)\n"
+               "signal.signal(signal.SIGTERM, stop)\ntime.sleep(60)\n"]
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        stopped.unlink(missing_ok=True)
+        sender = threading.Timer(3, os.kill, (os.getpid(), signum))
+        sender.start()
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                run_training(trainer)
+        finally:
+            sender.cancel()
+        assert exit_.value.code == 128 + signum and stopped.read_text() == "checkpointed"

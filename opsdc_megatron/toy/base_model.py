@@ -258,13 +258,17 @@ def build_base_model(
     return out_dir
 
 
+def base_model_folder(cache_dir: Path, seed: int = 0, settings: BuildSettings | None = None) -> Path:
+    """Where the base model for this recipe is cached: cache_dir/toy_base-<hash of the settings and the toy's code>."""
+    return Path(cache_dir) / f"toy_base-{recipe_hash(settings or BuildSettings(), seed)}"
+
+
 def ensure_base_model(cache_dir: Path, seed: int = 0, settings: BuildSettings | None = None) -> Path:
-    """The cached base model for this recipe (cache_dir/toy_base-<hash>), built on first use."""
-    settings = settings or BuildSettings()
-    out_dir = Path(cache_dir) / f"toy_base-{recipe_hash(settings, seed)}"
+    """The cached base model for this recipe (`base_model_folder`), built on first use."""
+    out_dir = base_model_folder(cache_dir, seed, settings)
     if (out_dir / BUILD_INFO).is_file():
         return out_dir
-    return build_base_model(out_dir, seed=seed, settings=settings)
+    return build_base_model(out_dir, seed=seed, settings=settings or BuildSettings())
 
 
 def main(argv: list[str] | None = None) -> None:
