@@ -129,16 +129,22 @@ def plot_length_distribution(lengths_by_benchmark: dict[str, dict[str, list[int]
 
 
 def _classify(results: list[ResultFile], run_dir: Path, base_model: Path) -> dict[tuple[str, str], tuple[ResultFile | None, ResultFile | None]]:
-    """(benchmark, instruction) -> (before, after); results of other models are left out."""
+    """(benchmark, instruction) -> (before, after); results of other models are left out. The run's exports
+    are known by their path, or, in a run folder moved since, by what the result file recorded (`run_export`)."""
     pairs: dict[tuple[str, str], list] = {}
-    rank = {run_dir / folder: position for position, folder in enumerate(RUN_EXPORTS)}
-    for result in results:
+
+    def export_rank(result: ResultFile) -> int | None:
         model = Path(result.model)
+        export = model.name if model.parent == run_dir else result.run_export
+        return RUN_EXPORTS.index(export) if export in RUN_EXPORTS else None
+
+    for result in results:
         key = (result.benchmark, result.instruction)
         pair = pairs.setdefault(key, [None, None])
-        if model == base_model:
+        rank = export_rank(result)
+        if Path(result.model) == base_model:
             pair[0] = result
-        elif model in rank and (pair[1] is None or rank[model] < rank[Path(pair[1].model)]):
+        elif rank is not None and (pair[1] is None or rank < export_rank(pair[1])):
             pair[1] = result
     return {key: (before, after) for key, (before, after) in pairs.items() if before or after}
 

@@ -78,6 +78,25 @@ def test_report_table_and_plots(run_dir):
     assert not list(run_dir.glob("*.tmp"))
 
 
+def test_a_moved_run_folder_is_reported_the_same(run_dir, tmp_path):
+    """Archived or copied off the cluster: its evaluations name the old folder's exports, and the table lost its
+    "after" column. Another run's best_hf evaluated into this run's eval/ still is no "after"."""
+    moved = tmp_path / "archive" / "run_v1"
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    main(["report", str(moved)])
+    assert "| MATH-500 | 4 x 1 | 0.500 | 0.750 | +25.0 | 46.0 | 20.0 | 56.5% | 0.250 | 0.000 |" in (moved / "report.md").read_text()
+
+    stranger = tmp_path / "stranger"
+    (stranger / "best_hf").mkdir(parents=True)
+    for export in ("best_hf", "final_hf"):
+        (moved / "eval" / f"math-500.run-{export.replace('_', '-')}.none.json").unlink()
+    write_result(moved / "eval", "MATH-500", stranger / "best_hf", tmp_path / "math.jsonl", "math500", "none", None, SAMPLING, 0, "hf",
+                 fake_result([1, 1, 1, 1], [True] * 4), prompts_sha256="four", batch_prompts=4)
+    main(["report", str(moved)])
+    assert "| MATH-500 | 4 x 1 | 0.500 | — | — | 46.0 | — | — |" in (moved / "report.md").read_text()
+
+
 def test_a_run_started_from_another_runs_best_hf_is_reported_before_and_after(tmp_path):
     """Both models are folders named best_hf, evaluated into one --out: the second result file replaced
     the first's name (`math-500.best-hf.none`), and `opsdc eval` refused it."""

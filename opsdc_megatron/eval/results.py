@@ -48,6 +48,9 @@ class ResultFile:
     dtype: str | None = None
     batch_prompts: int | None = None
     """Prompts sampled as one batch with one seed: the samples depend on it."""
+    run_export: str | None = None
+    """best_hf or final_hf when the model was that export of the run whose eval/ folder holds this file:
+    the report finds it also after the run folder moved (None in older files, and for other models)."""
     path: Path | None = None
 
 
@@ -81,11 +84,13 @@ def write_result(
     stem = result_stem(benchmark, model, instruction)
     lines = "".join(json.dumps(asdict(r)) + "\n" for r in result.responses)
     write_text_atomic(out_dir / f"{stem}{RESPONSES_SUFFIX}", lines)
+    run_export = model.name if model.name in RUN_EXPORTS and model.resolve().parent == out_dir.resolve().parent else None
     summary = {
         "benchmark": benchmark, "model": str(model.resolve()), "data": str(data.resolve()), "layout": layout,
         "instruction": instruction, "instruction_text": instruction_text, "sampling": asdict(sampling),
         "seed": seed, "engine": engine, "result": result.as_dict(),
         "prompts_sha256": prompts_sha256, "prompt_template": prompt_template, "dtype": dtype, "batch_prompts": batch_prompts,
+        "run_export": run_export,
     }
     path = out_dir / f"{stem}.json"
     write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
