@@ -64,6 +64,8 @@ _WORDS_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\\(\s*\\(?:text|mathrm|mbox)\s*\{(
 _TEXT_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*$")
 """`5 \\text{ million}` ending an answer (inside `\\boxed{}`): the plain words, so that the checks of words after a
 number apply (`5 million` is no 5); math-verify read the number alone."""
+_NUMBER_SPAN_THEN_WORDS = re.compile(r"^\$([+-]?\d[\d.,/]*)\$\s+(?=[A-Za-z][A-Za-z ]*$)")
+"""`$5$ thousand`, `$7$ is not the answer`: a number in math, then plain words only."""
 _SUPERSCRIPT = re.compile(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+")
 _SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
 """`2³`, `10⁶` in a plain-text answer: `2^{3}`, `10^{6}` (math-verify read the 2 and the 10)."""
@@ -187,6 +189,7 @@ def _latex_candidate(answer: str) -> str | None:
     text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
+    text = _NUMBER_SPAN_THEN_WORDS.sub(r"\1 ", text)  # `$5$ thousand`: the plain-text checks of words after a number
     text = _without_variable(_without_remark(text).rstrip(".").strip())
     text = _SQRT_SIGN.sub(lambda root: "\\sqrt{" + root.group(1).strip("{}()") + "}", _PI_WORD.sub(r"\\pi", text).replace("π", "\\pi "))
     text = _SUPERSCRIPT.sub(lambda power: "^{" + power.group().translate(_SUPERSCRIPT_DIGITS) + "}", text.replace("∞", "\\infty "))
