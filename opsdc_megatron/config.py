@@ -463,6 +463,11 @@ def validate(config: RunConfig) -> None:
         check_fp8(config.model.fp8)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if config.model.fp8.format is not None and config.model.attention_backend in ("sdpa", "local"):
+        raise ConfigError(
+            f"model.fp8 runs in Transformer Engine's layers: model.attention_backend must be te or auto, got "
+            f"{config.model.attention_backend!r} (megatron's own layers would compute in {config.model.params_dtype} under FP8's padding)"
+        )
     multiple = fp8_token_multiple(config.model.fp8)
     rounded = 2 * -(-(longest_sequence // 2) // multiple) * multiple  # each of the two streams rounded up
     if 0 < t.micro_batch_tokens < rounded:

@@ -123,3 +123,31 @@ def test_loaded_weights_reach_the_fp8_parameters_initial_value_copy(one_rank, tm
         _attach_fp8_initial_value_copy(param)
     load_model_weights(tmp_path / "ckpt", [model])
     assert all(torch.equal(param.get_high_precision_init_val(), param.detach()) for param in watched)
+
+
+def test_fp8_parameters_are_updated_by_the_distributed_optimizer(one_rank, tmp_path: Path) -> None:
+    """With model.fp8.param_gather the GEMM weights are FP8 parameters, into which megatron-core 0.19's
+    distributed optimizer writes its updated main weights only when DDP was told (fp8_param_gather, as
+    Megatron-LM's --fp8-param-gather does): without it those weights never changed. The model's config
+    says so (fp8_param); FP8 itself needs a GPU with TE, so its flags are set on a bf16 CPU model here."""
+    from opsdc_megatron.config import TrainConfig
+    from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+    from opsdc_megatron.train.step import wrap_for_training
+    from tests.tiny_models import save_tiny_model
+
+    model = build_gpt_model(load_hf_config(save_tiny_model("qwen3_untied", tmp_path / "hf")), 1)
+    model.config.fp8, model.config.fp8_recipe, model.config.fp8_param = "hybrid", "delayed", True
+    ddps, optimizer = wrap_for_training([model], TrainConfig(), distributed_optimizer=True)
+    assert ddps[0].ddp_config.fp8_param_gather and optimizer.config.fp8_recipe == "delayed"
+
+
+def test_fp8_with_megatrons_own_layers_is_a_config_error(monkeypatch) -> None:
+    """sdpa and local build megatron's own linear layers, which FP8 autocast leaves in bf16: the run paid FP8's
+    padding and logged fp8 while computing in bf16. Where TE is available (stood in for here)."""
+    from opsdc_megatron.models import transformer_engine
+
+    monkeypatch.setattr(transformer_engine, "guard_broken_transformer_engine", lambda: transformer_engine.TransformerEngineStatus(True, ""))
+    base = ["model.hf_path=x", "out_dir=x", "data.train_prompts=x", "model.fp8.format=hybrid"]
+    for backend in ("sdpa", "local"):
+        with pytest.raises(ConfigError, match=f"model.attention_backend must be te or auto, got '{backend}'"):
+            load_config(ROOT / "recipes" / "toy_cpu.yaml", [*base, f"model.attention_backend={backend}"])

@@ -37,8 +37,11 @@ def wrap_for_training(
     # micro-batches and data-parallel ranks (distill/forward.py says why). DDP reads this flag
     # when it is built, to sum rather than average gradients over data-parallel ranks.
     config.calculate_per_token_loss = True
+    # FP8 parameters (model.fp8.param_gather, TransformerConfig.fp8_param): megatron-core 0.19's distributed
+    # optimizer writes its updated main weights back into them only with DDP's fp8_param_gather (Megatron-LM's
+    # --fp8-param-gather sets both); without it the FP8 GEMM weights never changed.
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer, fp8_param_gather=config.fp8_param
     )
     # Buckets only for the first chunk, as megatron's own get_model does.
     ddps = [
@@ -60,6 +63,7 @@ def wrap_for_training(
             bf16=config.bf16,
             params_dtype=config.params_dtype,
             use_distributed_optimizer=distributed_optimizer,
+            fp8_recipe=config.fp8_recipe if config.fp8 else None,
         ),
         ddps,
     )

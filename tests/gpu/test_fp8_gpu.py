@@ -108,3 +108,33 @@ def test_fp8_opsdc_step_on_odd_lengths_tracks_bf16(one_rank, tmp_path, packed: b
     # small difference of log-probabilities, which FP8 rounding moves relatively more.
     for step, (want, got) in enumerate(zip(reference, measured)):
         assert abs(got - want) <= 0.2 * abs(want), (step, want, got)
+
+
+def test_fp8_parameters_with_param_gather_are_trained(one_rank, tmp_path) -> None:
+    """model.fp8.param_gather with the distributed optimizer: the GEMM weights are FP8 parameters, and every
+    one moves in an optimizer step (on megatron-core 0.19 they stayed at their initial values while DDP was
+    not told, fp8_param_gather)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from opsdc_megatron.config import ParallelConfig, TrainConfig
+    from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
+    from opsdc_megatron.distill.forward import make_forward_step
+    from opsdc_megatron.train.build import build_training_model
+    from opsdc_megatron.train.step import optimizer_step
+
+    hf_config = Qwen3Config(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=64, max_position_embeddings=1024, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(hf_config).save_pretrained(tmp_path)
+    model = build_training_model(
+        hf_config, str(tmp_path), ParallelConfig(distributed_optimizer=True), torch.bfloat16, TrainConfig(lr=1e-3), 0,
+        model_options={"attention_backend": "te", "fp8": FP8Config(format="hybrid", recipe="delayed", param_gather=True)},
+    )
+    gemm_weights = {name: param for name, param in model.student[0].named_parameters() if "linear_" in name and name.endswith("weight")}
+    before = {name: param.detach().float().clone() for name, param in gemm_weights.items()}
+    generator = torch.Generator().manual_seed(5)
+    sequences = [ScoredSequence(torch.randint(1, 4096, (32,), generator=generator).tolist(), torch.randint(1, 4096, (48,), generator=generator).tolist(),
+                                torch.randint(1, 4096, (64,), generator=generator).tolist()) for _ in range(2)]
+    optimizer_step(model.stages, model.optimizer, make_forward_step("reverse_kl"), micro_batches_for_rank(sequences, 0, 1, 1, 0, 0, False, token_multiple=16))
+    unchanged = [name for name, param in gemm_weights.items() if torch.equal(param.detach().float(), before[name])]
+    assert gemm_weights and not unchanged, unchanged
