@@ -245,12 +245,18 @@ class RunConfig:
         return p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
 
 
+MAX_TIMEOUT_S = 1e9
+"""Longest timeout a setting may give (31 years): a socket refuses a much larger one."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: PyYAML merges it below, explicit keys win
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 continue  # PyYAML's own construct_mapping names it
@@ -485,8 +491,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"rollout.sglang.{key} must be >= 1, got {getattr(config.rollout.sglang, key)}")
     servers = config.rollout.sglang
     for key in ("request_timeout_s", "stall_timeout_s", "startup_timeout_s"):
-        if not getattr(servers, key) > 0:
-            raise ConfigError(f"rollout.sglang.{key} must be > 0, got {getattr(servers, key)}")
+        if not 0 < getattr(servers, key) <= MAX_TIMEOUT_S:  # a socket timeout past that overflows (inf: at the first request)
+            raise ConfigError(f"rollout.sglang.{key} must be > 0 and at most {MAX_TIMEOUT_S:.0e} s, got {getattr(servers, key)}")
     if servers.dtype not in SGLANG_DTYPES:
         raise ConfigError(f"rollout.sglang.dtype must be one of SGLang's --dtype choices {', '.join(SGLANG_DTYPES)}, got {servers.dtype!r}")
     if servers.mem_fraction_static is not None and not 0 < servers.mem_fraction_static <= 1:
@@ -512,6 +518,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"distill.loss_normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {config.distill.loss_normalization!r}")
     if config.distill.fused_output_layer and config.distill.divergence != "reverse_kl":
         raise ConfigError(f"distill.fused_output_layer computes the reverse KL only, but distill.divergence is {config.distill.divergence!r}")
+    if not config.distill.instruction.strip():
+        raise ConfigError("distill.instruction is empty: the teacher would read the student's prompt, and the KL would be 0")
     if config.distill.teacher_refresh_every < 0:
         raise ConfigError(f"distill.teacher_refresh_every must be >= 0, got {config.distill.teacher_refresh_every}")
     if config.eval.every_steps and not config.data.eval_prompts:

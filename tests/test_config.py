@@ -81,13 +81,24 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["rollout.sglang.mem_fraction_static=1.5"], "rollout.sglang.mem_fraction_static must be in .0, 1. or null, got 1.5"),
         ("out_dir: x\n", ["rollout.sglang.max_total_tokens=0"], "rollout.sglang.max_total_tokens must be >= 1 or null, got 0"),
         ("out_dir: x\n", ["distill.loss_normalization=tokens"], "distill.loss_normalization must be one of step_tokens, micro_batch, got 'tokens'"),
-        ("out_dir: x\n", ["rollout.sglang.startup_timeout_s=0"], "rollout.sglang.startup_timeout_s must be > 0, got 0"),
-        ("out_dir: x\n", ["rollout.sglang.request_timeout_s=0"], "rollout.sglang.request_timeout_s must be > 0, got 0"),
+        ("out_dir: x\n", ["rollout.sglang.startup_timeout_s=0"], "rollout.sglang.startup_timeout_s must be > 0 and at most 1e\\+09 s, got 0"),
+        ("out_dir: x\n", ["rollout.sglang.request_timeout_s=0"], "rollout.sglang.request_timeout_s must be > 0"),
+        # inf passed, and every rollout then raised OverflowError from the socket, after the servers' start
+        ("out_dir: x\n", ["rollout.sglang.request_timeout_s=inf"], "rollout.sglang.request_timeout_s must be > 0 and at most 1e\\+09 s, got inf"),
+        # the teacher read the student's prompt: a KL of 0 and a run that learned nothing
+        ("out_dir: x\n", ["distill.instruction= "], "distill.instruction is empty"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(write(tmp_path, text), overrides)
+
+
+def test_yaml_merge_keys_are_no_duplicates(tmp_path):
+    """`<<: *anchor` (sampling settings shared between sections) was refused as malformed YAML."""
+    text = "out_dir: x\neval: &sampling\n  temperature: 0.6\n  top_p: 0.95\nrollout:\n  <<: *sampling\n  top_p: 0.9\n"
+    config = load_config(write(tmp_path, text), [])
+    assert (config.rollout.temperature, config.rollout.top_p, config.eval.top_p) == (0.6, 0.9, 0.95)
 
 
 def test_override_values_are_taken_as_written(tmp_path):
