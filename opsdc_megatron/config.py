@@ -186,9 +186,11 @@ class EvalConfig:
     every_steps: int = 0
     """Evaluate on data.eval_prompts every N optimizer steps (and before training); 0 = never."""
     max_prompts: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = 0.6
+    """The paper's evaluation sampling (as `opsdc eval`'s defaults), so that the best checkpoint is chosen
+    under the sampling it is finally evaluated with."""
+    top_p: float = 0.95
+    top_k: int = 20
     max_response_tokens: int = 8192
 
 

@@ -60,7 +60,7 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["checkpoint.keep_last=-1"], "checkpoint.keep_last must be >= 1, got -1"),
         ("out_dir: x\n", ["checkpoint.save_every_steps=-5"], "checkpoint.save_every_steps must be >= 0, got -5"),
         ("out_dir: x\n", ["train.micro_batch_tokens=-1"], "train.micro_batch_tokens must be >= 0, got -1"),
-        ("out_dir: x\n", ["eval.top_p=0"], "eval: temperature must be >= 0, top_p in \\(0, 1\\] and top_k >= 0 \\(0 = off\\), got temperature=1.0, top_p=0.0"),
+        ("out_dir: x\n", ["eval.top_p=0"], "eval: temperature must be >= 0, top_p in \\(0, 1\\] and top_k >= 0 \\(0 = off\\), got temperature=0.6, top_p=0.0"),
         ("out_dir: x\n", ["rollout.temperature=-0.5"], "rollout: temperature must be >= 0"),
         ("out_dir: x\n", ["train.seed=18446744073709551619"], "train.seed must be < 2\\*\\*32"),
         ("out_dir: x\n", ["train.seed=4294967296"], "train.seed must be < 2\\*\\*32, got 4294967296"),
@@ -411,3 +411,16 @@ def test_hf_folder_replaces_one_left_by_a_crash(tmp_path):
     with pytest.raises(AttributeError, match="'str' object has no attribute 'detach'"):
         save_hf_folder({"w": "not a tensor"}, source, tmp_path / "best_hf")
     assert torch.equal(load_file(tmp_path / "best_hf" / "model.safetensors")["w"], torch.full((2,), 2.0))
+
+
+def test_the_eval_defaults_are_opsdc_evals():
+    """The best checkpoint is chosen under the sampling it is finally evaluated with: the paper's (0.6, 0.95, 20)."""
+    import argparse
+
+    from opsdc_megatron.eval.command import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    flags = parser.parse_args(["eval", "--model", "m", "--data", "d"])
+    config = load_config(None, ["out_dir=x", "model.hf_path=m", "data.train_prompts=p"])
+    assert (config.eval.temperature, config.eval.top_p, config.eval.top_k) == (flags.temperature, flags.top_p, flags.top_k) == (0.6, 0.95, 20)
