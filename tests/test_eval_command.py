@@ -394,3 +394,34 @@ def test_sample_store_drops_a_line_cut_by_a_crash_and_appends_after_it(tmp_path)
     assert SampleStore(store.path, key).finished() == {0: [response], 2: [response]}
     assert SampleStore(store.path, {**key, "model": "other"}).finished() == {}, "another evaluation's samples"
     assert store.path.read_text() == json.dumps({"model": "other", "files": [["a", 1, 2]]}) + "\n"
+
+
+def test_sglang_servers_take_the_tensor_parallel_size_and_memory_share(tmp_path, monkeypatch):
+    """A 32B model fits no GPU alone, and a 30K-token budget needs the KV cache SGLang's default share leaves
+    too small: --sglang-tp and --sglang-mem-fraction reach the servers' settings."""
+    import argparse
+
+    import opsdc_megatron.rollout.sglang.start as start
+    from opsdc_megatron.eval.command import add_parser, sglang_server_options
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    flags = ["eval", "--model", "m", "--data", "d", "--engine", "sglang", "--sglang-python", sys.executable, "--out", str(tmp_path)]
+    args = parser.parse_args([*flags, "--sglang-tp", "2", "--sglang-mem-fraction", "0.85"])
+    assert args.dtype == "auto"
+    started = []
+
+    class Fleet:
+        def __init__(self, settings, num_servers):
+            started.append((settings, num_servers))
+
+        def start(self):
+            raise RuntimeError("no servers in this test")
+
+    monkeypatch.setattr(start, "ServerFleet", Fleet)
+    with pytest.raises(RuntimeError, match="no servers in this test"):
+        start.serve_hf_folder(tmp_path, [2], 128, "bfloat16", **sglang_server_options(args))
+    (settings, num_servers), = started
+    assert (settings.tensor_parallel_size, settings.mem_fraction_static, num_servers) == (2, 0.85, 1)
+    with pytest.raises(ValueError, match=r"--sglang-mem-fraction must be in \(0, 1\], got 1.5"):
+        sglang_server_options(parser.parse_args([*flags, "--sglang-mem-fraction", "1.5"]))

@@ -60,6 +60,12 @@ def _missing_hf_files(path: Path, weights: bool) -> list[str]:
     ) if not ok]
 
 
+def _stored_in_bf16(folder: Path) -> bool:
+    """Whether config.json says the weights are bf16 (its `dtype`, or transformers 4's `torch_dtype`)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+
+
 def check_hf_folder(path: Path) -> None:
     """A Hugging Face folder has config.json, *.safetensors and a tokenizer; say what else `path` looks like."""
     if not path.is_dir():
@@ -139,16 +145,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--sglang-servers", type=int, default=1, help="--engine sglang: servers started (default 1)")
     parser.add_argument("--sglang-base-port", type=int, default=30000, help="--engine sglang: server i listens on this port + i (default 30000)")
     parser.add_argument("--sglang-python", default=None, help="--engine sglang: interpreter of the SGLang environment (default .venv-sglang/bin/python)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--sglang-tp", type=int, default=1, help="--engine sglang: GPUs per server (tensor parallel; default 1)")
+    parser.add_argument("--sglang-mem-fraction", type=float, default=None,
+                        help="--engine sglang: SGLang's --mem-fraction-static, the GPU memory share for weights and KV cache (default SGLang's)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="dtype the model samples in (default auto: bf16 on a GPU for a model stored in bf16, else fp32)")
     parser.add_argument("--out", default="eval_results", help="folder for result files (default eval_results/)")
     parser.set_defaults(handler=eval_command)
 
 
 def eval_command(args: argparse.Namespace) -> None:
+    import torch
+
     try:
         for flag, value in (
             ("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit if args.limit is not None else 1),
-            ("--sglang-servers", args.sglang_servers),
+            ("--sglang-servers", args.sglang_servers), ("--sglang-tp", args.sglang_tp),
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -167,13 +179,14 @@ def eval_command(args: argparse.Namespace) -> None:
             if args.hf_config is not None:
                 raise ValueError(f"--hf-config is for a megatron checkpoint; --model {model} is a Hugging Face folder")
         hf_config = checkpoint_hf_config(checkpoint, args.hf_config) if checkpoint is not None else None
+        if args.dtype == "auto":  # 8B+ models in fp32 leave a GPU little room for the KV cache; CPUs sample bf16 slowly
+            args.dtype = "bf16" if _stored_in_bf16(hf_config or model) and torch.cuda.is_available() else "fp32"
         load_tokenizer(hf_config or model)  # has a chat template and an end-of-sequence token
         server_options = sglang_server_options(args) if args.engine == "sglang" else None
         layout, records = load_dataset_file(data, args.layout)
     except ValueError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
         sys.exit(2)
-    import torch
     from rich.console import Console
 
     from opsdc_megatron.eval.evaluate import evaluate_model
@@ -302,7 +315,12 @@ def sglang_server_options(args: argparse.Namespace) -> dict:
     python = args.sglang_python or str(DEFAULT_SGLANG_PYTHON)
     if not Path(python).is_file() and not shutil.which(python):
         raise ValueError(f"--engine sglang: SGLang interpreter {python} not found: run `make env-sglang` or pass --sglang-python")
-    return {"num_servers": args.sglang_servers, "base_port": args.sglang_base_port, "python": python, "log_dir": Path(args.out) / "sglang_logs"}
+    if args.sglang_mem_fraction is not None and not 0 < args.sglang_mem_fraction <= 1:
+        raise ValueError(f"--sglang-mem-fraction must be in (0, 1], got {args.sglang_mem_fraction}")
+    return {
+        "num_servers": args.sglang_servers, "base_port": args.sglang_base_port, "python": python, "log_dir": Path(args.out) / "sglang_logs",
+        "tensor_parallel_size": args.sglang_tp, "mem_fraction_static": args.sglang_mem_fraction,
+    }
 
 
 def print_result(title: str, result: EvalResult) -> None:

@@ -118,7 +118,8 @@ def _start_fleet(config: RunConfig, owner: bool, distributed: bool) -> tuple[Ser
 
 def serve_hf_folder(
     model_dir: Path, stop_token_ids: list[int], vocab_size: int, dtype: str, num_servers: int = 1, python: str | None = None,
-    base_port: int = 30000, log_dir: Path | None = None, request_timeout_s: float = 3600.0,
+    base_port: int = 30000, log_dir: Path | None = None, request_timeout_s: float = 3600.0, tensor_parallel_size: int = 1,
+    mem_fraction_static: float | None = None,
 ) -> SGLangRolloutEngine:
     """Servers on a Hugging Face folder's own weights, owned by the returned engine (evaluation: no push).
 
@@ -126,7 +127,7 @@ def serve_hf_folder(
     """
     settings = ServerSettings(
         model_path=str(model_dir.resolve()), dtype=dtype, base_port=base_port, python=python or str(DEFAULT_SGLANG_PYTHON),
-        log_dir=str(log_dir) if log_dir else None,
+        log_dir=str(log_dir) if log_dir else None, tensor_parallel_size=tensor_parallel_size, mem_fraction_static=mem_fraction_static,
     )
     fleet = ServerFleet(settings, num_servers).start()
     try:
