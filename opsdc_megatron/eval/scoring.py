@@ -61,11 +61,16 @@ _INLINE_MATH = re.compile(r"\\\((.+?)\\\)", re.DOTALL)
 """`\\( ... \\)`: the same as a `$ ... $` span."""
 _WORDS_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\\(\s*\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*\\\)")
 """`5 \\(\\text{cm}\\)`: words in inline math right after a number, read as the plain words (`5 cm`)."""
-_TEXT_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}\s*(?:\^\s*\{?\d\}?)?\s*$")
+_TEXT_AFTER_NUMBER = re.compile(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\s*\{\s*([A-Za-z][A-Za-z ]*)\}\s*(?:\^\s*\{?\d\}?)?\s*$")
 """`5 \\text{ million}` ending an answer (inside `\\boxed{}`): the plain words, so that the checks of words after a
 number apply (`5 million` is no 5); math-verify read the number alone."""
-_NUMBER_SPAN_THEN_WORDS = re.compile(r"^\$([+-]?\d[\d.,/]*)\$\s+(?=[A-Za-z][A-Za-z ]*$)")
+_NUMBER_SPAN_THEN_WORDS = re.compile(r"^\$[+-]?\d[\d.,/]*\$\s+([A-Za-z][A-Za-z ]*)\.?$")
 """`$5$ thousand`, `$7$ is not the answer`: a number in math, then plain words only."""
+_QUALIFIERS = frozenset(
+    "not no nor or more less least most at either neither maybe possibly hundred hundreds thousand thousands million millions "
+    "billion billions dozen".split()
+)
+"""Words after a number in math that take it back or change it (`$3$ or more`, `$5$ thousand`); others confirm it (`$12$ is correct`)."""
 _SUPERSCRIPT = re.compile(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+")
 _SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
 """`2³`, `10⁶` in a plain-text answer: `2^{3}`, `10^{6}` (math-verify read the 2 and the 10)."""
@@ -189,7 +194,9 @@ def _latex_candidate(answer: str) -> str | None:
     text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
-    text = _NUMBER_SPAN_THEN_WORDS.sub(r"\1 ", text)  # `$5$ thousand`: the plain-text checks of words after a number
+    qualified = _NUMBER_SPAN_THEN_WORDS.match(text)
+    if qualified and _QUALIFIERS & set(qualified.group(1).lower().split()):
+        return None  # math-verify would read the number alone
     text = _without_variable(_without_remark(text).rstrip(".").strip())
     text = _SQRT_SIGN.sub(lambda root: "\\sqrt{" + root.group(1).strip("{}()") + "}", _PI_WORD.sub(r"\\pi", text).replace("π", "\\pi "))
     text = _SUPERSCRIPT.sub(lambda power: "^{" + power.group().translate(_SUPERSCRIPT_DIGITS) + "}", text.replace("∞", "\\infty "))
