@@ -91,8 +91,8 @@ def train_command(recipe: str, overrides: list[str]) -> None:
 
 def _start_workers(world_size: int, recipe: str, overrides: list[str], preemption: PreemptionWatch) -> None:
     """One trainer process per rank on this machine, through torchrun. torchrun starts them in sessions
-    of their own, out of reach of a signal to this process: a SIGUSR1/SIGTERM here reaches them through
-    their stop file (train/preemption.py); they checkpoint and exit 75, and so does this process."""
+    of their own, out of reach of a signal to this process: a stop signal here reaches them through their
+    stop file (train/preemption.py); they checkpoint and exit 75, and so does this process."""
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -103,8 +103,8 @@ def _start_workers(world_size: int, recipe: str, overrides: list[str], preemptio
         preemption.forward_to(stop_file)
         os.environ[STOP_FILE_ENV] = str(stop_file)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        try:  # torchrun leaves SIGTERM and SIGUSR1 to the watch: its own handler would kill the workers
-            torchrun([f"--nproc-per-node={world_size}", "--standalone", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
+        try:  # torchrun leaves the stop signals to the watch: its own handler would kill the workers
+            torchrun([f"--nproc-per-node={world_size}", "--standalone", "--signals-to-handle=SIGINT,SIGQUIT",
                       "-m", "opsdc_megatron.cli", "train", recipe, *overrides])
         except ChildFailedError as error:
             exit_codes = {failure.exitcode for failure in error.failures.values()}

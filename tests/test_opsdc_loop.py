@@ -465,11 +465,11 @@ def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(
     assert (out / "final_hf" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP], ids=["SIGUSR1", "SIGTERM", "SIGHUP"])
 def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tmp_path, stop_signal):
     """`opsdc train` at TP=2 without a launcher starts its ranks through torchrun, in sessions of their own:
-    SIGUSR1 killed this process and left the ranks training unattended; SIGTERM made torchrun end them
-    and exit 1. Now they checkpoint after their step, exit 75, and so does `opsdc train`."""
+    SIGUSR1 killed this process and left the ranks training unattended; SIGTERM and SIGHUP (a closed terminal)
+    made torchrun end them and exit 1. Now they checkpoint after their step, exit 75, and so does `opsdc train`."""
     import psutil
 
     out = tmp_path / stop_signal.name
@@ -515,3 +515,12 @@ def test_bad_input_fails_before_anything_is_written(setup, tmp_path, overrides, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_every_rank_names_the_stop_request_another_rank_found_first(tmp_path):
+    """Rank 0 looked for the stop file just before `opsdc train` wrote it, rank 1 just after: rank 0 stopped
+    through the all-reduce and its stop line said "on a signal to another rank" instead of the signal."""
+    from tests.launch import torchrun
+
+    output = torchrun("preemption_worker.py", 2, str(tmp_path))
+    assert "RANK0_RECEIVED=SIGUSR1 to opsdc train\n" in output, output[-3000:]

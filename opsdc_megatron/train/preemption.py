@@ -28,7 +28,8 @@ from pathlib import Path
 PREEMPTED_EXIT_CODE = 75
 """EX_TEMPFAIL from sysexits.h: stopped early on request, a checkpoint was saved, run again to resume."""
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP)
+"""SIGHUP: a closed terminal or ssh session (`opsdc demo`, `opsdc train` run by hand) checkpoints too."""
 
 STOP_FILE_ENV = "OPSDC_STOP_FILE"
 """Names a file whose existence asks the trainer to stop as SIGUSR1 does; it holds what asked (set by
@@ -41,7 +42,7 @@ SIGUSR1 only when its trainer log has it (a trainer that crashed instead is repo
 
 
 class PreemptionWatch:
-    """Records SIGUSR1/SIGTERM; `requested()` is collective and true on every rank once any rank got one.
+    """Records SIGUSR1/SIGTERM/SIGHUP; `requested()` is collective and true on every rank once any rank got one.
 
     Made first thing in the trainer process (cli.py, before torch is imported), so that a signal
     during start-up (imports, model build, server start) is recorded instead of killing the process:
@@ -66,23 +67,31 @@ class PreemptionWatch:
         self._forward()
 
     def _forward(self) -> None:
+        """Written whole, then renamed: a rank that read the file half written named no signal."""
         if self.forward_file is not None and self.received:
-            self.forward_file.write_text(f"{self.received} to opsdc train\n")
+            partial = self.forward_file.with_name(self.forward_file.name + ".tmp")
+            partial.write_text(f"{self.received} to opsdc train\n")
+            os.replace(partial, self.forward_file)
 
-    def requested(self) -> bool:
-        import torch  # here, not at the top: the watch is made before the ~2 s torch import
-        import torch.distributed as dist
-
+    def _read_stop_file(self) -> None:
         if not self.received and self.stop_file:
             try:
                 self.received = Path(self.stop_file).read_text(encoding="utf-8").strip() or f"a stop request ({self.stop_file})"
             except FileNotFoundError:
                 pass
+
+    def requested(self) -> bool:
+        import torch  # here, not at the top: the watch is made before the ~2 s torch import
+        import torch.distributed as dist
+
+        self._read_stop_file()
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self._read_stop_file()  # another rank found it after this one looked: name what it says
         return bool(flag.item())
 
     def exit_after_checkpoint(self, step: int) -> None:
