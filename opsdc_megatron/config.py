@@ -254,18 +254,23 @@ MAX_TIMEOUT_S = 1e9
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: PyYAML merges it below, explicit keys win
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # PyYAML's own construct_mapping names it
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Checked here, before PyYAML moves the keys of a merged mapping (`<<: *anchor`, explicit keys
+        win) into it, once per node: an anchored mapping flattened in place by the mapping that merges it
+        holds a merged key and the key overriding it when its alias is read again."""
+        if not getattr(node, "keys_checked", False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if not isinstance(key, Hashable):
+                    continue  # PyYAML's own construct_mapping names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+                seen.add(key)
+            node.keys_checked = True
+        super().flatten_mapping(node)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -310,6 +315,7 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
         merged = OmegaConf.structured(RunConfig)
         for recipe, data in _recipe_chain(Path(path)) if path is not None else []:
             source = str(recipe)
+            _check_text_fields(merged, data, recipe)
             merged = OmegaConf.merge(merged, data)
         for override in overrides:
             source = f"override '{override}'"
@@ -323,6 +329,19 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
         message = str(error).splitlines()[0]
         raise ConfigError(f"{source}: {message}" + (f" (key: {key})" if key else "")) from None
     return config
+
+
+def _check_text_fields(schema: DictConfig, data: dict, recipe: Path, prefix: str = "") -> None:
+    """A text field given a number or a boolean: YAML 1.1 read the text as that (`off` is False, `1.10` is
+    1.1, `0123` is 83) and OmegaConf would have stored its str(), not what the recipe says."""
+    for key, value in data.items():
+        node = schema._get_node(key, throw_on_missing_key=False) if isinstance(key, str) else None
+        if isinstance(node, DictConfig) and isinstance(value, dict):
+            _check_text_fields(node, value, recipe, f"{prefix}{key}.")
+        elif isinstance(node, StringNode) and isinstance(value, (bool, int, float)):
+            kind = "boolean" if isinstance(value, bool) else type(value).__name__
+            raise ConfigError(f"{recipe}: {prefix}{key}: expected text, YAML reads the value as the {kind} {value!r}; "
+                              f"put it in quotes to keep it as written")
 
 
 def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> DictConfig:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from opsdc_megatron.config import ConfigError, load_config, read_saved_config, to_yaml
 
@@ -99,6 +100,31 @@ def test_yaml_merge_keys_are_no_duplicates(tmp_path):
     text = "out_dir: x\neval: &sampling\n  temperature: 0.6\n  top_p: 0.95\nrollout:\n  <<: *sampling\n  top_p: 0.9\n"
     config = load_config(write(tmp_path, text), [])
     assert (config.rollout.temperature, config.rollout.top_p, config.eval.top_p) == (0.6, 0.9, 0.95)
+
+    nested = ("out_dir: x\nrollout:\n  <<: &eval_sampling\n    <<: {temperature: 0.6, top_p: 0.95}\n    top_p: 0.9\n"
+              "  max_response_tokens: 64\neval: *eval_sampling\n")  # the anchored mapping overrides a key it merges
+    config = load_config(write(tmp_path, nested), [])
+    assert (config.rollout.top_p, config.eval.top_p, config.eval.temperature) == (0.9, 0.9, 0.6)
+    with pytest.raises(ConfigError, match="recipe.yaml:10:5: malformed YAML: key 'top_p' appears twice"):
+        load_config(write(tmp_path, nested.replace("    top_p: 0.9\n", "    top_p: 0.9\n    top_p: 0.8\n")), [])
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("log", "wandb_run_name", "off", "the boolean False"),
+    ("model", "hf_path", "1.10", "the float 1.1"),
+    ("data", "train_prompts", "0123", "the int 83"),
+])
+def test_text_fields_given_other_yaml_types_are_refused(tmp_path, section, key, value, message):
+    """YAML 1.1 reads `off`, `1.10` and `0123` as False, 1.1 and 83: OmegaConf stored 'False', '1.1', '83'."""
+    recipe = tmp_path / "recipe.yaml"
+    settings = {"model": {"hf_path": "m"}, "data": {"train_prompts": "p"}, "out_dir": "x"}
+    settings[section] = {**settings.get(section, {}), key: "VALUE"}
+    recipe.write_text(yaml.safe_dump(settings).replace("VALUE", value))
+    expected = f"recipe.yaml: {section}.{key}: expected text, YAML reads the value as {message}; put it in quotes"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(recipe, [])
+    recipe.write_text(yaml.safe_dump(settings).replace("VALUE", f"'{value}'"))
+    assert getattr(getattr(load_config(recipe, []), section), key) == value
 
 
 def test_override_values_are_taken_as_written(tmp_path):
