@@ -96,7 +96,8 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
     saved = out / "train" / "config.yaml"
     base = os.path.abspath(base_model_folder(cache, settings=base_settings))
     resumable = complete_checkpoints(out / "train" / "checkpoints")
-    if resumable and saved.is_file() and (trained_from := read_saved_config(saved)["model"]["hf_path"]) != base:
+    # The folder's name is the base model's cache key; the cache itself may be another (a relative --cache from elsewhere).
+    if resumable and saved.is_file() and Path(trained_from := read_saved_config(saved)["model"]["hf_path"]).name != Path(base).name:
         raise ValueError(
             f"{out / 'train'} holds a run trained from {trained_from}, and the demo's base model is now {base} (the toy's code or "
             f"settings changed since): a rerun would resume that run and compare it with the new base model; remove {out}, or give another --out"

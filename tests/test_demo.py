@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from opsdc_megatron.cli import main
-from opsdc_megatron.demo import TEST_SEED, run_demo
+from opsdc_megatron.demo import TEST_SEED, check_demo_inputs, run_demo
 from opsdc_megatron.toy.base_model import BuildSettings
 
 pytestmark = pytest.mark.parallel
@@ -89,6 +89,8 @@ def test_a_rerun_after_the_base_model_changed_is_refused(demo, tmp_path, capsys)
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and f"{demo / 'train'} holds a run trained from {demo.parent / 'cache'}" in error, error
     assert "remove" in error and not (tmp_path / "another_cache").exists()
+    # The same base model in another cache (a relative --cache given from another folder) is no change.
+    check_demo_inputs(demo, tmp_path / "another_cache", ["train.steps=2"], base_settings=replace(BuildSettings(), steps=20))
 
 
 def test_an_out_or_cache_that_is_a_file_is_refused(tmp_path, capsys):
