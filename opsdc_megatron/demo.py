@@ -31,6 +31,7 @@ from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.report import write_report
 from opsdc_megatron.rollout.engine import SamplingParams
+from opsdc_megatron.signals import signals_handled
 from opsdc_megatron.toy.base_model import BuildSettings, base_model_folder, ensure_base_model, make_config
 from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
 from opsdc_megatron.toy.task import toy_prompts
@@ -127,12 +128,8 @@ def run_training(command: list[str]) -> None:
             received.append(signum)
             child.send_signal(signal.SIGTERM)
 
-        previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGHUP)}
-        try:
+        with signals_handled((signal.SIGTERM, signal.SIGHUP), pass_on):
             status = child.wait()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
     if received:
         sys.exit(128 + received[0])
     if status:

@@ -593,7 +593,8 @@ def test_hf_rollouts_on_gpus_note_the_memory_opsdc_plan_does_not_count():
     # Values the trainer's checks refuse, which the plan runs before: they were a ZeroDivisionError and an OverflowError
     (["rollout.sglang.tensor_parallel_size=0"], "rollout.sglang.tensor_parallel_size must be >= 1, got 0"),
     (["parallel.tensor_parallel_size=0"], "parallel.tensor_parallel_size must be >= 1, got 0"),
-    (["rollout.sglang.startup_timeout_s=inf"], "rollout.sglang.startup_timeout_s must be a number of seconds > 0, got inf"),
+    (["rollout.sglang.startup_timeout_s=inf"], "rollout.sglang.startup_timeout_s must be > 0 and at most 1e+09 s, got inf"),
+    (["rollout.sglang.startup_timeout_s=1e300"], "rollout.sglang.startup_timeout_s must be > 0 and at most 1e+09 s, got 1e+300"),
 ])
 def test_rollout_plan_refusals(overrides, message):
     with pytest.raises(PlanError) as refused:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from opsdc_megatron.config import PAPER_INSTRUCTION_V1
 from opsdc_megatron.eval.datasets import LAYOUTS, load_dataset_file
 from opsdc_megatron.prompts import load_tokenizer
+from opsdc_megatron.signals import signals_handled
 
 if TYPE_CHECKING:
     from opsdc_megatron.eval.evaluate import EvalResult
@@ -280,12 +281,8 @@ def exit_on_termination() -> Iterator[None]:
     """SIGTERM and SIGHUP (kill, a closed ssh session) end the command as Ctrl-C does, through its cleanup:
     without it the SGLang servers it started (in sessions of their own, out of the signal's reach) kept their
     GPUs and ports, and a checkpoint's temporary export stayed. The exit status is the shell's, 128 + signal."""
-    previous = {signum: signal.signal(signum, lambda number, _frame: sys.exit(128 + number)) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with signals_handled((signal.SIGTERM, signal.SIGHUP), lambda number, _frame: sys.exit(128 + number)):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextmanager

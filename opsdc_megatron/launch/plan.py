@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opsdc_megatron.config import ConfigError, RunConfig, merge_config, validate
+from opsdc_megatron.config import MAX_TIMEOUT_S, ConfigError, RunConfig, merge_config, validate
 
 
 class PlanError(ValueError):
@@ -67,8 +67,8 @@ def plan_job(config: RunConfig) -> JobPlan:
                        ("rollout.sglang.tensor_parallel_size", servers.tensor_parallel_size)):
         if value < 1:
             raise PlanError(f"{key} must be >= 1, got {value}")
-    if not 0 < servers.startup_timeout_s < math.inf:
-        raise PlanError(f"rollout.sglang.startup_timeout_s must be a number of seconds > 0, got {servers.startup_timeout_s}")
+    if not 0 < servers.startup_timeout_s <= MAX_TIMEOUT_S:  # config.validate's bound: the job script waits this long
+        raise PlanError(f"rollout.sglang.startup_timeout_s must be > 0 and at most {MAX_TIMEOUT_S:.0e} s, got {servers.startup_timeout_s}")
     processes = p.tensor_parallel_size * p.pipeline_parallel_size * p.data_parallel_size
     layout = (f"parallel: tensor {p.tensor_parallel_size} x pipeline {p.pipeline_parallel_size} x "
               f"data {p.data_parallel_size} = {processes} trainer processes")
