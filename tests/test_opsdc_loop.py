@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
 from opsdc_megatron.train.metrics import read_metrics
+from opsdc_megatron.train.preemption import STOP_SIGNALS
 from tests.tiny_models import save_toy_qwen3
 
 pytestmark = pytest.mark.parallel
@@ -124,7 +125,7 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
                         f"distill.loss_normalization={normalization}", "train.micro_batch_prompts=1",
                         f"distill.fused_output_layer={str(fused_output_layer).lower()}"),
             f"model.hf_path={sharp}"]
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
         main(["train", "recipes/toy_cpu.yaml", *args])
     finally:  # `opsdc train` records stop signals; this process goes on with pytest's handlers
@@ -188,7 +189,7 @@ def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, 
     monkeypatch.setattr(PreemptionWatch, "requested", lambda watch: len(steps_done) == stop_after[0] or real_requested(watch))
     args = ["train", "recipes/toy_cpu.yaml", *train_args(setup, out, "train.steps=4", "eval.every_steps=1", "checkpoint.save_every_steps=0",
                                                           "parallel.tensor_parallel_size=1")]
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
         with pytest.raises(SystemExit) as stopped:
             main(args)
@@ -297,7 +298,7 @@ def test_teacher_offload_matches(setup, tp1_run):
             assert offloaded[step][key] == tp1_run[step][key], (step, key)
 
 
-def test_a_run_resumed_with_a_larger_batch_goes_on_where_the_stream_stopped(setup, tmp_path, monkeypatch):
+def test_a_run_resumed_with_a_larger_batch_goes_on_where_the_stream_stopped(setup, tmp_path, monkeypatch, capsys):
     """Two steps of 4 prompts, then a resume at 8 prompts a step: step 3 takes the stream's prompts 8-15, the
     ones after those used. Batch k was the stream's prompts (k-1) x batch size on: 16-23, skipping 8-15 (most
     of an epoch unused while others came twice)."""
@@ -316,7 +317,7 @@ def test_a_run_resumed_with_a_larger_batch_goes_on_where_the_stream_stopped(setu
 
     monkeypatch.setattr(loop, "generate_across_ranks", generate)
     common = ("eval.every_steps=0", "parallel.tensor_parallel_size=1", "rollout.max_response_tokens=4")
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     try:
         main(["train", "recipes/toy_cpu.yaml", *train_args(setup, tmp_path / "run", "train.steps=2", "train.global_batch_prompts=4", *common)])
         resumed = train_args(setup, tmp_path / "run", "train.steps=3", "train.global_batch_prompts=8", *common)
@@ -328,6 +329,26 @@ def test_a_run_resumed_with_a_larger_batch_goes_on_where_the_stream_stopped(setu
     assert len(used) == 3 and used[2] == [b.student_ids for b in stream.batch(8)]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["prompts_used"] == 16
+    assert "another prompt stream" not in capsys.readouterr().err  # the batch size is no other stream
+
+
+def test_a_resume_with_another_seed_or_prompt_file_says_so(setup, tmp_path):
+    """The stream's order is the seed's and the file's: a resume with others went on in another order, silently."""
+    run, common = tmp_path / "run", ("eval.every_steps=0", "parallel.tensor_parallel_size=1", "rollout.max_response_tokens=4")
+    other_prompts = tmp_path / "other.jsonl"
+    other_prompts.write_text("".join(reversed((setup / "train.jsonl").read_text().splitlines(keepends=True))))
+    for steps, overrides, notice in [
+        (1, [], None),
+        (2, [], None),
+        (3, ["train.seed=5"], "train.seed is 5, was 1234"),
+        (4, ["train.seed=5", f"data.train_prompts={other_prompts}"], "the training prompts changed"),
+    ]:
+        args = [*train_args(setup, run, f"train.steps={steps}", *common), *overrides]
+        proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *args],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stated = re.findall(r"resuming step_\d+ with another prompt stream \((.*)\): prompts are used in a new order from prompt (\d+)", proc.stderr)
+        assert stated == ([(notice, str((steps - 1) * 8))] if notice else []), proc.stderr[-3000:]
 
 
 def test_bf16_distributed_optimizer_follows_tp1_and_resumes_exactly(setup):

@@ -11,6 +11,7 @@ training (answers only score the logged accuracy).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -108,6 +109,9 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model.ddps, model.optimizer, teacher)
         state.setdefault("prompts_used", state["step"] * config.train.global_batch_prompts)  # a checkpoint from before the count
+        if rank0 and (changes := prompts.changes_since(state.get("prompt_stream"))):
+            print(f"opsdc train: resuming {resume_from.name} with another prompt stream ({'; '.join(changes)}): prompts are used "
+                  f"in a new order from prompt {state['prompts_used']} of the stream on", file=sys.stderr, flush=True)
         apply_optimizer_settings(model.optimizer, config.train)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +122,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         if resume_from is not None and (out / "config.yaml").is_file():
             start_model = read_saved_config(out / "config.yaml")["model"]["hf_path"]
         write_text_atomic(out / "config.yaml", to_yaml(replace(config, model=replace(config.model, hf_path=start_model))))
+    state["prompt_stream"] = prompts.identity
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
     # The eval a preempted run's stop deferred (done below); a record of it from a resumed attempt that crashed is dropped.
     redo_eval_step = state["step"] if config.eval.every_steps and state.get("eval_pending") else None

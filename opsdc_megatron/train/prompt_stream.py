@@ -3,7 +3,9 @@
 Prompts are tokenized once at start-up (student and teacher forms), so a prompt that is too long
 is reported before anything is trained or written. A batch is a pure function of the seed and its
 position in the stream, the number of prompts used before it, which the trainer state records: a
-resume goes on where the run stopped, also at another train.global_batch_prompts.
+resume goes on where the run stopped, also at another train.global_batch_prompts. The trainer state
+also records which stream that was (`identity`): a resume with another seed or prompt file goes on in
+another order, which the trainer says.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opsdc_megatron.config import RunConfig
+from opsdc_megatron.eval.results import prompts_digest
 from opsdc_megatron.prompts import PromptRecord, encode_prompt
 
 
@@ -44,6 +47,17 @@ class PromptStream:
             self.prompts.append(EncodedPrompt(record, student, teacher))
         self.seed = config.train.seed
         self.global_batch_prompts = config.train.global_batch_prompts
+        self.identity = {"seed": self.seed, "prompts_sha256": prompts_digest(records)}
+
+    def changes_since(self, recorded: dict | None) -> list[str]:
+        """What makes this stream another than the one `identity` recorded (nothing for a checkpoint from
+        before the record)."""
+        if recorded is None:
+            return []
+        changes = [f"train.seed is {self.seed}, was {recorded['seed']}"] if recorded["seed"] != self.seed else []
+        if recorded["prompts_sha256"] != self.identity["prompts_sha256"]:
+            changes.append("the training prompts changed")
+        return changes
 
     @lru_cache(maxsize=2)
     def _epoch_order(self, epoch: int) -> list[int]:
