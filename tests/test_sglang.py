@@ -614,6 +614,24 @@ def test_an_external_server_back_after_a_disk_push_rejoins(tiny_model: Path, tmp
         server_b.shutdown()
 
 
+def test_a_trainer_resumed_beside_external_servers_that_name_a_removed_push_folder_starts(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Servers outside the trainer (stand-ins) outlive it; after a disk push they name its folder, which the next
+    trainer no longer has (the transport keeps the last push only, a run folder gone or moved). The next
+    trainer's engines refused to start ("config.json cannot be read here") on every rank; now the push's rank
+    names the server and pushes, and the other ranks follow."""
+    (url, state, server) = _stub_server(tmp_path / "pushed" / "v7")  # the removed folder of an earlier trainer's push 7
+    try:
+        SGLangRolloutEngine([url], None, [EOS], VOCAB)  # a rank that only sends rollouts
+        engine = SGLangRolloutEngine([url], DiskTransport(tmp_path / "pushed", tiny_model), [EOS], VOCAB)
+        assert f"{url} serves {tmp_path / 'pushed' / 'v7'}, whose config.json cannot be read here" in capsys.readouterr().err
+        engine.update_weights(shifted_weights(tiny_model, seed=6)[0], version=8)
+        assert state["version"] == "8" and (Path(state["model_path"]) / "config.json").is_file()
+    finally:
+        server.shutdown()
+
+
 # SGLang's refusal of /init_weights_update_group: a 400 before it joins the group (a backend it cannot
 # make, an address it cannot reach).
 _RefusesGroups = _answering(400, b'{"success": false, "message": "Failed to initialize custom process group: no route to trainer."}')

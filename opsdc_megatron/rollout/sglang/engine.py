@@ -31,6 +31,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import uuid
@@ -66,6 +67,11 @@ class RolloutFailedError(RuntimeError):
     """A prompt that no server could answer within the retry budget, or no server left."""
 
 
+class ServedModelUnreadable(ValueError):
+    """The config.json of the model a server names cannot be read on this host (for one started outside the
+    trainer: often the folder of an earlier disk push, removed since)."""
+
+
 def served_vocab_size(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
     """(vocab_size, model path) of the model a server was launched with, from its config.json."""
     info = post_json(f"{url}/model_info", None, timeout_s)
@@ -73,7 +79,7 @@ def served_vocab_size(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ValueError(f"{url} serves {info['model_path']}, whose config.json cannot be read here: {error}") from None
+        raise ServedModelUnreadable(f"{url} serves {info['model_path']}, whose config.json cannot be read here: {error}") from None
     text_config = config.get("text_config", config)
     return int(text_config["vocab_size"]), info["model_path"]
 
@@ -126,7 +132,16 @@ class SGLangRolloutEngine(RolloutEngine):
         self.restarts = 0
         """How many servers were restarted after a failure (for logs and tests)."""
         for url in self.urls:
-            self._check_vocabulary(url)
+            try:
+                self._check_vocabulary(url)
+            except ServedModelUnreadable as error:
+                # Servers started outside the trainer outlive it: one that took a disk push names that push's
+                # folder, which goes with the trainer that wrote it. Rank 0's first push replaces its weights.
+                if self.fleet is not None:
+                    raise
+                if self.transport is not None:
+                    print(f"opsdc train: {error}; its vocabulary is not checked, the first push replaces its weights",
+                          file=sys.stderr, flush=True)
             if self.transport is not None:
                 if self.fleet is None:
                     self._undo_an_unfinished_push(url)
@@ -277,7 +292,7 @@ class SGLangRolloutEngine(RolloutEngine):
                 continue
             except VocabularyMismatchError:
                 raise
-            except ValueError:  # its model's config.json is gone: the disk transport's pushed folder, replaced since
+            except ServedModelUnreadable:  # the disk transport's pushed folder, replaced since
                 pass
             try:
                 self._undo_an_unfinished_push(url)
