@@ -18,6 +18,7 @@ from opsdc_megatron.config import ConfigError, RunConfig, load_config
 from opsdc_megatron.convert import cli as convert_cli
 from opsdc_megatron.eval.command import add_parser as add_eval_parser
 from opsdc_megatron.eval.datasets import add_data_parser
+from opsdc_megatron.files import check_output_folder
 from opsdc_megatron.prompts import PromptFileError
 from opsdc_megatron.report import add_parser as add_report_parser
 from opsdc_megatron.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
@@ -59,8 +60,7 @@ def preflight(config: RunConfig) -> None:
     from opsdc_megatron.train.checkpoint import resume_point
 
     out_dir = Path(config.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
+    check_output_folder(out_dir, "out_dir")
     resume_point(out_dir, config.checkpoint.resume, config.train.steps)
     PromptStream(load_prompts(config.data.train_prompts), load_tokenizer(hf_path), config)
     if config.data.eval_prompts:

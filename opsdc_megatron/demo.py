@@ -27,7 +27,7 @@ from rich.table import Table
 
 from opsdc_megatron.eval.evaluate import evaluate_model
 from opsdc_megatron.eval.results import prompts_digest, write_result
-from opsdc_megatron.files import write_text_atomic
+from opsdc_megatron.files import check_output_folder, write_text_atomic
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.report import write_report
 from opsdc_megatron.rollout.engine import SamplingParams
@@ -90,9 +90,8 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
     for override in overrides:
         if override.split("=", 1)[0].strip() in DEMO_KEYS:
             raise ValueError(f"{override}: the demo sets {', '.join(DEMO_KEYS)} itself (its folders: --out, --cache)")
-    for flag, folder in (("--out", out), ("--cache", cache)):
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{flag}: {folder} exists and is not a folder")
+    check_output_folder(out, "--out")
+    check_output_folder(cache, "--cache")
     recipe = load_config(RECIPE, [*_recipe_paths(out), "model.hf_path=the toy base model", *overrides])
     saved = out / "train" / "config.yaml"
     base = os.path.abspath(base_model_folder(cache, settings=base_settings))

@@ -7,6 +7,12 @@ import os
 from pathlib import Path
 
 
+def check_output_folder(path: Path, name: str) -> None:
+    """An output folder (`name`: the flag or key that gave it) may be missing, not a file: a clear error before anything runs."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {path} exists and is not a folder")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as file:

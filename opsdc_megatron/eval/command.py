@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from opsdc_megatron.config import PAPER_INSTRUCTION_V1
 from opsdc_megatron.eval.datasets import LAYOUTS, load_dataset_file
+from opsdc_megatron.files import check_output_folder
 from opsdc_megatron.prompts import load_tokenizer
 from opsdc_megatron.signals import signals_handled
 
@@ -172,8 +173,7 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.instruction != "none" and not args.instruction_text.strip():
             raise ValueError(f"--instruction {args.instruction} needs an instruction, but --instruction-text is empty")
         model, data = Path(args.model), Path(args.data)
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ValueError(f"--out: {args.out} exists and is not a folder")
+        check_output_folder(Path(args.out), "--out")
         checkpoint = find_megatron_checkpoint(model)
         if checkpoint is None:
             check_hf_folder(model)

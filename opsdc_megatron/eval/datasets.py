@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from opsdc_megatron.files import check_output_folder
 from opsdc_megatron.prompts import PromptFileError, PromptRecord, read_json_objects, unpaired_surrogate, write_prompts
 
 
@@ -212,8 +213,7 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
 def split_command(args: argparse.Namespace) -> None:
     targets = [args.out / "train.jsonl", args.out / "validation.jsonl"]
     try:
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out: {args.out} exists and is not a folder")
+        check_output_folder(args.out, "--out")
         existing = [str(path) for path in targets if path.exists()]
         if existing:
             raise ValueError(f"{', '.join(existing)} already exist: remove them or choose another --out")
