@@ -74,10 +74,9 @@ def train_command(recipe: str, overrides: list[str]) -> None:
         config = load_config(recipe, overrides)
         if not under_launcher:
             preflight(config)
-            if config.rollout.engine == "sglang" and not config.rollout.sglang.server_urls:  # rank 0 starts the servers
-                from opsdc_megatron.launch.plan import check_sglang_interpreter
+            from opsdc_megatron.launch.plan import check_sglang_servers_to_start
 
-                check_sglang_interpreter(config)
+            check_sglang_servers_to_start(config)
     except INPUT_ERRORS as error:
         print(f"opsdc train: error: {error}", file=sys.stderr)
         sys.exit(2)

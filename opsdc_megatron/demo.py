@@ -106,10 +106,9 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
         make_config(base_settings or BuildSettings(), build_toy_tokenizer()), recipe.parallel.tensor_parallel_size,
         recipe.parallel.pipeline_parallel_size, virtual_pipeline_chunks=recipe.parallel.virtual_pipeline_chunks,
     )
-    if recipe.rollout.engine == "sglang" and not recipe.rollout.sglang.server_urls:
-        from opsdc_megatron.launch.plan import check_sglang_interpreter
+    from opsdc_megatron.launch.plan import check_sglang_servers_to_start
 
-        check_sglang_interpreter(recipe)
+    check_sglang_servers_to_start(recipe)
 
 
 def run_training(command: list[str]) -> None:

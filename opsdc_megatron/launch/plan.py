@@ -227,6 +227,12 @@ ENVIRONMENT_PROBE = (
 """What `check_sglang_interpreter` asks the SGLang interpreter: its packages and the NCCL its torch links."""
 
 
+def check_sglang_servers_to_start(config: RunConfig) -> None:
+    """`check_sglang_interpreter` for a run whose rank 0 starts its own servers (SGLang rollouts, no server_urls)."""
+    if config.rollout.engine == "sglang" and not config.rollout.sglang.server_urls:
+        check_sglang_interpreter(config)
+
+
 def check_sglang_interpreter(config: RunConfig) -> None:
     """The SGLang interpreter exists, has sglang (and sglang_router when the recipe starts a router), and for a
     weight push over NCCL (distributed transport on GPUs) links the NCCL version this trainer's torch does:
