@@ -290,8 +290,6 @@ class SGLangRolloutEngine(RolloutEngine):
                 self._check_vocabulary(url)
             except (ServerUnavailable, ServerRejected):
                 continue
-            except VocabularyMismatchError:
-                raise
             except ServedModelUnreadable:  # the disk transport's pushed folder, replaced since
                 pass
             try:
