@@ -201,10 +201,14 @@ def eval_command(args: argparse.Namespace) -> None:
     instructions = {name: (args.instruction_text if name == "concise" else None) for name in names}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out, evaluated, digest = Path(args.out), checkpoint or model, prompts_digest(records)
+    # What a result file records of its evaluation (with the instruction): another result of the same name is not replaced.
+    settings = {
+        "model": str(evaluated.resolve()), "data": str(data.resolve()), "sampling": asdict(sampling), "seed": args.seed,
+        "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
+    }
     # What a pass's finished samples were drawn from: an interrupted run resumes with them only if all of it is the same.
     run_key = {
-        "model": str(evaluated.resolve()), "model_files": _files_signature(evaluated), "data": str(data.resolve()), "prompts": digest,
-        "sampling": asdict(sampling), "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
+        **settings, "model_files": _files_signature(evaluated), "prompts": digest,
         "hf_config_files": _files_signature(hf_config) if hf_config is not None else None,
     }
 
@@ -220,11 +224,7 @@ def eval_command(args: argparse.Namespace) -> None:
         except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
             print(f"opsdc eval: error: {previous}: not an evaluation result file ({error}); remove it or give another --out", file=sys.stderr)
             sys.exit(2)
-        planned = {
-            "model": str(evaluated.resolve()), "data": str(data.resolve()), "prompts_sha256": digest, "sampling": asdict(sampling),
-            "seed": args.seed, "batch_prompts": args.batch_prompts, "engine": args.engine, "dtype": args.dtype,
-            "instruction_text": instructions[name],
-        }
+        planned = {**settings, "prompts_sha256": digest, "instruction_text": instructions[name]}
         differ = [key for key, value in planned.items() if key in recorded and recorded[key] != value]
         if recorded.get("result", {}).get("samples_per_prompt", args.samples) != args.samples:
             differ.append("samples")
