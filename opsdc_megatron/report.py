@@ -22,6 +22,7 @@ from pathlib import Path
 from opsdc_megatron.config import read_saved_config
 from opsdc_megatron.eval.results import RUN_EXPORTS, ResultFile, read_responses, read_results
 from opsdc_megatron.files import write_text_atomic
+from opsdc_megatron.models.hf_folder import read_trained_steps
 from opsdc_megatron.train.metrics import read_metrics
 
 
@@ -134,9 +135,8 @@ def _classify(results: list[ResultFile], run_dir: Path, base_model: Path) -> dic
     pairs: dict[tuple[str, str], list] = {}
 
     def export_rank(result: ResultFile) -> int | None:
-        model = Path(result.model)
-        export = model.name if model.parent == run_dir else result.run_export
-        return RUN_EXPORTS.index(export) if export in RUN_EXPORTS else None
+        export = _run_export(result, run_dir)
+        return RUN_EXPORTS.index(export) if export else None
 
     for result in results:
         key = (result.benchmark, result.instruction)
@@ -147,6 +147,22 @@ def _classify(results: list[ResultFile], run_dir: Path, base_model: Path) -> dic
         elif rank is not None and (pair[1] is None or rank < export_rank(pair[1])):
             pair[1] = result
     return {key: (before, after) for key, (before, after) in pairs.items() if before or after}
+
+
+def _run_export(result: ResultFile, run_dir: Path) -> str | None:
+    """best_hf or final_hf when `result` evaluated that export of the run in `run_dir`."""
+    model = Path(result.model)
+    export = model.name if model.parent == run_dir else result.run_export
+    return export if export in RUN_EXPORTS else None
+
+
+def _rewritten_since(after: ResultFile, run_dir: Path) -> str | None:
+    """The export `after` evaluated, when a resumed run has rewritten it since with other steps' weights."""
+    export = _run_export(after, run_dir)
+    now = read_trained_steps(run_dir / export) if export and after.trained_steps is not None else None
+    if now is None or now == after.trained_steps:
+        return None
+    return f"stale: {export} was evaluated at step {after.trained_steps} and holds step {now} now; rerun opsdc eval"
 
 
 def _unlike(before: ResultFile, after: ResultFile) -> list[str]:
@@ -192,7 +208,10 @@ def markdown(run_dir: Path, config: dict, metrics: list[dict], pairs: dict, plot
             size = " -> ".join(sizes)
             change = compression = "—"
             unlike = _unlike(before, after) if before and after else []
-            if unlike:
+            stale = _rewritten_since(after, run_dir) if after else None
+            if stale:
+                change = compression = stale
+            elif unlike:
                 change = compression = f"not comparable ({', '.join(unlike)} differ)"
             elif before and after:
                 change = f"{100 * (after.result['accuracy'] - before.result['accuracy']):+.1f}"

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from opsdc_megatron.models.hf_folder import read_trained_steps
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
 from opsdc_megatron.train.metrics import read_metrics
@@ -457,6 +458,7 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
     assert final_state["best"]["step"] == best_step, (final_state["best"], records)
     best, final = (load_file(out / name / "model.safetensors") for name in ("best_hf", "final_hf"))
     assert all(torch.equal(best[k], final[k]) for k in final) == (best_step == 4)
+    assert (read_trained_steps(out / "best_hf"), read_trained_steps(out / "final_hf")) == (best_step, 4)  # for opsdc report
 
 
 def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(setup, tmp_path):

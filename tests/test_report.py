@@ -15,6 +15,7 @@ from opsdc_megatron.cli import main
 from opsdc_megatron.config import ConfigError, LogConfig, load_config, to_yaml
 from opsdc_megatron.eval.evaluate import ScoredResponse, summarize
 from opsdc_megatron.eval.results import write_result
+from opsdc_megatron.models.hf_folder import save_hf_folder
 from opsdc_megatron.prompts import PromptRecord
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.train.metrics import MetricsLog, read_metrics
@@ -95,6 +96,26 @@ def test_a_moved_run_folder_is_reported_the_same(run_dir, tmp_path):
                  fake_result([1, 1, 1, 1], [True] * 4), prompts_sha256="four", batch_prompts=4)
     main(["report", str(moved)])
     assert "| MATH-500 | 4 x 1 | 0.500 | — | — | 46.0 | — | — |" in (moved / "report.md").read_text()
+
+
+def test_an_export_rewritten_since_its_evaluation_is_reported_stale(run_dir, tmp_path):
+    """best_hf evaluated at step 2, then the run resumed and wrote step 4's best_hf: the report showed the step-2
+    numbers as the run's "after"."""
+    import torch
+
+    base = tmp_path / "base_model"
+    save_hf_folder({"w": torch.zeros(2)}, base, run_dir / "best_hf", trained_steps=2)
+    write_result(run_dir / "eval", "MATH-500", run_dir / "best_hf", tmp_path / "math.jsonl", "math500", "none", None, SAMPLING, 0, "hf",
+                 fake_result([20, 10, 30, 20], [True, True, True, False]), prompts_sha256="four", batch_prompts=4)
+    main(["report", str(run_dir)])
+    assert "| MATH-500 | 4 x 1 | 0.500 | 0.750 | +25.0 | 46.0 | 20.0 | 56.5% | 0.250 | 0.000 |" in (run_dir / "report.md").read_text()
+    save_hf_folder({"w": torch.ones(2)}, base, run_dir / "best_hf", trained_steps=4)
+    moved = tmp_path / "archive" / "run"  # the export is found by what the result file recorded, and checked the same
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    main(["report", str(moved)])
+    stale = "stale: best_hf was evaluated at step 2 and holds step 4 now; rerun opsdc eval"
+    assert f"| MATH-500 | 4 x 1 | 0.500 | 0.750 | {stale} | 46.0 | 20.0 | {stale} |" in (moved / "report.md").read_text()
 
 
 def test_a_run_started_from_another_runs_best_hf_is_reported_before_and_after(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opsdc_megatron.files import write_text_atomic
+from opsdc_megatron.models.hf_folder import read_trained_steps
 
 if TYPE_CHECKING:  # annotations only: `opsdc report` reads results without importing torch
     from opsdc_megatron.eval.evaluate import EvalResult, ScoredResponse
@@ -51,6 +52,8 @@ class ResultFile:
     run_export: str | None = None
     """best_hf or final_hf when the model was that export of the run whose eval/ folder holds this file:
     the report finds it also after the run folder moved (None in older files, and for other models)."""
+    trained_steps: int | None = None
+    """A run export's optimizer steps when it was evaluated (`read_trained_steps`); None for other models and in older files."""
     path: Path | None = None
 
 
@@ -90,7 +93,7 @@ def write_result(
         "instruction": instruction, "instruction_text": instruction_text, "sampling": asdict(sampling),
         "seed": seed, "engine": engine, "result": result.as_dict(),
         "prompts_sha256": prompts_sha256, "prompt_template": prompt_template, "dtype": dtype, "batch_prompts": batch_prompts,
-        "run_export": run_export,
+        "run_export": run_export, "trained_steps": read_trained_steps(model),
     }
     path = out_dir / f"{stem}.json"
     write_text_atomic(path, json.dumps(summary, indent=2) + "\n")

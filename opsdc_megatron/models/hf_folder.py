@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from opsdc_megatron.files import fsync_folder
+
+if TYPE_CHECKING:  # torch at run time only where weights are written: `opsdc report` reads the metadata without it
+    import torch
 
 COPIED_FILES = (
     "config.json",
@@ -25,6 +28,11 @@ COPIED_FILES = (
 )
 
 
+TRAINED_STEPS_KEY = "opsdc_trained_steps"
+"""safetensors metadata of a training run's exports (best_hf, final_hf): the optimizer steps of their weights.
+An evaluation records it, and `opsdc report` sees an export rewritten since its evaluation (a resumed run)."""
+
+
 def write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
     """config.json names the dtype the weights are stored in (transformers loads them in it by default: an
     fp32-trained model whose config said bfloat16 lost its small updates); a file that already does stays
@@ -38,9 +46,12 @@ def write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
         path.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path) -> Path:
+def save_hf_folder(
+    state_dict: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path, trained_steps: int | None = None
+) -> Path:
     """Weights from `state_dict`, every other file from `source_dir`; replaces `out_dir` atomically (a
-    crash leaves the old folder or the new one, both complete on disk) and durably."""
+    crash leaves the old folder or the new one, both complete on disk) and durably. `trained_steps`: a
+    training run's export, recorded in the weights' metadata (`TRAINED_STEPS_KEY`)."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     _take_back_old(out_dir)  # first: a save that fails must not leave no folder at all
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -49,12 +60,27 @@ def save_hf_folder(state_dict: dict[str, torch.Tensor], source_dir: str | Path, 
     for name in COPIED_FILES:
         if (source_dir / name).exists():
             shutil.copy2(source_dir / name, tmp / name)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", **({TRAINED_STEPS_KEY: str(trained_steps)} if trained_steps is not None else {})}
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / "model.safetensors"), metadata=metadata)
     floating = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
     if (tmp / "config.json").is_file() and len(floating) == 1:
         write_config_dtype(tmp, floating.pop())
     fsync_folder(tmp, files=True)
     return replace_folder(tmp, out_dir)
+
+
+def read_trained_steps(folder: str | Path) -> int | None:
+    """What `save_hf_folder` recorded of a run's export; None for another folder (not a run's export, sharded
+    weights, none readable)."""
+    path = Path(folder) / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            recorded = (weights.metadata() or {}).get(TRAINED_STEPS_KEY)
+    except (OSError, SafetensorError):
+        return None
+    return int(recorded) if recorded is not None and recorded.isdigit() else None
 
 
 def _take_back_old(out_dir: Path) -> None:

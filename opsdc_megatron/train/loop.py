@@ -145,7 +145,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens}
             if rank0:  # best_hf once a checkpoint records this eval: a resume from an earlier one may score otherwise
                 settle_best_export(out, None)  # earlier candidates: no checkpoint recorded them (each save settles), and this one is better
-                save_hf_folder(pushed, config.model.hf_path, best_candidate(out, step))
+                save_hf_folder(pushed, config.model.hf_path, best_candidate(out, step), trained_steps=step)
 
     saved_step = state["step"] if resume_from is not None else None
 
@@ -216,5 +216,5 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         if stopping:
             preemption.exit_after_checkpoint(step)
     if rank0:
-        save_hf_folder(pushed, config.model.hf_path, out / FINAL_EXPORT)
+        save_hf_folder(pushed, config.model.hf_path, out / FINAL_EXPORT, trained_steps=state["step"])
     log.close()
