@@ -547,3 +547,23 @@ def test_every_rank_names_the_stop_request_another_rank_found_first(tmp_path):
 
     output = torchrun("preemption_worker.py", 2, str(tmp_path))
     assert "RANK0_RECEIVED=SIGUSR1 to opsdc train\n" in output, output[-3000:]
+
+
+def test_nohup_keeps_a_hangup_from_stopping_the_commands():
+    """`nohup opsdc train|eval|demo &`: SIGHUP starts ignored, and the commands' own handlers took it over; a
+    logout stopped a run meant to outlive it. SIGUSR1 ignored (the SLURM job script's start-up) is taken over."""
+    from opsdc_megatron.signals import signals_handled
+    from opsdc_megatron.train.preemption import PreemptionWatch
+
+    saved = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    try:
+        for number in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(number, signal.SIG_IGN)
+        watch = PreemptionWatch()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and signal.getsignal(signal.SIGUSR1) == watch._record
+        with signals_handled((signal.SIGTERM, signal.SIGHUP), lambda *_: None):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) != watch._record
+        assert signal.getsignal(signal.SIGTERM) == watch._record
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)

@@ -29,7 +29,8 @@ PREEMPTED_EXIT_CODE = 75
 """EX_TEMPFAIL from sysexits.h: stopped early on request, a checkpoint was saved, run again to resume."""
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP)
-"""SIGHUP: a closed terminal or ssh session (`opsdc demo`, `opsdc train` run by hand) checkpoints too."""
+"""SIGHUP: a closed terminal or ssh session (`opsdc demo`, `opsdc train` run by hand) checkpoints too, unless
+the process started with it ignored (`nohup`: meant to outlive the terminal)."""
 
 STOP_FILE_ENV = "OPSDC_STOP_FILE"
 """Names a file whose existence asks the trainer to stop as SIGUSR1 does; it holds what asked (set by
@@ -54,6 +55,8 @@ class PreemptionWatch:
         self.stop_file = os.environ.get(STOP_FILE_ENV) or None
         self.forward_file: Path | None = None
         for stop_signal in STOP_SIGNALS:
+            if stop_signal == signal.SIGHUP and signal.getsignal(stop_signal) == signal.SIG_IGN:
+                continue  # nohup (an ignored SIGUSR1 is the job script's, for the start-up: taken over here)
             signal.signal(stop_signal, self._record)
 
     def _record(self, number: int, _frame) -> None:
