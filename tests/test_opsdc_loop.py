@@ -488,6 +488,10 @@ def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(
     assert (out / "final_hf" / "model.safetensors").is_file()
 
 
+def hangups_not_ignored() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP], ids=["SIGUSR1", "SIGTERM", "SIGHUP"])
 def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tmp_path, stop_signal):
     """`opsdc train` at TP=2 without a launcher starts its ranks through torchrun, in sessions of their own:
@@ -498,7 +502,8 @@ def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tm
     out = tmp_path / stop_signal.name
     overrides = ("train.steps=20", "eval.every_steps=0", "checkpoint.save_every_steps=0", "parallel.tensor_parallel_size=2")
     command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fork_guarded(out))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fork_guarded(out),
+                            preexec_fn=hangups_not_ignored)  # a suite run under nohup passes its ignored SIGHUP on
     deadline = time.monotonic() + 300
     while not ((out / "metrics.jsonl").exists() and any(m["kind"] == "train" for m in read_metrics(out / "metrics.jsonl"))):
         assert proc.poll() is None and time.monotonic() < deadline, "no train step was logged"
@@ -567,3 +572,62 @@ def test_nohup_keeps_a_hangup_from_stopping_the_commands():
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_a_closed_terminal_stops_opsdc_train_after_a_checkpoint(setup, tmp_path, tensor_parallel_size):
+    """`opsdc train` in a terminal that hangs up (a closed ssh session): the SIGHUP was recorded, then the step's
+    log line to the terminal failed (EIO) and the run died without its checkpoint, exit 1. At TP=2 its ranks,
+    out of the signal's reach, write to the same terminal."""
+    import pty
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml",
+               *train_args(setup, out, "train.steps=20", "eval.every_steps=0", "checkpoint.save_every_steps=0",
+                           f"parallel.tensor_parallel_size={tensor_parallel_size}")]
+    pid, terminal = pty.fork()  # the child leads a session whose controlling terminal is this pty
+    if pid == 0:
+        hangups_not_ignored()
+        os.execv(sys.executable, command)
+    seen, deadline = b"", time.monotonic() + 300
+    try:
+        while b"train step" not in seen:
+            assert time.monotonic() < deadline, seen[-3000:].decode(errors="replace")
+            seen += os.read(terminal, 65536)
+    finally:
+        os.close(terminal)  # the hangup: SIGHUP to the session leader, EIO on every later write
+    deadline = time.monotonic() + 300
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        assert time.monotonic() < deadline, "opsdc train did not stop after the hangup"
+        time.sleep(0.2)
+    assert os.waitstatus_to_exitcode(waited[1]) == 75, seen[-3000:].decode(errors="replace")
+    stopped = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert 1 <= stopped["step"] < 20
+
+
+def test_a_second_stop_signal_inside_the_first_ones_handler_leaves_one_whole_stop_file(tmp_path, monkeypatch):
+    """A hangup reaches `opsdc demo` and its `opsdc train`, and the demo passes SIGTERM on: the second handler ran
+    inside the first one's write of the stop file and the first one's rename failed out of the signal handler
+    (FileNotFoundError in torchrun's agent, which killed the ranks)."""
+    from opsdc_megatron.train.preemption import PreemptionWatch
+
+    saved = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    real_replace, replaced = os.replace, []
+
+    def replace_after_a_second_signal(source, target):
+        if not replaced:
+            replaced.append(target)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before this call returns
+        real_replace(source, target)
+
+    try:
+        watch = PreemptionWatch()
+        watch.forward_to(tmp_path / "stop_requested")
+        monkeypatch.setattr(os, "replace", replace_after_a_second_signal)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        monkeypatch.undo()
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+    assert replaced and (tmp_path / "stop_requested").read_text() in ("SIGUSR1 to opsdc train\n", "SIGTERM to opsdc train\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stop_requested"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 PREEMPTED_EXIT_CODE = 75
@@ -54,6 +55,7 @@ class PreemptionWatch:
         self.received: str | None = None
         self.stop_file = os.environ.get(STOP_FILE_ENV) or None
         self.forward_file: Path | None = None
+        self._terminal_fds = [fd for fd in (1, 2) if os.isatty(fd)]
         for stop_signal in STOP_SIGNALS:
             if stop_signal == signal.SIGHUP and signal.getsignal(stop_signal) == signal.SIG_IGN:
                 continue  # nohup (an ignored SIGUSR1 is the job script's, for the start-up: taken over here)
@@ -61,7 +63,17 @@ class PreemptionWatch:
 
     def _record(self, number: int, _frame) -> None:
         self.received = signal.Signals(number).name
+        self._leave_a_hung_up_terminal()
         self._forward()
+
+    def _leave_a_hung_up_terminal(self) -> None:
+        """stdout/stderr on a terminal that hung up (a closed ssh session): every write fails (EIO), the step's
+        log line before the checkpoint too. What went there goes to /dev/null from now on."""
+        for fd in [fd for fd in self._terminal_fds if not os.isatty(fd)]:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+            self._terminal_fds.remove(fd)
 
     def forward_to(self, stop_file: Path) -> None:
         """From now on (and for a signal already received) a stop signal is written to `stop_file`, for
@@ -70,10 +82,12 @@ class PreemptionWatch:
         self._forward()
 
     def _forward(self) -> None:
-        """Written whole, then renamed: a rank that read the file half written named no signal."""
+        """Written whole, then renamed (a rank that read the file half written named no signal), from a file of
+        its own: a second signal can run this handler again inside the first."""
         if self.forward_file is not None and self.received:
-            partial = self.forward_file.with_name(self.forward_file.name + ".tmp")
-            partial.write_text(f"{self.received} to opsdc train\n")
+            fd, partial = tempfile.mkstemp(dir=self.forward_file.parent, prefix=".stop-")
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{self.received} to opsdc train\n")
             os.replace(partial, self.forward_file)
 
     def _read_stop_file(self) -> None:
@@ -87,6 +101,7 @@ class PreemptionWatch:
         import torch  # here, not at the top: the watch is made before the ~2 s torch import
         import torch.distributed as dist
 
+        self._leave_a_hung_up_terminal()  # ranks of `opsdc train`: the hangup came to it, their stop through the file
         self._read_stop_file()
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if dist.is_initialized():
