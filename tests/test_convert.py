@@ -195,8 +195,10 @@ def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Pat
         ({"tie_word_embeddings": True}, r"output_layer\.weight"),
         ({"vocab_size": 150}, r"a larger vocabulary than the config's 150 tokens \(embedding\.word_embeddings\.weight has 175 rows, output_layer\.weight has 175 rows"),
         ({"vocab_size": 200}, r"has 175 rows, fewer than the config's vocabulary of 200 tokens|config implies \(200, 64\), checkpoint has \(175, 64\)"),
+        # the same tensors with other shapes: torch's CheckpointException (a BaseException) got past the load's handler
+        ({"intermediate_size": 128}, r"linear_fc\d\.weight: config implies .* checkpoint has|Global shape mismatch .*linear_fc\d\.weight"),
     ],
-    ids=["tied-config-untied-checkpoint", "smaller-vocabulary", "larger-vocabulary"],
+    ids=["tied-config-untied-checkpoint", "smaller-vocabulary", "larger-vocabulary", "other-shapes"],
 )
 def test_a_checkpoint_of_another_model_is_refused_not_cut(
     hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str
@@ -220,10 +222,22 @@ def test_a_checkpoint_of_another_model_is_refused_not_cut(
             load_model_weights(ckpt, [build_gpt_model(config_dir, 1, 1)])
     finally:
         destroy_distributed()
+    if "intermediate_size" in config_change:  # verify loads the same way: bad input (2), not logits that differ (1)
+        from transformers import AutoConfig
+
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(config_dir)
+        status, output = run_cli(capsys, "verify", "--hf", str(config_dir), "--ckpt", str(ckpt))
+        assert status == 2 and "not a checkpoint of this model config: Global shape mismatch" in output, output[-3000:]
 
 
 def _missing_shard(folder: Path) -> None:
     sorted(folder.glob("model-*.safetensors"))[1].unlink()
+
+
+def _truncated_shard(folder: Path) -> None:
+    """What an interrupted download leaves."""
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
 def _mismatched_config(folder: Path) -> None:
@@ -258,6 +272,7 @@ def _unsupported_architecture(folder: Path) -> None:
     ("break_input", "extra_args", "message"),
     [
         (_missing_shard, [], r"model.safetensors.index.json: weight shards missing from .*: \['model-00002-of-00009.safetensors'\]"),
+        (_truncated_shard, [], r"model-00002-of-00009.safetensors: not a readable safetensors file \(.*incomplete metadata"),
         (_mismatched_config, [], r"config.json does not match the weights:\n  mis-shaped: \['model.layers.0.mlp.down_proj.weight: config implies \(64, 128\), file has \(64, 96\)'"),
         (_unsupported_architecture, [], r"architectures: expected one of \['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\], got \['MistralForCausalLM'\]"),
         (None, ["--tp", "3"], r"num_attention_heads: expected a multiple of tensor_parallel_size = 3, got 4"),
@@ -267,7 +282,7 @@ def _unsupported_architecture(folder: Path) -> None:
         ("exists", [], r"output folder exists"),
     ],
     ids=[
-        "missing-shard", "config-mismatch", "unsupported-architecture", "tp-not-dividing-heads", "vp-not-dividing-layers",
+        "missing-shard", "truncated-shard", "config-mismatch", "unsupported-architecture", "tp-not-dividing-heads", "vp-not-dividing-layers",
         "tp-zero", "float64-weights", "output-exists",
     ],
 )

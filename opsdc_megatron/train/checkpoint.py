@@ -21,6 +21,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from opsdc_megatron.config import ConfigError
 from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
@@ -247,8 +248,11 @@ def load_model_weights(path: Path, chunks: list) -> None:
     # RETURN_ALL: (state, checkpoint tensors no rank asked for, asked-for tensors the checkpoint lacks)
     try:
         loaded, not_read, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
-    except CheckpointingException as error:  # e.g. "Global shape mismatch" of another architecture's tensor
-        raise ValueError(f"{path}: not a checkpoint of this model config: {error}") from None
+    except (CheckpointingException, CheckpointException) as error:  # torch's (a BaseException) wraps each rank's
+        cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+        if isinstance(cause, CheckpointingException):  # e.g. "Global shape mismatch": another model's tensor
+            raise ValueError(f"{path}: not a checkpoint of this model config: {cause}") from None
+        raise RuntimeError(f"{path}: reading the checkpoint failed: {cause}") from None
     # Layers' _extra_state (Transformer Engine's FP8 metadata) holds no weights; TE and local layers differ in it.
     not_read = {key for key in not_read if not key.startswith(TRAINING_STATE_PREFIXES) and "_extra_state" not in key}
     absent = {key for key in absent if "_extra_state" not in key}

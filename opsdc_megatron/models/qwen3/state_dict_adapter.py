@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
 
@@ -263,6 +263,7 @@ def hf_tensor_headers(folder: str | Path) -> dict[str, TensorHeader]:
 
     Raises:
         FileNotFoundError: no weights, or shards the index names are missing.
+        ValueError: a shard that is no safetensors file, or cut short.
     """
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
@@ -277,10 +278,13 @@ def hf_tensor_headers(folder: str | Path) -> dict[str, TensorHeader]:
         raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
     headers: dict[str, TensorHeader] = {}
     for file in files:
-        with safe_open(folder / file, framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                tensor = handle.get_slice(name)
-                headers[name] = TensorHeader(tuple(tensor.get_shape()), tensor.get_dtype(), file)
+        try:
+            with safe_open(folder / file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    headers[name] = TensorHeader(tuple(tensor.get_shape()), tensor.get_dtype(), file)
+        except SafetensorError as error:  # e.g. a shard cut short by an interrupted download
+            raise ValueError(f"{folder / file}: not a readable safetensors file ({error})") from None
     return headers
 
 
