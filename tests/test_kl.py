@@ -165,10 +165,10 @@ def test_zero_probability_on_one_side() -> None:
 
 @pytest.mark.kl
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_block(direction: str) -> None:
+def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_tile(direction: str) -> None:
     """A shard whose sampled side is finite where the other side is -inf has w = +inf; when its
     maximum is ~200 below the global one its mass underflows in fp32 in the merge (alpha = 0). It
-    counts 0 there, as the same columns do in one block, not 0 * inf = nan. The two shards are merged
+    counts 0 there, as the same columns do in one tile, not 0 * inf = nan. The two shards are merged
     by the arithmetic of `merge_statistics`' MAX and SUM all-reduces."""
     from opsdc_megatron.loss import reverse_kl
 
@@ -177,7 +177,7 @@ def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_block(direction
     student, teacher = (sampled, other) if direction == "reverse" else (other, sampled)
     whole, _ = _value_and_grad(direction, student, teacher)
     x, y = (student, teacher) if direction == "reverse" else (teacher, student)
-    halves = torch.stack([reverse_kl.local_statistics(x[:, cols], y[:, cols], "torch", 2) for cols in (slice(0, 4), slice(4, 8))])
+    halves = torch.stack([reverse_kl.local_statistics(x[:, cols], y[:, cols], "torch", reverse_kl.Tiling(2, 4)) for cols in (slice(0, 4), slice(4, 8))])
     maxima = halves[:, :2].amax(0)  # the MAX all-reduce, then the SUM all-reduce of the rescaled sums
     merged = reverse_kl.merge_statistics(torch.cat([maxima, reverse_kl._rescaled_sums(halves, maxima).sum(0)]), None)
     assert torch.isfinite(whole).all() and torch.equal(merged.kl, whole), (merged.kl, whole)
@@ -263,17 +263,19 @@ def test_tensor_parallel_2_matches_reference() -> None:
 @pytest.mark.kl
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows_per_block", [1, 5])
-def test_token_blocks_match_reference(direction: str, dtype: torch.dtype, rows_per_block: int) -> None:
-    """Blocks of 1 and of 5 tokens (21 tokens: the last block is partial) give the same values
-    and gradients as the float64 reference; chunk_bytes sizes a block at 12 bytes per element."""
+@pytest.mark.parametrize("tile_elements", [257, 5 * 257, 100, 7], ids=["1_token", "5_tokens", "100_columns", "7_columns"])
+def test_tiles_match_reference(direction: str, dtype: torch.dtype, tile_elements: int) -> None:
+    """Tiles of 1 and of 5 tokens (21 tokens: the last tile is partial) and of pieces of one token's
+    257 columns (the last piece partial; with 100 columns one piece of row [0, 2] is all -inf) give
+    the same values and gradients as the float64 reference; chunk_bytes sizes a tile at 12 bytes
+    per element."""
     shape = (3, 7, 257)
     student, teacher = _logits(shape, 29, dtype=dtype), _logits(shape, 30, dtype=dtype)
-    student[0, 2, 100:] = -INF  # a block with zero-probability columns
+    student[0, 2, 100:] = -INF  # a token with zero-probability columns
     teacher[0, 2, 100:] = -INF
     weight = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(31))
     leaf = student.clone().requires_grad_(True)
-    kl = DIRECTIONS[direction](leaf, teacher, chunk_bytes=rows_per_block * 257 * 12)
+    kl = DIRECTIONS[direction](leaf, teacher, chunk_bytes=tile_elements * 12)
     (kl * weight).sum().backward()
     finite = torch.isfinite(student[0, 2])
     ref_kl, ref_grad = reference_kl(student, teacher, direction, weight)
@@ -284,31 +286,60 @@ def test_token_blocks_match_reference(direction: str, dtype: torch.dtype, rows_p
     grad_rtol = FP32_RTOL if dtype == torch.float32 else BF16_GRAD_RTOL
     assert leaf.grad.dtype == dtype and (leaf.grad[0, 2, ~finite] == 0).all()
     assert rel_err(kl.detach(), ref_kl) <= FP32_RTOL and rel_err(leaf.grad, ref_grad) <= grad_rtol
-    assert torch.allclose(kl.detach(), whole, rtol=1e-6, atol=1e-7)  # blocking changes only rounding
+    assert torch.allclose(kl.detach(), whole, rtol=1e-6, atol=1e-7)  # tiling changes only rounding
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("vocab", [88, 16384, 18992, 32000, 151936])
+@pytest.mark.parametrize("n_tokens", [1, 2, 4, 7, 59, 150, 1000, 8192])
+def test_default_tiles_keep_temporaries_small_at_any_size(n_tokens: int, vocab: int) -> None:
+    """The default tiles' fp32 temporaries: forward's three buffers within 0.2x of one bf16 shard,
+    backward's two within 0.25x, so that with the 1.00x gradient the total stays <= 1.25x; on shards
+    under 1 MiB the minimum tile (32,768 elements: 384 KiB in forward, 256 KiB in backward) may pass
+    that. Tiles cover the logits once; at most 60 of them."""
+    from opsdc_megatron.loss.reverse_kl import tiling
+
+    shard_bytes = 2 * n_tokens * vocab
+    shape = tiling(n_tokens, vocab, torch.float32, None)
+    tile_elements = shape.rows * shape.columns
+    assert 12 * tile_elements <= max(0.2 * shard_bytes, 12 * 32768)
+    assert 8 * tile_elements <= max(0.25 * shard_bytes, 8 * 32768)
+    if shard_bytes >= 1 << 20:
+        assert 8 * tile_elements <= 0.25 * shard_bytes
+    assert shape.rows == 1 or shape.columns == vocab
+    tiles = shape.tiles(n_tokens, vocab)
+    assert len(tiles) <= 60
+    # a grid of non-empty tiles within [N, V] whose areas add up to it: each element once
+    assert len({(rows.start, columns.start) for rows, columns in tiles}) == len(tiles)
+    assert all(0 <= r.start < r.stop <= n_tokens and 0 <= c.start < c.stop <= vocab for r, c in tiles)
+    assert sum((r.stop - r.start) * (c.stop - c.start) for r, c in tiles) == n_tokens * vocab
 
 
 @pytest.mark.kl
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_peak_extra_memory_at_most_1_25x_bf16_logits(direction: str) -> None:
-    """Forward+backward on [4096, 32000] bf16 logits (250 MiB each) in a fresh process: the peak
-    extra memory is at most 1.25x one bf16 logits tensor.
+@pytest.mark.parametrize(("n_tokens", "vocab"), [(4096, 32000), (256, 32000), (16, 151936)])
+def test_peak_extra_memory_at_most_1_25x_bf16_logits(direction: str, n_tokens: int, vocab: int) -> None:
+    """Forward+backward on [4096, 32000] bf16 logits (250 MiB each), and on small ones (16 MiB; 16
+    tokens of Qwen3's vocabulary, 4.6 MiB), in a fresh process: the peak extra memory is at most
+    1.25x one bf16 logits tensor. (Under about 1 MiB the RSS cannot tell a few hundred KiB apart:
+    test_default_tiles_keep_temporaries_small_at_any_size bounds the tiles there.)
 
     Counted: everything the process holds beyond the two inputs at the peak of forward+backward,
     measured as the kernel's resident-set high-water mark (VmHWM after resetting it through
     /proc/self/clear_refs, minus VmRSS before), with glibc serving large tensors by mmap so freed
     memory leaves the RSS (see bench/kl.py). This INCLUDES the student's bf16 gradient (1.00x,
-    owned by the caller afterwards), the per-token statistics, the KL output and one block's fp32
+    owned by the caller afterwards), the per-token statistics, the KL output and one tile's fp32
     temporaries. That the gradient alone is 1.00x also checks that the measurement sees torch's
     allocations."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "kl.py"
     impl = "ours" if direction == "reverse" else "ours_forward_kl"
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, str(bench), "--case", impl, "4096", "32000", "--reps", "0"],
+        [sys.executable, str(bench), "--case", impl, str(n_tokens), str(vocab), "--reps", "0"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = result["extra_bytes"] / result["logits_bytes"]
-    assert result["logits_bytes"] == 4096 * 32000 * 2
+    assert result["logits_bytes"] == n_tokens * vocab * 2
     assert 1.0 <= ratio <= 1.25, ratio

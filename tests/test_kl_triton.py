@@ -53,7 +53,7 @@ def _triton_value_and_grad(student: torch.Tensor, teacher: torch.Tensor, weight:
 def _statistics(backend: str, x: torch.Tensor, y: torch.Tensor, block_columns: int) -> reverse_kl.KLStatistics:
     if backend == "triton":
         return reverse_kl.merge_statistics(triton_kernels.local_statistics(x, y, block_columns), None)
-    return reverse_kl.kl_statistics(x, y, None, "torch", rows=x.shape[0])
+    return reverse_kl.kl_statistics(x, y, None, "torch", reverse_kl.Tiling(*x.shape))
 
 
 @pytest.mark.kl
@@ -137,7 +137,7 @@ def test_small_tiles_gradient_matches_torch() -> None:
     stats = _statistics("torch", student, teacher, block_columns=32)
     scale = torch.rand(7, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     want, got = torch.empty_like(student), torch.empty_like(student)
-    reverse_kl.reverse_kl_grad_into(want, student, teacher, stats, scale, "torch", rows=7)
+    reverse_kl.reverse_kl_grad_into(want, student, teacher, stats, scale, "torch", reverse_kl.Tiling(7, student.shape[1]))
     triton_kernels.reverse_kl_grad_into(got, student, teacher, stats.shift_x, stats.shift_y, stats.log_z_x, stats.c, scale, 32)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
 

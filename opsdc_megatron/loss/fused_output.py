@@ -14,8 +14,8 @@ weight gradient, so chunks need a few hundred rows to stay matmul-bound on a GPU
 budget, 1/8 of one bf16 logits tensor, gives bf16 chunks of T/16 rows, 512 at T = 8192, and never
 fewer than 256 rows: below T = 4096 a chunk holds more than 1/8 of the logits, at most 148 MiB at
 Qwen3's vocabulary). Extra memory: one chunk's student and teacher logits (the gradient overwrites
-the student's), plus, with the torch backend, its fp32 block temporaries (reverse_kl.py's default:
-0.2x of the chunk's bf16 logits, at least 16 MiB).
+the student's), plus, with the torch backend, its fp32 tile temporaries (reverse_kl.py's default:
+0.2x of the chunk's bf16 logits).
 
 Why the gradient exists before backward: the loss is ``sum_i token_weights_i * KL_i`` and its only
 unknown in forward is the upstream scalar. The hidden-state gradient is kept (``[N, H]``, the size
@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from opsdc_megatron.loss.reverse_kl import Backend, chunk_rows, compute_dtype, kl_statistics, resolve_backend, reverse_kl_grad_into
+from opsdc_megatron.loss.reverse_kl import Backend, compute_dtype, kl_statistics, resolve_backend, reverse_kl_grad_into, tiling
 
 __all__ = ["FusedOutputLoss", "fused_output_reverse_kl"]
 
@@ -143,12 +143,12 @@ class _FusedOutputReverseKL(torch.autograd.Function):
             chunk = slice(start, start + rows)
             student = _logits(student_hidden[chunk], student_weight, padding)
             teacher = _logits(teacher_hidden[chunk], teacher_weight, padding)
-            block = chunk_rows(student.shape[0], vocab_shard, dtype, None)  # the torch backend's fp32 temporaries
-            stats = kl_statistics(student, teacher, group, backend, block)
+            tiles = tiling(student.shape[0], vocab_shard, dtype, None)  # the torch backend's fp32 temporaries
+            stats = kl_statistics(student, teacher, group, backend, tiles)
             kl[chunk] = stats.kl
             if want_hidden or want_weight:
-                grad_logits = student  # written over the student logits, each block read before it is written
-                reverse_kl_grad_into(grad_logits, student, teacher, stats, scale[chunk], backend, block)
+                grad_logits = student  # written over the student logits, each tile read before it is written
+                reverse_kl_grad_into(grad_logits, student, teacher, stats, scale[chunk], backend, tiles)
                 if want_hidden:
                     torch.mm(grad_logits, student_weight, out=grad_hidden[chunk])
                 if want_weight:

@@ -46,14 +46,13 @@ Backends: ``backend="auto"`` runs the Triton kernels of ``triton_kernels.py`` on
 (bf16/fp16/fp32) and the torch code below otherwise; both compute the same statistics. The forward
 KL (an ablation) always runs the torch code.
 
-Memory (torch backend): the fp32 work runs over blocks of tokens of the flattened ``[N, V/TP]``
-logits (the block size bounded by a byte budget, see ``_chunk_rows``): the maxima in the input
-dtype without any copy, then the three sums block by block; the collectives come once for all N
-tokens. Backward writes the gradient block by block into one buffer of the student logits' dtype.
-Extra memory over the inputs: that gradient (1x a bf16 shard for bf16 logits), the per-token
-statistics, and one block's temporaries (<= 0.2x of a bf16 shard by default, but at least 16 MiB: below
-~45 MiB of bf16 logits, e.g. T < 150 at V = 151,936, the total passes 1.25x). The Triton backend
-has no block temporaries at all.
+Memory (torch backend): the fp32 work runs over tiles of the flattened ``[N, V/TP]`` logits (a
+tile's size bounded by a byte budget, see ``tiling``): the maxima in the input dtype without any
+copy, then the three sums tile by tile; the collectives come once for all N tokens. Backward writes
+the gradient tile by tile into one buffer of the student logits' dtype. Extra memory over the
+inputs: that gradient (1x a bf16 shard for bf16 logits), the per-token statistics, and one tile's
+temporaries (<= 0.2x of a bf16 shard in forward, <= 0.14x in backward, from 1 MiB of bf16 logits
+up; at most 384 KiB below that). The Triton backend has no tile temporaries at all.
 
 Conventions: every computation is in fp32 (fp64 when an input is fp64, which exists so the
 gradient can be finite-difference checked). Vocabulary padding arrives as ``-inf`` in the same
@@ -135,34 +134,53 @@ def resolve_backend(backend: Backend, *tensors: Tensor) -> Literal["torch", "tri
     return "triton"
 
 
-# Chunking. The fp32 work runs over blocks of tokens so that its temporaries stay a small fraction
-# of the logits: a block holds at most three fp32 [rows, V/TP] buffers, i.e. 12 bytes per element
-# in fp32 (24 in fp64). The default byte budget for one block is
-# _CHUNK_FRACTION of one bf16 copy of the logits (so the temporaries add <= 0.2x of a bf16 shard),
-# but never less than _MIN_CHUNK_BYTES (tiny inputs still run in one or a few blocks; there the
-# temporaries pass 0.2x of the shard, by at most 16 MiB: measured 1.67x in all at T = 256, V = 32,000).
-_CHUNK_FRACTION = 0.2
-_MIN_CHUNK_BYTES = 16 << 20
+# Tiling. The fp32 work runs over tiles of the flattened [N, V/TP] logits so that its temporaries
+# stay a small fraction of them: a tile holds at most three fp32 buffers, 12 bytes per element in
+# fp32 (24 in fp64). The default byte budget of a tile is _TILE_FRACTION of one bf16 copy of the
+# logits, so forward's three buffers add <= 0.2x of a bf16 shard and backward's two (next to the
+# 1.00x gradient) <= 0.14x: a tile is a block of whole rows (tokens) when one row fits the budget,
+# else a piece of one row (the vocabulary sums simply add across pieces, since the maxima come
+# first). About 30 tiles at any size, but never fewer than _MIN_TILE_ELEMENTS elements: each tile
+# costs some 15 torch calls, which a toy model's logits (tens of thousands of elements) would spend
+# 30 times over (5-10% of a toy training step, measured). So the 1.25x bound holds from 1 MiB of
+# bf16 logits per rank (T >= 4 at Qwen3's vocabulary, T >= 28 at TP = 8); below that the
+# temporaries are at most 384 KiB in forward and 256 KiB in backward.
+_TILE_FRACTION = 0.2
+_MIN_TILE_ELEMENTS = 32768
 _BYTES_PER_ELEMENT = {torch.float32: 12, torch.float64: 24}
 
 
-def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
-    """Tokens per block: the block's fp32 temporaries fit in ``chunk_bytes`` (see above)."""
+class Tiling(NamedTuple):
+    """Tiles of ``rows`` tokens x ``columns`` vocabulary entries (``rows`` is 1 when ``columns`` is
+    less than the whole shard)."""
+
+    rows: int
+    columns: int
+
+    def tiles(self, n_rows: int, vocab: int) -> list[tuple[slice, slice]]:
+        return [
+            (slice(row, min(row + self.rows, n_rows)), slice(column, min(column + self.columns, vocab)))
+            for row in range(0, n_rows, self.rows)
+            for column in range(0, vocab, self.columns)
+        ]
+
+
+def tiling(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> Tiling:
+    """Tiles whose fp32 temporaries fit in ``chunk_bytes`` (default: see above)."""
     if chunk_bytes is None:
-        chunk_bytes = max(_MIN_CHUNK_BYTES, int(_CHUNK_FRACTION * 2 * n_rows * vocab))
-    per_row = max(1, vocab) * _BYTES_PER_ELEMENT[dtype]
-    return max(1, min(n_rows, chunk_bytes // per_row))
-
-
-def _blocks(n_rows: int, rows: int) -> list[slice]:
-    return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+        chunk_bytes = max(_MIN_TILE_ELEMENTS * _BYTES_PER_ELEMENT[dtype], int(_TILE_FRACTION * 2 * n_rows * vocab))
+    elements = max(1, chunk_bytes // _BYTES_PER_ELEMENT[dtype])
+    vocab = max(1, vocab)
+    if elements < vocab:
+        return Tiling(1, elements)
+    return Tiling(max(1, min(n_rows, elements // vocab)), vocab)
 
 
 def _shifted(logits: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     """``out := logits - shift[:, None]`` in ``out``'s (compute) dtype, allocating nothing.
 
     On CPU a mixed-dtype ``torch.sub(..., out=)`` first casts the input into a temporary of the
-    block's size, so there the cast goes through ``out`` itself; on CUDA the cast is fused.
+    tile's size, so there the cast goes through ``out`` itself; on CUDA the cast is fused.
     """
     if logits.dtype != out.dtype and logits.device.type == "cpu":
         return out.copy_(logits).sub_(shift.unsqueeze(-1))
@@ -170,13 +188,14 @@ def _shifted(logits: Tensor, shift: Tensor, out: Tensor) -> Tensor:
 
 
 class _Workspace:
-    """One block's fp32 temporaries, allocated once and reused by every block (no allocator churn)."""
+    """One tile's fp32 temporaries, allocated once and reused by every tile (no allocator churn)."""
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, buffers: int) -> None:
-        self.buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(buffers)]
+    def __init__(self, shape: Tiling, dtype: torch.dtype, device: torch.device, buffers: int) -> None:
+        self.buffers = [torch.empty(shape.rows, shape.columns, dtype=dtype, device=device) for _ in range(buffers)]
 
-    def views(self, block: slice) -> list[Tensor]:
-        return [buffer[: block.stop - block.start] for buffer in self.buffers]
+    def views(self, rows: slice, columns: slice) -> list[Tensor]:
+        """Contiguous: a tile narrower than the buffer is a piece of one row."""
+        return [buffer[: rows.stop - rows.start, : columns.stop - columns.start] for buffer in self.buffers]
 
 
 def _safe_shift(maxima: Tensor) -> Tensor:
@@ -184,25 +203,26 @@ def _safe_shift(maxima: Tensor) -> Tensor:
     return torch.where(maxima == float("-inf"), torch.zeros_like(maxima), maxima)
 
 
-def _local_statistics_torch(x_logits: Tensor, y_logits: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+def _local_statistics_torch(x_logits: Tensor, y_logits: Tensor, dtype: torch.dtype, shape: Tiling) -> Tensor:
     """``[5, N]`` rows ``(mu_x, mu_y, z_x, z_y, w)`` of this shard, shifted by its own maxima."""
     n_rows = x_logits.shape[0]
     local = torch.empty(5, n_rows, dtype=dtype, device=x_logits.device)
+    local[2:].zero_()  # the sums add over a row's pieces
     # The maximum is exact in the input dtype and needs no fp32 copy of the logits.
     torch.amax(x_logits, dim=-1, out=local[0]) if x_logits.dtype == dtype else local[0].copy_(x_logits.amax(-1))
     torch.amax(y_logits, dim=-1, out=local[1]) if y_logits.dtype == dtype else local[1].copy_(y_logits.amax(-1))
     shift_x, shift_y = _safe_shift(local[0]), _safe_shift(local[1])
-    work = _Workspace(rows, x_logits.shape[1], dtype, x_logits.device, buffers=3)
-    for block in _blocks(n_rows, rows):
-        shifted_x, diff, probs = work.views(block)
-        _shifted(x_logits[block], shift_x[block], shifted_x)  # fp32 from any dtype
-        _shifted(y_logits[block], shift_y[block], diff)
-        torch.sum(torch.exp(diff, out=probs), dim=-1, out=local[3, block])  # z_y
+    work = _Workspace(shape, dtype, x_logits.device, buffers=3)
+    for rows, columns in shape.tiles(n_rows, x_logits.shape[1]):
+        shifted_x, diff, probs = work.views(rows, columns)
+        _shifted(x_logits[rows, columns], shift_x[rows], shifted_x)  # fp32 from any dtype
+        _shifted(y_logits[rows, columns], shift_y[rows], diff)
+        local[3, rows] += torch.exp(diff, out=probs).sum(-1)  # z_y
         torch.sub(shifted_x, diff, out=diff)  # diff := (x - mu_x) - (y - mu_y)
-        torch.sum(torch.exp(shifted_x, out=probs), dim=-1, out=local[2, block])  # z_x; probs: un-normalized p_x
+        local[2, rows] += torch.exp(shifted_x, out=probs).sum(-1)  # z_x; probs: un-normalized p_x
         # Zero-probability columns contribute exactly 0: where one side is -inf, 0 * (+-inf or nan)
         # is nan there, and nansum skips it. (A nan logit still makes the KL nan: z_x or z_y is.)
-        torch.nansum(probs.mul_(diff), dim=-1, out=local[4, block])
+        local[4, rows] += probs.mul_(diff).nansum(-1)
     return local
 
 
@@ -225,7 +245,7 @@ def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
     offset_x, offset_y = offset.unbind(-2)
     z_x, z_y, w = local[..., 2:, :].unbind(-2)
     alpha = offset_x.exp()
-    # Mass that underflows to 0 in the new shift contributes 0, as it does within one block: its w
+    # Mass that underflows to 0 in the new shift contributes 0, as it does within one tile: its w
     # may be +inf (the other side -inf there), and alpha * inf with alpha = 0 would be nan.
     has_x = alpha * z_x > 0
     return torch.stack([
@@ -235,14 +255,14 @@ def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
     ], dim=-2)
 
 
-def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch", "triton"], rows: int) -> Tensor:
+def local_statistics(x_logits: Tensor, y_logits: Tensor, backend: Literal["torch", "triton"], shape: Tiling) -> Tensor:
     """``[5, N]`` rows ``(mu_x, mu_y, z_x, z_y, w)`` of 2-D ``[N, columns]`` logits, shifted by their
-    own maxima (``rows``: the torch backend's block of tokens)."""
+    own maxima (``shape``: the torch backend's tiles)."""
     if backend == "triton":
         from opsdc_megatron.loss import triton_kernels
 
         return triton_kernels.local_statistics(x_logits, y_logits)
-    return _local_statistics_torch(x_logits, y_logits, compute_dtype(x_logits, y_logits), rows)
+    return _local_statistics_torch(x_logits, y_logits, compute_dtype(x_logits, y_logits), shape)
 
 
 def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
@@ -266,15 +286,15 @@ def merge_statistics(local: Tensor, group: ProcessGroup | None) -> KLStatistics:
 
 
 def kl_statistics(
-    x_logits: Tensor, y_logits: Tensor, group: ProcessGroup | None, backend: Literal["torch", "triton"], rows: int
+    x_logits: Tensor, y_logits: Tensor, group: ProcessGroup | None, backend: Literal["torch", "triton"], shape: Tiling
 ) -> KLStatistics:
-    """Statistics of KL(p_x || p_y) for 2-D ``[N, V/TP]`` shards (``rows``: torch block size)."""
-    return merge_statistics(local_statistics(x_logits, y_logits, backend, rows), group)
+    """Statistics of KL(p_x || p_y) for 2-D ``[N, V/TP]`` shards (``shape``: the torch backend's tiles)."""
+    return merge_statistics(local_statistics(x_logits, y_logits, backend, shape), group)
 
 
 def reverse_kl_grad_into(
     grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor,
-    backend: Literal["torch", "triton"], rows: int,
+    backend: Literal["torch", "triton"], shape: Tiling,
 ) -> None:
     """``grad := p_s * ((s - m_s) - (t - m_t) - c) * scale`` for 2-D shards, zero where ``p_s == 0``."""
     if backend == "triton":
@@ -286,28 +306,28 @@ def reverse_kl_grad_into(
     # finite, so those columns get 0 * finite = 0 (a row whose KL is not finite gets a non-finite
     # gradient either way). Cheaper than masking by p_s == 0 (a bool pass and a masked write).
     lowest = torch.finfo(stats.c.dtype).min
-    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, buffers=2)
-    for block in _blocks(student.shape[0], rows):
-        shifted_s, diff = work.views(block)
-        _shifted(student[block], stats.shift_x[block], shifted_s).clamp_min_(lowest)
-        _shifted(teacher[block], stats.shift_y[block], diff).clamp_min_(lowest)
-        torch.sub(shifted_s, diff, out=diff).sub_(stats.c[block].unsqueeze(-1))  # log p_s - log p_t - KL
-        probs_s = shifted_s.sub_(stats.log_z_x[block].unsqueeze(-1)).exp_()
-        grad[block].copy_(probs_s.mul_(diff).mul_(scale[block].unsqueeze(-1)))
+    work = _Workspace(shape, stats.c.dtype, student.device, buffers=2)
+    for rows, columns in shape.tiles(*student.shape):
+        shifted_s, diff = work.views(rows, columns)
+        _shifted(student[rows, columns], stats.shift_x[rows], shifted_s).clamp_min_(lowest)
+        _shifted(teacher[rows, columns], stats.shift_y[rows], diff).clamp_min_(lowest)
+        torch.sub(shifted_s, diff, out=diff).sub_(stats.c[rows].unsqueeze(-1))  # log p_s - log p_t - KL
+        probs_s = shifted_s.sub_(stats.log_z_x[rows].unsqueeze(-1)).exp_()
+        grad[rows, columns].copy_(probs_s.mul_(diff).mul_(scale[rows].unsqueeze(-1)))
 
 
-def _forward_kl_grad_into(grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor, rows: int) -> None:
+def _forward_kl_grad_into(grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor, shape: Tiling) -> None:
     """``grad := (p_s - p_t) * scale``; ``stats`` are those of KL(p_t || p_s)."""
-    work = _Workspace(rows, student.shape[1], stats.c.dtype, student.device, buffers=2)
-    for block in _blocks(student.shape[0], rows):
-        probs_s, probs_t = work.views(block)
+    work = _Workspace(shape, stats.c.dtype, student.device, buffers=2)
+    for rows, columns in shape.tiles(*student.shape):
+        probs_s, probs_t = work.views(rows, columns)
         # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
         # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
-        _shifted(student[block], stats.shift_y[block], probs_s)
-        probs_s.sub_(stats.log_z_y[block].unsqueeze(-1)).exp_()
-        _shifted(teacher[block], stats.shift_x[block], probs_t)
-        probs_t.sub_(stats.log_z_x[block].unsqueeze(-1)).exp_()
-        grad[block].copy_(probs_s.sub_(probs_t).mul_(scale[block].unsqueeze(-1)))
+        _shifted(student[rows, columns], stats.shift_y[rows], probs_s)
+        probs_s.sub_(stats.log_z_y[rows].unsqueeze(-1)).exp_()
+        _shifted(teacher[rows, columns], stats.shift_x[rows], probs_t)
+        probs_t.sub_(stats.log_z_x[rows].unsqueeze(-1)).exp_()
+        grad[rows, columns].copy_(probs_s.sub_(probs_t).mul_(scale[rows].unsqueeze(-1)))
 
 
 def _flatten(logits: Tensor) -> Tensor:
@@ -331,11 +351,11 @@ class _VocabParallelKL(torch.autograd.Function):
     ) -> Tensor:
         dtype = compute_dtype(student_logits, teacher_logits)
         student, teacher = _flatten(student_logits), _flatten(teacher_logits)
-        rows = chunk_rows(student.shape[0], student.shape[1], dtype, chunk_bytes)
+        shape = tiling(student.shape[0], student.shape[1], dtype, chunk_bytes)
         x, y = (student, teacher) if reverse else (teacher, student)
-        stats = kl_statistics(x, y, group, backend, rows)
+        stats = kl_statistics(x, y, group, backend, shape)
         ctx.save_for_backward(student_logits, teacher_logits, *stats[1:])
-        ctx.rows, ctx.reverse, ctx.backend = rows, reverse, backend
+        ctx.tiling, ctx.reverse, ctx.backend = shape, reverse, backend
         return stats.kl.reshape(student_logits.shape[:-1])
 
     @staticmethod
@@ -349,9 +369,9 @@ class _VocabParallelKL(torch.autograd.Function):
         scale = grad_output.reshape(-1).to(stats.c.dtype)
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)
         if ctx.reverse:
-            reverse_kl_grad_into(grad, student, teacher, stats, scale, ctx.backend, ctx.rows)
+            reverse_kl_grad_into(grad, student, teacher, stats, scale, ctx.backend, ctx.tiling)
         else:
-            _forward_kl_grad_into(grad, student, teacher, stats, scale, ctx.rows)
+            _forward_kl_grad_into(grad, student, teacher, stats, scale, ctx.tiling)
         return grad.view(student_logits.shape), None, None, None, None, None
 
 
@@ -371,8 +391,8 @@ def vocab_parallel_reverse_kl(
         teacher_logits: same shape and columns; never receives a gradient.
         tp_group: the tensor-parallel group the vocabulary is split over; ``None`` or a group of
             one rank means the inputs hold the full vocabulary.
-        chunk_bytes: torch backend: byte budget of one block of tokens' fp32 temporaries (default:
-            0.2x of a bf16 copy of the logits, at least 16 MiB). Results do not depend on it.
+        chunk_bytes: torch backend: byte budget of one tile's fp32 temporaries (default: 0.2x of a
+            bf16 copy of the logits). Results do not depend on it beyond rounding.
         backend: ``auto`` (Triton on CUDA, torch otherwise), ``torch`` or ``triton``.
 
     Returns:

@@ -203,10 +203,10 @@ class Checker:
             assert (kl == 0).all() and (student.grad == 0).all(), direction
         self.report("identical_inputs_exact_zero")
 
-    def token_blocks(self) -> None:
-        """Blocks of 1 and 3 tokens (14 tokens: the last block partial): reference values and
-        gradients, and still exactly two all-reduces per forward (one MAX, one SUM) for all
-        tokens, none in backward."""
+    def tiles(self) -> None:
+        """Tiles of 1 and 3 tokens (14 tokens: the last tile partial) and of pieces of 10 of a
+        token's 34 or 33 columns: reference values and gradients, and still exactly two all-reduces
+        per forward (one MAX, one SUM) for all tokens, none in backward."""
         generator = torch.Generator().manual_seed(41)
         shape = (2, 7, 67)  # local vocab 34 and 33
         student = 3 * torch.randn(shape, generator=generator)
@@ -215,7 +215,7 @@ class Checker:
         original = dist.all_reduce
         for direction, fn in DIRECTIONS.items():
             ref_kl, ref_grad = reference_kl(student, teacher, direction, weight)
-            for rows in (1, 3):
+            for tile, chunk_bytes in (("1_token", 34 * 12), ("3_tokens", 3 * 34 * 12), ("10_columns", 10 * 12)):
                 ops: list[object] = []
 
                 def counting(*args: object, **kwargs: object) -> object:
@@ -225,15 +225,15 @@ class Checker:
                 local = _shard(student, self.rank, self.world).requires_grad_(True)
                 dist.all_reduce = counting  # type: ignore[assignment]
                 try:
-                    kl = fn(local, _shard(teacher, self.rank, self.world), self.group, chunk_bytes=rows * 34 * 13)
+                    kl = fn(local, _shard(teacher, self.rank, self.world), self.group, chunk_bytes=chunk_bytes)
                     (kl * weight).sum().backward()
                 finally:
                     dist.all_reduce = original  # type: ignore[assignment]
                 assert ops == [dist.ReduceOp.MAX, dist.ReduceOp.SUM], ops
                 value_err = rel_err(kl.detach(), ref_kl)
                 grad_err = rel_err(local.grad, _shard(ref_grad, self.rank, self.world))
-                assert value_err <= FP32_RTOL and grad_err <= FP32_RTOL, (direction, rows, value_err, grad_err)
-                self.report(f"{direction}_blocks_of_{rows}_two_allreduces", value_rel=value_err, grad_rel=grad_err)
+                assert value_err <= FP32_RTOL and grad_err <= FP32_RTOL, (direction, tile, value_err, grad_err)
+                self.report(f"{direction}_tiles_of_{tile}_two_allreduces", value_rel=value_err, grad_rel=grad_err)
 
     def fused_output_layer(self) -> None:
         """The output layer fused into the reverse KL, output weight split over the ranks by rows
@@ -311,7 +311,7 @@ def torch_checks(check: Checker) -> None:
     check.teacher_gets_no_grad()
     check.identical_inputs()
     check.group_of_one()
-    check.token_blocks()
+    check.tiles()
     check.fused_output_layer()
 
 
@@ -331,7 +331,7 @@ def triton_checks(check: Checker) -> None:
     check.large_logits("reverse")
     check.teacher_gets_no_grad()
     check.identical_inputs()
-    check.token_blocks()
+    check.tiles()
 
 
 if __name__ == "__main__":
