@@ -158,6 +158,7 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     next(broken.glob("*.distcp")).unlink()
     status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(broken), "--out", str(tmp_path / "out_broken"))
     assert status == 1 and "reading the checkpoint failed" in output, output[-3000:]
+    assert ".distcp" in output and "Traceback" not in output, output[-3000:]  # the first rank's error, not every rank's traceback
     # --hf-config names config.json itself, not the model's folder (whose tokenizer files are copied too):
     # refused before any shard is written (it failed after writing them all, naming a temporary path)
     status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out_config_file"),
@@ -186,6 +187,7 @@ def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Pat
     (ckpt / "__1_0.distcp").unlink()
     status, output = run_cli(capsys, "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--hf-config", str(hf_models / "qwen2"))
     assert status == 1 and f"failed: {ckpt}: reading the checkpoint failed" in output, output[-3000:]
+    assert "__1_0.distcp" in output and "Traceback" not in output, output[-3000:]
     assert not (tmp_path / "out").exists()
 
 

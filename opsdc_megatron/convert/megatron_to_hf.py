@@ -174,6 +174,12 @@ TRAINING_STATE_PREFIXES = ("optimizer.", TEACHER_PREFIX)
 and the teacher snapshot (train/checkpoint.py)."""
 
 
+def read_failure(error: CheckpointException) -> BaseException:
+    """The first failing rank's exception inside torch's `CheckpointException` (a BaseException, whose
+    text is every rank's traceback), or the exception itself when it carries none."""
+    return next(iter(error.failures.values()))[0] if error.failures else error
+
+
 def check_vocabulary_padding(ckpt: Path, vocab_size: int) -> None:
     """Rows past the config's vocabulary in the checkpoint's embedding and output layer are zero (the
     tensor-parallel padding), not tokens of a larger vocabulary that a load would silently cut off.
@@ -197,7 +203,7 @@ def check_vocabulary_padding(ckpt: Path, vocab_size: int) -> None:
         try:
             dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
         except CheckpointException as error:  # a BaseException: nothing above would name the checkpoint
-            raise RuntimeError(f"{ckpt}: reading the checkpoint failed: {error}") from None
+            raise RuntimeError(f"{ckpt}: reading the checkpoint failed: {read_failure(error)}") from None
     nonzero = [f"{key} has {vocab_size + rows.shape[0]} rows" for key, _, rows in requests if rows.any()]
     if nonzero:
         raise ConversionError(
@@ -251,7 +257,7 @@ def _read_shard(shard, sharded: dict, reader, geo: _Geometry, stored_dtype: torc
     try:
         dcp.load({}, storage_reader=reader, planner=_SliceLoadPlanner(requests), no_dist=True)
     except CheckpointException as error:
-        raise RuntimeError(f"{reader.path}: reading the checkpoint failed: {error}") from None
+        raise RuntimeError(f"{reader.path}: reading the checkpoint failed: {read_failure(error)}") from None
     del requests  # views of the buffers
     tensors = {}
     while buffers:  # each megatron buffer is released as soon as its HF tensors exist

@@ -24,7 +24,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from opsdc_megatron.config import ConfigError
-from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding
+from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding, read_failure
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
 from opsdc_megatron.files import fsync_folder, write_text_atomic
 from opsdc_megatron.models.hf_folder import replace_folder
@@ -249,7 +249,7 @@ def load_model_weights(path: Path, chunks: list) -> None:
     try:
         loaded, not_read, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
     except (CheckpointingException, CheckpointException) as error:  # torch's (a BaseException) wraps each rank's
-        cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+        cause = read_failure(error) if isinstance(error, CheckpointException) else error
         if isinstance(cause, CheckpointingException):  # e.g. "Global shape mismatch": another model's tensor
             raise ValueError(f"{path}: not a checkpoint of this model config: {cause}") from None
         raise RuntimeError(f"{path}: reading the checkpoint failed: {cause}") from None
