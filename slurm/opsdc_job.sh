@@ -55,11 +55,14 @@ log() { echo "[opsdc $(date +%T) job $SLURM_JOB_ID restart $RESTART] $*"; }
 # srun answers a SIGTERM during a job kill by killing its step at once.
 declare -A STEP_PIDS
 REQUEUE_ASKED=0
+write_stop_file() {  # renamed into place whole: the trainer's ranks read it at any moment
+    echo "SIGUSR1 to the job" > "$STOP_FILE.tmp" && mv -f "$STOP_FILE.tmp" "$STOP_FILE"
+}
 on_usr1() {
     INTERRUPTED=1
     log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
     REQUEUE_ASKED=1
-    [ -n "${STOP_FILE:-}" ] && echo "SIGUSR1 to the job" > "$STOP_FILE"
+    [ -n "${STOP_FILE:-}" ] && write_stop_file
     [ -n "${STEP_PIDS[trainer]:-}" ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
 }
 trap on_usr1 USR1
@@ -122,7 +125,7 @@ LOG_DIR=$OPSDC_OUT_DIR/slurm_logs/job_${SLURM_JOB_ID}_restart_${RESTART}
 [ "$VALIDATE" = 1 ] || mkdir -p "$LOG_DIR"
 export OPSDC_STOP_FILE=$LOG_DIR/stop_requested  # read by train/preemption.py
 [ "$VALIDATE" = 1 ] || STOP_FILE=$OPSDC_STOP_FILE
-[ "$REQUEUE_ASKED" = 1 ] && [ -n "${STOP_FILE:-}" ] && echo "SIGUSR1 to the job" > "$STOP_FILE"
+[ "$REQUEUE_ASKED" = 1 ] && [ -n "${STOP_FILE:-}" ] && write_stop_file
 log "rollout nodes: ${ROLLOUT_HOSTS[*]:-none}; trainer nodes: ${TRAINER_HOSTS[*]}; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT; logs in $LOG_DIR"
 [ "$OPSDC_ROLLOUT_ENGINE" = sglang ] && log "SGLang ports: servers from $OPSDC_SERVER_BASE_PORT, router $OPSDC_ROUTER_PORT (0: none): the recipe's + $PORT_SHIFT for this job"
 
