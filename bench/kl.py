@@ -99,7 +99,11 @@ FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ours": vocab_parallel_reverse_kl,
     "ours_torch": lambda student, teacher: vocab_parallel_reverse_kl(student, teacher, backend="torch"),
     "ours_forward_kl": vocab_parallel_forward_kl,  # the ablation's loss, for tests
+    # For tests, memory only (--reps 0): the gradient is written over the student leaf's values
+    # through a view of it, as over an output layer's logits.
+    "ours_grad_in_place": lambda student, teacher: vocab_parallel_reverse_kl(student.view_as(student), teacher, grad_in_place=True),
 }
+MEMORY_ONLY_IMPLS = ("ours_grad_in_place",)
 
 
 def _inputs(tokens: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +285,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.case:
         impl, tokens, vocab = args.case[0], int(args.case[1]), int(args.case[2])
+        if impl in MEMORY_ONLY_IMPLS and args.reps:
+            parser.error(f"--case {impl} measures memory only (it overwrites its inputs): pass --reps 0")
         if impl in OUTPUT_IMPLS:
             print(json.dumps(measure_cpu_output_case(impl, tokens, vocab, args.hidden or CPU_HIDDEN, args.reps)))
         else:

@@ -109,6 +109,19 @@ def test_bf16_matches_float64_reference() -> None:
 
 
 @pytest.mark.kl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_in_place_equals_the_gradient_buffer(dtype: torch.dtype) -> None:
+    """The Triton gradient kernel written over the student logits (each column block read before
+    it is written) gives the same gradient, bit for bit, as into a buffer of its own."""
+    student, teacher = _logits((4, 5, 129), 8, dtype=dtype), _logits((4, 5, 129), 9, dtype=dtype)
+    _, expected = _triton_value_and_grad(student, teacher)
+    base = student.detach().clone().requires_grad_(True)
+    logits = base * 1
+    vocab_parallel_reverse_kl(logits, teacher, backend="triton", grad_in_place=True).sum().backward()
+    assert torch.equal(base.grad, expected) and torch.equal(logits.detach(), expected)
+
+
+@pytest.mark.kl
 def test_padding_masked_rows_and_large_logits() -> None:
     """-inf vocabulary padding, a row that is all -inf (masked out by weight 0), logits of
     magnitude 1e4, identical inputs: the torch backend's conventions, exactly."""

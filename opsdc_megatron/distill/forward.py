@@ -88,7 +88,9 @@ def make_forward_step(divergence: str, fused_output_layer: bool = False, loss_no
             ).loss
             return objective, partial(weighted_loss, weight, tokens)
         student_logits, teacher_logits = output
-        per_token = DIVERGENCES[divergence](student_logits, teacher_logits, tp_group)
+        # The logits are this step's own (`response_logits`), saved by no other node: their storage
+        # takes the gradient, one logits-sized buffer less at the backward's peak.
+        per_token = DIVERGENCES[divergence](student_logits, teacher_logits, tp_group, grad_in_place=True)
         return per_token, partial(masked_loss, batch.response_mask, per_micro_batch=per_micro_batch)
 
     return forward_step

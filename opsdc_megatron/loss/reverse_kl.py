@@ -49,10 +49,12 @@ KL (an ablation) always runs the torch code.
 Memory (torch backend): the fp32 work runs over tiles of the flattened ``[N, V/TP]`` logits (a
 tile's size bounded by a byte budget, see ``tiling``): the maxima in the input dtype without any
 copy, then the three sums tile by tile; the collectives come once for all N tokens. Backward writes
-the gradient tile by tile into one buffer of the student logits' dtype. Extra memory over the
-inputs: that gradient (1x a bf16 shard for bf16 logits), the per-token statistics, and one tile's
-temporaries (<= 0.2x of a bf16 shard in forward, <= 0.14x in backward, from 1 MiB of bf16 logits
-up; at most 384 KiB below that). The Triton backend has no tile temporaries at all.
+the gradient tile by tile into one buffer of the student logits' dtype, or over the student
+logits themselves (``grad_in_place``). Extra memory over the inputs: that gradient (1x a bf16
+shard for bf16 logits; none in place, unless the logits cannot be viewed as ``[N, V/TP]`` rows and
+are copied), the per-token statistics, and one tile's temporaries (<= 0.2x of a bf16 shard in
+forward, <= 0.14x in backward, from 1.875 MiB of bf16 logits up; at most 384 KiB below that, so
+1.25x in all from 1 MiB). The Triton backend has no tile temporaries at all.
 
 Conventions: every computation is in fp32 (fp64 when an input is fp64, which exists so the
 gradient can be finite-difference checked). Vocabulary padding arrives as ``-inf`` in the same
@@ -95,7 +97,7 @@ def _is_parallel(group: ProcessGroup | None) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
-def _check_inputs(student_logits: Tensor, teacher_logits: Tensor) -> None:
+def _check_inputs(student_logits: Tensor, teacher_logits: Tensor, grad_in_place: bool) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must have the same shape, got "
@@ -105,6 +107,13 @@ def _check_inputs(student_logits: Tensor, teacher_logits: Tensor) -> None:
         raise ValueError(f"logits on different devices: {student_logits.device} and {teacher_logits.device}")
     if student_logits.dim() == 0:
         raise ValueError("logits need a vocabulary dimension")
+    if grad_in_place and student_logits.requires_grad and student_logits.is_leaf:
+        raise ValueError("grad_in_place=True on leaf logits: their .grad would be their own storage; pass an op's output")
+    if grad_in_place and any(stride == 0 and size > 1 for size, stride in zip(student_logits.shape, student_logits.stride())):
+        raise ValueError(
+            f"grad_in_place=True on logits whose elements share memory (strides {student_logits.stride()}, e.g. "
+            "from expand): one token's gradient would overwrite logits another token still reads"
+        )
 
 
 _warned_no_triton = False
@@ -142,9 +151,9 @@ def resolve_backend(backend: Backend, *tensors: Tensor) -> Literal["torch", "tri
 # else a piece of one row (the vocabulary sums simply add across pieces, since the maxima come
 # first). About 30 tiles at any size, but never fewer than _MIN_TILE_ELEMENTS elements: each tile
 # costs some 15 torch calls, which a toy model's logits (tens of thousands of elements) would spend
-# 30 times over (5-10% of a toy training step, measured). So the 1.25x bound holds from 1 MiB of
-# bf16 logits per rank (T >= 4 at Qwen3's vocabulary, T >= 28 at TP = 8); below that the
-# temporaries are at most 384 KiB in forward and 256 KiB in backward.
+# 30 times over (5-10% of a toy training step, measured). So the fractions above hold from 1.875 MiB
+# of bf16 logits per rank, the 1.25x bound in all from 1 MiB (T >= 4 at Qwen3's vocabulary, T >= 28
+# at TP = 8); below that the temporaries are at most 384 KiB in forward and 256 KiB in backward.
 _TILE_FRACTION = 0.2
 _MIN_TILE_ELEMENTS = 32768
 _BYTES_PER_ELEMENT = {torch.float32: 12, torch.float64: 24}
@@ -348,6 +357,7 @@ class _VocabParallelKL(torch.autograd.Function):
         chunk_bytes: int | None,
         reverse: bool,
         backend: Literal["torch", "triton"],
+        grad_in_place: bool,
     ) -> Tensor:
         dtype = compute_dtype(student_logits, teacher_logits)
         student, teacher = _flatten(student_logits), _flatten(teacher_logits)
@@ -355,24 +365,25 @@ class _VocabParallelKL(torch.autograd.Function):
         x, y = (student, teacher) if reverse else (teacher, student)
         stats = kl_statistics(x, y, group, backend, shape)
         ctx.save_for_backward(student_logits, teacher_logits, *stats[1:])
-        ctx.tiling, ctx.reverse, ctx.backend = shape, reverse, backend
+        ctx.tiling, ctx.reverse, ctx.backend, ctx.grad_in_place = shape, reverse, backend, grad_in_place
         return stats.kl.reshape(student_logits.shape[:-1])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         student_logits, teacher_logits, *saved = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         stats = KLStatistics(None, *saved)
         student, teacher = _flatten(student_logits), _flatten(teacher_logits)
         scale = grad_output.reshape(-1).to(stats.c.dtype)
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        # In place: each tile of the student logits is read before its gradient is written over it.
+        grad = student if ctx.grad_in_place else torch.empty_like(student, memory_format=torch.contiguous_format)
         if ctx.reverse:
             reverse_kl_grad_into(grad, student, teacher, stats, scale, ctx.backend, ctx.tiling)
         else:
             _forward_kl_grad_into(grad, student, teacher, stats, scale, ctx.tiling)
-        return grad.view(student_logits.shape), None, None, None, None, None
+        return grad.view(student_logits.shape), None, None, None, None, None, None
 
 
 def vocab_parallel_reverse_kl(
@@ -382,6 +393,7 @@ def vocab_parallel_reverse_kl(
     *,
     chunk_bytes: int | None = None,
     backend: Backend = "auto",
+    grad_in_place: bool = False,
 ) -> Tensor:
     """Exact per-token reverse KL(p_student || p_teacher) over the full, TP-sharded vocabulary.
 
@@ -394,13 +406,18 @@ def vocab_parallel_reverse_kl(
         chunk_bytes: torch backend: byte budget of one tile's fp32 temporaries (default: 0.2x of a
             bf16 copy of the logits). Results do not depend on it beyond rounding.
         backend: ``auto`` (Triton on CUDA, torch otherwise), ``torch`` or ``triton``.
+        grad_in_place: write the gradient over ``student_logits`` (no gradient buffer: the extra
+            memory drops by one logits shard), for a caller that no longer needs their values and
+            whose graph saved them for nothing else (autograd then refuses the backward: "modified
+            by an inplace operation"). Refused for leaf logits and for logits whose elements share
+            memory.
 
     Returns:
         ``student_logits.shape[:-1]``, float32 (float64 for float64 inputs), identical on all ranks.
     """
-    _check_inputs(student_logits, teacher_logits)
+    _check_inputs(student_logits, teacher_logits, grad_in_place)
     resolved = resolve_backend(backend, student_logits, teacher_logits)
-    return _VocabParallelKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes, True, resolved)
+    return _VocabParallelKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes, True, resolved, grad_in_place)
 
 
 def vocab_parallel_forward_kl(
@@ -409,11 +426,12 @@ def vocab_parallel_forward_kl(
     tp_group: ProcessGroup | None = None,
     *,
     chunk_bytes: int | None = None,
+    grad_in_place: bool = False,
 ) -> Tensor:
     """Exact per-token forward KL(p_teacher || p_student); same conventions as the reverse KL.
 
     The student's gradient is ``(p_s - p_t) * grad_out``; the teacher never receives one. Kept for
     the forward-KL ablation (the paper reports that it collapses); torch backend only.
     """
-    _check_inputs(student_logits, teacher_logits)
-    return _VocabParallelKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes, False, "torch")
+    _check_inputs(student_logits, teacher_logits, grad_in_place)
+    return _VocabParallelKL.apply(student_logits, teacher_logits, tp_group, chunk_bytes, False, "torch", grad_in_place)
