@@ -362,6 +362,18 @@ def test_default_tiles_keep_temporaries_small_at_any_size(n_tokens: int, vocab: 
     assert sum((r.stop - r.start) * (c.stop - c.start) for r, c in tiles) == n_tokens * vocab
 
 
+def _measured_memory(impl: str, n_tokens: int, vocab: int) -> dict[str, float]:
+    """`bench/kl.py --case`'s result for one implementation, measured in a fresh process."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kl.py"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--case", impl, str(n_tokens), str(vocab), "--reps", "0"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.kl
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 @pytest.mark.parametrize(("n_tokens", "vocab"), [(4096, 32000), (256, 32000), (16, 151936)])
@@ -378,15 +390,7 @@ def test_peak_extra_memory_at_most_1_25x_bf16_logits(direction: str, n_tokens: i
     owned by the caller afterwards), the per-token statistics, the KL output and one tile's fp32
     temporaries. That the gradient alone is 1.00x also checks that the measurement sees torch's
     allocations."""
-    bench = Path(__file__).resolve().parents[1] / "bench" / "kl.py"
-    impl = "ours" if direction == "reverse" else "ours_forward_kl"
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, str(bench), "--case", impl, str(n_tokens), str(vocab), "--reps", "0"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _measured_memory("ours" if direction == "reverse" else "ours_forward_kl", n_tokens, vocab)
     ratio = result["extra_bytes"] / result["logits_bytes"]
     assert result["logits_bytes"] == n_tokens * vocab * 2
     assert 1.0 <= ratio <= 1.25, ratio
@@ -396,12 +400,5 @@ def test_peak_extra_memory_at_most_1_25x_bf16_logits(direction: str, n_tokens: i
 def test_peak_extra_memory_with_grad_in_place_at_most_0_25x_bf16_logits() -> None:
     """As above, the gradient written over the student logits: no gradient buffer, only the tiles'
     temporaries and the statistics remain (measured 0.20x: forward's three fp32 tile buffers)."""
-    bench = Path(__file__).resolve().parents[1] / "bench" / "kl.py"
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, str(bench), "--case", "ours_grad_in_place", "4096", "32000", "--reps", "0"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _measured_memory("ours_grad_in_place", 4096, 32000)
     assert result["extra_bytes"] / result["logits_bytes"] <= 0.25, result
