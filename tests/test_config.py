@@ -240,8 +240,9 @@ def test_cli_checks_the_sglang_environment_it_would_start_before_starting(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
+def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path, capsys):
     """Saving step 10 among another run's step 100 would prune its own checkpoint (names sort by step)."""
+    from opsdc_megatron.cli import main
     from tests.tiny_models import save_toy_qwen3
 
     root = save_toy_qwen3(tmp_path)
@@ -249,32 +250,36 @@ def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path):
     earlier.mkdir(parents=True)
     (earlier / "trainer_state.json").write_text('{"step": 100}')
     (tmp_path / "run" / "checkpoints" / "step_000200.tmp").mkdir()  # an unfinished save is not a checkpoint
-    args = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}",
-            f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}", "eval.every_steps=0"]
-    proc = subprocess.run([*args, "checkpoint.resume=false"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"checkpoints holds checkpoints of another run \(step_000100\), and this run starts from step 0 \(checkpoint.resume is false\)", proc.stderr)
+    args = ["train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}",
+            "eval.every_steps=0"]
+
+    def refusal(*overrides: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, *overrides])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2, error[-3000:]
+        return error
+
+    error = refusal("checkpoint.resume=false")
+    assert re.search(r"checkpoints holds checkpoints of another run \(step_000100\), and this run starts from step 0 \(checkpoint.resume is false\)", error)
     assert earlier.is_dir() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
     # A resume past train.steps (lowered to end a run early): it trained nothing and exported the step-100 weights
     # as final_hf of a run whose config.yaml said 3 steps
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000100")
-    proc = subprocess.run([*args, "train.steps=3"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"checkpoints/step_000100 is past train.steps = 3: raise train.steps, or give another out_dir", proc.stderr), proc.stderr
+    error = refusal("train.steps=3")
+    assert re.search(r"checkpoints/step_000100 is past train.steps = 3: raise train.steps, or give another out_dir", error), error
 
     # A marker naming no complete checkpoint: refused before torchrun starts (every rank raised it)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000200")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"checkpoints/latest names .*checkpoints/step_000200, which is not a complete checkpoint", proc.stderr), proc.stderr
+    error = refusal()
+    assert re.search(r"checkpoints/latest names .*checkpoints/step_000200, which is not a complete checkpoint", error), error
 
     # Another run's exports and no checkpoint to resume from: its best_hf would stay beside this run's metrics
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     (tmp_path / "run" / "best_hf").mkdir()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "run holds best_hf of another run and no checkpoint to resume from: give another out_dir, or remove them" in proc.stderr
+    error = refusal()
+    assert "run holds best_hf of another run and no checkpoint to resume from: give another out_dir, or remove them" in error, error
 
 
 def test_best_hf_is_the_export_of_the_best_eval_a_checkpoint_recorded(tmp_path):

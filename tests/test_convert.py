@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.cli import main
 from opsdc_megatron.convert.checks import check_hf_folder
+from opsdc_megatron.convert.hf_to_megatron import convert_hf_to_megatron
 from opsdc_megatron.models.layer_spec import gpt_decoder_spec
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
@@ -191,6 +192,14 @@ def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def qwen2_checkpoint(hf_models: Path) -> Path:
+    """The qwen2 model converted at TP=1, for tests that only read it (a conversion is a torchrun: ~13 s)."""
+    ckpt = hf_models.parent / "qwen2_megatron"
+    convert_hf_to_megatron(hf_models / "qwen2", ckpt, 1, 1)
+    return ckpt
+
+
 @pytest.mark.parametrize(
     ("config_change", "message"),
     [
@@ -203,15 +212,13 @@ def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Pat
     ids=["tied-config-untied-checkpoint", "smaller-vocabulary", "larger-vocabulary", "other-shapes"],
 )
 def test_a_checkpoint_of_another_model_is_refused_not_cut(
-    hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str
+    hf_models: Path, qwen2_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str
 ) -> None:
     """Checkpoint tensors the config has no place for (a trained output layer under a tied config,
     vocabulary rows past the config's) stop export and `opsdc train`'s load instead of being dropped."""
     from opsdc_megatron.models.qwen3.model import build_gpt_model
 
-    ckpt, config_dir = tmp_path / "ckpt", tmp_path / "other_config"
-    status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(hf_models / "qwen2"), "--out", str(ckpt))
-    assert status == 0, output[-3000:]
+    ckpt, config_dir = qwen2_checkpoint, tmp_path / "other_config"
     shutil.copytree(hf_models / "qwen2", config_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
     config = json.loads((config_dir / "config.json").read_text())
     (config_dir / "config.json").write_text(json.dumps({**config, **config_change}))

@@ -333,23 +333,29 @@ def test_a_run_resumed_with_a_larger_batch_goes_on_where_the_stream_stopped(setu
     assert "another prompt stream" not in capsys.readouterr().err  # the batch size is no other stream
 
 
-def test_a_resume_with_another_seed_or_prompt_file_says_so(setup, tmp_path):
-    """The stream's order is the seed's and the file's: a resume with others went on in another order, silently."""
+def test_a_resume_with_another_seed_or_prompt_file_says_so(setup, tmp_path, capsys):
+    """The stream's order is the seed's and the file's: a resume with others went on in another order, silently.
+    In this process (TP=1 runs without torchrun), as the test above."""
+    from opsdc_megatron.cli import main
+
     run, common = tmp_path / "run", ("eval.every_steps=0", "parallel.tensor_parallel_size=1", "rollout.max_response_tokens=4")
     other_prompts = tmp_path / "other.jsonl"
     other_prompts.write_text("".join(reversed((setup / "train.jsonl").read_text().splitlines(keepends=True))))
-    for steps, overrides, notice in [
-        (1, [], None),
-        (2, [], None),
-        (3, ["train.seed=5"], "train.seed is 5, was 1234"),
-        (4, ["train.seed=5", f"data.train_prompts={other_prompts}"], "the training prompts changed"),
-    ]:
-        args = [*train_args(setup, run, f"train.steps={steps}", *common), *overrides]
-        proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *args],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        stated = re.findall(r"resuming step_\d+ with another prompt stream \((.*)\): prompts are used in a new order from prompt (\d+)", proc.stderr)
-        assert stated == ([(notice, str((steps - 1) * 8))] if notice else []), proc.stderr[-3000:]
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    try:
+        for steps, overrides, notice in [
+            (1, [], None),
+            (2, [], None),
+            (3, ["train.seed=5"], "train.seed is 5, was 1234"),
+            (4, ["train.seed=5", f"data.train_prompts={other_prompts}"], "the training prompts changed"),
+        ]:
+            main(["train", "recipes/toy_cpu.yaml", *train_args(setup, run, f"train.steps={steps}", *common), *overrides])
+            stderr = capsys.readouterr().err
+            stated = re.findall(r"resuming step_\d+ with another prompt stream \((.*)\): prompts are used in a new order from prompt (\d+)", stderr)
+            assert stated == ([(notice, str((steps - 1) * 8))] if notice else []), stderr[-3000:]
+    finally:  # `opsdc train` records stop signals; this process goes on with pytest's handlers
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def test_bf16_distributed_optimizer_follows_tp1_and_resumes_exactly(setup):
@@ -421,6 +427,7 @@ def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
     assert [(e.step, e.value) for e in losses] == [(s, pytest.approx(resumed[s]["loss"])) for s in (1, 2, 3)]
 
 
+@pytest.mark.stops
 def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup, tmp_path):
     """SIGUSR1 (before a time limit) mid-run, sent as step 1's line appears, so during step 1's eval or
     (on a slow machine) step 2's rollouts. Either the next step's first check stops the run with step 1
@@ -461,6 +468,7 @@ def test_preempted_run_checkpoints_first_and_evaluates_that_step_on_resume(setup
     assert (read_trained_steps(out / "best_hf"), read_trained_steps(out / "final_hf")) == (best_step, 4)  # for opsdc report
 
 
+@pytest.mark.stops
 def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(setup, tmp_path):
     """SIGUSR1 during start-up (here once the run folder's config is written, before the step-0 eval):
     the watch, made first thing in the process, records it; the run stops before step 1 without a
@@ -492,6 +500,7 @@ def hangups_not_ignored() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+@pytest.mark.stops
 @pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP], ids=["SIGUSR1", "SIGTERM", "SIGHUP"])
 def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tmp_path, stop_signal):
     """`opsdc train` at TP=2 without a launcher starts its ranks through torchrun, in sessions of their own:
@@ -518,13 +527,6 @@ def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tm
     assert_no_forks(out)
 
 
-def run_cli(setup, out, *overrides):
-    args = [f"out_dir={out}", f"model.hf_path={setup / 'model'}", f"data.train_prompts={setup / 'train.jsonl'}",
-            f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides]
-    return subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *args],
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -535,16 +537,22 @@ def run_cli(setup, out, *overrides):
         (["model.hf_path=/nonexistent"], "has no config.json"),
     ],
 )
-def test_bad_input_fails_before_anything_is_written(setup, tmp_path, overrides, message):
+def test_bad_input_fails_before_anything_is_written(setup, tmp_path, capsys, overrides, message):
+    """In this process: `opsdc train` refuses these before torchrun (a subprocess spent ~10 s importing)."""
+    from opsdc_megatron.cli import main
+
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n')
     overrides = [o.replace("BROKEN", str(broken)) for o in overrides]
-    proc = run_cli(setup, tmp_path / "run", *overrides)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}", f"model.hf_path={setup / 'model'}",
+              f"data.train_prompts={setup / 'train.jsonl'}", f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in error, error[-3000:]
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.stops
 def test_every_rank_names_the_stop_request_another_rank_found_first(tmp_path):
     """Rank 0 looked for the stop file just before `opsdc train` wrote it, rank 1 just after: rank 0 stopped
     through the all-reduce and its stop line said "on a signal to another rank" instead of the signal."""
@@ -554,6 +562,7 @@ def test_every_rank_names_the_stop_request_another_rank_found_first(tmp_path):
     assert "RANK0_RECEIVED=SIGUSR1 to opsdc train\n" in output, output[-3000:]
 
 
+@pytest.mark.stops
 def test_nohup_keeps_a_hangup_from_stopping_the_commands():
     """`nohup opsdc train|eval|demo &`: SIGHUP starts ignored, and the commands' own handlers took it over; a
     logout stopped a run meant to outlive it. SIGUSR1 ignored (the SLURM job script's start-up) is taken over."""
@@ -574,6 +583,7 @@ def test_nohup_keeps_a_hangup_from_stopping_the_commands():
             signal.signal(number, handler)
 
 
+@pytest.mark.stops
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2])
 def test_a_closed_terminal_stops_opsdc_train_after_a_checkpoint(setup, tmp_path, tensor_parallel_size):
     """`opsdc train` in a terminal that hangs up (a closed ssh session): the SIGHUP was recorded, then the step's
@@ -605,6 +615,7 @@ def test_a_closed_terminal_stops_opsdc_train_after_a_checkpoint(setup, tmp_path,
     assert 1 <= stopped["step"] < 20
 
 
+@pytest.mark.stops
 def test_a_second_stop_signal_inside_the_first_ones_handler_leaves_one_whole_stop_file(tmp_path, monkeypatch):
     """A hangup reaches `opsdc demo` and its `opsdc train`, and the demo passes SIGTERM on: the second handler ran
     inside the first one's write of the stop file and the first one's rename failed out of the signal handler

@@ -4,8 +4,6 @@ and named errors. The estimate itself is a model; these tests pin its rules, not
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,17 @@ pytestmark = pytest.mark.plan
 MODELS = Path(__file__).resolve().parents[1] / "recipes" / "models"
 
 
-def _plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "plan", *args], capture_output=True, text=True, timeout=120)
+def _plan(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`opsdc plan` in this process: (exit status, stdout, stderr). A subprocess spent ~10 s importing megatron-core."""
+    from opsdc_megatron.cli import main
+
+    try:
+        main(["plan", *args])
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code or 0
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def test_parameter_counts_match_the_published_sizes() -> None:
@@ -78,13 +85,13 @@ def test_choices_for_the_recipes_models() -> None:
     assert chosen == {"8b": (4, 1, 4, False), "14b": (8, 1, 2, False), "32b": (8, 1, 2, True)}
 
 
-def test_cli_prints_the_table_and_the_recipe_line() -> None:
-    proc = _plan("--model", str(MODELS / "qwen3-8b.json"), "--gpus", "16", "--seq", "9216")
-    assert proc.returncode == 0, proc.stderr
-    assert "**chosen**" in proc.stdout
+def test_cli_prints_the_table_and_the_recipe_line(capsys: pytest.CaptureFixture) -> None:
+    status, out, err = _plan(capsys, "--model", str(MODELS / "qwen3-8b.json"), "--gpus", "16", "--seq", "9216")
+    assert status == 0, err
+    assert "**chosen**" in out
     assert ("recipe: parallel.tensor_parallel_size=4 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=4 "
             "parallel.distributed_optimizer=true model.activation_recompute=none distill.fused_output_layer=true "
-            "distill.teacher_offload=false train.global_batch_prompts=32 train.micro_batch_prompts=2") in proc.stdout
+            "distill.teacher_offload=false train.global_batch_prompts=32 train.micro_batch_prompts=2") in out
 
 
 def test_tensor_parallel_groups_stay_within_a_node() -> None:
@@ -105,9 +112,9 @@ def test_tensor_parallel_groups_stay_within_a_node() -> None:
         (["--model", "moe.json", "--gpus", "8", "--seq", "4096"], "moe.json: architectures: expected one of"),
     ],
 )
-def test_refusals_are_named(args: list[str], message: str, tmp_path: Path) -> None:
+def test_refusals_are_named(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     moe = json.loads((MODELS / "qwen3-8b.json").read_text()) | {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
     (tmp_path / "moe.json").write_text(json.dumps(moe))
     args = [str(tmp_path / a) if a == "moe.json" else str(MODELS / a) if a.endswith(".json") else a for a in args]
-    proc = _plan(*args)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    status, _, err = _plan(capsys, *args)
+    assert status == 2 and message in err, err

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 COMPARED = ("loss", "grad_norm", "mean_response_tokens", "rollout_accuracy", "teacher_age_steps")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,16 @@ def sbatch(
     env: dict, script: str, log: Path, *args: str, extra_env: dict | None = None, wait: bool = True, extra_args: list[str] = (),
     submit_dir: Path = ROOT,
 ) -> tuple[int, str]:
-    """Submits slurm/<script> from `submit_dir` (`extra_args`: sbatch options); returns (exit status of the job with --wait, job id)."""
-    command = ["sbatch", "--parsable", f"--output={log}", *(["--wait"] if wait else []), *extra_args, str(ROOT / "slurm" / script), *args]
-    proc = subprocess.run(command, cwd=submit_dir, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=900)
+    """Submits slurm/<script> from `submit_dir` (`extra_args`: sbatch options); returns (the job's exit status
+    when `wait`, else 0; job id). Waits by polling scontrol every 0.5 s: `sbatch --wait` polls at up to 10 s."""
+    command = ["sbatch", "--parsable", f"--output={log}", *extra_args, str(ROOT / "slurm" / script), *args]
+    proc = subprocess.run(command, cwd=submit_dir, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=120)
     job = proc.stdout.strip().split(";")[0]
-    assert job, f"sbatch refused {script}: {proc.stderr}"
-    return proc.returncode, job
+    assert proc.returncode == 0 and job, f"sbatch refused {script}: {proc.stderr}"
+    if not wait:
+        return 0, job
+    wait_until(lambda: job_field(env, job, "JobState") in ENDED, f"job {job} ({script}) to end", timeout_s=900, poll_s=0.5)
+    return int(job_field(env, job, "ExitCode").split(":")[0]), job
 
 
 def job_field(env: dict, job: str, name: str) -> str:
