@@ -81,7 +81,8 @@ def sbatch(
     submit_dir: Path = ROOT,
 ) -> tuple[int, str]:
     """Submits slurm/<script> from `submit_dir` (`extra_args`: sbatch options); returns (the job's exit status
-    when `wait`, else 0; job id). Waits by polling scontrol every 0.5 s: `sbatch --wait` polls at up to 10 s."""
+    when `wait`, else 0; job id). Waits by polling scontrol every 0.5 s: `sbatch --wait` polls at up to 10 s.
+    A job ended by a signal (ExitCode status:signal, e.g. 0:15) is status 1, as `sbatch --wait` says."""
     command = ["sbatch", "--parsable", f"--output={log}", *extra_args, str(ROOT / "slurm" / script), *args]
     proc = subprocess.run(command, cwd=submit_dir, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=120)
     job = proc.stdout.strip().split(";")[0]
@@ -89,7 +90,8 @@ def sbatch(
     if not wait:
         return 0, job
     wait_until(lambda: job_field(env, job, "JobState") in ENDED, f"job {job} ({script}) to end", timeout_s=900, poll_s=0.5)
-    return int(job_field(env, job, "ExitCode").split(":")[0]), job
+    status, killed_by = map(int, job_field(env, job, "ExitCode").split(":"))
+    return (1 if killed_by else status), job
 
 
 def job_field(env: dict, job: str, name: str) -> str:
