@@ -231,6 +231,47 @@ def test_grad_in_place_writes_the_gradient_over_the_student_logits(direction: st
 
 
 @pytest.mark.kl
+def test_vocab_padding_written_on_the_output_layers_logits_keeps_the_in_place_gradient_uncopied() -> None:
+    """distill.stage sets the padding columns to -inf on the output layer's own result, not on a view of
+    it: the gradient that reaches the output layer's matmul is then still the logits' own storage
+    (grad_in_place), where a write on a view makes autograd clone it. Both give the same gradients.
+    Another node's gradient (an expanded one, from .sum()) is copied before its padding is zeroed."""
+    from opsdc_megatron.distill.stage import _VocabPaddingToMinusInf
+
+    hidden, weight = _logits((6, 16), 50), _logits((37, 16), 51).requires_grad_(True)
+    teacher, padding = _logits((2, 3, 37), 52), slice(33, 37)
+    teacher[..., padding] = -INF
+
+    def on_a_view(produced: torch.Tensor) -> torch.Tensor:
+        logits = produced.view(6, 37)
+        logits[:, padding] = -INF
+        return logits
+
+    def gradient_reaching_the_matmul(set_padding) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        weight.grad = None
+        produced = hidden @ weight.T
+        seen = []
+        produced.register_hook(seen.append)
+        logits = set_padding(produced)
+        assert torch.all(logits[:, padding] == -INF) and torch.all(logits[:, :33].isfinite())
+        vocab_parallel_reverse_kl(logits.view(2, 3, 37), teacher, grad_in_place=True).sum().backward()
+        with torch.no_grad():  # the in-place gradient is a view of `produced`, made in backward
+            return seen[0].clone(), seen[0].data_ptr() == produced.data_ptr(), weight.grad
+
+    ours, ours_uncopied, ours_weight_grad = gradient_reaching_the_matmul(lambda produced: _VocabPaddingToMinusInf.apply(produced, padding))
+    view, view_uncopied, view_weight_grad = gradient_reaching_the_matmul(on_a_view)
+    assert ours_uncopied and not view_uncopied
+    assert torch.equal(ours, view) and torch.equal(ours_weight_grad, view_weight_grad)
+    assert torch.all(ours[:, padding] == 0) and ours[:, :33].abs().sum() > 0
+
+    weight.grad = None
+    _VocabPaddingToMinusInf.apply(hidden @ weight.T, padding).sum().backward()  # a gradient of ones, expanded
+    expected = torch.ones(6, 37)
+    expected[:, padding] = 0
+    assert torch.equal(weight.grad, expected.T @ hidden)
+
+
+@pytest.mark.kl
 def test_grad_in_place_on_logits_another_node_saved_is_refused() -> None:
     """Logits that an earlier node of the graph also saved (here sin, for its backward) cannot take
     the gradient in place: autograd's version check refuses the backward instead of computing with
