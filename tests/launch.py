@@ -1,4 +1,4 @@
-"""Run a worker script under torchrun from a test: every multi-process test goes through here."""
+"""Run `opsdc` or a worker script from a test: every multi-process test goes through `torchrun` here."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -33,6 +35,20 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def run_opsdc(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """`opsdc ARGV` in this process: (exit status, stdout, stderr). A subprocess spends ~10 s importing
+    megatron-core; a `train` that must be refused before it starts takes the `refused_before_start` fixture."""
+    from opsdc_megatron.cli import main
+
+    try:
+        main(list(argv))
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code or 0
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def torchrun(worker: str, nproc: int, *args: str, timeout_s: float = 600) -> str:

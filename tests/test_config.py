@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from opsdc_megatron.config import ConfigError, load_config, read_saved_config, to_yaml
+from tests.launch import run_opsdc
 
 RECIPE = "recipes/toy_cpu.yaml"
 
@@ -199,50 +200,41 @@ def test_cli_reports_bad_recipe_in_one_line_and_writes_nothing(tmp_path):
     ids=["no-weights", "malformed-config", "another-models-config"],
 )
 def test_cli_names_a_broken_model_folder_before_starting(tmp_path, capsys, refused_before_start, break_model, message):
-    from opsdc_megatron.cli import main
     from tests.tiny_models import save_toy_qwen3
 
     root = save_toy_qwen3(tmp_path)
     break_model(root / "model")
     overrides = [f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}", "eval.every_steps=0"]
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", RECIPE, *overrides])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and re.search("opsdc train: error: " + message, error), error
+    status, _, error = run_opsdc(capsys, "train", RECIPE, *overrides)
+    assert status == 2 and re.search("opsdc train: error: " + message, error), error
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_an_out_dir_that_is_a_file_before_starting(tmp_path, capsys, refused_before_start):
-    from opsdc_megatron.cli import main
     from tests.tiny_models import save_toy_qwen3
 
     root = save_toy_qwen3(tmp_path)
     (tmp_path / "run").write_text("a file")
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}",
-              "eval.every_steps=0"])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"opsdc train: error: out_dir: {tmp_path / 'run'} exists and is not a folder" in error, error
+    status, _, error = run_opsdc(capsys, "train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}",
+                                 f"data.train_prompts={root / 'train.jsonl'}", "eval.every_steps=0")
+    assert status == 2 and f"opsdc train: error: out_dir: {tmp_path / 'run'} exists and is not a folder" in error, error
 
 
 def test_cli_checks_the_sglang_environment_it_would_start_before_starting(tmp_path, capsys, refused_before_start):
     """rollout.engine=sglang without server_urls: rank 0 starts the servers, whose interpreter must exist (rank 0
     failed with a traceback once the process group was up)."""
-    from opsdc_megatron.cli import main
     from tests.tiny_models import save_toy_qwen3
 
     root = save_toy_qwen3(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}", f"data.train_prompts={root / 'train.jsonl'}",
-              "eval.every_steps=0", "rollout.engine=sglang", "rollout.sglang.python=/nonexistent/python"])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and "opsdc train: error: rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in error, error
+    status, _, error = run_opsdc(capsys, "train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={root / 'model'}",
+                                 f"data.train_prompts={root / 'train.jsonl'}", "eval.every_steps=0", "rollout.engine=sglang",
+                                 "rollout.sglang.python=/nonexistent/python")
+    assert status == 2 and "opsdc train: error: rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in error, error
     assert not (tmp_path / "run").exists()
 
 
 def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path, capsys, refused_before_start):
     """Saving step 10 among another run's step 100 would prune its own checkpoint (names sort by step)."""
-    from opsdc_megatron.cli import main
     from tests.tiny_models import save_toy_qwen3
 
     root = save_toy_qwen3(tmp_path)
@@ -254,10 +246,8 @@ def test_a_fresh_run_refuses_another_runs_checkpoints(tmp_path, capsys, refused_
             "eval.every_steps=0"]
 
     def refusal(*overrides: str) -> str:
-        with pytest.raises(SystemExit) as exit_:
-            main([*args, *overrides])
-        error = capsys.readouterr().err
-        assert exit_.value.code == 2 and "Traceback" not in error, error[-3000:]
+        status, _, error = run_opsdc(capsys, *args, *overrides)
+        assert status == 2 and "Traceback" not in error, error[-3000:]
         return error
 
     error = refusal("checkpoint.resume=false")

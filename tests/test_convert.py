@@ -25,7 +25,6 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from opsdc_megatron.cli import main
 from opsdc_megatron.convert.checks import check_hf_folder
 from opsdc_megatron.convert.hf_to_megatron import convert_hf_to_megatron
 from opsdc_megatron.models.layer_spec import gpt_decoder_spec
@@ -34,7 +33,7 @@ from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.toy.task import toy_prompts
 from opsdc_megatron.train.checkpoint import load_model_weights
-from tests.launch import torchrun
+from tests.launch import run_opsdc, torchrun
 from tests.tiny_models import SHARDED_INPUT, TINY_MODELS, VOCAB, save_tiny_model
 
 pytestmark = pytest.mark.convert
@@ -67,13 +66,8 @@ def logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """(exit status, stdout + stderr) of `opsdc convert ...` run in this process."""
-    try:
-        main(["convert", *argv])
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out + captured.err
+    status, out, err = run_opsdc(capsys, "convert", *argv)
+    return status, out + err
 
 
 def test_round_trip_at_tp2_and_pp2_is_bitwise_and_logits_agree(hf_models: Path) -> None:

@@ -24,6 +24,7 @@ from opsdc_megatron.models.hf_folder import read_trained_steps
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
 from opsdc_megatron.train.metrics import read_metrics
+from tests.launch import run_opsdc
 from tests.tiny_models import save_toy_qwen3
 
 pytestmark = pytest.mark.parallel
@@ -518,16 +519,12 @@ def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tm
 )
 def test_bad_input_fails_before_anything_is_written(setup, tmp_path, capsys, refused_before_start, overrides, message):
     """In this process: `opsdc train` refuses these before torchrun (a subprocess spent ~10 s importing)."""
-    from opsdc_megatron.cli import main
-
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n')
     overrides = [o.replace("BROKEN", str(broken)) for o in overrides]
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}", f"model.hf_path={setup / 'model'}",
-              f"data.train_prompts={setup / 'train.jsonl'}", f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and message in error and "Traceback" not in error, error[-3000:]
+    status, _, error = run_opsdc(capsys, "train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}", f"model.hf_path={setup / 'model'}",
+                                 f"data.train_prompts={setup / 'train.jsonl'}", f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides)
+    assert status == 2 and message in error and "Traceback" not in error, error[-3000:]
     assert not (tmp_path / "run").exists()
 
 

@@ -9,23 +9,11 @@ from pathlib import Path
 import pytest
 
 from opsdc_megatron.plan import GIB, H100_80GB_GIB, ModelShape, Workload, choose, estimate
+from tests.launch import run_opsdc
 
 pytestmark = pytest.mark.plan
 
 MODELS = Path(__file__).resolve().parents[1] / "recipes" / "models"
-
-
-def _plan(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """`opsdc plan` in this process: (exit status, stdout, stderr). A subprocess spent ~10 s importing megatron-core."""
-    from opsdc_megatron.cli import main
-
-    try:
-        main(["plan", *args])
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code or 0
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def test_parameter_counts_match_the_published_sizes() -> None:
@@ -86,7 +74,7 @@ def test_choices_for_the_recipes_models() -> None:
 
 
 def test_cli_prints_the_table_and_the_recipe_line(capsys: pytest.CaptureFixture) -> None:
-    status, out, err = _plan(capsys, "--model", str(MODELS / "qwen3-8b.json"), "--gpus", "16", "--seq", "9216")
+    status, out, err = run_opsdc(capsys, "plan", "--model", str(MODELS / "qwen3-8b.json"), "--gpus", "16", "--seq", "9216")
     assert status == 0, err
     assert "**chosen**" in out
     assert ("recipe: parallel.tensor_parallel_size=4 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=4 "
@@ -116,5 +104,5 @@ def test_refusals_are_named(args: list[str], message: str, tmp_path: Path, capsy
     moe = json.loads((MODELS / "qwen3-8b.json").read_text()) | {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
     (tmp_path / "moe.json").write_text(json.dumps(moe))
     args = [str(tmp_path / a) if a == "moe.json" else str(MODELS / a) if a.endswith(".json") else a for a in args]
-    status, _, err = _plan(capsys, *args)
+    status, _, err = run_opsdc(capsys, "plan", *args)
     assert status == 2 and message in err, err
