@@ -7,7 +7,7 @@
 # Python 3.12 comes from pyenv when `python3.12` is not on PATH as such.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_NO_CACHE_DIR=1  # no second copy of the wheels on disk (CI disks are small)
+source tools/uv_install.sh
 if [ -z "${PYTHON:-}" ]; then
     if python3.12 -V >/dev/null 2>&1; then
         PYTHON=python3.12
@@ -20,7 +20,6 @@ fi
 VENV=.venv-py312
 # bin/pip, not bin/python: an interrupted `python -m venv` leaves the interpreter without pip.
 [ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
-"$VENV/bin/pip" install --quiet --upgrade pip
-"$VENV/bin/pip" install --quiet "torch==2.14.1" "megatron-core==0.19.2" "transformers==5.24.0"
-"$VENV/bin/pip" install --quiet -e ".[test]"
+uv_install "$VENV" "torch==2.14.1" "megatron-core==0.19.2" "transformers==5.24.0"
+uv_install "$VENV" -e ".[test]"
 touch "$VENV/.installed"

@@ -16,20 +16,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV_SGLANG:-.venv-sglang}
-PINS="$(cat tools/setup_sglang.sh tools/sglang_cpu_requirements.txt | sha1sum | cut -c1-12)"  # this script and its requirements
+PINS="$(cat tools/setup_sglang.sh tools/sglang_cpu_requirements.txt tools/uv_install.sh tools/pip_sources.py | sha1sum | cut -c1-12)"  # these scripts and the requirements
 STAMP="$VENV/.installed"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$PINS" ]; then
     touch "$STAMP"
     exit 0
 fi
-export PIP_NO_CACHE_DIR=1
+source tools/uv_install.sh
 # bin/pip, not bin/python: an interrupted `python -m venv` leaves the interpreter without pip.
 [ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
-"$VENV/bin/pip" install --quiet --upgrade pip
-"$VENV/bin/pip" install --quiet "torch==2.13.0"
-"$VENV/bin/pip" install --quiet --no-deps "sglang==0.5.23" "sglang-router==0.3.2"
-# --no-warn-conflicts: the conflicts pip would list are the left-out CUDA packages and the torch pin.
-"$VENV/bin/pip" install --quiet --no-warn-conflicts -r tools/sglang_cpu_requirements.txt
+uv_install "$VENV" "torch==2.13.0"
+uv_install "$VENV" --no-deps "sglang==0.5.23" "sglang-router==0.3.2"
+uv_install "$VENV" -r tools/sglang_cpu_requirements.txt
 # Fails here, not in the first test, when a requirement SGLang's server imports is missing.
 PYTHONPATH=opsdc_megatron/rollout/sglang/cpu_stub "$VENV/bin/python" -W ignore -c \
     "import sglang.srt.entrypoints.http_server, sglang_router"
