@@ -10,6 +10,7 @@ a mirror then installs what pip would. Across indexes uv takes the best version,
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def main() -> None:
         if scope in SCOPES and (key in OPTIONS or key == "no-index"):
             rank = SCOPES.index(scope)
             if key not in settings or rank >= settings[key][0]:
-                settings[key] = (rank, value.strip().strip("'\""))
+                settings[key] = (rank, ast.literal_eval(value))  # printed as repr: a list on several lines keeps its newlines
     options = ["--index-strategy", "unsafe-best-match"]
     for key, (_, value) in settings.items():
         if key == "no-index":
