@@ -2,7 +2,8 @@
 # environment VENV, from the package sources pip is configured with (tools/pip_sources.py: its index,
 # extra indexes, find-links folders and constraints).
 # uv, not pip: on a 2-core machine (2026-11-28) pip took 184 s for .venv/ and 178 s for .venv-py312/ (several GB of
-# torch and its CUDA libraries, megatron-core, transformers), uv 24 s and 35 s for the same versions; CI has an hour.
+# torch and its CUDA libraries, megatron-core, transformers), uv 67 s and 74 s for the same versions, bytecode
+# compiled; CI has an hour.
 UV_VERSION=0.13.9
 uv_install() {
     local venv=$1 sources
