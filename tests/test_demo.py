@@ -15,6 +15,7 @@ import yaml
 from opsdc_megatron.cli import main
 from opsdc_megatron.demo import TEST_SEED, check_demo_inputs, run_demo
 from opsdc_megatron.toy.base_model import BuildSettings
+from tests.launch import run_opsdc
 
 pytestmark = pytest.mark.parallel
 
@@ -73,10 +74,8 @@ def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, ov
     """Before the base model (~7 min on a fresh machine) or any file: one line, exit status 2. Also a missing
     SGLang environment for `--rollout sglang` (it failed after the base model and its evaluation)."""
     rollout = ["--rollout", "sglang"] if override.startswith("rollout.sglang") else []
-    with pytest.raises(SystemExit) as exit_:
-        main(["demo", "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"), *rollout, override])
-    assert exit_.value.code == 2
-    error = capsys.readouterr().err
+    status, _, error = run_opsdc(capsys, "demo", "--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "cache"), *rollout, override)
+    assert status == 2
     assert "opsdc demo: error: " in error and message in error and "Traceback" not in error
     assert list(tmp_path.iterdir()) == []
 
@@ -84,10 +83,8 @@ def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, ov
 def test_a_rerun_after_the_base_model_changed_is_refused(demo, tmp_path, capsys):
     """The base model's cache key covers the toy's code: after an update the rerun built a new base model,
     evaluated it as "before", resumed the run trained from the old one and evaluated that as "after"."""
-    with pytest.raises(SystemExit) as exit_:
-        main(["demo", "--out", str(demo), "--cache", str(tmp_path / "another_cache"), "train.steps=2"])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"{demo / 'train'} holds a run trained from {demo.parent / 'cache'}" in error, error
+    status, _, error = run_opsdc(capsys, "demo", "--out", str(demo), "--cache", str(tmp_path / "another_cache"), "train.steps=2")
+    assert status == 2 and f"{demo / 'train'} holds a run trained from {demo.parent / 'cache'}" in error, error
     assert "remove" in error and not (tmp_path / "another_cache").exists()
     # The same base model in another cache (a relative --cache given from another folder) is no change.
     check_demo_inputs(demo, tmp_path / "another_cache", ["train.steps=2"], base_settings=replace(BuildSettings(), steps=20))
@@ -96,9 +93,8 @@ def test_a_rerun_after_the_base_model_changed_is_refused(demo, tmp_path, capsys)
 def test_an_out_or_cache_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for flags in (["--out", str(tmp_path / "file")], ["--out", str(tmp_path / "demo"), "--cache", str(tmp_path / "file")]):
-        with pytest.raises(SystemExit) as exit_:
-            main(["demo", *flags])
-        assert exit_.value.code == 2 and f"{tmp_path / 'file'} exists and is not a folder" in capsys.readouterr().err
+        status, _, error = run_opsdc(capsys, "demo", *flags)
+        assert status == 2 and f"{tmp_path / 'file'} exists and is not a folder" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 

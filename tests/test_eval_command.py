@@ -18,6 +18,7 @@ from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import load_prompts, write_prompts
 from opsdc_megatron.toy.base_model import BuildSettings, build_base_model
 from opsdc_megatron.toy.task import toy_prompts
+from tests.launch import run_opsdc
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.eval
@@ -145,10 +146,9 @@ def test_sample_s_is_drawn_with_seed_plus_s(evaluated):
 
 
 def expect_input_error(capsys, argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    status, _, error = run_opsdc(capsys, *argv)
+    assert status == 2
+    assert message in error
 
 
 def test_input_errors(toy, tmp_path, capsys):

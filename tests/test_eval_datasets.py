@@ -11,6 +11,7 @@ from opsdc_megatron.cli import main
 from opsdc_megatron.eval.datasets import DatasetLayoutError, load_dataset_file
 from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import PromptFileError, load_prompts, write_prompts
+from tests.launch import run_opsdc
 
 pytestmark = pytest.mark.eval
 
@@ -111,14 +112,12 @@ def test_dapo_rows_repeated_in_the_parquet_are_read_once_and_split_apart(tmp_pat
     write_prompts(copies, records * 3)
     main(["data", "split", str(copies), "--out", str(tmp_path / "copies_split")])
     assert "10 distinct prompts -> 8 in" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as refused:  # the files are there: nothing is replaced
-        main(["data", "split", str(source), "--out", str(tmp_path / "split"), "--seed", "4"])
-    assert refused.value.code == 2 and "already exist" in capsys.readouterr().err
+    status, _, error = run_opsdc(capsys, "data", "split", str(source), "--out", str(tmp_path / "split"), "--seed", "4")
+    assert status == 2 and "already exist" in error  # the files are there: nothing is replaced
     assert load_prompts(tmp_path / "split" / "train.jsonl") == train
     for out, message in ((copies, f"--out: {copies} exists and is not a folder"), (copies / "split", "--out: [Errno 20] Not a directory")):
-        with pytest.raises(SystemExit) as refused:  # was a traceback
-            main(["data", "split", str(source), "--out", str(out)])
-        assert refused.value.code == 2 and message in capsys.readouterr().err
+        status, _, error = run_opsdc(capsys, "data", "split", str(source), "--out", str(out))
+        assert status == 2 and message in error  # was a traceback
 
 
 def test_wrong_dapo_rows_name_the_parquet_row(tmp_path):

@@ -19,6 +19,7 @@ from opsdc_megatron.models.hf_folder import save_hf_folder
 from opsdc_megatron.prompts import PromptRecord
 from opsdc_megatron.rollout.engine import SamplingParams
 from opsdc_megatron.train.metrics import MetricsLog, read_metrics
+from tests.launch import run_opsdc
 
 pytestmark = pytest.mark.eval
 
@@ -165,16 +166,14 @@ def test_evaluations_of_other_prompts_are_not_compared(run_dir, tmp_path):
 
 def test_a_missing_responses_file_is_named_before_anything_is_written(run_dir, capsys):
     next((run_dir / "eval").glob("*best-hf.none*.responses.jsonl")).unlink()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(run_dir)])
-    assert exit_info.value.code == 2 and "its responses file cannot be read (FileNotFoundError" in capsys.readouterr().err
+    status, _, error = run_opsdc(capsys, "report", str(run_dir))
+    assert status == 2 and "its responses file cannot be read (FileNotFoundError" in error
     assert not [p.name for p in run_dir.iterdir() if p.suffix in (".png", ".md")]
 
 
 def test_report_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(tmp_path)])
-    assert exit_info.value.code == 2 and "no config.yaml; expected a training run folder" in capsys.readouterr().err
+    status, _, error = run_opsdc(capsys, "report", str(tmp_path))
+    assert status == 2 and "no config.yaml; expected a training run folder" in error
 
 
 def _next_second() -> None:
