@@ -5,10 +5,12 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 VENV_SGLANG := .venv-sglang
 STAMP_SGLANG := $(VENV_SGLANG)/.installed
+# Every set-up script installs through these (uv, from the sources pip is configured with).
+INSTALLER := tools/uv_install.sh tools/pip_sources.py
 
 .PHONY: demo test env test-py312 env-sglang
 
-$(STAMP): pyproject.toml tools/setup_env.sh tools/uv_install.sh tools/pip_sources.py
+$(STAMP): pyproject.toml tools/setup_env.sh $(INSTALLER)
 	PYTHON=$(PYTHON) bash tools/setup_env.sh
 
 env: $(STAMP)
@@ -21,7 +23,7 @@ test: $(STAMP) $(STAMP_SGLANG)
 
 # SGLang rollout servers run from their own environment, .venv-sglang/ (tools/setup_sglang.sh:
 # SGLang 0.5.23 + sglang-router; it pins torch 2.14.1). The sglang tests (-m sglang) start real servers.
-$(STAMP_SGLANG): tools/setup_sglang.sh tools/sglang_cpu_requirements.txt tools/uv_install.sh tools/pip_sources.py
+$(STAMP_SGLANG): tools/setup_sglang.sh tools/sglang_cpu_requirements.txt $(INSTALLER)
 	PYTHON=$(PYTHON) bash tools/setup_sglang.sh
 
 env-sglang: $(STAMP_SGLANG)
@@ -36,7 +38,7 @@ STAMP312 := $(VENV312)/.installed
 MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test_kl.py tests/test_convert.py tests/test_pipeline.py tests/test_packing.py \
 	tests/test_optimizer.py tests/test_sdpa_attention.py tests/test_teacher_offload.py tests/test_kl_fused.py tests/test_transformer_engine.py
 
-$(STAMP312): pyproject.toml tools/setup_env_py312.sh tools/uv_install.sh tools/pip_sources.py
+$(STAMP312): pyproject.toml tools/setup_env_py312.sh $(INSTALLER)
 	PYTHON=$(PYTHON312) bash tools/setup_env_py312.sh
 
 test-py312: $(STAMP312)
