@@ -71,6 +71,14 @@ class ParallelConfig:
     DistributedOptimizer); gradients are then reduce-scattered and weights all-gathered. Its
     checkpoints resume at another data-parallel size but not at other tensor/pipeline sizes
     (train/checkpoint.py)."""
+    overlap_grad_reduce: bool = False
+    """Reduce (or reduce-scatter) the gradients bucket by bucket while the last micro-batch's backward
+    still runs, instead of all at once after it (megatron DDP's overlap_grad_reduce, Megatron-LM's
+    --overlap-grad-reduce). With pipeline stages, a stage starts its reductions after its last backward,
+    as Megatron-LM's default --align-grad-reduce does."""
+    grad_reduce_bucket_elements: Optional[int] = None
+    """Gradient elements per reduction bucket with overlap_grad_reduce (Megatron-LM's --ddp-bucket-size);
+    null = megatron's default, max(40M, 1M x data-parallel size). Smaller buckets start earlier, in more collectives."""
 
 
 @dataclass
@@ -467,6 +475,12 @@ def validate(config: RunConfig) -> None:
             f"parallel.pipeline_parallel_size ({pp}) and at least twice it ({2 * pp}): with fewer, megatron's "
             f"interleaved schedule runs all of the first stage's micro-batches in warm-up, and its exchanges "
             f"between stages then deadlock on gloo (measured at 2 stages)"
+        )
+    if p.grad_reduce_bucket_elements is not None and (not p.overlap_grad_reduce or p.grad_reduce_bucket_elements < 1):
+        raise ConfigError(
+            f"parallel.grad_reduce_bucket_elements must be null or >= 1 with parallel.overlap_grad_reduce=true (without "
+            f"overlap megatron reduces all gradients in one bucket), got {p.grad_reduce_bucket_elements} with "
+            f"overlap_grad_reduce={p.overlap_grad_reduce}"
         )
     if config.model.params_dtype not in ("bf16", "fp32"):
         raise ConfigError(f"model.params_dtype must be bf16 or fp32, got {config.model.params_dtype!r}")

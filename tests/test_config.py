@@ -57,6 +57,11 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
          "distill.teacher_offload does not support model.fp8.param_gather"),
         ("out_dir: x\n", ["model.fp8.format=hybrid", "model.fp8.param_gather=true"],
          "model.fp8.param_gather needs parallel.distributed_optimizer=true"),
+        # megatron ignores the bucket size without overlap: one bucket
+        ("out_dir: x\n", ["parallel.grad_reduce_bucket_elements=1000"],
+         "parallel.grad_reduce_bucket_elements must be null or >= 1 with parallel.overlap_grad_reduce=true .* got 1000 with overlap_grad_reduce=False"),
+        ("out_dir: x\n", ["parallel.overlap_grad_reduce=true", "parallel.grad_reduce_bucket_elements=0"],
+         "parallel.grad_reduce_bucket_elements must be null or >= 1 .* got 0 with overlap_grad_reduce=True"),
         ("out_dir: x\n", ["rollout.generation_batch_prompts=0"], "rollout.generation_batch_prompts must be >= 1, got 0"),
         ("out_dir: x\n", ["eval.max_prompts=0"], "eval.max_prompts must be >= 1, got 0"),
         ("out_dir: x\n", ["checkpoint.keep_last=-1"], "checkpoint.keep_last must be >= 1, got -1"),

@@ -2,8 +2,9 @@
 the teacher's memory on the last pipeline stage does not grow with the number of micro-batches.
 
 Three launches (tests/workers/pipeline_worker.py): one plain process (TP1 reference, other
-micro-batch splits), 2 processes (DP2 with and without megatron's distributed optimizer, TP2, PP2 1F1B,
-PP2 interleaved with 2 virtual stages, resume, memory) and 4 processes (TP2 x PP2, resume from a 2-process interleaved checkpoint).
+micro-batch splits), 2 processes (DP2 with and without megatron's distributed optimizer and gradient reduction
+overlapped with backward, TP2, PP2 1F1B, PP2 interleaved with 2 virtual stages, resume, memory) and 4 processes
+(TP2 x PP2, resume from a 2-process interleaved checkpoint, PP2 x DP2 with overlapped reduction).
 Each layout runs 2 optimizer steps on the same 8 rollouts of varied lengths.
 """
 
@@ -20,6 +21,7 @@ from tests.launch import WORKERS, torchrun
 pytestmark = pytest.mark.parallel
 
 TOL = 1e-5
+OVERLAP_LAYOUTS = ["dp2_overlap", "dp2_distributed_optimizer_overlap", "pp2_dp2_overlap", "pp2_interleaved_dp2_overlap"]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +51,22 @@ def assert_same(reference, other, steps=(1, 2)):
 @pytest.mark.parametrize("layout", [
     "tp2", "pp2", "pp2_interleaved", "dp2", "dp2_distributed_optimizer", "tp2_pp2",
     "tp2_teacher_offload", "pp2_interleaved_teacher_offload",  # distill.teacher_offload: each rank streams its shards and chunks
+    *OVERLAP_LAYOUTS,
 ])
 def test_layout_matches_tp1(runs, layout):
     assert_same(load(runs, "tp1"), load(runs, layout))
+
+
+@pytest.mark.parametrize("layout", OVERLAP_LAYOUTS)
+def test_overlapped_gradient_reduction_starts_before_the_step_waits_for_it(runs, layout):
+    """parallel.overlap_grad_reduce: by the time finalize_model_grads runs, every rank has started reducing
+    every bucket of its chunks (in the last backward, or on later pipeline stages right after it).
+    megatron's first step only counts each bucket's gradients, so this is the second step. Only the first
+    pipeline stage (with rank 0) splits its gradients into several buckets: megatron buckets no other."""
+    started = load(runs, layout)["reductions_started_before_finalize"]
+    assert len(started) == (2 if layout.startswith("dp2") else 4)
+    assert all(all(buckets) for buckets in started), started
+    assert len(started[0]) > 2, started
 
 
 def test_untied_embeddings_through_the_pipeline(runs):

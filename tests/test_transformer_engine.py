@@ -130,14 +130,14 @@ def test_fp8_parameters_are_updated_by_the_distributed_optimizer(one_rank, tmp_p
     distributed optimizer writes its updated main weights only when DDP was told (fp8_param_gather, as
     Megatron-LM's --fp8-param-gather does): without it those weights never changed. The model's config
     says so (fp8_param); FP8 itself needs a GPU with TE, so its flags are set on a bf16 CPU model here."""
-    from opsdc_megatron.config import TrainConfig
+    from opsdc_megatron.config import ParallelConfig, TrainConfig
     from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
     from opsdc_megatron.train.step import wrap_for_training
     from tests.tiny_models import save_tiny_model
 
     model = build_gpt_model(load_hf_config(save_tiny_model("qwen3_untied", tmp_path / "hf")), 1)
     model.config.fp8, model.config.fp8_recipe, model.config.fp8_param = "hybrid", "delayed", True
-    ddps, optimizer = wrap_for_training([model], TrainConfig(), distributed_optimizer=True)
+    ddps, optimizer = wrap_for_training([model], TrainConfig(), ParallelConfig(distributed_optimizer=True))
     assert ddps[0].ddp_config.fp8_param_gather and optimizer.config.fp8_recipe == "delayed"
 
 

@@ -60,7 +60,7 @@ def build_training_model(
         load_model_weights(Path(megatron_checkpoint), student)
     else:
         load_hf_weights(student, hf_path)
-    ddps, optimizer = wrap_for_training(student, train, parallel.distributed_optimizer)
+    ddps, optimizer = wrap_for_training(student, train, parallel)
     teacher_chunks = build_model_chunks(hf_config, *sizes, **(model_options or {}), empty_on_host=teacher_offload)
     teacher = TeacherSnapshot(torch.nn.ModuleList(teacher_chunks), teacher_refresh_every, teacher_offload, not fused_output_layer)
     teacher.copy_from(torch.nn.ModuleList(student))

@@ -17,16 +17,17 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from opsdc_megatron.config import TrainConfig
+from opsdc_megatron.config import ParallelConfig, TrainConfig
 from opsdc_megatron.distill.batch import MicroBatch
 from opsdc_megatron.distill.stage import DistillStage
 
 
 def wrap_for_training(
-    chunks: list[torch.nn.Module], train: TrainConfig, distributed_optimizer: bool
+    chunks: list[torch.nn.Module], train: TrainConfig, parallel: ParallelConfig
 ) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
-    """megatron-core DDP per model chunk (gradients reduced in fp32 over data-parallel ranks) and AdamW,
-    optionally megatron's DistributedOptimizer (state sharded over data-parallel ranks).
+    """megatron-core DDP per model chunk (gradients reduced in fp32 over data-parallel ranks, optionally
+    overlapped with the backward) and AdamW, optionally megatron's DistributedOptimizer (state sharded
+    over data-parallel ranks).
 
     The chunks are used as built (params already in their training dtype); Float16Module is not used
     because it would cast the vocabulary-sized logits to fp32, which the divergence does not need.
@@ -41,13 +42,20 @@ def wrap_for_training(
     # optimizer writes its updated main weights back into them only with DDP's fp8_param_gather (Megatron-LM's
     # --fp8-param-gather sets both); without it the FP8 GEMM weights never changed.
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer, fp8_param_gather=config.fp8_param
+        grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce, bucket_size=parallel.grad_reduce_bucket_elements,
+        use_distributed_optimizer=parallel.distributed_optimizer, fp8_param_gather=config.fp8_param,
     )
     # Buckets only for the first chunk, as megatron's own get_model does.
     ddps = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
         for index, chunk in enumerate(chunks)
     ]
+    # With overlap the schedules, which run DistillStages and not DDPs, must be told how to hold the
+    # reductions back until the last micro-batch (no_sync) and, with pipeline stages, how to start them
+    # then (grad_sync: Megatron-LM's --align-grad-reduce); finalize_model_grads waits for them.
+    overlap = parallel.overlap_grad_reduce
+    config.no_sync_func = _one_or_list([ddp.no_sync for ddp in ddps]) if overlap else None
+    config.grad_sync_func = _one_or_list([ddp.start_grad_sync for ddp in ddps]) if overlap else None
     # The schedules hand finalize_model_grads the chunks they ran (DistillStages); it needs the DDPs.
     config.finalize_model_grads_func = partial(_finalize_student_grads, ddps)
     optimizer = get_megatron_optimizer(
@@ -62,13 +70,18 @@ def wrap_for_training(
             clip_grad=train.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=distributed_optimizer,
+            use_distributed_optimizer=parallel.distributed_optimizer,
             fp8_recipe=config.fp8_recipe if config.fp8 else None,
         ),
         ddps,
     )
     apply_optimizer_settings(optimizer, train)
     return ddps, optimizer
+
+
+def _one_or_list(functions: list[Callable]) -> Callable | list[Callable]:
+    """What megatron's schedules take: one function for one model chunk, a list for interleaved chunks."""
+    return functions[0] if len(functions) == 1 else functions
 
 
 def apply_optimizer_settings(optimizer: MegatronOptimizer, train: TrainConfig) -> None:

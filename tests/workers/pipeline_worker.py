@@ -4,10 +4,12 @@ Usage:
   python pipeline_worker.py OUT reference    tiny HF Qwen3 folders, then TP1 PP1 DP1 in this one process,
                                              also with the same tokens split into micro-batches of 1 and
                                              of 4 sequences and packed by a token budget; the untied model
-  torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not, packed), TP2,
+  torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not, packed, gradient
+                                                            reduction overlapped with backward or not), TP2,
                                                             PP2 (1F1B), PP2 interleaved, resume, the
                                                             teacher streamed from host memory (TP2, PP2 interleaved)
-  torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout
+  torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout, PP2 (1F1B
+                                                            and interleaved) x DP2 with overlapped reduction
 
 Every layout runs the same OPSDC steps (teacher and student forwards through megatron's schedules,
 exact reverse KL, AdamW) on the same 8 rollouts and writes, from global rank 0, its per-step losses
@@ -41,6 +43,7 @@ STEPS = 2
 SEQUENCES = 8
 INSTRUCTION = [7, 8, 9]
 PACKED_MICRO_BATCH_TOKENS = 100  # student + teacher tokens: 1 to 3 of these rollouts per micro-batch
+OVERLAP_BUCKET_ELEMENTS = 10_000  # a few of the first chunk's parameters per bucket: several buckets
 # A first Adam step moves each weight by lr * g / (|g| + eps); eps = 1e-6 keeps fp32
 # reduction-order noise in near-zero gradients below the comparison tolerance.
 TRAIN = TrainConfig(lr=1e-3, weight_decay=0.01, adam_eps=1e-6, clip_grad=1.0)
@@ -91,9 +94,11 @@ def log(message: str) -> None:
 def run_layout(
     out: Path, name: str, tp: int, pp: int, vp: int = 1, micro_batch_sequences: int = 2,
     save_after_step_1: str | None = None, resume_from: str | None = None, model_name: str = "tied",
-    distributed_optimizer: bool = False, micro_batch_tokens: int = 0, teacher_offload: bool = False,
+    distributed_optimizer: bool = False, micro_batch_tokens: int = 0, teacher_offload: bool = False, overlap_grad_reduce: bool = False,
 ) -> None:
-    """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights)."""
+    """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights; with
+    `overlap_grad_reduce`, in small buckets, also which buckets each rank's last step had started reducing
+    before finalize_model_grads)."""
     init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
     try:
         dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -101,9 +106,20 @@ def run_layout(
         model = build_training_model(
             Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(
                 tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp,
-                data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer,
+                data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer, overlap_grad_reduce=overlap_grad_reduce,
+                grad_reduce_bucket_elements=OVERLAP_BUCKET_ELEMENTS if overlap_grad_reduce else None,
             ), torch.float32, TRAIN, 0, teacher_offload=teacher_offload,
         )
+        started_before_finalize = []
+        if overlap_grad_reduce:
+            config = model.student[0].config
+            finalize = config.finalize_model_grads_func
+
+            def finalize_recording_started_reductions(*args, **kwargs):
+                started_before_finalize.append([group.grad_reduce_handle is not None for ddp in model.ddps for group in ddp.bucket_groups])
+                return finalize(*args, **kwargs)
+
+            config.finalize_model_grads_func = finalize_recording_started_reductions
         micro_batches = micro_batches_for_rank(
             rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5), dp_rank, dp_size, micro_batch_sequences,
             micro_batch_tokens, PAD, interleaved_pipeline_size=pp if vp > 1 else 0,
@@ -120,8 +136,10 @@ def run_layout(
                 state = {"step": 1, "teacher_age_steps": model.teacher.age_steps}
                 save_checkpoint(out / save_after_step_1, 1, model.ddps, model.optimizer, model.teacher, state, keep_last=1)
         weights = export_hf_state_dict(model.student, keep=dist.get_rank() == 0)  # the other ranks hold no copy
+        started = [None] * dist.get_world_size()
+        dist.all_gather_object(started, started_before_finalize[-1] if started_before_finalize else None)
         if dist.get_rank() == 0:
-            torch.save({"losses": losses, "weights": weights}, out / f"{name}.pt")
+            torch.save({"losses": losses, "weights": weights, "reductions_started_before_finalize": started}, out / f"{name}.pt")
         elif weights:
             raise AssertionError(f"rank {dist.get_rank()} kept {len(weights)} exported tensors with keep=False")
         log(f"{name}: losses {losses}")
@@ -196,6 +214,8 @@ def main() -> None:
             run_layout(out, "dp2_packed", 1, 1, micro_batch_tokens=PACKED_MICRO_BATCH_TOKENS)
             run_layout(out, "dp2_distributed_optimizer", 1, 1, distributed_optimizer=True, save_after_step_1="ckpt_dp2_distributed")
             run_layout(out, "dp2_distributed_optimizer_resumed", 1, 1, distributed_optimizer=True, resume_from="ckpt_dp2_distributed")
+            run_layout(out, "dp2_overlap", 1, 1, overlap_grad_reduce=True)
+            run_layout(out, "dp2_distributed_optimizer_overlap", 1, 1, distributed_optimizer=True, overlap_grad_reduce=True)
             run_layout(out, "tp2", 2, 1)
             run_layout(out, "pp2", 1, 2, save_after_step_1="ckpt_pp2")
             run_layout(out, "pp2_interleaved", 1, 2, vp=2, save_after_step_1="ckpt_pp2_interleaved")
@@ -206,6 +226,8 @@ def main() -> None:
             measure_teacher_memory(out)
         elif mode == "four":
             run_layout(out, "tp2_pp2", 2, 2)
+            run_layout(out, "pp2_dp2_overlap", 1, 2, overlap_grad_reduce=True)
+            run_layout(out, "pp2_interleaved_dp2_overlap", 1, 2, vp=2, micro_batch_sequences=1, overlap_grad_reduce=True)
             run_layout(out, "tp2_pp2_from_pp2_interleaved", 2, 2, resume_from="ckpt_pp2_interleaved")
         else:
             raise SystemExit(f"unknown mode {mode!r}")
