@@ -87,11 +87,14 @@ def sbatch(
     proc = subprocess.run(command, cwd=submit_dir, env=dict(env, **(extra_env or {})), capture_output=True, text=True, timeout=120)
     job = proc.stdout.strip().split(";")[0]
     assert proc.returncode == 0 and job, f"sbatch refused {script}: {proc.stderr}"
-    if not wait:
-        return 0, job
-    wait_until(lambda: job_field(env, job, "JobState") in ENDED, f"job {job} ({script}) to end", timeout_s=900, poll_s=0.5)
+    return (exit_status(env, job) if wait else 0), job
+
+
+def exit_status(env: dict, job: str) -> int:
+    """The job's exit status once it has ended (polling scontrol every 0.5 s)."""
+    wait_until(lambda: job_field(env, job, "JobState") in ENDED, f"job {job} to end", timeout_s=900, poll_s=0.5)
     status, killed_by = map(int, job_field(env, job, "ExitCode").split(":"))
-    return (1 if killed_by else status), job
+    return 1 if killed_by else status
 
 
 def job_field(env: dict, job: str, name: str) -> str:
@@ -495,26 +498,7 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
 
 
 def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
-    # More GPUs than the allocation: the 8B script's 2 nodes, a recipe asking for 1 rollout + 2 trainer nodes.
-    status, job = sbatch(cluster, "qwen3_8b.sbatch", tmp_path / "gpus.log", f"out_dir={tmp_path / 'gpus'}",
-                         "slurm.trainer_nodes=2", "parallel.data_parallel_size=4")
-    text = (tmp_path / "gpus.log").read_text()
-    assert status == 2, text
-    assert ("the recipe needs 1 rollout + 2 trainer node(s) with 8 GPUs each, but this allocation has 2 node(s) "
-            "(SLURM_JOB_NUM_NODES); submit with --nodes=3") in text
-    assert "FAILED before starting anything" in text and "would run" not in text
-    # A missing model folder: the toy script stops at its first check.
-    status, job = sbatch(cluster, "toy_cpu.sbatch", tmp_path / "model.log", *toy_overrides(toy, tmp_path / "model", "model.hf_path=/nonexistent/Qwen3-8B"))
-    text = (tmp_path / "model.log").read_text()
-    assert status == 2, text
-    assert "model.hf_path: /nonexistent/Qwen3-8B has no config.json" in text
-    assert not (tmp_path / "model" / "slurm_logs").exists()
-    # No SGLang environment for the server step: refused before the server step starts.
-    status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "sglang.log", *toy_overrides(toy, tmp_path / "sglang", "rollout.sglang.python=/nonexistent/python"))
-    text = (tmp_path / "sglang.log").read_text()
-    assert status == 2, text
-    assert "rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in text and "would run" not in text
-    assert not (tmp_path / "sglang" / "slurm_logs").exists()
+    """Four refused jobs, submitted together (each spends most of its time importing in its checks)."""
     # Another job's server on this job's ports (job ids 20 apart share them): it answered the health wait and
     # served this job's trainer. An answering server at every shift: the job stops before its server step.
     import http.server
@@ -529,14 +513,37 @@ def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
     for squatter in squatters:
         threading.Thread(target=squatter.serve_forever, daemon=True).start()
     try:
-        status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "taken.log", *toy_overrides(toy, tmp_path / "taken", f"rollout.sglang.base_port={port}"))
+        jobs = {
+            # More GPUs than the allocation: the 8B script's 2 nodes, a recipe asking for 1 rollout + 2 trainer nodes.
+            "gpus": sbatch(cluster, "qwen3_8b.sbatch", tmp_path / "gpus.log", f"out_dir={tmp_path / 'gpus'}",
+                           "slurm.trainer_nodes=2", "parallel.data_parallel_size=4", wait=False)[1],
+            # A missing model folder: the toy script stops at its first check.
+            "model": sbatch(cluster, "toy_cpu.sbatch", tmp_path / "model.log",
+                            *toy_overrides(toy, tmp_path / "model", "model.hf_path=/nonexistent/Qwen3-8B"), wait=False)[1],
+            # No SGLang environment for the server step: refused before the server step starts.
+            "sglang": sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "sglang.log",
+                             *toy_overrides(toy, tmp_path / "sglang", "rollout.sglang.python=/nonexistent/python"), wait=False)[1],
+            "taken": sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "taken.log",
+                            *toy_overrides(toy, tmp_path / "taken", f"rollout.sglang.base_port={port}"), wait=False)[1],
+        }
+        status = {name: exit_status(cluster, job) for name, job in jobs.items()}
     finally:
         for squatter in squatters:
             squatter.shutdown()
             squatter.server_close()
-    text = (tmp_path / "taken.log").read_text()
-    assert status == 1 and "answers before this job started its servers: another job's server on that port" in text, text[-3000:]
-    assert "rollout servers ready" not in text and not list((tmp_path / "taken").glob("slurm_logs/*/sglang_servers.log")), text[-3000:]
+    text = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
+    assert status["gpus"] == 2, text["gpus"]
+    assert ("the recipe needs 1 rollout + 2 trainer node(s) with 8 GPUs each, but this allocation has 2 node(s) "
+            "(SLURM_JOB_NUM_NODES); submit with --nodes=3") in text["gpus"]
+    assert "FAILED before starting anything" in text["gpus"] and "would run" not in text["gpus"]
+    assert status["model"] == 2, text["model"]
+    assert "model.hf_path: /nonexistent/Qwen3-8B has no config.json" in text["model"]
+    assert not (tmp_path / "model" / "slurm_logs").exists()
+    assert status["sglang"] == 2, text["sglang"]
+    assert "rollout.sglang.python: SGLang interpreter /nonexistent/python not found" in text["sglang"] and "would run" not in text["sglang"]
+    assert not (tmp_path / "sglang" / "slurm_logs").exists()
+    assert status["taken"] == 1 and "answers before this job started its servers: another job's server on that port" in text["taken"], text["taken"][-3000:]
+    assert "rollout servers ready" not in text["taken"] and not list((tmp_path / "taken").glob("slurm_logs/*/sglang_servers.log")), text["taken"][-3000:]
 
 
 def test_launcher_refuses_bad_inputs_before_submitting(cluster, toy, tmp_path):
