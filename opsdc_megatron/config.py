@@ -71,6 +71,11 @@ class ParallelConfig:
     DistributedOptimizer); gradients are then reduce-scattered and weights all-gathered. Its
     checkpoints resume at another data-parallel size but not at other tensor/pipeline sizes
     (train/checkpoint.py)."""
+    sequence_parallel: bool = False
+    """Split the activations outside the tensor-parallel matmuls (norms, residual adds) along the sequence
+    over the tensor-parallel ranks (Megatron-LM's --sequence-parallel): their memory / TP, an all-gather and a
+    reduce-scatter in place of each all-reduce. Needs tensor_parallel_size > 1; each micro-batch stream is
+    padded to a multiple of tensor_parallel_size tokens."""
     overlap_grad_reduce: bool = False
     """Reduce (or reduce-scatter) the gradients bucket by bucket while the last micro-batch's backward
     still runs, instead of all at once after it (megatron DDP's overlap_grad_reduce, Megatron-LM's
@@ -388,6 +393,14 @@ def _escaped(value):
     return [_escaped(item) for item in value] if isinstance(value, list) else value
 
 
+def stream_token_multiple(config: RunConfig) -> int:
+    """What each micro-batch stream's token count must be a multiple of (distill/batch.py): Transformer
+    Engine's FP8 GEMM alignment, and with sequence parallelism the tensor-parallel size (every rank holds
+    an equal slice of the sequence)."""
+    sequence_shards = config.parallel.tensor_parallel_size if config.parallel.sequence_parallel else 1
+    return math.lcm(fp8_token_multiple(config.model.fp8), sequence_shards)
+
+
 def validate(config: RunConfig) -> None:
     """Checks that need no model or process group; raises ConfigError naming the key."""
     p, t = config.parallel, config.train
@@ -476,6 +489,8 @@ def validate(config: RunConfig) -> None:
             f"interleaved schedule runs all of the first stage's micro-batches in warm-up, and its exchanges "
             f"between stages then deadlock on gloo (measured at 2 stages)"
         )
+    if p.sequence_parallel and p.tensor_parallel_size == 1:
+        raise ConfigError("parallel.sequence_parallel splits the sequence over tensor-parallel ranks: it needs parallel.tensor_parallel_size > 1, got 1")
     if p.grad_reduce_bucket_elements is not None and (not p.overlap_grad_reduce or p.grad_reduce_bucket_elements < 1):
         raise ConfigError(
             f"parallel.grad_reduce_bucket_elements must be null or >= 1 with parallel.overlap_grad_reduce=true (without "
@@ -509,12 +524,12 @@ def validate(config: RunConfig) -> None:
             f"model.fp8 runs in Transformer Engine's layers: model.attention_backend must be te or auto, got "
             f"{config.model.attention_backend!r} (megatron's own layers would compute in {config.model.params_dtype} under FP8's padding)"
         )
-    multiple = fp8_token_multiple(config.model.fp8)
+    multiple = stream_token_multiple(config)
     rounded = 2 * -(-(longest_sequence // 2) // multiple) * multiple  # each of the two streams rounded up
     if 0 < t.micro_batch_tokens < rounded:
         raise ConfigError(
-            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold the longest sequence with FP8, whose GEMMs "
-            f"take each stream's tokens in multiples of {multiple}: 2 x round_up(data.max_prompt_tokens + "
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold the longest sequence with each stream's tokens "
+            f"in multiples of {multiple} (FP8's GEMMs, sequence-parallel slices): 2 x round_up(data.max_prompt_tokens + "
             f"rollout.max_response_tokens, {multiple}) = {rounded}"
         )
     if config.rollout.engine not in ("hf", "sglang"):

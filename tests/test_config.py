@@ -57,6 +57,12 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
          "distill.teacher_offload does not support model.fp8.param_gather"),
         ("out_dir: x\n", ["model.fp8.format=hybrid", "model.fp8.param_gather=true"],
          "model.fp8.param_gather needs parallel.distributed_optimizer=true"),
+        ("out_dir: x\n", ["parallel.sequence_parallel=true", "parallel.tensor_parallel_size=1"],
+         "parallel.sequence_parallel splits the sequence over tensor-parallel ranks: it needs parallel.tensor_parallel_size > 1, got 1"),
+        # each stream padded to a multiple of TP = 2 under sequence parallelism: 2 x round_up(11 + 10, 2)
+        ("out_dir: x\n", ["parallel.sequence_parallel=true", "parallel.tensor_parallel_size=2", "data.max_prompt_tokens=11",
+                          "rollout.max_response_tokens=10", "train.micro_batch_tokens=42"],
+         "train.micro_batch_tokens \\(42\\) must hold the longest sequence with each stream's tokens in multiples of 2 .* = 44"),
         # megatron ignores the bucket size without overlap: one bucket
         ("out_dir: x\n", ["parallel.grad_reduce_bucket_elements=1000"],
          "parallel.grad_reduce_bucket_elements must be null or >= 1 with parallel.overlap_grad_reduce=true .* got 1000 with overlap_grad_reduce=False"),

@@ -278,6 +278,16 @@ def test_packed_micro_batches_match(setup, tp1_run):
     assert_same_run(tp1_run, packed)
 
 
+def test_sequence_parallel_packed_tp2_matches_tp1(setup, tp1_run):
+    """parallel.sequence_parallel at TP=2 with packed micro-batches: each stream padded to an even number of
+    tokens, half of them on each rank outside the tensor-parallel matmuls (tests/test_pipeline.py and
+    tests/test_packing.py compare more layouts at the model level)."""
+    sequence_parallel = train(setup, setup / "sequence_parallel", "train.steps=3", "parallel.tensor_parallel_size=2",
+                              "parallel.sequence_parallel=true", "model.attention_backend=sdpa", "train.micro_batch_tokens=2096",
+                              "eval.every_steps=0")
+    assert_same_run(tp1_run, sequence_parallel)
+
+
 def test_teacher_offload_matches(setup, tp1_run):
     """distill.teacher_offload=true (the teacher streamed from host memory, refreshed at step 2,
     saved in checkpoints from host memory) gives the TP=1 run's numbers exactly. Loading the host

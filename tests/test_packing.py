@@ -1,5 +1,5 @@
 """Packed (thd) micro-batches give the padded ones' per-token losses, gradients and weights, with the
-sdpa attention backend, at TP2, TP1 x DP2, PP2 (1F1B) and PP2 interleaved: one 2-process launch
+sdpa attention backend, at TP2 (also sequence-parallel), TP1 x DP2, PP2 (1F1B) and PP2 interleaved: one 2-process launch
 (tests/workers/packing_worker.py). The Transformer Engine backend: tests/gpu/test_packing_gpu.py."""
 
 import pytest
@@ -55,6 +55,14 @@ def test_packed_optimizer_steps_equal_padded(runs, layout):
 def test_packed_fused_output_layer_equals_padded(runs):
     results = torch.load(runs / "tp2.pt")
     assert_same_steps(results["padded"], results["packed_fused_output_layer"])
+
+
+@pytest.mark.parametrize("layout", ["packed_sequence_parallel", "packed_fused_output_layer_sequence_parallel"])
+def test_sequence_parallel_packed_equals_padded(runs, layout):
+    """parallel.sequence_parallel at TP2: each rank embeds, normalizes and adds the residuals of half of
+    each packed stream's tokens; the output layer (unfused or fused with the KL) sees them all."""
+    results = torch.load(runs / "tp2.pt")
+    assert_same_steps(results["padded"], results[layout])
 
 
 @pytest.mark.parametrize("layout", ["padded_aligned", "packed_aligned"])

@@ -3,8 +3,9 @@ the teacher's memory on the last pipeline stage does not grow with the number of
 
 Three launches (tests/workers/pipeline_worker.py): one plain process (TP1 reference, other
 micro-batch splits), 2 processes (DP2 with and without megatron's distributed optimizer and gradient reduction
-overlapped with backward, TP2, PP2 1F1B, PP2 interleaved with 2 virtual stages, resume, memory) and 4 processes
-(TP2 x PP2, resume from a 2-process interleaved checkpoint, PP2 x DP2 with overlapped reduction).
+overlapped with backward, TP2 with and without sequence parallelism, PP2 1F1B, PP2 interleaved with 2 virtual
+stages, resume, memory) and 4 processes (TP2 x PP2, resume from a 2-process interleaved checkpoint, PP2 x DP2 with
+overlapped reduction, TP2 x PP2 interleaved sequence-parallel).
 Each layout runs 2 optimizer steps on the same 8 rollouts of varied lengths.
 """
 
@@ -50,6 +51,7 @@ def assert_same(reference, other, steps=(1, 2)):
 
 @pytest.mark.parametrize("layout", [
     "tp2", "pp2", "pp2_interleaved", "dp2", "dp2_distributed_optimizer", "tp2_pp2",
+    "tp2_sequence_parallel", "tp2_pp2_interleaved_sequence_parallel",  # parallel.sequence_parallel, padded rows
     "tp2_teacher_offload", "pp2_interleaved_teacher_offload",  # distill.teacher_offload: each rank streams its shards and chunks
     *OVERLAP_LAYOUTS,
 ])

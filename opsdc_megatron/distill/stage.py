@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.utils import get_attr_wrapped_model
 from torch.autograd.function import once_differentiable
 
@@ -57,9 +58,22 @@ def _output_layer_replaced(gpt: GPTModel, forward: Callable) -> Iterator[None]:
         del gpt.output_layer.forward
 
 
-def _bypass(hidden: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-    """An output layer that returns its input: GPTModel.forward then returns the final hidden states."""
-    return hidden, None
+def _whole_sequence(hidden: torch.Tensor, config) -> torch.Tensor:
+    """The final hidden states ``[s, b, H]`` of the whole sequence: under sequence parallelism each
+    tensor-parallel rank holds a slice of it, gathered here. Backward gives each rank its slice of the
+    gradient, which the caller must have summed over the tensor-parallel ranks (each output layer shard
+    contributes to it: `copy_to_tensor_model_parallel_region`, as ColumnParallelLinear does)."""
+    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False) if config.sequence_parallel else hidden
+
+
+def _bypass_for(gpt: GPTModel) -> Callable:
+    """An output layer that returns its input (of the whole sequence): GPTModel.forward then returns the
+    final hidden states."""
+
+    def bypass(hidden: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return _whole_sequence(hidden, gpt.config), None
+
+    return bypass
 
 
 def response_logits(model: torch.nn.Module, inputs: dict, logit_index: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -76,17 +90,34 @@ def response_logits(model: torch.nn.Module, inputs: dict, logit_index: torch.Ten
     padding = padding_vocab_slice(vocab_size)
 
     def output_layer_at_responses(hidden: torch.Tensor, *args, **kwargs):
+        hidden = _whole_sequence(hidden, gpt.config)
         rows = torch.arange(hidden.shape[1], device=hidden.device)[:, None]
         # As [sequences x response tokens, 1, H]: GPTModel's [s, b] -> [b, s] transpose of the
         # logits (and its backward) is then free, not a copy of them.
         picked = hidden[logit_index, rows].flatten(0, 1).unsqueeze(1)
-        logits, bias = output_forward(picked, *args, **kwargs)
+        # The picked rows are whole already: under sequence parallelism the layer must not gather them
+        # again, and then it all-reduces their gradient over the tensor-parallel ranks itself.
+        with _sequence_parallel_off(gpt.output_layer):
+            logits, bias = output_forward(picked, *args, **kwargs)
         if padding.start < padding.stop:  # this rank's shard has padding columns
             logits = _VocabPaddingToMinusInf.apply(logits, padding)
         return logits, bias
 
     with _output_layer_replaced(gpt, output_layer_at_responses):
         return model(**inputs).view(*logit_index.shape, -1)
+
+
+@contextmanager
+def _sequence_parallel_off(layer: torch.nn.Module) -> Iterator[None]:
+    """megatron's ColumnParallelLinear with sequence parallelism off for one call: its input is not
+    gathered along the sequence, and (allreduce_dgrad being off under sequence parallelism) its forward
+    passes it through copy_to_tensor_model_parallel_region, whose backward all-reduces the gradient."""
+    sequence_parallel = layer.sequence_parallel
+    layer.sequence_parallel = False
+    try:
+        yield
+    finally:
+        layer.sequence_parallel = sequence_parallel
 
 
 class _VocabPaddingToMinusInf(torch.autograd.Function):
@@ -144,6 +175,8 @@ class DistillStage(torch.nn.Module):
         self.vocab_size = vocab_size
         self.fused_output_layer = fused_output_layer
         self.is_last_stage: bool = get_attr_wrapped_model(student, "post_process")
+        # Under sequence parallelism each rank's stream holds its slice of each half's tokens.
+        self.sequence_shards = teacher.config.tensor_model_parallel_size if teacher.config.sequence_parallel else 1
         self._received: torch.Tensor | None = None
 
     def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor | None] | None) -> None:
@@ -159,7 +192,7 @@ class DistillStage(torch.nn.Module):
 
     def forward(self, batch: MicroBatch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self._received is not None:  # not the first stage: split the stream back into its halves
-            student_length = batch.student_tokens.shape[1]
+            student_length = batch.student_tokens.shape[1] // self.sequence_shards
             get_attr_wrapped_model(self.module, "set_input_tensor")(self._received[:student_length])
             self.teacher.set_input_tensor(self._received[student_length:].detach())
         if self.is_last_stage and self.fused_output_layer:
@@ -176,9 +209,9 @@ class DistillStage(torch.nn.Module):
 
     def _fused_outputs(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         student_gpt = get_attr_wrapped_model(self.module, "output_layer", return_model_obj=True)
-        with torch.no_grad(), _output_layer_replaced(self.teacher, _bypass):
+        with torch.no_grad(), _output_layer_replaced(self.teacher, _bypass_for(self.teacher)):
             teacher_hidden = self.teacher(**_stream_inputs(batch, "teacher"))
-        with _output_layer_replaced(student_gpt, _bypass):
+        with _output_layer_replaced(student_gpt, _bypass_for(student_gpt)):
             student_hidden = self.module(**_stream_inputs(batch, "student"))
         teacher_weight = output_weight(self.teacher)
         if self.teacher_stream is not None:

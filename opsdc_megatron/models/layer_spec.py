@@ -49,6 +49,18 @@ def supports_packed_sequences(attention_backend: str) -> bool:
     return resolve_attention_backend(attention_backend) in PACKED_SEQUENCE_BACKENDS
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm built from a TransformerConfig, as megatron's WrappedTorchNorm builds it for the
+    local layer, but also under sequence parallelism, which WrappedTorchNorm refuses. There each
+    tensor-parallel rank normalizes its own slice of the sequence, so the weight's gradient is partial;
+    the ``sequence_parallel`` mark makes megatron's finalize_model_grads all-reduce it over the
+    tensor-parallel group, as Transformer Engine's norms are marked."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def gpt_layer_spec(attention_backend: str = "auto", qk_layernorm: bool = True) -> ModuleSpec:
     """The layer spec for RMSNorm decoders (QK-norm for Qwen3) with the chosen attention backend."""
     backend = resolve_attention_backend(attention_backend)
@@ -56,10 +68,13 @@ def gpt_layer_spec(attention_backend: str = "auto", qk_layernorm: bool = True) -
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm"))
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
     if backend == "sdpa":
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        attention.core_attention = SDPAttention
     return spec
 
 

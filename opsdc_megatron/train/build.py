@@ -55,13 +55,14 @@ def build_training_model(
     options (attention backend, FP8, activation recompute). `teacher_offload`: the teacher is built
     in host memory and streamed to the device layer by layer (distill/teacher_offload.py)."""
     sizes = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, params_dtype, parallel.virtual_pipeline_chunks)
-    student = build_model_chunks(hf_config, *sizes, **(model_options or {}))
+    model_options = dict(model_options or {}, sequence_parallel=parallel.sequence_parallel)
+    student = build_model_chunks(hf_config, *sizes, **model_options)
     if megatron_checkpoint:
         load_model_weights(Path(megatron_checkpoint), student)
     else:
         load_hf_weights(student, hf_path)
     ddps, optimizer = wrap_for_training(student, train, parallel)
-    teacher_chunks = build_model_chunks(hf_config, *sizes, **(model_options or {}), empty_on_host=teacher_offload)
+    teacher_chunks = build_model_chunks(hf_config, *sizes, **model_options, empty_on_host=teacher_offload)
     teacher = TeacherSnapshot(torch.nn.ModuleList(teacher_chunks), teacher_refresh_every, teacher_offload, not fused_output_layer)
     teacher.copy_from(torch.nn.ModuleList(student))
     stages = [

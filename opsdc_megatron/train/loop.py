@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from transformers import AutoConfig
 
-from opsdc_megatron.config import ConfigError, RunConfig, read_saved_config, to_yaml
+from opsdc_megatron.config import ConfigError, RunConfig, read_saved_config, stream_token_multiple, to_yaml
 from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.eval.evaluate import evaluate
@@ -30,7 +30,6 @@ from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import save_hf_folder
 from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
-from opsdc_megatron.models.transformer_engine import fp8_token_multiple
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
@@ -101,7 +100,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     block = config.rollout.generation_batch_prompts
     packed = supports_packed_sequences(config.model.attention_backend)  # with train.micro_batch_tokens
     interleaved_pipeline_size = config.parallel.pipeline_parallel_size if len(model.stages) > 1 else 0
-    token_multiple = fp8_token_multiple(config.model.fp8)
+    token_multiple = stream_token_multiple(config)
 
     checkpoints = out / "checkpoints"
     resume_from = resume_point(out, config.checkpoint.resume, config.train.steps)

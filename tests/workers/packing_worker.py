@@ -56,6 +56,7 @@ def per_token_divergence(stage, sequences, packed: bool) -> torch.Tensor:
 
 def run(
     out: Path, name: str, tp: int, pp: int, packed: bool, fused_output_layer: bool = False, vp: int = 1, token_multiple: int = 1,
+    sequence_parallel: bool = False,
 ) -> dict:
     """Per-token divergences (PP=1), then STEPS optimizer steps, from the initial weights."""
     init_distributed(tp, pp, seed=0, virtual_pipeline_chunks=vp)
@@ -64,12 +65,13 @@ def run(
         hf_dir = out / "tied"
         model = build_training_model(
             Qwen3Config.from_pretrained(hf_dir), str(hf_dir),
-            ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp, data_parallel_size=dp_size),
+            ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp, data_parallel_size=dp_size,
+                           sequence_parallel=sequence_parallel),
             torch.float32, TRAIN, 0, model_options={"attention_backend": "sdpa"}, fused_output_layer=fused_output_layer,
         )
         sequences = rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5)
         result = {}
-        if pp == 1 and not fused_output_layer:
+        if pp == 1 and not fused_output_layer and not sequence_parallel:
             result["per_token"] = per_token_divergence(model.stages[0], sequences, packed)
         interleaved_pipeline_size = pp if vp > 1 else 0
         budget = INTERLEAVED_MICRO_BATCH_TOKENS if interleaved_pipeline_size else MICRO_BATCH_TOKENS
@@ -104,6 +106,11 @@ def main() -> None:
                        "packed": run(out, f"{layout} packed", tp, pp, packed=True)}
             if layout == "tp2":
                 results["packed_fused_output_layer"] = run(out, f"{layout} packed fused", tp, pp, True, fused_output_layer=True)
+                for fused in (False, True):  # streams padded to a multiple of TP: each rank holds half of the tokens
+                    results[f"packed{'_fused_output_layer' if fused else ''}_sequence_parallel"] = run(
+                        out, f"{layout} packed{' fused' if fused else ''} sequence-parallel", tp, pp, True, fused_output_layer=fused,
+                        token_multiple=tp, sequence_parallel=True,
+                    )
                 for packed in (False, True):
                     results[f"{'packed' if packed else 'padded'}_aligned"] = run(
                         out, f"{layout} {'packed' if packed else 'padded'} aligned to 16", tp, pp, packed, token_multiple=16,

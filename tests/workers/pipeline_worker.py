@@ -5,11 +5,13 @@ Usage:
                                              also with the same tokens split into micro-batches of 1 and
                                              of 4 sequences and packed by a token budget; the untied model
   torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not, packed, gradient
-                                                            reduction overlapped with backward or not), TP2,
+                                                            reduction overlapped with backward or not), TP2 (also
+                                                            sequence-parallel),
                                                             PP2 (1F1B), PP2 interleaved, resume, the
                                                             teacher streamed from host memory (TP2, PP2 interleaved)
   torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout, PP2 (1F1B
-                                                            and interleaved) x DP2 with overlapped reduction
+                                                            and interleaved) x DP2 with overlapped reduction,
+                                                            TP2 x PP2 interleaved sequence-parallel
 
 Every layout runs the same OPSDC steps (teacher and student forwards through megatron's schedules,
 exact reverse KL, AdamW) on the same 8 rollouts and writes, from global rank 0, its per-step losses
@@ -95,6 +97,7 @@ def run_layout(
     out: Path, name: str, tp: int, pp: int, vp: int = 1, micro_batch_sequences: int = 2,
     save_after_step_1: str | None = None, resume_from: str | None = None, model_name: str = "tied",
     distributed_optimizer: bool = False, micro_batch_tokens: int = 0, teacher_offload: bool = False, overlap_grad_reduce: bool = False,
+    sequence_parallel: bool = False,
 ) -> None:
     """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights; with
     `overlap_grad_reduce`, in small buckets, also which buckets each rank's last step had started reducing
@@ -107,7 +110,7 @@ def run_layout(
             Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(
                 tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp,
                 data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer, overlap_grad_reduce=overlap_grad_reduce,
-                grad_reduce_bucket_elements=OVERLAP_BUCKET_ELEMENTS if overlap_grad_reduce else None,
+                grad_reduce_bucket_elements=OVERLAP_BUCKET_ELEMENTS if overlap_grad_reduce else None, sequence_parallel=sequence_parallel,
             ), torch.float32, TRAIN, 0, teacher_offload=teacher_offload,
         )
         started_before_finalize = []
@@ -122,7 +125,7 @@ def run_layout(
             config.finalize_model_grads_func = finalize_recording_started_reductions
         micro_batches = micro_batches_for_rank(
             rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5), dp_rank, dp_size, micro_batch_sequences,
-            micro_batch_tokens, PAD, interleaved_pipeline_size=pp if vp > 1 else 0,
+            micro_batch_tokens, PAD, interleaved_pipeline_size=pp if vp > 1 else 0, token_multiple=tp if sequence_parallel else 1,
         )
         forward_step = make_forward_step("reverse_kl")
         losses = {}
@@ -217,6 +220,7 @@ def main() -> None:
             run_layout(out, "dp2_overlap", 1, 1, overlap_grad_reduce=True)
             run_layout(out, "dp2_distributed_optimizer_overlap", 1, 1, distributed_optimizer=True, overlap_grad_reduce=True)
             run_layout(out, "tp2", 2, 1)
+            run_layout(out, "tp2_sequence_parallel", 2, 1, sequence_parallel=True)
             run_layout(out, "pp2", 1, 2, save_after_step_1="ckpt_pp2")
             run_layout(out, "pp2_interleaved", 1, 2, vp=2, save_after_step_1="ckpt_pp2_interleaved")
             run_layout(out, "dp2_from_pp2", 1, 1, resume_from="ckpt_pp2")
@@ -226,6 +230,7 @@ def main() -> None:
             measure_teacher_memory(out)
         elif mode == "four":
             run_layout(out, "tp2_pp2", 2, 2)
+            run_layout(out, "tp2_pp2_interleaved_sequence_parallel", 2, 2, vp=2, micro_batch_sequences=1, sequence_parallel=True)
             run_layout(out, "pp2_dp2_overlap", 1, 2, overlap_grad_reduce=True)
             run_layout(out, "pp2_interleaved_dp2_overlap", 1, 2, vp=2, micro_batch_sequences=1, overlap_grad_reduce=True)
             run_layout(out, "tp2_pp2_from_pp2_interleaved", 2, 2, resume_from="ckpt_pp2_interleaved")

@@ -240,6 +240,7 @@ def build_gpt_model(
     attention_backend: str = "auto",
     fp8: FP8Config | None = None,
     activation_recompute: str = "none",
+    sequence_parallel: bool = False,
     empty_on_host: bool = False,
 ) -> GPTModel:
     """One megatron GPTModel chunk for a supported HF config (weights randomly initialised).
@@ -252,7 +253,8 @@ def build_gpt_model(
 
     ``attention_backend`` picks the layer (`layer_spec.gpt_layer_spec`: Transformer Engine's when it
     imports, else the local layer with torch SDPA attention); ``fp8`` needs Transformer Engine;
-    ``activation_recompute="full"`` keeps only each layer's input for backward. On a GPU megatron's
+    ``activation_recompute="full"`` keeps only each layer's input for backward; ``sequence_parallel``
+    splits the activations between the tensor-parallel matmuls along the sequence. On a GPU megatron's
     torch.compile'd SwiGLU is used. All parameters, norms included, are cast to ``params_dtype``
     (as megatron's Float16Module does) so bf16 RMSNorm runs torch's fused kernel.
     ``empty_on_host=True`` allocates the parameters in CPU memory and leaves them uninitialised: for
@@ -268,6 +270,8 @@ def build_gpt_model(
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif activation_recompute != "none":
         raise ValueError(f"activation_recompute: expected none or full, got {activation_recompute!r}")
+    if sequence_parallel:
+        overrides["sequence_parallel"] = True
     if torch.cuda.is_available():
         overrides["bias_activation_fusion"] = True
     if empty_on_host:
