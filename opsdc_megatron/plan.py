@@ -12,11 +12,12 @@ bench/ measurements check it). Per GPU, on the pipeline stage that holds the mos
 * gradients: megatron DDP's fp32 gradient buffer, 4 bytes per stage parameter;
 * optimizer: fp32 master weights and Adam's two moments, 12 bytes per stage parameter, sharded over
   DP by megatron's distributed optimizer;
-* activations: per layer and micro-batch ``s b H (10 + 24 / TP)`` bytes (Korthikanti et al. 2022,
-  without sequence parallelism, with flash/SDPA attention so no ``s x s`` scores), for the layers of
-  one stage times the micro-batches 1F1B keeps in flight there (``min(PP, micro-batches)``); with
-  full activation recomputation only each layer's bf16 input is kept (``2 s b H``) plus one layer's
-  activations while it is recomputed;
+* activations: per layer and micro-batch ``34 s b H / TP`` bytes with sequence parallelism
+  (``parallel.sequence_parallel``, on at TP > 1 unless ``--no-sequence-parallel``), else
+  ``s b H (10 + 24 / TP)`` (Korthikanti et al. 2022, with flash/SDPA attention so no ``s x s``
+  scores), for the layers of one stage times the micro-batches 1F1B keeps in flight there
+  (``min(PP, micro-batches)``); with full activation recomputation only each layer's bf16 input is
+  kept (``2 s b H``, / TP with sequence parallelism) plus one layer's activations while it is recomputed;
 * logits on the last stage: student and teacher logits and their gradient, ``3 s b V / TP`` bf16,
   plus the KL's fp32 blocks (0.2x); with the fused output layer 1/8 of one logits tensor plus the
   ``[s b, H]`` bf16 hidden-state gradient it computes in forward (the weight's goes into the fp32
@@ -101,6 +102,8 @@ class Workload:
     teacher_offload: bool = False
     recompute: bool = False
     """Full activation recomputation (megatron's recompute_granularity=full, uniform, 1 layer)."""
+    sequence_parallel: bool = True
+    """parallel.sequence_parallel wherever TP > 1 (it needs no more memory or communication volume)."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,11 @@ def estimate(model: ModelShape, work: Workload, tp: int, pp: int, dp: int) -> Pl
     stage_params = model.layers * model.layer_params / (tp * pp) + ends
     micro_batches = work.global_batch_prompts // dp // work.micro_batch_prompts
     tokens = work.seq_tokens * work.micro_batch_prompts
-    per_layer_activation = tokens * model.hidden * (10 + 24 / tp)
+    sequence_shards = tp if work.sequence_parallel else 1
+    per_layer_activation = tokens * model.hidden * (10 / sequence_shards + 24 / tp)
     in_flight_layers = (model.layers / pp) * min(pp, micro_batches)
     if work.recompute:
-        activations = 2 * tokens * model.hidden * in_flight_layers + per_layer_activation
+        activations = 2 * tokens * model.hidden / sequence_shards * in_flight_layers + per_layer_activation
     else:
         activations = per_layer_activation * in_flight_layers
     logits_shard = tokens * model.vocab / tp * 2
@@ -205,13 +209,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--micro-batch-prompts", type=int, default=2)
     plan.add_argument("--unfused-output-layer", action="store_true", help="estimate without distill.fused_output_layer")
     plan.add_argument("--teacher-offload", action="store_true", help="distill.teacher_offload: teacher weights in CPU memory, streamed to the GPU layer by layer")
+    plan.add_argument("--no-sequence-parallel", action="store_true", help="estimate without parallel.sequence_parallel")
     plan.set_defaults(handler=plan_command)
 
 
 def plan_command(args: argparse.Namespace) -> None:
     try:
         model = ModelShape.from_hf_config(args.model)
-        work = Workload(args.seq, args.global_batch_prompts, args.micro_batch_prompts, not args.unfused_output_layer, args.teacher_offload)
+        work = Workload(args.seq, args.global_batch_prompts, args.micro_batch_prompts, not args.unfused_output_layer, args.teacher_offload,
+                        sequence_parallel=not args.no_sequence_parallel)
         chosen, plans = choose(model, work, args.gpus, args.gpus_per_node, args.gpu_memory_gib)
     except (ValueError, FileNotFoundError) as error:
         print(f"opsdc plan: error: {error}", file=sys.stderr)
@@ -229,6 +235,7 @@ def plan_command(args: argparse.Namespace) -> None:
     # Every setting the estimate assumes: a recipe without one of them needs more memory than estimated.
     print(f"recipe: parallel.tensor_parallel_size={chosen.tp} parallel.pipeline_parallel_size={chosen.pp} "
           f"parallel.data_parallel_size={chosen.dp} parallel.distributed_optimizer=true "
+          f"parallel.sequence_parallel={str(work.sequence_parallel and chosen.tp > 1).lower()} "
           f"model.activation_recompute={'full' if chosen.recompute else 'none'} "
           f"distill.fused_output_layer={str(work.fused_output_layer).lower()} distill.teacher_offload={str(work.teacher_offload).lower()} "
           f"train.global_batch_prompts={work.global_batch_prompts} train.micro_batch_prompts={work.micro_batch_prompts}")

@@ -367,7 +367,7 @@ def test_token_budget_with_fp8_holds_the_longest_sequence_rounded_up_to_fp8_gemm
 
     monkeypatch.setattr(te, "guard_broken_transformer_engine", lambda: te.TransformerEngineStatus(True, ""))  # FP8 needs TE, absent here
     fp8 = ["model.fp8.format=hybrid", "data.max_prompt_tokens=100", "rollout.max_response_tokens=1001"]
-    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(2202\) must hold the longest sequence with FP8.* = 2208"):
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens \(2202\) must hold the longest sequence with each stream's tokens in multiples of 16 .* = 2208"):
         load_config(write(tmp_path, "out_dir: x\n"), [*fp8, "train.micro_batch_tokens=2202"])
     assert load_config(write(tmp_path, "out_dir: x\n"), [*fp8, "train.micro_batch_tokens=2208"]).train.micro_batch_tokens == 2208
 

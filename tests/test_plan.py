@@ -36,6 +36,10 @@ def test_memory_model_rules() -> None:
     assert unfused.memory_gib["logits"] > 5 * one.memory_gib["logits"]
     recomputed = estimate(model, Workload(9216, recompute=True), tp=4, pp=1, dp=2)
     assert recomputed.memory_gib["activations"] < one.memory_gib["activations"] / 4
+    # Sequence parallelism splits the 10 s b H outside the tensor-parallel matmuls too: (10 + 24) / 4 for 10 + 24 / 4
+    unsplit = estimate(model, Workload(9216, sequence_parallel=False), tp=4, pp=1, dp=2)
+    assert one.memory_gib["activations"] == pytest.approx(unsplit.memory_gib["activations"] * 8.5 / 16)
+    assert estimate(model, Workload(9216, sequence_parallel=False), tp=1, pp=1, dp=8) == estimate(model, work, tp=1, pp=1, dp=8)
 
 
 def test_pipeline_stage_rules() -> None:
@@ -55,11 +59,12 @@ def test_pipeline_stage_rules() -> None:
 
 
 def test_teacher_offload_lets_a_smaller_layout_fit() -> None:
-    """Qwen3-14B on 8 GPUs: nothing fits at TP=2 with a resident teacher; streamed, TP=2 x DP=4 does (with recompute)."""
+    """Qwen3-14B on 8 GPUs: with a resident teacher only TP=8 fits without recompute; streamed, TP=4 x DP=2 does.
+    (Without sequence parallelism: TP=4 x DP=2 and TP=2 x DP=4, both with recompute.)"""
     model = ModelShape.from_hf_config(MODELS / "qwen3-14b.json")
     resident, _ = choose(model, Workload(9216), 8, 8, H100_80GB_GIB)
     streamed, _ = choose(model, Workload(9216, teacher_offload=True), 8, 8, H100_80GB_GIB)
-    assert (resident.tp, resident.dp) == (4, 2) and (streamed.tp, streamed.pp, streamed.dp, streamed.recompute) == (2, 1, 4, True)
+    assert (resident.tp, resident.dp, resident.recompute) == (8, 1, False) and (streamed.tp, streamed.pp, streamed.dp, streamed.recompute) == (4, 1, 2, False)
     assert streamed.memory_gib["teacher"] < resident.memory_gib["teacher"] / 4
 
 
@@ -70,7 +75,7 @@ def test_choices_for_the_recipes_models() -> None:
         plan, _ = choose(ModelShape.from_hf_config(MODELS / f"qwen3-{name}.json"), Workload(9216), gpus, 8, H100_80GB_GIB)
         assert plan.total_gib <= H100_80GB_GIB
         chosen[name] = (plan.tp, plan.pp, plan.dp, plan.recompute)
-    assert chosen == {"8b": (4, 1, 4, False), "14b": (8, 1, 2, False), "32b": (8, 1, 2, True)}
+    assert chosen == {"8b": (4, 1, 4, False), "14b": (4, 1, 4, False), "32b": (8, 2, 1, False)}
 
 
 def test_cli_prints_the_table_and_the_recipe_line(capsys: pytest.CaptureFixture) -> None:
@@ -78,8 +83,12 @@ def test_cli_prints_the_table_and_the_recipe_line(capsys: pytest.CaptureFixture)
     assert status == 0, err
     assert "**chosen**" in out
     assert ("recipe: parallel.tensor_parallel_size=4 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=4 "
-            "parallel.distributed_optimizer=true model.activation_recompute=none distill.fused_output_layer=true "
+            "parallel.distributed_optimizer=true parallel.sequence_parallel=true model.activation_recompute=none distill.fused_output_layer=true "
             "distill.teacher_offload=false train.global_batch_prompts=32 train.micro_batch_prompts=2") in out
+    status, out, err = run_opsdc(capsys, "plan", "--model", str(MODELS / "qwen3-14b.json"), "--gpus", "16", "--seq", "9216", "--no-sequence-parallel")
+    assert status == 0, err
+    assert ("recipe: parallel.tensor_parallel_size=8 parallel.pipeline_parallel_size=1 parallel.data_parallel_size=2 "
+            "parallel.distributed_optimizer=true parallel.sequence_parallel=false model.activation_recompute=none") in out
 
 
 def test_tensor_parallel_groups_stay_within_a_node() -> None:

@@ -688,3 +688,4 @@ def test_h100_recipes_use_the_layout_opsdc_plan_chooses(size):
     assert (p.tensor_parallel_size, p.pipeline_parallel_size, p.data_parallel_size, config.model.activation_recompute) == (
         chosen.tp, chosen.pp, chosen.dp, "full" if chosen.recompute else "none")
     assert p.distributed_optimizer  # the estimate shards the optimizer state over data-parallel ranks
+    assert p.sequence_parallel == (chosen.tp > 1)  # and splits the activations outside the matmuls over TP
