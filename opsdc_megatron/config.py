@@ -69,7 +69,8 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     """Shard the optimizer state (and fp32 main weights) over data-parallel ranks (megatron's
     DistributedOptimizer); gradients are then reduce-scattered and weights all-gathered. Its
-    checkpoints resume at another data-parallel size but not at other tensor/pipeline sizes
+    checkpoints resume at another data-parallel size, but not with other tensor/pipeline sizes,
+    overlap_grad_reduce or grad_reduce_bucket_elements: its state is stored per gradient bucket
     (train/checkpoint.py)."""
     sequence_parallel: bool = False
     """Split the activations outside the tensor-parallel matmuls (norms, residual adds) along the sequence

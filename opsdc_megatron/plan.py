@@ -21,7 +21,8 @@ bench/ measurements check it). Per GPU, on the pipeline stage that holds the mos
 * logits on the last stage: student and teacher logits and their gradient, ``3 s b V / TP`` bf16,
   plus the KL's fp32 blocks (0.2x); with the fused output layer 1/8 of one logits tensor plus the
   ``[s b, H]`` bf16 hidden-state gradient it computes in forward (the weight's goes into the fp32
-  gradients counted below);
+  gradients counted below) and the bf16 placeholder weight gradient (``V H / TP``) its backward hands
+  megatron DDP's hook;
 * a fixed reserve for the CUDA context, NCCL buffers and allocator fragmentation.
 
 Choice: among layouts that fit (TP within a node and dividing the attention heads and KV groups, PP
@@ -136,7 +137,7 @@ def estimate(model: ModelShape, work: Workload, tp: int, pp: int, dp: int) -> Pl
         activations = per_layer_activation * in_flight_layers
     logits_shard = tokens * model.vocab / tp * 2
     if work.fused_output_layer:
-        logits = logits_shard / 8 + tokens * model.hidden * 2
+        logits = logits_shard / 8 + tokens * model.hidden * 2 + 2 * embedding
     else:
         logits = 3.2 * logits_shard
     memory = {

@@ -22,7 +22,8 @@ from tests.launch import WORKERS, torchrun
 pytestmark = pytest.mark.parallel
 
 TOL = 1e-5
-OVERLAP_LAYOUTS = ["dp2_overlap", "dp2_distributed_optimizer_overlap", "pp2_dp2_overlap", "pp2_interleaved_dp2_overlap"]
+OVERLAP_LAYOUTS = ["dp2_overlap", "dp2_distributed_optimizer_overlap", "dp2_fused_overlap", "pp2_dp2_overlap", "pp2_dp2_fused_overlap",
+                   "pp2_interleaved_dp2_overlap"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,19 @@ def test_overlapped_gradient_reduction_starts_before_the_step_waits_for_it(runs,
     assert len(started) == (2 if layout.startswith("dp2") else 4)
     assert all(all(buckets) for buckets in started), started
     assert len(started[0]) > 2, started
+
+
+def test_a_distributed_optimizer_checkpoint_resumed_in_other_buckets_is_refused_by_name(runs):
+    """Its state is stored per gradient bucket: megatron's own error named a tensor shape only."""
+    refused = torch.load(runs / "overlap_resume_refusal.pt")
+    assert refused is not None and "its distributed-optimizer state is stored gradient bucket by gradient bucket" in refused
+    assert "overlap_grad_reduce and grad_reduce_bucket_elements it was saved with" in refused and "step_000001" in refused
+
+
+def test_untied_fused_output_layer_with_overlapped_reduction(runs):
+    """The output weight's gradient goes to main_grad in the fused layer's forward; megatron DDP's hook under
+    overlap_grad_reduce needs a .grad placeholder for it (and must not add that placeholder)."""
+    assert_same(load(runs, "tp1_untied"), load(runs, "dp2_untied_fused_overlap"))
 
 
 def test_untied_embeddings_through_the_pipeline(runs):

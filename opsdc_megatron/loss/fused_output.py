@@ -159,6 +159,7 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         ctx.grad_hidden, ctx.into_main_grad = grad_hidden, into_main_grad
         ctx.grad_weight = grad_weight if want_weight and not into_main_grad else None
         ctx.weight_dtype = student_weight.dtype
+        ctx.weight_told_of_main_grad = student_weight if into_main_grad and hasattr(student_weight, "grad_added_to_main_grad") else None
         return loss, kl
 
     @staticmethod
@@ -171,8 +172,22 @@ class _FusedOutputReverseKL(torch.autograd.Function):
             )
         grad_hidden = None if ctx.grad_hidden is None else ctx.grad_hidden.mul_(grad_loss.to(ctx.grad_hidden.dtype))
         grad_weight = None if ctx.grad_weight is None else ctx.grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        ctx.grad_hidden = ctx.grad_weight = None
+        weight = ctx.weight_told_of_main_grad
+        if weight is not None:
+            grad_weight = _placeholder_grad(weight)
+        ctx.grad_hidden = ctx.grad_weight = ctx.weight_told_of_main_grad = None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _placeholder_grad(weight: Tensor) -> Tensor:
+    """What backward returns for a weight whose gradient went into ``main_grad`` in forward, as megatron's
+    linear layers do under ``gradient_accumulation_fusion``: megatron DDP's hook asserts a ``.grad`` under
+    overlap_grad_reduce, and adds none to ``main_grad`` once ``grad_added_to_main_grad`` is set, except
+    for a weight marked ``zero_out_wgrad`` (a tied embedding on one stage, whose lookup adds a gradient):
+    that one gets zeros."""
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 def fused_output_reverse_kl(

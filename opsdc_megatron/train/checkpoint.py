@@ -217,7 +217,18 @@ def _take_saved_lr_bounds(path: Path, optimizer, saved_optimizer: dict) -> None:
 def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
     _create_distributed_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, teacher, is_loading=True), str(path))
+    try:
+        loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, teacher, is_loading=True), str(path))
+    except (CheckpointingException, CheckpointException) as error:  # torch's wraps each rank's
+        cause = read_failure(error) if isinstance(error, CheckpointException) else error
+        if "optimizer.distributed" in str(cause):
+            raise ValueError(
+                f"{path}: its distributed-optimizer state is stored gradient bucket by gradient bucket, and this run's "
+                f"buckets differ: resume with the parallel.tensor_parallel_size, pipeline_parallel_size, "
+                f"virtual_pipeline_chunks, overlap_grad_reduce and grad_reduce_bucket_elements it was saved with "
+                f"(megatron: {str(cause)[:300]})"
+            ) from None
+        raise
     for ddp, state in zip(ddps, loaded["model"]):
         ddp.module.load_state_dict(state)
     for chunk, state in zip(teacher.model, loaded["teacher"]):

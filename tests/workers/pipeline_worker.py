@@ -5,12 +5,14 @@ Usage:
                                              also with the same tokens split into micro-batches of 1 and
                                              of 4 sequences and packed by a token budget; the untied model
   torchrun --nproc-per-node=2 pipeline_worker.py OUT two     DP2 (distributed optimizer or not, packed, gradient
-                                                            reduction overlapped with backward or not), TP2 (also
+                                                            reduction overlapped with backward or not, also with
+                                                            the fused output layer, tied and untied), TP2 (also
                                                             sequence-parallel),
                                                             PP2 (1F1B), PP2 interleaved, resume, the
                                                             teacher streamed from host memory (TP2, PP2 interleaved)
   torchrun --nproc-per-node=4 pipeline_worker.py OUT four    TP2 x PP2, resume from another layout, PP2 (1F1B
-                                                            and interleaved) x DP2 with overlapped reduction,
+                                                            and interleaved, unfused and fused) x DP2 with
+                                                            overlapped reduction,
                                                             TP2 x PP2 interleaved sequence-parallel
 
 Every layout runs the same OPSDC steps (teacher and student forwards through megatron's schedules,
@@ -97,7 +99,7 @@ def run_layout(
     out: Path, name: str, tp: int, pp: int, vp: int = 1, micro_batch_sequences: int = 2,
     save_after_step_1: str | None = None, resume_from: str | None = None, model_name: str = "tied",
     distributed_optimizer: bool = False, micro_batch_tokens: int = 0, teacher_offload: bool = False, overlap_grad_reduce: bool = False,
-    sequence_parallel: bool = False,
+    sequence_parallel: bool = False, fused_output_layer: bool = False,
 ) -> None:
     """STEPS optimizer steps at one layout; writes OUT/<name>.pt (losses per step, HF weights; with
     `overlap_grad_reduce`, in small buckets, also which buckets each rank's last step had started reducing
@@ -111,7 +113,7 @@ def run_layout(
                 tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_chunks=vp,
                 data_parallel_size=dp_size, distributed_optimizer=distributed_optimizer, overlap_grad_reduce=overlap_grad_reduce,
                 grad_reduce_bucket_elements=OVERLAP_BUCKET_ELEMENTS if overlap_grad_reduce else None, sequence_parallel=sequence_parallel,
-            ), torch.float32, TRAIN, 0, teacher_offload=teacher_offload,
+            ), torch.float32, TRAIN, 0, teacher_offload=teacher_offload, fused_output_layer=fused_output_layer,
         )
         started_before_finalize = []
         if overlap_grad_reduce:
@@ -127,7 +129,7 @@ def run_layout(
             rollouts(SEQUENCES, VOCAB, (3, 12), (1, 14), seed=5), dp_rank, dp_size, micro_batch_sequences,
             micro_batch_tokens, PAD, interleaved_pipeline_size=pp if vp > 1 else 0, token_multiple=tp if sequence_parallel else 1,
         )
-        forward_step = make_forward_step("reverse_kl")
+        forward_step = make_forward_step("reverse_kl", fused_output_layer)
         losses = {}
         first = 1
         if resume_from is not None:
@@ -219,6 +221,18 @@ def main() -> None:
             run_layout(out, "dp2_distributed_optimizer_resumed", 1, 1, distributed_optimizer=True, resume_from="ckpt_dp2_distributed")
             run_layout(out, "dp2_overlap", 1, 1, overlap_grad_reduce=True)
             run_layout(out, "dp2_distributed_optimizer_overlap", 1, 1, distributed_optimizer=True, overlap_grad_reduce=True)
+            try:  # the distributed optimizer's checkpoint, saved in one bucket, into several
+                run_layout(out, "dp2_distributed_optimizer_overlap_resumed", 1, 1, distributed_optimizer=True, overlap_grad_reduce=True,
+                           resume_from="ckpt_dp2_distributed")
+                refused = None
+            except ValueError as error:
+                refused = str(error)
+            if dist.get_rank() == 0:
+                torch.save(refused, out / "overlap_resume_refusal.pt")
+            # The fused output layer adds the output weight's gradient to main_grad in forward: tied (the embedding's
+            # lookup adds one in backward) and untied (none does).
+            run_layout(out, "dp2_fused_overlap", 1, 1, fused_output_layer=True, overlap_grad_reduce=True)
+            run_layout(out, "dp2_untied_fused_overlap", 1, 1, model_name="untied", fused_output_layer=True, overlap_grad_reduce=True)
             run_layout(out, "tp2", 2, 1)
             run_layout(out, "tp2_sequence_parallel", 2, 1, sequence_parallel=True)
             run_layout(out, "pp2", 1, 2, save_after_step_1="ckpt_pp2")
@@ -232,6 +246,7 @@ def main() -> None:
             run_layout(out, "tp2_pp2", 2, 2)
             run_layout(out, "tp2_pp2_interleaved_sequence_parallel", 2, 2, vp=2, micro_batch_sequences=1, sequence_parallel=True)
             run_layout(out, "pp2_dp2_overlap", 1, 2, overlap_grad_reduce=True)
+            run_layout(out, "pp2_dp2_fused_overlap", 1, 2, fused_output_layer=True, overlap_grad_reduce=True)  # the last stage's embedding copy
             run_layout(out, "pp2_interleaved_dp2_overlap", 1, 2, vp=2, micro_batch_sequences=1, overlap_grad_reduce=True)
             run_layout(out, "tp2_pp2_from_pp2_interleaved", 2, 2, resume_from="ckpt_pp2_interleaved")
         else:
