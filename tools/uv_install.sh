@@ -8,7 +8,8 @@ UV_VERSION=0.13.9
 uv_install() {
     local venv=$1 sources
     shift
-    [ -x "$venv/bin/uv" ] || "$venv/bin/pip" install --quiet "uv==$UV_VERSION"
+    # `uv --version`: "uv 0.13.9 (x86_64-unknown-linux-gnu)"; another version is replaced
+    [[ "$("$venv/bin/uv" --version 2>/dev/null)" == "uv $UV_VERSION "* ]] || PIP_NO_CACHE_DIR=1 "$venv/bin/pip" install --quiet "uv==$UV_VERSION"
     sources=$("$venv/bin/python" "$(dirname "${BASH_SOURCE[0]}")/pip_sources.py")
     mapfile -t sources <<< "$sources"
     # No cache: no second copy of the wheels on disk (CI disks are small). Bytecode compiled now, as pip does: uv
