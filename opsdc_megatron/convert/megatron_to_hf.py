@@ -174,10 +174,10 @@ TRAINING_STATE_PREFIXES = ("optimizer.", TEACHER_PREFIX)
 and the teacher snapshot (train/checkpoint.py)."""
 
 
-def read_failure(error: CheckpointException) -> BaseException:
+def read_failure(error: BaseException) -> BaseException:
     """The first failing rank's exception inside torch's `CheckpointException` (a BaseException, whose
-    text is every rank's traceback), or the exception itself when it carries none."""
-    return next(iter(error.failures.values()))[0] if error.failures else error
+    text is every rank's traceback), or the exception itself when it is another or carries none."""
+    return next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
 
 
 def check_vocabulary_padding(ckpt: Path, vocab_size: int) -> None:

@@ -220,7 +220,7 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
     try:
         loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, teacher, is_loading=True), str(path))
     except (CheckpointingException, CheckpointException) as error:  # torch's wraps each rank's
-        cause = read_failure(error) if isinstance(error, CheckpointException) else error
+        cause = read_failure(error)
         if "optimizer.distributed" in str(cause):
             raise ValueError(
                 f"{path}: its distributed-optimizer state is stored gradient bucket by gradient bucket, and this run's "
@@ -260,7 +260,7 @@ def load_model_weights(path: Path, chunks: list) -> None:
     try:
         loaded, not_read, absent = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_ALL)
     except (CheckpointingException, CheckpointException) as error:  # torch's (a BaseException) wraps each rank's
-        cause = read_failure(error) if isinstance(error, CheckpointException) else error
+        cause = read_failure(error)
         if isinstance(cause, CheckpointingException):  # e.g. "Global shape mismatch": another model's tensor
             raise ValueError(f"{path}: not a checkpoint of this model config: {cause}") from None
         raise RuntimeError(f"{path}: reading the checkpoint failed: {cause}") from None
