@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_base_port(offsets: range) -> int:
+def free_base_port(offsets: Sequence[int]) -> int:
     """A base port with base + offset free for every offset (a server fleet's ports, a job's port shifts)."""
     for _ in range(100):
         base = free_port()
-        if base + offsets[-1] <= 65535 and all(_port_is_free(base + offset) for offset in offsets):
+        if base + max(offsets) <= 65535 and all(_port_is_free(base + offset) for offset in offsets):
             return base
     raise AssertionError(f"no free base port with all of base + {offsets} free")
 

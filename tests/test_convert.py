@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -187,11 +188,16 @@ def test_an_unreadable_padded_vocabulary_is_named(hf_models: Path, tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def qwen2_checkpoint(hf_models: Path) -> Path:
-    """The qwen2 model converted at TP=1, for tests that only read it (a conversion is a torchrun: ~13 s)."""
-    ckpt = hf_models.parent / "qwen2_megatron"
-    convert_hf_to_megatron(hf_models / "qwen2", ckpt, 1, 1)
-    return ckpt
+def tp1_checkpoint(hf_models: Path) -> Callable[[str], Path]:
+    """A tiny model converted at TP=1 once per module, for tests that only read it (a conversion is a torchrun: ~13 s)."""
+    converted: dict[str, Path] = {}
+
+    def checkpoint(name: str) -> Path:
+        if name not in converted:
+            converted[name] = convert_hf_to_megatron(hf_models / name, hf_models.parent / f"{name}_megatron", 1, 1)
+        return converted[name]
+
+    return checkpoint
 
 
 @pytest.mark.parametrize(
@@ -206,13 +212,13 @@ def qwen2_checkpoint(hf_models: Path) -> Path:
     ids=["tied-config-untied-checkpoint", "smaller-vocabulary", "larger-vocabulary", "other-shapes"],
 )
 def test_a_checkpoint_of_another_model_is_refused_not_cut(
-    hf_models: Path, qwen2_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str
+    hf_models: Path, tp1_checkpoint: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture, config_change: dict, message: str
 ) -> None:
     """Checkpoint tensors the config has no place for (a trained output layer under a tied config,
     vocabulary rows past the config's) stop export and `opsdc train`'s load instead of being dropped."""
     from opsdc_megatron.models.qwen3.model import build_gpt_model
 
-    ckpt, config_dir = qwen2_checkpoint, tmp_path / "other_config"
+    ckpt, config_dir = tp1_checkpoint("qwen2"), tmp_path / "other_config"
     shutil.copytree(hf_models / "qwen2", config_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
     config = json.loads((config_dir / "config.json").read_text())
     (config_dir / "config.json").write_text(json.dumps({**config, **config_change}))
@@ -384,17 +390,14 @@ def _te_named_decoder_spec(attention_backend: str, qk_layernorm: bool, config, v
 
 @pytest.mark.parametrize("name", ["qwen3_untied", "qwen2", "llama3"])
 def test_transformer_engine_layer_names_load_export_and_share_checkpoints(
-    hf_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+    hf_models: Path, tp1_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """With Transformer Engine's layer the pre-norm weights are ``linear_qkv.layer_norm_weight`` and
     ``linear_fc1.layer_norm_weight``: HF weights load into them (same logits as transformers), export
     back unchanged, and a checkpoint converted with the local layer loads into them."""
     from opsdc_megatron.models.qwen3 import model as model_module
 
-    source = hf_models / name
-    ckpt = tmp_path / "ckpt"
-    status = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "convert", "hf-to-megatron", "--hf", str(source), "--out", str(ckpt)], capture_output=True, text=True, timeout=300)
-    assert status.returncode == 0, status.stderr[-3000:]
+    source, ckpt = hf_models / name, tp1_checkpoint(name)
     monkeypatch.setattr(model_module, "gpt_decoder_spec", _te_named_decoder_spec)
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(12).expand_as(tokens)

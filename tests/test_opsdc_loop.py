@@ -224,6 +224,7 @@ def test_tp2_matches_tp1(tp1_run, tp2_run):
     assert tp2_run[3]["loss"] != tp2_run[1]["loss"]
 
 
+@pytest.mark.main_line  # model level on both lines: tests/test_pipeline.py, tests/test_packing.py
 def test_dp2_matches_tp1(setup, tp1_run):
     """Rollouts split over 2 data-parallel ranks; gradients and metrics reduced over both."""
     dp2 = train(setup, setup / "dp2", "train.steps=3", "parallel.tensor_parallel_size=1", "parallel.data_parallel_size=2")
@@ -247,6 +248,7 @@ def test_pp2_matches_tp1(four_layers):
     assert_same_run(tp1, pp2)
 
 
+@pytest.mark.main_line  # model level on both lines: tests/test_pipeline.py, tests/test_packing.py
 def test_interleaved_pp2_with_token_budget_matches_tp1(four_layers):
     """PP=2 x 2 virtual stages with packed micro-batches of a token budget: the step's 8 rollouts fit in
     one micro-batch, split to 4 (twice the stages) of one message shape for the interleaved schedule."""
@@ -270,6 +272,7 @@ def test_full_activation_recompute_matches(setup, tp1_run):
     assert_same_run(tp1_run, recomputed)
 
 
+@pytest.mark.main_line  # model level on both lines: tests/test_pipeline.py, tests/test_packing.py
 def test_packed_micro_batches_match(setup, tp1_run):
     """train.micro_batch_tokens with the sdpa backend: each rank's rollouts packed into one row per stream
     (thd; tests/test_packing.py compares packed and padded micro-batches directly)."""
@@ -278,6 +281,7 @@ def test_packed_micro_batches_match(setup, tp1_run):
     assert_same_run(tp1_run, packed)
 
 
+@pytest.mark.main_line  # model level on both lines: tests/test_pipeline.py, tests/test_packing.py
 def test_sequence_parallel_packed_tp2_matches_tp1(setup, tp1_run):
     """parallel.sequence_parallel at TP=2 with packed micro-batches: each stream padded to an even number of
     tokens, half of them on each rank outside the tensor-parallel matmuls (tests/test_pipeline.py and
@@ -288,6 +292,7 @@ def test_sequence_parallel_packed_tp2_matches_tp1(setup, tp1_run):
     assert_same_run(tp1_run, sequence_parallel)
 
 
+@pytest.mark.main_line  # model level on both lines: tests/test_pipeline.py, tests/test_packing.py
 def test_teacher_offload_matches(setup, tp1_run):
     """distill.teacher_offload=true (the teacher streamed from host memory, refreshed at step 2,
     saved in checkpoints from host memory) gives the TP=1 run's numbers exactly. Loading the host

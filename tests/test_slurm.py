@@ -429,48 +429,79 @@ def test_sigusr1_while_the_servers_start_requeues_without_waiting_for_them(clust
         wait_until(lambda: job_field(cluster, job, "JobState") in ("CANCELLED", "COMPLETED", "FAILED"), "the job to end", poll_s=1)
 
 
+SERVER_START_FAILURES = {"one-of-two": (2, 1), "the-only-one": (1, 0)}
+"""Each case's (servers in the job, the task whose port is held)."""
+
+
+@pytest.fixture(scope="module")
+def server_start_failures(cluster, toy, tmp_path_factory) -> dict[str, tuple[int, str, int, str]]:
+    """Both cases' jobs, submitted together: (exit status, job id, the failing task's port, the job's log) by case.
+    Case k's servers use base + 2k + the job's shift + task (distinct ports); at every shift the job id may give,
+    the failing task's port is held by a socket that never answers."""
+    import socket
+
+    shifts = range(0, 2000, 100)
+    base = free_base_port([shift + k for shift in shifts for k in range(3)])
+    folder = tmp_path_factory.mktemp("server_start_failures")
+    holders, jobs = [], {}
+    try:
+        for k, (case, (servers, failing_task)) in enumerate(SERVER_START_FAILURES.items()):
+            for shift in shifts:
+                holders.append(socket.socket())
+                holders[-1].bind(("127.0.0.1", base + 2 * k + shift + failing_task))
+                holders[-1].listen()
+            _, jobs[case] = sbatch(cluster, "toy_cpu_sglang.sbatch", folder / f"{case}.log", *toy_overrides(
+                toy, folder / case, f"rollout.sglang.base_port={base + 2 * k}", f"rollout.sglang.num_servers={servers}",
+                "rollout.sglang.startup_timeout_s=120"), wait=False)
+        status = {case: exit_status(cluster, job) for case, job in jobs.items()}
+    finally:
+        for holder in holders:
+            holder.close()
+    return {
+        case: (status[case], job, base + 2 * k + int(job) % 20 * 100 + SERVER_START_FAILURES[case][1], (folder / f"{case}.log").read_text())
+        for k, (case, job) in enumerate(jobs.items())
+    }
+
+
 @pytest.mark.sglang
 @pytest.mark.skipif(not DEFAULT_SGLANG_PYTHON.exists(), reason="needs .venv-sglang: run `make env-sglang`")
-@pytest.mark.parametrize("servers, failing_task", [(2, 1), (1, 0)], ids=["one-of-two", "the-only-one"])
-def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(cluster, toy, tmp_path, servers, failing_task):
+@pytest.mark.parametrize("case", SERVER_START_FAILURES)
+def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(server_start_failures, case):
     """A server task's port is held by something that never answers, and the task exits. With two servers its
     step goes on (--kill-on-bad-exit=0, so that a server's death mid-run leaves the others), and the script
     waited for that task's /health until rollout.sglang.startup_timeout_s (1800 s in the H100 recipes), then
     blamed the timeout; with one, the step ends, and the script said only that. Now it stops at once, naming
     the task, its node and why."""
-    import socket
-
-    port = sglang_base_port()
-    holders = []
-    try:
-        for shift in range(0, 2000, 100):  # every shift the job id may give
-            holders.append(socket.socket())
-            holders[-1].bind(("127.0.0.1", port + shift + failing_task))
-            holders[-1].listen()
-        status, job = sbatch(cluster, "toy_cpu_sglang.sbatch", tmp_path / "failed.log", *toy_overrides(
-            toy, tmp_path / "failed", f"rollout.sglang.base_port={port}", f"rollout.sglang.num_servers={servers}", "rollout.sglang.startup_timeout_s=120"))
-    finally:
-        for holder in holders:
-            holder.close()
-    text = (tmp_path / "failed.log").read_text()
-    task_port = port + int(job) % 20 * 100 + failing_task
+    status, _, task_port, text = server_start_failures[case]
+    failing_task = SERVER_START_FAILURES[case][1]
     assert status == 1 and re.search(
         rf"FAILED while waiting for \S+/health: sglang server task {failing_task} on node1: .*port {task_port} is already in use", text
     ), text[-3000:]
     assert "did not answer within" not in text and "trainer started" not in text, text[-3000:]
 
 
+H100_SCRIPTS = ("qwen3_8b.sbatch", "qwen3_14b.sbatch", "qwen3_32b.sbatch")
+
+
+@pytest.fixture(scope="module")
+def h100_validations(cluster, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
+    """The H100 scripts in validation mode, submitted together: (exit status, job id, the job's folder) by script.
+    Submitted from the checkout's parent with a relative OPSDC_HOME (the default interpreter was then looked up
+    relative to the checkout, after the script's cd into it: not found)."""
+    folder = tmp_path_factory.mktemp("h100_validations")
+    jobs = {script: sbatch(cluster, script, folder / f"{script}.log", f"out_dir={folder / script / 'run'}",
+                           extra_env={"OPSDC_VALIDATE": "1", "OPSDC_HOME": ROOT.name}, submit_dir=ROOT.parent, wait=False)[1]
+            for script in H100_SCRIPTS}
+    return {script: (exit_status(cluster, job), job, folder / script) for script, job in jobs.items()}
+
+
 @pytest.mark.parametrize(
     "script, nodes, trainer_nodes, servers_per_node, gpus_per_server",
-    [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
+    [(H100_SCRIPTS[0], 2, 1, 8, 1), (H100_SCRIPTS[1], 3, 2, 4, 2), (H100_SCRIPTS[2], 3, 2, 2, 4)],
 )
-def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script, nodes, trainer_nodes, servers_per_node, gpus_per_server):
-    """Submitted from the checkout's parent with a relative OPSDC_HOME (the default interpreter was then
-    looked up relative to the checkout, after the script's cd into it: not found)."""
-    log = tmp_path / "validate.log"
-    status, job = sbatch(cluster, script, log, f"out_dir={tmp_path / 'run'}", extra_env={"OPSDC_VALIDATE": "1", "OPSDC_HOME": ROOT.name},
-                         submit_dir=ROOT.parent)
-    text = log.read_text()
+def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, h100_validations, script, nodes, trainer_nodes, servers_per_node, gpus_per_server):
+    status, job, run_folder = h100_validations[script]
+    text = (run_folder.parent / f"{script}.log").read_text()
     assert status == 0, text[-4000:]
     assert job_field(cluster, job, "NumNodes") == str(nodes)
     assert job_field(cluster, job, "TresPerNode") == "gres:gpu:8"
@@ -494,7 +525,7 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     assert f"rollout.sglang.base_port={30000 + shift}" in servers and f"rollout.sglang.router_port={30999 + shift}" in router
     assert "rollout.sglang.server_urls=[" + ",".join(f"'{url}'" for url in worker_urls) + "]" in trainer
     assert "trainer inputs not checked here: model.hf_path: models/Qwen3-" in text  # no checkpoint on the test cluster
-    assert not (tmp_path / "run" / "slurm_logs").exists()
+    assert not (run_folder / "run" / "slurm_logs").exists()
 
 
 def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):

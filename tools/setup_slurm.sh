@@ -89,8 +89,8 @@ ClusterName=opsdc
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 AuthType=auth/munge
-# A requeued job waits cred_expire seconds (default 120) before it may start again.
-AuthInfo=cred_expire=10
+# A requeued job waits cred_expire + 1 seconds (default 120; SLURM's least is 5) before it may start again.
+AuthInfo=cred_expire=5
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
