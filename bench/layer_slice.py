@@ -54,7 +54,8 @@ def build(stack: str, hf_config, device: str) -> torch.nn.Module:
         return Qwen3ForCausalLM(hf_config).to(device=device, dtype=torch.bfloat16)
     from megatron.core.models.gpt import GPTModel
 
-    from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, transformer_config_from_hf
+    from opsdc_megatron.models.hf_config import rope_theta
+    from opsdc_megatron.models.qwen3.model import padded_vocab_size, transformer_config_from_hf
     from opsdc_megatron.models.layer_spec import gpt_layer_spec
 
     config = transformer_config_from_hf(hf_config, 1, 1, params_dtype=torch.bfloat16)
@@ -65,7 +66,7 @@ def build(stack: str, hf_config, device: str) -> torch.nn.Module:
         config=config, transformer_layer_spec=gpt_layer_spec("sdpa" if stack == "megatron_sdpa" else "local"),
         vocab_size=padded_vocab_size(hf_config.vocab_size, 1), max_sequence_length=hf_config.max_position_embeddings,
         parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
-        rotary_base=_rope_theta(hf_config),
+        rotary_base=rope_theta(hf_config),
     )
     return model.to(device=device, dtype=torch.bfloat16)  # norms too, as megatron's Float16Module does
 

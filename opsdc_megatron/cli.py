@@ -28,13 +28,14 @@ INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 
 
 def preflight(config: RunConfig) -> None:
-    """Everything that can be checked without a process group: model config vs layout, prompts."""
+    """Everything that can be checked without a process group: model config vs layout, prompts. Without
+    megatron-core, which every trainer process imports anyway (seconds each launch)."""
     hf_path = Path(config.model.hf_path)
-    if not (hf_path / "config.json").is_file():  # before the imports (~10 s), so a wrong path fails at once
+    if not (hf_path / "config.json").is_file():  # before the imports (seconds), so a wrong path fails at once
         raise FileNotFoundError(f"model.hf_path: {hf_path} has no config.json")
     from transformers import AutoConfig
 
-    from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
+    from opsdc_megatron.models.hf_config import check_hf_config
     from opsdc_megatron.prompts import load_prompts, load_tokenizer
     from opsdc_megatron.train.prompt_stream import PromptStream
 
@@ -43,9 +44,7 @@ def preflight(config: RunConfig) -> None:
         hf_config = AutoConfig.from_pretrained(hf_path)
     except OSError as error:  # what transformers raises for an unreadable or malformed config.json
         raise ValueError(f"model.hf_path: {hf_path / 'config.json'}: {error}") from None
-    transformer_config_from_hf(
-        hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, virtual_pipeline_chunks=parallel.virtual_pipeline_chunks,
-    )
+    check_hf_config(hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.virtual_pipeline_chunks)
     if config.model.megatron_checkpoint:
         from opsdc_megatron.convert.checks import check_megatron_checkpoint
 
@@ -57,7 +56,7 @@ def preflight(config: RunConfig) -> None:
             check_hf_folder(hf_path)
         except ValueError as error:
             raise ValueError(f"model.hf_path: {error}") from None
-    from opsdc_megatron.train.checkpoint import resume_point
+    from opsdc_megatron.train.run_folder import resume_point
 
     out_dir = Path(config.out_dir)
     check_output_folder(out_dir, "out_dir")

@@ -85,7 +85,7 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
     """
     from opsdc_megatron.config import load_config, read_saved_config
     from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
-    from opsdc_megatron.train.checkpoint import complete_checkpoints
+    from opsdc_megatron.train.run_folder import complete_checkpoints
 
     for override in overrides:
         if override.split("=", 1)[0].strip() in DEMO_KEYS:

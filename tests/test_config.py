@@ -306,7 +306,7 @@ def test_without_the_latest_marker_the_newest_complete_checkpoint_resumes(tmp_pa
     """A save stopped between its folder's rename and the marker's write (SIGKILL after SIGTERM)."""
     import torch.distributed as dist
 
-    from opsdc_megatron.train.checkpoint import LATEST, latest_checkpoint
+    from opsdc_megatron.train.run_folder import LATEST, latest_checkpoint
 
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     root = tmp_path / "checkpoints"
@@ -380,6 +380,7 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from opsdc_megatron.train import checkpoint
+    from opsdc_megatron.train.run_folder import LATEST, latest_checkpoint
 
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "barrier", lambda: None)
@@ -389,14 +390,14 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     for step in (5, 10, 20):
         (root / f"step_{step:06d}").mkdir(parents=True)
         (root / f"step_{step:06d}" / "trainer_state.json").write_text("{}")
-    (root / checkpoint.LATEST).write_text("step_000010")
+    (root / LATEST).write_text("step_000010")
     (root / "step_000013.tmp").mkdir()  # a save killed before its rename: nothing else would ever remove it
     (root / "step_000013.tmp" / "0_0.distcp").write_text("half")
     checkpoint.save_checkpoint(root, 15, [], None, None, {"step": 15}, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000010", "step_000015", "step_000020"]
     checkpoint.save_checkpoint(root, 16, [], None, None, {"step": 16}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016", "step_000020"]
-    assert checkpoint.latest_checkpoint(root) == root / "step_000016"
+    assert latest_checkpoint(root) == root / "step_000016"
 
 
 def test_hf_folder_config_names_the_dtype_of_its_weights(tmp_path):

@@ -14,7 +14,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from transformers import Qwen3Config
 
-from opsdc_megatron.models.qwen3.model import _rope_theta, padded_vocab_size, transformer_config_from_hf
+from opsdc_megatron.models.hf_config import rope_theta
+from opsdc_megatron.models.qwen3.model import padded_vocab_size, transformer_config_from_hf
 from opsdc_megatron.models.layer_spec import gpt_layer_spec, supports_packed_sequences
 from opsdc_megatron.models.sdpa_attention import SDPAttention
 from opsdc_megatron.models.transformer_engine import guard_broken_transformer_engine
@@ -26,7 +27,7 @@ def _model(backend: str, hf_config: Qwen3Config) -> GPTModel:
     return GPTModel(
         config=config, transformer_layer_spec=gpt_layer_spec(backend), vocab_size=padded_vocab_size(hf_config.vocab_size, 1),
         max_sequence_length=64, parallel_output=True, share_embeddings_and_output_weights=False,
-        position_embedding_type="rope", rotary_base=_rope_theta(hf_config),
+        position_embedding_type="rope", rotary_base=rope_theta(hf_config),
     )
 
 

@@ -102,7 +102,8 @@ def test_loaded_weights_reach_the_fp8_parameters_initial_value_copy(one_rank, tm
     param_gather run would put the random initial weights back into the model."""
     from megatron.core import dist_checkpointing
 
-    from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+    from opsdc_megatron.models.hf_config import load_hf_config
+    from opsdc_megatron.models.qwen3.model import build_gpt_model
     from opsdc_megatron.models.qwen3.state_dict_adapter import load_hf_weights
     from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
     from opsdc_megatron.train.checkpoint import load_model_weights
@@ -131,7 +132,8 @@ def test_fp8_parameters_are_updated_by_the_distributed_optimizer(one_rank, tmp_p
     Megatron-LM's --fp8-param-gather does): without it those weights never changed. The model's config
     says so (fp8_param); FP8 itself needs a GPU with TE, so its flags are set on a bf16 CPU model here."""
     from opsdc_megatron.config import ParallelConfig, TrainConfig
-    from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+    from opsdc_megatron.models.hf_config import load_hf_config
+    from opsdc_megatron.models.qwen3.model import build_gpt_model
     from opsdc_megatron.train.step import wrap_for_training
     from tests.tiny_models import save_tiny_model
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from opsdc_megatron.models.qwen3.model import load_hf_config
-from opsdc_megatron.models.qwen3.state_dict_adapter import IGNORED_HF_TENSORS, hf_tensor_headers
+from opsdc_megatron.models.hf_config import load_hf_config
+from opsdc_megatron.models.hf_folder import IGNORED_HF_TENSORS, hf_tensor_headers
 
 DIST_CHECKPOINT_METADATA = "metadata.json"
 _EMBEDDING = "model.embed_tokens.weight"

@@ -48,7 +48,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from opsdc_megatron.convert.checks import ConversionError, check_hf_folder, require_new_output
 from opsdc_megatron.files import fsync_folder, write_text_atomic
 from opsdc_megatron.models.hf_folder import COPIED_FILES
-from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config, transformer_config_from_hf
+from opsdc_megatron.models.hf_config import load_hf_config
+from opsdc_megatron.models.qwen3.model import build_gpt_model, transformer_config_from_hf
 from opsdc_megatron.models.qwen3.state_dict_adapter import hf_shard_makers
 from opsdc_megatron.models.registry import architecture_of
 from opsdc_megatron.torch_dist_save import InProcessTorchDistSave, PlansInMetadataPlanner

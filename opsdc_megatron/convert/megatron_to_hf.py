@@ -35,7 +35,8 @@ from opsdc_megatron.convert.hf_to_megatron import HF_FILES, bounded_groups, chec
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX
 from opsdc_megatron.files import fsync_folder
 from opsdc_megatron.models.hf_folder import write_config_dtype
-from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+from opsdc_megatron.models.hf_config import load_hf_config
+from opsdc_megatron.models.qwen3.model import build_gpt_model
 from opsdc_megatron.models.qwen3.state_dict_adapter import Layout, _expected_hf_shapes, _from_shards, _Geometry, _named_entries
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from opsdc_megatron.models.qwen3.model import build_gpt_model, load_hf_config
+from opsdc_megatron.models.hf_config import load_hf_config
+from opsdc_megatron.models.qwen3.model import build_gpt_model
 from opsdc_megatron.train.checkpoint import load_model_weights
 
 

@@ -91,7 +91,7 @@ def find_megatron_checkpoint(path: Path) -> Path | None:
     if not path.is_dir() or (path / "config.json").is_file():
         return None
     from opsdc_megatron.convert.checks import DIST_CHECKPOINT_METADATA, check_megatron_checkpoint
-    from opsdc_megatron.train.checkpoint import LATEST, latest_checkpoint
+    from opsdc_megatron.train.run_folder import LATEST, latest_checkpoint
 
     if (path / LATEST).is_file():
         try:

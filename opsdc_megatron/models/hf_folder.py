@@ -1,11 +1,13 @@
-"""Writing a Hugging Face model folder atomically: weights, config, generation config, tokenizer."""
+"""A Hugging Face model folder: its tensors' headers read without the data, and the folder written atomically
+(weights, config, generation config, tokenizer)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from safetensors import SafetensorError, safe_open
 
@@ -13,6 +15,50 @@ from opsdc_megatron.files import fsync_folder
 
 if TYPE_CHECKING:  # torch at run time only where weights are written: `opsdc report` reads the metadata without it
     import torch
+
+IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+"""Tensors older transformers saved that loading ignores (the non-persistent RoPE buffer)."""
+
+
+class TensorHeader(NamedTuple):
+    """A tensor as its safetensors header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors' name of the dtype: "BF16", "F32", ..."""
+    file: str
+    """The shard that holds it, relative to the folder."""
+
+
+def hf_tensor_headers(folder: str | Path) -> dict[str, TensorHeader]:
+    """Name -> header of every tensor in a Hugging Face folder (its shards' headers only, no data read).
+
+    Raises:
+        FileNotFoundError: no weights, or shards the index names are missing.
+        ValueError: a shard that is no safetensors file, or cut short.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    missing_files = [file for file in files if not (folder / file).is_file()]
+    if missing_files:
+        raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
+    headers: dict[str, TensorHeader] = {}
+    for file in files:
+        try:
+            with safe_open(folder / file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    headers[name] = TensorHeader(tuple(tensor.get_shape()), tensor.get_dtype(), file)
+        except SafetensorError as error:  # e.g. a shard cut short by an interrupted download
+            raise ValueError(f"{folder / file}: not a readable safetensors file ({error})") from None
+    return headers
+
 
 COPIED_FILES = (
     "config.json",

@@ -7,15 +7,14 @@ push), and the two switches that tell the architectures apart in megatron terms.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
-from opsdc_megatron.models.llama.state_dict_adapter import NAME_MAP as LLAMA_NAME_MAP
-from opsdc_megatron.models.qwen2.state_dict_adapter import NAME_MAP as QWEN2_NAME_MAP
-from opsdc_megatron.models.qwen3.state_dict_adapter import NAME_MAP as QWEN3_NAME_MAP
-from opsdc_megatron.models.qwen3.state_dict_adapter import NameMap
+if TYPE_CHECKING:
+    from opsdc_megatron.models.qwen3.state_dict_adapter import NameMap
 
 
 @dataclass(frozen=True)
@@ -24,19 +23,25 @@ class Architecture:
     """The HF ``architectures`` entry, e.g. Qwen3ForCausalLM."""
     model_type: str
     config_class: type[PretrainedConfig]
-    name_map: NameMap
+    state_dict_adapter: str
+    """The module of its name map (NAME_MAP), imported at first use: the maps sit beside the conversion code,
+    which imports megatron-core, and reading or checking a config (`opsdc train`'s preflight) needs none of it."""
     qk_layernorm: bool
     """RMSNorm on queries and keys per head (Qwen3)."""
     qkv_bias: bool
     """Biases on the q/k/v projections (Qwen2/2.5)."""
 
+    @property
+    def name_map(self) -> NameMap:
+        return importlib.import_module(self.state_dict_adapter).NAME_MAP
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
-        Architecture("Qwen3ForCausalLM", "qwen3", Qwen3Config, QWEN3_NAME_MAP, qk_layernorm=True, qkv_bias=False),
-        Architecture("Qwen2ForCausalLM", "qwen2", Qwen2Config, QWEN2_NAME_MAP, qk_layernorm=False, qkv_bias=True),
-        Architecture("LlamaForCausalLM", "llama", LlamaConfig, LLAMA_NAME_MAP, qk_layernorm=False, qkv_bias=False),
+        Architecture("Qwen3ForCausalLM", "qwen3", Qwen3Config, "opsdc_megatron.models.qwen3.state_dict_adapter", qk_layernorm=True, qkv_bias=False),
+        Architecture("Qwen2ForCausalLM", "qwen2", Qwen2Config, "opsdc_megatron.models.qwen2.state_dict_adapter", qk_layernorm=False, qkv_bias=True),
+        Architecture("LlamaForCausalLM", "llama", LlamaConfig, "opsdc_megatron.models.llama.state_dict_adapter", qk_layernorm=False, qkv_bias=False),
     )
 }
 

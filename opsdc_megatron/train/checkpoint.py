@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -23,18 +22,13 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from opsdc_megatron.config import ConfigError
 from opsdc_megatron.convert.megatron_to_hf import TRAINING_STATE_PREFIXES, check_vocabulary_padding, read_failure
 from opsdc_megatron.distill.teacher import TEACHER_PREFIX, TeacherSnapshot
 from opsdc_megatron.files import fsync_folder, write_text_atomic
 from opsdc_megatron.models.hf_folder import replace_folder
 from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
 from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
-
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
-BEST_EXPORT, FINAL_EXPORT = "best_hf", "final_hf"
-
+from opsdc_megatron.train.run_folder import BEST_EXPORT, LATEST, TRAINER_STATE, complete_checkpoints, step_of
 
 def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
     """One entry per model chunk; the tensors' keys carry global layer numbers, so a checkpoint
@@ -79,45 +73,11 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
         write_text_atomic(root / LATEST, final.name)
         # Only checkpoints older than this one: a later step can be on disk when a save was stopped
         # before its marker and the run resumed from the one before (it is replaced when reached).
-        older = [p for p in complete_checkpoints(root) if _step_of(p) < step]
+        older = [p for p in complete_checkpoints(root) if step_of(p) < step]
         for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
     dist.barrier()
     return final
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("step_"))
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The step folders a save finished (renamed from `.tmp`, trainer state inside), oldest first."""
-    found = [p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / TRAINER_STATE).is_file()] if root.is_dir() else []
-    return sorted(found, key=_step_of)
-
-
-def resume_point(out: Path, resume: bool, steps: int) -> Path | None:
-    """The checkpoint a run in `out` resumes from (None: it starts at step 0), once what would mix two
-    runs is refused. A run told not to resume refuses checkpoints already there: saving and pruning among
-    another run's (a later step sorts last) would delete its own, and a later resume would take the other's.
-    A run that resumes nothing refuses another run's best_hf/final_hf, which would stay beside its metrics.
-    A resume from past `steps` (train.steps lowered) is refused: it would train nothing and export the
-    checkpoint's later weights as final_hf of a run whose config.yaml says fewer steps."""
-    earlier = complete_checkpoints(out / "checkpoints")
-    if not resume and earlier:
-        raise ConfigError(
-            f"{out / 'checkpoints'} holds checkpoints of another run ({', '.join(p.name for p in earlier)}), and this run starts "
-            f"from step 0 (checkpoint.resume is false): give another out_dir, or remove them"
-        )
-    exports = [name for name in (BEST_EXPORT, FINAL_EXPORT) if (out / name).exists()]
-    if exports and not earlier:
-        raise ConfigError(
-            f"{out} holds {' and '.join(exports)} of another run and no checkpoint to resume from: give another out_dir, or remove them"
-        )
-    resumed = latest_checkpoint(out / "checkpoints") if resume else None
-    if resumed is not None and resumed.name.removeprefix("step_").isdigit() and _step_of(resumed) > steps:
-        raise ConfigError(f"{resumed} is past train.steps = {steps}: raise train.steps, or give another out_dir")
-    return resumed
 
 
 def best_candidate(out: Path, step: int) -> Path:
@@ -148,21 +108,6 @@ def record_trainer_state(checkpoint: Path, trainer_state: dict) -> None:
     """Writes a checkpoint's trainer state (rank 0), the last file of a save; also rewritten after a resume when
     the eval a stop deferred, redone, belongs to that checkpoint's step and no later step saves one."""
     write_text_atomic(checkpoint / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `latest` names; without the marker, the newest complete one (a save stopped
-    between its folder's rename and the marker's write, e.g. by SIGKILL after SIGTERM)."""
-    marker = root / LATEST
-    if not marker.exists():
-        complete = complete_checkpoints(root)
-        if complete and dist.is_initialized() and dist.get_rank() == 0:  # not the launcher's preflight: rank 0 says it
-            print(f"opsdc train: {marker} is missing; resuming from the newest complete checkpoint, {complete[-1]}", file=sys.stderr, flush=True)
-        return complete[-1] if complete else None
-    path = root / marker.read_text(encoding="utf-8").strip()
-    if not (path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"{marker} names {path}, which is not a complete checkpoint")
-    return path
 
 
 def _create_distributed_optimizer_state(optimizer) -> None:

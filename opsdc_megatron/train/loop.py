@@ -34,12 +34,11 @@ from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
-from opsdc_megatron.train.checkpoint import (
-    FINAL_EXPORT, best_candidate, load_checkpoint, record_trainer_state, resume_point, save_checkpoint, settle_best_export,
-)
+from opsdc_megatron.train.checkpoint import best_candidate, load_checkpoint, record_trainer_state, save_checkpoint, settle_best_export
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
+from opsdc_megatron.train.run_folder import FINAL_EXPORT, resume_point
 from opsdc_megatron.train.build import build_training_model
 from opsdc_megatron.train.step import apply_optimizer_settings, optimizer_step
 

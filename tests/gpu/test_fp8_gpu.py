@@ -30,7 +30,8 @@ def _model(fp8: FP8Config):
     from transformers import Qwen3Config
 
     from opsdc_megatron.models.layer_spec import gpt_layer_spec
-    from opsdc_megatron.models.qwen3.model import _rope_theta, transformer_config_from_hf
+    from opsdc_megatron.models.hf_config import rope_theta
+    from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
 
     hf = Qwen3Config(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
@@ -39,7 +40,7 @@ def _model(fp8: FP8Config):
     torch.manual_seed(0)
     return GPTModel(config=config, transformer_layer_spec=gpt_layer_spec("te"), vocab_size=4096, max_sequence_length=512,
                     parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                    rotary_base=_rope_theta(hf)).cuda().bfloat16()
+                    rotary_base=rope_theta(hf)).cuda().bfloat16()
 
 
 def _losses(model, steps: int = 4) -> list[float]:

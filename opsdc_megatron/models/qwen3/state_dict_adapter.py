@@ -28,19 +28,19 @@ stage's), loaded from the input embedding and not exported a second time.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
+from opsdc_megatron.models.hf_folder import IGNORED_HF_TENSORS, hf_tensor_headers
 from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
 
 Layout = Literal["replicated", "vocab", "row", "qkv", "gate_up"]
@@ -76,7 +76,6 @@ NAME_MAP: NameMap = {
 
 # Hugging Face tensors that carry no weights of their own: non-persistent RoPE tables some older
 # checkpoints saved, and lm_head when embeddings are tied (transformers also ignores it then).
-IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 _TIED_LM_HEAD = "lm_head.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 _EMBEDDING = "embedding.word_embeddings.weight"
@@ -242,50 +241,6 @@ def _expected_hf_shapes(layout: Layout, param: torch.Tensor, geo: _Geometry) -> 
     """Full HF shapes implied by this rank's parameter: the export conversion run on meta tensors."""
     meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
     return [t.shape for t in _from_shards(layout, [meta] * geo.tp_size, geo)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading Hugging Face tensors.
-
-
-class TensorHeader(NamedTuple):
-    """A tensor as its safetensors header describes it."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    """safetensors' name of the dtype: "BF16", "F32", ..."""
-    file: str
-    """The shard that holds it, relative to the folder."""
-
-
-def hf_tensor_headers(folder: str | Path) -> dict[str, TensorHeader]:
-    """Name -> header of every tensor in a Hugging Face folder (its shards' headers only, no data read).
-
-    Raises:
-        FileNotFoundError: no weights, or shards the index names are missing.
-        ValueError: a shard that is no safetensors file, or cut short.
-    """
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    missing_files = [file for file in files if not (folder / file).is_file()]
-    if missing_files:
-        raise FileNotFoundError(f"{index}: weight shards missing from {folder}: {missing_files}")
-    headers: dict[str, TensorHeader] = {}
-    for file in files:
-        try:
-            with safe_open(folder / file, framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    tensor = handle.get_slice(name)
-                    headers[name] = TensorHeader(tuple(tensor.get_shape()), tensor.get_dtype(), file)
-        except SafetensorError as error:  # e.g. a shard cut short by an interrupted download
-            raise ValueError(f"{folder / file}: not a readable safetensors file ({error})") from None
-    return headers
 
 
 def _open_source(source: HFSource) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
