@@ -480,28 +480,17 @@ def test_a_server_task_failing_at_start_fails_the_job_at_once_naming_it(server_s
     assert "did not answer within" not in text and "trainer started" not in text, text[-3000:]
 
 
-H100_SCRIPTS = ("qwen3_8b.sbatch", "qwen3_14b.sbatch", "qwen3_32b.sbatch")
-
-
-@pytest.fixture(scope="module")
-def h100_validations(cluster, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
-    """The H100 scripts in validation mode, submitted together: (exit status, job id, the job's folder) by script.
-    Submitted from the checkout's parent with a relative OPSDC_HOME (the default interpreter was then looked up
-    relative to the checkout, after the script's cd into it: not found)."""
-    folder = tmp_path_factory.mktemp("h100_validations")
-    jobs = {script: sbatch(cluster, script, folder / f"{script}.log", f"out_dir={folder / script / 'run'}",
-                           extra_env={"OPSDC_VALIDATE": "1", "OPSDC_HOME": ROOT.name}, submit_dir=ROOT.parent, wait=False)[1]
-            for script in H100_SCRIPTS}
-    return {script: (exit_status(cluster, job), job, folder / script) for script, job in jobs.items()}
-
-
 @pytest.mark.parametrize(
     "script, nodes, trainer_nodes, servers_per_node, gpus_per_server",
-    [(H100_SCRIPTS[0], 2, 1, 8, 1), (H100_SCRIPTS[1], 3, 2, 4, 2), (H100_SCRIPTS[2], 3, 2, 2, 4)],
+    [("qwen3_8b.sbatch", 2, 1, 8, 1), ("qwen3_14b.sbatch", 3, 2, 4, 2), ("qwen3_32b.sbatch", 3, 2, 2, 4)],
 )
-def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, h100_validations, script, nodes, trainer_nodes, servers_per_node, gpus_per_server):
-    status, job, run_folder = h100_validations[script]
-    text = (run_folder.parent / f"{script}.log").read_text()
+def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script, nodes, trainer_nodes, servers_per_node, gpus_per_server):
+    """Submitted from the checkout's parent with a relative OPSDC_HOME (the default interpreter was then
+    looked up relative to the checkout, after the script's cd into it: not found)."""
+    log = tmp_path / "validate.log"
+    status, job = sbatch(cluster, script, log, f"out_dir={tmp_path / 'run'}", extra_env={"OPSDC_VALIDATE": "1", "OPSDC_HOME": ROOT.name},
+                         submit_dir=ROOT.parent)
+    text = log.read_text()
     assert status == 0, text[-4000:]
     assert job_field(cluster, job, "NumNodes") == str(nodes)
     assert job_field(cluster, job, "TresPerNode") == "gres:gpu:8"
@@ -525,7 +514,7 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, h100_validations
     assert f"rollout.sglang.base_port={30000 + shift}" in servers and f"rollout.sglang.router_port={30999 + shift}" in router
     assert "rollout.sglang.server_urls=[" + ",".join(f"'{url}'" for url in worker_urls) + "]" in trainer
     assert "trainer inputs not checked here: model.hf_path: models/Qwen3-" in text  # no checkpoint on the test cluster
-    assert not (run_folder / "run" / "slurm_logs").exists()
+    assert not (tmp_path / "run" / "slurm_logs").exists()
 
 
 def test_bad_inputs_fail_in_the_job_before_any_step(cluster, toy, tmp_path):
