@@ -84,7 +84,7 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
         ConfigError, ValueError: naming the key, the folder or the model field.
     """
     from opsdc_megatron.config import load_config, read_saved_config
-    from opsdc_megatron.models.qwen3.model import transformer_config_from_hf
+    from opsdc_megatron.models.hf_config import check_hf_config
     from opsdc_megatron.train.run_folder import complete_checkpoints
 
     for override in overrides:
@@ -102,9 +102,9 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
             f"{out / 'train'} holds a run trained from {trained_from}, and the demo's base model is now {base} (the toy's code or "
             f"settings changed since): a rerun would resume that run and compare it with the new base model; remove {out}, or give another --out"
         )
-    transformer_config_from_hf(
+    check_hf_config(
         make_config(base_settings or BuildSettings(), build_toy_tokenizer()), recipe.parallel.tensor_parallel_size,
-        recipe.parallel.pipeline_parallel_size, virtual_pipeline_chunks=recipe.parallel.virtual_pipeline_chunks,
+        recipe.parallel.pipeline_parallel_size, recipe.parallel.virtual_pipeline_chunks,
     )
     from opsdc_megatron.launch.plan import check_sglang_servers_to_start
 

@@ -30,6 +30,7 @@ from opsdc_megatron.models.transformer_engine import keep_as_fp8_initial_value
 from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
 from opsdc_megatron.train.run_folder import BEST_EXPORT, LATEST, TRAINER_STATE, complete_checkpoints, step_of
 
+
 def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
     """One entry per model chunk; the tensors' keys carry global layer numbers, so a checkpoint
     saved at one tensor/pipeline/virtual-pipeline/data-parallel layout loads at any other.

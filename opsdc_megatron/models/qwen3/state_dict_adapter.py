@@ -74,8 +74,8 @@ NAME_MAP: NameMap = {
     "output_layer.weight": ("vocab", ("lm_head.weight",)),
 }
 
-# Hugging Face tensors that carry no weights of their own: non-persistent RoPE tables some older
-# checkpoints saved, and lm_head when embeddings are tied (transformers also ignores it then).
+# A Hugging Face tensor that carries no weights of its own when embeddings are tied (transformers also
+# ignores it then); the RoPE tables some older checkpoints saved are hf_folder.IGNORED_HF_TENSORS.
 _TIED_LM_HEAD = "lm_head.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 _EMBEDDING = "embedding.word_embeddings.weight"
