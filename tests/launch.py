@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,12 @@ from pathlib import Path
 import pytest
 
 WORKERS = Path(__file__).parent / "workers"
+
+
+def hangups_not_ignored() -> None:
+    """A suite run under nohup starts with SIGHUP ignored, and every process it starts inherits that: a hangup
+    sent by a test would be lost (the commands keep an ignored SIGHUP ignored, train/preemption.py)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import yaml
 from opsdc_megatron.cli import main
 from opsdc_megatron.demo import TEST_SEED, check_demo_inputs, run_demo
 from opsdc_megatron.toy.base_model import BuildSettings
-from tests.launch import run_opsdc
+from tests.launch import hangups_not_ignored, run_opsdc
 
 pytestmark = pytest.mark.parallel
 
@@ -107,6 +107,7 @@ def test_a_stop_signal_reaches_the_trainer_and_ends_the_demo_after_it(tmp_path):
 
     from opsdc_megatron.demo import run_training
 
+    hangups_not_ignored()  # tests/conftest.py restores the suite's handler
     stopped = tmp_path / "stopped"
     trainer = [sys.executable, "-c", "import signal, sys, time\n"
                f"def stop(*_):\n    open({str(stopped)!r}, 'w').write('checkpointed')\n    sys.exit(75)\n"

@@ -18,7 +18,7 @@ from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.prompts import load_prompts, write_prompts
 from opsdc_megatron.toy.base_model import BuildSettings, build_base_model
 from opsdc_megatron.toy.task import toy_prompts
-from tests.launch import run_opsdc
+from tests.launch import hangups_not_ignored, run_opsdc
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.eval
@@ -357,7 +357,8 @@ def test_a_termination_signal_ends_an_eval_through_its_cleanup(toy, trained, tmp
         "evaluate.generate_across_ranks = sample\nfrom opsdc_megatron.cli import main\nmain(sys.argv[1:])\n"
     )
     command = [sys.executable, "-c", sampling_forever, "eval", "--model", str(trained / "checkpoints"), "--data", str(data), "--out", str(tmp_path / "out")]
-    with subprocess.Popen(command, env=dict(os.environ, TMPDIR=str(temporary)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(command, env=dict(os.environ, TMPDIR=str(temporary)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=hangups_not_ignored) as proc:
         output = []
         for line in proc.stdout:
             output.append(line)

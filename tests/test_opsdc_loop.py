@@ -24,7 +24,7 @@ from opsdc_megatron.models.hf_folder import read_trained_steps
 from opsdc_megatron.prompts import write_prompts
 from opsdc_megatron.toy.task import TOY_INSTRUCTION, toy_prompts
 from opsdc_megatron.train.metrics import read_metrics
-from tests.launch import run_opsdc
+from tests.launch import hangups_not_ignored, run_opsdc
 from tests.tiny_models import save_toy_qwen3
 
 pytestmark = pytest.mark.parallel
@@ -491,10 +491,6 @@ def test_a_stop_before_the_first_step_saves_nothing_and_the_rerun_starts_afresh(
     assert (out / "final_hf" / "model.safetensors").is_file()
 
 
-def hangups_not_ignored() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
 @pytest.mark.stops
 @pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP], ids=["SIGUSR1", "SIGTERM", "SIGHUP"])
 def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tmp_path, stop_signal):
@@ -507,7 +503,7 @@ def test_a_stop_signal_to_opsdc_train_reaches_the_processes_it_started(setup, tm
     overrides = ("train.steps=20", "eval.every_steps=0", "checkpoint.save_every_steps=0", "parallel.tensor_parallel_size=2")
     command = [sys.executable, "-m", "opsdc_megatron.cli", "train", "recipes/toy_cpu.yaml", *train_args(setup, out, *overrides)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fork_guarded(out),
-                            preexec_fn=hangups_not_ignored)  # a suite run under nohup passes its ignored SIGHUP on
+                            preexec_fn=hangups_not_ignored)
     deadline = time.monotonic() + 300
     while not ((out / "metrics.jsonl").exists() and any(m["kind"] == "train" for m in read_metrics(out / "metrics.jsonl"))):
         assert proc.poll() is None and time.monotonic() < deadline, "no train step was logged"
