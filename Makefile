@@ -8,7 +8,7 @@ STAMP_SGLANG := $(VENV_SGLANG)/.installed
 # Every set-up script installs through these (uv, from the sources pip is configured with).
 INSTALLER := tools/uv_install.sh tools/pip_sources.py
 
-.PHONY: demo test env test-py312 env-sglang
+.PHONY: demo test env test-py312 env-py312 env-sglang
 
 $(STAMP): pyproject.toml tools/setup_env.sh $(INSTALLER)
 	PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -42,6 +42,8 @@ MEGATRON_TESTS := tests/test_model_parity.py tests/test_opsdc_loop.py tests/test
 
 $(STAMP312): pyproject.toml tools/setup_env_py312.sh $(INSTALLER)
 	PYTHON=$(PYTHON312) bash tools/setup_env_py312.sh
+
+env-py312: $(STAMP312)
 
 test-py312: $(STAMP312)
 	$(VENV312)/bin/python -m pytest -m "not gpu and not stops and not main_line" $(MEGATRON_TESTS)
