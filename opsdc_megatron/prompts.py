@@ -144,3 +144,11 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, instruction: 
         date_string=CHAT_TEMPLATE_DATE,
     )
     return list(ids)
+
+
+def prompt_opens_reasoning(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template leaves a reasoning block open where the response begins (its generation prompt
+    ends with `<think>`): the scorer must then read a response as starting inside it (`eval.scoring.final_part`)."""
+    from opsdc_megatron.eval.scoring import opens_reasoning
+
+    return opens_reasoning(tokenizer.decode(encode_prompt(tokenizer, "")))

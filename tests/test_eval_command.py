@@ -343,6 +343,21 @@ def test_megatron_checkpoint_evaluates_as_its_exported_folder(toy, trained, tmp_
     assert not list(temporary.iterdir())
 
 
+def test_dtype_auto_reads_a_checkpoint_s_own_dtype(toy, trained, tmp_path):
+    """`--dtype auto` samples in bf16 (on a GPU) when the weights are stored in bf16. A checkpoint's export keeps its
+    own tensors' dtype, fp32 here (recipes/toy_cpu.yaml), whatever its base model's config.json says (bf16 below):
+    sampling an fp32-trained checkpoint in bf16 would round away updates of lr 1e-6."""
+    from opsdc_megatron.eval.command import _stored_in_bf16
+
+    model, _ = toy
+    base = tmp_path / "bf16_base"
+    shutil.copytree(model, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert _stored_in_bf16(base, None)
+    assert not _stored_in_bf16(base, trained / "checkpoints" / "step_000001")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_termination_signal_ends_an_eval_through_its_cleanup(toy, trained, tmp_path, signum):
     """kill, or a closed ssh session, ended `opsdc eval` outright: the SGLang servers it started (in sessions

@@ -1,6 +1,6 @@
 import pytest
 
-from opsdc_megatron.prompts import PromptFileError, PromptRecord, load_prompts, write_prompts
+from opsdc_megatron.prompts import PromptFileError, PromptRecord, load_prompts, prompt_opens_reasoning, write_prompts
 
 
 def test_round_trip_keeps_extra_fields(tmp_path):
@@ -113,3 +113,17 @@ def test_prompt_tokens_do_not_depend_on_the_day():
 
     assert on(27) == on(28)
     assert tokenizer.decode(on(27)).startswith(CHAT_TEMPLATE_DATE.split()[0])
+
+
+def test_a_chat_template_that_opens_the_reasoning_block_is_seen():
+    """Qwen3-Thinking-2507's generation prompt ends with `<think>`: its responses start inside the block, and the
+    scorer must not read a response cut off there as answered (eval.scoring.final_part)."""
+    from opsdc_megatron.toy.tokenizer import CHAT_TEMPLATE, build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])
+    assert not prompt_opens_reasoning(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|> <think>{% endif %}")
+    assert prompt_opens_reasoning(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|> <think> </think>{% endif %}")
+    assert not prompt_opens_reasoning(tokenizer)  # a template that switches thinking off closes the block

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opsdc_megatron.eval.scoring import score
-from opsdc_megatron.eval.scoring import answer_line, last_boxed, normalize
+from opsdc_megatron.eval.scoring import answer_line, last_boxed, normalize, opens_reasoning, score_paths
 
 pytestmark = pytest.mark.eval
 
@@ -109,3 +109,41 @@ def test_helpers() -> None:
     assert answer_line("a\nAnswer : 5\nb") == "5"
     assert answer_line("no marker") is None
     assert normalize(" $17$. ") == "17"
+
+
+def test_only_what_follows_the_reasoning_block_answers() -> None:
+    """An Answer line or a box written while thinking is a draft: the final part after `</think>` decides."""
+    drafted = "<think>\nSo the answer: 41. Wait, let me recheck: 6*7=42.\n</think>\n\nThe product is $\\boxed{42}$."
+    assert score_paths(drafted, "42") == (False, True)
+    assert not score(drafted, "41")
+    assert not score("<think>\nAnswer: 41\n</think>\nI cannot decide.", "41")
+    assert score("<think>\n\\boxed{41}?\n</think>\nAnswer: 42", "42")
+
+
+def test_a_response_cut_off_while_thinking_has_no_answer() -> None:
+    assert not score("<think>\nMaybe it's \\boxed{41}? Hmm, let me recheck and", "41")
+    assert not score("<think>\nAnswer: 41\n</think>", "41")  # closed, then cut off before any answer
+    # a prompt that opened the block (the template's generation prompt ends with <think>): the response starts inside it
+    assert not score("Maybe it's \\boxed{41}? Hmm", "41", reasoning_open=True)
+    assert score("Maybe it's 41.\n</think>\n\\boxed{41}", "41", reasoning_open=True)
+    assert score("no block at all: \\boxed{41}", "41")
+
+
+def test_opens_reasoning() -> None:
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3 with thinking switched off
+    assert not opens_reasoning("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(("answer", "gold", "correct"), [
+    ("The answer is 5 or 7", "5", False),  # as `5 or 7` alone: math-verify picked one number of the sentence
+    ("The answer is 7 or 5", "7", False),
+    ("The answer is 12, but it could be 13", "12", False),
+    ("The answer is not 5", "5", False),
+    ("The answer is 12", "12", True),
+    ("The smallest n is 5", "5", True),
+    ("It is 12 apples", "12", True),  # a unit after the number, as in `12 apples`
+    ("The answer is $\\frac{1}{2}$", "1/2", True),
+])
+def test_an_answer_line_in_prose_is_what_the_sentence_gives(answer: str, gold: str, correct: bool) -> None:
+    assert score(f"Answer: {answer}", gold) is correct

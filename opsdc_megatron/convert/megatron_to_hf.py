@@ -113,7 +113,7 @@ def export_megatron_to_hf(
     reader = dcp.FileSystemReader(str(ckpt))
     metadata = reader.read_metadata()
     with torch.device("meta"):
-        stored_dtype = _stored_dtype(metadata, "embedding.word_embeddings.weight", ckpt)
+        stored_dtype = checkpoint_dtype(ckpt, metadata)
         model = build_gpt_model(config, 1, 1, params_dtype=stored_dtype, empty_on_host=True)  # meta, not a GPU
     geo = _Geometry(model)
     sharded = model.sharded_state_dict()
@@ -162,8 +162,10 @@ def export_in_this_process(
         destroy_distributed()
 
 
-def _stored_dtype(metadata: Metadata, key: str, ckpt: Path) -> torch.dtype:
-    entry = metadata.state_dict_metadata.get(key)
+def checkpoint_dtype(ckpt: Path, metadata: Metadata | None = None) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (its embedding's): what an export writes by default."""
+    key = "embedding.word_embeddings.weight"
+    entry = (metadata or dcp.FileSystemReader(str(ckpt)).read_metadata()).state_dict_metadata.get(key)
     if not isinstance(entry, TensorStorageMetadata):
         raise ConversionError(f"{ckpt}: no tensor {key!r} (not a GPT model checkpoint?)")
     return entry.properties.dtype

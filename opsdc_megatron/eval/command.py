@@ -62,9 +62,16 @@ def _missing_hf_files(path: Path, weights: bool) -> list[str]:
     ) if not ok]
 
 
-def _stored_in_bf16(folder: Path) -> bool:
-    """Whether config.json says the weights are bf16 (its `dtype`, or transformers 4's `torch_dtype`)."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+def _stored_in_bf16(model: Path, checkpoint: Path | None) -> bool:
+    """Whether the weights are stored in bf16: a megatron checkpoint's own tensors (its export keeps their dtype,
+    whatever the base model's config.json says), else config.json's `dtype` (transformers 4: `torch_dtype`)."""
+    if checkpoint is not None:
+        import torch
+
+        from opsdc_megatron.convert.megatron_to_hf import checkpoint_dtype
+
+        return checkpoint_dtype(checkpoint) == torch.bfloat16
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     return (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
 
 
@@ -181,7 +188,7 @@ def eval_command(args: argparse.Namespace) -> None:
                 raise ValueError(f"--hf-config is for a megatron checkpoint; --model {model} is a Hugging Face folder")
         hf_config = checkpoint_hf_config(checkpoint, args.hf_config) if checkpoint is not None else None
         if args.dtype == "auto":  # 8B+ models in fp32 leave a GPU little room for the KV cache; CPUs sample bf16 slowly
-            args.dtype = "bf16" if _stored_in_bf16(hf_config or model) and torch.cuda.is_available() else "fp32"
+            args.dtype = "bf16" if _stored_in_bf16(model, checkpoint) and torch.cuda.is_available() else "fp32"
         load_tokenizer(hf_config or model)  # has a chat template and an end-of-sequence token
         server_options = sglang_server_options(args) if args.engine == "sglang" else None
         layout, records = load_dataset_file(data, args.layout)

@@ -18,7 +18,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from opsdc_megatron.eval.results import SampleStore
 from opsdc_megatron.eval.scoring import score_paths
-from opsdc_megatron.prompts import PromptRecord, encode_prompt, load_tokenizer, stop_token_ids
+from opsdc_megatron.prompts import PromptRecord, encode_prompt, load_tokenizer, prompt_opens_reasoning, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 
@@ -111,6 +111,7 @@ def evaluate(
     `store` (one process only) keeps each finished sample and hands back those an interrupted run left.
     """
     prompt_ids = [encode_prompt(tokenizer, r.prompt, instruction) for r in records]
+    reasoning_open = prompt_opens_reasoning(tokenizer)
     done = store.finished() if store is not None else {}
     responses = []
     for sample in range(samples_per_prompt):
@@ -122,7 +123,7 @@ def evaluate(
         drawn = []
         for record, rollout in zip(records, rollouts):
             text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
-            answer_line_correct, boxed_correct = score_paths(text, record.answer)
+            answer_line_correct, boxed_correct = score_paths(text, record.answer, reasoning_open)
             drawn.append(ScoredResponse(
                 rollout.prompt_index, sample, len(rollout.response_ids), rollout.finish_reason == "length",
                 answer_line_correct or boxed_correct, answer_line_correct, boxed_correct, text,

@@ -11,7 +11,10 @@ Two steps decide whether an extracted answer equals the gold answer:
    numerically (`\\frac{3}{4}` = 0.75, `x^2+1` = `1+x^2`, `5^\\circ` = 5, sets, intervals, tuples).
 
 Extraction stays ours, not math-verify's: only the two paths the paper defines may answer, so a
-number in the middle of the reasoning never counts.
+number in the middle of the reasoning never counts. Nor does anything inside a reasoning block
+(`<think> ... </think>`, Qwen3's): both paths read what follows it, and a response cut off before it
+closes has no answer. An `Answer:` or a box written while thinking is a draft; counting it would give a
+cut-off response, or one whose final answer is wrong, a free second guess (most of all at the 8K budget).
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ _LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNOR
 """What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
 _HEDGES = frozenset("not no nor neither either maybe possibly perhaps".split())
 """Words between math spans that take the first one back or leave the answer open (`$2$, not $6$`)."""
+_PROSE_LEAD = re.compile(r"^(?:[A-Za-z']+\s+){1,8}?(?:is|are|equals)\s+(?=\S)", re.IGNORECASE)
+"""`The answer is`, `The smallest n is` opening a plain-text answer: what follows is the answer, checked as if alone
+(math-verify read the whole sentence, picking a number of `The answer is 5 or 7` that `5 or 7` alone does not give)."""
+_PLAIN_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]+")
+"""A word of plain text, not a LaTeX command's name (`\\not`, `\\neq`)."""
 _REMARK = re.compile(
     r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e\.g\.)\b.*$|\s+\(([^()]*)\)\.?$|(?<=\d)\.\s+(?-i:[A-Z]).*$", re.IGNORECASE
 )
@@ -80,6 +88,7 @@ _PERCENT_AT_END = re.compile(r"\\?%(?=\s*(?:\$|\\\)|\\\])?\s*\.?\s*$)")
 _VARIABLE = re.compile(r"^([a-zA-Z])=")
 """`x=5` (after normalize): the answer names its variable."""
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
+REASONING_OPEN, REASONING_CLOSE = "<think>", "</think>"
 PARSE_TIMEOUT_S = 5
 """math-verify's per-call limit (it uses SIGALRM, so only in the main thread; elsewhere no limit)."""
 
@@ -191,7 +200,9 @@ def _latex_candidate(answer: str) -> str | None:
         while answer < len(between) and _COPULA_AT_END.search(between[answer]):
             answer += 1
         return f"${contents[answer]}$"
-    text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
+    text = _PROSE_LEAD.sub("", _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", "")), count=1)
+    if (_HEDGES | {"but"}) & {word.lower() for word in _PLAIN_WORD.findall(text)}:
+        return None  # `5 or maybe 7`, `not 5`, `12, but it could be 13`: math-verify would pick a number
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
     qualified = _NUMBER_SPAN_THEN_WORDS.match(text)
@@ -285,11 +296,29 @@ def _equivalent(candidate: str, gold: str) -> bool:
     return verify(list(gold_parsed), list(candidate_parsed), timeout_seconds=_timeout_s())
 
 
-def score_paths(response: str, gold: str) -> tuple[bool, bool]:
-    """(the Answer line matches, the last box matches): single-format accuracies come from these."""
-    return answers_match(answer_line(response), gold), answers_match(last_boxed(response), gold)
+def opens_reasoning(prompt: str) -> bool:
+    """A chat-formatted prompt that ends inside a reasoning block (a template whose generation prompt ends with
+    `<think>`, as Qwen3-Thinking-2507's does): its responses start inside the block."""
+    return prompt.rfind(REASONING_OPEN) > prompt.rfind(REASONING_CLOSE)
 
 
-def score(response: str, gold: str) -> bool:
-    """Correct if the last Answer-line answer or the last boxed answer equals the gold answer."""
-    return answers_match(answer_line(response), gold) or answers_match(last_boxed(response), gold)
+def final_part(response: str, reasoning_open: bool = False) -> str:
+    """The part of a response that may answer: what follows its last `</think>`, the whole response when it has no
+    reasoning block, and nothing while a block is still open (`reasoning_open`: the prompt opened it)."""
+    close = response.rfind(REASONING_CLOSE)
+    if close >= 0:
+        return response[close + len(REASONING_CLOSE) :]
+    return "" if reasoning_open or REASONING_OPEN in response else response
+
+
+def score_paths(response: str, gold: str, reasoning_open: bool = False) -> tuple[bool, bool]:
+    """(the Answer line matches, the last box matches) in the response's `final_part`: single-format accuracies
+    come from these."""
+    answer = final_part(response, reasoning_open)
+    return answers_match(answer_line(answer), gold), answers_match(last_boxed(answer), gold)
+
+
+def score(response: str, gold: str, reasoning_open: bool = False) -> bool:
+    """Correct if the last Answer-line answer or the last boxed answer after any reasoning block equals the gold answer."""
+    answer = final_part(response, reasoning_open)
+    return answers_match(answer_line(answer), gold) or answers_match(last_boxed(answer), gold)

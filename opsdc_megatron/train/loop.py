@@ -31,7 +31,7 @@ from opsdc_megatron.models.hf_folder import save_hf_folder
 from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
-from opsdc_megatron.prompts import load_prompts, load_tokenizer, stop_token_ids
+from opsdc_megatron.prompts import load_prompts, load_tokenizer, prompt_opens_reasoning, stop_token_ids
 from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import best_candidate, load_checkpoint, record_trainer_state, save_checkpoint, settle_best_export
@@ -82,6 +82,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     rank0 = dist.get_rank() == 0
     tokenizer = load_tokenizer(config.model.hf_path)
     prompts = PromptStream(load_prompts(config.data.train_prompts), tokenizer, config)
+    reasoning_open = prompt_opens_reasoning(tokenizer)  # for the rollouts' accuracy
     eval_records = load_prompts(config.data.eval_prompts)[: config.eval.max_prompts] if config.eval.every_steps else []
 
     hf_config = AutoConfig.from_pretrained(config.model.hf_path)
@@ -202,7 +203,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         log.write({
             "step": step, "kind": "train", "loss": result.loss, "grad_norm": result.grad_norm,
             "mean_response_tokens": sum(lengths) / len(lengths),
-            "rollout_accuracy": sum(score(t, b.record.answer) for t, b in zip(texts, batch)) / len(batch),
+            "rollout_accuracy": sum(score(t, b.record.answer, reasoning_open) for t, b in zip(texts, batch)) / len(batch),
             "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             "response_tokens_per_s": sum(lengths) / elapsed, "rollout_s": rollout_s, "step_s": elapsed,
             "teacher_refreshed": refreshed, "teacher_age_steps": teacher.age_steps,
