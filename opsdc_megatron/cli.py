@@ -66,6 +66,20 @@ def preflight(config: RunConfig) -> None:
         load_prompts(config.data.eval_prompts)
 
 
+def check_local_gpus(config: RunConfig) -> None:
+    """Without a launcher every rank runs on this machine, each on a GPU of its own where there are GPUs: more
+    ranks than GPUs failed one by one in torch.cuda.set_device, after each had spent seconds importing."""
+    import torch
+
+    gpus, p = torch.cuda.device_count(), config.parallel
+    if gpus and config.world_size > gpus:
+        raise ValueError(
+            f"the layout needs {config.world_size} processes, one GPU each (parallel: tensor {p.tensor_parallel_size} x pipeline "
+            f"{p.pipeline_parallel_size} x data {p.data_parallel_size}), and this machine has {gpus} GPUs: launch it across nodes "
+            "(slurm/*.sbatch, python -m opsdc_megatron.launch) or choose a smaller layout"
+        )
+
+
 def train_command(recipe: str, overrides: list[str]) -> None:
     under_launcher = "LOCAL_RANK" in os.environ
     preemption = PreemptionWatch()  # first: a stop signal during the checks below is recorded, not fatal
@@ -73,6 +87,7 @@ def train_command(recipe: str, overrides: list[str]) -> None:
         config = load_config(recipe, overrides)
         if not under_launcher:
             preflight(config)
+            check_local_gpus(config)
             from opsdc_megatron.launch.plan import check_sglang_servers_to_start
 
             check_sglang_servers_to_start(config)

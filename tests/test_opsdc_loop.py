@@ -155,21 +155,29 @@ def test_the_student_samples_the_plain_prompt_and_the_loss_is_the_reverse_kl_to_
     assert abs(token_mean.item() - rollout_mean.item()) > 1e-3 * objective.item(), "the two normalizations agree here"
 
 
-def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_during", ["optimizer_step", "weight_push"])
+def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, tmp_path, monkeypatch, stop_during):
     """In this process, TP=1, an eval every step (each scoring better, stood in for), no periodic checkpoints.
-    Run 1 stops right after its last step's optimizer step: the checkpoint defers that step's eval. Run 2
-    redoes it; no later save comes. Candidates of best_hf never pile up (one full model copy each, until a
-    checkpoint), and the redone eval's best reaches best_hf and the checkpoint's state (it stayed a
-    best_hf.step_N candidate, the eval pending again at every rerun)."""
+    Run 1 stops at its last step, seen right after the optimizer step or only after the weight push (a signal
+    that came during it): the checkpoint defers that step's eval (it ran before, and can outlast a time limit's
+    signal margin). Run 2 redoes it; no later save comes. Candidates of best_hf never pile up (one full model
+    copy each, until a checkpoint), and the redone eval's best reaches best_hf and the checkpoint's state (it
+    stayed a best_hf.step_N candidate, the eval pending again at every rerun)."""
     from dataclasses import replace
 
     from opsdc_megatron.cli import main
+    from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
     from opsdc_megatron.train import loop
     from opsdc_megatron.train.preemption import PreemptionWatch
 
     out = tmp_path / "run"
     real_evaluate, real_step, real_requested = loop.evaluate, loop.optimizer_step, PreemptionWatch.requested
-    candidates_seen, steps_done, stop_after = [], [], [4]
+    real_push = HFRolloutEngine.update_weights
+    candidates_seen, steps_done, pushed_steps, stop_after = [], [], [], [4]
+
+    def push(engine, weights, version):
+        real_push(engine, weights, version)
+        pushed_steps.extend([version] if version else [])  # not the launch weights' push
 
     def evaluate(*args, **kwargs):
         candidates_seen.append(sorted(p.name for p in out.glob("best_hf.step_*")))
@@ -182,12 +190,15 @@ def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, 
 
     monkeypatch.setattr(loop, "evaluate", evaluate)
     monkeypatch.setattr(loop, "optimizer_step", step)
-    monkeypatch.setattr(PreemptionWatch, "requested", lambda watch: len(steps_done) == stop_after[0] or real_requested(watch))
+    monkeypatch.setattr(HFRolloutEngine, "update_weights", push)
+    done = steps_done if stop_during == "optimizer_step" else pushed_steps
+    monkeypatch.setattr(PreemptionWatch, "requested", lambda watch: len(done) == stop_after[0] or real_requested(watch))
     args = ["train", "recipes/toy_cpu.yaml", *train_args(setup, out, "train.steps=4", "eval.every_steps=1", "checkpoint.save_every_steps=0",
                                                           "parallel.tensor_parallel_size=1")]
     with pytest.raises(SystemExit) as stopped:
         main(args)
     assert stopped.value.code == 75
+    assert len(candidates_seen) == 4 and pushed_steps == [1, 2, 3, 4][: len(pushed_steps)]  # the evals of steps 0-3
     stop_after[0] = -1
     main(args)
     assert max(len(seen) for seen in candidates_seen) <= 1, candidates_seen
@@ -536,6 +547,15 @@ def test_bad_input_fails_before_anything_is_written(setup, tmp_path, capsys, ref
     status, _, error = run_opsdc(capsys, "train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}", f"model.hf_path={setup / 'model'}",
                                  f"data.train_prompts={setup / 'train.jsonl'}", f"data.eval_prompts={setup / 'eval.jsonl'}", *overrides)
     assert status == 2 and message in error and "Traceback" not in error, error[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_layout_with_more_ranks_than_this_machines_gpus_is_refused(setup, tmp_path, capsys, refused_before_start, monkeypatch):
+    """Without a launcher, one GPU per rank on this machine (a GPU machine stood in for: the count is what is checked)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    status, _, error = run_opsdc(capsys, "train", "recipes/toy_cpu.yaml", f"out_dir={tmp_path / 'run'}", f"model.hf_path={setup / 'model'}",
+                                 f"data.train_prompts={setup / 'train.jsonl'}", f"data.eval_prompts={setup / 'eval.jsonl'}", "parallel.data_parallel_size=2")
+    assert status == 2 and "the layout needs 4 processes, one GPU each (parallel: tensor 2 x pipeline 1 x data 2), and this machine has 2 GPUs" in error
     assert not (tmp_path / "run").exists()
 
 

@@ -208,6 +208,8 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             "response_tokens_per_s": sum(lengths) / elapsed, "rollout_s": rollout_s, "step_s": elapsed,
             "teacher_refreshed": refreshed, "teacher_age_steps": teacher.age_steps,
         })
+        if eval_due and not stopping and preemption.requested():  # a stop during the push: no eval, as above
+            stopping = state["eval_pending"] = True
         if eval_due and not stopping:
             run_eval(step)
         if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
