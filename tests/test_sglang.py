@@ -711,6 +711,53 @@ def test_a_port_in_use_is_refused_before_any_server_starts(tiny_model: Path) -> 
         assert not fleet.servers[0].alive()
 
 
+def _live_processes_in_group(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (an orphan's zombie waits for whoever reaps it)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def test_servers_stop_when_the_process_that_started_them_dies(tmp_path: Path) -> None:
+    """A trainer ended by SIGKILL (the OOM killer, torchrun ending a hung rank) runs no cleanup, and its servers
+    are in sessions of their own: they kept their GPUs' memory and ports, and the next run could not start. Now
+    the orphan guard stops the whole group. A stand-in server that forks a worker, as SGLang's does."""
+    import subprocess
+    import sys
+    import textwrap
+
+    starter = textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from opsdc_megatron.rollout.sglang.launcher import ManagedProcess
+        server = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(600)"]
+        process = ManagedProcess("stand-in", server, dict(os.environ), Path({str(tmp_path / 'server.log')!r}), "http://127.0.0.1:1/")
+        process.start()
+        print(process.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    try:
+        group = int(trainer.stdout.readline())
+        deadline = time.monotonic() + 60
+        while len(_live_processes_in_group(group)) < 3 and time.monotonic() < deadline:  # guard, server, its worker
+            time.sleep(0.1)
+        assert len(_live_processes_in_group(group)) == 3, (tmp_path / "server.log").read_text()
+    finally:
+        trainer.kill()
+        trainer.wait()
+    deadline = time.monotonic() + 30
+    while _live_processes_in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _live_processes_in_group(group), "the servers outlived the process that started them"
+
+
 def test_fleet_refuses_missing_model_or_interpreter(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         ServerFleet(cpu_settings(str(tmp_path)), 1)
@@ -754,6 +801,11 @@ def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_m
         start.trainer_fleet_settings(config, one_node)
     config.rollout.sglang.mem_fraction_static = 0.3
     assert start.trainer_fleet_settings(config, one_node).mem_fraction_static == 0.3
+    config.rollout.sglang.weight_transport = "distributed"
+    with pytest.raises(ConfigError, match="server 0 would be two ranks of one NCCL group on GPU 0"):
+        start.trainer_fleet_settings(config, one_node)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # gloo on CPU takes any layout
+    assert start.trainer_fleet_settings(config, one_node).on_cpu
 
 
 def test_opsdc_train_starts_pushes_to_and_stops_its_own_server(tmp_path: Path, behind_dead_proxy: None) -> None:

@@ -3,7 +3,9 @@
 Each server runs `python -m sglang.launch_server` from its own virtual environment (.venv-sglang,
 made by tools/setup_sglang.sh: SGLang pins another torch than the trainer). Every server lives in
 its own process group, so stopping it (SIGTERM, then SIGKILL after a grace period) also ends the
-scheduler and detokenizer processes it forks; nothing is left running when a test fails.
+scheduler and detokenizer processes it forks; nothing is left running when a test fails. The group
+is started through `orphan_guard.py`, which stops it in the same way when the process that started
+it dies without stopping it (SIGKILL, the OOM killer).
 
 Placement: server i listens on host:(base_port + i) and, with GPUs, gets the GPU group
 [i * tp, (i + 1) * tp) of this node. On a SLURM cluster the job's own server step runs the same
@@ -22,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 from collections.abc import Iterable
@@ -34,6 +37,7 @@ import torch
 from opsdc_megatron.rollout.sglang.client import free_port, open_direct
 
 CPU_STUB_DIR = Path(__file__).resolve().parent / "cpu_stub"
+ORPHAN_GUARD = Path(__file__).resolve().parent / "orphan_guard.py"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_SGLANG_PYTHON = REPO_ROOT / ".venv-sglang" / "bin" / "python"
 STOP_GRACE_S = 30.0
@@ -118,6 +122,7 @@ class ManagedProcess:
     def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path, ready_url: str) -> None:
         self.name, self.command, self.env, self.log_path, self.ready_url = name, command, env, log_path, ready_url
         self.process: subprocess.Popen | None = None
+        self._lifeline: int | None = None  # the write end of the orphan guard's stdin: closed, the guard stops the group
 
     def refuse_taken_port(self) -> None:
         """Another run's server on this port would answer the readiness probe (SGLang binds its port
@@ -137,11 +142,22 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} is already running (pid {self.process.pid})")
         self.refuse_taken_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
-            self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+        self._close_lifeline()
+        read_end, self._lifeline = os.pipe()  # not inheritable: no other child of this process keeps it open
+        try:
+            with open(self.log_path, "ab") as log:
+                log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
+                self.process = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(ORPHAN_GUARD), str(STOP_GRACE_S), *self.command],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=read_end, start_new_session=True,
+                )
+        finally:
+            os.close(read_end)
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -171,6 +187,7 @@ class ManagedProcess:
             except ProcessLookupError:
                 pass
             self.process.wait(timeout=STOP_GRACE_S)
+        self._close_lifeline()
 
     def stop(self) -> None:
         """SIGTERM to the process group, SIGKILL after STOP_GRACE_S."""
@@ -192,6 +209,7 @@ class ManagedProcess:
         except ProcessLookupError:
             pass
         self.process.wait(timeout=STOP_GRACE_S)
+        self._close_lifeline()
 
 
 class SGLangServer(ManagedProcess):

@@ -72,7 +72,8 @@ def trainer_fleet_settings(config: RunConfig, environ: Mapping[str, str] = os.en
     They listen on loopback when every trainer rank is on this node, else on this node's address
     (torchrun's WORLD_SIZE > LOCAL_WORLD_SIZE), which the other nodes' ranks send rollouts to.
     On GPUs they share the trainer's GPUs, so the memory fraction they take must be stated:
-    SGLang's default takes most of each GPU and the trainer would run out of memory.
+    SGLang's default takes most of each GPU and the trainer would run out of memory; and the NCCL
+    weight push cannot reach them (an NCCL group takes one rank per GPU).
     """
     settings = server_settings(config)
     world_ranks = int(environ.get("WORLD_SIZE", "1"))
@@ -90,6 +91,13 @@ def trainer_fleet_settings(config: RunConfig, environ: Mapping[str, str] = os.en
             "rollout.sglang.mem_fraction_static is required when the trainer starts its SGLang servers on its own GPUs "
             "(SGLang's default takes most of each GPU's memory, leaving the trainer none): set the fraction the servers "
             "may use, e.g. 0.3, or start them on their own nodes (slurm.rollout_nodes, or rollout.sglang.server_urls)"
+        )
+    if not settings.on_cpu and config.rollout.sglang.weight_transport == "distributed":
+        raise ConfigError(
+            "rollout.sglang.weight_transport=distributed cannot reach servers the trainer starts on its own GPUs: trainer "
+            "rank 0 and server 0 would be two ranks of one NCCL group on GPU 0, which NCCL refuses ('Duplicate GPU "
+            "detected'); use tensor (shared memory, for servers beside the trainer) or disk, or start the servers on "
+            "their own nodes (slurm.rollout_nodes, or rollout.sglang.server_urls)"
         )
     return settings
 
