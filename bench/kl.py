@@ -47,6 +47,9 @@ How memory is measured:
   the code runs normally). V defaults to 32768 on CPU.
 
 Usage: ``python bench/kl.py [--device cpu|cuda] [--vocab V] [--hidden H] [--tokens 1024 4096 8192] [--reps N]``.
+``--profile IMPL ...`` runs, instead of the tables, one step of each named case (``ours``, ``fused``, ...) at each T
+under ``torch.profiler`` and prints where its time goes, kernel by kernel, and how much of the step's wall time no
+kernel ran (Python, launches, waits): what a gap between the measured time and the floor is made of.
 ``python bench/kl.py --case IMPL T V`` runs one CPU case and prints one JSON line (used by the
 driver and by tests/test_kl.py).
 """
@@ -264,6 +267,45 @@ def measure_cpu_output_case(impl: str, tokens: int, vocab: int, hidden: int, rep
     return _output_result(impl, tokens, vocab, hidden, min(times) if times else 0.0, extra, grad_bytes)
 
 
+def profile_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -> str:
+    """One step of ``impl`` under ``torch.profiler`` after a warm-up: the ops and kernels by their own time,
+    then the step's wall time against the time kernels ran (CUDA; on CPU, the time ops ran)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if impl in OUTPUT_IMPLS:
+        step = _output_case(impl, tokens, vocab, hidden, device)[0]
+    else:
+        fn, (student, teacher) = FUNCTIONS[impl], _inputs(tokens, vocab, device)
+
+        def step() -> None:
+            _step(fn, student, teacher)
+            student.grad = None
+
+    cuda = device == "cuda"
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    step()
+    synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
+        start = time.perf_counter()
+        step()
+        synchronize()
+        wall_s = time.perf_counter() - start
+    events = profiler.key_averages()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # On CUDA the device's own events (kernels, copies), as the table's total counts them; on CPU ops nest, so the
+    # top-level ones.
+    busy_us = sum(
+        event.self_device_time_total for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation
+    ) if cuda else sum(event.cpu_time_total for event in profiler.events() if event.cpu_parent is None)
+    del step
+    if cuda:
+        torch.cuda.empty_cache()
+    return (f"{impl}, T = {tokens}, V = {vocab}{f', hidden {hidden}' if impl in OUTPUT_IMPLS else ''}: "
+            f"{wall_s * 1e3:.2f} ms wall under the profiler, {busy_us / 1e3:.2f} ms in {'kernels' if cuda else 'ops'}, "
+            f"{max(0.0, wall_s * 1e3 - busy_us / 1e3):.2f} ms in neither\n{events.table(sort_by=sort_by, row_limit=15)}")
+
+
 def cuda_copy_bandwidth(bytes_: int = 4 << 30) -> float:
     """Device-to-device copy, bytes read + written per second (best of 10)."""
     source = torch.empty(bytes_ // 2, dtype=torch.uint8, device="cuda")
@@ -281,6 +323,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None, help=f"hidden size of the output-layer table (4096 on CUDA, {CPU_HIDDEN} on CPU)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", nargs="+", default=[], choices=sorted({*FUNCTIONS, *OUTPUT_IMPLS} - {"compiled", *MEMORY_ONLY_IMPLS}),
+                        metavar="IMPL", help="instead of the tables: one step of each IMPL at each T under torch.profiler")
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "T", "V"), help="internal: one CPU case, JSON out")
     args = parser.parse_args()
     if args.case:
@@ -293,7 +337,12 @@ def main() -> None:
             print(json.dumps(measure_cpu_case(impl, tokens, vocab, args.reps)))
         return
     cuda = args.device == "cuda"
-    vocab = args.vocab or (151936 if cuda else 32768)
+    vocab, hidden = args.vocab or (151936 if cuda else 32768), args.hidden or (4096 if cuda else CPU_HIDDEN)
+    if args.profile:
+        for tokens in args.tokens:
+            for impl in args.profile:
+                print(profile_case(impl, tokens, vocab, hidden, args.device), flush=True)
+        return
     device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"reverse KL fwd+bwd, bf16 logits [T, {vocab}], {device_name}, torch {torch.__version__}")
     bandwidth = cuda_copy_bandwidth() if cuda else None
@@ -315,7 +364,6 @@ def main() -> None:
                 f"{r['extra_bytes'] / base['extra_bytes']:.3f} |{floor}",
                 flush=True,
             )
-    hidden = args.hidden or (4096 if cuda else CPU_HIDDEN)
     print(f"\noutput layer + reverse KL fwd+bwd, hidden {hidden}, bf16; extra memory includes the hidden and weight gradients "
           "(fused: the weight's is in megatron DDP's preallocated fp32 main_grad, not counted)")
     print("| T | impl | time | TFLOP/s (matmuls) | extra memory | x bf16 logits | w/o grads x logits | time / matmuls |")

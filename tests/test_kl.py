@@ -443,3 +443,17 @@ def test_peak_extra_memory_with_grad_in_place_at_most_0_25x_bf16_logits() -> Non
     temporaries and the statistics remain (measured 0.20x: forward's three fp32 tile buffers)."""
     result = _measured_memory("ours_grad_in_place", 4096, 32000)
     assert result["extra_bytes"] / result["logits_bytes"] <= 0.25, result
+
+
+@pytest.mark.kl
+def test_bench_profile_says_where_a_step_spends_its_time() -> None:
+    """`bench/kl.py --profile`: what the GPU check runs to split a step's time into kernels and the rest."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kl.py"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--device", "cpu", "--tokens", "64", "--vocab", "2048", "--hidden", "64", "--profile", "ours", "fused"],
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ours, T = 64, V = 2048: " in proc.stdout and "fused, T = 64, V = 2048, hidden 64: " in proc.stdout
+    assert "_VocabParallelKLBackward" in proc.stdout and "_FusedOutputReverseKL" in proc.stdout  # the ops' table
+    assert proc.stdout.count(" ms in ops, ") == 2

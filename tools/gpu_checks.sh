@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check that needs neither Transformer Engine nor a CUDA SGLang, in one go on one GPU:
 # the tests in tests/gpu (each skips with its reason what this machine lacks), then bench/kl.py at
-# T = 8192 and bench/step.py at Qwen3-8B's width. Logs go to OUT_DIR (default gpu_checks/).
+# T = 8192 (the tables, then its --profile of ours and fused) and bench/step.py at Qwen3-8B's width. Logs go to OUT_DIR (default gpu_checks/).
 #
 #   bash tools/gpu_checks.sh [OUT_DIR]
 #
@@ -22,6 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 status=0
 timeout 1200 "$python" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
 timeout 300 "$python" bench/kl.py --tokens 8192 --reps 5 2>&1 | tee "$out/kl.log" || status=1
+# Where the unfused step's time beyond its two kernels goes (bench/RESULTS.md: 3.65 ms against 1.52 + 1.83 ms)
+timeout 120 "$python" bench/kl.py --tokens 8192 --profile ours fused 2>&1 | tee "$out/kl_profile.log" || status=1
 timeout 300 "$python" bench/step.py --dtype bf16 --hidden 4096 --vocab 151936 --layers 8 --sequences 16 \
     --response-tokens 1024 --micro-batch 4 --reps 3 2>&1 | tee "$out/step.log" || status=1
 exit $status
