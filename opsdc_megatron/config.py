@@ -345,7 +345,7 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
     return config
 
 
-def _check_text_fields(schema: DictConfig, data: dict, recipe: Path, prefix: str = "") -> None:
+def _check_text_fields(schema: DictConfig, data: dict, recipe: Path | str, prefix: str = "") -> None:
     """A text field given a number or a boolean: YAML 1.1 read the text as that (`off` is False, `1.10` is
     1.1, `0123` is 83) and OmegaConf would have stored its str(), not what the recipe says."""
     for key, value in data.items():
@@ -373,10 +373,13 @@ def _apply_override(merged: DictConfig, key: str, value: str, source: str) -> Di
         OmegaConf.update(merged, key, None if value in ("", "null") else value, merge=True)
         return merged
     try:  # parsed here, not by OmegaConf, whose interpolation grammar would refuse an unbalanced `${`
-        OmegaConf.update(merged, key, _escaped(yaml.safe_load(value)), merge=True)
-        return merged
+        parsed = yaml.load(value, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: malformed YAML value: {getattr(error, 'problem', None) or error}") from None
+    if isinstance(node, DictConfig) and isinstance(parsed, dict):  # a section as a mapping: checked as a recipe's is
+        _check_text_fields(node, parsed, source, f"{key}.")
+    OmegaConf.update(merged, key, _escaped(parsed), merge=True)
+    return merged
 
 
 def _as_text(value: str) -> str:

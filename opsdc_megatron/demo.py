@@ -88,7 +88,8 @@ def check_demo_inputs(out: Path, cache: Path, overrides: list[str] = (), base_se
     from opsdc_megatron.train.run_folder import complete_checkpoints
 
     for override in overrides:
-        if override.split("=", 1)[0].strip() in DEMO_KEYS:
+        key = override.split("=", 1)[0].strip()
+        if key in DEMO_KEYS or any(demo_key.startswith(f"{key}.") for demo_key in DEMO_KEYS):  # also `data={...}`
             raise ValueError(f"{override}: the demo sets {', '.join(DEMO_KEYS)} itself (its folders: --out, --cache)")
     check_output_folder(out, "--out")
     check_output_folder(cache, "--cache")

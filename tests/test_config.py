@@ -139,6 +139,17 @@ def test_text_fields_given_other_yaml_types_are_refused(tmp_path, section, key, 
     assert getattr(getattr(load_config(recipe, []), section), key) == value
 
 
+@pytest.mark.parametrize("override, message", [
+    ("distill={instruction: off}", "override 'distill={instruction: off}': distill.instruction: expected text, YAML reads the value as the boolean False"),
+    ("rollout.sglang={python: 1.10}", "rollout.sglang.python: expected text, YAML reads the value as the float 1.1"),
+    ("train={steps: 1, steps: 2}", "override 'train={steps: 1, steps: 2}': malformed YAML value: key 'steps' appears twice in one mapping"),
+])
+def test_a_section_given_as_a_mapping_is_checked_as_a_recipe_is(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, ""), ["out_dir=x", override])
+    assert load_config(write(tmp_path, ""), ["out_dir=x", "distill={instruction: 'off'}"]).distill.instruction == "off"
+
+
 def test_override_values_are_taken_as_written(tmp_path):
     """A scalar override is its text, converted to the field's type: YAML would cut a string at '#',
     fail on ': ' and turn 1:30 into 90 (the paper's instruction holds 'Answer: $Answer')."""

@@ -68,7 +68,9 @@ def test_opsdc_eval_reproduces_the_demo_numbers(demo, tmp_path):
      ("rollout.sglang.python=/nonexistent/python", "rollout.sglang.python: SGLang interpreter /nonexistent/python not found"),
      # the demo's own paths: training went elsewhere, or from another model, and the evaluations read the demo's
      ("out_dir=elsewhere", "out_dir=elsewhere: the demo sets out_dir, model.hf_path, data.train_prompts, data.eval_prompts itself"),
-     ("model.hf_path=/nonexistent", "model.hf_path=/nonexistent: the demo sets")],
+     ("model.hf_path=/nonexistent", "model.hf_path=/nonexistent: the demo sets"),
+     ("data={train_prompts: other.jsonl}", "data={train_prompts: other.jsonl}: the demo sets"),  # a section as a mapping
+     ("distill={instruction: off}", "distill.instruction: expected text, YAML reads the value as the boolean False")],
 )
 def test_bad_overrides_are_refused_before_anything_is_built(tmp_path, capsys, override, message):
     """Before the base model (~7 min on a fresh machine) or any file: one line, exit status 2. Also a missing

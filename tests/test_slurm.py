@@ -500,14 +500,17 @@ def test_h100_scripts_validate_on_the_fake_gpu_cluster(cluster, tmp_path, script
     assert sorted(steps) == ["sglang_router", "sglang_servers", "trainer"]
     assert all(f"--job-name={name}" in command for name, command in steps.items())
     trainer = steps["trainer"]
-    assert {f"--nodes={trainer_nodes}", "--relative=1", "--ntasks-per-node=8", f"--ntasks={8 * trainer_nodes}", "--gpus-per-node=8"} <= set(trainer)
+    # placed by host name: the job's node list is sorted by name, a step's --relative index follows slurm.conf's order
+    hosts = subprocess.run(["scontrol", "show", "hostnames", job_field(cluster, job, "NodeList")], env=cluster, capture_output=True, text=True).stdout.split()
+    assert len(hosts) == nodes and not any("--relative" in arg for command in steps.values() for arg in command)
+    assert {f"--nodes={trainer_nodes}", f"--nodelist={','.join(hosts[1:])}", "--ntasks-per-node=8", f"--ntasks={8 * trainer_nodes}", "--gpus-per-node=8"} <= set(trainer)
     assert "-m opsdc_megatron.cli train" in trainer[trainer.index("-c") + 1]
     servers = steps["sglang_servers"]
-    assert {"--nodes=1", "--relative=0", f"--ntasks-per-node={servers_per_node}", f"--ntasks={servers_per_node}", "--gpus-per-node=8"} <= set(servers)
+    assert {"--nodes=1", f"--nodelist={hosts[0]}", f"--ntasks-per-node={servers_per_node}", f"--ntasks={servers_per_node}", "--gpus-per-node=8"} <= set(servers)
     assert servers[servers.index("-m") + 1 : servers.index("-m") + 5] == ["opsdc_megatron.launch.sglang_step", "server", "--recipe", f"recipes/{script.replace('.sbatch', '.yaml')}"]
     assert f"rollout step: 1 node(s) x {servers_per_node} SGLang server(s), rollout.sglang.tensor_parallel_size={gpus_per_server}" in text
     router = steps["sglang_router"]
-    assert "opsdc_megatron.launch.sglang_step" in router and "router" in router
+    assert "opsdc_megatron.launch.sglang_step" in router and "router" in router and f"--nodelist={hosts[0]}" in router
     worker_urls = router[router.index("--worker-urls") + 1].split(",")
     shift = int(job) % 20 * 100  # jobs sharing a node do not share SGLang ports
     assert worker_urls == [f"http://127.0.0.1:{30000 + shift + i}" for i in range(servers_per_node)]

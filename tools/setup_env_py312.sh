@@ -13,7 +13,7 @@ if [ -z "${PYTHON:-}" ]; then
         PYTHON=python3.12
     else
         root=${PYENV_ROOT:-$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")}
-        PYTHON=$(ls -d "$root"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1)
+        PYTHON=$(ls -d "$root"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1 || true)  # ls fails on no match
         [ -n "$PYTHON" ] || { echo "setup_env_py312.sh: no python3.12 on PATH and none under $root/versions; set PYTHON312=/path/to/python3.12" >&2; exit 1; }
     fi
 fi

@@ -40,7 +40,7 @@ export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
 export MASTER_ADDR=$SLURM_LAUNCH_NODE_IPADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000)) OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 export CUDA_DEVICE_MAX_CONNECTIONS=${{CUDA_DEVICE_MAX_CONNECTIONS:-1}} TORCH_NCCL_ASYNC_ERROR_HANDLING=${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}}
-cd {home}
+cd {home} || {{ echo "opsdc launch: no {home} on $(hostname): the checkout must be at the same path on every node and in the container" >&2; exit 2; }}
 exec {python} -m opsdc_megatron.cli train {recipe}
 """
 
