@@ -553,6 +553,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang.mem_fraction_static must be in (0, 1] or null, got {servers.mem_fraction_static}")
     if servers.max_total_tokens is not None and servers.max_total_tokens < 1:
         raise ConfigError(f"rollout.sglang.max_total_tokens must be >= 1 or null, got {servers.max_total_tokens}")
+    longest_response = max(config.rollout.max_response_tokens, config.eval.max_response_tokens if config.eval.every_steps else 0)
+    if config.rollout.engine == "sglang" and servers.max_total_tokens is not None and servers.max_total_tokens < config.data.max_prompt_tokens + longest_response:
+        raise ConfigError(  # else the servers refuse the first request that long, mid-run
+            f"rollout.sglang.max_total_tokens ({servers.max_total_tokens}, the servers' KV cache) must hold the longest request: "
+            f"data.max_prompt_tokens + the longest of rollout.max_response_tokens and eval.max_response_tokens = "
+            f"{config.data.max_prompt_tokens + longest_response}"
+        )
     last_server_port = servers.base_port + servers.num_servers - 1
     if not 1 <= servers.base_port <= last_server_port <= 65535:
         raise ConfigError(f"rollout.sglang.base_port: servers listen on base_port .. base_port + num_servers - 1, which must be ports "

@@ -555,8 +555,9 @@ def test_unreachable_failing_dying_and_silent_servers_fail_fast() -> None:
 
 def _stub_server(model_path: Path) -> tuple[str, dict, http.server.ThreadingHTTPServer]:
     """An SGLang stand-in for the engine's bookkeeping: /health (503 unless state["healthy"]), /model_info, and
-    disk pushes, which move its model path to the pushed folder, as SGLang's do."""
-    state = {"model_path": str(model_path), "version": "0", "healthy": True, "model_info_status": 200}
+    disk pushes, which move its model path to the pushed folder, as SGLang's do. With state["hang"], a /generate
+    request hangs the server: it never answers, and /health fails from then on."""
+    state = {"model_path": str(model_path), "version": "0", "healthy": True, "model_info_status": 200, "hang": False}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self, status: int, body: dict) -> None:
@@ -574,6 +575,9 @@ def _stub_server(model_path: Path) -> tuple[str, dict, http.server.ThreadingHTTP
 
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            if self.path == "/generate" and state["hang"]:
+                state["healthy"] = False
+                time.sleep(3600)
             if self.path == "/update_weights_from_disk":
                 state.update(model_path=body["model_path"], version=body["weight_version"])
             self._answer(200, {"success": True})
@@ -584,6 +588,33 @@ def _stub_server(model_path: Path) -> tuple[str, dict, http.server.ThreadingHTTP
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", state, server
+
+
+def test_requests_abandoned_on_a_hung_server_do_not_hold_up_the_process_s_exit(tiny_model: Path, tmp_path: Path) -> None:
+    """A server outside the trainer (stand-in) hangs mid-batch; the engine abandons its requests and the batch fails.
+    Their threads, blocked until request_timeout_s (300 s here), held the process's exit: ThreadPoolExecutor's
+    workers are joined at exit. A trainer preempted beside a hung server could outstay its job's time limit."""
+    import subprocess
+    import sys
+
+    script = f"""
+from pathlib import Path
+from opsdc_megatron.rollout.engine import SamplingParams
+from opsdc_megatron.rollout.sglang.engine import RolloutFailedError, SGLangRolloutEngine
+from opsdc_megatron.weight_push.sglang_transports import DiskTransport
+from tests.test_sglang import EOS, VOCAB, _stub_server, shifted_weights
+model = Path({str(tiny_model)!r})
+url, state, server = _stub_server(model)
+engine = SGLangRolloutEngine([url], DiskTransport(Path({str(tmp_path / "pushed")!r}), model), [EOS], VOCAB, request_timeout_s=300, stall_timeout_s=1)
+engine.update_weights(shifted_weights(model, seed=1)[0], version=1)
+state["hang"] = True
+try:
+    engine.sample([[2, 3], [4, 5]], SamplingParams(max_new_tokens=4), seed=0)
+except RolloutFailedError as error:
+    print("batch failed:", error, flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0 and "batch failed: no healthy SGLang server left" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_an_external_server_back_after_a_disk_push_rejoins(tiny_model: Path, tmp_path: Path) -> None:
@@ -782,6 +813,7 @@ def test_config_selects_and_checks_the_sglang_engine(tiny_model: Path, tmp_path:
 def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import opsdc_megatron.rollout.sglang.start as start
     from opsdc_megatron.config import ConfigError, load_config
+    from opsdc_megatron.launch.plan import check_sglang_servers_to_start
 
     config = load_config(None, [f"out_dir={tmp_path}", f"model.hf_path={tiny_model}", "data.train_prompts=x.jsonl", "rollout.engine=sglang"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU servers first, also on a machine with GPUs
@@ -799,6 +831,8 @@ def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # servers on the trainer's own GPUs
     with pytest.raises(ConfigError, match="rollout.sglang.mem_fraction_static is required when the trainer starts"):
         start.trainer_fleet_settings(config, one_node)
+    with pytest.raises(ConfigError, match="rollout.sglang.mem_fraction_static is required"):  # opsdc train, before torchrun
+        check_sglang_servers_to_start(config)
     config.rollout.sglang.mem_fraction_static = 0.3
     assert start.trainer_fleet_settings(config, one_node).mem_fraction_static == 0.3
     config.rollout.sglang.weight_transport = "distributed"

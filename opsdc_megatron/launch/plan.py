@@ -228,8 +228,12 @@ ENVIRONMENT_PROBE = (
 
 
 def check_sglang_servers_to_start(config: RunConfig) -> None:
-    """`check_sglang_interpreter` for a run whose rank 0 starts its own servers (SGLang rollouts, no server_urls)."""
+    """For a run whose rank 0 starts its own servers (SGLang rollouts, no server_urls): their settings beside the
+    trainer (`trainer_fleet_settings`, which rank 0 applies again) and `check_sglang_interpreter`, before any rank starts."""
     if config.rollout.engine == "sglang" and not config.rollout.sglang.server_urls:
+        from opsdc_megatron.rollout.sglang.start import trainer_fleet_settings
+
+        trainer_fleet_settings(config)
         check_sglang_interpreter(config)
 
 

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import contextmanager
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -86,6 +86,23 @@ def served_vocab_size(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
 
 class VocabularyMismatchError(ValueError):
     """A server serves a model of another vocabulary than the trainer's."""
+
+
+def _in_daemon_thread(function: Callable[..., GenerateResult], *args: object) -> Future:
+    """`function(*args)` on a daemon thread of its own, as a Future. Not a ThreadPoolExecutor: the interpreter joins
+    its workers at exit, and a worker blocked on a hung server held a trainer's exit (a preempted job's too) for up
+    to request_timeout_s. The dispatch loop bounds how many run at once."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(error)
+
+    future.set_running_or_notify_cancel()
+    threading.Thread(target=run, name="sglang-request", daemon=True).start()
+    return future
 
 
 class SGLangRolloutEngine(RolloutEngine):
@@ -429,60 +446,57 @@ class SGLangRolloutEngine(RolloutEngine):
                 raise RolloutFailedError(f"prompt {i}: no answer after {attempts[i]} attempts: {errors[i]}")
             pending.append((time.monotonic() + self.backoff_s * 2 ** (attempts[i] - 1), i))
 
-        # Not a `with` block: a hung server's requests are abandoned, and their threads must not be waited for.
-        pool = ThreadPoolExecutor(max_workers=self.max_concurrent_requests)
-        try:
-            while pending or running:
-                if self._recovery_errors:
-                    self.wait_for_recovery()
-                now = time.monotonic()
-                for _ in range(len(pending)):
-                    if len(running) >= self.max_concurrent_requests:
-                        break
-                    not_before, i = pending.popleft()
-                    server = self._pick_server(in_flight)
-                    if not_before > now or server is None:
-                        pending.append((not_before, i))
-                        continue
-                    request = GenerateRequest(
-                        f"{self.tag}-s{seed}-p{i}-a{attempts[i]}", prompt_ids[i], sampling, self.stop_token_ids,
-                        seed=(seed * 1_000_003 + i) % 2**63,
-                    )
-                    attempts[i] += 1
-                    if not in_flight.get(server):
-                        last_progress[server] = now
-                    in_flight[server] = in_flight.get(server, 0) + 1
-                    running[pool.submit(generate_one, self.urls[server], request, self.request_timeout_s)] = (i, server)
-                if not running:
-                    if not self._healthy and not self._recoveries and not self._rejoin_restarted():
-                        raise RolloutFailedError(f"no healthy SGLang server left; {len(pending)} prompts unanswered")
-                    time.sleep(0.05)
+        # A hung server's requests are abandoned (their answers ignored); their threads are daemons, which
+        # the process's exit does not wait for (ThreadPoolExecutor's workers it joins, up to request_timeout_s).
+        while pending or running:
+            if self._recovery_errors:
+                self.wait_for_recovery()
+            now = time.monotonic()
+            for _ in range(len(pending)):
+                if len(running) >= self.max_concurrent_requests:
+                    break
+                not_before, i = pending.popleft()
+                server = self._pick_server(in_flight)
+                if not_before > now or server is None:
+                    pending.append((not_before, i))
                     continue
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i, server = running.pop(future)
-                    in_flight[server] -= 1
-                    last_progress[server] = time.monotonic()
-                    try:
-                        result = future.result()
-                    except ServerRejected as error:
-                        raise ServerRejected(f"prompt {i}: {error}") from None
-                    except ServerUnavailable as error:
-                        if server in self._healthy and not self._server_ok(server):
-                            self._mark_failed(server)
-                        retry(i, str(error))
-                        continue
-                    versions = set(result.weight_versions_in_response) | {result.weight_version}
-                    if versions != {self._served_version}:
+                request = GenerateRequest(
+                    f"{self.tag}-s{seed}-p{i}-a{attempts[i]}", prompt_ids[i], sampling, self.stop_token_ids,
+                    seed=(seed * 1_000_003 + i) % 2**63,
+                )
+                attempts[i] += 1
+                if not in_flight.get(server):
+                    last_progress[server] = now
+                in_flight[server] = in_flight.get(server, 0) + 1
+                running[_in_daemon_thread(generate_one, self.urls[server], request, self.request_timeout_s)] = (i, server)
+            if not running:
+                if not self._healthy and not self._recoveries and not self._rejoin_restarted():
+                    raise RolloutFailedError(f"no healthy SGLang server left; {len(pending)} prompts unanswered")
+                time.sleep(0.05)
+                continue
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                i, server = running.pop(future)
+                in_flight[server] -= 1
+                last_progress[server] = time.monotonic()
+                try:
+                    result = future.result()
+                except ServerRejected as error:
+                    raise ServerRejected(f"prompt {i}: {error}") from None
+                except ServerUnavailable as error:
+                    if server in self._healthy and not self._server_ok(server):
                         self._mark_failed(server)
-                        retry(i, f"{self.urls[server]} answered with weight versions {sorted(versions)}, expected {self._served_version}")
-                        continue
-                    if i in results:
-                        raise RuntimeError(f"prompt {i} answered twice ({results[i].rollout_id}, {result.rollout_id})")
-                    results[i] = result
-                self._abandon_stalled(running, in_flight, last_progress, retry)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+                    retry(i, str(error))
+                    continue
+                versions = set(result.weight_versions_in_response) | {result.weight_version}
+                if versions != {self._served_version}:
+                    self._mark_failed(server)
+                    retry(i, f"{self.urls[server]} answered with weight versions {sorted(versions)}, expected {self._served_version}")
+                    continue
+                if i in results:
+                    raise RuntimeError(f"prompt {i} answered twice ({results[i].rollout_id}, {result.rollout_id})")
+                results[i] = result
+            self._abandon_stalled(running, in_flight, last_progress, retry)
         return results
 
     def _abandon_stalled(
