@@ -555,7 +555,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang.max_total_tokens must be >= 1 or null, got {servers.max_total_tokens}")
     longest_response = max(config.rollout.max_response_tokens, config.eval.max_response_tokens if config.eval.every_steps else 0)
     if config.rollout.engine == "sglang" and servers.max_total_tokens is not None and servers.max_total_tokens < config.data.max_prompt_tokens + longest_response:
-        raise ConfigError(  # else the servers refuse the first request that long, mid-run
+        raise ConfigError(  # else the longest requests do not fit the servers' KV cache, mid-run: refused or cut short
             f"rollout.sglang.max_total_tokens ({servers.max_total_tokens}, the servers' KV cache) must hold the longest request: "
             f"data.max_prompt_tokens + the longest of rollout.max_response_tokens and eval.max_response_tokens = "
             f"{config.data.max_prompt_tokens + longest_response}"

@@ -235,7 +235,14 @@ fi
 if [ "$REQUEUE_ASKED" = 1 ] && [ "$VALIDATE" != 1 ] && [ "$RESTART" -lt "${OPSDC_MAX_REQUEUES:-20}" ]; then
     stop_steps; requeue "SIGUSR1 came before the trainer started (nothing to checkpoint)"
 fi
-TRAINER_CMD='trap "" USR1; export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'; exec "$0" -m opsdc_megatron.cli train "$@"'
+# A rank from its node's place in TRAINER_HOSTS, not SLURM_PROCID: rank 0 (the rendezvous store) must run on
+# TRAINER_HOSTS[0], MASTER_ADDR's node, whatever order srun numbers the step's nodes in.
+export OPSDC_TRAINER_HOSTS="${TRAINER_HOSTS[*]}"
+TRAINER_CMD='trap "" USR1; read -ra hosts <<< "$OPSDC_TRAINER_HOSTS"; node=-1
+for i in "${!hosts[@]}"; do [ "${hosts[$i]}" = "$SLURMD_NODENAME" ] && node=$i; done
+[ "$node" -ge 0 ] || { echo "opsdc_job.sh: this node, $SLURMD_NODENAME, is none of the trainer hosts $OPSDC_TRAINER_HOSTS" >&2; exit 2; }
+export RANK=$((node * '"$OPSDC_TRAINER_TASKS_PER_NODE"' + SLURM_LOCALID)) WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'
+exec "$0" -m opsdc_megatron.cli train "$@"'
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
 start_step trainer --nodes="$OPSDC_TRAINER_NODES" --nodelist="$(nodelist "${TRAINER_HOSTS[@]}")" \

@@ -93,7 +93,7 @@ def test_overrides_beat_recipe_beat_defaults(tmp_path):
         ("out_dir: x\n", ["rollout.sglang.dtype=bf16"], "rollout.sglang.dtype must be one of SGLang's --dtype choices auto, half, float16, bfloat16, float, float32, got 'bf16'"),
         ("out_dir: x\n", ["rollout.sglang.mem_fraction_static=1.5"], "rollout.sglang.mem_fraction_static must be in .0, 1. or null, got 1.5"),
         ("out_dir: x\n", ["rollout.sglang.max_total_tokens=0"], "rollout.sglang.max_total_tokens must be >= 1 or null, got 0"),
-        # refused by the servers at the first request that long, mid-run (defaults: 1024 + 8192 tokens)
+        # the longest requests would not fit the servers' KV cache, mid-run (defaults: 1024 + 8192 tokens)
         ("out_dir: x\n", ["rollout.engine=sglang", "rollout.sglang.max_total_tokens=9000"],
          "rollout.sglang.max_total_tokens \\(9000, the servers' KV cache\\) must hold the longest request: data.max_prompt_tokens "
          "\\+ the longest of rollout.max_response_tokens and eval.max_response_tokens = 9216"),

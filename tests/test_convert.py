@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.convert.checks import check_hf_folder
 from opsdc_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+from opsdc_megatron.convert.verify import LogitDifference
 from opsdc_megatron.models.layer_spec import gpt_decoder_spec
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict, load_hf_weights
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
@@ -127,8 +128,10 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     status, output = run_cli(capsys, "hf-to-megatron", "--hf", str(tmp_path / "qwen3_large"), "--out", str(tmp_path / "qwen3_large_megatron"))
     assert status == 0, output[-3000:]
     status, output = run_cli(capsys, "verify", "--hf", str(tmp_path / "qwen3_large"), "--ckpt", str(tmp_path / "qwen3_large_megatron"))
-    largest = float(re.search(r"max \|logit difference\| = ([0-9.e+-]+)", output).group(1))
-    assert status == 0 and ": OK" in output and largest > 1e-5, output[-3000:]
+    assert status == 0 and ": OK" in output, output[-3000:]
+    # How far the kernels differ depends on the CPU: by more than the old absolute 1e-5 on the AMD EPYC machines this ran
+    # on until 2026-11-29, exactly 0 on an Intel Xeon with AMX (the same day). The verdict is relative to the largest logit:
+    assert LogitDifference(largest=3e-5, largest_logit=45.2).relative <= 1e-5 < 3e-5
 
     # `opsdc train` starts from the converted checkpoint, not from model.hf_path's weights: with lr=0
     # the final export equals the converted model bit for bit, though hf_path holds another model

@@ -144,6 +144,18 @@ def test_opens_reasoning() -> None:
     ("The smallest n is 5", "5", True),
     ("It is 12 apples", "12", True),  # a unit after the number, as in `12 apples`
     ("The answer is $\\frac{1}{2}$", "1/2", True),
+    ("x is 3", "x = 3", True),
+    ("x is 3", "y = 3", False),  # still another variable's value
+    ("The value of y is 3", "x=3", False),
+    # a hedge word in a remark, or in an answer in words, is no hedge
+    ("5, since 4 is not prime", "5", True),
+    ("24 because no other choice works", "24", True),
+    ("3. This is not a coincidence.", "3", True),
+    ("8 (from x + 8 = 16, not 12)", "8", True),
+    ("\\boxed{5 \\text{ (not 6)}}", "5", True),
+    ("No", "\\text{no}", True),
+    ("\\boxed{\\text{NO}}", "\\text{No}", True),
+    ("\\boxed{\\text{No solution}}", "\\text{no solution}", True),
 ])
 def test_an_answer_line_in_prose_is_what_the_sentence_gives(answer: str, gold: str, correct: bool) -> None:
     assert score(f"Answer: {answer}", gold) is correct

@@ -758,7 +758,8 @@ def _live_processes_in_group(group: int) -> list[int]:
 def test_servers_stop_when_the_process_that_started_them_dies(tmp_path: Path) -> None:
     """A trainer ended by SIGKILL (the OOM killer, torchrun ending a hung rank) runs no cleanup, and its servers
     are in sessions of their own: they kept their GPUs' memory and ports, and the next run could not start. Now
-    the orphan guard stops the whole group. A stand-in server that forks a worker, as SGLang's does."""
+    the orphan guard stops the whole group. A stand-in server that forks a worker, as SGLang's does, one that
+    ignores SIGTERM: as stop() does, the guard ends with SIGKILL what a SIGTERM left."""
     import subprocess
     import sys
     import textwrap
@@ -767,7 +768,8 @@ def test_servers_stop_when_the_process_that_started_them_dies(tmp_path: Path) ->
         import os, sys, time
         from pathlib import Path
         from opsdc_megatron.rollout.sglang.launcher import ManagedProcess
-        server = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(600)"]
+        worker = "import os, signal, time\\nif os.fork() == 0:\\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(600)"
+        server = [sys.executable, "-c", worker]
         process = ManagedProcess("stand-in", server, dict(os.environ), Path({str(tmp_path / 'server.log')!r}), "http://127.0.0.1:1/")
         process.start()
         print(process.process.pid, flush=True)

@@ -653,6 +653,24 @@ def test_the_job_script_hands_the_trainer_ipv6_server_urls_it_can_read():
     assert config.rollout.sglang.server_urls == ["http://[fd00::12]:30000", "http://10.0.0.3:30000"]
 
 
+def test_trainer_ranks_follow_the_host_order_master_addr_is_taken_from():
+    """Rank 0 hosts the rendezvous store at MASTER_ADDR, the first trainer host by name; srun numbers a step's
+    nodes in its own order (slurm.conf's), so SLURM_PROCID 0 could run elsewhere and the rendezvous hang. The
+    job script's trainer command (run here without srun, the launch replaced by a print) numbers ranks by host."""
+    script = (ROOT / "slurm" / "opsdc_job.sh").read_text()
+    command = script[script.index("TRAINER_CMD='"):].split("\nGPU_ARGS=", 1)[0]
+    command = command.replace('exec "$0" -m opsdc_megatron.cli train "$@"', 'echo "$RANK $WORLD_SIZE $LOCAL_RANK"')
+    env = dict(os.environ, OPSDC_TRAINER_TASKS_PER_NODE="2", TRAINER_MAX_CONNECTIONS="1", OPSDC_TRAINER_HOSTS="node2 node10",
+               SLURM_NTASKS="4", SLURM_PROCID="0", SLURM_LOCALID="1")
+    ranks = {}
+    for node in ("node2", "node10", "node3"):
+        ran = subprocess.run(["bash", "-c", command + '\nbash -c "$TRAINER_CMD" python'], env=dict(env, SLURMD_NODENAME=node),
+                             capture_output=True, text=True)
+        ranks[node] = (ran.returncode, ran.stdout.strip() or ran.stderr.strip())
+    assert ranks["node2"] == (0, "1 4 1") and ranks["node10"] == (0, "3 4 1")  # not SLURM_PROCID
+    assert ranks["node3"] == (2, "opsdc_job.sh: this node, node3, is none of the trainer hosts node2 node10")
+
+
 def test_a_fractional_server_startup_timeout_is_rounded_up_for_the_job_script():
     """The script waits whole seconds: 0.5 s became 0, and the job failed its first /health wait at once."""
     assert plan_job(merge_config(ROOT / "recipes" / "qwen3_8b.yaml", ["rollout.sglang.startup_timeout_s=0.5"])).server_startup_timeout_s == 1

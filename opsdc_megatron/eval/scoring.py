@@ -53,11 +53,11 @@ _LIST_SEPARATOR = re.compile(r"^\s*(?:,|;|or|and|,\s*and|,\s*or)?\s*$", re.IGNOR
 """What may stand between the math spans of one answer that lists several (`$x=3$ or $x=5$`)."""
 _HEDGES = frozenset("not no nor neither either maybe possibly perhaps".split())
 """Words between math spans that take the first one back or leave the answer open (`$2$, not $6$`)."""
-_PROSE_LEAD = re.compile(r"^(?:[A-Za-z']+\s+){1,8}?(?:is|are|equals)\s+(?=\S)", re.IGNORECASE)
-"""`The answer is`, `The smallest n is` opening a plain-text answer: what follows is the answer, checked as if alone
-(math-verify read the whole sentence, picking a number of `The answer is 5 or 7` that `5 or 7` alone does not give)."""
+_PROSE_LEAD = re.compile(r"^((?:[A-Za-z']+\s+){1,8}?)(?:is|are|equals)\s+(?=\S)", re.IGNORECASE)
+"""`The answer is`, `The smallest n is` opening a plain-text answer (see `_from_prose`)."""
 _PLAIN_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]+")
 """A word of plain text, not a LaTeX command's name (`\\not`, `\\neq`)."""
+_TEXT_COMMAND = re.compile(r"\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}")
 _REMARK = re.compile(
     r"(?:,\s*|\s+)(?:since|because|as|from|which|where|i\.e\.|e\.g\.)\b.*$|\s+\(([^()]*)\)\.?$|(?<=\d)\.\s+(?-i:[A-Z]).*$", re.IGNORECASE
 )
@@ -200,9 +200,7 @@ def _latex_candidate(answer: str) -> str | None:
         while answer < len(between) and _COPULA_AT_END.search(between[answer]):
             answer += 1
         return f"${contents[answer]}$"
-    text = _PROSE_LEAD.sub("", _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", "")), count=1)
-    if (_HEDGES | {"but"}) & {word.lower() for word in _PLAIN_WORD.findall(text)}:
-        return None  # `5 or maybe 7`, `not 5`, `12, but it could be 13`: math-verify would pick a number
+    text = _DIGIT_GROUP_SPACE.sub("", text.replace("\\$", ""))
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$")
     qualified = _NUMBER_SPAN_THEN_WORDS.match(text)
@@ -251,6 +249,9 @@ def answers_match(candidate: str | None, gold: str) -> bool:
     joined by commas without spaces (`120,240`) are one number, or the list they may be."""
     if candidate is None:
         return False
+    candidate = _from_prose(candidate)
+    if _hedged(candidate):
+        return False
     without_percent = _PERCENT_AT_END.sub("", candidate) if "%" not in gold and abs(_number(gold) or 0) >= 1 else candidate
     if _equivalent(candidate, gold) or (without_percent != candidate and _equivalent(without_percent, gold)):
         return True
@@ -260,6 +261,27 @@ def answers_match(candidate: str | None, gold: str) -> bool:
     if all(as_lists) or not any(as_lists):
         return False
     return normalize(as_lists[0] or candidate) == normalize(as_lists[1] or gold)
+
+
+def _from_prose(answer: str) -> str:
+    """A plain-text answer that opens with a sentence, as what the sentence gives: `The answer is 5 or 7` is `5 or 7`,
+    `x is 3` is `x = 3` (still another answer than `y = 3`). math-verify read the whole sentence and picked one of its
+    numbers: `The answer is 5 or 7` matched 5, where `5 or 7` alone does not."""
+    text = answer.strip()
+    lead = _PROSE_LEAD.match(text)
+    if lead is None:
+        return answer
+    named = lead.group(1).split()[-1]
+    return f"{named} = {text[lead.end():]}" if len(named) == 1 and named not in "aAI" else text[lead.end():]
+
+
+def _hedged(answer: str) -> bool:
+    """A plain-text answer holding a number and a word that takes it back or leaves it open (`not 5`, `5, maybe 7`,
+    `12, but it could be 13`), a remark after it aside (`5, since 4 is not prime`): math-verify would pick a number.
+    Answers in words alone (`No`, `no solution`) are not hedged."""
+    boxed = last_boxed(answer)
+    text = _without_remark(_TEXT_COMMAND.sub(r" \1", _unbold(answer.strip() if boxed is None else boxed)).strip())
+    return bool(re.search(r"\d", text)) and bool((_HEDGES | {"but"}) & {word.lower() for word in _PLAIN_WORD.findall(text)})
 
 
 def _list_reading(answer: str) -> str | None:

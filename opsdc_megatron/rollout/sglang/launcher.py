@@ -143,7 +143,7 @@ class ManagedProcess:
         self.refuse_taken_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._close_lifeline()
-        read_end, self._lifeline = os.pipe()  # not inheritable: no other child of this process keeps it open
+        read_end, self._lifeline = os.pipe()  # close-on-exec: no program this process starts holds it (a bare fork does, until it exits)
         try:
             with open(self.log_path, "ab") as log:
                 log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.command)}\n".encode())
@@ -151,6 +151,9 @@ class ManagedProcess:
                     [sys.executable, "-I", "-S", str(ORPHAN_GUARD), str(STOP_GRACE_S), *self.command],
                     env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=read_end, start_new_session=True,
                 )
+        except BaseException:
+            self._close_lifeline()
+            raise
         finally:
             os.close(read_end)
 

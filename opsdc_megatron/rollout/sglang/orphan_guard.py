@@ -23,22 +23,26 @@ import sys
 import threading
 
 
-def _stop_group_when_orphaned(server: subprocess.Popen, grace_s: float) -> None:
+def _stop_group_when_orphaned(server: subprocess.Popen, grace_s: float, orphaned: threading.Event) -> None:
     while os.read(0, 4096):  # nothing is ever written: this returns b"" once the starter's end is closed
         pass
+    orphaned.set()
     os.killpg(0, signal.SIGTERM)
     try:
         server.wait(timeout=grace_s)
-    finally:
-        os.killpg(0, signal.SIGKILL)  # the server's children, and this guard
+    except subprocess.TimeoutExpired:
+        os.killpg(0, signal.SIGKILL)  # the server too, and this guard
 
 
 def main() -> int:
     grace_s, command = float(sys.argv[1]), sys.argv[2:]
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # after the start: an ignored signal stays ignored across exec
-    threading.Thread(target=_stop_group_when_orphaned, args=(server, grace_s), daemon=True).start()
+    orphaned = threading.Event()
+    threading.Thread(target=_stop_group_when_orphaned, args=(server, grace_s, orphaned), daemon=True).start()
     status = server.wait()
+    if orphaned.is_set():  # what outlived the SIGTERM (a worker that ignores it), and this guard, as stop() ends a group
+        os.killpg(0, signal.SIGKILL)
     return status if status >= 0 else 128 - status
 
 
