@@ -3,7 +3,9 @@
 Precedence: command-line overrides > recipe YAML > the defaults below. Unknown keys and wrongly
 typed values are errors naming the full key (OmegaConf structured configs); the config is never
 changed at run time. Sizes say their unit (prompts, tokens) and scope (global, per micro-batch).
-Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 1).
+Defaults are the paper's settings (arXiv 2603.05433; ../shared/FACTS.md section 1), except one:
+`distill.loss_normalization` defaults to a mean over the step's tokens, which no split of the batch
+changes; the Qwen3 recipes set the paper's micro-batch mean.
 """
 
 from __future__ import annotations

@@ -97,13 +97,13 @@ eval "$PLAN"
 mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 node_addr() { scontrol show node "$1" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p'; }
 url_host() { if [[ $1 == *:* ]]; then echo "[$1]"; else echo "$1"; fi; }  # an IPv6 address goes in brackets
-yaml_strings() { local items=() item; for item in "$@"; do items+=("'$item'"); done; (IFS=,; echo "[${items[*]}]"); }  # [ in a URL is YAML too
-ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
-TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
+comma_joined() { (IFS=,; echo "$*"); }
+yaml_strings() { local items=() item; for item in "$@"; do items+=("'$item'"); done; echo "[$(comma_joined "${items[@]}")]"; }  # [ in a URL is YAML too
 # Steps are placed on these hosts by name (srun --nodelist), not by index (--relative): a step's node index
 # follows slurm.conf's order of the nodes, and the job's node list above is sorted by name, so the servers
 # could start on a node other than the one their URLs and MASTER_ADDR name.
-nodelist() { (IFS=,; echo "$*"); }
+ROLLOUT_HOSTS=("${HOSTS[@]:0:$OPSDC_ROLLOUT_NODES}")
+TRAINER_HOSTS=("${HOSTS[@]:$OPSDC_ROLLOUT_NODES:$OPSDC_TRAINER_NODES}")
 # torch.distributed rendezvous on the first trainer node; its port from the job id so that jobs
 # sharing a node (and the simulated nodes of the test cluster) do not collide. SGLang's ports: the recipe's
 # (rollout.sglang.base_port, router_port) shifted by 100 x (job id mod 20) for the same reason; a job on
@@ -186,7 +186,7 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
             fi
         done
     fi
-    start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --nodelist="$(nodelist "${ROLLOUT_HOSTS[@]}")" --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
+    start_step sglang_servers --nodes="$OPSDC_ROLLOUT_NODES" --nodelist="$(comma_joined "${ROLLOUT_HOSTS[@]}")" --ntasks-per-node="$OPSDC_SERVERS_PER_ROLLOUT_NODE" \
         --ntasks=$((OPSDC_ROLLOUT_NODES * OPSDC_SERVERS_PER_ROLLOUT_NODE)) \
         "${SERVER_GPU_ARGS[@]}" --kill-on-bad-exit=0 --label --output="$LOG_DIR/sglang_servers.log" "${CONTAINER[@]}" \
         "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step server --recipe "$OPSDC_RECIPE" "${OVERRIDES[@]}"
@@ -196,7 +196,7 @@ if [ "$OPSDC_ROLLOUT_ENGINE" = sglang ]; then
         ROUTER_URL="http://$(url_host "$(node_addr "${ROLLOUT_HOSTS[0]}")"):$OPSDC_ROUTER_PORT"
         start_step sglang_router --nodes=1 --ntasks=1 --nodelist="${ROLLOUT_HOSTS[0]}" --overlap --output="$LOG_DIR/sglang_router.log" \
             "${CONTAINER[@]}" "$OPSDC_PYTHON" -m opsdc_megatron.launch.sglang_step router --recipe "$OPSDC_RECIPE" \
-            --worker-urls "$(IFS=,; echo "${WORKER_URLS[*]}")" "${OVERRIDES[@]}"
+            --worker-urls "$(comma_joined "${WORKER_URLS[@]}")" "${OVERRIDES[@]}"
         READY_PROBES+=("$ROUTER_URL/readiness")  # the router's /health answers before it has registered its workers
     fi
     if [ "$VALIDATE" != 1 ]; then
@@ -245,7 +245,7 @@ export RANK=$((node * '"$OPSDC_TRAINER_TASKS_PER_NODE"' + SLURM_LOCALID)) WORLD_
 exec "$0" -m opsdc_megatron.cli train "$@"'
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")
-start_step trainer --nodes="$OPSDC_TRAINER_NODES" --nodelist="$(nodelist "${TRAINER_HOSTS[@]}")" \
+start_step trainer --nodes="$OPSDC_TRAINER_NODES" --nodelist="$(comma_joined "${TRAINER_HOSTS[@]}")" \
     --ntasks-per-node="$OPSDC_TRAINER_TASKS_PER_NODE" --ntasks=$((OPSDC_TRAINER_NODES * OPSDC_TRAINER_TASKS_PER_NODE)) "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label \
     --output="$LOG_DIR/trainer.log" "${CONTAINER[@]}" \
     bash -c "$TRAINER_CMD" "$OPSDC_PYTHON" "$OPSDC_RECIPE" "${OVERRIDES[@]}" "${TRAINER_OVERRIDES[@]}"

@@ -111,6 +111,31 @@ def test_helpers() -> None:
     assert normalize(" $17$. ") == "17"
 
 
+@pytest.mark.parametrize("response", ["\\textbf{Answer:} 33", "\\textbf{Final Answer}: 33", "So \\textbf{Answer: 33}", "\\emph{Answer:} $33$"])
+def test_an_answer_marker_in_latex_bold_or_italics(response: str) -> None:
+    assert answer_line(response) in ("33", "$33$")
+    assert score(response, "33")
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "Answer:\n\\[\nx = \\frac{1}{2}\n\\]",
+        "Answer: \\[ x =\n \\frac{1}{2} \\]",
+        "Answer: $$\\frac{1}{2}\n$$.",
+        "**Answer:** \\[\n\\frac{1}{2}\n\\] as shown above",
+    ],
+)
+def test_a_display_block_on_the_answer_line_is_read_to_its_end(response: str) -> None:
+    assert score(response, "0.5")
+    assert not score(response, "1")  # the 1 of the fraction alone
+
+
+def test_a_display_block_cut_off_is_no_answer() -> None:
+    assert answer_line("Answer: \\[ \\frac{1}{2}") is None
+    assert not score("Answer: \\[ \\frac{1}{2}", "1/2")
+
+
 def test_only_what_follows_the_reasoning_block_answers() -> None:
     """An Answer line or a box written while thinking is a draft: the final part after `</think>` decides."""
     drafted = "<think>\nSo the answer: 41. Wait, let me recheck: 6*7=42.\n</think>\n\nThe product is $\\boxed{42}$."

@@ -643,7 +643,7 @@ def test_the_job_script_hands_the_trainer_ipv6_server_urls_it_can_read():
     """Nodes whose NodeAddr is IPv6: the URLs carry brackets, which an unquoted YAML list read as nested lists
     (every trainer rank exited 2 after the servers' start-up)."""
     script = (ROOT / "slurm" / "opsdc_job.sh").read_text()
-    functions = "\n".join(line for line in script.splitlines() if line.startswith(("url_host()", "yaml_strings()")))
+    functions = "\n".join(line for line in script.splitlines() if line.startswith(("url_host()", "comma_joined()", "yaml_strings()")))
     built = subprocess.run(
         ["bash", "-c", functions + '\nurls=(); for addr in fd00::12 10.0.0.3; do urls+=("http://$(url_host $addr):30000"); done\n'
                                    'echo "rollout.sglang.server_urls=$(yaml_strings "${urls[@]}")"'],

@@ -114,20 +114,24 @@ def evaluate(
     reasoning_open = prompt_opens_reasoning(tokenizer)
     done = store.finished() if store is not None else {}
     responses = []
+
+    def scored(prompt_index: int, sample: int, response_tokens: int, truncated: bool, text: str) -> ScoredResponse:
+        answer_line_correct, boxed_correct = score_paths(text, records[prompt_index].answer, reasoning_open)
+        return ScoredResponse(
+            prompt_index, sample, response_tokens, truncated, answer_line_correct or boxed_correct, answer_line_correct, boxed_correct, text,
+        )
+
     for sample in range(samples_per_prompt):
-        if sample in done:
-            responses += done[sample]
+        if sample in done:  # scored again: the scorer may have changed since they were drawn
+            responses += [scored(r.prompt_index, sample, r.response_tokens, r.truncated, r.text) for r in done[sample]]
             continue
         label = f"{progress} (sample {sample + 1}/{samples_per_prompt})" if progress and samples_per_prompt > 1 else progress
         rollouts = generate_across_ranks(engine, prompt_ids, sampling, seed + sample, block_prompts, label)
-        drawn = []
-        for record, rollout in zip(records, rollouts):
-            text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
-            answer_line_correct, boxed_correct = score_paths(text, record.answer, reasoning_open)
-            drawn.append(ScoredResponse(
-                rollout.prompt_index, sample, len(rollout.response_ids), rollout.finish_reason == "length",
-                answer_line_correct or boxed_correct, answer_line_correct, boxed_correct, text,
-            ))
+        drawn = [
+            scored(rollout.prompt_index, sample, len(rollout.response_ids), rollout.finish_reason == "length",
+                   tokenizer.decode(rollout.response_ids, skip_special_tokens=True))
+            for rollout in rollouts
+        ]
         if store is not None:
             store.save(sample, drawn)
         responses += drawn

@@ -120,7 +120,8 @@ class SampleStore:
     """The finished samples of one evaluation pass, kept until the command's result files are all written.
 
     A long evaluation (k samples of 30K-token responses) that is interrupted resumes with the samples
-    it has: sample s is drawn with seed + s, so the result is the one an uninterrupted run gives. The
+    it has (their texts scored again, by the scorer of the run that resumes): sample s is drawn with seed + s,
+    so the result is the one an uninterrupted run gives. The
     first line holds `key` (what was evaluated and how); a file with another key is another
     evaluation's, and is started over (`opsdc eval` first refuses one of other settings). A sample is one line, appended and synced; a line cut short
     by a crash is dropped.

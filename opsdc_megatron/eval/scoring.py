@@ -27,6 +27,8 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 _ANSWER_MARKER = re.compile(r"answer[*_]*\s*:", re.IGNORECASE)
 """`Answer:`, also with the word in bold or italics and the colon outside (`**Answer**:`)."""
+_LATEX_EMPHASIS = re.compile(r"\\(?:textbf|textit|emph|underline)\s*\{([^{}]*answer[^{}]*)\}", re.IGNORECASE)
+"""`\\textbf{Answer:} 33`, `\\textbf{Final Answer}: 33`: the LaTeX twin of markdown's bold, read as the plain words."""
 _LEAD_WORDS = frozenset("so thus hence therefore then and in conclusion summary the my our final correct overall".split())
 """Words that may open the clause of an Answer line (`So the final answer: 42`, `In conclusion, the answer: 7`)."""
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -97,9 +99,10 @@ def answer_line(response: str) -> str | None:
     """What follows the last `Answer:` (any case, any spacing before the colon) up to the end of its line.
 
     When the marker ends its line (`**Answer:**` then the answer below it), the next non-blank line
-    is the answer, or the display-math block (`\\[` ... `\\]`) it opens. None when there is no marker or
-    nothing follows it (a response cut off there).
+    is the answer. A display-math block (`\\[` ... `\\]`, `$$` ... `$$`) the answer opens is read to its end over
+    the lines that follow. None when there is no marker or nothing follows it (a response cut off there).
     """
+    response = _LATEX_EMPHASIS.sub(r"\1", response)
     markers = [marker for marker in _ANSWER_MARKER.finditer(response) if _opens_answer(response, marker.start())]
     if not markers:
         return None
@@ -107,11 +110,14 @@ def answer_line(response: str) -> str | None:
     for index, line in enumerate(lines):
         text = line.strip().removeprefix("**")  # the bold the marker opened (`**Answer:** **42**`)
         text = _unbold(text).strip().strip("*").strip()
-        if text in ("\\[", "$$"):
-            closing = "\\]" if text == "\\[" else "$$"
-            block = [rest.strip() for rest in lines[index + 1 :]]
-            end = next((i for i, rest in enumerate(block) if rest.startswith(closing)), None)
-            return None if end is None else f"{text} {' '.join(block[:end])} {closing}"  # None: cut off inside the block
+        closing = next((close for open_, close in (("\\[", "\\]"), ("$$", "$$")) if text.startswith(open_)), None)
+        if closing and closing not in text[2:]:  # a display block that goes on over the next lines
+            block = [text, *(rest.strip() for rest in lines[index + 1 :])]
+            end = next((i for i, rest in enumerate(block) if i and closing in rest), None)
+            if end is None:
+                return None  # cut off inside the block
+            last = block[end]
+            return " ".join([*block[:end], last[: last.index(closing) + len(closing)]])
         if text:
             return text
     return None

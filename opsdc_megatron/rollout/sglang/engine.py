@@ -446,8 +446,7 @@ class SGLangRolloutEngine(RolloutEngine):
                 raise RolloutFailedError(f"prompt {i}: no answer after {attempts[i]} attempts: {errors[i]}")
             pending.append((time.monotonic() + self.backoff_s * 2 ** (attempts[i] - 1), i))
 
-        # A hung server's requests are abandoned (their answers ignored); their threads are daemons, which
-        # the process's exit does not wait for (ThreadPoolExecutor's workers it joins, up to request_timeout_s).
+        # A hung server's requests are abandoned (their answers ignored; see _in_daemon_thread).
         while pending or running:
             if self._recovery_errors:
                 self.wait_for_recovery()
