@@ -476,6 +476,21 @@ def test_a_restart_still_running_when_the_trainer_lets_go_of_the_weights_pushes_
 # ---------------------------------------------------------------------------------- bad input
 
 
+def test_a_response_that_stops_ends_with_its_stop_token(fleet: ServerFleet) -> None:
+    """The stop token is trained on like any response token (as in verl), so `output_ids` must carry it: a
+    stopped response ends with one of the request's stop tokens, which appears nowhere before it."""
+    stop_tokens = tuple(range(1, 33))  # a quarter of the vocabulary: nearly every response stops within a few tokens
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=24)
+    results = [generate_one(fleet.urls[0], GenerateRequest(f"stop-{seed}", PROMPTS[0], sampling, stop_tokens, seed=seed), timeout_s=60)
+               for seed in range(8)]
+    stopped = [r for r in results if r.finish_reason == "stop"]
+    assert stopped, [r.output_ids for r in results]
+    for result in stopped:
+        assert result.output_ids and result.output_ids[-1] in stop_tokens, result
+        assert not set(result.output_ids[:-1]) & set(stop_tokens), result
+        assert len(result.logprobs) == len(result.output_ids)
+
+
 def test_vocabulary_mismatch_is_refused(fleet: ServerFleet) -> None:
     with pytest.raises(ValueError, match=rf"vocabulary of {VOCAB} tokens, the trainer's model has 151936"):
         SGLangRolloutEngine(fleet, TensorTransport(), [EOS], vocab_size=151936)
