@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -395,7 +396,7 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from opsdc_megatron.train import checkpoint
-    from opsdc_megatron.train.run_folder import LATEST, latest_checkpoint
+    from opsdc_megatron.train.run_folder import LATEST, complete_checkpoints, latest_checkpoint
 
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "barrier", lambda: None)
@@ -413,6 +414,26 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     checkpoint.save_checkpoint(root, 16, [], None, None, {"step": 16}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016", "step_000020"]
     assert latest_checkpoint(root) == root / "step_000016"
+
+    # A deletion of an old checkpoint cut short (killed, or a file it cannot remove): what it leaves is no
+    # step folder, which would look complete (trainer state inside) with shards missing, and goes at a later save.
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def cut_short(path, ignore_errors=False):
+        if Path(path).name not in ("step_000016", "step_000016.old"):
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        (Path(path) / "0_0.distcp").unlink()
+        if not ignore_errors:
+            raise OSError("Device or resource busy: .nfs0001")
+
+    (root / "step_000016" / "0_0.distcp").write_text("shard")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", cut_short)
+    checkpoint.save_checkpoint(root, 17, [], None, None, {"step": 17}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016.old", "step_000017", "step_000020"]
+    assert [p.name for p in complete_checkpoints(root)] == ["step_000017", "step_000020"]
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.save_checkpoint(root, 18, [], None, None, {"step": 18}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000018", "step_000020"]
 
 
 def test_hf_folder_config_names_the_dtype_of_its_weights(tmp_path):

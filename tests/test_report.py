@@ -217,3 +217,23 @@ def test_wandb_configured_but_missing_is_a_config_error():
             load_config(None, ["out_dir=x", "model.hf_path=m", "data.train_prompts=t", "log.wandb_project=opsdc"])
     else:
         pytest.skip("wandb is installed here")
+
+
+def test_a_fresh_start_is_a_wandb_run_of_its_own_and_a_resume_continues_it(tmp_path, monkeypatch):
+    """A fresh start in a folder whose earlier attempt crashed before its first checkpoint reused that attempt's
+    W&B run id, so its steps went into the dead attempt's run (W&B ignoring every step below the old run's last).
+    A stand-in for the wandb module records what it is asked: the W&B service cannot be reached from here."""
+    import sys
+    import types
+
+    started = []
+    ids = iter(["first", "second", "third"])
+    stand_in = types.SimpleNamespace(
+        util=types.SimpleNamespace(generate_id=lambda: next(ids)),
+        init=lambda **kwargs: started.append(kwargs) or types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", stand_in)
+    path, log_config = tmp_path / "metrics.jsonl", LogConfig(tensorboard=False, wandb_project="opsdc")
+    for keep_through_step in (-1, 3, -1, 5):  # fresh start, resume, fresh start (the folder's files left by a crash), resume
+        MetricsLog(path, enabled=True, keep_through_step=keep_through_step, log=log_config, run_config={}).close()
+    assert [(run["id"], run["resume"]) for run in started] == [("first", "allow"), ("first", "allow"), ("second", "allow"), ("second", "allow")]

@@ -58,8 +58,9 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     if rank0:
-        # This step's, and those of saves killed before their rename (a stop's save, redone never): each a whole checkpoint
-        for unfinished in root.glob("step_*.tmp"):
+        # This step's, those of saves killed before their rename (a stop's save, redone never), each a whole checkpoint,
+        # and what a deletion of an old checkpoint killed midway left
+        for unfinished in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
             shutil.rmtree(unfinished, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
@@ -76,7 +77,10 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
         # before its marker and the run resumed from the one before (it is replaced when reached).
         older = [p for p in complete_checkpoints(root) if step_of(p) < step]
         for old in older[: max(0, len(older) - (keep_last - 1))]:
-            shutil.rmtree(old)
+            # Renamed first: a deletion cut short leaves no step folder that looks complete but lacks shards.
+            # What cannot be deleted now (a file an `opsdc eval` holds open on NFS) goes at a later save.
+            gone = old.rename(old.with_name(old.name + ".old"))
+            shutil.rmtree(gone, ignore_errors=True)
     dist.barrier()
     return final
 

@@ -9,6 +9,7 @@ purged), so the logs always describe one consistent run. Names in TensorBoard an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -64,13 +65,14 @@ class MetricsLog:
                 if record["step"] >= purge_step:
                     self._to_tensorboard(record)
         if log.wandb_project:
-            self.wandb_run = _start_wandb(path.parent, log, run_config)
+            self.wandb_run = _start_wandb(path.parent, log, run_config, resumed=keep_through_step >= 0)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        os.fsync(self.file.fileno())  # before the step's checkpoint: a resume never rewrites lines up to its step
         numbers = scalars(record)
         if self.tensorboard is not None:
             self._to_tensorboard(record)
@@ -93,14 +95,18 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
-def _start_wandb(out_dir: Path, log: LogConfig, run_config: dict):
-    """A W&B run that a resumed training run continues (its id is kept in the run folder)."""
+def _start_wandb(out_dir: Path, log: LogConfig, run_config: dict, resumed: bool):
+    """A W&B run that a resumed training run continues (its id is kept in the run folder); a fresh start,
+    also in a folder whose earlier attempt stopped before its first checkpoint, is a W&B run of its own.
+
+    W&B ignores a step below the run's last one: the steps a resume redoes (those after its checkpoint)
+    keep the values the earlier attempt logged there, in W&B only (metrics.jsonl and TensorBoard are cut back)."""
     try:
         import wandb
     except ImportError as error:
         raise RuntimeError(f"log.wandb_project is set but wandb cannot be imported ({error}); pip install wandb") from error
     id_file = out_dir / WANDB_ID_FILE
-    if not id_file.exists():
+    if not resumed or not id_file.exists():
         write_text_atomic(id_file, wandb.util.generate_id())
     run_id = id_file.read_text(encoding="utf-8").strip()
     return wandb.init(project=log.wandb_project, name=log.wandb_run_name, id=run_id, resume="allow", dir=str(out_dir), config=run_config)
