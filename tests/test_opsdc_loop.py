@@ -362,6 +362,27 @@ def test_a_resume_with_another_seed_or_prompt_file_says_so(setup, tmp_path, caps
         stderr = capsys.readouterr().err
         stated = re.findall(r"resuming step_\d+ with another prompt stream \((.*)\): prompts are used in a new order from prompt (\d+)", stderr)
         assert stated == ([(notice, str((steps - 1) * 8))] if notice else []), stderr[-3000:]
+        assert "settings its run did not have" not in stderr, "the seed and the prompt file are the note above's"
+
+
+def test_a_resume_under_other_settings_says_so_and_the_best_is_chosen_among_comparable_evals(setup, tmp_path, capsys):
+    """A resume with another learning rate or instruction went on silently (config.yaml rewritten, `opsdc report`
+    showing the new values for the whole run); one with other eval settings compared its evals with the best of
+    the old ones (another token budget, other prompts), so best_hf could stay an eval of another kind."""
+    from opsdc_megatron.cli import main
+
+    run, common = tmp_path / "run", ("parallel.tensor_parallel_size=1", "rollout.max_response_tokens=4", "eval.max_prompts=4")
+    main(["train", "recipes/toy_cpu.yaml", *train_args(setup, run, "train.steps=2", *common)])
+    best = json.loads((run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["best"]
+    assert best["step"] == 2 and best["eval"]["sampling"]["max_new_tokens"] == 24
+    capsys.readouterr()
+    main(["train", "recipes/toy_cpu.yaml", *train_args(setup, run, "train.steps=4", *common), "train.lr=2e-3", "eval.max_response_tokens=6"])
+    stderr = capsys.readouterr().err
+    assert "resuming step_000002 under settings its run did not have, from step 3 on: train.lr (was 0.001, now 0.002)" in stderr, stderr[-3000:]
+    assert "the best eval so far (step 2) asked other prompts or sampled otherwise" in stderr
+    best = json.loads((run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())["best"]
+    assert best["step"] == 4 and best["eval"]["sampling"]["max_new_tokens"] == 6
+    assert read_trained_steps(run / "best_hf") == 4
 
 
 def test_bf16_distributed_optimizer_follows_tp1_and_resumes_exactly(setup):

@@ -25,6 +25,7 @@ from opsdc_megatron.config import ConfigError, RunConfig, read_saved_config, str
 from opsdc_megatron.distill.batch import ScoredSequence, micro_batches_for_rank
 from opsdc_megatron.distill.forward import make_forward_step
 from opsdc_megatron.eval.evaluate import evaluate
+from opsdc_megatron.eval.results import prompts_digest
 from opsdc_megatron.eval.scoring import score
 from opsdc_megatron.files import write_text_atomic
 from opsdc_megatron.models.hf_folder import save_hf_folder
@@ -38,7 +39,7 @@ from opsdc_megatron.train.checkpoint import best_candidate, load_checkpoint, rec
 from opsdc_megatron.train.metrics import MetricsLog
 from opsdc_megatron.train.preemption import PreemptionWatch
 from opsdc_megatron.train.prompt_stream import PromptStream
-from opsdc_megatron.train.run_folder import FINAL_EXPORT, resume_point
+from opsdc_megatron.train.run_folder import FINAL_EXPORT, resume_point, trajectory_changes
 from opsdc_megatron.train.build import build_training_model
 from opsdc_megatron.train.step import apply_optimizer_settings, optimizer_step
 
@@ -112,6 +113,14 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             print(f"opsdc train: resuming {resume_from.name} with another prompt stream ({'; '.join(changes)}): prompts are used "
                   f"in a new order from prompt {state['prompts_used']} of the stream on", file=sys.stderr, flush=True)
         apply_optimizer_settings(model.optimizer, config.train)
+    eval_sampling = SamplingParams(config.eval.temperature, config.eval.top_p, config.eval.top_k, config.eval.max_response_tokens)
+    # The best eval is the best among evals of one kind: a resume that evaluates otherwise starts the choice over.
+    eval_kind = {"prompts_sha256": prompts_digest(eval_records), "sampling": asdict(eval_sampling), "block_prompts": block}
+    if state["best"] is not None and state["best"].get("eval", eval_kind) != eval_kind:
+        if rank0:
+            print(f"opsdc train: the best eval so far (step {state['best']['step']}) asked other prompts or sampled otherwise than this "
+                  f"run's evals: the best is chosen again among this run's, and best_hf replaced by the first", file=sys.stderr, flush=True)
+        state["best"] = None
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         settle_best_export(out, state["best"])  # a candidate the checkpoint recorded, or none
@@ -119,7 +128,11 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         # convert` read the start model from it, from any directory; it stays the first start's.
         start_model = os.path.abspath(config.model.hf_path)
         if resume_from is not None and (out / "config.yaml").is_file():
-            start_model = read_saved_config(out / "config.yaml")["model"]["hf_path"]
+            saved = read_saved_config(out / "config.yaml")
+            start_model = saved["model"]["hf_path"]
+            if changes := trajectory_changes(saved, asdict(replace(config, model=replace(config.model, hf_path=os.path.abspath(config.model.hf_path))))):
+                print(f"opsdc train: resuming {resume_from.name} under settings its run did not have, from step {state['step'] + 1} on: "
+                      f"{'; '.join(changes)}", file=sys.stderr, flush=True)
         write_text_atomic(out / "config.yaml", to_yaml(replace(config, model=replace(config.model, hf_path=start_model))))
     state["prompt_stream"] = prompts.identity
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
@@ -133,7 +146,6 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     engine.update_weights(pushed, version=state["step"])
 
     rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
-    eval_sampling = SamplingParams(config.eval.temperature, config.eval.top_p, config.eval.top_k, config.eval.max_response_tokens)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
     def run_eval(step: int) -> None:
@@ -141,7 +153,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         log.write({"step": step, "kind": "eval", **result.as_dict()})
         best = state["best"]
         if step > 0 and (best is None or (result.accuracy, -result.mean_tokens) > (best["accuracy"], -best["mean_tokens"])):
-            state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens}
+            state["best"] = {"step": step, "accuracy": result.accuracy, "mean_tokens": result.mean_tokens, "eval": eval_kind}
             if rank0:  # best_hf once a checkpoint records this eval: a resume from an earlier one may score otherwise
                 settle_best_export(out, None)  # earlier candidates: no checkpoint recorded them (each save settles), and this one is better
                 save_hf_folder(pushed, config.model.hf_path, best_candidate(out, step), trained_steps=step)

@@ -7,6 +7,7 @@ starts (`cli.preflight`), and importing megatron-core for that took seconds of e
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -66,3 +67,37 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not (path / TRAINER_STATE).exists():
         raise FileNotFoundError(f"{marker} names {path}, which is not a complete checkpoint")
     return path
+
+
+TRAJECTORY_SECTIONS = ("model", "rollout", "distill", "train")
+"""What the run's trajectory depends on; of these, what a resume may change without changing it (the layout's
+keys, the servers', the step count) or what another note covers (train.seed: the prompt stream's) is left out."""
+_LAYOUT_KEYS = frozenset({
+    "model.megatron_checkpoint", "model.attention_backend", "model.activation_recompute", "rollout.engine",
+    "train.steps", "train.seed", "train.micro_batch_tokens",
+})
+
+
+def trajectory_changes(saved: dict, current: dict) -> list[str]:
+    """The settings of the run's last attempt (its config.yaml, as plain data) that `current` (`asdict` of the
+    RunConfig) changes, as `key (was X, now Y)`: a resume goes on under them, which a reader of the run should know."""
+
+    def flat(values: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                if name != "rollout.sglang":
+                    out.update(flat(value, f"{name}."))
+            elif name not in _LAYOUT_KEYS:
+                out[name] = value
+        return out
+
+    before = flat({section: saved.get(section, {}) for section in TRAJECTORY_SECTIONS})
+    after = flat(json.loads(json.dumps({section: current[section] for section in TRAJECTORY_SECTIONS})))  # tuples as YAML reads them: lists
+
+    def shown(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{key} (was {shown(before[key])}, now {shown(value)})" for key, value in after.items() if key in before and before[key] != value]
