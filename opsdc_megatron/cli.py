@@ -25,6 +25,9 @@ from opsdc_megatron.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, 
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ValueError, FileNotFoundError)
 """What a bad recipe, model folder or prompt file raises during preflight."""
+INPUTS_CHECKED_ENV = "OPSDC_INPUTS_CHECKED"
+"""Set to 1 by the launchers that ran `preflight` before starting the ranks (opsdc train's own torchrun, the SLURM
+job script, the nemo-run launcher), so that each rank does not repeat it; under another launcher every rank runs it."""
 
 
 def preflight(config: RunConfig) -> None:
@@ -85,8 +88,9 @@ def train_command(recipe: str, overrides: list[str]) -> None:
     preemption = PreemptionWatch()  # first: a stop signal during the checks below is recorded, not fatal
     try:
         config = load_config(recipe, overrides)
-        if not under_launcher:
+        if os.environ.get(INPUTS_CHECKED_ENV) != "1":
             preflight(config)
+        if not under_launcher:
             check_local_gpus(config)
             from opsdc_megatron.launch.plan import check_sglang_servers_to_start
 
@@ -116,6 +120,7 @@ def _start_workers(world_size: int, recipe: str, overrides: list[str], preemptio
         preemption.forward_to(stop_file)
         os.environ[STOP_FILE_ENV] = str(stop_file)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ[INPUTS_CHECKED_ENV] = "1"  # for the workers only: a later command in this process checks its own
         try:  # torchrun leaves the stop signals to the watch: its own handler would kill the workers
             torchrun([f"--nproc-per-node={world_size}", "--standalone", "--signals-to-handle=SIGINT,SIGQUIT",
                       "-m", "opsdc_megatron.cli", "train", recipe, *overrides])
@@ -124,6 +129,8 @@ def _start_workers(world_size: int, recipe: str, overrides: list[str], preemptio
             if PREEMPTED_EXIT_CODE in exit_codes and exit_codes <= {PREEMPTED_EXIT_CODE, -signal.SIGTERM}:
                 sys.exit(PREEMPTED_EXIT_CODE)  # stopped on request after a checkpoint (torchrun may end the last ranks)
             raise
+        finally:
+            del os.environ[INPUTS_CHECKED_ENV]
 
 
 def demo_command(args: argparse.Namespace) -> None:

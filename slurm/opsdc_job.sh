@@ -241,7 +241,7 @@ export OPSDC_TRAINER_HOSTS="${TRAINER_HOSTS[*]}"
 TRAINER_CMD='trap "" USR1; read -ra hosts <<< "$OPSDC_TRAINER_HOSTS"; node=-1
 for i in "${!hosts[@]}"; do [ "${hosts[$i]}" = "$SLURMD_NODENAME" ] && node=$i; done
 [ "$node" -ge 0 ] || { echo "opsdc_job.sh: this node, $SLURMD_NODENAME, is none of the trainer hosts $OPSDC_TRAINER_HOSTS" >&2; exit 2; }
-export RANK=$((node * '"$OPSDC_TRAINER_TASKS_PER_NODE"' + SLURM_LOCALID)) WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"'
+export RANK=$((node * '"$OPSDC_TRAINER_TASKS_PER_NODE"' + SLURM_LOCALID)) WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID CUDA_DEVICE_MAX_CONNECTIONS='"$TRAINER_MAX_CONNECTIONS"' OPSDC_INPUTS_CHECKED=1
 exec "$0" -m opsdc_megatron.cli train "$@"'
 GPU_ARGS=()
 [ "$OPSDC_GPUS_PER_NODE" -gt 0 ] && GPU_ARGS=(--gpus-per-node="$OPSDC_GPUS_PER_NODE")

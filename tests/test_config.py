@@ -237,6 +237,28 @@ def test_cli_names_a_broken_model_folder_before_starting(tmp_path, capsys, refus
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("checked_by_the_launcher", [False, True])
+def test_each_rank_under_a_launcher_of_the_users_checks_the_inputs(tmp_path, capsys, refused_before_start, monkeypatch, checked_by_the_launcher):
+    """Under a torchrun or srun of the user's every rank skipped the checks: a wrong model.hf_path became a traceback
+    from each rank (transformers looking for the name on the Hub). The launchers that checked first say so."""
+    from tests.tiny_models import save_toy_qwen3
+
+    root = save_toy_qwen3(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    if checked_by_the_launcher:
+        monkeypatch.setenv("OPSDC_INPUTS_CHECKED", "1")
+    else:
+        monkeypatch.delenv("OPSDC_INPUTS_CHECKED", raising=False)
+    args = ("train", RECIPE, f"out_dir={tmp_path / 'run'}", f"model.hf_path={tmp_path / 'nope'}", f"data.train_prompts={root / 'train.jsonl'}",
+            "eval.every_steps=0")
+    if checked_by_the_launcher:
+        with pytest.raises(AssertionError, match="it started training"):
+            run_opsdc(capsys, *args)
+    else:
+        status, _, error = run_opsdc(capsys, *args)
+        assert status == 2 and f"opsdc train: error: model.hf_path: {tmp_path / 'nope'} has no config.json" in error, error
+
+
 def test_cli_refuses_an_out_dir_that_is_a_file_before_starting(tmp_path, capsys, refused_before_start):
     from tests.tiny_models import save_toy_qwen3
 

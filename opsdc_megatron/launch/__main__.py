@@ -36,7 +36,7 @@ from opsdc_megatron.launch.plan import JobPlan, PlanError, hf_rollout_memory_not
 # names do not matter, and no SLURM client tools are needed inside a container image), then the
 # trainer, which sees LOCAL_RANK and runs in place.
 SLURM_TASK = """\
-export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
+export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID OPSDC_INPUTS_CHECKED=1
 export MASTER_ADDR=$SLURM_LAUNCH_NODE_IPADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 5000)) OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 export CUDA_DEVICE_MAX_CONNECTIONS=${{CUDA_DEVICE_MAX_CONNECTIONS:-1}} TORCH_NCCL_ASYNC_ERROR_HANDLING=${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}}
