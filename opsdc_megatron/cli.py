@@ -47,7 +47,10 @@ def preflight(config: RunConfig) -> None:
         hf_config = AutoConfig.from_pretrained(hf_path)
     except OSError as error:  # what transformers raises for an unreadable or malformed config.json
         raise ValueError(f"model.hf_path: {hf_path / 'config.json'}: {error}") from None
-    check_hf_config(hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.virtual_pipeline_chunks)
+    try:
+        check_hf_config(hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.virtual_pipeline_chunks)
+    except ValueError as error:  # e.g. `num_attention_heads: expected a multiple of tensor_parallel_size = 3, got 4`
+        raise ValueError(f"model.hf_path: {hf_path / 'config.json'}: {error}") from None
     if config.model.megatron_checkpoint:
         from opsdc_megatron.convert.checks import check_megatron_checkpoint
 

@@ -95,6 +95,10 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
+    folder = Path(model_dir)
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        # transformers 5 then builds an empty tokenizer from config.json, which failed later for another reason
+        raise PromptFileError(f"{model_dir}: no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model); copy the base model's")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:
         raise PromptFileError(

@@ -223,8 +223,10 @@ def test_cli_reports_bad_recipe_in_one_line_and_writes_nothing(tmp_path):
         # another model's config: every rank failed with a traceback after torchrun had started
         (lambda model: (model / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()), "hidden_size": 32})),
          r"model.hf_path: .*: config.json does not match the weights:\n  mis-shaped: \['model.embed_tokens.weight: config implies \(\d+, 32\), file has \(\d+, 64\)"),
+        # transformers 5 made an empty tokenizer from config.json: the error blamed a missing chat template
+        (lambda model: [path.unlink() for path in model.glob("tokenizer*")], r".*/model: no tokenizer \(tokenizer.json, tokenizer_config.json"),
     ],
-    ids=["no-weights", "malformed-config", "another-models-config"],
+    ids=["no-weights", "malformed-config", "another-models-config", "no-tokenizer"],
 )
 def test_cli_names_a_broken_model_folder_before_starting(tmp_path, capsys, refused_before_start, break_model, message):
     from tests.tiny_models import save_toy_qwen3

@@ -178,6 +178,18 @@ def test_input_errors(toy, tmp_path, capsys):
     tokenizer_config.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     expect_input_error(capsys, ["eval", "--model", str(no_template), "--data", str(data)], f"{no_template}: the tokenizer has no chat template")
+    # A half-downloaded folder or another model's config.json: named before anything loads (was a traceback about a "weight push")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    expect_input_error(capsys, ["eval", "--model", str(broken), "--data", str(data)], f"--model {weights}: not a readable safetensors file")
+    shutil.copy(next(model.glob("*.safetensors")), weights)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    expect_input_error(capsys, ["eval", "--model", str(broken), "--data", str(data)], f"--model {broken}: config.json does not match the weights")
+    (broken / "config.json").write_text('{"architectures": ["Qwen3ForCausalLM"],\n}')
+    expect_input_error(capsys, ["eval", "--model", str(broken), "--data", str(data)], f"--model {broken / 'config.json'}: Expecting property name")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--layout", "math500"], "line 1: missing field 'problem'")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--prompt-template", "Solve:"], "--prompt-template must contain {problem}")
     expect_input_error(capsys, ["eval", "--model", str(model), "--data", str(data), "--instruction", "concise", "--instruction-text", " "],

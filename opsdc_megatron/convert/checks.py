@@ -54,8 +54,8 @@ def check_hf_folder(folder: Path) -> HFModelFolder:
     try:
         config = load_hf_config(folder)
         headers = hf_tensor_headers(folder)
-    except (ValueError, FileNotFoundError) as error:
-        raise ConversionError(f"{folder}: {error}") from None
+    except (ValueError, FileNotFoundError) as error:  # each names its file
+        raise ConversionError(str(error)) from None
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config)
     expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}

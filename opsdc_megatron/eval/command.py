@@ -75,8 +75,8 @@ def _stored_in_bf16(model: Path, checkpoint: Path | None) -> bool:
     return (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
 
 
-def check_hf_folder(path: Path) -> None:
-    """A Hugging Face folder has config.json, *.safetensors and a tokenizer; say what else `path` looks like."""
+def check_model_folder(path: Path) -> None:
+    """A Hugging Face folder has config.json, *.safetensors matching it and a tokenizer; say what else `path` looks like."""
     if not path.is_dir():
         raise ModelFolderError(f"--model {path}: not a folder")
     if (path / "config.yaml").is_file() and ((path / "best_hf").is_dir() or (path / "final_hf").is_dir() or (path / "checkpoints").is_dir()):
@@ -87,6 +87,12 @@ def check_hf_folder(path: Path) -> None:
     missing = _missing_hf_files(path, weights=True)
     if missing:
         raise ModelFolderError(f"--model {path}: missing {', '.join(missing)}; expected {EXPECTED_MODEL}")
+    from opsdc_megatron.convert.checks import check_hf_folder
+
+    try:  # weights (headers only) that match the config: a shard missing, cut short, or another model's config
+        check_hf_folder(path)
+    except ValueError as error:
+        raise ModelFolderError(f"--model {error}") from None
 
 
 def find_megatron_checkpoint(path: Path) -> Path | None:
@@ -183,7 +189,7 @@ def eval_command(args: argparse.Namespace) -> None:
         check_output_folder(Path(args.out), "--out")
         checkpoint = find_megatron_checkpoint(model)
         if checkpoint is None:
-            check_hf_folder(model)
+            check_model_folder(model)
             if args.hf_config is not None:
                 raise ValueError(f"--hf-config is for a megatron checkpoint; --model {model} is a Hugging Face folder")
         hf_config = checkpoint_hf_config(checkpoint, args.hf_config) if checkpoint is not None else None

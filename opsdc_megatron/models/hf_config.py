@@ -31,7 +31,12 @@ def load_hf_config(hf_config: HFConfigLike) -> PretrainedConfig:
         return hf_config
     if isinstance(hf_config, (str, os.PathLike)):
         path = Path(hf_config)
-        hf_config = json.loads((path / "config.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+        file = path / "config.json" if path.is_dir() else path
+        try:
+            values = json.loads(file.read_text(encoding="utf-8"))
+            return architecture_of(values).config_class.from_dict(values)
+        except ValueError as error:  # JSONDecodeError is one
+            raise ValueError(f"{file}: {error}") from None
     return architecture_of(hf_config).config_class.from_dict(hf_config)
 
 
