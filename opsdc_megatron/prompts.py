@@ -55,15 +55,15 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
         raise PromptFileError(f"{path}: prompt file not found")
     records = []
     for line_number, row in read_json_objects(path):
-        for key in ("prompt", "answer"):
-            if not isinstance(row.get(key), str):
+        for key, kinds in (("prompt", (str,)), ("answer", (str, int))):  # an integer answer, as the benchmarks' loaders take it
+            if isinstance(row.get(key), bool) or not isinstance(row.get(key), kinds):
                 got = "missing" if key not in row else type(row[key]).__name__
-                raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string, got {got}")
-            surrogate = unpaired_surrogate(row[key])
+                raise PromptFileError(f"{path}:{line_number}: field '{key}' must be a string{' or an integer' if int in kinds else ''}, got {got}")
+            surrogate = unpaired_surrogate(str(row[key]))
             if surrogate:
                 raise PromptFileError(f"{path}:{line_number}: field '{key}' {surrogate}")
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
-        records.append(PromptRecord(row["prompt"], row["answer"], extra))
+        records.append(PromptRecord(row["prompt"], str(row["answer"]), extra))
     if not records:
         raise PromptFileError(f"{path}: no prompts")
     return records

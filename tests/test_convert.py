@@ -289,13 +289,14 @@ def _unsupported_architecture(folder: Path) -> None:
         (_unsupported_architecture, [], r"architectures: expected one of \['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\], got \['MistralForCausalLM'\]"),
         (None, ["--tp", "3"], r"num_attention_heads: expected a multiple of tensor_parallel_size = 3, got 4"),
         (None, ["--pp", "2", "--vp", "2"], r"num_hidden_layers: expected a multiple of pipeline x virtual pipeline size = 4, got 2"),
+        (None, ["--vp", "2"], r"--vp 2 needs pipeline parallelism \(--pp > 1\), got --pp 1"),
         (None, ["--tp", "0"], r"tensor_parallel_size: expected >= 1, got 0"),
         (_float64_weights, [], r"model.embed_tokens.weight is stored as F64; expected one of \['BF16', 'F16', 'F32'\]"),
         ("exists", [], r"output folder exists"),
     ],
     ids=[
         "missing-shard", "truncated-shard", "config-mismatch", "unsupported-architecture", "tp-not-dividing-heads", "vp-not-dividing-layers",
-        "tp-zero", "float64-weights", "output-exists",
+        "vp-without-pp", "tp-zero", "float64-weights", "output-exists",
     ],
 )
 def test_bad_input_is_named_and_writes_nothing(hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture, break_input, extra_args: list[str], message: str) -> None:

@@ -14,7 +14,8 @@ def test_round_trip_keeps_extra_fields(tmp_path):
     "lines, message",
     [
         (['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": '], r"p.jsonl:2: invalid JSON"),
-        (['{"prompt": "a"}'], r"p.jsonl:1: field 'answer' must be a string, got missing"),
+        (['{"prompt": "a"}'], r"p.jsonl:1: field 'answer' must be a string or an integer, got missing"),
+        (['{"prompt": "a", "answer": true}'], r"p.jsonl:1: field 'answer' must be a string or an integer, got bool"),
         (['{"prompt": 3, "answer": "1"}'], r"p.jsonl:1: field 'prompt' must be a string, got int"),
         (['[1, 2]'], r"p.jsonl:1: expected a JSON object"),
         (['{"prompt": "a", "answer": "1"}', '{"prompt": "a\\ud800", "answer": "1"}'], r"p.jsonl:2: field 'prompt' holds an unpaired surrogate \\ud800"),
@@ -35,6 +36,13 @@ def test_a_byte_order_mark_and_extra_fields_named_like_the_record_ones(tmp_path)
     assert load_prompts(path) == [PromptRecord("a", "1")]
     write_prompts(path, [PromptRecord("real", "1", {"prompt": "overwritten", "level": 2})])
     assert load_prompts(path) == [PromptRecord("real", "1", {"level": 2})]
+
+
+def test_an_integer_answer_is_its_text_as_in_the_benchmark_files(tmp_path):
+    """`opsdc eval` read `"answer": 7` and `opsdc train` refused the same line."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "answer": 7}\n')
+    assert load_prompts(path) == [PromptRecord("a", "7")]
 
 
 def test_missing_file(tmp_path):

@@ -639,6 +639,16 @@ def test_rollout_plan_refusals(overrides, message):
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize("script", sorted(path.name for path in (ROOT / "slurm").glob("*.sbatch")))
+def test_a_script_submitted_from_outside_the_checkout_says_where_to_submit_from(tmp_path, script):
+    """sbatch from a scratch folder: the job found no slurm/opsdc_job.sh there and failed with a bare bash error."""
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)}
+    env.pop("OPSDC_HOME", None)
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"opsdc: no {tmp_path}/slurm/opsdc_job.sh: submit from the opsdc-megatron checkout, or set OPSDC_HOME to it" in proc.stderr
+
+
 def test_the_job_script_hands_the_trainer_ipv6_server_urls_it_can_read():
     """Nodes whose NodeAddr is IPv6: the URLs carry brackets, which an unquoted YAML list read as nested lists
     (every trainer rank exited 2 after the servers' start-up)."""

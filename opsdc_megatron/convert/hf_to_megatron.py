@@ -202,6 +202,8 @@ def convert_hf_to_megatron(
     if virtual_pipeline_size is not None:
         if virtual_pipeline_size < 1:
             raise ConversionError(f"--vp: the virtual pipeline size must be at least 1, got {virtual_pipeline_size}")
+        if virtual_pipeline_size > 1 and pipeline_parallel_size == 1:  # as the trainer's config refuses it
+            raise ConversionError(f"--vp {virtual_pipeline_size} needs pipeline parallelism (--pp > 1), got --pp 1")
         stages = pipeline_parallel_size * virtual_pipeline_size
         if source.config.num_hidden_layers % stages:
             raise ConversionError(
