@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from opsdc_megatron import plan
@@ -156,7 +157,7 @@ def demo_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="opsdc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="opsdc", description=__doc__.split("\n\n")[0].replace("\n", " "))
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="build the toy base model, run OPSDC at TP=2 on CPU, compare before/after")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     add_data_parser(commands)
     add_report_parser(commands)
     args = parser.parse_args(argv)
+    if args.command in ("convert", "eval"):  # megatron-core's import-time notes bury these commands' one-line errors
+        warnings.filterwarnings("ignore", message=r"(Apex is|Transformer Engine and Apex are) not installed", category=UserWarning)
     if args.command == "convert":
         convert_cli.run(args)  # maps conversion errors to exit statuses around the subcommand's handler
     elif hasattr(args, "handler"):

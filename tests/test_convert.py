@@ -96,6 +96,14 @@ def test_round_trip_at_tp2_and_pp2_is_bitwise_and_logits_agree(hf_models: Path) 
             assert torch.equal(logits(exported, tokens), logits(source_folder, tokens)), (name, layout)
 
 
+def test_a_cli_error_is_one_line_not_the_end_of_megatrons_import_notes(tmp_path: Path) -> None:
+    """Without Transformer Engine and apex (CPU machines) megatron-core's import printed 12 warnings before the error."""
+    proc = subprocess.run([sys.executable, "-m", "opsdc_megatron.cli", "convert", "megatron-to-hf", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"opsdc convert megatron-to-hf: error: {tmp_path / 'nope'}: no metadata.json (expected a megatron dist checkpoint)"]
+
+
 def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = hf_models / "qwen2"
     ckpt, exported = tmp_path / "qwen2_megatron", tmp_path / "qwen2_hf"

@@ -157,6 +157,8 @@ def test_input_errors(toy, tmp_path, capsys):
     (run / "best_hf").mkdir(parents=True)
     (run / "config.yaml").write_text("out_dir: x\n")
     expect_input_error(capsys, ["eval", "--model", str(run), "--data", str(data)], "this is a training run folder; expected a Hugging Face folder")
+    # only what the run folder holds (it named a final_hf/ and checkpoints/ it lacked)
+    expect_input_error(capsys, ["eval", "--model", str(run), "--data", str(data)], f"pass {run / 'best_hf'}\n")
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step_10").mkdir(parents=True)
     expect_input_error(capsys, ["eval", "--model", str(checkpoints), "--data", str(data)], "a checkpoints folder without a 'latest' marker; pass one of its step_N folders")

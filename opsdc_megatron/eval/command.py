@@ -80,10 +80,8 @@ def check_model_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelFolderError(f"--model {path}: not a folder")
     if (path / "config.yaml").is_file() and ((path / "best_hf").is_dir() or (path / "final_hf").is_dir() or (path / "checkpoints").is_dir()):
-        raise ModelFolderError(
-            f"--model {path}: this is a training run folder; expected {EXPECTED_MODEL}: "
-            f"pass {path / 'best_hf'}, {path / 'final_hf'} or {path / 'checkpoints'}"
-        )
+        present = [str(path / name) for name in ("best_hf", "final_hf", "checkpoints") if (path / name).is_dir()]
+        raise ModelFolderError(f"--model {path}: this is a training run folder; expected {EXPECTED_MODEL}: pass {' or '.join(present)}")
     missing = _missing_hf_files(path, weights=True)
     if missing:
         raise ModelFolderError(f"--model {path}: missing {', '.join(missing)}; expected {EXPECTED_MODEL}")
@@ -144,9 +142,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="data layout (default: detected from the first row)")
     parser.add_argument("--name", default=None, help="benchmark name in results and reports (default: from the layout, else the file name)")
     parser.add_argument("--samples", type=int, default=8, help="responses per prompt, k of mean@k (default 8)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=20, help="0 disables top-k")
+    parser.add_argument("--temperature", type=float, default=0.6, help="default: 0.6, the paper's evaluation sampling")
+    parser.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")
+    parser.add_argument("--top-k", type=int, default=20, help="default: 20; 0 disables top-k")
     parser.add_argument("--max-tokens", type=int, default=30000, help="response token budget (default 30000)")
     parser.add_argument("--instruction", default="none", choices=INSTRUCTIONS, help="plain prompts, the concise instruction prepended, or both")
     parser.add_argument("--instruction-text", default=PAPER_INSTRUCTION_V1, help="the concise instruction (default: the paper's v1)")
