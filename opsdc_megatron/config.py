@@ -339,6 +339,9 @@ def merge_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfi
                 raise ConfigError(f"{source}: expected key=value")
             merged = _apply_override(merged, *override.split("=", 1), source)
         source = f"{path or 'config'} with overrides" if overrides else str(path or "config")
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:  # all of them at once, not OmegaConf's first
+            raise ConfigError(f"{source}: {', '.join(missing)} must be set, in the recipe or as key=value")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)

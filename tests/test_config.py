@@ -517,3 +517,12 @@ def test_the_eval_defaults_are_opsdc_evals():
     flags = parser.parse_args(["eval", "--model", "m", "--data", "d"])
     config = load_config(None, ["out_dir=x", "model.hf_path=m", "data.train_prompts=p"])
     assert (config.eval.temperature, config.eval.top_p, config.eval.top_k) == (flags.temperature, flags.top_p, flags.top_k) == (0.6, 0.95, 20)
+
+
+def test_every_unset_mandatory_key_is_named_at_once(tmp_path):
+    """OmegaConf named one missing key a run ("Structured config of type 'RunConfig' has missing mandatory value: out_dir"),
+    so a user went round three times."""
+    with pytest.raises(ConfigError, match=r"^recipes/toy_cpu.yaml: data.train_prompts, model.hf_path, out_dir must be set, in the recipe or as key=value$"):
+        load_config(RECIPE)
+    with pytest.raises(ConfigError, match=r"with overrides: data.train_prompts must be set"):
+        load_config(RECIPE, ["out_dir=x", "model.hf_path=m"])
