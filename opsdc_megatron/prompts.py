@@ -39,7 +39,7 @@ def read_json_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a line cut short fails at its end, not at column 1 of the next
             except json.JSONDecodeError as error:
                 raise PromptFileError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):

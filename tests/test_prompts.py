@@ -13,7 +13,7 @@ def test_round_trip_keeps_extra_fields(tmp_path):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": '], r"p.jsonl:2: invalid JSON"),
+        (['{"prompt": "a", "answer": "1"}', '{"prompt": "b", "answer": '], r"p.jsonl:2: invalid JSON \(Expecting value at column 27\)"),
         (['{"prompt": "a"}'], r"p.jsonl:1: field 'answer' must be a string or an integer, got missing"),
         (['{"prompt": "a", "answer": true}'], r"p.jsonl:1: field 'answer' must be a string or an integer, got bool"),
         (['{"prompt": 3, "answer": "1"}'], r"p.jsonl:1: field 'prompt' must be a string, got int"),
