@@ -314,7 +314,11 @@ def _recipe_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, d
     base = data.pop("base", None)
     if base is None:
         return [(path, data)]
-    return _recipe_chain(path.parent / str(base), seen + (path.resolve(),)) + [(path, data)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the file name of one recipe, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base: {path.parent / base} not found (a base recipe's path is relative to the recipe)")
+    return _recipe_chain(path.parent / base, seen + (path.resolve(),)) + [(path, data)]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -357,6 +361,8 @@ def _check_text_fields(schema: DictConfig, data: dict, recipe: Path | str, prefi
         node = schema._get_node(key, throw_on_missing_key=False) if isinstance(key, str) else None
         if isinstance(node, DictConfig) and isinstance(value, dict):
             _check_text_fields(node, value, recipe, f"{prefix}{key}.")
+        elif isinstance(node, DictConfig) and value is not None:  # OmegaConf: "Merge error: int is not a subclass of TrainConfig"
+            raise ConfigError(f"{recipe}: {prefix}{key}: expected a section of settings (key: value lines below it), got {value!r}")
         elif isinstance(node, StringNode) and isinstance(value, (bool, int, float)):
             kind = "boolean" if isinstance(value, bool) else type(value).__name__
             raise ConfigError(f"{recipe}: {prefix}{key}: expected text, YAML reads the value as the {kind} {value!r}; "

@@ -526,3 +526,19 @@ def test_every_unset_mandatory_key_is_named_at_once(tmp_path):
         load_config(RECIPE)
     with pytest.raises(ConfigError, match=r"with overrides: data.train_prompts must be set"):
         load_config(RECIPE, ["out_dir=x", "model.hf_path=m"])
+
+
+def test_a_recipe_extends_another_and_bad_chains_are_named(tmp_path):
+    (tmp_path / "base.yaml").write_text("out_dir: x\nmodel:\n  hf_path: m\ndata:\n  train_prompts: t\ntrain:\n  steps: 7\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  lr: 0.25\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.train.steps, config.train.lr, config.out_dir) == (7, 0.25, "x")
+    for text, message in [
+        ("base: nothere.yaml\n", rf"{tmp_path / 'bad.yaml'}: base: {tmp_path / 'nothere.yaml'} not found \(a base recipe's path is relative to the recipe\)"),
+        ("base: [base.yaml]\n", r"bad.yaml: base: expected the file name of one recipe, got \['base.yaml'\]"),
+        ("base: bad.yaml\n", r"bad.yaml: 'base' recipes form a cycle"),
+        ("base: base.yaml\ntrain: 5\n", r"bad.yaml: train: expected a section of settings \(key: value lines below it\), got 5"),
+    ]:
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "bad.yaml")
