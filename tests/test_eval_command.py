@@ -460,3 +460,10 @@ def test_sglang_servers_take_the_tensor_parallel_size_and_memory_share(tmp_path,
     assert (settings.tensor_parallel_size, settings.mem_fraction_static, num_servers) == (2, 0.85, 1)
     with pytest.raises(ValueError, match=r"--sglang-mem-fraction must be in \(0, 1\], got 1.5"):
         sglang_server_options(parser.parse_args([*flags, "--sglang-mem-fraction", "1.5"]))
+    with pytest.raises(ValueError, match=r"--sglang-servers must be >= 1, got 0"):
+        sglang_server_options(parser.parse_args([*flags, "--sglang-servers", "0"]))
+    # given to the in-process engine, they were ignored without a word
+    hf_flags = ["eval", "--model", "m", "--data", "d", "--out", str(tmp_path), "--sglang-tp", "2", "--sglang-servers", "4"]
+    with pytest.raises(ValueError, match=r"^--sglang-servers, --sglang-tp: for --engine sglang, and this evaluation runs --engine hf$"):
+        sglang_server_options(parser.parse_args(hf_flags))
+    assert sglang_server_options(parser.parse_args(hf_flags[:7])) is None

@@ -155,11 +155,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="sample s of every prompt is drawn with seed + s (sglang: reproducible on GPUs only, where servers run deterministic inference)")
     parser.add_argument("--batch-prompts", type=int, default=64, help="prompts per generate call")
     parser.add_argument("--engine", default="hf", choices=ENGINES, help="rollout backend (default hf: in-process transformers; sglang: SGLang servers)")
-    parser.add_argument("--sglang-servers", type=int, default=1, help="--engine sglang: servers started (default 1)")
-    parser.add_argument("--sglang-base-port", type=int, default=30000, help="--engine sglang: server i listens on this port + i (default 30000)")
-    parser.add_argument("--sglang-python", default=None, help="--engine sglang: interpreter of the SGLang environment (default .venv-sglang/bin/python)")
-    parser.add_argument("--sglang-tp", type=int, default=1, help="--engine sglang: GPUs per server (tensor parallel; default 1)")
-    parser.add_argument("--sglang-mem-fraction", type=float, default=None,
+    # The --sglang-* defaults are applied in sglang_server_options: None here tells a flag given to another engine
+    parser.add_argument("--sglang-servers", type=int, help="--engine sglang: servers started (default 1)")
+    parser.add_argument("--sglang-base-port", type=int, help="--engine sglang: server i listens on this port + i (default 30000)")
+    parser.add_argument("--sglang-python", help="--engine sglang: interpreter of the SGLang environment (default .venv-sglang/bin/python)")
+    parser.add_argument("--sglang-tp", type=int, help="--engine sglang: GPUs per server (tensor parallel; default 1)")
+    parser.add_argument("--sglang-mem-fraction", type=float,
                         help="--engine sglang: SGLang's --mem-fraction-static, the GPU memory share for weights and KV cache (default SGLang's)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="dtype the model samples in (default auto: bf16 on a GPU for a model stored in bf16, else fp32)")
@@ -173,7 +174,6 @@ def eval_command(args: argparse.Namespace) -> None:
     try:
         for flag, value in (
             ("--samples", args.samples), ("--max-tokens", args.max_tokens), ("--batch-prompts", args.batch_prompts), ("--limit", args.limit if args.limit is not None else 1),
-            ("--sglang-servers", args.sglang_servers), ("--sglang-tp", args.sglang_tp),
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -194,7 +194,7 @@ def eval_command(args: argparse.Namespace) -> None:
         if args.dtype == "auto":  # 8B+ models in fp32 leave a GPU little room for the KV cache; CPUs sample bf16 slowly
             args.dtype = "bf16" if _stored_in_bf16(model, checkpoint) and torch.cuda.is_available() else "fp32"
         load_tokenizer(hf_config or model)  # has a chat template and an end-of-sequence token
-        server_options = sglang_server_options(args) if args.engine == "sglang" else None
+        server_options = sglang_server_options(args)
         layout, records = load_dataset_file(data, args.layout)
     except ValueError as error:
         print(f"opsdc eval: error: {error}", file=sys.stderr)
@@ -316,18 +316,28 @@ def folder_to_evaluate(model: Path, checkpoint: Path | None, hf_config: Path | N
         yield folder
 
 
-def sglang_server_options(args: argparse.Namespace) -> dict:
-    """serve_hf_folder's options from the --sglang-* flags; the interpreter must exist."""
+def sglang_server_options(args: argparse.Namespace) -> dict | None:
+    """serve_hf_folder's options from the --sglang-* flags (None for another engine, which refuses them); the
+    interpreter must exist."""
     from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON
 
+    flags = {"--sglang-servers": args.sglang_servers, "--sglang-base-port": args.sglang_base_port, "--sglang-python": args.sglang_python,
+             "--sglang-tp": args.sglang_tp, "--sglang-mem-fraction": args.sglang_mem_fraction}
+    if args.engine != "sglang":
+        if given := [flag for flag, value in flags.items() if value is not None]:
+            raise ValueError(f"{', '.join(given)}: for --engine sglang, and this evaluation runs --engine {args.engine}")
+        return None
+    for flag in ("--sglang-servers", "--sglang-tp"):
+        if flags[flag] is not None and flags[flag] < 1:
+            raise ValueError(f"{flag} must be >= 1, got {flags[flag]}")
     python = args.sglang_python or str(DEFAULT_SGLANG_PYTHON)
     if not Path(python).is_file() and not shutil.which(python):
         raise ValueError(f"--engine sglang: SGLang interpreter {python} not found: run `make env-sglang` or pass --sglang-python")
     if args.sglang_mem_fraction is not None and not 0 < args.sglang_mem_fraction <= 1:
         raise ValueError(f"--sglang-mem-fraction must be in (0, 1], got {args.sglang_mem_fraction}")
     return {
-        "num_servers": args.sglang_servers, "base_port": args.sglang_base_port, "python": python, "log_dir": Path(args.out) / "sglang_logs",
-        "tensor_parallel_size": args.sglang_tp, "mem_fraction_static": args.sglang_mem_fraction,
+        "num_servers": args.sglang_servers or 1, "base_port": args.sglang_base_port or 30000, "python": python,
+        "log_dir": Path(args.out) / "sglang_logs", "tensor_parallel_size": args.sglang_tp or 1, "mem_fraction_static": args.sglang_mem_fraction,
     }
 
 
