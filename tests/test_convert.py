@@ -139,7 +139,7 @@ def test_cli_converts_verifies_and_names_bad_checkpoints(hf_models: Path, tmp_pa
     assert status == 0 and ": OK" in output, output[-3000:]
     # How far the kernels differ depends on the CPU: by more than the old absolute 1e-5 on the AMD EPYC machines this ran
     # on until 2026-11-29, exactly 0 on an Intel Xeon with AMX (the same day). The verdict is relative to the largest logit:
-    assert LogitDifference(largest=3e-5, largest_logit=45.2).relative <= 1e-5 < 3e-5
+    assert LogitDifference(largest=3e-5, largest_logit=45.2).relative <= 1e-5  # what the EPYC machines measured passes
 
     # `opsdc train` starts from the converted checkpoint, not from model.hf_path's weights: with lr=0
     # the final export equals the converted model bit for bit, though hf_path holds another model

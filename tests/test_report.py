@@ -209,7 +209,6 @@ def test_tensorboard_has_every_metric_and_resume_purges(tmp_path):
 
 
 def test_wandb_configured_but_missing_is_a_config_error():
-    pytest.importorskip("pytest")
     try:
         import wandb  # noqa: F401
     except ImportError:

@@ -827,7 +827,7 @@ def test_config_selects_and_checks_the_sglang_engine(tiny_model: Path, tmp_path:
         load_config(None, [*base[:-1], "rollout.engine=vllm"])
 
 
-def test_servers_the_trainer_starts_are_reachable_and_leave_it_gpu_memory(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_servers_the_trainer_starts_get_reachable_hosts_and_must_leave_it_gpu_memory(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import opsdc_megatron.rollout.sglang.start as start
     from opsdc_megatron.config import ConfigError, load_config
     from opsdc_megatron.launch.plan import check_sglang_servers_to_start

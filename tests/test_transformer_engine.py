@@ -126,7 +126,7 @@ def test_loaded_weights_reach_the_fp8_parameters_initial_value_copy(one_rank, tm
     assert all(torch.equal(param.get_high_precision_init_val(), param.detach()) for param in watched)
 
 
-def test_fp8_parameters_are_updated_by_the_distributed_optimizer(one_rank, tmp_path: Path) -> None:
+def test_fp8_parameters_tell_the_distributed_optimizer_to_gather_fp8(one_rank, tmp_path: Path) -> None:
     """With model.fp8.param_gather the GEMM weights are FP8 parameters, into which megatron-core 0.19's
     distributed optimizer writes its updated main weights only when DDP was told (fp8_param_gather, as
     Megatron-LM's --fp8-param-gather does): without it those weights never changed. The model's config

@@ -69,8 +69,7 @@ def test_the_weight_update_group_joins_over_ipv6() -> None:
 
     group = join_weight_update_group("gloo", "::1", free_port("::1"), 1, "opsdc-ipv6-test", 30.0)
     try:
-        flat = torch.arange(4.0)
-        dist.broadcast(flat, src=0, group=group)
-        assert group.size() == 1 and torch.equal(flat, torch.arange(4.0))
+        dist.broadcast(torch.arange(4.0), src=0, group=group)  # a collective over the group works (a group of one: no data moves)
+        assert group.size() == 1
     finally:
         dist.destroy_process_group(group)

@@ -20,3 +20,4 @@ def _record_fork() -> None:
 
 if _FORK_LOG:
     os.register_at_fork(before=_record_fork)
+    open(os.path.join(_FORK_LOG, f"guarded_{os.getpid()}"), "w").close()  # the guard ran: no fork record means no fork
