@@ -347,7 +347,7 @@ def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module], keep: b
     group = parallel_state.get_tensor_model_parallel_group()
     state: dict[str, torch.Tensor] = {}
     pipeline = parallel_state.get_pipeline_model_parallel_group()
-    staged = dist.get_world_size(pipeline) > 1  # this stage's tensors are sent to the others
+    staged = dist.get_world_size(pipeline) > 1 and _any_keeps(keep, pipeline)  # this stage's tensors go to the stages that keep them
     with torch.no_grad():
         for chunk in chunks:
             for name, param, layout, hf_names in _named_entries(chunk):
@@ -366,13 +366,26 @@ def export_hf_state_dict(model: torch.nn.Module | list[torch.nn.Module], keep: b
     return state if keep else {}
 
 
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    """Where the group's collectives take their tensors (NCCL: this rank's GPU; gloo: host memory)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _any_keeps(keep: bool, pipeline: dist.ProcessGroup) -> bool:
+    """Whether a stage of this pipeline group keeps the weights: in the others (with SGLang, every group but rank 0's)
+    no stage copies its tensors to host memory or sends them."""
+    wanted = torch.tensor([int(keep)], device=_group_device(pipeline))
+    dist.all_reduce(wanted, op=dist.ReduceOp.MAX, group=pipeline)
+    return bool(wanted.item())
+
+
 def _exchange_stages(state: dict[str, torch.Tensor], pipeline: dist.ProcessGroup, keep: bool) -> dict[str, torch.Tensor]:
     """Every stage's host tensors on every stage that keeps them, in stage order: the names, shapes
     and dtypes as objects, then one broadcast per tensor through the device the group's backend
     uses (NCCL: this rank's GPU, one tensor at a time; gloo: host memory)."""
     manifests: list[list[tuple[str, tuple[int, ...], torch.dtype]] | None] = [None] * dist.get_world_size(pipeline)
     dist.all_gather_object(manifests, [(name, tuple(t.shape), t.dtype) for name, t in state.items()], group=pipeline)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pipeline) == "nccl" else torch.device("cpu")
+    device = _group_device(pipeline)
     stage, ranks = dist.get_rank(pipeline), dist.get_process_group_ranks(pipeline)
     everything: dict[str, torch.Tensor] = {}
     for source, manifest in enumerate(manifests):
