@@ -189,7 +189,7 @@ def _cuda_time_and_peak(step: Callable[[], None], reps: int) -> tuple[float, int
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return min(times), extra
+    return min(times, default=float("nan")), extra  # --reps 0: memory only
 
 
 def measure_cuda_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
@@ -216,8 +216,9 @@ def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -
     teacher_weight = (0.02 * torch.randn(vocab, hidden, generator=generator, device=device, dtype=torch.bfloat16))
     upstream = torch.randn(tokens, vocab, generator=generator, device=device, dtype=torch.bfloat16) if impl == "matmuls" else None
     token_weights = torch.ones(tokens, device=device)
-    if impl == "fused":
+    if impl == "fused":  # as megatron DDP prepares every parameter: backward then returns its placeholder gradient
         student_weight.main_grad = torch.zeros(vocab, hidden, device=device)
+        student_weight.grad_added_to_main_grad = False
 
     def step() -> None:
         if impl == "matmuls":
@@ -227,13 +228,16 @@ def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -
         elif impl == "unfused":
             with torch.no_grad():
                 teacher_logits = teacher_hidden @ teacher_weight.t()
-            vocab_parallel_reverse_kl(student_hidden @ student_weight.t(), teacher_logits).sum().backward()
+            # the gradient over the logits, as the trainer calls it (distill/forward.py)
+            vocab_parallel_reverse_kl(student_hidden @ student_weight.t(), teacher_logits, grad_in_place=True).sum().backward()
         else:
             fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights).loss.backward()
+            student_weight.grad_added_to_main_grad = False  # as DDP's zero_grad resets it
         student_hidden.grad = student_weight.grad = None
 
-    # fused: the weight's gradient is in the preallocated main_grad, not among the extra bytes
-    return step, (tokens + (0 if impl == "fused" else vocab)) * hidden * 2
+    # fused: the weight's gradient is in the preallocated main_grad; the [V, H] bf16 gradient it leaves is the
+    # placeholder megatron's hook discards (megatron's own linear layers return one too)
+    return step, (tokens + vocab) * hidden * 2
 
 
 def _output_result(impl: str, tokens: int, vocab: int, hidden: int, time_s: float, extra: int, grad_bytes: int) -> dict[str, float]:

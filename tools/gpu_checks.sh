@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU check that needs neither Transformer Engine nor a CUDA SGLang, in one go on one GPU:
-# the tests in tests/gpu (each skips with its reason what this machine lacks), then bench/kl.py at
-# T = 8192 (the tables, then its --profile of ours and fused) and bench/step.py at Qwen3-8B's width. Logs go to OUT_DIR (default gpu_checks/).
+# Every GPU check that needs neither Transformer Engine nor a CUDA SGLang, in one go on one GPU, in the order
+# the open GPU-only targets need them: bench/kl.py at T = 8192 (the tables, then its --profile of ours and
+# fused), the tests in tests/gpu (each skips with its reason what this machine lacks), then bench/step.py.
+# Logs go to OUT_DIR (default gpu_checks/; on the device tool pass "$OUT", the folder that comes back), with
+# run.txt naming the date, commit (OPSDC_COMMIT where the copy has no .git), GPU and versions.
 #
 #   bash tools/gpu_checks.sh [OUT_DIR]
+#
+# The time limits add up to 570 s, inside the device tool's 600 s per command.
 #
 # On a machine whose Python lacks the project's packages (a bare GPU image), put their wheels in
 # .whl/ (tools/fetch_gpu_wheels.sh: megatron-core, omegaconf, antlr4, math-verify, latex2sympy2_extended): they
@@ -18,12 +22,17 @@ if compgen -G ".whl/*.whl" > /dev/null && ! "$python" -c "import megatron.core, 
     "$python" -m pip install -q --no-index --no-deps --upgrade --target /tmp/opsdc_site .whl/*.whl || { echo "gpu_checks.sh: installing .whl/ failed" >&2; exit 2; }
     export PYTHONPATH=/tmp/opsdc_site:$PYTHONPATH
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+{
+    date -u +%Y-%m-%dT%H:%MZ
+    echo "commit ${OPSDC_COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo "unknown: no .git here, set OPSDC_COMMIT")}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$python" -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'megatron-core', m.__version__)"
+} 2>&1 | tee "$out/run.txt"
 status=0
-timeout 1200 "$python" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
-timeout 300 "$python" bench/kl.py --tokens 8192 --reps 5 2>&1 | tee "$out/kl.log" || status=1
+timeout 200 "$python" bench/kl.py --tokens 8192 --reps 5 2>&1 | tee "$out/kl.log" || status=1
 # Where the unfused step's time beyond its two kernels goes (bench/RESULTS.md: 3.65 ms against 1.52 + 1.83 ms)
-timeout 120 "$python" bench/kl.py --tokens 8192 --profile ours fused 2>&1 | tee "$out/kl_profile.log" || status=1
-timeout 300 "$python" bench/step.py --dtype bf16 --hidden 4096 --vocab 151936 --layers 8 --sequences 16 \
+timeout 60 "$python" bench/kl.py --tokens 8192 --profile ours fused 2>&1 | tee "$out/kl_profile.log" || status=1
+timeout 180 "$python" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
+timeout 130 "$python" bench/step.py --dtype bf16 --hidden 4096 --vocab 151936 --layers 8 --sequences 16 \
     --response-tokens 1024 --micro-batch 4 --reps 3 2>&1 | tee "$out/step.log" || status=1
 exit $status
