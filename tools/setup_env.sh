@@ -12,6 +12,7 @@ PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 # bin/pip, not bin/python: an interrupted `python -m venv` leaves the interpreter without pip.
 [ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
-uv_install "$VENV" "torch==2.13.0" "megatron-core==0.16.1" "transformers==5.24.0"
-uv_install "$VENV" -e ".[test,launch]"
+PINS=("torch==2.13.0" "megatron-core==0.16.1" "transformers==5.24.0")
+uv_install "$VENV" "${PINS[@]}"
+uv_install "$VENV" -e ".[test,launch]" "${PINS[@]}"  # the pins again: a dependency wanting another version fails here, not silently moves them
 touch "$VENV/.installed"

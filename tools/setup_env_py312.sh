@@ -20,6 +20,7 @@ fi
 VENV=.venv-py312
 # bin/pip, not bin/python: an interrupted `python -m venv` leaves the interpreter without pip.
 [ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
-uv_install "$VENV" "torch==2.14.1" "megatron-core==0.19.2" "transformers==5.24.0"
-uv_install "$VENV" -e ".[test]"
+PINS=("torch==2.14.1" "megatron-core==0.19.2" "transformers==5.24.0")
+uv_install "$VENV" "${PINS[@]}"
+uv_install "$VENV" -e ".[test]" "${PINS[@]}"  # the pins again: a dependency wanting another version fails here, not silently moves them
 touch "$VENV/.installed"

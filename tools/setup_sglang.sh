@@ -27,7 +27,7 @@ source tools/uv_install.sh
 [ -x "$VENV/bin/pip" ] || "$PYTHON" -m venv --clear "$VENV"
 uv_install "$VENV" "torch==2.13.0"
 uv_install "$VENV" --no-deps "sglang==0.5.23" "sglang-router==0.3.2"
-uv_install "$VENV" -r tools/sglang_cpu_requirements.txt
+uv_install "$VENV" -r tools/sglang_cpu_requirements.txt "torch==2.13.0"  # torch again: a requirement cannot move it
 # Fails here, not in the first test, when a requirement SGLang's server imports is missing.
 PYTHONPATH=opsdc_megatron/rollout/sglang/cpu_stub "$VENV/bin/python" -W ignore -c \
     "import sglang.srt.entrypoints.http_server, sglang_router"
