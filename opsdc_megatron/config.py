@@ -154,7 +154,7 @@ class RolloutConfig:
 @dataclass
 class DistillConfig:
     instruction: str = PAPER_INSTRUCTION_V1
-    """Conciseness instruction prepended to the teacher's prompt."""
+    """Conciseness instruction prepended to the teacher's prompt, in place of a task header it opens with (prompts.TASK_HEADERS)."""
     teacher_refresh_every: int = 50
     """Optimizer steps between hard copies of the student into the teacher; 0 keeps it frozen."""
     divergence: str = "reverse_kl"

@@ -127,9 +127,22 @@ def stop_token_ids(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase) ->
     return list(dict.fromkeys(ids))
 
 
+TASK_HEADERS = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.",
+)
+"""Headers a prompt may open with that say how to answer: DAPO-Math-17k's. The teacher's instruction takes their
+place (it carries the same answer-format line), as in the paper's teacher prompt: `c`, the problem, DAPO's closing
+`Remember to put your answer ...` line. Prepended to the header, it told the teacher "concisely" then "step by step"."""
+
+
 def user_message(prompt: str, instruction: str | None = None) -> str:
-    """The user turn: the prompt, with the teacher's instruction prepended when given."""
-    return prompt if not instruction else f"{instruction}\n\n{prompt}"
+    """The user turn: the prompt, with the teacher's instruction in place of its task header (`TASK_HEADERS`) or,
+    without one, prepended."""
+    if not instruction:
+        return prompt
+    header = next((header for header in TASK_HEADERS if prompt.startswith(header)), "")
+    return f"{instruction}\n\n{prompt[len(header):].lstrip()}"
 
 
 CHAT_TEMPLATE_DATE = "26 Jul 2024"

@@ -135,3 +135,23 @@ def test_a_chat_template_that_opens_the_reasoning_block_is_seen():
     assert prompt_opens_reasoning(tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|> <think> </think>{% endif %}")
     assert not prompt_opens_reasoning(tokenizer)  # a template that switches thinking off closes the block
+
+
+def test_the_teachers_instruction_takes_the_place_of_dapos_task_header():
+    """As the paper's teacher prompt: the instruction (with its answer-format line), the problem, DAPO's closing line.
+    Prepended to the published message it told the teacher to answer "concisely" and then "step by step", with the
+    format line twice. A prompt without such a header gets the instruction in front."""
+    from pathlib import Path
+
+    from opsdc_megatron.config import PAPER_INSTRUCTION_V1
+    from opsdc_megatron.eval.datasets import load_dataset_file
+    from opsdc_megatron.prompts import user_message
+
+    _, records = load_dataset_file(Path(__file__).parent / "data" / "dapo_math_17k_sample.parquet", "auto")
+    for record in records:
+        problem_and_closing = record.prompt.split("\n\n", 1)[1]
+        assert user_message(record.prompt) == record.prompt  # the student's: as published
+        assert user_message(record.prompt, PAPER_INSTRUCTION_V1) == f"{PAPER_INSTRUCTION_V1}\n\n{problem_and_closing}"
+        teacher = user_message(record.prompt, PAPER_INSTRUCTION_V1)
+        assert "step by step" not in teacher and teacher.count("The last line of your response") == 1
+    assert user_message("What is 2 + 2?", "Be brief.") == "Be brief.\n\nWhat is 2 + 2?"
