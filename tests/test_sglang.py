@@ -806,6 +806,43 @@ def test_servers_stop_when_the_process_that_started_them_dies(tmp_path: Path) ->
     assert not _live_processes_in_group(group), "the servers outlived the process that started them"
 
 
+def test_a_stopped_server_has_released_its_port_when_stop_returns(tmp_path: Path) -> None:
+    """A server killed mid-batch is restarted on its port; its processes close their sockets only as the kernel tears
+    them down, after the signal, and the restart's probe found the port still taken: "port ... is already in use"
+    failed the rollout (seen once in CI). A stand-in whose listening process outlives the group's SIGKILL by 2 s."""
+    import sys
+
+    from opsdc_megatron.rollout.sglang.launcher import ManagedProcess
+    from tests.launch import free_port
+
+    port = free_port()
+    holder = (
+        "import os, socket, time\n"
+        "parent = os.getpid()\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"  # out of the group: it listens on for 2 s after its parent is killed
+        f"    listener = socket.create_server(('127.0.0.1', {port}))\n"
+        "    started = time.monotonic()\n"
+        "    while os.getppid() == parent and time.monotonic() - started < 600: time.sleep(0.05)\n"
+        "    time.sleep(2)\n"
+        "    os._exit(0)\n"
+        "time.sleep(600)\n"
+    )
+    process = ManagedProcess("stand-in", [sys.executable, "-c", holder], dict(os.environ), tmp_path / "server.log", f"http://127.0.0.1:{port}/")
+    def taken() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    process.start()
+    deadline = time.monotonic() + 30
+    while not taken() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert taken(), (tmp_path / "server.log").read_text()
+    process.stop()
+    assert not taken(), "stop() returned with the port still taken: a restart would be refused"
+    process.refuse_taken_port()  # what the restart's start() does first
+
+
 def test_fleet_refuses_missing_model_or_interpreter(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         ServerFleet(cpu_settings(str(tmp_path)), 1)

@@ -124,18 +124,22 @@ class ManagedProcess:
         self.process: subprocess.Popen | None = None
         self._lifeline: int | None = None  # the write end of the orphan guard's stdin: closed, the guard stops the group
 
-    def refuse_taken_port(self) -> None:
-        """Another run's server on this port would answer the readiness probe (SGLang binds its port
-        last, after loading the model), and this run would sample from it and push weights into it."""
+    def port_taken(self) -> bool:
+        """Whether something accepts connections on the readiness URL's port."""
         address = urlsplit(self.ready_url)
         host = "127.0.0.1" if address.hostname in ("0.0.0.0", "::") else address.hostname  # every interface: this host
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.settimeout(2)
-            if probe.connect_ex((host, address.port)) == 0:
-                raise ServerStartError(
-                    f"{self.name}: port {address.port} is already in use (another run's server?); choose another "
-                    "rollout.sglang.base_port (router_port for the router, --sglang-base-port for opsdc eval)"
-                )
+            return probe.connect_ex((host, address.port)) == 0
+
+    def refuse_taken_port(self) -> None:
+        """Another run's server on this port would answer the readiness probe (SGLang binds its port
+        last, after loading the model), and this run would sample from it and push weights into it."""
+        if self.port_taken():
+            raise ServerStartError(
+                f"{self.name}: port {urlsplit(self.ready_url).port} is already in use (another run's server?); choose another "
+                "rollout.sglang.base_port (router_port for the router, --sglang-base-port for opsdc eval)"
+            )
 
     def start(self) -> None:
         if self.alive():
@@ -213,6 +217,11 @@ class ManagedProcess:
             pass
         self.process.wait(timeout=STOP_GRACE_S)
         self._close_lifeline()
+        # Its processes close their sockets as they are torn down, after the signal: a restart that probed the port
+        # at once found it still taken (a server's teardown of several GB) and failed the rollout.
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.port_taken() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 class SGLangServer(ManagedProcess):
