@@ -129,10 +129,10 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         start_model = os.path.abspath(config.model.hf_path)
         if resume_from is not None and (out / "config.yaml").is_file():
             saved = read_saved_config(out / "config.yaml")
-            start_model = saved["model"]["hf_path"]
-            if changes := trajectory_changes(saved, asdict(replace(config, model=replace(config.model, hf_path=os.path.abspath(config.model.hf_path))))):
+            if changes := trajectory_changes(saved, asdict(replace(config, model=replace(config.model, hf_path=start_model)))):
                 print(f"opsdc train: resuming {resume_from.name} under settings its run did not have, from step {state['step'] + 1} on: "
                       f"{'; '.join(changes)}", file=sys.stderr, flush=True)
+            start_model = saved["model"]["hf_path"]
         write_text_atomic(out / "config.yaml", to_yaml(replace(config, model=replace(config.model, hf_path=start_model))))
     state["prompt_stream"] = prompts.identity
     keep_through_step = state["step"] if resume_from is not None else -1  # a fresh start keeps no earlier line
