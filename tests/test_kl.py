@@ -186,7 +186,9 @@ def test_mass_that_underflows_in_the_merge_counts_zero_as_in_one_tile(direction:
 @pytest.mark.kl
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_degenerate_row_does_not_touch_other_rows(direction: str) -> None:
-    """A row that is all -inf is the caller's business, but the finite rows stay exact."""
+    """A row that is all -inf has no distribution: its KL is nan (the caller's business), but its
+    gradient is 0, so a masked-out row cannot make the output layer's gradients nan; the finite rows
+    stay exact."""
     student, teacher = _logits((5, 31), 20), _logits((5, 31), 21)
     student[2], teacher[2] = -INF, -INF
     mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
@@ -195,6 +197,7 @@ def test_degenerate_row_does_not_touch_other_rows(direction: str) -> None:
     ref_kl, ref_grad = reference_kl(student[keep], teacher[keep], direction)
     assert torch.isfinite(kl[keep]).all() and torch.isfinite(grad[keep]).all()
     assert rel_err(kl[keep], ref_kl) <= FP32_RTOL and rel_err(grad[keep], ref_grad) <= FP32_RTOL
+    assert torch.isnan(kl[2]) and torch.equal(grad[2], torch.zeros(31))
 
 
 @pytest.mark.kl

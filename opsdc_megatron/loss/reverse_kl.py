@@ -60,7 +60,8 @@ Conventions: every computation is in fp32 (fp64 when an input is fp64, which exi
 gradient can be finite-difference checked). Vocabulary padding arrives as ``-inf`` in the same
 columns of both inputs; columns where the first distribution has zero probability contribute
 exactly 0 (``0 * log 0 = 0``), and a column where :math:`p_S > 0` but :math:`p_T = 0` makes the
-reverse KL ``+inf``, as it should. Identical inputs give exactly 0. The value is clamped at 0:
+reverse KL ``+inf``, as it should. A row without any finite logit has no distribution: its KL is
+nan and its gradient 0 (both backends). Identical inputs give exactly 0. The value is clamped at 0:
 the fp32 vocabulary sums leave an absolute error of a few 1e-7, which for (near-)identical
 distributions measured down to -4e-7 before the clamp; clamping only removes error, because the
 true KL is non-negative, and the gradient is the unclamped one.
@@ -301,6 +302,14 @@ def kl_statistics(
     return merge_statistics(local_statistics(x_logits, y_logits, backend, shape), group)
 
 
+def _without_empty_rows(log_z: Tensor) -> Tensor:
+    """``log_z`` with +inf for rows without any finite logit, whose probabilities then come out 0
+    rather than ``exp(-inf - -inf) = nan``: such a row (all -inf, e.g. a fully padded one) has no
+    distribution and its KL is nan, but its gradient is 0, as in the Triton kernel, so a masked-out
+    row cannot turn the whole batch's weight gradients into nan through the output layer."""
+    return log_z.masked_fill(log_z == float("-inf"), float("inf"))
+
+
 def reverse_kl_grad_into(
     grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor,
     backend: Literal["torch", "triton"], shape: Tiling,
@@ -315,27 +324,30 @@ def reverse_kl_grad_into(
     # finite, so those columns get 0 * finite = 0 (a row whose KL is not finite gets a non-finite
     # gradient either way). Cheaper than masking by p_s == 0 (a bool pass and a masked write).
     lowest = torch.finfo(stats.c.dtype).min
+    log_z_s = _without_empty_rows(stats.log_z_x)
+    c = torch.where(torch.isinf(log_z_s), 0.0, stats.c)  # c = 0/0 on an empty row
     work = _Workspace(shape, stats.c.dtype, student.device, buffers=2)
     for rows, columns in shape.tiles(*student.shape):
         shifted_s, diff = work.views(rows, columns)
         _shifted(student[rows, columns], stats.shift_x[rows], shifted_s).clamp_min_(lowest)
         _shifted(teacher[rows, columns], stats.shift_y[rows], diff).clamp_min_(lowest)
-        torch.sub(shifted_s, diff, out=diff).sub_(stats.c[rows].unsqueeze(-1))  # log p_s - log p_t - KL
-        probs_s = shifted_s.sub_(stats.log_z_x[rows].unsqueeze(-1)).exp_()
+        torch.sub(shifted_s, diff, out=diff).sub_(c[rows].unsqueeze(-1))  # log p_s - log p_t - KL
+        probs_s = shifted_s.sub_(log_z_s[rows].unsqueeze(-1)).exp_()
         grad[rows, columns].copy_(probs_s.mul_(diff).mul_(scale[rows].unsqueeze(-1)))
 
 
 def _forward_kl_grad_into(grad: Tensor, student: Tensor, teacher: Tensor, stats: KLStatistics, scale: Tensor, shape: Tiling) -> None:
     """``grad := (p_s - p_t) * scale``; ``stats`` are those of KL(p_t || p_s)."""
+    log_z_s, log_z_t = _without_empty_rows(stats.log_z_y), _without_empty_rows(stats.log_z_x)
     work = _Workspace(shape, stats.c.dtype, student.device, buffers=2)
     for rows, columns in shape.tiles(*student.shape):
         probs_s, probs_t = work.views(rows, columns)
         # -inf padding gives exp(-inf) = 0 in both terms: no masking needed.
         # Shift by the max before subtracting log Z: no rounding of m + log Z at large logits.
         _shifted(student[rows, columns], stats.shift_y[rows], probs_s)
-        probs_s.sub_(stats.log_z_y[rows].unsqueeze(-1)).exp_()
+        probs_s.sub_(log_z_s[rows].unsqueeze(-1)).exp_()
         _shifted(teacher[rows, columns], stats.shift_x[rows], probs_t)
-        probs_t.sub_(stats.log_z_x[rows].unsqueeze(-1)).exp_()
+        probs_t.sub_(log_z_t[rows].unsqueeze(-1)).exp_()
         grad[rows, columns].copy_(probs_s.sub_(probs_t).mul_(scale[rows].unsqueeze(-1)))
 
 
