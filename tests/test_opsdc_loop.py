@@ -209,6 +209,55 @@ def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, 
     assert (out / "best_hf" / "model.safetensors").exists() and not list(out.glob("best_hf.step_*"))
 
 
+@pytest.mark.parametrize("failed", ["rollouts", "weight_push", "eval"])
+def test_a_stop_that_takes_the_rollout_servers_down_checkpoints_the_last_finished_step(setup, tmp_path, monkeypatch, capsys, failed):
+    """A SIGTERM to a SLURM job reaches the rollout servers too: step 3's rollouts, its weight push or its eval fail
+    (stood in for: each raises as the engine does, on every rank) with the stop request in. The run checkpoints the
+    last finished step (2 for the rollouts; 3 for the push and the eval, that eval pending) and exits 75; before,
+    it crashed and lost every step since the last periodic checkpoint (none here). The rerun ends with every
+    step and every eval logged once."""
+    from opsdc_megatron.cli import main
+    from opsdc_megatron.rollout.engine import RolloutEngineError
+    from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
+    from opsdc_megatron.train import loop
+    from opsdc_megatron.train.preemption import PreemptionWatch
+
+    out, stop = tmp_path / "run", [False]
+    real = {"rollouts": loop.generate_across_ranks, "weight_push": HFRolloutEngine.update_weights, "eval": loop.evaluate}
+
+    def fails_at_step_3(phase, step_of):
+        def call(*args, **kwargs):
+            if step_of(*args, **kwargs) == 3 and stop == [False] and phase == failed:
+                stop[0] = True  # the SIGTERM
+                raise RolloutEngineError("rank 0: ServerUnavailable: Connection refused")
+            return real[phase](*args, **kwargs)
+        return call
+
+    steps_seen = iter(range(1, 100))
+    monkeypatch.setattr(loop, "generate_across_ranks", fails_at_step_3("rollouts", lambda *a, **k: next(steps_seen)))
+    monkeypatch.setattr(HFRolloutEngine, "update_weights", fails_at_step_3("weight_push", lambda engine, weights, version: version))
+    evals = iter(range(0, 100))  # evals of steps 0, 1, 2, 3
+    monkeypatch.setattr(loop, "evaluate", fails_at_step_3("eval", lambda *a, **k: next(evals)))
+    real_requested = PreemptionWatch.requested
+    monkeypatch.setattr(PreemptionWatch, "requested", lambda watch: stop[0] or real_requested(watch))
+    args = ["train", "recipes/toy_cpu.yaml", *train_args(setup, out, "train.steps=4", "eval.every_steps=1", "checkpoint.save_every_steps=0",
+                                                          "parallel.tensor_parallel_size=1")]
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 75
+    what = {"rollouts": "step 3's rollouts", "weight_push": "step 3's weight push", "eval": "step 3's eval"}[failed]
+    assert f"opsdc train: {what} ended on the stop request (RolloutEngineError: rank 0: ServerUnavailable" in capsys.readouterr().err
+    saved = 2 if failed == "rollouts" else 3
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == [f"step_00000{saved}"]
+    state = json.loads((out / "checkpoints" / f"step_00000{saved}" / "trainer_state.json").read_text())
+    assert state["step"] == saved and state["eval_pending"] == (failed != "rollouts")
+    stop[0] = None  # the resumed run: no stop, no failure
+    main(args)
+    records = read_metrics(out / "metrics.jsonl")
+    assert sorted(m["step"] for m in records if m["kind"] == "train") == [1, 2, 3, 4]
+    assert sorted(m["step"] for m in records if m["kind"] == "eval") == [0, 1, 2, 3, 4]
+
+
 @pytest.fixture(scope="module")
 def tp2_run(setup):
     return train(setup, setup / "tp2", "train.steps=3", "parallel.tensor_parallel_size=2")

@@ -127,3 +127,19 @@ def test_sampling_leaves_the_trainers_random_stream_alone(tiny):
     torch.manual_seed(123)
     engine.generate([[5, 6, 7]] * 2, SamplingParams(max_new_tokens=3), seed=4)
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("case", ["error", "stop"])
+def test_rollouts_that_fail_on_one_rank_raise_on_every_rank(case):
+    """Rank 1's rollouts fail (a server gone) or stop (a stop request) at its first block, while rank 0, done
+    with its own, waits for rank 1's in the gather. Every rank raises the same error, naming rank 1's: before,
+    rank 1 raised alone and rank 0 waited in the gather until the process group's timeout."""
+    from tests.launch import torchrun
+
+    output = torchrun("rollout_failure_worker.py", 2, case, timeout_s=300)
+    if case == "error":
+        expected = "RolloutEngineError: rank 1: ConnectionError: server gone"
+        assert f"RANK0={expected} (cause: NoneType)" in output and f"RANK1={expected} (cause: ConnectionError)" in output, output[-3000:]
+    else:
+        expected = "RolloutInterrupted: rank 1: RolloutInterrupted: a stop was requested before block 2 of 4"
+        assert f"RANK0={expected} (cause: NoneType)" in output and f"RANK1={expected} (cause: RolloutInterrupted)" in output, output[-3000:]

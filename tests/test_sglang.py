@@ -25,7 +25,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opsdc_megatron.config import TrainConfig
-from opsdc_megatron.rollout.engine import SamplingParams
+from opsdc_megatron.rollout.engine import RolloutEngineError, RolloutInterrupted, SamplingParams
 from opsdc_megatron.rollout.sglang.client import GenerateRequest, ServerRejected, ServerUnavailable, generate_one, post_json
 from opsdc_megatron.rollout.sglang.engine import SGLangRolloutEngine
 from opsdc_megatron.rollout.sglang.launcher import DEFAULT_SGLANG_PYTHON, ServerFleet, cpu_settings
@@ -428,6 +428,62 @@ def test_sigkill_mid_batch_every_prompt_answered_once(fleet: ServerFleet, traine
     assert_logprob_parity(engine, lambda p, r: megatron_logprobs(student, p, r), 4)
 
 
+def test_a_stop_ends_the_rollouts_at_once_and_restarts_no_server(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM to a SLURM job reaches the servers too: the stop is requested and server 0 dies mid-batch. The
+    rollouts end at once with RolloutInterrupted, and no restart is started (it would outlast the seconds before
+    SIGKILL that the checkpoint needs); before, the engine restarted the server and the batch went on."""
+    from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
+
+    stop = threading.Event()
+    engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB, max_concurrent_requests=16, request_timeout_s=120, backoff_s=0.2)
+    engine.update_weights(export_hf_state_dict(trainer.student[0]), version=4)
+    engine.stop_requested = stop.is_set
+
+    def sigterm() -> None:
+        stop.set()
+        fleet.servers[0].kill()
+
+    fault_before_request(monkeypatch, fleet.urls[0], request_number=5, fault=sigterm)
+    prompts = [[2 + (i % 120), 3 + (i * 7) % 120] for i in range(48)]
+    try:
+        with pytest.raises(RolloutInterrupted, match=r"a stop was requested with \d+ of 48 prompts unanswered"):
+            engine.sample(prompts, SamplingParams(max_new_tokens=48), seed=5)
+        assert engine.restarts == 0 and not engine._recoveries and not fleet.servers[0].alive()
+    finally:  # a failed test must not leave a server down to the tests after it
+        engine.wait_for_recovery()
+        if not fleet.servers[0].alive():
+            fleet.restart(0)
+
+
+def test_a_rank_waiting_for_rank_0_to_restart_the_servers_stops_waiting_on_a_stop(tiny_model: Path) -> None:
+    """A trainer rank other than 0 whose servers are all gone waits up to owner_restart_wait_s (an hour here)
+    for rank 0 to restart them; a stop request (the job's SIGTERM, which took them down) ends the wait."""
+    url, _, server = _stub_server(tiny_model)
+    engine = SGLangRolloutEngine([url], None, [EOS], VOCAB, owner_restart_wait_s=3600, backoff_s=0.1)
+    server.shutdown()
+    server.server_close()
+    stop, errors = threading.Event(), []
+    engine.stop_requested = stop.is_set
+
+    def sample() -> None:
+        try:
+            engine.sample(PROMPTS, SamplingParams(max_new_tokens=4), 0)
+        except Exception as error:
+            errors.append(error)
+
+    waiting = threading.Thread(target=sample, daemon=True)  # not a pool: a failed test must not wait out the hour
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while engine._serving():  # until its one server left the pool: the wait has begun
+        assert time.monotonic() < deadline, "the server never left the pool"
+        time.sleep(0.05)
+    stop.set()
+    waiting.join(120)
+    assert not waiting.is_alive(), "still waiting for rank 0's restart after the stop"
+    assert isinstance(errors[0], RolloutInterrupted), errors
+    assert "a stop was requested while waiting for trainer rank 0 to restart the servers" in str(errors[0])
+
+
 def test_hung_server_mid_batch_is_detected_and_replaced(fleet: ServerFleet, trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 1 is frozen (SIGSTOP: connections stay open, nothing answers) while the batch runs."""
     from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
@@ -497,9 +553,10 @@ def test_vocabulary_mismatch_is_refused(fleet: ServerFleet) -> None:
     engine = SGLangRolloutEngine(fleet, TensorTransport(), [EOS], VOCAB)
     with pytest.raises(ValueError, match=r"prompt 1: token ids \[128\] outside the served vocabulary"):
         engine.generate([[1, 2], [128]], SamplingParams(max_new_tokens=2), seed=0)
-    with pytest.raises(ValueError, match="model.embed_tokens.weight has 200 rows"):
+    # Raised on every trainer rank alike (RolloutEngineError), so that none waits for rank 0's push to end.
+    with pytest.raises(RolloutEngineError, match="failed on rank 0: ValueError: weight push: model.embed_tokens.weight has 200 rows"):
         engine.update_weights({"model.embed_tokens.weight": torch.zeros(200, 64)}, version=9)
-    with pytest.raises(ValueError, match="weight push of version 9: the state dict is empty"):
+    with pytest.raises(RolloutEngineError, match="failed on rank 0: ValueError: weight push of version 9: the state dict is empty"):
         engine.update_weights({}, version=9)
 
 

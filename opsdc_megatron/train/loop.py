@@ -33,7 +33,7 @@ from opsdc_megatron.models.layer_spec import supports_packed_sequences
 from opsdc_megatron.models.qwen3.state_dict_adapter import export_hf_state_dict
 from opsdc_megatron.parallel import destroy_distributed, init_distributed
 from opsdc_megatron.prompts import load_prompts, load_tokenizer, prompt_opens_reasoning, stop_token_ids
-from opsdc_megatron.rollout.engine import RolloutEngine, SamplingParams, generate_across_ranks
+from opsdc_megatron.rollout.engine import RolloutEngine, RolloutEngineError, SamplingParams, generate_across_ranks
 from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
 from opsdc_megatron.train.checkpoint import best_candidate, load_checkpoint, record_trainer_state, save_checkpoint, settle_best_export
 from opsdc_megatron.train.metrics import MetricsLog
@@ -81,6 +81,7 @@ def build_rollout_engine(config: RunConfig) -> RolloutEngine:
 def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch) -> None:
     out = Path(config.out_dir)
     rank0 = dist.get_rank() == 0
+    engine.stop_requested = preemption.seen_here  # rollouts end at once on a stop
     tokenizer = load_tokenizer(config.model.hf_path)
     prompts = PromptStream(load_prompts(config.data.train_prompts), tokenizer, config)
     reasoning_open = prompt_opens_reasoning(tokenizer)  # for the rollouts' accuracy
@@ -143,7 +144,6 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
     # The weights the engine serves, and rank 0's best/final export; ranks that use neither keep none.
     keeps_weights = rank0 or engine.reads_pushed_weights
     pushed = export_hf_state_dict(model.student, keeps_weights)
-    engine.update_weights(pushed, version=state["step"])
 
     rollout_sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.top_k, config.rollout.max_response_tokens)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -167,17 +167,34 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             settle_best_export(out, state["best"])
         saved_step = step
 
-    def stop_if_requested() -> None:
-        """A stop signal that came during start-up, or after the last step's check (during its push, eval
-        or save): checkpoint the current step unless it is saved (step 0 has nothing to save), then exit 75."""
-        if preemption.requested():
-            if saved_step != state["step"] and state["step"] > 0:
-                save(state["step"])
-            preemption.exit_after_checkpoint(state["step"])
+    def stop() -> None:
+        """Checkpoint the current step unless it is saved (step 0 has nothing to save), then exit 75."""
+        if saved_step != state["step"] and state["step"] > 0:
+            save(state["step"])
+        preemption.exit_after_checkpoint(state["step"])
 
-    stop_if_requested()  # before the start's eval, which can outlast a time limit's signal margin (a deferred one stays deferred)
-    if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
-        run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
+    def stop_if_requested() -> None:
+        """A stop signal that came during start-up, or after the last step's check (during its push, eval or save)."""
+        if preemption.requested():
+            stop()
+
+    def raise_unless_stopping(error: RolloutEngineError, what: str) -> None:
+        """Rollouts, a push or an eval that failed: a stop request's doing when one came (a SIGTERM to the job
+        takes the rollout servers down too; a stop interrupts rollouts), else `error` is raised. Collective:
+        a RolloutEngineError is raised on every rank alike."""
+        if not preemption.requested():
+            raise error
+        if rank0:
+            print(f"opsdc train: {what} ended on the stop request ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+
+    try:
+        engine.update_weights(pushed, version=state["step"])
+        stop_if_requested()  # before the start's eval, which can outlast a time limit's signal margin (a deferred one stays deferred)
+        if (config.eval.every_steps and state["step"] == 0) or redo_eval_step is not None:
+            run_eval(state["step"])  # the start, or the eval a preempted run skipped at its last step
+    except RolloutEngineError as error:
+        raise_unless_stopping(error, "the start's weight push or eval")
+        stop()
     if redo_eval_step is not None:  # recorded in the checkpoint of its step: no later save may come (a stop at the last step)
         state["eval_pending"] = False
         if rank0:
@@ -187,7 +204,11 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         stop_if_requested()
         started = time.perf_counter()
         batch = prompts.batch(state["prompts_used"])  # 1. prompts
-        rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
+        try:
+            rollouts = generate_across_ranks(engine, [b.student_ids for b in batch], rollout_sampling, prompts.rollout_seed(step), block)  # 2. rollouts
+        except RolloutEngineError as error:
+            raise_unless_stopping(error, f"step {step}'s rollouts")
+            stop()  # the resumed run redoes the step
         rollout_s = time.perf_counter() - started
         stale = {r.weight_version for r in rollouts} - {step - 1}
         if stale:
@@ -207,7 +228,11 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             engine.release_weights()
             pushed.clear()  # the last step's host copy goes first: one copy of the model in host memory, not two
             pushed = export_hf_state_dict(model.student, keeps_weights)
-            engine.update_weights(pushed, version=step)  # 6. weight push
+            try:
+                engine.update_weights(pushed, version=step)  # 6. weight push
+            except RolloutEngineError as error:
+                raise_unless_stopping(error, f"step {step}'s weight push")
+                stopping = True
         state.update(step=step, teacher_age_steps=teacher.age_steps, eval_pending=stopping and eval_due, prompts_used=state["prompts_used"] + len(batch))
         elapsed = time.perf_counter() - started
         lengths = [len(r.response_ids) for r in rollouts]
@@ -223,7 +248,11 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         if eval_due and not stopping and preemption.requested():  # a stop during the push: no eval, as above
             stopping = state["eval_pending"] = True
         if eval_due and not stopping:
-            run_eval(step)
+            try:
+                run_eval(step)
+            except RolloutEngineError as error:
+                raise_unless_stopping(error, f"step {step}'s eval")
+                stopping = state["eval_pending"] = True
         if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
             save(step)
         if stopping:

@@ -1,6 +1,9 @@
-"""Stop cleanly when the scheduler asks: finish the current optimizer step, checkpoint, exit with
-PREEMPTED_EXIT_CODE. The weight push and an eval due at that step are left to the resumed run (the
-loop in train/loop.py): they need the rollout servers, which got the same signal.
+"""Stop cleanly when the scheduler asks: checkpoint the last finished optimizer step, exit with
+PREEMPTED_EXIT_CODE. A step past its rollouts is finished first; its weight push and an eval due at
+that step are left to the resumed run (the loop in train/loop.py): they need the rollout servers,
+which got the same signal. Rollouts in progress end at once (`RolloutEngine.stop_requested`, asked
+on each rank without a collective), as do a push or an eval that fail once a stop is in: their step
+is redone, or its eval, by the resumed run, exactly (rollouts are seeded by step).
 
 SLURM sends SIGTERM before killing a job (scancel, `scontrol requeue`, preemption) and, with
 `#SBATCH --signal=B:USR1@300`, SIGUSR1 to the batch script some minutes before the time limit; the
@@ -9,8 +12,9 @@ named by $OPSDC_STOP_FILE: the trainer's processes start with SIGUSR1 ignored, s
 before this module's handler is in place does not kill them, and the file stands in for it. `opsdc
 train` run without a launcher at world size > 1 writes the same file for the processes it starts
 (torchrun puts them in sessions of their own, out of reach of a signal to it). The handler only records the
-signal; the loop asks once per step, and the ranks agree through one all-reduce, so every rank
-stops after the same step and the checkpoint stays collective. The exit status tells the batch
+signal; the loop asks once per step (and when rollouts, a push or an eval fail, which every rank
+learns of together), and the ranks agree through one all-reduce, so every rank stops after the same
+step and the checkpoint stays collective. The exit status tells the batch
 script to requeue the job, which then resumes from `checkpoints/latest`.
 
 SIGTERM is followed by SIGKILL after the cluster's KillWait (often 30 s): a checkpoint on SIGTERM
@@ -96,6 +100,12 @@ class PreemptionWatch:
                 self.received = Path(self.stop_file).read_text(encoding="utf-8").strip() or f"a stop request ({self.stop_file})"
             except FileNotFoundError:
                 pass
+
+    def seen_here(self) -> bool:
+        """Whether this rank got a stop signal or finds the stop file: no collective, for code whose ranks
+        cannot all ask at once (each rank's rollouts, `RolloutEngine.stop_requested`)."""
+        self._read_stop_file()
+        return self.received is not None
 
     def requested(self) -> bool:
         import torch  # here, not at the top: the watch is made before the ~2 s torch import

@@ -24,6 +24,9 @@ Design choices:
   rank's pool and the prompt is sent again. That is a server the owner restarted and has not yet
   brought to the current weights (other ranks learn of the restart at the next push). `sample`
   checks every answer once more and raises `StaleRolloutError` on any other version.
+* A stop request (`stop_requested`: the trainer's stop signal or file) ends the rollouts at once with
+  `RolloutInterrupted`, and no server is restarted from then on: a SIGTERM to a SLURM job reaches the
+  servers too, and a restart, or rollouts waiting for one, would outlast the seconds before SIGKILL.
 * An owner given no transport serves the weights its fleet was launched with (evaluation): its
   rollouts are version 0, answers must carry the launch version, and `update_weights` is refused.
 """
@@ -44,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from opsdc_megatron.rollout.engine import Rollout, RolloutEngine, RolloutEngineError, RolloutInterrupted, SamplingParams
 from opsdc_megatron.rollout.sglang.client import (
     GenerateRequest,
     GenerateResult,
@@ -202,28 +205,40 @@ class SGLangRolloutEngine(RolloutEngine):
         """Pause the servers, push (bucketed, flushing the cache), resume; then every answer carries `version`."""
         if self.launch_weights_only:
             raise RuntimeError(f"this engine serves the launch weights of {self.fleet.settings.model_path} and has no weight transport")
-        embed = hf_state_dict.get("model.embed_tokens.weight")
-        if embed is not None and embed.shape[0] != self.vocab_size:
-            raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
+        failure: Exception | None = None
         if self.transport is not None:
-            if not hf_state_dict:
-                raise ValueError(f"weight push of version {version}: the state dict is empty")
-            self.wait_for_recovery()
-            if self.fleet is None:
-                self._readmit_answering()
-            self._probe_all()
-            # Set first: a server that dies during the push is restarted and brought to these weights.
-            self._pushed, self._version = hf_state_dict, version
-            self._push_to_healthy(hf_state_dict, str(version))
+            try:
+                self._push(hf_state_dict, version)
+            except Exception as error:
+                failure = error
         # The owner (trainer rank 0) tells the other ranks which servers it pushed to: a rank probing on
         # its own could keep a server the owner dropped, and sample stale weights from it. The
-        # broadcast also holds the other ranks back until the push is done.
-        owner_healthy: list[list[int] | None] = [self._serving() if self.transport is not None else None]
+        # broadcast also holds the other ranks back until the push is done, and tells them if it failed.
+        owner_healthy: list[list[int] | tuple[str, str] | None] = [None]
+        if self.transport is not None:
+            owner_healthy = [self._serving() if failure is None else (type(failure).__name__, str(failure))]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(owner_healthy, src=0)
+        if isinstance(owner_healthy[0], tuple):  # on every rank alike
+            raise RolloutEngineError(f"the weight push of version {version} failed on rank 0: {': '.join(owner_healthy[0])}") from failure
         if self.transport is None:
             self._healthy = set(owner_healthy[0]) if owner_healthy[0] is not None else {i for i in range(len(self.urls)) if self._server_ok(i)}
         self._version = version
+
+    def _push(self, hf_state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """The owner's part of `update_weights`."""
+        embed = hf_state_dict.get("model.embed_tokens.weight")
+        if embed is not None and embed.shape[0] != self.vocab_size:
+            raise ValueError(f"weight push: model.embed_tokens.weight has {embed.shape[0]} rows, the served vocabulary is {self.vocab_size}")
+        if not hf_state_dict:
+            raise ValueError(f"weight push of version {version}: the state dict is empty")
+        self.wait_for_recovery()
+        if self.fleet is None:
+            self._readmit_answering()
+        self._probe_all()
+        # Set first: a server that dies during the push is restarted and brought to these weights.
+        self._pushed, self._version = hf_state_dict, version
+        self._push_to_healthy(hf_state_dict, str(version))
 
     def release_weights(self) -> None:
         """A restart still running (a server that died during the rollouts) pushes the last weights to its
@@ -319,12 +334,13 @@ class SGLangRolloutEngine(RolloutEngine):
                 self._healthy.add(index)
 
     def _mark_failed(self, index: int) -> None:
-        """Takes the server out of the pool; the owner restarts it in the background."""
+        """Takes the server out of the pool; the owner restarts it in the background, unless a stop was
+        requested: a SIGTERM to the job is what took the server down, and a restart outlasts the job."""
         with self._lock:
             if index not in self._healthy:
                 return
             self._healthy.discard(index)
-            if self.fleet is None:
+            if self.fleet is None or self.stop_requested():
                 return
             thread = threading.Thread(target=self._recover, args=(index,), name=f"sglang-recover-{index}", daemon=True)
             self._recoveries[index] = thread
@@ -389,6 +405,8 @@ class SGLangRolloutEngine(RolloutEngine):
         the owner) and takes them back into the pool; false if none came back."""
         deadline = time.monotonic() + self.owner_restart_wait_s
         while time.monotonic() < deadline:
+            if self.stop_requested():
+                raise RolloutInterrupted("a stop was requested while waiting for trainer rank 0 to restart the servers")
             for index, url in enumerate(self.urls):
                 if not self._server_ok(index):
                     continue
@@ -448,6 +466,8 @@ class SGLangRolloutEngine(RolloutEngine):
 
         # A hung server's requests are abandoned (their answers ignored; see _in_daemon_thread).
         while pending or running:
+            if self.stop_requested():
+                raise RolloutInterrupted(f"a stop was requested with {len(prompt_ids) - len(results)} of {len(prompt_ids)} prompts unanswered")
             if self._recovery_errors:
                 self.wait_for_recovery()
             now = time.monotonic()
