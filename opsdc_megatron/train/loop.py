@@ -44,6 +44,8 @@ from opsdc_megatron.train.build import build_training_model
 from opsdc_megatron.train.step import apply_optimizer_settings, optimizer_step
 
 EVAL_SEED = 20_260_303
+STOP_GRACE_S = 5.0
+"""How long a failure of the rollouts, a push or an eval waits for the stop request that may explain it."""
 
 
 def run(config: RunConfig, preemption: PreemptionWatch) -> None:
@@ -179,13 +181,18 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             stop()
 
     def raise_unless_stopping(error: RolloutEngineError, what: str) -> None:
-        """Rollouts, a push or an eval that failed: a stop request's doing when one came (a SIGTERM to the job
-        takes the rollout servers down too; a stop interrupts rollouts), else `error` is raised. Collective:
-        a RolloutEngineError is raised on every rank alike."""
-        if not preemption.requested():
-            raise error
+        """Rollouts, a push or an eval that failed: a stop request's doing when one comes (a SIGTERM to the job
+        takes the rollout servers down too; a stop interrupts rollouts), else `error` is raised. The servers'
+        SIGTERM can come seconds before the trainer's own (slurmd signals each node, each step, in turn): the
+        ranks wait STOP_GRACE_S for it. Collective: a RolloutEngineError is raised on every rank alike."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        while not preemption.requested():  # one all-reduce a round keeps the ranks together
+            if time.monotonic() > deadline:
+                raise error
+            time.sleep(0.5)
         if rank0:
-            print(f"opsdc train: {what} ended on the stop request ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+            print(f"opsdc train: {what} failed while a stop was requested, which it is taken for ({type(error).__name__}: {error})",
+                  file=sys.stderr, flush=True)
 
     try:
         engine.update_weights(pushed, version=state["step"])

@@ -18,8 +18,10 @@ step and the checkpoint stays collective. The exit status tells the batch
 script to requeue the job, which then resumes from `checkpoints/latest`.
 
 SIGTERM is followed by SIGKILL after the cluster's KillWait (often 30 s): a checkpoint on SIGTERM
-is best effort, while SIGUSR1 before the time limit leaves the step and the save the whole margin.
-Either way the periodic checkpoints bound what is lost, and resume is exact.
+is best effort, while SIGUSR1 before the time limit leaves the save the whole margin. Either way
+the periodic checkpoints bound what is lost, and resume is exact. A stop during rollouts discards
+that step's rollouts (their servers are fine after a SIGUSR1): a step's rollouts can take most of a
+margin at long responses, and the step after them more.
 """
 
 from __future__ import annotations

@@ -242,8 +242,9 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def release_weights(self) -> None:
         """A restart still running (a server that died during the rollouts) pushes the last weights to its
-        server: it finishes before they go. None is started until the next push (no rollouts in between)."""
-        self.wait_for_recovery()
+        server: it finishes before they go. None is started until the next push (no rollouts in between). Its
+        failure is raised by that push, which every trainer rank learns of (this runs on rank 0 alone)."""
+        self._join_recoveries()
         self._pushed = None
 
     def _push_to_healthy(self, hf_state_dict: Mapping[str, torch.Tensor], version: str) -> None:
@@ -370,7 +371,9 @@ class SGLangRolloutEngine(RolloutEngine):
     def serving_other_ranks(self):
         """The owner, waiting in a collective for other ranks that still sample from its servers: a thread
         probes them every HEALTH_TIMEOUT_S and restarts those that fail (the others cannot); the
-        restarts are joined on the way out."""
+        restarts are joined on the way out (a failed one is raised by the next push or rollout, which every
+        rank learns of: here only rank 0 would raise, after the gather). A stop signal that came meanwhile
+        runs its handler only now, once the gather has returned: a restart it started is not waited for."""
         if self.fleet is None:
             yield
             return
@@ -389,13 +392,20 @@ class SGLangRolloutEngine(RolloutEngine):
         finally:
             done.set()
             watcher.join()
-            self.wait_for_recovery()
+            self._join_recoveries()
 
-    def wait_for_recovery(self) -> None:
-        """Joins the restarts in progress; raises the first that failed."""
+    def _join_recoveries(self) -> None:
+        """Waits for the restarts in progress, unless a stop was requested: a restart outlasts the seconds
+        before SIGKILL, and its server goes with the fleet (the threads are daemons)."""
         for index, thread in list(self._recoveries.items()):
+            if self.stop_requested():
+                return
             thread.join()
             self._recoveries.pop(index, None)
+
+    def wait_for_recovery(self) -> None:
+        """Joins the restarts in progress (see `_join_recoveries`); raises the first that failed."""
+        self._join_recoveries()
         if self._recovery_errors:
             error = self._recovery_errors.pop(0)
             raise RolloutFailedError(f"restarting a failed SGLang server failed: {error}") from error
@@ -545,13 +555,13 @@ class SGLangRolloutEngine(RolloutEngine):
                     retry(i, reason)
 
     def close(self) -> None:
-        """Waits for restarts in progress, then closes the transport's groups and stops the servers it started (owner only)."""
+        """Waits for restarts in progress (see `_join_recoveries`), then closes the transport's groups and stops the
+        servers it started (owner only)."""
         if self.transport is None and self.fleet is None:
             return
         try:
-            for thread in self._recoveries.values():
-                thread.join()
-            if self.transport is not None:
+            self._join_recoveries()
+            if self.transport is not None and not self._recoveries:  # a restart abandoned on a stop may be using it
                 self.transport.close()
         finally:
             if self.fleet is not None:
