@@ -417,8 +417,10 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     step 15 with keep_last=1 pruned step 15 itself (it kept the highest numbers) and every later
     resume failed. Older checkpoints only are pruned; step 20 is replaced when the run reaches it.
     A save's unfinished folders (`.tmp`) go at the next save."""
+    import torch
     import torch.distributed as dist
 
+    from opsdc_megatron.distill.teacher import TeacherSnapshot
     from opsdc_megatron.train import checkpoint
     from opsdc_megatron.train.run_folder import LATEST, complete_checkpoints, latest_checkpoint
 
@@ -426,6 +428,8 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(checkpoint, "_sharded_state_dict", lambda *args, **kwargs: {})
     monkeypatch.setattr(checkpoint.dist_checkpointing, "save", lambda state, path, sharded_strategy: None)
+    teacher = TeacherSnapshot(torch.nn.ModuleList(), refresh_every=0)
+    teacher.saved_as = "teacher_step_000000_saved_000005"  # saved: no teacher folder is written here
     root = tmp_path / "checkpoints"
     for step in (5, 10, 20):
         (root / f"step_{step:06d}").mkdir(parents=True)
@@ -433,9 +437,9 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
     (root / LATEST).write_text("step_000010")
     (root / "step_000013.tmp").mkdir()  # a save killed before its rename: nothing else would ever remove it
     (root / "step_000013.tmp" / "0_0.distcp").write_text("half")
-    checkpoint.save_checkpoint(root, 15, [], None, None, {"step": 15}, keep_last=2)
+    checkpoint.save_checkpoint(root, 15, [], None, teacher, {"step": 15}, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000010", "step_000015", "step_000020"]
-    checkpoint.save_checkpoint(root, 16, [], None, None, {"step": 16}, keep_last=1)
+    checkpoint.save_checkpoint(root, 16, [], None, teacher, {"step": 16}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016", "step_000020"]
     assert latest_checkpoint(root) == root / "step_000016"
 
@@ -452,11 +456,11 @@ def test_pruning_keeps_the_checkpoint_just_saved(tmp_path, monkeypatch):
 
     (root / "step_000016" / "0_0.distcp").write_text("shard")
     monkeypatch.setattr(checkpoint.shutil, "rmtree", cut_short)
-    checkpoint.save_checkpoint(root, 17, [], None, None, {"step": 17}, keep_last=1)
+    checkpoint.save_checkpoint(root, 17, [], None, teacher, {"step": 17}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000016.old", "step_000017", "step_000020"]
     assert [p.name for p in complete_checkpoints(root)] == ["step_000017", "step_000020"]
     monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
-    checkpoint.save_checkpoint(root, 18, [], None, None, {"step": 18}, keep_last=1)
+    checkpoint.save_checkpoint(root, 18, [], None, teacher, {"step": 18}, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000018", "step_000020"]
 
 

@@ -174,3 +174,42 @@ def test_checkpoint_saves_and_restores_the_host_teacher(one_rank, tmp_path) -> N
     for name, tensor in teacher.state_dict().items():
         if tensor is not None:
             assert torch.equal(tensor, saved[name]), name
+
+
+def test_a_checkpoint_that_holds_its_teacher_itself_still_loads(one_rank, tmp_path) -> None:
+    """Checkpoints from before the teacher had folders of its own (train/checkpoint.py) hold the teacher's tensors
+    beside the student's and name no teacher folder: the teacher comes from the checkpoint, and the next save
+    writes it to a folder of its own."""
+    import json
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
+    from opsdc_megatron.train import checkpoint
+
+    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
+    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0)
+    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    teacher = model.teacher.model[0]
+    saved = {name: t.clone() for name, t in teacher.state_dict().items() if t is not None}
+    old = tmp_path / "checkpoints" / "step_000001"
+    old.mkdir(parents=True)
+    state = {**checkpoint._sharded_state_dict(model.ddps, model.optimizer, is_loading=False), **checkpoint._teacher_sharded_state_dict(model.teacher)}
+    dist_checkpointing.save(state, str(old), sharded_strategy=InProcessTorchDistSave())
+    (old / "trainer_state.json").write_text(json.dumps({"step": 1, "teacher_age_steps": 1}))
+    with torch.no_grad():
+        for parameter in model.student[0].parameters():
+            parameter.add_(1.0)
+    model.teacher.copy_from(torch.nn.ModuleList(model.student))
+    loaded = load_checkpoint(old, model.ddps, model.optimizer, model.teacher)
+    assert loaded["step"] == 1 and model.teacher.saved_as is None
+    for name, tensor in teacher.state_dict().items():
+        if tensor is not None:
+            assert torch.equal(tensor, saved[name]), name
+    model.teacher.age_steps += 1  # step 2, as after_optimizer_step counts it: the teacher is still step 0's
+    save_checkpoint(tmp_path / "checkpoints", 2, model.ddps, model.optimizer, model.teacher, {"step": 2, "teacher_age_steps": 2}, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000002", "teacher_step_000000_saved_000002"]
+    shutil.rmtree(tmp_path / "checkpoints" / "teacher_step_000000_saved_000002")
+    with pytest.raises(FileNotFoundError, match=r"step_000002: its teacher's folder .*teacher_step_000000_saved_000002 is missing or incomplete"):
+        load_checkpoint(tmp_path / "checkpoints" / "step_000002", model.ddps, model.optimizer, model.teacher)

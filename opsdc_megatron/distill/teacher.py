@@ -32,6 +32,8 @@ class TeacherSnapshot:
         self.refresh_every = refresh_every
         self.age_steps = 0
         """Optimizer steps since the last copy (saved in checkpoints so resume keeps the cadence)."""
+        self.saved_as: str | None = None
+        """The checkpoint folder holding this snapshot since its last copy (train/checkpoint.py), if one does."""
 
     @torch.no_grad()
     def copy_from(self, student: torch.nn.Module) -> None:
@@ -47,7 +49,7 @@ class TeacherSnapshot:
             # (A GPTModel has `rotary_pos_emb` only with RoPE position embeddings.)
             if hasattr(teacher_chunk, "rotary_pos_emb"):
                 teacher_chunk.rotary_pos_emb.inv_freq = student_chunk.rotary_pos_emb.inv_freq
-        self.age_steps = 0
+        self.age_steps, self.saved_as = 0, None
 
     def after_optimizer_step(self, student: torch.nn.Module) -> bool:
         """Ages the snapshot by one step and refreshes it when due; returns whether it did."""

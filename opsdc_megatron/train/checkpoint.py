@@ -3,6 +3,12 @@
 Layout: <out_dir>/checkpoints/step_000050/ (sharded tensors + trainer_state.json) and a `latest`
 file naming the newest complete one. A checkpoint is written to `step_N.tmp/` and renamed when
 every rank has finished, so a crash mid-save never leaves a checkpoint that looks complete.
+The teacher changes only every M steps (distill.teacher_refresh_every), so it has folders of its
+own, `teacher_step_<refreshed>_saved_<step>/`, written by the first save after each refresh and
+named in the trainer state of every checkpoint that uses it (the paper's M = 50 with a save every
+10 steps writes it once in five saves: an eighth of a bf16 checkpoint with fp32 Adam state each
+time); a teacher folder no complete checkpoint names goes at the next save. Checkpoints from before
+this layout hold the teacher themselves and still load.
 Resume is exact without saved RNG state: every random draw (prompt order, rollout sampling) is
 seeded from (train.seed, step), and the teacher's age comes back with the trainer state.
 """
@@ -31,7 +37,15 @@ from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
 from opsdc_megatron.train.run_folder import BEST_EXPORT, LATEST, TRAINER_STATE, complete_checkpoints, step_of
 
 
-def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_loading: bool) -> dict:
+TEACHER_CHECKPOINT = "teacher_checkpoint"
+"""The trainer-state key naming the teacher folder of a checkpoint (beside it, in the same root)."""
+
+
+def _teacher_sharded_state_dict(teacher: TeacherSnapshot) -> dict:
+    return {"teacher": [chunk.sharded_state_dict(prefix=TEACHER_PREFIX) for chunk in teacher.model]}
+
+
+def _sharded_state_dict(ddps: list, optimizer, is_loading: bool) -> dict:
     """One entry per model chunk; the tensors' keys carry global layer numbers, so a checkpoint
     saved at one tensor/pipeline/virtual-pipeline/data-parallel layout loads at any other.
 
@@ -40,10 +54,7 @@ def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_load
     torch's Adam (no apex or Transformer Engine) in megatron-core 0.16.1: "fully_reshardable" on the
     per-parameter "step", "fully_sharded_model_space" on flattened ranges.
     """
-    state = {
-        "model": [ddp.module.sharded_state_dict() for ddp in ddps],
-        "teacher": [chunk.sharded_state_dict(prefix=TEACHER_PREFIX) for chunk in teacher.model],
-    }
+    state = {"model": [ddp.module.sharded_state_dict() for ddp in ddps]}
     state["optimizer"] = optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
     )
@@ -53,23 +64,36 @@ def _sharded_state_dict(ddps: list, optimizer, teacher: TeacherSnapshot, is_load
 def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: TeacherSnapshot, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
-    `ddps`: this rank's DDP-wrapped student chunks; `teacher.model`: the matching teacher chunks."""
+    `ddps`: this rank's DDP-wrapped student chunks; `teacher.model`: the matching teacher chunks, written
+    to a teacher folder of their own unless one saved since the last refresh holds them (`teacher.saved_as`)."""
     rank0 = dist.get_rank() == 0
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
+    teacher_folder = None
+    if not teacher.saved_as:  # named by rank 0 for all: the ranks may see the file system at different moments
+        name = [_new_teacher_name(root, step - teacher.age_steps, step) if rank0 else None]
+        dist.broadcast_object_list(name, src=0)
+        teacher_folder = root / name[0]
     if rank0:
         # This step's, those of saves killed before their rename (a stop's save, redone never), each a whole checkpoint,
-        # and what a deletion of an old checkpoint killed midway left
-        for unfinished in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
+        # teachers such saves left unfinished, and what a deletion of an old checkpoint killed midway left
+        for unfinished in [*root.glob("step_*.tmp"), *root.glob("teacher_step_*.tmp"), *root.glob("step_*.old")]:
             shutil.rmtree(unfinished, ignore_errors=True)
         tmp.mkdir(parents=True)
+        if teacher_folder is not None:
+            _unfinished(teacher_folder).mkdir()
     dist.barrier()
-    state = _sharded_state_dict(ddps, optimizer, teacher, is_loading=False)
+    state = _sharded_state_dict(ddps, optimizer, is_loading=False)
     dist_checkpointing.save(state, str(tmp), sharded_strategy=InProcessTorchDistSave())  # megatron's own writer forks
+    if teacher_folder is not None:
+        dist_checkpointing.save(_teacher_sharded_state_dict(teacher), str(_unfinished(teacher_folder)), sharded_strategy=InProcessTorchDistSave())
     dist.barrier()
     if rank0:
+        if teacher_folder is not None:
+            fsync_folder(_unfinished(teacher_folder), files=True)
+            _unfinished(teacher_folder).rename(teacher_folder)
         fsync_folder(tmp, files=True)  # megatron's common.pt and metadata.json are not synced: the marker below must not precede them
-        record_trainer_state(tmp, trainer_state)
+        record_trainer_state(tmp, {**trainer_state, TEACHER_CHECKPOINT: teacher_folder.name if teacher_folder else teacher.saved_as})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         write_text_atomic(root / LATEST, final.name)
@@ -81,8 +105,34 @@ def save_checkpoint(root: Path, step: int, ddps: list, optimizer, teacher: Teach
             # What cannot be deleted now (a file an `opsdc eval` holds open on NFS) goes at a later save.
             gone = old.rename(old.with_name(old.name + ".old"))
             shutil.rmtree(gone, ignore_errors=True)
+        _remove_unnamed_teachers(root)
+    if teacher_folder is not None:
+        teacher.saved_as = teacher_folder.name
     dist.barrier()
     return final
+
+
+def _unfinished(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".tmp")
+
+
+def _new_teacher_name(root: Path, refreshed_step: int, step: int) -> str:
+    """A name no folder in `root` has: a save of the same step redone (a resume from an earlier checkpoint) writes
+    another teacher beside the one a checkpoint of the abandoned run may still name."""
+    base = name = f"teacher_step_{refreshed_step:06d}_saved_{step:06d}"
+    attempt = 1
+    while (root / name).exists():
+        attempt += 1
+        name = f"{base}_{attempt}"
+    return name
+
+
+def _remove_unnamed_teachers(root: Path) -> None:
+    """Teacher folders that no complete checkpoint names (rank 0, after a save's pruning)."""
+    named = {json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")).get(TEACHER_CHECKPOINT) for checkpoint in complete_checkpoints(root)}
+    for folder in root.glob("teacher_step_*"):
+        if folder.name not in named and not folder.name.endswith(".tmp"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def best_candidate(out: Path, step: int) -> Path:
@@ -167,8 +217,13 @@ def _take_saved_lr_bounds(path: Path, optimizer, saved_optimizer: dict) -> None:
 def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot) -> dict:
     """Collective: restores student, optimizer and teacher in place; returns the trainer state."""
     _create_distributed_optimizer_state(optimizer)
+    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    teacher_folder = path.parent / trainer_state[TEACHER_CHECKPOINT] if trainer_state.get(TEACHER_CHECKPOINT) else path  # older: inside
+    if not (teacher_folder / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path}: its teacher's folder {teacher_folder} is missing or incomplete")
     try:
-        loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, teacher, is_loading=True), str(path))
+        loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, is_loading=True), str(path))
+        loaded_teacher = dist_checkpointing.load(_teacher_sharded_state_dict(teacher), str(teacher_folder))
     except (CheckpointingException, CheckpointException) as error:  # torch's wraps each rank's
         cause = read_failure(error)
         if "optimizer.distributed" in str(cause):
@@ -181,14 +236,14 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
         raise
     for ddp, state in zip(ddps, loaded["model"]):
         ddp.module.load_state_dict(state)
-    for chunk, state in zip(teacher.model, loaded["teacher"]):
+    for chunk, state in zip(teacher.model, loaded_teacher["teacher"]):
         chunk.load_state_dict({k.removeprefix(TEACHER_PREFIX): v for k, v in state.items()})
-    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     _take_saved_lr_bounds(path, optimizer, loaded["optimizer"])
     with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
     teacher.age_steps = trainer_state["teacher_age_steps"]
+    teacher.saved_as = trainer_state.get(TEACHER_CHECKPOINT)  # None (an older checkpoint): the next save writes it
     return trainer_state
 
 
