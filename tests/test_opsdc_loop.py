@@ -209,50 +209,66 @@ def test_best_hf_follows_the_checkpoints_through_a_stop_at_the_last_step(setup, 
     assert (out / "best_hf" / "model.safetensors").exists() and not list(out.glob("best_hf.step_*"))
 
 
-@pytest.mark.parametrize("failed", ["rollouts", "weight_push", "eval"])
+@pytest.mark.parametrize("failed", ["rollouts", "weight_push", "eval", "rollouts_before_the_stop", "without_a_stop"])
 def test_a_stop_that_takes_the_rollout_servers_down_checkpoints_the_last_finished_step(setup, tmp_path, monkeypatch, capsys, failed):
-    """A SIGTERM to a SLURM job reaches the rollout servers too: step 3's rollouts, its weight push or its eval fail
-    (stood in for: each raises as the engine does, on every rank) with the stop request in. The run checkpoints the
-    last finished step (2 for the rollouts; 3 for the push and the eval, that eval pending) and exits 75; before,
-    it crashed and lost every step since the last periodic checkpoint (none here). The rerun ends with every
-    step and every eval logged once."""
+    """A SIGTERM to a SLURM job reaches the rollout servers too. A stop request (the stop file, as the job script and
+    `opsdc train` write it) comes during step 3's rollouts, which it interrupts; or step 3's weight push or eval
+    fails with it (stood in for: each raises as the SGLang engine does, on every rank alike); or the rollouts fail
+    a second before the trainer's own signal comes. The run checkpoints the last finished step (2 for the
+    rollouts; 3 for the push and the eval, that eval pending) and exits 75; before, it crashed and lost every step
+    since the last periodic checkpoint (none here). The rerun ends with every step and every eval logged once.
+    A failure with no stop request is raised."""
+    import threading
+
     from opsdc_megatron.cli import main
     from opsdc_megatron.rollout.engine import RolloutEngineError
     from opsdc_megatron.rollout.hf_engine import HFRolloutEngine
     from opsdc_megatron.train import loop
-    from opsdc_megatron.train.preemption import PreemptionWatch
+    from opsdc_megatron.train.preemption import STOP_FILE_ENV
 
-    out, stop = tmp_path / "run", [False]
+    out, stop_file, armed = tmp_path / "run", tmp_path / "stop_requested", [True]
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop_file))
     real = {"rollouts": loop.generate_across_ranks, "weight_push": HFRolloutEngine.update_weights, "eval": loop.evaluate}
+    phase_failing = failed.split("_before")[0] if failed != "without_a_stop" else "rollouts"
 
     def fails_at_step_3(phase, step_of):
         def call(*args, **kwargs):
-            if step_of(*args, **kwargs) == 3 and stop == [False] and phase == failed:
-                stop[0] = True  # the SIGTERM
+            if step_of(*args, **kwargs) == 3 and armed[0] and phase == phase_failing:
+                armed[0] = False
+                if failed == "rollouts":  # the real interruption: the engine sees the stop before its first block
+                    stop_file.write_text("SIGTERM\n")
+                    return real[phase](*args, **kwargs)
+                if failed == "rollouts_before_the_stop":
+                    threading.Timer(1.0, stop_file.write_text, ["SIGTERM\n"]).start()
+                elif failed != "without_a_stop":
+                    stop_file.write_text("SIGTERM\n")
                 raise RolloutEngineError("rank 0: ServerUnavailable: Connection refused")
             return real[phase](*args, **kwargs)
         return call
 
-    steps_seen = iter(range(1, 100))
+    steps_seen, evals = iter(range(1, 100)), iter(range(0, 100))  # evals of steps 0, 1, 2, 3
     monkeypatch.setattr(loop, "generate_across_ranks", fails_at_step_3("rollouts", lambda *a, **k: next(steps_seen)))
     monkeypatch.setattr(HFRolloutEngine, "update_weights", fails_at_step_3("weight_push", lambda engine, weights, version: version))
-    evals = iter(range(0, 100))  # evals of steps 0, 1, 2, 3
     monkeypatch.setattr(loop, "evaluate", fails_at_step_3("eval", lambda *a, **k: next(evals)))
-    real_requested = PreemptionWatch.requested
-    monkeypatch.setattr(PreemptionWatch, "requested", lambda watch: stop[0] or real_requested(watch))
     args = ["train", "recipes/toy_cpu.yaml", *train_args(setup, out, "train.steps=4", "eval.every_steps=1", "checkpoint.save_every_steps=0",
                                                           "parallel.tensor_parallel_size=1")]
+    if failed == "without_a_stop":
+        with pytest.raises(RolloutEngineError, match="Connection refused"):
+            main(args)
+        assert not list(out.glob("checkpoints/step_*"))
+        return
     with pytest.raises(SystemExit) as stopped:
         main(args)
     assert stopped.value.code == 75
-    what = {"rollouts": "step 3's rollouts", "weight_push": "step 3's weight push", "eval": "step 3's eval"}[failed]
-    assert f"opsdc train: {what} ended on the stop request (RolloutEngineError: rank 0: ServerUnavailable" in capsys.readouterr().err
-    saved = 2 if failed == "rollouts" else 3
+    what = {"rollouts": "step 3's rollouts", "weight_push": "step 3's weight push", "eval": "step 3's eval"}[phase_failing]
+    error = "RolloutInterrupted: rank 0: RolloutInterrupted: a stop was requested" if failed == "rollouts" else "RolloutEngineError: rank 0: ServerUnavailable"
+    assert f"opsdc train: {what} failed while a stop was requested, which it is taken for ({error}" in capsys.readouterr().err
+    saved = 2 if phase_failing == "rollouts" else 3
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == [f"step_00000{saved}"]
     state = json.loads((out / "checkpoints" / f"step_00000{saved}" / "trainer_state.json").read_text())
-    assert state["step"] == saved and state["eval_pending"] == (failed != "rollouts")
-    stop[0] = None  # the resumed run: no stop, no failure
-    main(args)
+    assert state["step"] == saved and state["eval_pending"] == (phase_failing != "rollouts")
+    stop_file.unlink()
+    main(args)  # the resumed run: no stop, no failure
     records = read_metrics(out / "metrics.jsonl")
     assert sorted(m["step"] for m in records if m["kind"] == "train") == [1, 2, 3, 4]
     assert sorted(m["step"] for m in records if m["kind"] == "eval") == [0, 1, 2, 3, 4]
@@ -504,6 +520,26 @@ def test_resume_reproduces_the_next_step_exactly(setup, tp2_run):
         assert resumed[3][key] == tp2_run[3][key], key
     losses = EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train/loss")  # resume purged nothing it kept, wrote step 3 once
     assert [(e.step, e.value) for e in losses] == [(s, pytest.approx(resumed[s]["loss"])) for s in (1, 2, 3)]
+
+
+def test_the_teacher_is_written_once_per_refresh_and_a_resume_reads_it_back(setup, tmp_path):
+    """Checkpoints every step, a teacher refresh every 2: the teacher, the same for two steps, was written into
+    every checkpoint. It now has a folder per refresh, written by the first save after it and named in each
+    checkpoint's trainer state; one no kept checkpoint names is removed. Resumed from step 3 (its teacher: step
+    2's, from the folder step 2's save wrote), steps 4 and 5 repeat the uninterrupted run exactly."""
+    every_step = ("parallel.tensor_parallel_size=1", "eval.every_steps=0", "checkpoint.save_every_steps=1", "checkpoint.keep_last=2")
+    full = train(setup, tmp_path / "full", "train.steps=5", *every_step)
+    root = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004", "step_000005", "teacher_step_000004_saved_000004"]
+    for step in (4, 5):
+        assert json.loads((root / f"step_00000{step}" / "trainer_state.json").read_text())["teacher_checkpoint"] == "teacher_step_000004_saved_000004"
+    out = tmp_path / "resumed"
+    train(setup, out, "train.steps=3", *every_step)
+    assert sorted(p.name for p in (out / "checkpoints").glob("teacher_*")) == ["teacher_step_000002_saved_000002"]
+    resumed = train(setup, out, "train.steps=5", *every_step, ran_steps=[4, 5])
+    for step in (4, 5):
+        for key in ("loss", "grad_norm", "mean_response_tokens", "teacher_age_steps"):
+            assert resumed[step][key] == full[step][key], (step, key)
 
 
 @pytest.mark.stops
