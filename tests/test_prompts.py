@@ -155,3 +155,25 @@ def test_the_teachers_instruction_takes_the_place_of_dapos_task_header():
         teacher = user_message(record.prompt, PAPER_INSTRUCTION_V1)
         assert "step by step" not in teacher and teacher.count("The last line of your response") == 1
     assert user_message("What is 2 + 2?", "Be brief.") == "Be brief.\n\nWhat is 2 + 2?"
+
+
+def test_a_student_prompt_longer_than_the_teachers_is_held_to_the_limit_too(tmp_path):
+    """The teacher's instruction replaces DAPO's task header (prompts.user_message): with an instruction shorter
+    than that header the student's prompt is the longer one, and only the teacher's was held to
+    data.max_prompt_tokens; a longer student prompt passed the start and broke a micro-batch's token budget later."""
+    from opsdc_megatron.config import load_config
+    from opsdc_megatron.prompts import TASK_HEADERS, encode_prompt
+    from opsdc_megatron.toy.tokenizer import build_toy_tokenizer
+    from opsdc_megatron.train.prompt_stream import PromptStream, PromptTooLongError
+
+    tokenizer = build_toy_tokenizer()
+    prompt = f"{TASK_HEADERS[0]}\n\nwhat is 2 + 3 ?"
+    student, teacher = encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt, "be brief")
+    assert len(student) > len(teacher)
+    def config(limit: int):
+        return load_config("recipes/toy_cpu.yaml", [f"out_dir={tmp_path}", "model.hf_path=m", "data.train_prompts=p.jsonl", "eval.every_steps=0",
+                                                     "distill.instruction=be brief", f"data.max_prompt_tokens={limit}"])
+
+    with pytest.raises(PromptTooLongError, match=rf"prompt 1 is {len(teacher)} tokens with the teacher's instruction \({len(student)} without\)"):
+        PromptStream([PromptRecord(prompt, "5")], tokenizer, config(len(teacher)))
+    assert PromptStream([PromptRecord(prompt, "5")], tokenizer, config(len(student))).prompts[0].student_ids == student

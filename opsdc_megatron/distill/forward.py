@@ -12,7 +12,9 @@ divides the gradient once by the total weight.
   whatever the split into micro-batches, data-parallel ranks or packed sequences.
 - micro_batch: each micro-batch's mean, weight 1: the mean of the micro-batch means, the paper's
   (verl's "token-mean"). A token weighs 1 / (response tokens of its micro-batch), so the objective
-  changes with the micro-batch size, the data-parallel size and packing.
+  changes with `train.micro_batch_prompts`, and with a token budget (`train.micro_batch_tokens`, whose
+  micro-batches hold as many rollouts as fit, split further for the interleaved pipeline schedule, so
+  then with the pipeline size too); not with the data-parallel size (consecutive groups of prompts).
 Both agree when every micro-batch holds the same number of response tokens.
 
 With `distill.fused_output_layer` the last stage stops at the final hidden states (the output layer

@@ -39,7 +39,8 @@ class PromptStream:
         for number, record in enumerate(records, start=1):
             student = encode_prompt(tokenizer, record.prompt)
             teacher = encode_prompt(tokenizer, record.prompt, config.distill.instruction)
-            if len(teacher) > limit:
+            # Either can be the longer: the instruction replaces a task header the student's prompt keeps (prompts.user_message).
+            if max(len(teacher), len(student)) > limit:
                 raise PromptTooLongError(
                     f"{config.data.train_prompts}: prompt {number} is {len(teacher)} tokens with the teacher's "
                     f"instruction ({len(student)} without), more than data.max_prompt_tokens = {limit}"
