@@ -189,10 +189,12 @@ def test_a_checkpoint_that_holds_its_teacher_itself_still_loads(one_rank, tmp_pa
     from opsdc_megatron.train import checkpoint
 
     hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
-    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0)
+    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0,
+                                 teacher_offload=True)
     model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
     teacher = model.teacher.model[0]
     saved = {name: t.clone() for name, t in teacher.state_dict().items() if t is not None}
+    host = host_pointers(teacher)
     old = tmp_path / "checkpoints" / "step_000001"
     old.mkdir(parents=True)
     state = {**checkpoint._sharded_state_dict(model.ddps, model.optimizer, is_loading=False), **checkpoint._teacher_sharded_state_dict(model.teacher)}
@@ -203,7 +205,7 @@ def test_a_checkpoint_that_holds_its_teacher_itself_still_loads(one_rank, tmp_pa
             parameter.add_(1.0)
     model.teacher.copy_from(torch.nn.ModuleList(model.student))
     loaded = load_checkpoint(old, model.ddps, model.optimizer, model.teacher)
-    assert loaded["step"] == 1 and model.teacher.saved_as is None
+    assert loaded["step"] == 1 and model.teacher.saved_as is None and host_pointers(teacher) == host
     for name, tensor in teacher.state_dict().items():
         if tensor is not None:
             assert torch.equal(tensor, saved[name]), name
@@ -213,3 +215,42 @@ def test_a_checkpoint_that_holds_its_teacher_itself_still_loads(one_rank, tmp_pa
     shutil.rmtree(tmp_path / "checkpoints" / "teacher_step_000000_saved_000002")
     with pytest.raises(FileNotFoundError, match=r"step_000002: its teacher's folder .*teacher_step_000000_saved_000002 is missing or incomplete"):
         load_checkpoint(tmp_path / "checkpoints" / "step_000002", model.ddps, model.optimizer, model.teacher)
+
+
+def test_a_save_redone_after_a_resume_from_an_earlier_checkpoint_writes_its_own_teacher(one_rank, tmp_path) -> None:
+    """Steps 1 and 2 saved (a refresh at 2), then a resume from step 1 (as after a crash before step 2's `latest`)
+    that trains step 2 otherwise and saves it again: its teacher goes to a folder of its own (`_2`), not over the
+    one the abandoned step 2 named, which goes once that checkpoint is replaced. Each checkpoint loads the teacher
+    it was saved with."""
+    import json
+
+    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
+    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0)
+    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    root, student, teacher = tmp_path / "checkpoints", torch.nn.ModuleList(model.student), model.teacher
+
+    def save(step: int) -> None:
+        save_checkpoint(root, step, model.ddps, model.optimizer, teacher, {"step": step, "teacher_age_steps": teacher.age_steps}, keep_last=3)
+
+    def step_and_refresh(shift: float) -> dict:
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.add_(shift)
+        teacher.copy_from(student)
+        return {name: t.clone() for name, t in teacher.model[0].state_dict().items() if t is not None}
+
+    teacher.age_steps = 1
+    save(1)
+    step_and_refresh(1.0)
+    save(2)
+    assert sorted(p.name for p in root.glob("teacher_*")) == ["teacher_step_000000_saved_000001", "teacher_step_000002_saved_000002"]
+    load_checkpoint(root / "step_000001", model.ddps, model.optimizer, teacher)
+    redone = step_and_refresh(2.0)
+    save(2)
+    assert sorted(p.name for p in root.glob("teacher_*")) == ["teacher_step_000000_saved_000001", "teacher_step_000002_saved_000002_2"]
+    assert json.loads((root / "step_000002" / "trainer_state.json").read_text())["teacher_checkpoint"] == "teacher_step_000002_saved_000002_2"
+    step_and_refresh(3.0)
+    load_checkpoint(root / "step_000002", model.ddps, model.optimizer, teacher)
+    for name, tensor in teacher.model[0].state_dict().items():
+        if tensor is not None:
+            assert torch.equal(tensor, redone[name]), name

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -128,8 +129,16 @@ def _new_teacher_name(root: Path, refreshed_step: int, step: int) -> str:
 
 
 def _remove_unnamed_teachers(root: Path) -> None:
-    """Teacher folders that no complete checkpoint names (rank 0, after a save's pruning)."""
-    named = {json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")).get(TEACHER_CHECKPOINT) for checkpoint in complete_checkpoints(root)}
+    """Teacher folders that no complete checkpoint names (rank 0, after a save's pruning). A trainer state that cannot
+    be read (edited by hand) could name any of them: then all stay, and this says why (an error here, on rank 0
+    alone, would leave the other ranks waiting at the save's last barrier)."""
+    named = set()
+    for checkpoint in complete_checkpoints(root):
+        try:
+            named.add(json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")).get(TEACHER_CHECKPOINT))
+        except (OSError, ValueError, AttributeError) as error:
+            print(f"opsdc train: {checkpoint / TRAINER_STATE}: {error}; no teacher folder is removed", file=sys.stderr, flush=True)
+            return
     for folder in root.glob("teacher_step_*"):
         if folder.name not in named and not folder.name.endswith(".tmp"):
             shutil.rmtree(folder, ignore_errors=True)
@@ -219,7 +228,9 @@ def load_checkpoint(path: Path, ddps: list, optimizer, teacher: TeacherSnapshot)
     _create_distributed_optimizer_state(optimizer)
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     teacher_folder = path.parent / trainer_state[TEACHER_CHECKPOINT] if trainer_state.get(TEACHER_CHECKPOINT) else path  # older: inside
-    if not (teacher_folder / "metadata.json").is_file():
+    found = [(teacher_folder / "metadata.json").is_file()]
+    dist.broadcast_object_list(found, src=0)  # rank 0's answer for all: a rank that alone raised would leave the others in the load
+    if not found[0]:
         raise FileNotFoundError(f"{path}: its teacher's folder {teacher_folder} is missing or incomplete")
     try:
         loaded = dist_checkpointing.load(_sharded_state_dict(ddps, optimizer, is_loading=True), str(path))
