@@ -7,8 +7,8 @@ forks writer processes on every save, also for a synchronous one; `InProcessTorc
 the trainer needs: a fork from its threads can hang the child. This bench measures what that costs or
 saves.
 
-What is saved is the trainer's whole state (`train/checkpoint._sharded_state_dict`): student,
-AdamW state and teacher snapshot of a random Qwen3 (``--hidden``, ``--layers``, ``--vocab``), fp32,
+What is saved is the trainer's whole state as a save after a teacher refresh writes it (`train/checkpoint`: the
+checkpoint's student and AdamW state and the teacher folder's snapshot, here in one folder): of a random Qwen3 (``--hidden``, ``--layers``, ``--vocab``), fp32,
 at tensor parallel size 2 (two gloo processes started with torchrun). Saves alternate between the two
 writers, ``--saves`` each; the first save of each is reported apart (megatron's Manager starts
 there), then the median of the rest, and our time as a ratio to megatron's. Each writer's last
@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     from opsdc_megatron.parallel import destroy_distributed, init_distributed
     from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
     from opsdc_megatron.train.build import build_training_model
-    from opsdc_megatron.train.checkpoint import _sharded_state_dict
+    from opsdc_megatron.train.checkpoint import _sharded_state_dict, _teacher_sharded_state_dict
 
     torch.set_num_threads(1)
     init_distributed(tensor_parallel_size=2)
@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
             folder.mkdir(parents=True)
         dist.barrier()
         started = time.perf_counter()
-        state = _sharded_state_dict(model.ddps, model.optimizer, model.teacher, is_loading=False)
+        state = {**_sharded_state_dict(model.ddps, model.optimizer, is_loading=False), **_teacher_sharded_state_dict(model.teacher)}
         dist_checkpointing.save(state, str(folder), sharded_strategy=InProcessTorchDistSave() if writer == "in_process" else None)
         dist.barrier()
         return time.perf_counter() - started

@@ -96,7 +96,7 @@ class DataConfig:
     eval_prompts: Optional[str] = None
     """Held-out prompts evaluated during training to keep the best checkpoint."""
     max_prompt_tokens: int = 1024
-    """Longest chat-formatted prompt, in tokens, teacher instruction included; longer is an error."""
+    """Longest chat-formatted prompt, in tokens, the student's or the teacher's (with its instruction); longer is an error."""
 
 
 @dataclass

@@ -11,7 +11,7 @@
 # the allocation, model and prompt files; a wrong job fails in seconds with one line naming the problem.
 #
 # Checkpoint and requeue: `#SBATCH --signal=B:USR1@SECONDS` sends SIGUSR1 here before the time limit;
-# it is forwarded to the trainer, which finishes its step, checkpoints and exits 75
+# it is forwarded to the trainer, which checkpoints its last finished step (rollouts in progress end at once) and exits 75
 # (opsdc_megatron/train/preemption.py); this script then requeues the job, and the next run resumes
 # from OUT/checkpoints/latest (a trainer that exits without that checkpoint fails the job instead). SIGTERM (scancel, `scontrol requeue`, preemption) checkpoints the same
 # way; SLURM decides whether the job comes back.
@@ -60,14 +60,14 @@ write_stop_file() {  # renamed into place whole: the trainer's ranks read it at 
 }
 on_usr1() {
     INTERRUPTED=1
-    log "received SIGUSR1: the trainer finishes its step, checkpoints and exits; then the job is requeued"
+    log "received SIGUSR1: the trainer checkpoints its last finished step and exits; then the job is requeued"
     REQUEUE_ASKED=1
     [ -n "${STOP_FILE:-}" ] && write_stop_file
     [ -n "${STEP_PIDS[trainer]:-}" ] && kill -s USR1 "${STEP_PIDS[trainer]}" 2>/dev/null
 }
 trap on_usr1 USR1
 TERM_RECEIVED=0
-trap 'TERM_RECEIVED=1; INTERRUPTED=1; log "received SIGTERM: the trainer finishes its step and checkpoints if SLURM waits long enough (KillWait)"' TERM
+trap 'TERM_RECEIVED=1; INTERRUPTED=1; log "received SIGTERM: the trainer checkpoints its last finished step if SLURM waits long enough (KillWait)"' TERM
 requeue() {  # requeue REASON: ask SLURM to run the job again; exit 75 when it refuses (--no-requeue, site policy)
     log "$1; requeueing the job to resume from $OPSDC_OUT_DIR/checkpoints/latest"
     scontrol requeue "$SLURM_JOB_ID" && exit 0

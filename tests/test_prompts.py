@@ -174,6 +174,6 @@ def test_a_student_prompt_longer_than_the_teachers_is_held_to_the_limit_too(tmp_
         return load_config("recipes/toy_cpu.yaml", [f"out_dir={tmp_path}", "model.hf_path=m", "data.train_prompts=p.jsonl", "eval.every_steps=0",
                                                      "distill.instruction=be brief", f"data.max_prompt_tokens={limit}"])
 
-    with pytest.raises(PromptTooLongError, match=rf"prompt 1 is {len(teacher)} tokens with the teacher's instruction \({len(student)} without\)"):
+    with pytest.raises(PromptTooLongError, match=rf"prompt 1 is {len(student)} tokens as the student's and {len(teacher)} with the teacher's instruction: more than data.max_prompt_tokens = {len(teacher)}$"):
         PromptStream([PromptRecord(prompt, "5")], tokenizer, config(len(teacher)))
     assert PromptStream([PromptRecord(prompt, "5")], tokenizer, config(len(student))).prompts[0].student_ids == student

@@ -118,7 +118,7 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 JobCompType=jobcomp/none
 JobRequeue=1
-# SIGTERM to SIGKILL: time for the trainer to finish its step and checkpoint (train/preemption.py) on a loaded machine.
+# SIGTERM to SIGKILL: time for the trainer to checkpoint its last finished step (train/preemption.py) on a loaded machine.
 KillWait=120
 MinJobAge=600
 InactiveLimit=0

@@ -174,7 +174,7 @@ def checkpoint_dtype(ckpt: Path, metadata: Metadata | None = None) -> torch.dtyp
 VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 TRAINING_STATE_PREFIXES = ("optimizer.", TEACHER_PREFIX)
 """Keys of a training checkpoint that are not the student: the optimizer's state (megatron's prefix)
-and the teacher snapshot (train/checkpoint.py)."""
+and the teacher snapshot, held by checkpoints from before the teacher had folders of its own (train/checkpoint.py)."""
 
 
 def read_failure(error: BaseException) -> BaseException:

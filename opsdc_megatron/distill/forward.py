@@ -14,7 +14,8 @@ divides the gradient once by the total weight.
   (verl's "token-mean"). A token weighs 1 / (response tokens of its micro-batch), so the objective
   changes with `train.micro_batch_prompts`, and with a token budget (`train.micro_batch_tokens`, whose
   micro-batches hold as many rollouts as fit, split further for the interleaved pipeline schedule, so
-  then with the pipeline size too); not with the data-parallel size (consecutive groups of prompts).
+  then with the pipeline size and the data-parallel size too, as rollouts are regrouped per rank); without
+  a token budget not with the data-parallel size (consecutive groups of prompts).
 Both agree when every micro-batch holds the same number of response tokens.
 
 With `distill.fused_output_layer` the last stage stops at the final hidden states (the output layer

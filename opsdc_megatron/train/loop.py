@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -169,7 +170,7 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             settle_best_export(out, state["best"])
         saved_step = step
 
-    def stop() -> None:
+    def stop() -> NoReturn:
         """Checkpoint the current step unless it is saved (step 0 has nothing to save), then exit 75."""
         if saved_step != state["step"] and state["step"] > 0:
             save(state["step"])
@@ -185,11 +186,12 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
         takes the rollout servers down too; a stop interrupts rollouts), else `error` is raised. The servers'
         SIGTERM can come seconds before the trainer's own (slurmd signals each node, each step, in turn): the
         ranks wait STOP_GRACE_S for it. Collective: a RolloutEngineError is raised on every rank alike."""
-        deadline = time.monotonic() + STOP_GRACE_S
-        while not preemption.requested():  # one all-reduce a round keeps the ranks together
-            if time.monotonic() > deadline:
-                raise error
+        for _ in range(int(STOP_GRACE_S / 0.5)):  # rounds, not a deadline: every rank leaves at the same one
+            if preemption.requested():  # one all-reduce a round keeps the ranks together
+                break
             time.sleep(0.5)
+        else:
+            raise error
         if rank0:
             print(f"opsdc train: {what} failed while a stop was requested, which it is taken for ({type(error).__name__}: {error})",
                   file=sys.stderr, flush=True)
@@ -260,10 +262,10 @@ def train(config: RunConfig, engine: RolloutEngine, preemption: PreemptionWatch)
             except RolloutEngineError as error:
                 raise_unless_stopping(error, f"step {step}'s eval")
                 stopping = state["eval_pending"] = True
-        if stopping or step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
-            save(step)
         if stopping:
-            preemption.exit_after_checkpoint(step)
+            stop()
+        if step == config.train.steps or (config.checkpoint.save_every_steps and step % config.checkpoint.save_every_steps == 0):
+            save(step)
     if rank0:
         save_hf_folder(pushed, config.model.hf_path, out / FINAL_EXPORT, trained_steps=state["step"])
     log.close()

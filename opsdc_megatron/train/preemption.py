@@ -31,6 +31,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 PREEMPTED_EXIT_CODE = 75
 """EX_TEMPFAIL from sysexits.h: stopped early on request, a checkpoint was saved, run again to resume."""
@@ -124,7 +125,7 @@ class PreemptionWatch:
             self._read_stop_file()  # another rank found it after this one looked: name what it says
         return bool(flag.item())
 
-    def exit_after_checkpoint(self, step: int) -> None:
+    def exit_after_checkpoint(self, step: int) -> NoReturn:
         """Called after the checkpoint of `step` is complete on every rank; step 0 (a fresh run stopped
         before its first step) has none: a new start gives the same run."""
         import torch.distributed as dist

@@ -42,8 +42,8 @@ class PromptStream:
             # Either can be the longer: the instruction replaces a task header the student's prompt keeps (prompts.user_message).
             if max(len(teacher), len(student)) > limit:
                 raise PromptTooLongError(
-                    f"{config.data.train_prompts}: prompt {number} is {len(teacher)} tokens with the teacher's "
-                    f"instruction ({len(student)} without), more than data.max_prompt_tokens = {limit}"
+                    f"{config.data.train_prompts}: prompt {number} is {len(student)} tokens as the student's and {len(teacher)} "
+                    f"with the teacher's instruction: more than data.max_prompt_tokens = {limit}"
                 )
             self.prompts.append(EncodedPrompt(record, student, teacher))
         self.seed = config.train.seed

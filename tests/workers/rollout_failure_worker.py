@@ -3,7 +3,7 @@
 Usage: torchrun --nproc-per-node=2 rollout_failure_worker.py CASE   (CASE: error | stop)
 
 Rank 1's engine raises (`error`) or sees a stop request (`stop`) at its first block, while rank 0 answers its
-blocks and waits for rank 1's in the gather. Each rank prints `RANK<r>=<error type>: <message>`.
+blocks and waits for rank 1's in the gather. Each rank prints `RANK<r>=<error type>: <message> (cause: <its cause's type>)`.
 """
 
 from __future__ import annotations

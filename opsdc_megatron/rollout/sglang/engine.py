@@ -242,7 +242,7 @@ class SGLangRolloutEngine(RolloutEngine):
 
     def release_weights(self) -> None:
         """A restart still running (a server that died during the rollouts) pushes the last weights to its
-        server: it finishes before they go. None is started until the next push (no rollouts in between). Its
+        server: it finishes before they go (unless a stop came: see `_join_recoveries`). None is started until the next push (no rollouts in between). Its
         failure is raised by that push, which every trainer rank learns of (this runs on rank 0 alone)."""
         self._join_recoveries()
         self._pushed = None
@@ -398,9 +398,10 @@ class SGLangRolloutEngine(RolloutEngine):
         """Waits for the restarts in progress, unless a stop was requested: a restart outlasts the seconds
         before SIGKILL, and its server goes with the fleet (the threads are daemons)."""
         for index, thread in list(self._recoveries.items()):
-            if self.stop_requested():
-                return
-            thread.join()
+            while thread.is_alive():
+                if self.stop_requested():
+                    return
+                thread.join(0.5)
             self._recoveries.pop(index, None)
 
     def wait_for_recovery(self) -> None:
