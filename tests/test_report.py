@@ -236,3 +236,32 @@ def test_a_fresh_start_is_a_wandb_run_of_its_own_and_a_resume_continues_it(tmp_p
     for keep_through_step in (-1, 3, -1, 5):  # fresh start, resume, fresh start (the folder's files left by a crash), resume
         MetricsLog(path, enabled=True, keep_through_step=keep_through_step, log=log_config, run_config={}).close()
     assert [(run["id"], run["resume"]) for run in started] == [("first", "allow"), ("first", "allow"), ("second", "allow"), ("second", "allow")]
+
+
+def test_a_step_line_to_a_terminal_that_hung_up_is_dropped_not_raised(tmp_path):
+    """A closed ssh session between a step's stop check and its console line: the write fails with EIO, which ended the
+    run without its checkpoint (exit 1). The record is in metrics.jsonl; the line is dropped; other errors still raise."""
+    import errno
+    import os
+
+    from opsdc_megatron.config import LogConfig
+    from opsdc_megatron.train.metrics import MetricsLog, read_metrics
+
+    class Terminal:
+        def __init__(self, error: int) -> None:
+            self.error = error
+
+        def write(self, text: str) -> int:
+            raise OSError(self.error, os.strerror(self.error))
+
+        def flush(self) -> None:
+            pass
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, keep_through_step=-1, log=LogConfig(tensorboard=False), run_config={})
+    log.console.file = Terminal(errno.EIO)
+    log.write({"step": 1, "kind": "train", "loss": 0.5})
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    log.console.file = Terminal(errno.ENOSPC)
+    with pytest.raises(OSError, match="No space left"):
+        log.write({"step": 2, "kind": "train", "loss": 0.4})
+    log.close()

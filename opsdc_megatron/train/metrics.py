@@ -8,6 +8,7 @@ purged), so the logs always describe one consistent run. Names in TensorBoard an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -79,7 +80,13 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.log(numbers, step=record["step"])
         shown = "  ".join(f"{k} {record[k]:.4g}" for k in SHOWN if k in record)
-        self.console.print(f"[bold]{record['kind']:>5} step {record['step']:>4}[/bold]  {shown}")
+        try:
+            self.console.print(f"[bold]{record['kind']:>5} step {record['step']:>4}[/bold]  {shown}")
+        except OSError as error:
+            # A terminal that hung up after this step's stop check (a closed ssh session): the record is in the file
+            # above, and the SIGHUP is recorded; the next check sends the output elsewhere (train/preemption.py).
+            if error.errno != errno.EIO:
+                raise
 
     def _to_tensorboard(self, record: dict) -> None:
         for name, value in scalars(record).items():
