@@ -153,13 +153,19 @@ def test_first_micro_batch_flag_reaches_student_and_teacher_layers(one_rank) -> 
     assert [layer.is_first_microbatch for layer in layers] == [True, True]
 
 
+def checkpointable_model(tmp_path, teacher_offload: bool):
+    """A one-rank training model of a tiny Qwen3 whose optimizer has Adam's state, which a checkpoint holds."""
+    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
+    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0,
+                                 teacher_offload=teacher_offload)
+    model.optimizer.step()  # zero gradients: creates Adam's state
+    return model
+
+
 def test_checkpoint_saves_and_restores_the_host_teacher(one_rank, tmp_path) -> None:
     """train/checkpoint.py with an offloaded teacher: saved from host memory, loaded back into the
     same pinned-or-not host tensors (a refresh in between is undone)."""
-    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
-    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0,
-                                 teacher_offload=True)
-    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    model = checkpointable_model(tmp_path, teacher_offload=True)
     teacher = model.teacher.model[0]
     saved = {name: t.clone() for name, t in teacher.state_dict().items() if t is not None}
     save_checkpoint(tmp_path / "checkpoints", 1, model.ddps, model.optimizer, model.teacher, {"step": 1, "teacher_age_steps": 1}, keep_last=1)
@@ -188,10 +194,7 @@ def test_a_checkpoint_that_holds_its_teacher_itself_still_loads(one_rank, tmp_pa
     from opsdc_megatron.torch_dist_save import InProcessTorchDistSave
     from opsdc_megatron.train import checkpoint
 
-    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
-    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0,
-                                 teacher_offload=True)
-    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    model = checkpointable_model(tmp_path, teacher_offload=True)
     teacher = model.teacher.model[0]
     saved = {name: t.clone() for name, t in teacher.state_dict().items() if t is not None}
     host = host_pointers(teacher)
@@ -224,9 +227,7 @@ def test_a_save_redone_after_a_resume_from_an_earlier_checkpoint_writes_its_own_
     it was saved with."""
     import json
 
-    hf_dir = save_tiny_model("qwen3_tied", tmp_path / "hf")
-    model = build_training_model(Qwen3Config.from_pretrained(hf_dir), str(hf_dir), ParallelConfig(), torch.float32, TrainConfig(), 0)
-    model.optimizer.step()  # zero gradients: creates Adam's state, which a checkpoint holds
+    model = checkpointable_model(tmp_path, teacher_offload=False)
     root, student, teacher = tmp_path / "checkpoints", torch.nn.ModuleList(model.student), model.teacher
 
     def save(step: int) -> None:
