@@ -17,7 +17,9 @@ teacher forward: its matmul-bound time), ``unfused`` (those logits, then ``ours`
 (``opsdc_megatron.loss.fused_output_reverse_kl``, its weight given megatron DDP's fp32 ``main_grad``
 first, as in training). Its extra memory counts everything beyond the hidden states and weights,
 including their gradients (fused: the weight's is in ``main_grad``, not counted); "w/o grads"
-subtracts those gradients, which any output layer must produce. Hidden 4096 on CUDA, 512 on CPU.
+subtracts the gradients that exist at the peak, which any output layer must produce: the forward's and the
+backward's peaks are taken separately (the fused path's weight-gradient placeholder comes only at the end of
+its backward, after its chunks are freed). Hidden 4096 on CUDA, 512 on CPU.
 
 On CUDA the run also measures the device's copy bandwidth (bytes read + written per second) and
 prints each KL time against the 3-pass floor: read both logits once, write the gradient once.
@@ -64,7 +66,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -206,9 +208,20 @@ def measure_cuda_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str
     return {"extra_bytes": extra, "logits_bytes": tokens * vocab * 2, "time_s": time_s}
 
 
-def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -> tuple[Callable[[], None], int]:
-    """One output-layer case's step (hidden states, weights and, for ``fused``, megatron DDP's fp32
-    ``main_grad`` made first, as in training) and the bytes of the gradients it leaves besides."""
+class OutputCase(NamedTuple):
+    """One output-layer case: ``forward()`` runs the forward and returns what runs the backward (and frees the
+    gradients); the bytes of gradients that exist after the forward and after the backward."""
+
+    forward: Callable[[], Callable[[], None]]
+    forward_grad_bytes: int
+    grad_bytes: int
+
+    def step(self) -> None:
+        self.forward()()
+
+
+def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -> OutputCase:
+    """Hidden states, weights and, for ``fused``, megatron DDP's fp32 ``main_grad`` made first, as in training."""
     generator = torch.Generator(device=device).manual_seed(0)
     student_hidden = torch.randn(tokens, hidden, generator=generator, device=device, dtype=torch.bfloat16).requires_grad_(True)
     teacher_hidden = torch.randn(tokens, hidden, generator=generator, device=device, dtype=torch.bfloat16)
@@ -220,55 +233,84 @@ def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -
         student_weight.main_grad = torch.zeros(vocab, hidden, device=device)
         student_weight.grad_added_to_main_grad = False
 
-    def step() -> None:
+    def forward() -> Callable[[], None]:
         if impl == "matmuls":
-            (student_hidden @ student_weight.t()).backward(upstream)
+            logits = student_hidden @ student_weight.t()
             with torch.no_grad():
                 teacher_hidden @ teacher_weight.t()
+            loss, upstream_grad = logits, upstream
         elif impl == "unfused":
             with torch.no_grad():
                 teacher_logits = teacher_hidden @ teacher_weight.t()
             # the gradient over the logits, as the trainer calls it (distill/forward.py)
-            vocab_parallel_reverse_kl(student_hidden @ student_weight.t(), teacher_logits, grad_in_place=True).sum().backward()
+            loss, upstream_grad = vocab_parallel_reverse_kl(student_hidden @ student_weight.t(), teacher_logits, grad_in_place=True).sum(), None
+            del teacher_logits  # saved by the KL until its backward
         else:
-            fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights).loss.backward()
+            loss, upstream_grad = fused_output_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights).loss, None
+
+        def backward() -> None:
+            nonlocal loss
+            loss.backward(upstream_grad)
+            del loss
             student_weight.grad_added_to_main_grad = False  # as DDP's zero_grad resets it
-        student_hidden.grad = student_weight.grad = None
+            student_hidden.grad = student_weight.grad = None
+
+        return backward
 
     # fused: the weight's gradient is in the preallocated main_grad; the [V, H] bf16 gradient it leaves is the
-    # placeholder megatron's hook discards (megatron's own linear layers return one too)
-    return step, (tokens + vocab) * hidden * 2
+    # placeholder megatron's hook discards (megatron's own linear layers return one too); the hidden states'
+    # gradient exists from its forward on
+    return OutputCase(forward, tokens * hidden * 2 if impl == "fused" else 0, (tokens + vocab) * hidden * 2)
 
 
-def _output_result(impl: str, tokens: int, vocab: int, hidden: int, time_s: float, extra: int, grad_bytes: int) -> dict[str, float]:
-    return {"extra_bytes": extra, "grad_bytes": grad_bytes, "logits_bytes": tokens * vocab * 2, "time_s": time_s,
+def _output_result(impl: str, tokens: int, vocab: int, hidden: int, time_s: float, peaks: tuple[int, int], case: OutputCase) -> dict[str, float]:
+    """``peaks``: the extra bytes at the forward's peak and at the backward's (from before the forward)."""
+    forward_peak, backward_peak = peaks
+    return {"extra_bytes": max(peaks), "logits_bytes": tokens * vocab * 2, "time_s": time_s,
+            # beyond the gradients that exist at each peak; a lower bound where one came before all of them
+            "extra_bytes_without_grads": max(forward_peak - case.forward_grad_bytes, backward_peak - case.grad_bytes),
             "matmul_flop": 2 * tokens * vocab * hidden * 4}
 
 
 def measure_cuda_output_case(impl: str, tokens: int, vocab: int, hidden: int, reps: int) -> dict[str, float]:
-    step, grad_bytes = _output_case(impl, tokens, vocab, hidden, "cuda")
-    time_s, extra = _cuda_time_and_peak(step, reps)
-    del step
+    case = _output_case(impl, tokens, vocab, hidden, "cuda")
+    time_s, _ = _cuda_time_and_peak(case.step, reps)
     torch.cuda.empty_cache()
-    return _output_result(impl, tokens, vocab, hidden, time_s, extra, grad_bytes)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    backward = case.forward()
+    torch.cuda.synchronize()
+    forward_peak = torch.cuda.max_memory_allocated() - before
+    torch.cuda.reset_peak_memory_stats()
+    backward()
+    torch.cuda.synchronize()
+    result = _output_result(impl, tokens, vocab, hidden, time_s, (forward_peak, torch.cuda.max_memory_allocated() - before), case)
+    del case, backward
+    torch.cuda.empty_cache()
+    return result
 
 
 def measure_cpu_output_case(impl: str, tokens: int, vocab: int, hidden: int, reps: int) -> dict[str, float]:
-    """In this process, as `measure_cpu_case`: peak extra RSS of one step, then the best time of `reps`."""
-    _output_case(impl, 8, vocab, hidden, "cpu")[0]()  # warm-up
-    step, grad_bytes = _output_case(impl, tokens, vocab, hidden, "cpu")
+    """In this process, as `measure_cpu_case`: peak extra RSS of the forward and of the backward of one step (the
+    high-water mark reset between them), then the best time of `reps` steps."""
+    _output_case(impl, 8, vocab, hidden, "cpu").step()  # warm-up
+    case = _output_case(impl, tokens, vocab, hidden, "cpu")
     gc.collect()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _proc_status_kib("VmRSS")
-    step()
-    extra = (_proc_status_kib("VmHWM") - before) * 1024
+    backward = case.forward()
+    forward_peak = (_proc_status_kib("VmHWM") - before) * 1024
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    backward()
+    peaks = forward_peak, (_proc_status_kib("VmHWM") - before) * 1024
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        step()
+        case.step()
         times.append(time.perf_counter() - start)
-    return _output_result(impl, tokens, vocab, hidden, min(times) if times else 0.0, extra, grad_bytes)
+    return _output_result(impl, tokens, vocab, hidden, min(times) if times else 0.0, peaks, case)
 
 
 def profile_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -> str:
@@ -278,7 +320,7 @@ def profile_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -
     from torch.profiler import ProfilerActivity, profile
 
     if impl in OUTPUT_IMPLS:
-        step = _output_case(impl, tokens, vocab, hidden, device)[0]
+        step = _output_case(impl, tokens, vocab, hidden, device).step
     else:
         fn, (student, teacher) = FUNCTIONS[impl], _inputs(tokens, vocab, device)
 
@@ -380,7 +422,7 @@ def main() -> None:
         for impl, r in results.items():
             memory = "n/a (holds a [T, V] upstream gradient) | | " if impl == "matmuls" else (
                 f"{r['extra_bytes'] / 2**20:.0f} MiB | {r['extra_bytes'] / r['logits_bytes']:.2f} | "
-                f"{(r['extra_bytes'] - r['grad_bytes']) / r['logits_bytes']:.3f} | ")
+                f"{r['extra_bytes_without_grads'] / r['logits_bytes']:.3f} | ")
             print(
                 f"| {tokens} | {impl} | {r['time_s'] * 1e3:.2f} ms | {r['matmul_flop'] / r['time_s'] / 1e12:.3g} | "
                 f"{memory}{r['time_s'] / results['matmuls']['time_s']:.2f} |",

@@ -48,29 +48,33 @@ def _fused(student_hidden, student_weight, teacher_hidden, teacher_weight, weigh
 
 
 def _rows_bytes(rows: int, element_bytes: int = 4) -> int:
-    """The chunk_bytes that gives token chunks of `rows` rows (student and teacher logits)."""
-    return rows * VOCAB * 2 * element_bytes
+    """The chunk_bytes that holds the logits of `rows` tokens of one model: chunks of rows // 4 tokens."""
+    return rows * VOCAB * element_bytes
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 1, 10, N_TOKENS])
-def test_fused_matches_unfused_fp32(chunk_rows: int | None) -> None:
-    """Token chunks of 1, 10 (8 after rounding to whole multiples of 8; the last one partial) and all
-    tokens: values and both gradients within 1e-5."""
+@pytest.mark.parametrize("held_rows", [None, 2, 4, 40, 4 * N_TOKENS])
+def test_fused_matches_unfused_fp32(held_rows: int | None) -> None:
+    """Chunks and groups of 1 and 1, 1 and 3 (the last group partial), 8 and 32 (10 rounded down to whole
+    multiples of 8; the last chunk and group partial) and all tokens: values and both gradients within 1e-5."""
     tensors, weight = _case(0)
     want = _unfused(*tensors, weight)
-    got = _fused(*tensors, weight, chunk_bytes=None if chunk_rows is None else _rows_bytes(chunk_rows))
+    got = _fused(*tensors, weight, chunk_bytes=None if held_rows is None else _rows_bytes(held_rows))
     for name, g, w in zip(("kl", "hidden grad", "weight grad"), got, want):
         assert rel_err(g, w.double()) <= FP32_RTOL, name
     assert (got[1][5] == 0).all(), "a masked token's hidden state gets no gradient"
 
 
-def test_default_chunks_are_an_eighth_of_the_logits_but_at_least_256_aligned_tokens() -> None:
-    """Qwen3's vocabulary, bf16: T/16 tokens at T = 8192 (1/8 of the logits), 256 below T = 4096 (each chunk
-    re-reads the whole output weight), all tokens when fewer; an explicit budget rounds down to multiples of 8."""
-    from opsdc_megatron.loss.fused_output import _chunk_rows
+def test_default_chunks_hold_an_eighth_of_the_logits_but_at_least_256_aligned_tokens() -> None:
+    """Qwen3's vocabulary, bf16: chunks of T/32 tokens in groups of three at T = 8192 and 16384 (a group's student
+    logits and a chunk's teacher logits: 1/8 of the logits), chunks of 256 below (each chunk re-reads the whole
+    output weight) in groups of what the budget leaves, at least one, all tokens when fewer; an explicit budget
+    gives chunks of a quarter of its rows, rounded down to multiples of 64 (8 below 64)."""
+    from opsdc_megatron.loss.fused_output import Chunking, chunking
 
-    assert [_chunk_rows(tokens, 151936, 2, None) for tokens in (8192, 5000, 1000, 100)] == [512, 256, 256, 100]
-    assert _chunk_rows(8192, 151936, 2, 100 * 151936 * 4) == 64 and _chunk_rows(8192, 151936, 2, 12 * 151936 * 4) == 8
+    assert [chunking(tokens, 151936, 2, None) for tokens in (16384, 8192, 5000, 1000, 100)] == [
+        (512, 1536), (256, 768), (256, 256), (256, 256), (100, 100)]
+    assert chunking(8192, 151936, 2, 4 * 100 * 151936 * 2) == Chunking(64, 5 * 64)  # whole chunks: 400 - 64 rows hold 5
+    assert chunking(8192, 151936, 2, 4 * 12 * 151936 * 2) == Chunking(8, 40)
 
 
 def test_upstream_gradient_scales_both_gradients() -> None:

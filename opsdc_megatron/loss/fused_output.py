@@ -5,17 +5,22 @@ At Qwen3's 151,936-token vocabulary the logits of one micro-batch (student and t
 gradient) outweigh the rest of the step's activations. Here the tokens run in chunks: a chunk's
 student and teacher logits ``[rows, V/TP]`` are one matmul each; their statistics are merged over
 the TP group (the two collectives of ``reverse_kl.py``) and, because the loss's per-token weights
-are known in forward, the chunk's logits gradient is written over its student logits at once and
-turned into the gradients of its hidden states (one matmul) and of the output weight (one matmul,
-accumulated in fp32). Then the chunk is freed. Four matmuls in all, as an unfused output layer
-runs (three for the student, one for the teacher); recomputing the logits in backward would cost
-six. The price: every chunk reads the whole output weight shard and adds into the whole fp32
-weight gradient, so chunks need a few hundred rows to stay matmul-bound on a GPU (the default
-budget, 1/8 of one bf16 logits tensor, gives bf16 chunks of T/16 rows, 512 at T = 8192, and never
-fewer than 256 rows: below T = 4096 a chunk holds more than 1/8 of the logits, at most 148 MiB at
-Qwen3's vocabulary). Extra memory: one chunk's student and teacher logits (the gradient overwrites
-the student's), plus, with the torch backend, its fp32 tile temporaries (reverse_kl.py's default:
-0.2x of the chunk's bf16 logits).
+are known in forward, the chunk's logits gradient is written over its student logits at once. The
+gradients of a group of consecutive chunks then become those of their hidden states (one matmul)
+and of the output weight (one matmul, accumulated in fp32), and the group is freed. Four matmuls in
+all, as an unfused output layer runs (three for the student, one for the teacher); recomputing the
+logits in backward would cost six.
+
+The price: every chunk's logits matmul reads the whole output weight shard, and every group's
+weight-gradient matmul reads and writes the whole fp32 weight gradient (at Qwen3-8B's shapes on an
+H200 that traffic takes longer than the matmul's arithmetic for groups below about 1000 rows), so
+the logits held at once are spent mostly on the group: one chunk of teacher logits beside up to
+three chunks of student logits and gradients. The default budget, 1/8 of one bf16 logits tensor,
+gives chunks of 256 rows in groups of 768 at T = 8192 (chunks of T/32, never fewer than 256 rows,
+groups of the budget's remaining whole chunks, at least one); below T = 4096 a group of one 256-row
+chunk holds more than 1/8 of the logits, at most 148 MiB at Qwen3's vocabulary. Extra memory: the
+group's student logits (the gradients overwrite them) and one chunk's teacher logits, plus, with the
+torch backend, one chunk's fp32 tile temporaries (reverse_kl.py's default: 0.2x of its bf16 logits).
 
 Why the gradient exists before backward: the loss is ``sum_i token_weights_i * KL_i`` and its only
 unknown in forward is the upstream scalar. The hidden-state gradient is kept (``[N, H]``, the size
@@ -46,14 +51,34 @@ from opsdc_megatron.loss.reverse_kl import Backend, compute_dtype, kl_statistics
 __all__ = ["FusedOutputLoss", "fused_output_reverse_kl"]
 
 _CHUNK_FRACTION = 1 / 8
-"""Default budget of one token chunk's logits: this fraction of one bf16 copy of this rank's logits..."""
+"""Default budget of the logits held at once: this fraction of one bf16 copy of this rank's logits..."""
 _MIN_CHUNK_ROWS = 256
-"""...but at least this many tokens (or all of them): every chunk re-reads the whole output weight shard
-and adds into its whole fp32 gradient, which smaller chunks would repeat for too little matmul work."""
+"""...but chunks of at least this many tokens (or all of them): every chunk's logits matmuls re-read the
+whole output weight shard, which smaller chunks would repeat for too little matmul work."""
+_CHUNKS_PER_BUDGET = 4
+"""A chunk is this fraction of the budget's rows, the rest goes to its group: one chunk's teacher logits
+beside up to three chunks' student logits and gradients."""
 _ROW_ALIGNMENT = 64
-"""Token chunks are whole multiples of 64 rows (of 8 below 64 rows, when there are that many): the
-chunk's rows are the inner dimension of the weight-gradient matmul, which leaves the tensor-core paths
-when it is not a multiple of 8."""
+"""Chunks are whole multiples of 64 rows (of 8 below 64 rows, when there are that many): the rows are
+the inner dimension of the weight-gradient matmul, which leaves the tensor-core paths when it is not a
+multiple of 8."""
+
+
+class Chunking(NamedTuple):
+    rows: int
+    """Tokens per chunk: its logits matmuls, statistics and logits gradient."""
+    group_rows: int
+    """Tokens per group of consecutive chunks: its hidden-state and weight gradient matmuls."""
+
+
+def chunking(n_tokens: int, vocab_shard: int, element_bytes: int, chunk_bytes: int | None) -> Chunking:
+    """Chunks and groups whose logits (a group's student logits, one chunk's teacher logits) fit ``chunk_bytes``."""
+    budget = int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard) if chunk_bytes is None else chunk_bytes
+    held_rows = budget // (max(1, vocab_shard) * element_bytes)
+    rows = max(_MIN_CHUNK_ROWS, held_rows // _CHUNKS_PER_BUDGET) if chunk_bytes is None else held_rows // _CHUNKS_PER_BUDGET
+    alignment = _ROW_ALIGNMENT if rows >= _ROW_ALIGNMENT else 8 if rows >= 8 else 1
+    rows = max(1, min(n_tokens, rows // alignment * alignment))
+    return Chunking(rows, min(max(n_tokens, 1), max(1, (held_rows - rows) // rows) * rows))
 
 
 class FusedOutputLoss(NamedTuple):
@@ -63,22 +88,16 @@ class FusedOutputLoss(NamedTuple):
     """``[N]`` float32 per-token KL, identical on all ranks; no gradient."""
 
 
-def _chunk_rows(n_tokens: int, vocab_shard: int, element_bytes: int, chunk_bytes: int | None) -> int:
-    bytes_per_row = max(1, vocab_shard) * 2 * element_bytes  # student and teacher logits
-    if chunk_bytes is None:
-        rows = max(_MIN_CHUNK_ROWS, int(_CHUNK_FRACTION * 2 * n_tokens * vocab_shard) // bytes_per_row)
-    else:
-        rows = chunk_bytes // bytes_per_row
-    alignment = _ROW_ALIGNMENT if rows >= _ROW_ALIGNMENT else 8 if rows >= 8 else 1
-    return max(1, min(n_tokens, rows // alignment * alignment))
-
-
-def _logits(hidden: Tensor, weight: Tensor, padding: slice | None) -> Tensor:
-    """``hidden @ weight.T`` with the vocabulary-padding columns set to -inf."""
-    logits = hidden @ weight.t()
+def _logits(hidden: Tensor, weight: Tensor, padding: slice | None, out: Tensor | None = None) -> Tensor:
+    """``hidden @ weight.T`` (into ``out`` when given) with the vocabulary-padding columns set to -inf."""
+    logits = torch.mm(hidden, weight.t(), out=out)
     if padding is not None:
         logits[:, padding] = float("-inf")
     return logits
+
+
+def _slices(stop: int, size: int, start: int = 0) -> list[slice]:
+    return [slice(first, min(first + size, stop)) for first in range(start, stop, size)]
 
 
 def _accumulate_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
@@ -122,9 +141,9 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         teacher_hidden: Tensor,
         teacher_weight: Tensor,
         token_weights: Tensor,
-        group: ProcessGroup | None,
+        tp_group: ProcessGroup | None,
         padding: slice | None,
-        rows: int,
+        chunks: Chunking,
         backend: Literal["torch", "triton"],
         with_grads: bool,
     ) -> tuple[Tensor, Tensor]:
@@ -139,21 +158,23 @@ class _FusedOutputReverseKL(torch.autograd.Function):
         dtype = compute_dtype(student_hidden, teacher_hidden)  # of the statistics
         scale, vocab_shard = token_weights.to(dtype), student_weight.shape[0]
         kl = torch.empty(student_hidden.shape[0], dtype=scale.dtype, device=student_hidden.device)
-        for start in range(0, student_hidden.shape[0], rows):
-            chunk = slice(start, start + rows)
-            student = _logits(student_hidden[chunk], student_weight, padding)
-            teacher = _logits(teacher_hidden[chunk], teacher_weight, padding)
-            tiles = tiling(student.shape[0], vocab_shard, dtype, None)  # the torch backend's fp32 temporaries
-            stats = kl_statistics(student, teacher, group, backend, tiles)
-            kl[chunk] = stats.kl
-            if want_hidden or want_weight:
-                grad_logits = student  # written over the student logits, each tile read before it is written
-                reverse_kl_grad_into(grad_logits, student, teacher, stats, scale[chunk], backend, tiles)
-                if want_hidden:
-                    torch.mm(grad_logits, student_weight, out=grad_hidden[chunk])
-                if want_weight:
-                    _accumulate_weight_grad(grad_weight, grad_logits, student_hidden[chunk])
-            del student, teacher
+        for group in _slices(student_hidden.shape[0], chunks.group_rows):
+            # the group's student logits, each chunk's overwritten by its gradient once its statistics are known
+            group_logits = torch.empty(group.stop - group.start, vocab_shard, dtype=student_hidden.dtype, device=student_hidden.device)
+            for chunk in _slices(group.stop, chunks.rows, group.start):
+                student = _logits(student_hidden[chunk], student_weight, padding, out=group_logits[chunk.start - group.start : chunk.stop - group.start])
+                teacher = _logits(teacher_hidden[chunk], teacher_weight, padding)
+                tiles = tiling(student.shape[0], vocab_shard, dtype, None)  # the torch backend's fp32 temporaries
+                stats = kl_statistics(student, teacher, tp_group, backend, tiles)
+                kl[chunk] = stats.kl
+                if want_hidden or want_weight:  # each tile read before its gradient is written over it
+                    reverse_kl_grad_into(student, student, teacher, stats, scale[chunk], backend, tiles)
+                del student, teacher
+            if want_hidden:
+                torch.mm(group_logits, student_weight, out=grad_hidden[group])
+            if want_weight:
+                _accumulate_weight_grad(grad_weight, group_logits, student_hidden[group])
+            del group_logits
         loss = torch.where(scale != 0, scale * kl, 0.0).sum()
         ctx.mark_non_differentiable(kl)
         ctx.grad_hidden, ctx.into_main_grad = grad_hidden, into_main_grad
@@ -215,10 +236,11 @@ def fused_output_reverse_kl(
         token_weights: ``[N]`` each token's weight in the loss (0: masked out).
         tp_group: the group the vocabulary is split over (``None``: full vocabulary).
         vocab_padding: columns of this rank's shard that are vocabulary padding (set to ``-inf``).
-        chunk_bytes: byte budget of one token chunk's student and teacher logits; default 1/8 of
-            one bf16 copy of this rank's logits, but at least 256 tokens. (The torch backend's fp32
-            temporaries come on top, bounded as in ``vocab_parallel_reverse_kl``.) Results do not
-            depend on it beyond rounding.
+        chunk_bytes: byte budget of the logits held at once: a group's student logits (then their
+            gradient) and one chunk's teacher logits, chunks of a quarter of the budget's rows; default
+            1/8 of one bf16 copy of this rank's logits, but chunks of at least 256 tokens. (The torch
+            backend's fp32 temporaries come on top, bounded as in ``vocab_parallel_reverse_kl``.)
+            Results do not depend on it beyond rounding.
         backend: as in ``vocab_parallel_reverse_kl``.
 
     Returns:
@@ -236,10 +258,10 @@ def fused_output_reverse_kl(
         raise ValueError(f"token_weights must be [N={student_hidden.shape[0]}], got {tuple(token_weights.shape)}")
     resolved = resolve_backend(backend, student_hidden, teacher_hidden)
     n_tokens, vocab_shard = student_hidden.shape[0], student_weight.shape[0]
-    rows = _chunk_rows(n_tokens, vocab_shard, student_hidden.element_size(), chunk_bytes)
+    chunks = chunking(n_tokens, vocab_shard, student_hidden.element_size(), chunk_bytes)
     with_grads = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
     loss, kl = _FusedOutputReverseKL.apply(
         student_hidden, student_weight, teacher_hidden, teacher_weight, token_weights.detach(), tp_group,
-        vocab_padding, rows, resolved, with_grads,
+        vocab_padding, chunks, resolved, with_grads,
     )
     return FusedOutputLoss(loss, kl)

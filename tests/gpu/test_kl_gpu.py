@@ -74,7 +74,7 @@ def test_cuda_sums_bf16_products_into_fp32_in_one_addmm() -> None:
 
 
 def test_fused_output_layer_as_accurate_as_unfused_in_bf16() -> None:
-    """Qwen3-8B's hidden size, bf16 matmuls in 4 token chunks of 64, the weight gradient summed in fp32 into a
+    """Qwen3-8B's hidden size, bf16 matmuls in 4 token chunks of 64 (groups of 192 and 64), the weight gradient summed in fp32 into a
     megatron DDP ``main_grad`` (CUDA's mixed-dtype addmm): against the float64 KL of the same bf16 hidden
     states and weights, the fused path's value and gradients are as close as the unfused path's (matmul
     rounding differs with the chunk shapes, so the two are compared with the exact result rather than with
@@ -95,7 +95,7 @@ def test_fused_output_layer_as_accurate_as_unfused_in_bf16() -> None:
     unfused.sum().backward()
     h2, w2 = student_hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     w2.main_grad = torch.zeros(VOCAB, hidden_size, device="cuda")
-    loss, fused = fused_output_reverse_kl(h2, w2, teacher_hidden, teacher_weight, torch.ones(tokens, device="cuda"), chunk_bytes=64 * VOCAB * 4)
+    loss, fused = fused_output_reverse_kl(h2, w2, teacher_hidden, teacher_weight, torch.ones(tokens, device="cuda"), chunk_bytes=4 * 64 * VOCAB * 2)
     loss.backward()
     assert w2.grad is None
     for name, got_fused, got_unfused, want in zip(("kl", "hidden grad", "weight grad"), (fused, h2.grad, w2.main_grad), (unfused, h1.grad, w1.grad), ref):

@@ -238,7 +238,7 @@ class Checker:
     def fused_output_layer(self) -> None:
         """The output layer fused into the reverse KL, output weight split over the ranks by rows
         (last 3 of 40 rows are vocabulary padding): the float64 reference's values, the summed
-        hidden-state gradient and each rank's weight-gradient shard, chunks of 6 tokens."""
+        hidden-state gradient and each rank's weight-gradient shard, chunks of 6 tokens in groups of 18."""
         generator = torch.Generator().manual_seed(51)
         tokens, hidden, vocab, real = 23, 12, 40, 37
         student_hidden, teacher_hidden = torch.randn(2, tokens, hidden, generator=generator)
@@ -252,7 +252,7 @@ class Checker:
         local_weight = student_weight[rows].clone().requires_grad_(True)
         loss, kl = fused_output_reverse_kl(
             local_hidden, local_weight, teacher_hidden, teacher_weight[rows], weight, self.group,
-            vocab_padding=padding, chunk_bytes=6 * shard * 8,
+            vocab_padding=padding, chunk_bytes=4 * 6 * shard * 4,  # 24 fp32 rows held: chunks of 6, groups of 18
         )
         loss.backward()
         grad_hidden = local_hidden.grad.clone()
