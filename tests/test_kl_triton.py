@@ -50,37 +50,52 @@ def _triton_value_and_grad(student: torch.Tensor, teacher: torch.Tensor, weight:
     return kl.detach(), leaf.grad
 
 
-def _statistics(backend: str, x: torch.Tensor, y: torch.Tensor, block_columns: int) -> reverse_kl.KLStatistics:
+def _statistics(backend: str, x: torch.Tensor, y: torch.Tensor, block_columns: int, splits: int | None = None) -> reverse_kl.KLStatistics:
     if backend == "triton":
-        return reverse_kl.merge_statistics(triton_kernels.local_statistics(x, y, block_columns), None)
+        return reverse_kl.merge_statistics(triton_kernels.local_statistics(x, y, block_columns, splits), None)
     return reverse_kl.kl_statistics(x, y, None, "torch", reverse_kl.Tiling(*x.shape))
 
 
 @pytest.mark.kl
+@pytest.mark.parametrize("splits", [1, 2, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_online_tiles_match_torch_statistics(dtype: torch.dtype) -> None:
-    """Tiles of 64 columns over V = 300 (five tiles, the last partial): the online rescaling gives
-    the torch backend's statistics, also when the maximum sits in a late tile, when a whole tile is
-    -inf (first and middle), and at magnitude 1e4."""
+def test_online_tiles_match_torch_statistics(dtype: torch.dtype, splits: int | None) -> None:
+    """Tiles of 64 columns over V = 300 (five tiles, the last partial), each row in one program, in two
+    column ranges (three tiles and two) or, by default for 6 rows, in five (one tile each), merged by the
+    second kernel: the online rescaling gives the torch backend's statistics, also when the maximum sits
+    in a late tile, when a whole tile or range is -inf (first and middle), and at magnitude 1e4."""
     x, y = _logits((6, 300), 1, dtype=dtype), _logits((6, 300), 2, dtype=dtype)
     x[0, 250], y[1, 280] = 40.0, 40.0  # the maxima arrive in the last tiles
     x[2, :128], y[2, :128] = -INF, -INF  # two leading tiles without mass
     x[3, 64:128], y[3, 64:128] = -INF, -INF  # a middle tile without mass
     x[4], y[4] = 1e4 + x[4], -1e4 + y[4]
-    triton_stats = _statistics("triton", x, y, block_columns=64)
+    triton_stats = _statistics("triton", x, y, block_columns=64, splits=splits)
     torch_stats = _statistics("torch", x, y, block_columns=64)
     for name, got, want in zip(reverse_kl.KLStatistics._fields, triton_stats, torch_stats):
         assert torch.allclose(got, want, rtol=2e-6, atol=2e-6), (name, got, want)
 
 
 @pytest.mark.kl
-def test_tile_whose_mass_underflows_later_counts_zero() -> None:
-    """A first tile with the student finite where the teacher is -inf (w = +inf) and a maximum ~200
-    below a later tile's: its mass underflows on rescaling and counts 0, as in the torch path (was
-    0 * inf = nan)."""
+def test_column_ranges_merge_over_several_blocks_of_rows() -> None:
+    """300 rows in 2 column ranges (the default for fewer than 8192 rows, as many as there are tiles): the
+    merge kernel's second block of 256 rows too."""
+    x, y = _logits((300, 32), 6), _logits((300, 32), 7)
+    x[290, 20] = 30.0
+    triton_stats = _statistics("triton", x, y, block_columns=16)
+    torch_stats = _statistics("torch", x, y, block_columns=16)
+    for name, got, want in zip(reverse_kl.KLStatistics._fields, triton_stats, torch_stats):
+        assert torch.allclose(got, want, rtol=2e-6, atol=2e-6), name
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("splits", [1, 2])
+def test_tile_whose_mass_underflows_later_counts_zero(splits: int) -> None:
+    """A first tile (or column range) with the student finite where the teacher is -inf (w = +inf) and a
+    maximum ~200 below a later one's: its mass underflows on rescaling and counts 0, as in the torch path
+    (was 0 * inf = nan)."""
     x, y = torch.zeros(2, 8, device=DEVICE), _logits((2, 8), 3)
     x[:, :4], y[:, :4] = -200.0, -INF
-    triton_stats = _statistics("triton", x, y, block_columns=4)
+    triton_stats = _statistics("triton", x, y, block_columns=4, splits=splits)
     torch_stats = _statistics("torch", x, y, block_columns=4)
     assert torch.isfinite(triton_stats.kl).all() and torch.allclose(triton_stats.kl, torch_stats.kl, rtol=2e-6, atol=2e-6)
 

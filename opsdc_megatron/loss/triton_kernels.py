@@ -2,12 +2,13 @@
 each and one write of the gradient in backward (the 3-pass bandwidth floor plus one extra read of
 each input for the forward statistics).
 
-Each program owns one token row and walks its vocabulary shard in tiles of ``BLOCK_V`` columns,
-keeping five fp32 scalars ``(m_x, m_y, z_x, z_y, w)``: running maxima, the partition sums of the
-shifted logits and ``w = sum_v e^{x_v - m_x} ((x_v - m_x) - (y_v - m_y))``. When a tile raises a
-maximum, the running sums are rescaled online (``local_statistics`` documents the algebra); the
-same rescaling later merges the shards of the tensor-parallel ranks, so forward needs no separate
-max pass. The statistics and gradient are the ones of the torch path in ``reverse_kl.py``, which
+Each program owns one token row (or, for few rows, one of up to ``MAX_SPLITS`` column ranges of it)
+and walks it in tiles of ``BLOCK_V`` columns, keeping five fp32 scalars ``(m_x, m_y, z_x, z_y, w)``:
+running maxima, the partition sums of the shifted logits and
+``w = sum_v e^{x_v - m_x} ((x_v - m_x) - (y_v - m_y))``. When a tile raises a maximum, the running
+sums are rescaled online (``reverse_kl.py`` documents the algebra); the same rescaling merges a row's
+column ranges (a second, small kernel) and later the shards of the tensor-parallel ranks, so forward
+needs no separate max pass. The statistics and gradient are the ones of the torch path in ``reverse_kl.py``, which
 is also the reference the tests compare these kernels with (on CPU through ``TRITON_INTERPRET=1``).
 """
 
@@ -26,25 +27,35 @@ V = 151936 bf16 (tiles 1024-8192, 4-16 warps): 4096 columns with 4 warps for the
 (1.52 ms, 1.3x the two-read floor) and 8 for the gradient (1.83 ms, at the three-pass floor)."""
 
 
+MIN_PROGRAMS = 8192
+MAX_SPLITS = 16
+"""The statistics of fewer than ``MIN_PROGRAMS`` rows split each row's columns over up to ``MAX_SPLITS``
+programs: with one program per row, the short token chunks of the fused output layer (256 rows of
+Qwen3's vocabulary) ran at 2.5x their two-read floor on an H200, split 16 ways at 1.6x; at 8192 rows
+splitting gained nothing (measured 2026-11-29, bench/RESULTS.md)."""
+
+
 def _tile(vocab: int, block_columns: int | None) -> int:
     return block_columns or min(BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
 
 
 @triton.jit
 def _local_statistics_kernel(
-    x_ptr, y_ptr, out_ptr, x_row_stride, y_row_stride, n_rows, vocab, BLOCK: tl.constexpr
+    x_ptr, y_ptr, out_ptr, x_row_stride, y_row_stride, n_rows, vocab, split_columns, BLOCK: tl.constexpr
 ):
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
+    end = tl.minimum((split + 1) * split_columns, vocab)
     m_x = -float("inf")
     m_y = -float("inf")
     z_x = 0.0
     z_y = 0.0
     w = 0.0
-    for start in range(0, vocab, BLOCK):
+    for start in range(split * split_columns, end, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        inside = cols < vocab
+        inside = cols < end
         x = tl.load(x_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
         y = tl.load(y_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
         new_m_x = tl.maximum(m_x, tl.max(x, axis=0))
@@ -66,11 +77,49 @@ def _local_statistics_kernel(
         w += tl.sum(tl.where(e_x > 0, e_x * (a - b), 0.0), axis=0)
         m_x = new_m_x
         m_y = new_m_y
-    tl.store(out_ptr + row, m_x)
-    tl.store(out_ptr + n_rows + row, m_y)
-    tl.store(out_ptr + 2 * n_rows + row, z_x)
-    tl.store(out_ptr + 3 * n_rows + row, z_y)
-    tl.store(out_ptr + 4 * n_rows + row, w)
+    out = out_ptr + split * 5 * n_rows
+    tl.store(out + row, m_x)
+    tl.store(out + n_rows + row, m_y)
+    tl.store(out + 2 * n_rows + row, z_x)
+    tl.store(out + 3 * n_rows + row, z_y)
+    tl.store(out + 4 * n_rows + row, w)
+
+
+@triton.jit
+def _merge_splits_kernel(partial_ptr, out_ptr, n_rows, n_splits, BLOCK_ROWS: tl.constexpr):
+    """``[n_splits, 5, N]`` statistics of a row's column ranges to ``[5, N]``, as ``reverse_kl._rescaled_sums``."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    inside = rows < n_rows
+    m_x = tl.full([BLOCK_ROWS], -float("inf"), tl.float32)
+    m_y = tl.full([BLOCK_ROWS], -float("inf"), tl.float32)
+    for split in range(n_splits):
+        m_x = tl.maximum(m_x, tl.load(partial_ptr + split * 5 * n_rows + rows, mask=inside, other=-float("inf")))
+        m_y = tl.maximum(m_y, tl.load(partial_ptr + (split * 5 + 1) * n_rows + rows, mask=inside, other=-float("inf")))
+    shift_x = tl.where(m_x == -float("inf"), 0.0, m_x)
+    shift_y = tl.where(m_y == -float("inf"), 0.0, m_y)
+    z_x = tl.zeros([BLOCK_ROWS], tl.float32)
+    z_y = tl.zeros([BLOCK_ROWS], tl.float32)
+    w = tl.zeros([BLOCK_ROWS], tl.float32)
+    for split in range(n_splits):
+        part = partial_ptr + split * 5 * n_rows + rows
+        mu_x = tl.load(part, mask=inside, other=-float("inf"))
+        mu_y = tl.load(part + n_rows, mask=inside, other=-float("inf"))
+        part_z_x = tl.load(part + 2 * n_rows, mask=inside, other=0.0)
+        part_z_y = tl.load(part + 3 * n_rows, mask=inside, other=0.0)
+        part_w = tl.load(part + 4 * n_rows, mask=inside, other=0.0)
+        offset_x = tl.where(mu_x == -float("inf"), 0.0, mu_x) - shift_x
+        offset_y = tl.where(mu_y == -float("inf"), 0.0, mu_y) - shift_y
+        alpha_x = tl.exp(offset_x)
+        # a range whose mass underflows in the row's shift contributes 0 (its w may be +inf)
+        has_x = alpha_x * part_z_x > 0
+        z_x += tl.where(has_x, alpha_x * part_z_x, 0.0)
+        z_y += tl.where(part_z_y > 0, tl.exp(offset_y) * part_z_y, 0.0)
+        w += tl.where(has_x, alpha_x * (part_w + (offset_x - offset_y) * part_z_x), 0.0)
+    tl.store(out_ptr + rows, m_x, mask=inside)
+    tl.store(out_ptr + n_rows + rows, m_y, mask=inside)
+    tl.store(out_ptr + 2 * n_rows + rows, z_x, mask=inside)
+    tl.store(out_ptr + 3 * n_rows + rows, z_y, mask=inside)
+    tl.store(out_ptr + 4 * n_rows + rows, w, mask=inside)
 
 
 @triton.jit
@@ -102,16 +151,26 @@ def _check_tensors(*tensors: Tensor) -> None:
             raise ValueError(f"Triton KL kernels need 2-D logits with contiguous columns, got strides {tensor.stride()}")
 
 
-def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int | None = None) -> Tensor:
+def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int | None = None, splits: int | None = None) -> Tensor:
     """``[5, N]`` fp32 rows ``(m_x, m_y, z_x, z_y, w)`` of this shard, shifted by its own maxima
-    (a maximum of ``-inf`` shifts by 0); merged over ranks by ``reverse_kl.merge_statistics``."""
+    (a maximum of ``-inf`` shifts by 0); merged over ranks by ``reverse_kl.merge_statistics``.
+    ``splits``: column ranges per row (default: enough for ``MIN_PROGRAMS`` programs, at most ``MAX_SPLITS``)."""
     _check_tensors(x_logits, y_logits)
     n_rows, vocab = x_logits.shape
     out = torch.empty(5, n_rows, dtype=torch.float32, device=x_logits.device)
-    if n_rows:
-        _local_statistics_kernel[(n_rows,)](
-            x_logits, y_logits, out, x_logits.stride(0), y_logits.stride(0), n_rows, vocab, BLOCK=_tile(vocab, block_columns), num_warps=4
-        )
+    if not n_rows:
+        return out
+    block = _tile(vocab, block_columns)
+    if splits is None:
+        splits = min(MAX_SPLITS, max(1, MIN_PROGRAMS // n_rows))
+    split_columns = triton.cdiv(triton.cdiv(vocab, min(splits, triton.cdiv(vocab, block))), block) * block
+    splits = triton.cdiv(vocab, split_columns)
+    partial = out if splits == 1 else torch.empty(splits, 5, n_rows, dtype=torch.float32, device=x_logits.device)
+    _local_statistics_kernel[(n_rows, splits)](
+        x_logits, y_logits, partial, x_logits.stride(0), y_logits.stride(0), n_rows, vocab, split_columns, BLOCK=block, num_warps=4
+    )
+    if splits > 1:
+        _merge_splits_kernel[(triton.cdiv(n_rows, 256),)](partial, out, n_rows, splits, BLOCK_ROWS=256)
     return out
 
 
