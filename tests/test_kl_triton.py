@@ -78,7 +78,7 @@ def test_online_tiles_match_torch_statistics(dtype: torch.dtype, splits: int | N
 @pytest.mark.kl
 def test_column_ranges_merge_over_several_blocks_of_rows() -> None:
     """300 rows in 2 column ranges (the default for fewer than 8192 rows, as many as there are tiles): the
-    merge kernel's second block of 256 rows too."""
+    merge kernel's later blocks of 64 rows too."""
     x, y = _logits((300, 32), 6), _logits((300, 32), 7)
     x[290, 20] = 30.0
     triton_stats = _statistics("triton", x, y, block_columns=16)

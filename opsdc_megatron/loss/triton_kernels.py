@@ -86,40 +86,34 @@ def _local_statistics_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(partial_ptr, out_ptr, n_rows, n_splits, BLOCK_ROWS: tl.constexpr):
-    """``[n_splits, 5, N]`` statistics of a row's column ranges to ``[5, N]``, as ``reverse_kl._rescaled_sums``."""
+def _merge_splits_kernel(partial_ptr, out_ptr, n_rows, n_splits, SPLITS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """``[n_splits, 5, N]`` statistics of a row's column ranges to ``[5, N]``, as ``reverse_kl._rescaled_sums``
+    (all ranges loaded at once: ``SPLITS`` >= ``n_splits``, a power of 2)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    inside = rows < n_rows
-    m_x = tl.full([BLOCK_ROWS], -float("inf"), tl.float32)
-    m_y = tl.full([BLOCK_ROWS], -float("inf"), tl.float32)
-    for split in range(n_splits):
-        m_x = tl.maximum(m_x, tl.load(partial_ptr + split * 5 * n_rows + rows, mask=inside, other=-float("inf")))
-        m_y = tl.maximum(m_y, tl.load(partial_ptr + (split * 5 + 1) * n_rows + rows, mask=inside, other=-float("inf")))
-    shift_x = tl.where(m_x == -float("inf"), 0.0, m_x)
-    shift_y = tl.where(m_y == -float("inf"), 0.0, m_y)
-    z_x = tl.zeros([BLOCK_ROWS], tl.float32)
-    z_y = tl.zeros([BLOCK_ROWS], tl.float32)
-    w = tl.zeros([BLOCK_ROWS], tl.float32)
-    for split in range(n_splits):
-        part = partial_ptr + split * 5 * n_rows + rows
-        mu_x = tl.load(part, mask=inside, other=-float("inf"))
-        mu_y = tl.load(part + n_rows, mask=inside, other=-float("inf"))
-        part_z_x = tl.load(part + 2 * n_rows, mask=inside, other=0.0)
-        part_z_y = tl.load(part + 3 * n_rows, mask=inside, other=0.0)
-        part_w = tl.load(part + 4 * n_rows, mask=inside, other=0.0)
-        offset_x = tl.where(mu_x == -float("inf"), 0.0, mu_x) - shift_x
-        offset_y = tl.where(mu_y == -float("inf"), 0.0, mu_y) - shift_y
-        alpha_x = tl.exp(offset_x)
-        # a range whose mass underflows in the row's shift contributes 0 (its w may be +inf)
-        has_x = alpha_x * part_z_x > 0
-        z_x += tl.where(has_x, alpha_x * part_z_x, 0.0)
-        z_y += tl.where(part_z_y > 0, tl.exp(offset_y) * part_z_y, 0.0)
-        w += tl.where(has_x, alpha_x * (part_w + (offset_x - offset_y) * part_z_x), 0.0)
-    tl.store(out_ptr + rows, m_x, mask=inside)
-    tl.store(out_ptr + n_rows + rows, m_y, mask=inside)
-    tl.store(out_ptr + 2 * n_rows + rows, z_x, mask=inside)
-    tl.store(out_ptr + 3 * n_rows + rows, z_y, mask=inside)
-    tl.store(out_ptr + 4 * n_rows + rows, w, mask=inside)
+    splits = tl.arange(0, SPLITS)
+    inside = (splits[:, None] < n_splits) & (rows[None, :] < n_rows)
+    part = partial_ptr + splits[:, None] * 5 * n_rows + rows[None, :]
+    mu_x = tl.load(part, mask=inside, other=-float("inf"))
+    mu_y = tl.load(part + n_rows, mask=inside, other=-float("inf"))
+    z_x = tl.load(part + 2 * n_rows, mask=inside, other=0.0)
+    z_y = tl.load(part + 3 * n_rows, mask=inside, other=0.0)
+    w = tl.load(part + 4 * n_rows, mask=inside, other=0.0)
+    m_x = tl.max(mu_x, axis=0)
+    m_y = tl.max(mu_y, axis=0)
+    offset_x = tl.where(mu_x == -float("inf"), 0.0, mu_x) - tl.where(m_x == -float("inf"), 0.0, m_x)[None, :]
+    offset_y = tl.where(mu_y == -float("inf"), 0.0, mu_y) - tl.where(m_y == -float("inf"), 0.0, m_y)[None, :]
+    alpha_x = tl.exp(offset_x)
+    # a range whose mass underflows in the row's shift contributes 0 (its w may be +inf)
+    has_x = alpha_x * z_x > 0
+    row_z_x = tl.sum(tl.where(has_x, alpha_x * z_x, 0.0), axis=0)
+    row_z_y = tl.sum(tl.where(z_y > 0, tl.exp(offset_y) * z_y, 0.0), axis=0)
+    row_w = tl.sum(tl.where(has_x, alpha_x * (w + (offset_x - offset_y) * z_x), 0.0), axis=0)
+    stored = rows < n_rows
+    tl.store(out_ptr + rows, m_x, mask=stored)
+    tl.store(out_ptr + n_rows + rows, m_y, mask=stored)
+    tl.store(out_ptr + 2 * n_rows + rows, row_z_x, mask=stored)
+    tl.store(out_ptr + 3 * n_rows + rows, row_z_y, mask=stored)
+    tl.store(out_ptr + 4 * n_rows + rows, row_w, mask=stored)
 
 
 @triton.jit
@@ -154,23 +148,22 @@ def _check_tensors(*tensors: Tensor) -> None:
 def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int | None = None, splits: int | None = None) -> Tensor:
     """``[5, N]`` fp32 rows ``(m_x, m_y, z_x, z_y, w)`` of this shard, shifted by its own maxima
     (a maximum of ``-inf`` shifts by 0); merged over ranks by ``reverse_kl.merge_statistics``.
-    ``splits``: column ranges per row (default: enough for ``MIN_PROGRAMS`` programs, at most ``MAX_SPLITS``)."""
+    ``splits``: column ranges per row (default: enough for ``MIN_PROGRAMS`` programs), at most ``MAX_SPLITS`` and one per tile."""
     _check_tensors(x_logits, y_logits)
     n_rows, vocab = x_logits.shape
     out = torch.empty(5, n_rows, dtype=torch.float32, device=x_logits.device)
     if not n_rows:
         return out
     block = _tile(vocab, block_columns)
-    if splits is None:
-        splits = min(MAX_SPLITS, max(1, MIN_PROGRAMS // n_rows))
-    split_columns = triton.cdiv(triton.cdiv(vocab, min(splits, triton.cdiv(vocab, block))), block) * block
+    wanted = max(1, MIN_PROGRAMS // n_rows) if splits is None else splits
+    split_columns = triton.cdiv(triton.cdiv(vocab, min(wanted, MAX_SPLITS, triton.cdiv(vocab, block))), block) * block
     splits = triton.cdiv(vocab, split_columns)
     partial = out if splits == 1 else torch.empty(splits, 5, n_rows, dtype=torch.float32, device=x_logits.device)
     _local_statistics_kernel[(n_rows, splits)](
         x_logits, y_logits, partial, x_logits.stride(0), y_logits.stride(0), n_rows, vocab, split_columns, BLOCK=block, num_warps=4
     )
     if splits > 1:
-        _merge_splits_kernel[(triton.cdiv(n_rows, 256),)](partial, out, n_rows, splits, BLOCK_ROWS=256)
+        _merge_splits_kernel[(triton.cdiv(n_rows, 64),)](partial, out, n_rows, splits, SPLITS=MAX_SPLITS, BLOCK_ROWS=64)
     return out
 
 
