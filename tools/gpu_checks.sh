@@ -30,7 +30,7 @@ fi
 } 2>&1 | tee "$out/run.txt"
 status=0
 timeout 200 "$python" bench/kl.py --tokens 8192 --reps 5 2>&1 | tee "$out/kl.log" || status=1
-# Where the unfused step's time beyond its two kernels goes (bench/RESULTS.md: 3.65 ms against 1.52 + 1.83 ms)
+# Where the unfused and the fused steps spend their time: kernel by kernel, and how much of it no kernel ran
 timeout 60 "$python" bench/kl.py --tokens 8192 --profile ours fused 2>&1 | tee "$out/kl_profile.log" || status=1
 timeout 180 "$python" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
 timeout 130 "$python" bench/step.py --dtype bf16 --hidden 4096 --vocab 151936 --layers 8 --sequences 16 \
