@@ -19,7 +19,8 @@ first, as in training). Its extra memory counts everything beyond the hidden sta
 including their gradients (fused: the weight's is in ``main_grad``, not counted); "w/o grads"
 subtracts the gradients that exist at the peak, which any output layer must produce: the forward's and the
 backward's peaks are taken separately (the fused path's weight-gradient placeholder comes only at the end of
-its backward, after its chunks are freed). Hidden 4096 on CUDA, 512 on CPU.
+its backward, after its chunks are freed). On CPU memory counts once its pages are written, so the placeholder
+(``torch.empty``, never written) is not seen there and the forward's peak decides. Hidden 4096 on CUDA, 512 on CPU.
 
 On CUDA the run also measures the device's copy bandwidth (bytes read + written per second) and
 prints each KL time against the 3-pass floor: read both logits once, write the gradient once.
@@ -423,7 +424,7 @@ def main() -> None:
             for impl in OUTPUT_IMPLS
         }
         for impl, r in results.items():
-            memory = "n/a (holds a [T, V] upstream gradient) | | " if impl == "matmuls" else (
+            memory = "n/a (holds a [T, V] upstream gradient) | | | " if impl == "matmuls" else (
                 f"{r['extra_bytes'] / 2**20:.0f} MiB | {r['extra_bytes'] / r['logits_bytes']:.2f} | "
                 f"{r['extra_bytes_without_grads'] / r['logits_bytes']:.3f} | ")
             print(

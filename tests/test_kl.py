@@ -450,6 +450,21 @@ def test_peak_extra_memory_with_grad_in_place_at_most_0_25x_bf16_logits() -> Non
 
 
 @pytest.mark.kl
+def test_a_nan_shard_makes_the_merged_statistics_nan() -> None:
+    """The TP merge's rescaling leaves out a shard without mass (z = 0) but keeps one whose sums are nan (a nan
+    logit there), so the KL is nan as on one rank, not the finite KL of the other shards."""
+    from opsdc_megatron.loss import reverse_kl
+
+    local = torch.tensor([[[0.0], [0.0], [2.0], [3.0], [0.5]],  # a shard with mass
+                          [[1.0], [1.0], [float("nan")], [float("nan")], [float("nan")]],  # a nan logit
+                          [[-INF], [-INF], [0.0], [0.0], [0.0]]])  # no mass
+    maxima = local[:, :2].amax(0)
+    sums = reverse_kl._rescaled_sums(local, maxima)
+    assert torch.isnan(sums[1]).all() and torch.equal(sums[2], torch.zeros(3, 1))
+    assert torch.isnan(sums.sum(0)).all()
+
+
+@pytest.mark.kl
 def test_fused_output_layer_holds_no_logits_tensor() -> None:
     """The output layer with the reverse KL on 8192 tokens of a 16384-column vocabulary (hidden 256, bf16), in a
     fresh process as above, peaks of its forward and backward taken separately, gradients of the hidden states

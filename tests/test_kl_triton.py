@@ -89,6 +89,24 @@ def test_column_ranges_merge_over_several_blocks_of_rows() -> None:
 
 @pytest.mark.kl
 @pytest.mark.parametrize("splits", [1, 2])
+def test_a_nan_logit_makes_its_row_nan_in_one_range_or_several(splits: int) -> None:
+    """A nan logit gives its row a nan KL, whether its column range is merged with others or not (the merge
+    once left such a range out, as one without mass, and returned a finite KL of the other columns)."""
+    x, y = _logits((3, 32), 8), _logits((3, 32), 9)
+    x[0, 3], y[1, 20] = float("nan"), float("nan")
+    stats = _statistics("triton", x, y, block_columns=16, splits=splits)
+    assert torch.isnan(stats.kl[:2]).all()
+    assert torch.allclose(stats.kl[2], _statistics("torch", x, y, block_columns=16).kl[2], rtol=2e-6)
+
+
+@pytest.mark.kl
+def test_no_vocabulary_columns_give_empty_statistics() -> None:
+    local = triton_kernels.local_statistics(torch.empty(2, 0, device=DEVICE), torch.empty(2, 0, device=DEVICE))
+    assert torch.equal(local[:2], torch.full((2, 2), -INF, device=DEVICE)) and not local[2:].any()
+
+
+@pytest.mark.kl
+@pytest.mark.parametrize("splits", [1, 2])
 def test_tile_whose_mass_underflows_later_counts_zero(splits: int) -> None:
     """A first tile (or column range) with the student finite where the teacher is -inf (w = +inf) and a
     maximum ~200 below a later one's: its mass underflows on rescaling and counts 0, as in the torch path

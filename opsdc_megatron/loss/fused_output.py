@@ -14,13 +14,15 @@ logits in backward would cost six.
 The price: every chunk's logits matmul reads the whole output weight shard, and every group's
 weight-gradient matmul reads and writes the whole fp32 weight gradient (at Qwen3-8B's shapes on an
 H200 that traffic takes longer than the matmul's arithmetic for groups below about 1000 rows), so
-the logits held at once are spent mostly on the group: one chunk of teacher logits beside up to
-three chunks of student logits and gradients. The default budget, 1/8 of one bf16 logits tensor,
-gives chunks of 256 rows in groups of 768 at T = 8192 (chunks of T/32, never fewer than 256 rows,
-groups of the budget's remaining whole chunks, at least one); below T = 4096 a group of one 256-row
-chunk holds more than 1/8 of the logits, at most 148 MiB at Qwen3's vocabulary. Extra memory: the
-group's student logits (the gradients overwrite them) and one chunk's teacher logits, plus, with the
-torch backend, one chunk's fp32 tile temporaries (reverse_kl.py's default: 0.2x of its bf16 logits).
+the logits held at once are spent mostly on the group: a chunk is a quarter of the budget's rows, and
+its teacher logits sit beside the group's student logits and gradients, the budget's remaining whole
+chunks (at least one). The default budget, 1/8 of one bf16 logits tensor, gives chunks of 256 rows in
+groups of 768 at T = 8192 (chunks of T/32, never fewer than 256 rows); below T = 4096 a group of one
+256-row chunk holds more than 1/8 of the logits, at most 148 MiB at Qwen3's vocabulary. Extra memory:
+the group's student logits (the gradients overwrite them) and one chunk's teacher logits, plus, with the
+torch backend, one chunk's fp32 tile temporaries (reverse_kl.py's default: 0.2x of its bf16 logits), and,
+without a mixed-dtype matmul (CPU; CUDA before torch 2.10), the weight gradient's bf16 product in pieces of
+one chunk's logits and the fp32 copy the addition makes of each.
 
 Why the gradient exists before backward: the loss is ``sum_i token_weights_i * KL_i`` and its only
 unknown in forward is the upstream scalar. The hidden-state gradient is kept (``[N, H]``, the size
@@ -56,8 +58,9 @@ _MIN_CHUNK_ROWS = 256
 """...but chunks of at least this many tokens (or all of them): every chunk's logits matmuls re-read the
 whole output weight shard, which smaller chunks would repeat for too little matmul work."""
 _CHUNKS_PER_BUDGET = 4
-"""A chunk is this fraction of the budget's rows, the rest goes to its group: one chunk's teacher logits
-beside up to three chunks' student logits and gradients."""
+"""A chunk is this fraction of the budget's rows; the rest goes to its group: one chunk's teacher logits
+beside the group's student logits and gradients (three chunks' by default, more where the chunk was
+rounded down to whole multiples of 64 rows)."""
 _ROW_ALIGNMENT = 64
 """Chunks are whole multiples of 64 rows (of 8 below 64 rows, when there are that many): the rows are
 the inner dimension of the weight-gradient matmul, which leaves the tensor-core paths when it is not a
@@ -100,15 +103,16 @@ def _slices(stop: int, size: int, start: int = 0) -> list[slice]:
     return [slice(first, min(first + size, stop)) for first in range(start, stop, size)]
 
 
-def _accumulate_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+def _accumulate_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor, piece_elements: int) -> None:
     """``accumulator += grad_logits.T @ hidden``, the products summed in the accumulator's dtype."""
     if accumulator.dtype == grad_logits.dtype:
         accumulator.addmm_(grad_logits.t(), hidden)
     elif accumulator.is_cuda and _cuda_mixed_addmm():  # bf16 inputs, fp32 sum: one cuBLAS call, as apex's wgrad_gemm_accum_fp32
         torch.addmm(accumulator, grad_logits.t(), hidden, out_dtype=accumulator.dtype, out=accumulator)
-    else:  # each chunk's product rounded to bf16 once, as the bf16 .grad megatron DDP adds into main_grad
-        # per micro-batch is, in pieces no larger than the chunk's logits
-        piece = max(1, grad_logits.numel() // hidden.shape[1])
+    else:  # each group's product rounded to bf16 once, as the bf16 .grad megatron DDP adds into main_grad
+        # per micro-batch is, in pieces of at most `piece_elements` (one chunk's logits; the addition
+        # makes an fp32 copy of each)
+        piece = max(1, piece_elements // hidden.shape[1])
         for start in range(0, accumulator.shape[0], piece):
             accumulator[start : start + piece] += grad_logits[:, start : start + piece].t() @ hidden
 
@@ -173,7 +177,7 @@ class _FusedOutputReverseKL(torch.autograd.Function):
             if want_hidden:
                 torch.mm(group_logits, student_weight, out=grad_hidden[group])
             if want_weight:
-                _accumulate_weight_grad(grad_weight, group_logits, student_hidden[group])
+                _accumulate_weight_grad(grad_weight, group_logits, student_hidden[group], chunks.rows * vocab_shard)
             del group_logits
         loss = torch.where(scale != 0, scale * kl, 0.0).sum()
         ctx.mark_non_differentiable(kl)

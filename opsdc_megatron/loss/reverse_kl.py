@@ -256,11 +256,12 @@ def _rescaled_sums(local: Tensor, maxima: Tensor) -> Tensor:
     z_x, z_y, w = local[..., 2:, :].unbind(-2)
     alpha = offset_x.exp()
     # Mass that underflows to 0 in the new shift contributes 0, as it does within one tile: its w
-    # may be +inf (the other side -inf there), and alpha * inf with alpha = 0 would be nan.
-    has_x = alpha * z_x > 0
+    # may be +inf (the other side -inf there), and alpha * inf with alpha = 0 would be nan. A nan
+    # (from a nan logit) is kept: "not <= 0" is true for it, so the KL comes out nan, as in one shard.
+    has_x = ~(alpha * z_x <= 0)
     return torch.stack([
         torch.where(has_x, alpha * z_x, 0.0),
-        torch.where(z_y > 0, offset_y.exp() * z_y, 0.0),
+        torch.where(~(z_y <= 0), offset_y.exp() * z_y, 0.0),
         torch.where(has_x, alpha * (w + (offset_x - offset_y) * z_x), 0.0),
     ], dim=-2)
 

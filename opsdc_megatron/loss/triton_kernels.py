@@ -30,9 +30,10 @@ V = 151936 bf16 (tiles 1024-8192, 4-16 warps): 4096 columns with 4 warps for the
 MIN_PROGRAMS = 8192
 MAX_SPLITS = 16
 """The statistics of fewer than ``MIN_PROGRAMS`` rows split each row's columns over up to ``MAX_SPLITS``
-programs: with one program per row, the short token chunks of the fused output layer (256 rows of
-Qwen3's vocabulary) ran at 2.5x their two-read floor on an H200, split 16 ways at 1.6x; at 8192 rows
-splitting gained nothing (measured 2026-11-29, bench/RESULTS.md)."""
+programs, each a range of whole tiles (so 13 ranges of 3 tiles at Qwen3's 151,936 columns): with one
+program per row, the short token chunks of the fused output layer (256 rows of Qwen3's vocabulary) ran
+at 2.5x their two-read floor on an H200, in 13 ranges at 1.6x; at 8192 rows splitting gained nothing
+(measured 2026-11-29, bench/RESULTS.md)."""
 
 
 def _tile(vocab: int, block_columns: int | None) -> int:
@@ -103,10 +104,11 @@ def _merge_splits_kernel(partial_ptr, out_ptr, n_rows, n_splits, SPLITS: tl.cons
     offset_x = tl.where(mu_x == -float("inf"), 0.0, mu_x) - tl.where(m_x == -float("inf"), 0.0, m_x)[None, :]
     offset_y = tl.where(mu_y == -float("inf"), 0.0, mu_y) - tl.where(m_y == -float("inf"), 0.0, m_y)[None, :]
     alpha_x = tl.exp(offset_x)
-    # a range whose mass underflows in the row's shift contributes 0 (its w may be +inf)
-    has_x = alpha_x * z_x > 0
+    # a range whose mass underflows in the row's shift contributes 0 (its w may be +inf); a nan (from a nan
+    # logit) is kept, as in one range: "not <= 0" is true for it
+    has_x = ~(alpha_x * z_x <= 0)
     row_z_x = tl.sum(tl.where(has_x, alpha_x * z_x, 0.0), axis=0)
-    row_z_y = tl.sum(tl.where(z_y > 0, tl.exp(offset_y) * z_y, 0.0), axis=0)
+    row_z_y = tl.sum(tl.where(~(z_y <= 0), tl.exp(offset_y) * z_y, 0.0), axis=0)
     row_w = tl.sum(tl.where(has_x, alpha_x * (w + (offset_x - offset_y) * z_x), 0.0), axis=0)
     stored = rows < n_rows
     tl.store(out_ptr + rows, m_x, mask=stored)
@@ -155,9 +157,10 @@ def local_statistics(x_logits: Tensor, y_logits: Tensor, block_columns: int | No
     if not n_rows:
         return out
     block = _tile(vocab, block_columns)
+    tiles = max(1, triton.cdiv(vocab, block))
     wanted = max(1, MIN_PROGRAMS // n_rows) if splits is None else splits
-    split_columns = triton.cdiv(triton.cdiv(vocab, min(wanted, MAX_SPLITS, triton.cdiv(vocab, block))), block) * block
-    splits = triton.cdiv(vocab, split_columns)
+    split_columns = triton.cdiv(tiles, min(wanted, MAX_SPLITS, tiles)) * block  # whole tiles per range
+    splits = max(1, triton.cdiv(vocab, split_columns))
     partial = out if splits == 1 else torch.empty(splits, 5, n_rows, dtype=torch.float32, device=x_logits.device)
     _local_statistics_kernel[(n_rows, splits)](
         x_logits, y_logits, partial, x_logits.stride(0), y_logits.stride(0), n_rows, vocab, split_columns, BLOCK=block, num_warps=4
