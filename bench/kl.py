@@ -135,6 +135,12 @@ def _proc_status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+def _reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def measure_cpu_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str, float]:
     """In this process: peak extra RSS of one forward+backward, then the best time of `reps`."""
     fn = FUNCTIONS[impl]
@@ -143,8 +149,7 @@ def measure_cpu_case(impl: str, tokens: int, vocab: int, reps: int) -> dict[str,
     del small_s, small_t
     student, teacher = _inputs(tokens, vocab, "cpu")
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current RSS
+    _reset_peak_rss()
     before = _proc_status_kib("VmRSS")
     _step(fn, student, teacher)
     extra = (_proc_status_kib("VmHWM") - before) * 1024
@@ -267,7 +272,7 @@ def _output_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -
     return OutputCase(forward, tokens * hidden * 2 if impl == "fused" else 0, (tokens + vocab) * hidden * 2)
 
 
-def _output_result(impl: str, tokens: int, vocab: int, hidden: int, time_s: float, peaks: tuple[int, int], case: OutputCase) -> dict[str, float]:
+def _output_result(tokens: int, vocab: int, hidden: int, time_s: float, peaks: tuple[int, int], case: OutputCase) -> dict[str, float]:
     """``peaks``: the extra bytes at the forward's peak and at the backward's (from before the forward)."""
     forward_peak, backward_peak = peaks
     return {"extra_bytes": max(peaks), "logits_bytes": tokens * vocab * 2, "time_s": time_s,
@@ -288,7 +293,7 @@ def measure_cuda_output_case(impl: str, tokens: int, vocab: int, hidden: int, re
     torch.cuda.reset_peak_memory_stats()
     backward()
     torch.cuda.synchronize()
-    result = _output_result(impl, tokens, vocab, hidden, time_s, (forward_peak, torch.cuda.max_memory_allocated() - before), case)
+    result = _output_result(tokens, vocab, hidden, time_s, (forward_peak, torch.cuda.max_memory_allocated() - before), case)
     del case, backward
     torch.cuda.empty_cache()
     return result
@@ -300,13 +305,11 @@ def measure_cpu_output_case(impl: str, tokens: int, vocab: int, hidden: int, rep
     _output_case(impl, 8, vocab, hidden, "cpu").step()  # warm-up
     case = _output_case(impl, tokens, vocab, hidden, "cpu")
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
+    _reset_peak_rss()
     before = _proc_status_kib("VmRSS")
     backward = case.forward()
     forward_peak = (_proc_status_kib("VmHWM") - before) * 1024
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
+    _reset_peak_rss()
     backward()
     peaks = forward_peak, (_proc_status_kib("VmHWM") - before) * 1024
     times = []
@@ -314,7 +317,7 @@ def measure_cpu_output_case(impl: str, tokens: int, vocab: int, hidden: int, rep
         start = time.perf_counter()
         case.step()
         times.append(time.perf_counter() - start)
-    return _output_result(impl, tokens, vocab, hidden, min(times) if times else 0.0, peaks, case)
+    return _output_result(tokens, vocab, hidden, min(times) if times else 0.0, peaks, case)
 
 
 def profile_case(impl: str, tokens: int, vocab: int, hidden: int, device: str) -> str:
